@@ -1,0 +1,202 @@
+//! Types shared by the netpol eBPF programs and the agent.
+//!
+//! Every map key and value is `#[repr(C)]`, `Copy`, with explicit padding, so the kernel and user
+//! space agree on the layout and `bpftool map dump` prints typed JSON (the maps carry BTF).
+//! Fields that hold network-order data are private behind typed constructors and getters.
+#![no_std]
+
+pub mod ct;
+pub mod endpoint;
+pub mod event;
+pub mod identity;
+pub mod ipcache;
+pub mod nat;
+pub mod policy;
+
+/// Directory under bpffs holding every pinned netpol map, program and link.
+pub const PIN_DIR: &str = "/sys/fs/bpf/netpol";
+
+/// Map names, as the object file and `/sys/fs/bpf/netpol/` know them. A layout change gets a new
+/// name (`_V2`, …) so that a pinned map of an older layout is never read with the new one.
+pub mod maps {
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const IPCACHE4: &str = "IPCACHE4";
+    pub const IPCACHE6: &str = "IPCACHE6";
+    pub const POLICY: &str = "POLICY";
+    pub const CT4: &str = "CT4";
+    pub const CT6: &str = "CT6";
+    pub const EVENTS: &str = "EVENTS";
+    pub const DROPS: &str = "DROPS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const SNAT6: &str = "SNAT6";
+    pub const MASQ6_CONFIG: &str = "MASQ6_CONFIG";
+    pub const MASQ6_PREFIXES: &str = "MASQ6_PREFIX";
+
+    /// Every map of the object, for pinning and for the test that the object holds each one.
+    pub const ALL: &[&str] = &[
+        ENDPOINTS,
+        IPCACHE4,
+        IPCACHE6,
+        POLICY,
+        CT4,
+        CT6,
+        EVENTS,
+        DROPS,
+        CONFIG,
+        SNAT6,
+        MASQ6_CONFIG,
+        MASQ6_PREFIXES,
+    ];
+}
+
+/// Program names (the function names in netpol-ebpf).
+pub mod programs {
+    pub const FROM_CONTAINER: &str = "from_container";
+    pub const TO_CONTAINER: &str = "to_container";
+    pub const MASQ6_OUT: &str = "masq6_out";
+    pub const MASQ6_IN: &str = "masq6_in";
+}
+
+/// IP protocol numbers the datapath understands.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+}
+
+/// Traffic direction, from the point of view of the local (policed) endpoint.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    /// Traffic delivered to the container (`to_container`).
+    Ingress = 0,
+    /// Traffic sent by the container (`from_container`).
+    Egress = 1,
+}
+
+impl Direction {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Ingress),
+            1 => Some(Self::Egress),
+            _ => None,
+        }
+    }
+}
+
+/// Stable drop reasons. Numbers are never reused: a retired reason keeps its number.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// No rule allows the flow and the direction is enforced (default deny).
+    PolicyDenied = 1,
+    /// An explicit deny rule (`ingressDeny` / `egressDeny`) matched.
+    PolicyDeny = 2,
+    /// The container sent a packet whose source address is not its own.
+    Spoofed = 3,
+    /// A header was truncated or inconsistent (bad IHL, short L4 header, …).
+    Malformed = 4,
+    /// Not IPv4, IPv6, ARP: the enforced endpoint drops unknown L3 protocols.
+    UnsupportedL3 = 5,
+    /// A non-initial IP fragment on an enforced direction (no ports to check policy against).
+    Fragment = 6,
+    /// Too many IPv6 extension headers to walk.
+    ExtHeaders = 7,
+}
+
+impl DropReason {
+    /// One more than the largest reason: the size of the `DROPS` counter array.
+    pub const COUNT: u32 = 8;
+
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::PolicyDenied,
+            2 => Self::PolicyDeny,
+            3 => Self::Spoofed,
+            4 => Self::Malformed,
+            5 => Self::UnsupportedL3,
+            6 => Self::Fragment,
+            7 => Self::ExtHeaders,
+            _ => return None,
+        })
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::PolicyDenied => "policy-denied",
+            Self::PolicyDeny => "policy-deny-rule",
+            Self::Spoofed => "spoofed-source",
+            Self::Malformed => "malformed",
+            Self::UnsupportedL3 => "unsupported-l3",
+            Self::Fragment => "fragment",
+            Self::ExtHeaders => "ipv6-ext-headers",
+        }
+    }
+
+    pub const ALL: [DropReason; 7] = [
+        Self::PolicyDenied,
+        Self::PolicyDeny,
+        Self::Spoofed,
+        Self::Malformed,
+        Self::UnsupportedL3,
+        Self::Fragment,
+        Self::ExtHeaders,
+    ];
+}
+
+/// Runtime switches of the datapath, in the single-entry `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Bit set of `Config::*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+impl Config {
+    /// Emit a `Flow` event for every new allowed flow (set while a monitor is connected).
+    pub const TRACE_FLOWS: u32 = 1;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, without implicit padding.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::endpoint::Endpoint {}
+    unsafe impl aya::Pod for super::ipcache::RemoteInfo {}
+    unsafe impl aya::Pod for super::policy::PolicyKey {}
+    unsafe impl aya::Pod for super::policy::PolicyValue {}
+    unsafe impl aya::Pod for super::ct::CtKey4 {}
+    unsafe impl aya::Pod for super::ct::CtKey6 {}
+    unsafe impl aya::Pod for super::ct::CtEntry {}
+    unsafe impl aya::Pod for super::event::FlowEvent {}
+    unsafe impl aya::Pod for super::nat::Snat6Key {}
+    unsafe impl aya::Pod for super::nat::Snat6Entry {}
+    unsafe impl aya::Pod for super::nat::Masq6Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_names_fit_the_kernel() {
+        for name in maps::ALL {
+            assert!(
+                name.len() <= 15,
+                "{name} is longer than BPF_OBJ_NAME_LEN - 1"
+            );
+        }
+    }
+
+    #[test]
+    fn drop_reasons_round_trip_and_fit_the_counter_array() {
+        for r in DropReason::ALL {
+            assert_eq!(DropReason::from_u8(r as u8), Some(r));
+            assert!((r as u32) < DropReason::COUNT);
+        }
+        assert_eq!(DropReason::from_u8(0), None);
+    }
+}

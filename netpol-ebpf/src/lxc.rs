@@ -1,0 +1,515 @@
+//! The per-container programs: `from_container` (host veth ingress, the container's egress) and
+//! `to_container` (host veth egress, the container's ingress). Cilium's `bpf_lxc.c` in small.
+//!
+//! Order of checks for a packet on a managed veth:
+//! 1. ARP passes; other non-IP ethertypes pass on an unenforced endpoint and are dropped
+//!    (`UnsupportedL3`) on an enforced one.
+//! 2. IP and L4 headers are parsed; a truncated or inconsistent header is dropped (`Malformed`,
+//!    `ExtHeaders`) on an endpoint that enforces either direction and passes on one that enforces
+//!    none (fail closed where policy applies, never break an unpoliced container).
+//! 3. IPv6 neighbour/router discovery and MLD pass, so networks keep working under deny-all.
+//! 4. `from_container` only: a source address that is not the endpoint's is dropped (`Spoofed`).
+//! 5. Conntrack: a packet of an established flow, a reply, or an ICMP error about one, passes
+//!    without a policy lookup.
+//! 6. A new flow in an enforced direction is looked up in `POLICY` (see netpol-common's
+//!    `policy` module for the order); deny or no match drops it. An allowed flow, or any flow in
+//!    an unenforced direction, gets a conntrack entry so its replies pass the other side.
+//!    Non-initial fragments in an enforced direction are dropped (`Fragment`): they carry no ports.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_ktime_get_ns,
+    programs::TcContext,
+};
+use netpol_common::{
+    ct::{self, CtDir, CtEntry, CtKey4, CtKey6},
+    endpoint::Endpoint,
+    event::FlowEvent,
+    identity,
+    ipcache::RemoteInfo,
+    policy::{self, Verdict},
+    proto, Config, Direction, DropReason,
+};
+
+use crate::{
+    maps::{CONFIG, CT4, CT6, DROPS, ENDPOINTS, EVENTS, IPCACHE4, IPCACHE6, POLICY, SCRATCH},
+    parse::{self, Kind, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, L4, TCP_FIN, TCP_RST},
+};
+
+/// "Pass, and let any later program on the hook decide too."
+pub const PASS: i32 = TC_ACT_UNSPEC;
+const SHOT: i32 = TC_ACT_SHOT as i32;
+
+#[inline(always)]
+pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ep = match ENDPOINTS.get_ptr(ifindex) {
+        // SAFETY: a hash map value stays valid while the program runs.
+        Some(p) => unsafe { &*p },
+        // Not a managed veth (or not configured yet): not ours to police.
+        None => return PASS,
+    };
+    let sc = match SCRATCH.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; TC programs do not nest on one CPU.
+        Some(p) => unsafe { &mut *p },
+        None => return PASS,
+    };
+    sc.ev = FlowEvent {
+        ifindex,
+        direction: dir as u8,
+        ..FlowEvent::default()
+    };
+    sc.ep = *ep;
+    match try_lxc(ctx, ep, dir, sc) {
+        Ok(action) => action,
+        Err(reason) => {
+            let parse_error = matches!(
+                reason,
+                DropReason::Malformed | DropReason::ExtHeaders | DropReason::UnsupportedL3
+            );
+            if parse_error && !ep.enforces_any() {
+                return PASS;
+            }
+            report_drop(reason, &mut sc.ev);
+            SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn report_drop(reason: DropReason, ev: &mut FlowEvent) {
+    if let Some(c) = DROPS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { *c += 1 };
+    }
+    ev.kind = FlowEvent::KIND_DROP;
+    ev.reason = reason as u8;
+    let _ = EVENTS.output(*ev, 0);
+}
+
+#[inline(always)]
+fn trace_flow(ev: &mut FlowEvent) {
+    if let Some(c) = CONFIG.get(0) {
+        if c.flags & Config::TRACE_FLOWS != 0 {
+            ev.kind = FlowEvent::KIND_FLOW;
+            let _ = EVENTS.output(*ev, 0);
+        }
+    }
+}
+
+#[inline(always)]
+fn try_lxc(
+    ctx: &TcContext,
+    ep: &Endpoint,
+    dir: Direction,
+    sc: &mut Scratch,
+) -> Result<i32, DropReason> {
+    match parse::eth_proto(ctx)? {
+        ETH_P_IP => {
+            if parsed(v4(ctx, sc))? {
+                return Ok(PASS);
+            }
+            decide::<V4>(ep, dir, &sc.p4, &mut sc.ev)
+        }
+        ETH_P_IPV6 => {
+            if parsed(v6(ctx, sc))? {
+                return Ok(PASS);
+            }
+            decide::<V6>(ep, dir, &sc.p6, &mut sc.ev)
+        }
+        ETH_P_ARP => Ok(PASS),
+        _ => Err(DropReason::UnsupportedL3),
+    }
+}
+
+/// The parts of conntrack and the ipcache that differ between IPv4 and IPv6.
+pub trait Family {
+    type Addr: Copy + PartialEq;
+    type Key: Copy;
+    fn key(
+        s: Self::Addr,
+        d: Self::Addr,
+        sport: u16,
+        dport: u16,
+        proto: u8,
+        dir: CtDir,
+    ) -> Self::Key;
+    fn rev(k: &Self::Key, dir: CtDir) -> Self::Key;
+    fn get(k: &Self::Key) -> Option<*mut CtEntry>;
+    fn put(k: &Self::Key, v: &CtEntry);
+    fn identity(a: Self::Addr) -> u32;
+}
+
+pub struct V4;
+pub struct V6;
+
+impl Family for V4 {
+    type Addr = [u8; 4];
+    type Key = CtKey4;
+    #[inline(always)]
+    fn key(s: [u8; 4], d: [u8; 4], sport: u16, dport: u16, proto: u8, dir: CtDir) -> CtKey4 {
+        CtKey4::new(s, d, sport, dport, proto, dir)
+    }
+    #[inline(always)]
+    fn rev(k: &CtKey4, dir: CtDir) -> CtKey4 {
+        k.reversed(dir)
+    }
+    #[inline(always)]
+    fn get(k: &CtKey4) -> Option<*mut CtEntry> {
+        CT4.get_ptr_mut(k)
+    }
+    #[inline(always)]
+    fn put(k: &CtKey4, v: &CtEntry) {
+        let _ = CT4.insert(k, v, 0);
+    }
+    #[inline(always)]
+    fn identity(a: [u8; 4]) -> u32 {
+        let key = aya_ebpf::maps::lpm_trie::Key::new(32, a);
+        IPCACHE4
+            .get(&key)
+            .map_or(identity::WORLD, |v: &RemoteInfo| v.identity)
+    }
+}
+
+impl Family for V6 {
+    type Addr = [u8; 16];
+    type Key = CtKey6;
+    #[inline(always)]
+    fn key(s: [u8; 16], d: [u8; 16], sport: u16, dport: u16, proto: u8, dir: CtDir) -> CtKey6 {
+        CtKey6::new(s, d, sport, dport, proto, dir)
+    }
+    #[inline(always)]
+    fn rev(k: &CtKey6, dir: CtDir) -> CtKey6 {
+        k.reversed(dir)
+    }
+    #[inline(always)]
+    fn get(k: &CtKey6) -> Option<*mut CtEntry> {
+        CT6.get_ptr_mut(k)
+    }
+    #[inline(always)]
+    fn put(k: &CtKey6, v: &CtEntry) {
+        let _ = CT6.insert(k, v, 0);
+    }
+    #[inline(always)]
+    fn identity(a: [u8; 16]) -> u32 {
+        let key = aya_ebpf::maps::lpm_trie::Key::new(128, a);
+        IPCACHE6
+            .get(&key)
+            .map_or(identity::WORLD, |v: &RemoteInfo| v.identity)
+    }
+}
+
+#[inline(always)]
+fn ct_dirs(dir: Direction) -> (CtDir, CtDir) {
+    match dir {
+        Direction::Egress => (CtDir::Egress, CtDir::Ingress),
+        Direction::Ingress => (CtDir::Ingress, CtDir::Egress),
+    }
+}
+
+/// Looks up a live entry for `k`; refreshes its lifetime. `reply` says whether `k` is the reversed
+/// tuple (the packet is a reply).
+#[inline(always)]
+fn ct_hit<F: Family>(k: &F::Key, now: u64, l: &L4, reply: bool) -> bool {
+    let Some(e) = F::get(k) else { return false };
+    // SAFETY: pointer from a map lookup, valid while the program runs.
+    let e = unsafe { &mut *e };
+    if e.expires_ns < now {
+        return false;
+    }
+    let lifetime = if l.proto == proto::TCP {
+        if l.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            e.flags |= CtEntry::CLOSING;
+        }
+        if reply && e.flags & CtEntry::SEEN_REPLY == 0 {
+            e.flags |= CtEntry::SEEN_REPLY;
+        }
+        if e.flags & CtEntry::CLOSING != 0 {
+            ct::LIFETIME_TCP_CLOSING
+        } else if e.flags & CtEntry::SEEN_REPLY != 0 {
+            ct::LIFETIME_TCP
+        } else {
+            ct::LIFETIME_TCP_SYN
+        }
+    } else {
+        ct::LIFETIME_NON_TCP
+    };
+    let expires = now + lifetime * 1_000_000_000;
+    // Only write when it moves by more than a second: fewer dirty cache lines per packet.
+    if expires > e.expires_ns + 1_000_000_000 || e.flags & CtEntry::CLOSING != 0 {
+        e.expires_ns = expires;
+    }
+    true
+}
+
+/// Whether the packet `s → d` belongs to a flow already admitted on this endpoint.
+#[inline(always)]
+fn established<F: Family>(
+    s: F::Addr,
+    d: F::Addr,
+    sport: u16,
+    dport: u16,
+    l: &L4,
+    dir: Direction,
+    now: u64,
+) -> bool {
+    let (mine, other) = ct_dirs(dir);
+    let k = F::key(s, d, sport, dport, l.proto, mine);
+    if ct_hit::<F>(&k, now, l, false) {
+        return true;
+    }
+    ct_hit::<F>(&F::rev(&k, other), now, l, true)
+}
+
+/// Per-CPU working memory: the event being built and the parsed packet. Kept out of the 512-byte
+/// BPF stack, which an IPv6 tuple, its conntrack keys and an event would overflow.
+#[repr(C)]
+pub struct Scratch {
+    /// A copy of the endpoint, so the parsers take two arguments.
+    ep: Endpoint,
+    ev: FlowEvent,
+    p4: Pkt<V4>,
+    p6: Pkt<V6>,
+}
+
+/// A parsed packet: addresses, L4, and for an ICMP error the embedded packet.
+#[repr(C)]
+pub struct Pkt<F: Family> {
+    s: F::Addr,
+    d: F::Addr,
+    l: L4,
+    /// Valid when `l.kind == Kind::IcmpError`; zeroed otherwise (never an uninitialised
+    /// `Option` payload: the verifier rejects copies of undefined stack bytes).
+    inner: Inner<F>,
+}
+
+#[repr(C)]
+pub struct Inner<F: Family> {
+    s: F::Addr,
+    d: F::Addr,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+}
+
+/// Policy and conntrack for one parsed packet of either family.
+#[inline(always)]
+fn decide<F: Family>(
+    ep: &Endpoint,
+    dir: Direction,
+    p: &Pkt<F>,
+    ev: &mut FlowEvent,
+) -> Result<i32, DropReason> {
+    let (s, d, l) = (p.s, p.d, &p.l);
+    let enforced = ep.enforces(dir);
+    if l.kind == Kind::Fragment {
+        return if enforced {
+            Err(DropReason::Fragment)
+        } else {
+            Ok(PASS)
+        };
+    }
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if l.kind != Kind::IcmpError
+        && l.kind != Kind::IcmpOther
+        && established::<F>(s, d, l.sport, l.dport, l, dir, now)
+    {
+        return Ok(PASS);
+    }
+    if l.kind == Kind::IcmpError {
+        // An error about the embedded packet, which travelled the other way: related when the
+        // reversed packet is established here.
+        let i = &p.inner;
+        let il = L4 {
+            proto: i.proto,
+            kind: Kind::Ports,
+            sport: i.dport,
+            dport: i.sport,
+            tcp_flags: 0,
+            off: 0,
+            icmp_type: 0,
+        };
+        if established::<F>(i.d, i.s, i.dport, i.sport, &il, dir, now) {
+            return Ok(PASS);
+        }
+    }
+
+    let remote = match dir {
+        Direction::Egress => F::identity(d),
+        Direction::Ingress => F::identity(s),
+    };
+    let (src_id, dst_id) = match dir {
+        Direction::Egress => (ep.identity, remote),
+        Direction::Ingress => (remote, ep.identity),
+    };
+    ev.src_identity = src_id;
+    ev.dst_identity = dst_id;
+
+    let port = match l.kind {
+        Kind::Ports => l.dport,
+        Kind::Other => 0,
+        _ => l.icmp_type as u16,
+    };
+    let mut rule = 0;
+    if enforced {
+        let [a, b] = policy::lookup_keys(ep.identity, remote, dir, l.proto, port);
+        let ka = aya_ebpf::maps::lpm_trie::Key::new(policy::FULL_PREFIX, a);
+        let kb = aya_ebpf::maps::lpm_trie::Key::new(policy::FULL_PREFIX, b);
+        let va = POLICY.get(&ka).copied();
+        let vb = POLICY.get(&kb).copied();
+        match policy::decide(va, vb) {
+            Verdict::Allow(r) => rule = r,
+            Verdict::Deny(r) => {
+                ev.rule = r;
+                return Err(DropReason::PolicyDeny);
+            }
+            Verdict::NoMatch => return Err(DropReason::PolicyDenied),
+        }
+    }
+    ev.rule = rule;
+
+    // Track what can have replies, so they pass the other direction's enforcement.
+    let track = matches!(l.kind, Kind::Ports | Kind::EchoRequest | Kind::Other);
+    if track {
+        let (mine, _) = ct_dirs(dir);
+        let k = F::key(s, d, l.sport, l.dport, l.proto, mine);
+        let lifetime = if l.proto == proto::TCP {
+            ct::LIFETIME_TCP_SYN
+        } else {
+            ct::LIFETIME_NON_TCP
+        };
+        let e = CtEntry {
+            expires_ns: now + lifetime * 1_000_000_000,
+            flags: 0,
+            rule,
+        };
+        F::put(&k, &e);
+    }
+    trace_flow(ev);
+    Ok(PASS)
+}
+
+/// The parsers are separate BPF functions (their own stack frames) and return a plain integer:
+/// BPF calls take at most five register arguments and cannot return aggregates.
+const PARSED_CONTINUE: u32 = 0;
+const PARSED_PASS: u32 = 1;
+const PARSED_DROP: u32 = 0x100;
+
+#[inline(always)]
+fn encode(r: Result<bool, DropReason>) -> u32 {
+    match r {
+        Ok(false) => PARSED_CONTINUE,
+        Ok(true) => PARSED_PASS,
+        Err(reason) => PARSED_DROP | reason as u32,
+    }
+}
+
+/// `Ok(true)`: the packet passes without policy; `Ok(false)`: go on to conntrack and policy.
+#[inline(always)]
+fn parsed(code: u32) -> Result<bool, DropReason> {
+    match code {
+        PARSED_CONTINUE => Ok(false),
+        PARSED_PASS => Ok(true),
+        c => Err(DropReason::from_u8((c & 0xff) as u8).unwrap_or(DropReason::Malformed)),
+    }
+}
+
+#[inline(never)]
+fn v4(ctx: &TcContext, sc: &mut Scratch) -> u32 {
+    let dir = if sc.ev.direction == Direction::Egress as u8 {
+        Direction::Egress
+    } else {
+        Direction::Ingress
+    };
+    encode(parse_v4(ctx, &sc.ep, dir, &mut sc.ev, &mut sc.p4))
+}
+
+#[inline(never)]
+fn v6(ctx: &TcContext, sc: &mut Scratch) -> u32 {
+    let dir = if sc.ev.direction == Direction::Egress as u8 {
+        Direction::Egress
+    } else {
+        Direction::Ingress
+    };
+    encode(parse_v6(ctx, &sc.ep, dir, &mut sc.ev, &mut sc.p6))
+}
+
+/// Parses an IPv4 packet into `p`. `Ok(true)`: passes without policy.
+#[inline(always)]
+fn parse_v4(
+    ctx: &TcContext,
+    ep: &Endpoint,
+    dir: Direction,
+    ev: &mut FlowEvent,
+    p: &mut Pkt<V4>,
+) -> Result<bool, DropReason> {
+    ev.family = 4;
+    let (ip, l4off, frag) = parse::ipv4(ctx, ETH_HLEN)?;
+    ev.saddr[..4].copy_from_slice(&ip.saddr);
+    ev.daddr[..4].copy_from_slice(&ip.daddr);
+    ev.proto = ip.proto;
+    if dir == Direction::Egress && (ep.flags & Endpoint::HAS_IPV4 == 0 || ip.saddr != ep.ipv4) {
+        return Err(DropReason::Spoofed);
+    }
+    p.s = ip.saddr;
+    p.d = ip.daddr;
+    p.l = parse::l4(ctx, ip.proto, l4off, frag)?;
+    ev.sport = p.l.sport;
+    ev.dport = if p.l.kind == Kind::Ports {
+        p.l.dport
+    } else {
+        p.l.icmp_type as u16
+    };
+    if p.l.kind == Kind::IcmpError {
+        let (iip, ioff, _) = parse::ipv4(ctx, p.l.off + 8)?;
+        let (sp, dp) = parse::inner_ports(ctx, iip.proto, ioff)?;
+        p.inner = Inner {
+            s: iip.saddr,
+            d: iip.daddr,
+            proto: iip.proto,
+            sport: sp,
+            dport: dp,
+        };
+    }
+    Ok(false)
+}
+
+/// Parses an IPv6 packet into `p`. `Ok(true)`: passes without policy (neighbour discovery).
+#[inline(always)]
+fn parse_v6(
+    ctx: &TcContext,
+    ep: &Endpoint,
+    dir: Direction,
+    ev: &mut FlowEvent,
+    p: &mut Pkt<V6>,
+) -> Result<bool, DropReason> {
+    ev.family = 6;
+    let (nexthdr, l4off, frag) = parse::ipv6(ctx, ETH_HLEN, &mut p.s, &mut p.d)?;
+    ev.saddr = p.s;
+    ev.daddr = p.d;
+    ev.proto = nexthdr;
+    p.l = parse::l4(ctx, nexthdr, l4off, frag)?;
+    if p.l.kind == Kind::Neighbour {
+        return Ok(true);
+    }
+    if dir == Direction::Egress && (ep.flags & Endpoint::HAS_IPV6 == 0 || p.s != ep.ipv6) {
+        return Err(DropReason::Spoofed);
+    }
+    ev.sport = p.l.sport;
+    ev.dport = if p.l.kind == Kind::Ports {
+        p.l.dport
+    } else {
+        p.l.icmp_type as u16
+    };
+    if p.l.kind == Kind::IcmpError {
+        let i = &mut p.inner;
+        let (iproto, ioff, _) = parse::ipv6(ctx, p.l.off + 8, &mut i.s, &mut i.d)?;
+        let (sp, dp) = parse::inner_ports(ctx, iproto, ioff)?;
+        i.proto = iproto;
+        i.sport = sp;
+        i.dport = dp;
+    }
+    Ok(false)
+}

@@ -1,0 +1,31 @@
+#![no_std]
+#![no_main]
+
+mod lxc;
+mod maps;
+mod parse;
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use netpol_common::Direction;
+
+/// Host veth ingress: what the container sends (its egress policy).
+#[classifier]
+pub fn from_container(ctx: TcContext) -> i32 {
+    lxc::run(&ctx, Direction::Egress)
+}
+
+/// Host veth egress: what is delivered to the container (its ingress policy).
+#[classifier]
+pub fn to_container(ctx: TcContext) -> i32 {
+    lxc::run(&ctx, Direction::Ingress)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,47 @@
+//! Every map of the object. Sizes here are the defaults; the agent overrides them at load time.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    macros::btf_map,
+};
+use netpol_common::{
+    ct::{CtEntry, CtKey4, CtKey6},
+    endpoint::Endpoint,
+    ipcache::RemoteInfo,
+    policy::{PolicyKey, PolicyValue},
+    Config,
+};
+
+#[btf_map]
+pub static ENDPOINTS: HashMap<u32, Endpoint, 1024> = HashMap::new();
+
+#[btf_map]
+pub static IPCACHE4: LpmTrie<[u8; 4], RemoteInfo, 4096> = LpmTrie::new();
+
+#[btf_map]
+pub static IPCACHE6: LpmTrie<[u8; 16], RemoteInfo, 4096> = LpmTrie::new();
+
+#[btf_map]
+pub static POLICY: LpmTrie<PolicyKey, PolicyValue, 16384> = LpmTrie::new();
+
+#[btf_map]
+pub static CT4: LruHashMap<CtKey4, CtEntry, 65536> = LruHashMap::new();
+
+#[btf_map]
+pub static CT6: LruHashMap<CtKey6, CtEntry, 16384> = LruHashMap::new();
+
+/// Drop and flow events, read by `netpol-agent monitor`.
+#[btf_map]
+pub static EVENTS: RingBuf<netpol_common::event::FlowEvent, { 256 * 1024 }> = RingBuf::new();
+
+/// Per-CPU drop counters, indexed by `DropReason`.
+#[btf_map]
+pub static DROPS: PerCpuArray<u64, { netpol_common::DropReason::COUNT as usize }> =
+    PerCpuArray::new();
+
+#[btf_map]
+pub static CONFIG: Array<Config, 1> = Array::new();
+
+/// Per-CPU working memory of the per-container programs (not part of the agent's interface).
+#[btf_map]
+pub static SCRATCH: PerCpuArray<crate::lxc::Scratch, 1> = PerCpuArray::new();

@@ -1,0 +1,272 @@
+//! Header parsing. Every read goes through `bpf_skb_load_bytes` (`TcContext::load`), so a header
+//! that runs past the end of the packet is an error, never an out-of-bounds read, and non-linear
+//! skbs parse like linear ones.
+
+use aya_ebpf::programs::TcContext;
+use netpol_common::{proto, DropReason};
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_ARP: u16 = 0x0806;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv4Hdr {
+    pub vihl: u8,
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: [u8; 2],
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+}
+
+/// The first 8 bytes of a TCP/UDP/SCTP/ICMP header: enough for ports, ICMP type and identifier.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct L4Head {
+    pub b: [u8; 8],
+}
+
+/// What the L4 header says about the packet, for conntrack and policy.
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// TCP, UDP, SCTP: ports are meaningful.
+    Ports,
+    /// ICMP/ICMPv6 echo request (sport = identifier, dport = 0).
+    EchoRequest,
+    /// ICMP/ICMPv6 echo reply (sport = 0, dport = identifier).
+    EchoReply,
+    /// An ICMP error carrying part of the packet that caused it.
+    IcmpError,
+    /// Another ICMP message (policy port = its type).
+    IcmpOther,
+    /// IPv6 neighbour/router discovery or MLD: always passes.
+    Neighbour,
+    /// A non-initial fragment: no L4 header.
+    Fragment,
+    /// Another protocol: no ports.
+    Other,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct L4 {
+    pub proto: u8,
+    pub kind: Kind,
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP flags (byte 13 of the TCP header), 0 for others.
+    pub tcp_flags: u8,
+    /// Offset of the L4 header in the packet.
+    pub off: usize,
+    /// ICMP type (the policy "port" of ICMP).
+    pub icmp_type: u8,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+
+#[inline(always)]
+pub fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+#[inline(always)]
+pub fn eth_proto(ctx: &TcContext) -> Result<u16, DropReason> {
+    let p: [u8; 2] = ctx.load(12).map_err(|_| DropReason::Malformed)?;
+    Ok(be16(p))
+}
+
+/// Parses an IPv4 header at `off`: the header and the offset of its payload.
+/// Fails on a truncated header, a bad version or IHL, or a total length shorter than the header.
+#[inline(always)]
+pub fn ipv4(ctx: &TcContext, off: usize) -> Result<(Ipv4Hdr, usize, bool), DropReason> {
+    let ip: Ipv4Hdr = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+    if ip.vihl >> 4 != 4 {
+        return Err(DropReason::Malformed);
+    }
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    if ihl < 20 || (be16(ip.tot_len) as usize) < ihl {
+        return Err(DropReason::Malformed);
+    }
+    let non_first_fragment = be16(ip.frag_off) & 0x1fff != 0;
+    Ok((ip, off + ihl, non_first_fragment))
+}
+
+/// Copies 16 bytes at `off` straight into `dst` (which may be map memory): no stack temporary.
+/// (`TcContext::load_bytes` clamps its length, which the verifier rejects as maybe zero.)
+#[inline(always)]
+fn load16(ctx: &TcContext, off: usize, dst: &mut [u8; 16]) -> Result<(), DropReason> {
+    // SAFETY: `dst` is 16 writable bytes; the helper checks the packet bounds.
+    let ret = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            off as u32,
+            dst.as_mut_ptr().cast(),
+            16,
+        )
+    };
+    if ret < 0 {
+        return Err(DropReason::Malformed);
+    }
+    Ok(())
+}
+
+/// Parses an IPv6 header at `off`, copying its addresses into `saddr` / `daddr`, and walks its
+/// extension headers: the upper-layer protocol, its offset and whether this is a non-initial
+/// fragment.
+#[inline(always)]
+pub fn ipv6(
+    ctx: &TcContext,
+    off: usize,
+    saddr: &mut [u8; 16],
+    daddr: &mut [u8; 16],
+) -> Result<(u8, usize, bool), DropReason> {
+    let head: [u8; 8] = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+    if head[0] >> 4 != 6 {
+        return Err(DropReason::Malformed);
+    }
+    load16(ctx, off + 8, saddr)?;
+    load16(ctx, off + 24, daddr)?;
+    let mut next = head[6];
+    let mut off = off + 40;
+    let mut non_first = false;
+    // A bounded walk: more than 4 extension headers is refused (DropReason::ExtHeaders).
+    for _ in 0..4 {
+        match next {
+            0 | 43 | 60 => {
+                let h: [u8; 2] = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+                next = h[0];
+                off += (h[1] as usize + 1) * 8;
+            }
+            44 => {
+                let h: [u8; 4] = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+                next = h[0];
+                if be16([h[2], h[3]]) & 0xfff8 != 0 {
+                    non_first = true;
+                }
+                off += 8;
+            }
+            51 => {
+                let h: [u8; 2] = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+                next = h[0];
+                off += (h[1] as usize + 2) * 4;
+            }
+            _ => return Ok((next, off, non_first)),
+        }
+    }
+    match next {
+        0 | 43 | 60 | 44 | 51 => Err(DropReason::ExtHeaders),
+        _ => Ok((next, off, non_first)),
+    }
+}
+
+/// Parses the L4 header at `off`. `v6` selects ICMPv6 numbering for protocol 58.
+#[inline(always)]
+pub fn l4(
+    ctx: &TcContext,
+    proto: u8,
+    off: usize,
+    non_first_fragment: bool,
+) -> Result<L4, DropReason> {
+    let mut l = L4 {
+        proto,
+        kind: Kind::Other,
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        off,
+        icmp_type: 0,
+    };
+    if non_first_fragment {
+        l.kind = Kind::Fragment;
+        return Ok(l);
+    }
+    match proto {
+        proto::TCP => {
+            // The fixed 20-byte header must be there and its data offset sane.
+            let h: [u8; 14] = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+            let doff = (h[12] >> 4) as usize * 4;
+            if doff < 20 {
+                return Err(DropReason::Malformed);
+            }
+            let _: [u8; 20] = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+            l.sport = be16([h[0], h[1]]);
+            l.dport = be16([h[2], h[3]]);
+            l.tcp_flags = h[13];
+            l.kind = Kind::Ports;
+        }
+        proto::UDP | proto::SCTP => {
+            let h: L4Head = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+            l.sport = be16([h.b[0], h.b[1]]);
+            l.dport = be16([h.b[2], h.b[3]]);
+            l.kind = Kind::Ports;
+        }
+        proto::ICMP => {
+            let h: L4Head = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+            l.icmp_type = h.b[0];
+            let id = be16([h.b[4], h.b[5]]);
+            match h.b[0] {
+                8 => {
+                    l.kind = Kind::EchoRequest;
+                    l.sport = id;
+                }
+                0 => {
+                    l.kind = Kind::EchoReply;
+                    l.dport = id;
+                }
+                3 | 4 | 5 | 11 | 12 => l.kind = Kind::IcmpError,
+                _ => l.kind = Kind::IcmpOther,
+            }
+        }
+        proto::ICMPV6 => {
+            let h: L4Head = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+            l.icmp_type = h.b[0];
+            let id = be16([h.b[4], h.b[5]]);
+            match h.b[0] {
+                128 => {
+                    l.kind = Kind::EchoRequest;
+                    l.sport = id;
+                }
+                129 => {
+                    l.kind = Kind::EchoReply;
+                    l.dport = id;
+                }
+                1 | 2 | 3 | 4 => l.kind = Kind::IcmpError,
+                // MLD (130-132, 143) and NDP (133-137).
+                130..=137 | 143 => l.kind = Kind::Neighbour,
+                _ => l.kind = Kind::IcmpOther,
+            }
+        }
+        _ => {}
+    }
+    Ok(l)
+}
+
+/// The ports of the packet embedded in an ICMP error, as conntrack sees them
+/// (echo: identifier in sport for a request, in dport for a reply).
+#[inline(always)]
+pub fn inner_ports(ctx: &TcContext, proto: u8, off: usize) -> Result<(u16, u16), DropReason> {
+    let h: L4Head = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+    let id = be16([h.b[4], h.b[5]]);
+    Ok(match proto {
+        proto::TCP | proto::UDP | proto::SCTP => (be16([h.b[0], h.b[1]]), be16([h.b[2], h.b[3]])),
+        proto::ICMP => match h.b[0] {
+            8 => (id, 0),
+            0 => (0, id),
+            _ => (0, 0),
+        },
+        proto::ICMPV6 => match h.b[0] {
+            128 => (id, 0),
+            129 => (0, id),
+            _ => (0, 0),
+        },
+        _ => (0, 0),
+    })
+}
