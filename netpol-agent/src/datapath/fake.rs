@@ -1,0 +1,128 @@
+//! An in-memory [`Datapath`] for tests of everything above the kernel.
+
+use std::collections::BTreeSet;
+
+use netpol_common::{endpoint::Endpoint, policy::PolicyValue};
+
+use super::{Cidr, Datapath, DatapathError, DropCounters, MapSizes, MapState, PolicyEntryKey};
+
+#[derive(Debug, Default)]
+pub struct FakeDatapath {
+    pub state: MapState,
+    pub links: BTreeSet<u32>,
+    pub sizes: MapSizes,
+    pub trace_flows: bool,
+    /// Number of write operations performed (upserts, deletes, attach, detach).
+    pub writes: usize,
+    /// When set, the n-th write from now fails (to test whole-or-nothing application).
+    pub fail_after: Option<usize>,
+}
+
+impl FakeDatapath {
+    pub fn new(sizes: MapSizes) -> Self {
+        Self { sizes, ..Self::default() }
+    }
+
+    fn write(&mut self) -> Result<(), DatapathError> {
+        self.writes += 1;
+        if let Some(n) = self.fail_after.as_mut() {
+            if *n == 0 {
+                return Err(DatapathError::Io(std::io::Error::other("injected failure")));
+            }
+            *n -= 1;
+        }
+        Ok(())
+    }
+
+    fn check_room(len: usize, max: u32, map: &'static str) -> Result<(), DatapathError> {
+        if len >= max as usize {
+            return Err(DatapathError::MapFull { map, max });
+        }
+        Ok(())
+    }
+}
+
+impl Datapath for FakeDatapath {
+    fn sizes(&self) -> MapSizes {
+        self.sizes
+    }
+
+    fn upsert_endpoint(&mut self, ifindex: u32, ep: Endpoint) -> Result<(), DatapathError> {
+        self.write()?;
+        if !self.state.endpoints.contains_key(&ifindex) {
+            Self::check_room(self.state.endpoints.len(), self.sizes.endpoints, "ENDPOINTS")?;
+        }
+        self.state.endpoints.insert(ifindex, ep);
+        Ok(())
+    }
+
+    fn delete_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        self.write()?;
+        self.state.endpoints.remove(&ifindex);
+        Ok(())
+    }
+
+    fn upsert_ipcache(&mut self, cidr: Cidr, identity: u32) -> Result<(), DatapathError> {
+        self.write()?;
+        if !self.state.ipcache.contains_key(&cidr) {
+            let (n, max, map) = if cidr.addr.is_ipv4() {
+                (self.state.ipcache.keys().filter(|c| c.addr.is_ipv4()).count(), self.sizes.ipcache4, "IPCACHE4")
+            } else {
+                (self.state.ipcache.keys().filter(|c| c.addr.is_ipv6()).count(), self.sizes.ipcache6, "IPCACHE6")
+            };
+            Self::check_room(n, max, map)?;
+        }
+        self.state.ipcache.insert(cidr, identity);
+        Ok(())
+    }
+
+    fn delete_ipcache(&mut self, cidr: Cidr) -> Result<(), DatapathError> {
+        self.write()?;
+        self.state.ipcache.remove(&cidr);
+        Ok(())
+    }
+
+    fn upsert_policy(&mut self, key: PolicyEntryKey, value: PolicyValue) -> Result<(), DatapathError> {
+        self.write()?;
+        if !self.state.policy.contains_key(&key) {
+            Self::check_room(self.state.policy.len(), self.sizes.policy, "POLICY")?;
+        }
+        self.state.policy.insert(key, value);
+        Ok(())
+    }
+
+    fn delete_policy(&mut self, key: PolicyEntryKey) -> Result<(), DatapathError> {
+        self.write()?;
+        self.state.policy.remove(&key);
+        Ok(())
+    }
+
+    fn attach(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        self.write()?;
+        self.links.insert(ifindex);
+        Ok(())
+    }
+
+    fn detach(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        self.write()?;
+        self.links.remove(&ifindex);
+        Ok(())
+    }
+
+    fn attached(&self) -> Result<Vec<u32>, DatapathError> {
+        Ok(self.links.iter().copied().collect())
+    }
+
+    fn current(&self) -> Result<MapState, DatapathError> {
+        Ok(self.state.clone())
+    }
+
+    fn drop_counters(&self) -> Result<DropCounters, DatapathError> {
+        Ok(DropCounters::new())
+    }
+
+    fn set_trace_flows(&mut self, on: bool) -> Result<(), DatapathError> {
+        self.trace_flows = on;
+        Ok(())
+    }
+}

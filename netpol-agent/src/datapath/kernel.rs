@@ -1,0 +1,1 @@
+//! The aya-backed datapath.
