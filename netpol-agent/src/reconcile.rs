@@ -1,1 +1,409 @@
-//! See the crate documentation.
+//! Desired state against the maps, as a diff, applied whole or not at all.
+//!
+//! [`plan`] compares what the maps hold with what they should hold; [`apply`] first checks that
+//! the result fits the configured map sizes (a change that does not fit is refused and nothing is
+//! written), then writes in an order that never opens a window for denied traffic and never
+//! breaks allowed traffic that stays allowed:
+//! 1. new ipcache entries (addresses resolve to their identities before anything relies on them),
+//! 2. new and changed policy entries (allows exist before enforcement starts),
+//! 3. endpoints (enforcement flags, identities),
+//! 4. attach to new interfaces (their endpoint entry is in place first),
+//! 5. removal of stale policy entries, ipcache entries, endpoints; detach of gone interfaces.
+//!
+//! When old and new entries together do not fit a map, stale entries of that map are removed
+//! before new ones are written. If a write fails half-way, the operations already done are undone
+//! (best effort, reported), so the maps go back to the old state.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use netpol_common::{endpoint::Endpoint, policy::PolicyValue};
+use tracing::{error, warn};
+
+use crate::datapath::{Cidr, Datapath, DatapathError, MapSizes, MapState, PolicyEntryKey};
+
+/// The full desired state: map contents plus the interfaces to attach to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub maps: MapState,
+    pub attached: BTreeSet<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Op {
+    UpsertIpcache(Cidr, u32),
+    DeleteIpcache(Cidr),
+    UpsertPolicy(PolicyEntryKey, PolicyValue),
+    DeletePolicy(PolicyEntryKey),
+    UpsertEndpoint(u32, Endpoint),
+    DeleteEndpoint(u32),
+    Attach(u32),
+    Detach(u32),
+}
+
+/// The operations that turn the current state into the desired one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    ops: Vec<Op>,
+    /// What to write back for each op if it has to be undone.
+    undo: Vec<Option<Op>>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("{map} would need {need} entries but holds at most {max}: change refused, nothing was written")]
+    DoesNotFit {
+        map: &'static str,
+        need: usize,
+        max: u32,
+    },
+    #[error("applying the change failed ({source}); {undone} of {done} operations were undone")]
+    Failed {
+        source: DatapathError,
+        done: usize,
+        undone: usize,
+    },
+    #[error("reading the current state: {0}")]
+    Read(DatapathError),
+}
+
+fn diff<K: Ord + Clone, V: PartialEq + Clone>(
+    cur: &BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+) -> (Vec<(K, V, Option<V>)>, Vec<(K, V)>) {
+    let upserts = want
+        .iter()
+        .filter(|(k, v)| cur.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone(), cur.get(k).cloned()))
+        .collect();
+    let deletes = cur
+        .iter()
+        .filter(|(k, _)| !want.contains_key(*k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    (upserts, deletes)
+}
+
+/// Checks that every map can hold the desired state.
+pub fn check_fit(want: &MapState, sizes: &MapSizes) -> Result<(), ReconcileError> {
+    let v4 = want.ipcache.keys().filter(|c| c.addr.is_ipv4()).count();
+    let v6 = want.ipcache.len() - v4;
+    for (map, need, max) in [
+        ("ENDPOINTS", want.endpoints.len(), sizes.endpoints),
+        ("IPCACHE4", v4, sizes.ipcache4),
+        ("IPCACHE6", v6, sizes.ipcache6),
+        ("POLICY", want.policy.len(), sizes.policy),
+    ] {
+        if need > max as usize {
+            return Err(ReconcileError::DoesNotFit { map, need, max });
+        }
+    }
+    Ok(())
+}
+
+/// Computes the operations from `cur` (maps and attached interfaces) to `want`.
+pub fn plan(
+    cur: &MapState,
+    cur_attached: &BTreeSet<u32>,
+    want: &Desired,
+    sizes: &MapSizes,
+) -> Plan {
+    let mut p = Plan::default();
+    let mut push = |op: Op, undo: Option<Op>| {
+        p.ops.push(op);
+        p.undo.push(undo);
+    };
+    let (ip_up, ip_del) = diff(&cur.ipcache, &want.maps.ipcache);
+    let (pol_up, pol_del) = diff(&cur.policy, &want.maps.policy);
+    let (ep_up, ep_del) = diff(&cur.endpoints, &want.maps.endpoints);
+
+    // Where old ∪ new would overflow a map, remove stale entries of that map first.
+    let union = |cur: usize, new: usize| cur + new;
+    let v4_new = ip_up
+        .iter()
+        .filter(|(c, _, old)| c.addr.is_ipv4() && old.is_none())
+        .count();
+    let v6_new = ip_up
+        .iter()
+        .filter(|(c, _, old)| c.addr.is_ipv6() && old.is_none())
+        .count();
+    let v4_cur = cur.ipcache.keys().filter(|c| c.addr.is_ipv4()).count();
+    let ip_first = union(v4_cur, v4_new) > sizes.ipcache4 as usize
+        || union(cur.ipcache.len() - v4_cur, v6_new) > sizes.ipcache6 as usize;
+    let pol_new = pol_up.iter().filter(|(_, _, old)| old.is_none()).count();
+    let pol_first = union(cur.policy.len(), pol_new) > sizes.policy as usize;
+    let ep_new = ep_up.iter().filter(|(_, _, old)| old.is_none()).count();
+    let ep_first = union(cur.endpoints.len(), ep_new) > sizes.endpoints as usize;
+
+    if ip_first {
+        for (c, id) in &ip_del {
+            push(Op::DeleteIpcache(*c), Some(Op::UpsertIpcache(*c, *id)));
+        }
+    }
+    for (c, id, old) in &ip_up {
+        push(
+            Op::UpsertIpcache(*c, *id),
+            Some(old.map_or(Op::DeleteIpcache(*c), |o| Op::UpsertIpcache(*c, o))),
+        );
+    }
+    if pol_first {
+        for (k, v) in &pol_del {
+            push(Op::DeletePolicy(*k), Some(Op::UpsertPolicy(*k, *v)));
+        }
+    }
+    for (k, v, old) in &pol_up {
+        push(
+            Op::UpsertPolicy(*k, *v),
+            Some(old.map_or(Op::DeletePolicy(*k), |o| Op::UpsertPolicy(*k, o))),
+        );
+    }
+    if ep_first {
+        for (i, e) in &ep_del {
+            push(Op::DeleteEndpoint(*i), Some(Op::UpsertEndpoint(*i, *e)));
+        }
+    }
+    for (i, e, old) in &ep_up {
+        push(
+            Op::UpsertEndpoint(*i, *e),
+            Some(old.map_or(Op::DeleteEndpoint(*i), |o| Op::UpsertEndpoint(*i, o))),
+        );
+    }
+    for i in want.attached.difference(cur_attached) {
+        push(Op::Attach(*i), Some(Op::Detach(*i)));
+    }
+    if !pol_first {
+        for (k, v) in &pol_del {
+            push(Op::DeletePolicy(*k), Some(Op::UpsertPolicy(*k, *v)));
+        }
+    }
+    if !ip_first {
+        for (c, id) in &ip_del {
+            push(Op::DeleteIpcache(*c), Some(Op::UpsertIpcache(*c, *id)));
+        }
+    }
+    // Detach before the endpoint entry goes: a veth must never run the programs without its entry
+    // in a state that would pass traffic it should not (a missing entry passes).
+    for i in cur_attached.difference(&want.attached) {
+        // Re-attaching on undo would need the interface to still exist; detach is not undone.
+        push(Op::Detach(*i), None);
+    }
+    if !ep_first {
+        for (i, e) in &ep_del {
+            push(Op::DeleteEndpoint(*i), Some(Op::UpsertEndpoint(*i, *e)));
+        }
+    }
+    p
+}
+
+fn run(dp: &mut dyn Datapath, op: &Op) -> Result<(), DatapathError> {
+    match op {
+        Op::UpsertIpcache(c, id) => dp.upsert_ipcache(*c, *id),
+        Op::DeleteIpcache(c) => dp.delete_ipcache(*c),
+        Op::UpsertPolicy(k, v) => dp.upsert_policy(*k, *v),
+        Op::DeletePolicy(k) => dp.delete_policy(*k),
+        Op::UpsertEndpoint(i, e) => dp.upsert_endpoint(*i, *e),
+        Op::DeleteEndpoint(i) => dp.delete_endpoint(*i),
+        Op::Attach(i) => dp.attach(*i),
+        Op::Detach(i) => match dp.detach(*i) {
+            Err(DatapathError::NoSuchInterface(_)) => Ok(()),
+            r => r,
+        },
+    }
+}
+
+/// Brings the datapath to `want`: reads the current state, checks the fit, applies the diff.
+/// Returns the number of operations performed.
+pub fn reconcile(dp: &mut dyn Datapath, want: &Desired) -> Result<usize, ReconcileError> {
+    let sizes = dp.sizes();
+    check_fit(&want.maps, &sizes)?;
+    let cur = dp.current().map_err(ReconcileError::Read)?;
+    let attached: BTreeSet<u32> = dp
+        .attached()
+        .map_err(ReconcileError::Read)?
+        .into_iter()
+        .collect();
+    let p = plan(&cur, &attached, want, &sizes);
+    apply(dp, &p)?;
+    Ok(p.len())
+}
+
+/// Applies a plan; on failure undoes what was done, newest first.
+pub fn apply(dp: &mut dyn Datapath, p: &Plan) -> Result<(), ReconcileError> {
+    for (n, op) in p.ops.iter().enumerate() {
+        if let Err(source) = run(dp, op) {
+            error!(?op, error = %source, "datapath write failed; undoing the change");
+            let mut undone = 0;
+            for undo in p.undo[..n].iter().rev() {
+                match undo {
+                    Some(u) => match run(dp, u) {
+                        Ok(()) => undone += 1,
+                        Err(e) => warn!(op = ?u, error = %e, "undo failed"),
+                    },
+                    None => {}
+                }
+            }
+            return Err(ReconcileError::Failed {
+                source,
+                done: n,
+                undone,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use netpol_common::{identity, policy::PolicyKey, Direction};
+
+    use super::*;
+    use crate::datapath::fake::FakeDatapath;
+
+    fn pk(local: u32, remote: u32, port: u16) -> PolicyEntryKey {
+        PolicyEntryKey {
+            key: PolicyKey::new(local, remote, Direction::Ingress, 6, port),
+            prefix_len: 96,
+        }
+    }
+
+    fn desired(ports: &[u16]) -> Desired {
+        let mut d = Desired::default();
+        d.maps.endpoints.insert(
+            10,
+            Endpoint::new(300)
+                .with_ipv4([10, 0, 0, 2])
+                .enforce(true, false),
+        );
+        d.maps.ipcache.insert("10.0.0.2".parse().unwrap(), 300);
+        d.maps.ipcache.insert("10.0.0.3".parse().unwrap(), 301);
+        d.maps
+            .ipcache
+            .insert("10.0.0.0/24".parse().unwrap(), identity::UNMANAGED);
+        for p in ports {
+            d.maps
+                .policy
+                .insert(pk(300, 301, *p), PolicyValue::allow(1));
+        }
+        d.attached.insert(10);
+        d
+    }
+
+    #[test]
+    fn reconcile_reaches_the_desired_state_and_is_idempotent() {
+        let mut dp = FakeDatapath::new(MapSizes::default());
+        let want = desired(&[5432, 80]);
+        assert!(reconcile(&mut dp, &want).unwrap() > 0);
+        assert_eq!(dp.state, want.maps);
+        assert_eq!(dp.links, want.attached);
+        assert_eq!(reconcile(&mut dp, &want).unwrap(), 0, "nothing left to do");
+        // A change touches only what changed.
+        let before = dp.writes;
+        let want2 = desired(&[5432]);
+        assert_eq!(reconcile(&mut dp, &want2).unwrap(), 1);
+        assert_eq!(dp.writes - before, 1);
+        assert_eq!(dp.state, want2.maps);
+    }
+
+    #[test]
+    fn a_change_that_does_not_fit_is_refused_and_nothing_is_written() {
+        let sizes = MapSizes {
+            policy: 2,
+            ..MapSizes::default()
+        };
+        let mut dp = FakeDatapath::new(sizes);
+        reconcile(&mut dp, &desired(&[1])).unwrap();
+        let before = dp.state.clone();
+        let writes = dp.writes;
+        let err = reconcile(&mut dp, &desired(&[1, 2, 3])).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ReconcileError::DoesNotFit {
+                    map: "POLICY",
+                    need: 3,
+                    max: 2
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(dp.state, before);
+        assert_eq!(dp.writes, writes);
+    }
+
+    #[test]
+    fn a_failure_half_way_is_undone() {
+        let mut dp = FakeDatapath::new(MapSizes::default());
+        reconcile(&mut dp, &desired(&[1])).unwrap();
+        let before = dp.state.clone();
+        dp.fail_after = Some(2);
+        let err = reconcile(&mut dp, &desired(&[2, 3, 4, 5])).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ReconcileError::Failed {
+                    done: 2,
+                    undone: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        dp.fail_after = None;
+        assert_eq!(dp.state, before);
+    }
+
+    #[test]
+    fn allows_are_written_before_enforcement_and_endpoint_before_attach() {
+        let cur = MapState::default();
+        let want = desired(&[5432]);
+        let p = plan(&cur, &BTreeSet::new(), &want, &MapSizes::default());
+        let pos = |f: &dyn Fn(&Op) -> bool| p.ops.iter().position(|o| f(o)).unwrap();
+        let policy = pos(&|o| matches!(o, Op::UpsertPolicy(..)));
+        let endpoint = pos(&|o| matches!(o, Op::UpsertEndpoint(..)));
+        let attach = pos(&|o| matches!(o, Op::Attach(..)));
+        let ipcache = pos(&|o| matches!(o, Op::UpsertIpcache(..)));
+        assert!(
+            ipcache < policy && policy < endpoint && endpoint < attach,
+            "{:?}",
+            p.ops
+        );
+    }
+
+    #[test]
+    fn stale_entries_go_after_new_ones_unless_the_map_would_overflow() {
+        let mut dp = FakeDatapath::new(MapSizes {
+            policy: 2,
+            ..MapSizes::default()
+        });
+        reconcile(&mut dp, &desired(&[1, 2])).unwrap();
+        // Replacing both entries: old ∪ new = 4 > 2, so stale ones are removed first.
+        reconcile(&mut dp, &desired(&[3, 4])).unwrap();
+        assert_eq!(dp.state, desired(&[3, 4]).maps);
+        let p = plan(
+            &desired(&[1]).maps,
+            &[10].into(),
+            &desired(&[2]),
+            &MapSizes::default(),
+        );
+        let up = p
+            .ops
+            .iter()
+            .position(|o| matches!(o, Op::UpsertPolicy(..)))
+            .unwrap();
+        let del = p
+            .ops
+            .iter()
+            .position(|o| matches!(o, Op::DeletePolicy(..)))
+            .unwrap();
+        assert!(up < del);
+    }
+}

@@ -14,19 +14,23 @@ pub struct FakeDatapath {
     pub trace_flows: bool,
     /// Number of write operations performed (upserts, deletes, attach, detach).
     pub writes: usize,
-    /// When set, the n-th write from now fails (to test whole-or-nothing application).
+    /// When set, the write after the next n writes fails, once (to test whole-or-nothing application).
     pub fail_after: Option<usize>,
 }
 
 impl FakeDatapath {
     pub fn new(sizes: MapSizes) -> Self {
-        Self { sizes, ..Self::default() }
+        Self {
+            sizes,
+            ..Self::default()
+        }
     }
 
     fn write(&mut self) -> Result<(), DatapathError> {
         self.writes += 1;
         if let Some(n) = self.fail_after.as_mut() {
             if *n == 0 {
+                self.fail_after = None;
                 return Err(DatapathError::Io(std::io::Error::other("injected failure")));
             }
             *n -= 1;
@@ -50,7 +54,11 @@ impl Datapath for FakeDatapath {
     fn upsert_endpoint(&mut self, ifindex: u32, ep: Endpoint) -> Result<(), DatapathError> {
         self.write()?;
         if !self.state.endpoints.contains_key(&ifindex) {
-            Self::check_room(self.state.endpoints.len(), self.sizes.endpoints, "ENDPOINTS")?;
+            Self::check_room(
+                self.state.endpoints.len(),
+                self.sizes.endpoints,
+                "ENDPOINTS",
+            )?;
         }
         self.state.endpoints.insert(ifindex, ep);
         Ok(())
@@ -66,9 +74,25 @@ impl Datapath for FakeDatapath {
         self.write()?;
         if !self.state.ipcache.contains_key(&cidr) {
             let (n, max, map) = if cidr.addr.is_ipv4() {
-                (self.state.ipcache.keys().filter(|c| c.addr.is_ipv4()).count(), self.sizes.ipcache4, "IPCACHE4")
+                (
+                    self.state
+                        .ipcache
+                        .keys()
+                        .filter(|c| c.addr.is_ipv4())
+                        .count(),
+                    self.sizes.ipcache4,
+                    "IPCACHE4",
+                )
             } else {
-                (self.state.ipcache.keys().filter(|c| c.addr.is_ipv6()).count(), self.sizes.ipcache6, "IPCACHE6")
+                (
+                    self.state
+                        .ipcache
+                        .keys()
+                        .filter(|c| c.addr.is_ipv6())
+                        .count(),
+                    self.sizes.ipcache6,
+                    "IPCACHE6",
+                )
             };
             Self::check_room(n, max, map)?;
         }
@@ -82,7 +106,11 @@ impl Datapath for FakeDatapath {
         Ok(())
     }
 
-    fn upsert_policy(&mut self, key: PolicyEntryKey, value: PolicyValue) -> Result<(), DatapathError> {
+    fn upsert_policy(
+        &mut self,
+        key: PolicyEntryKey,
+        value: PolicyValue,
+    ) -> Result<(), DatapathError> {
         self.write()?;
         if !self.state.policy.contains_key(&key) {
             Self::check_room(self.state.policy.len(), self.sizes.policy, "POLICY")?;

@@ -1,1 +1,250 @@
-//! See the crate documentation.
+//! Durable state under `/var/lib/netpol/`, every write atomic: the new content goes to a temporary
+//! file in the same directory, is fsynced, renamed over the old file, and the directory is fsynced.
+//! A crash leaves either the old file or the new one, never half of one.
+//!
+//! Layout:
+//! - `identities.json`: the identity allocator's state (numbers stable across restarts/reboots).
+//! - `policies/<name>.yaml`: each imported policy, as the YAML document it was imported from.
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, File},
+    io::{self, Write},
+    path::{Path, PathBuf},
+};
+
+use serde::{de::DeserializeOwned, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: corrupt state: {source}")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("invalid policy name {0:?}: use letters, digits, '-', '_' and '.'")]
+    BadName(String),
+}
+
+fn io_err(path: &Path) -> impl Fn(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `data` to `path` atomically (temp file, fsync, rename, fsync of the directory).
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io_err(path))
+}
+
+/// Whether `name` can be a file name under `policies/`.
+pub fn valid_policy_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    pub const DEFAULT_DIR: &'static str = "/var/lib/netpol";
+
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn policies_dir(&self) -> PathBuf {
+        self.dir.join("policies")
+    }
+
+    fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
+        let path = self.dir.join(name);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt { path, source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::Io { path, source: e }),
+        }
+    }
+
+    fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StoreError> {
+        let path = self.dir.join(name);
+        let data = serde_json::to_vec_pretty(value).map_err(|source| StoreError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
+        write_atomic(&path, &data)
+    }
+
+    pub fn load_identities<T: DeserializeOwned>(&self) -> Result<Option<T>, StoreError> {
+        self.read_json("identities.json")
+    }
+
+    pub fn save_identities<T: Serialize>(&self, state: &T) -> Result<(), StoreError> {
+        self.write_json("identities.json", state)
+    }
+
+    /// Every imported policy: name → the YAML document it was imported from.
+    pub fn policies(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        let dir = self.policies_dir();
+        let mut out = BTreeMap::new();
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => {
+                return Err(StoreError::Io {
+                    path: dir,
+                    source: e,
+                })
+            }
+        };
+        for entry in rd {
+            let entry = entry.map_err(io_err(&dir))?;
+            let path = entry.path();
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".yaml"))
+            else {
+                continue;
+            };
+            if !valid_policy_name(name) {
+                continue;
+            }
+            let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+            out.insert(name.to_owned(), text);
+        }
+        Ok(out)
+    }
+
+    pub fn save_policy(&self, name: &str, yaml: &str) -> Result<(), StoreError> {
+        if !valid_policy_name(name) {
+            return Err(StoreError::BadName(name.to_owned()));
+        }
+        write_atomic(
+            &self.policies_dir().join(format!("{name}.yaml")),
+            yaml.as_bytes(),
+        )
+    }
+
+    /// Returns whether the policy existed.
+    pub fn delete_policy(&self, name: &str) -> Result<bool, StoreError> {
+        if !valid_policy_name(name) {
+            return Err(StoreError::BadName(name.to_owned()));
+        }
+        let path = self.policies_dir().join(format!("{name}.yaml"));
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                let dir = self.policies_dir();
+                File::open(&dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io_err(&dir))?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StoreError::Io { path, source: e }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "netpol-store-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn policies_round_trip_and_delete() {
+        let d = tmp();
+        let s = Store::new(&d);
+        assert!(s.policies().unwrap().is_empty());
+        s.save_policy("db-ingress", "kind: CiliumNetworkPolicy\n")
+            .unwrap();
+        s.save_policy("web", "x: 1\n").unwrap();
+        let p = s.policies().unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p["db-ingress"], "kind: CiliumNetworkPolicy\n");
+        assert!(s.delete_policy("web").unwrap());
+        assert!(!s.delete_policy("web").unwrap());
+        assert_eq!(s.policies().unwrap().len(), 1);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn rejects_names_that_escape_the_directory() {
+        let s = Store::new(tmp());
+        for bad in ["../x", "a/b", "", ".hidden", "a b"] {
+            assert!(
+                matches!(s.save_policy(bad, ""), Err(StoreError::BadName(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn atomic_write_replaces_whole_file_and_leaves_no_temporary() {
+        let d = tmp();
+        let s = Store::new(&d);
+        s.save_identities(&vec![1u32, 2, 3]).unwrap();
+        s.save_identities(&vec![4u32]).unwrap();
+        assert_eq!(s.load_identities::<Vec<u32>>().unwrap(), Some(vec![4]));
+        let leftovers: Vec<_> = fs::read_dir(&d)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
+            .collect();
+        assert!(leftovers.is_empty());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn corrupt_state_is_an_error_not_an_empty_state() {
+        let d = tmp();
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("identities.json"), b"{not json").unwrap();
+        assert!(matches!(
+            Store::new(&d).load_identities::<Vec<u32>>(),
+            Err(StoreError::Corrupt { .. })
+        ));
+        fs::remove_dir_all(&d).unwrap();
+    }
+}
