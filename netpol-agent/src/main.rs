@@ -1,3 +1,20 @@
+use clap::Parser;
+
 fn main() {
-    println!("{}", netpol_agent::datapath::EBPF_OBJECT.len());
+    let cli = netpol_agent::cli::Cli::parse();
+    let is_daemon = matches!(cli.command, netpol_agent::cli::Command::Run(_));
+    if !is_daemon {
+        // The client commands log only warnings; the daemon configures its own logging.
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter("warn")
+            .try_init();
+    }
+    match netpol_agent::cli::main(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
 }

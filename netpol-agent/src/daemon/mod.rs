@@ -1,1 +1,153 @@
-//! See the crate documentation.
+//! `netpol-agent run`: the daemon. It adopts (or loads) the datapath, restores identities and
+//! policies from disk, follows Docker, serves the control socket and the monitor, and keeps the
+//! maps reconciled with the desired state.
+//!
+//! Until Docker has answered once, the maps are left exactly as they are (after a restart they
+//! hold the previous agent's state, which keeps enforcing); the first snapshot then reconciles.
+//! Stopping the agent never detaches anything: pinned programs keep enforcing without it.
+
+pub mod api;
+mod monitor;
+mod server;
+pub mod state;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use clap::Args;
+use tokio::sync::Mutex;
+use tracing::{error, info, warn};
+
+use crate::{
+    datapath::{kernel::KernelDatapath, MapSizes},
+    docker::{DockerConfig, DockerWatcher},
+    identity::LabelFilter,
+    store::Store,
+};
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Where maps and links are pinned (bpffs).
+    #[arg(long, default_value = netpol_common::PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Durable state (identities, imported policies).
+    #[arg(long, default_value = Store::DEFAULT_DIR)]
+    pub state_dir: PathBuf,
+    /// Policy files loaded at start and re-read on change.
+    #[arg(long, default_value = "/etc/netpol/policies.d")]
+    pub policy_dir: PathBuf,
+    /// Docker's socket (default: DOCKER_HOST or /var/run/docker.sock).
+    #[arg(long)]
+    pub docker_socket: Option<PathBuf>,
+    /// Extra label keys to ignore when deriving identities (`*` at the end matches a prefix).
+    #[arg(long = "ignore-label")]
+    pub ignore_labels: Vec<String>,
+    /// `max_entries` of POLICY.
+    #[arg(long, default_value_t = MapSizes::default().policy)]
+    pub policy_entries: u32,
+    /// `max_entries` of ENDPOINTS.
+    #[arg(long, default_value_t = MapSizes::default().endpoints)]
+    pub endpoint_entries: u32,
+    /// `max_entries` of each of IPCACHE4 and IPCACHE6.
+    #[arg(long, default_value_t = MapSizes::default().ipcache4)]
+    pub ipcache_entries: u32,
+    /// `max_entries` of CT4 (CT6 gets a quarter).
+    #[arg(long, default_value_t = MapSizes::default().ct4)]
+    pub ct_entries: u32,
+    /// How often the policy directory is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub policy_poll_ms: u64,
+}
+
+impl RunArgs {
+    pub fn sizes(&self) -> MapSizes {
+        MapSizes {
+            endpoints: self.endpoint_entries,
+            ipcache4: self.ipcache_entries,
+            ipcache6: self.ipcache_entries,
+            policy: self.policy_entries,
+            ct4: self.ct_entries,
+            ct6: (self.ct_entries / 4).max(1024),
+            ..MapSizes::default()
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NETPOL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .try_init();
+}
+
+pub fn run(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
+    init_logging();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(args, socket))
+}
+
+async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
+    let mut dp = KernelDatapath::open(&args.pin_dir, args.sizes())?;
+    let events = monitor::take_ring(&mut dp);
+    let store = Store::new(&args.state_dir);
+    let filter = LabelFilter::new(args.ignore_labels.iter().cloned());
+    let mut agent = state::Agent::new(Box::new(dp), store, filter, args.policy_dir.clone())?;
+    agent.reload_policy_dir();
+    let agent = Arc::new(Mutex::new(agent));
+
+    let monitor = monitor::Monitor::new(agent.clone());
+    match events {
+        Ok(ring) => monitor.spawn_reader(ring),
+        Err(e) => warn!(error = %e, "monitor unavailable"),
+    }
+
+    let listener = server::bind(&socket)?;
+    tokio::spawn(server::serve(listener, agent.clone(), monitor.clone()));
+
+    // Docker.
+    let cfg = DockerConfig {
+        socket: args.docker_socket.clone(),
+        ..DockerConfig::default()
+    };
+    let (watcher, mut rx) = DockerWatcher::new(cfg, 256);
+    tokio::spawn(watcher.run());
+
+    let agent_docker = agent.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            let mut a = agent_docker.lock().await;
+            a.on_docker(ev);
+        }
+    });
+
+    // Policy directory: re-read on change.
+    let agent_files = agent.clone();
+    let poll = Duration::from_millis(args.policy_poll_ms.max(100));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(poll);
+        loop {
+            tick.tick().await;
+            let mut a = agent_files.lock().await;
+            if a.policy_dir_changed() {
+                a.reload_policy_dir();
+                a.sync_logged("policy directory changed");
+            }
+        }
+    });
+
+    info!(socket = %socket.display(), "netpol-agent running");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("stopping; pinned programs keep enforcing");
+    let _ = std::fs::remove_file(&socket);
+    if let Err(e) = agent.lock().await.save() {
+        error!(error = %e, "saving state");
+    }
+    Ok(())
+}

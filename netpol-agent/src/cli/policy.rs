@@ -1,0 +1,99 @@
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+
+use super::{print_json, table, Output};
+use crate::daemon::api::{call, PolicyRow, Request, SourceFile};
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Import policies (CiliumNetworkPolicy YAML); they persist across restarts and reboots.
+    /// A file with any error changes nothing.
+    Import {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Show imported policies, or one of them.
+    Get {
+        name: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Delete an imported policy, or all of them.
+    Delete {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Check policy files offline (no agent needed): exit status 1 and every error on stderr.
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+pub fn run(cmd: PolicyCmd, socket: &Path) -> anyhow::Result<i32> {
+    match cmd {
+        PolicyCmd::Import { files } => {
+            let mut sources = Vec::new();
+            for f in &files {
+                let text = std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                sources.push(SourceFile {
+                    path: f.display().to_string(),
+                    text,
+                });
+            }
+            let data = call(socket, &Request::PolicyImport { files: sources })?;
+            let names: Vec<String> = serde_json::from_value(data)?;
+            for n in names {
+                println!("imported {n}");
+            }
+            Ok(0)
+        }
+        PolicyCmd::Get { name, output } => {
+            let data = call(socket, &Request::PolicyGet { name: name.clone() })?;
+            if output == Output::Json {
+                print_json(&data)?;
+                return Ok(0);
+            }
+            let rows: Vec<PolicyRow> = serde_json::from_value(data)?;
+            if name.is_some() {
+                for r in rows {
+                    print!("{}", r.text);
+                    if !r.text.ends_with('\n') {
+                        println!();
+                    }
+                }
+            } else {
+                let cells: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| vec![r.name.clone(), r.source.clone()])
+                    .collect();
+                print!("{}", table::render(&["NAME", "SOURCE"], &cells));
+            }
+            Ok(0)
+        }
+        PolicyCmd::Delete { name, all } => {
+            let data = call(socket, &Request::PolicyDelete { name, all })?;
+            let names: Vec<String> = serde_json::from_value(data)?;
+            for n in names {
+                println!("deleted {n}");
+            }
+            Ok(0)
+        }
+        PolicyCmd::Validate { files } => {
+            let errors = crate::policy::validate_files(&files);
+            if errors.is_empty() {
+                println!("{} file(s) valid", files.len());
+                Ok(0)
+            } else {
+                for e in &errors {
+                    eprintln!("{e}");
+                }
+                Ok(1)
+            }
+        }
+    }
+}

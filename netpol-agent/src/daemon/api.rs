@@ -1,0 +1,129 @@
+//! The control protocol between the CLI and the daemon: one JSON request per line on the
+//! root-only Unix socket, answered by one JSON response line (or, for `monitor`, a stream of event
+//! lines until the client goes away).
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+};
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_SOCKET: &str = "/run/netpol/agent.sock";
+
+/// A policy file as the CLI read it: the path (for error messages) and its text.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceFile {
+    pub path: String,
+    pub text: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    PolicyImport { files: Vec<SourceFile> },
+    PolicyGet { name: Option<String> },
+    PolicyDelete { name: Option<String>, all: bool },
+    EndpointList,
+    IdentityList,
+    Status,
+    Monitor,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Response {
+    Ok { data: serde_json::Value },
+    Error { message: String },
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointRow {
+    pub container: String,
+    pub name: String,
+    pub network: String,
+    pub ifindex: Option<u32>,
+    pub identity: Option<u32>,
+    pub identity_name: String,
+    pub ipv4: Option<String>,
+    pub ipv6: Option<String>,
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+    /// `enforced`, `unrestricted` (attached, no policy selects it), or `not enforceable: <why>`.
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IdentityRow {
+    pub id: u32,
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub containers: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PolicyRow {
+    pub name: String,
+    /// `imported`, a file under the policy directory, or `labels of <container>`.
+    pub source: String,
+    pub text: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct MonitorEvent {
+    /// `drop` or `flow`.
+    pub kind: String,
+    pub reason: Option<String>,
+    pub ifindex: u32,
+    pub direction: String,
+    pub protocol: String,
+    pub src: String,
+    pub dst: String,
+    pub sport: u16,
+    pub dport: u16,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub src_name: String,
+    pub dst_name: String,
+    /// The container owning `ifindex`.
+    pub endpoint: String,
+    pub rule: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the netpol agent at {socket}: {source} (is `netpol-agent run` running? the socket is root-only)")]
+    Connect {
+        socket: String,
+        source: std::io::Error,
+    },
+    #[error("talking to the agent: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad answer from the agent: {0}")]
+    Decode(#[from] serde_json::Error),
+    #[error("{0}")]
+    Agent(String),
+}
+
+pub fn connect(socket: &Path, req: &Request) -> Result<BufReader<UnixStream>, ClientError> {
+    let mut s = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        socket: socket.display().to_string(),
+        source,
+    })?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    Ok(BufReader::new(s))
+}
+
+/// Sends one request and returns the data of its answer.
+pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, ClientError> {
+    let mut r = connect(socket, req)?;
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    match serde_json::from_str::<Response>(&line)? {
+        Response::Ok { data } => Ok(data),
+        Response::Error { message } => Err(ClientError::Agent(message)),
+    }
+}

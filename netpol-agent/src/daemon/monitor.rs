@@ -1,0 +1,181 @@
+//! `monitor`: reads `EVENTS` from the ring buffer and streams them, labelled with container and
+//! identity names, to every connected client. Flow events are switched on in the datapath only
+//! while at least one client listens.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
+
+use aya::maps::{MapData, RingBuf};
+use netpol_common::{event::FlowEvent, maps, proto, Direction, DropReason};
+use tokio::{
+    io::unix::AsyncFd,
+    io::AsyncWriteExt,
+    net::unix::OwnedWriteHalf,
+    sync::{broadcast, Mutex},
+};
+use tracing::warn;
+
+use super::{api::MonitorEvent, state::Agent};
+use crate::datapath::kernel::KernelDatapath;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    #[error("EVENTS map missing from the object")]
+    Missing,
+    #[error("EVENTS: {0}")]
+    Map(#[from] aya::maps::MapError),
+}
+
+pub fn take_ring(dp: &mut KernelDatapath) -> Result<RingBuf<MapData>, MonitorError> {
+    let map = dp
+        .ebpf_mut()
+        .take_map(maps::EVENTS)
+        .ok_or(MonitorError::Missing)?;
+    Ok(RingBuf::try_from(map)?)
+}
+
+#[derive(Clone)]
+pub struct Monitor {
+    tx: broadcast::Sender<FlowEvent>,
+    listeners: Arc<AtomicUsize>,
+    agent: Arc<Mutex<Agent>>,
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        proto::TCP => "TCP".into(),
+        proto::UDP => "UDP".into(),
+        proto::SCTP => "SCTP".into(),
+        proto::ICMP => "ICMP".into(),
+        proto::ICMPV6 => "ICMPv6".into(),
+        n => n.to_string(),
+    }
+}
+
+fn addr(family: u8, a: [u8; 16]) -> IpAddr {
+    if family == 4 {
+        IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(a))
+    }
+}
+
+impl Monitor {
+    pub fn new(agent: Arc<Mutex<Agent>>) -> Self {
+        let (tx, _) = broadcast::channel(4096);
+        Self {
+            tx,
+            listeners: Arc::new(AtomicUsize::new(0)),
+            agent,
+        }
+    }
+
+    pub fn spawn_reader(&self, ring: RingBuf<MapData>) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            // The ring buffer owns its map fd for as long as the AsyncFd lives.
+            #[allow(deprecated)]
+            let fd = AsyncFd::new(ring);
+            let mut fd = match fd {
+                Ok(fd) => fd,
+                Err(e) => {
+                    warn!(error = %e, "monitor: cannot poll EVENTS");
+                    return;
+                }
+            };
+            loop {
+                let mut guard = match fd.readable_mut().await {
+                    Ok(g) => g,
+                    Err(e) => {
+                        warn!(error = %e, "monitor: polling EVENTS");
+                        return;
+                    }
+                };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    if item.len() >= size_of::<FlowEvent>() {
+                        // SAFETY: FlowEvent is plain old data; the length was checked.
+                        let ev: FlowEvent =
+                            unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                        let _ = tx.send(ev);
+                    }
+                }
+                guard.clear_ready();
+            }
+        });
+    }
+
+    async fn describe(&self, e: &FlowEvent) -> MonitorEvent {
+        let a = self.agent.lock().await;
+        let endpoint = a
+            .names
+            .get(&e.ifindex)
+            .map(|(n, _)| n.clone())
+            .unwrap_or_else(|| format!("if{}", e.ifindex));
+        MonitorEvent {
+            kind: if e.kind == FlowEvent::KIND_DROP {
+                "drop".into()
+            } else {
+                "flow".into()
+            },
+            reason: (e.kind == FlowEvent::KIND_DROP).then(|| {
+                DropReason::from_u8(e.reason)
+                    .map_or(e.reason.to_string(), |r| r.as_str().to_owned())
+            }),
+            ifindex: e.ifindex,
+            direction: match Direction::from_u8(e.direction) {
+                Some(Direction::Ingress) => "ingress".into(),
+                _ => "egress".into(),
+            },
+            protocol: proto_name(e.proto),
+            src: addr(e.family, e.saddr).to_string(),
+            dst: addr(e.family, e.daddr).to_string(),
+            sport: e.sport,
+            dport: e.dport,
+            src_identity: e.src_identity,
+            dst_identity: e.dst_identity,
+            src_name: a.identity_name(e.src_identity),
+            dst_name: a.identity_name(e.dst_identity),
+            endpoint,
+            rule: if e.rule == 0 {
+                None
+            } else {
+                a.rule_name(e.rule)
+            },
+        }
+    }
+
+    /// Streams events to one client until it goes away.
+    pub async fn stream(&self, mut w: OwnedWriteHalf) -> std::io::Result<()> {
+        let mut rx = self.tx.subscribe();
+        if self.listeners.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.agent.lock().await.set_trace_flows(true);
+        }
+        let result = async {
+            loop {
+                let ev = match rx.recv().await {
+                    Ok(ev) => ev,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        warn!(missed = n, "monitor client too slow");
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                };
+                let m = self.describe(&ev).await;
+                let mut line = serde_json::to_vec(&m).unwrap_or_default();
+                line.push(b'\n');
+                w.write_all(&line).await?;
+            }
+        }
+        .await;
+        if self.listeners.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.agent.lock().await.set_trace_flows(false);
+        }
+        result
+    }
+}

@@ -1,0 +1,674 @@
+//! The agent's world: containers and networks from Docker, policies from disk, the socket and
+//! labels, identities; and how it becomes the desired map state.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use netpol_common::{endpoint::Endpoint, identity as reserved};
+use tracing::{error, info, warn};
+
+use super::api::{EndpointRow, IdentityRow, PolicyRow, SourceFile};
+use crate::{
+    datapath::{Cidr, Datapath},
+    docker::{Container, DockerEvent, Network},
+    identity::{display_name, IdentityAllocator, LabelFilter, Labels},
+    policy::{self, Compiled, Endpoints, Policy},
+    reconcile::{self, Desired},
+    store::{valid_policy_name, Store},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Compile(#[from] policy::CompileError),
+    #[error(transparent)]
+    Reconcile(#[from] reconcile::ReconcileError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error("no imported policy named {0}")]
+    NotFound(String),
+}
+
+/// A policy file of the policy directory and what parsing it gave.
+struct PolicyFile {
+    modified: Option<SystemTime>,
+    parsed: Result<Vec<Policy>, String>,
+}
+
+pub struct Agent {
+    dp: Box<dyn Datapath>,
+    store: Store,
+    filter: LabelFilter,
+    ids: IdentityAllocator,
+    ids_dirty: bool,
+    policy_dir: PathBuf,
+    files: BTreeMap<PathBuf, PolicyFile>,
+    /// Imported policies: name → (document text, parsed).
+    imported: BTreeMap<String, (String, Policy)>,
+    containers: BTreeMap<String, Container>,
+    networks: BTreeMap<String, Network>,
+    host_addrs: Vec<IpAddr>,
+    /// Docker has answered at least once since start: until then the maps are left alone.
+    docker_synced: bool,
+    docker_status: String,
+    compiled: Option<Compiled>,
+    last_error: Option<String>,
+    label_errors: BTreeMap<String, String>,
+    /// ifindex → (container name, identity), for the monitor.
+    pub names: BTreeMap<u32, (String, u32)>,
+}
+
+/// Splits a multi-document YAML text into documents (`---` lines), keeping each one's text.
+fn documents(text: &str) -> Vec<String> {
+    let mut docs = vec![String::new()];
+    for line in text.lines() {
+        if line == "---" || line.starts_with("--- ") {
+            docs.push(String::new());
+            continue;
+        }
+        if let Some(d) = docs.last_mut() {
+            d.push_str(line);
+            d.push('\n');
+        }
+    }
+    docs.into_iter()
+        .filter(|d| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .collect()
+}
+
+impl Agent {
+    pub fn new(
+        dp: Box<dyn Datapath>,
+        store: Store,
+        filter: LabelFilter,
+        policy_dir: PathBuf,
+    ) -> Result<Self, AgentError> {
+        let ids = match store.load_identities()? {
+            Some(state) => IdentityAllocator::load(state)?,
+            None => IdentityAllocator::new(),
+        };
+        let mut imported = BTreeMap::new();
+        for (name, text) in store.policies()? {
+            match policy::parse_str(&format!("imported policy {name}"), &text) {
+                Ok(ps) => {
+                    for p in ps {
+                        imported.insert(p.name.clone(), (text.clone(), p));
+                    }
+                }
+                Err(e) => {
+                    error!(policy = %name, error = %e, "stored policy no longer parses; it is not applied")
+                }
+            }
+        }
+        info!(
+            identities = ids.len(),
+            policies = imported.len(),
+            "state restored"
+        );
+        Ok(Self {
+            dp,
+            store,
+            filter,
+            ids,
+            ids_dirty: false,
+            policy_dir,
+            files: BTreeMap::new(),
+            imported,
+            containers: BTreeMap::new(),
+            networks: BTreeMap::new(),
+            host_addrs: Vec::new(),
+            docker_synced: false,
+            docker_status: "connecting".into(),
+            compiled: None,
+            last_error: None,
+            label_errors: BTreeMap::new(),
+            names: BTreeMap::new(),
+        })
+    }
+
+    pub fn save(&mut self) -> Result<(), AgentError> {
+        if self.ids_dirty {
+            self.store.save_identities(&self.ids.state())?;
+            self.ids_dirty = false;
+        }
+        Ok(())
+    }
+
+    fn dir_listing(&self) -> BTreeMap<PathBuf, Option<SystemTime>> {
+        let mut out = BTreeMap::new();
+        if let Ok(rd) = std::fs::read_dir(&self.policy_dir) {
+            for e in rd.flatten() {
+                let p = e.path();
+                let is_yaml = p.extension().is_some_and(|x| x == "yaml" || x == "yml");
+                if is_yaml && p.is_file() {
+                    out.insert(p, e.metadata().ok().and_then(|m| m.modified().ok()));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn policy_dir_changed(&self) -> bool {
+        let now = self.dir_listing();
+        now.len() != self.files.len()
+            || now
+                .iter()
+                .any(|(p, m)| self.files.get(p).is_none_or(|f| f.modified != *m))
+    }
+
+    /// Re-reads the policy directory. A file that does not parse keeps no policy in force and
+    /// is reported in `status`.
+    pub fn reload_policy_dir(&mut self) {
+        let listing = self.dir_listing();
+        let mut files = BTreeMap::new();
+        for (path, modified) in listing {
+            let parsed = policy::parse_file(&path).map_err(|e| e.to_string());
+            if let Err(e) = &parsed {
+                error!(file = %path.display(), error = %e, "policy file rejected");
+            }
+            files.insert(path, PolicyFile { modified, parsed });
+        }
+        self.files = files;
+    }
+
+    fn label_policies(&mut self) -> Vec<Policy> {
+        let mut out = Vec::new();
+        self.label_errors.clear();
+        for c in self.containers.values() {
+            if !c.running {
+                continue;
+            }
+            match policy::compose::from_labels(&c.name, &c.labels) {
+                Ok(Some(p)) => out.push(p),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(container = %c.name, error = %e, "netpol labels rejected");
+                    self.label_errors.insert(c.name.clone(), e.to_string());
+                }
+            }
+        }
+        out
+    }
+
+    fn policies_with(&mut self, imported: &BTreeMap<String, (String, Policy)>) -> Vec<Policy> {
+        let mut all: Vec<Policy> = imported.values().map(|(_, p)| p.clone()).collect();
+        for f in self.files.values() {
+            if let Ok(ps) = &f.parsed {
+                all.extend(ps.iter().cloned());
+            }
+        }
+        all.extend(self.label_policies());
+        all
+    }
+
+    fn identity_of(&mut self, c: &Container) -> Result<u32, AgentError> {
+        let labels = self.filter.filter(&c.labels);
+        let (id, new) = self.ids.allocate(&labels)?;
+        if new {
+            self.ids_dirty = true;
+        }
+        Ok(id)
+    }
+
+    /// Builds the desired state from the world and the given policies.
+    fn desired(&mut self, policies: &[Policy]) -> Result<(Desired, Compiled), AgentError> {
+        let mut endpoints: Endpoints = BTreeMap::new();
+        let mut container_ids = BTreeMap::new();
+        let containers: Vec<Container> = self
+            .containers
+            .values()
+            .filter(|c| c.running)
+            .cloned()
+            .collect();
+        for c in &containers {
+            let id = self.identity_of(c)?;
+            container_ids.insert(c.id.clone(), id);
+            endpoints.insert(id, self.filter.filter(&c.labels));
+        }
+        let previous = self
+            .compiled
+            .as_ref()
+            .map(|c| c.cidr_identities.clone())
+            .unwrap_or_default();
+        let compiled = policy::compile_with_previous(policies, &endpoints, &previous)?;
+
+        let mut d = Desired::default();
+        // Subnets of managed networks: a container not identified yet is `unmanaged`, not `world`.
+        for n in self.networks.values().filter(|n| n.is_bridge()) {
+            for s in &n.subnets {
+                d.maps.ipcache.insert(*s, reserved::UNMANAGED);
+            }
+        }
+        for (cidr, id) in &compiled.cidr_identities {
+            d.maps.ipcache.entry(*cidr).or_insert(*id);
+        }
+        for n in self.networks.values() {
+            for g in &n.gateways {
+                d.maps.ipcache.insert(Cidr::host(*g), reserved::HOST);
+            }
+        }
+        for a in &self.host_addrs {
+            d.maps.ipcache.insert(Cidr::host(*a), reserved::HOST);
+        }
+        self.names.clear();
+        for c in &containers {
+            let id = container_ids[&c.id];
+            let enf = compiled.enforcement.get(&id).copied().unwrap_or_default();
+            for a in &c.networks {
+                for addr in a.addresses() {
+                    d.maps.ipcache.insert(Cidr::host(addr), id);
+                }
+                if let (Ok(()), Some(ifindex)) = (&a.enforceable, a.host_veth) {
+                    let mut ep = Endpoint::new(id).enforce(enf.ingress, enf.egress);
+                    if let Some(v4) = a.ipv4 {
+                        ep = ep.with_ipv4(v4.octets());
+                    }
+                    if let Some(v6) = a.ipv6 {
+                        ep = ep.with_ipv6(v6.octets());
+                    }
+                    d.maps.endpoints.insert(ifindex, ep);
+                    d.attached.insert(ifindex);
+                    self.names.insert(ifindex, (c.name.clone(), id));
+                }
+            }
+        }
+        d.maps.policy = compiled.policy.clone();
+        Ok((d, compiled))
+    }
+
+    /// Recomputes the desired state and reconciles the maps. Does nothing until Docker answered.
+    pub fn sync(&mut self) -> Result<usize, AgentError> {
+        if !self.docker_synced {
+            return Ok(0);
+        }
+        let imported = self.imported.clone();
+        let policies = self.policies_with(&imported);
+        let (desired, compiled) = self.desired(&policies)?;
+        let n = reconcile::reconcile(self.dp.as_mut(), &desired)?;
+        self.compiled = Some(compiled);
+        self.save()?;
+        Ok(n)
+    }
+
+    pub fn sync_logged(&mut self, why: &str) {
+        match self.sync() {
+            Ok(n) => {
+                self.last_error = None;
+                if n > 0 {
+                    info!(why, operations = n, "maps reconciled");
+                }
+            }
+            Err(e) => {
+                error!(why, error = %e, "reconcile failed; the previous state stays in force");
+                self.last_error = Some(e.to_string());
+            }
+        }
+    }
+
+    pub fn on_docker(&mut self, ev: DockerEvent) {
+        match ev {
+            DockerEvent::Snapshot {
+                containers,
+                networks,
+            } => {
+                self.containers = containers.into_iter().map(|c| (c.id.clone(), c)).collect();
+                self.networks = networks.into_iter().map(|n| (n.id.clone(), n)).collect();
+                self.host_addrs = crate::docker::host_addresses().unwrap_or_else(|e| {
+                    warn!(error = %e, "listing host addresses");
+                    Vec::new()
+                });
+                self.docker_synced = true;
+                self.docker_status = format!("connected ({} containers)", self.containers.len());
+                self.sync_logged("docker snapshot");
+            }
+            DockerEvent::ContainerUp(c) => {
+                let name = c.name.clone();
+                self.containers.insert(c.id.clone(), c);
+                self.sync_logged(&format!("container {name} up"));
+            }
+            DockerEvent::ContainerDown { id } => {
+                if let Some(c) = self.containers.remove(&id) {
+                    self.sync_logged(&format!("container {} down", c.name));
+                }
+            }
+            DockerEvent::NetworksChanged(networks) => {
+                self.networks = networks.into_iter().map(|n| (n.id.clone(), n)).collect();
+                self.sync_logged("networks changed");
+            }
+            DockerEvent::Disconnected(reason) => {
+                warn!(%reason, "Docker unreachable; enforcement continues with the last state");
+                self.docker_status = format!("unreachable: {reason}");
+            }
+        }
+    }
+
+    /// `policy import`: every document of every file must parse, the result must compile and fit,
+    /// and then it is applied and persisted; otherwise nothing changes.
+    pub fn import(&mut self, files: &[SourceFile]) -> Result<Vec<String>, AgentError> {
+        let mut errors = Vec::new();
+        let mut new: BTreeMap<String, (String, Policy)> = BTreeMap::new();
+        for f in files {
+            match policy::parse_str(&f.path, &f.text) {
+                Err(e) => errors.push(e.to_string()),
+                Ok(_) => {
+                    for doc in documents(&f.text) {
+                        match policy::parse_str(&f.path, &doc) {
+                            Ok(ps) => {
+                                for p in ps {
+                                    if !valid_policy_name(&p.name) {
+                                        errors.push(format!("{}: metadata.name {:?}: use letters, digits, '-', '_' and '.'", f.path, p.name));
+                                    } else if new.contains_key(&p.name) {
+                                        errors.push(format!(
+                                            "{}: metadata.name {:?} appears twice",
+                                            f.path, p.name
+                                        ));
+                                    } else {
+                                        new.insert(p.name.clone(), (doc.clone(), p));
+                                    }
+                                }
+                            }
+                            Err(e) => errors.push(e.to_string()),
+                        }
+                    }
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(AgentError::Invalid(errors.join("\n")));
+        }
+        let mut candidate = self.imported.clone();
+        for (k, v) in &new {
+            candidate.insert(k.clone(), v.clone());
+        }
+        self.apply_imported(candidate)?;
+        Ok(new.into_keys().collect())
+    }
+
+    /// Compiles, checks, applies and persists a new set of imported policies, or changes nothing.
+    fn apply_imported(
+        &mut self,
+        candidate: BTreeMap<String, (String, Policy)>,
+    ) -> Result<(), AgentError> {
+        let policies = self.policies_with(&candidate);
+        let (desired, compiled) = self.desired(&policies)?;
+        reconcile::check_fit(&desired.maps, &self.dp.sizes())?;
+        // Persist first; undo the files if the maps cannot be written.
+        let old = self.imported.clone();
+        for (name, (text, _)) in &candidate {
+            if old.get(name).map(|(t, _)| t) != Some(text) {
+                self.store.save_policy(name, text)?;
+            }
+        }
+        for name in old.keys().filter(|n| !candidate.contains_key(*n)) {
+            self.store.delete_policy(name)?;
+        }
+        if self.docker_synced {
+            if let Err(e) = reconcile::reconcile(self.dp.as_mut(), &desired) {
+                for (name, (text, _)) in &old {
+                    let _ = self.store.save_policy(name, text);
+                }
+                for name in candidate.keys().filter(|n| !old.contains_key(*n)) {
+                    let _ = self.store.delete_policy(name);
+                }
+                return Err(e.into());
+            }
+            self.compiled = Some(compiled);
+        }
+        self.imported = candidate;
+        self.save()?;
+        Ok(())
+    }
+
+    pub fn delete(&mut self, name: Option<&str>, all: bool) -> Result<Vec<String>, AgentError> {
+        let mut candidate = self.imported.clone();
+        let removed: Vec<String> = if all {
+            std::mem::take(&mut candidate).into_keys().collect()
+        } else {
+            let n = name.unwrap_or_default();
+            if candidate.remove(n).is_none() {
+                return Err(AgentError::NotFound(n.to_owned()));
+            }
+            vec![n.to_owned()]
+        };
+        self.apply_imported(candidate)?;
+        Ok(removed)
+    }
+
+    pub fn policy_rows(&self, name: Option<&str>) -> Result<Vec<PolicyRow>, AgentError> {
+        let mut rows: Vec<PolicyRow> = self
+            .imported
+            .iter()
+            .map(|(n, (text, _))| PolicyRow {
+                name: n.clone(),
+                source: "imported".into(),
+                text: text.clone(),
+            })
+            .collect();
+        for (path, f) in &self.files {
+            if let Ok(ps) = &f.parsed {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                for p in ps {
+                    rows.push(PolicyRow {
+                        name: p.name.clone(),
+                        source: path.display().to_string(),
+                        text: text.clone(),
+                    });
+                }
+            }
+        }
+        for c in self.containers.values().filter(|c| c.running) {
+            let labels: Vec<String> = ["netpol.ingress", "netpol.egress"]
+                .iter()
+                .filter_map(|k| c.labels.get(*k).map(|v| format!("{k}: {v:?}\n")))
+                .collect();
+            if !labels.is_empty() {
+                rows.push(PolicyRow {
+                    name: c.name.clone(),
+                    source: format!("labels of {}", c.name),
+                    text: labels.concat(),
+                });
+            }
+        }
+        if let Some(n) = name {
+            rows.retain(|r| r.name == n);
+            if rows.is_empty() {
+                return Err(AgentError::NotFound(n.to_owned()));
+            }
+        }
+        Ok(rows)
+    }
+
+    pub fn endpoint_rows(&mut self) -> Vec<EndpointRow> {
+        let mut rows = Vec::new();
+        let containers: Vec<Container> = self.containers.values().cloned().collect();
+        for c in &containers {
+            let id = self.ids.lookup(&self.filter.filter(&c.labels));
+            let labels = id.and_then(|i| self.ids.labels(i));
+            let identity_name = id.map(|i| display_name(i, labels)).unwrap_or_default();
+            let enf = id
+                .and_then(|i| {
+                    self.compiled
+                        .as_ref()
+                        .and_then(|cp| cp.enforcement.get(&i).copied())
+                })
+                .unwrap_or_default();
+            let base = EndpointRow {
+                container: c.short_id().to_owned(),
+                name: c.name.clone(),
+                identity: id,
+                identity_name,
+                ..EndpointRow::default()
+            };
+            if c.networks.is_empty() {
+                let state = match c.enforceable() {
+                    Ok(()) => "no network".to_owned(),
+                    Err(e) => format!("not enforceable: {e}"),
+                };
+                rows.push(EndpointRow {
+                    network: format!("{:?}", c.network_mode),
+                    state,
+                    ..base
+                });
+                continue;
+            }
+            for a in &c.networks {
+                let mut r = EndpointRow {
+                    network: a.network_name.clone(),
+                    ifindex: a.host_veth,
+                    ipv4: a.ipv4.map(|x| x.to_string()),
+                    ipv6: a.ipv6.map(|x| x.to_string()),
+                    ..base.clone()
+                };
+                r.state = match (&a.enforceable, a.host_veth) {
+                    (Err(e), _) => format!("not enforceable: {e}"),
+                    (Ok(()), None) => "not enforceable: host veth not found (retrying)".into(),
+                    (Ok(()), Some(_)) => {
+                        r.ingress_enforced = enf.ingress;
+                        r.egress_enforced = enf.egress;
+                        if enf.ingress || enf.egress {
+                            "enforced".into()
+                        } else {
+                            "unrestricted (no policy selects it)".into()
+                        }
+                    }
+                };
+                if let Some(e) = self.label_errors.get(&c.name) {
+                    r.state = format!("{} (netpol labels rejected: {e})", r.state);
+                }
+                rows.push(r);
+            }
+        }
+        rows
+    }
+
+    pub fn identity_rows(&self) -> Vec<IdentityRow> {
+        let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
+        for c in self.containers.values().filter(|c| c.running) {
+            if let Some(id) = self.ids.lookup(&self.filter.filter(&c.labels)) {
+                *counts.entry(id).or_default() += 1;
+            }
+        }
+        let mut rows: Vec<IdentityRow> = [reserved::HOST, reserved::WORLD, reserved::UNMANAGED]
+            .iter()
+            .map(|&id| IdentityRow {
+                id,
+                name: display_name(id, None),
+                labels: Labels::new(),
+                containers: 0,
+            })
+            .collect();
+        for (id, labels) in self.ids.iter() {
+            rows.push(IdentityRow {
+                id,
+                name: display_name(id, Some(labels)),
+                labels: labels.clone(),
+                containers: counts.get(&id).copied().unwrap_or(0),
+            });
+        }
+        if let Some(cp) = &self.compiled {
+            for (cidr, id) in &cp.cidr_identities {
+                rows.push(IdentityRow {
+                    id: *id,
+                    name: format!("cidr:{cidr}"),
+                    labels: Labels::new(),
+                    containers: 0,
+                });
+            }
+        }
+        rows
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let drops = self.dp.drop_counters().unwrap_or_default();
+        let drops: BTreeMap<String, u64> = drops
+            .into_iter()
+            .map(|(r, n)| {
+                (
+                    netpol_common::DropReason::from_u8(r)
+                        .map_or(r.to_string(), |d| d.as_str().to_owned()),
+                    n,
+                )
+            })
+            .collect();
+        let rejected: BTreeMap<String, String> = self
+            .files
+            .iter()
+            .filter_map(|(p, f)| {
+                f.parsed
+                    .as_ref()
+                    .err()
+                    .map(|e| (p.display().to_string(), e.clone()))
+            })
+            .collect();
+        let attached = self.dp.attached().map(|a| a.len()).unwrap_or(0);
+        serde_json::json!({
+            "agent": "running",
+            "docker": self.docker_status,
+            "endpoints_attached": attached,
+            "containers": self.containers.values().filter(|c| c.running).count(),
+            "identities": self.ids.len(),
+            "policies_imported": self.imported.len(),
+            "policy_files": self.files.len(),
+            "policy_files_rejected": rejected,
+            "label_errors": self.label_errors,
+            "policy_entries": self.compiled.as_ref().map_or(0, |c| c.policy.len()),
+            "map_sizes": self.dp.sizes(),
+            "drops": drops,
+            "last_error": self.last_error,
+        })
+    }
+
+    pub fn identity_name(&self, id: u32) -> String {
+        display_name(id, self.ids.labels(id))
+    }
+
+    pub fn rule_name(&self, rule: u32) -> Option<String> {
+        self.compiled
+            .as_ref()
+            .and_then(|c| c.rules.get(&rule))
+            .map(|r| r.to_string())
+    }
+
+    pub fn set_trace_flows(&mut self, on: bool) {
+        if let Err(e) = self.dp.set_trace_flows(on) {
+            warn!(error = %e, "switching flow tracing");
+        }
+    }
+
+    pub fn policy_dir(&self) -> &Path {
+        &self.policy_dir
+    }
+
+    pub fn attached_set(&self) -> BTreeSet<u32> {
+        self.dp.attached().unwrap_or_default().into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::documents;
+
+    #[test]
+    fn splits_yaml_documents() {
+        let d = documents("a: 1\n---\nb: 2\n--- \n# only a comment\n---\nc: 3\n");
+        assert_eq!(
+            d,
+            vec![
+                "a: 1\n".to_owned(),
+                "b: 2\n".to_owned(),
+                "c: 3\n".to_owned()
+            ]
+        );
+    }
+}
