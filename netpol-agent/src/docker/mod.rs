@@ -1,1 +1,27 @@
-//! See the crate documentation.
+//! Docker as a stream of domain events, and host veth discovery.
+//!
+//! - [`model`]: [`Container`], [`Attachment`], [`Network`] and why an attachment may not be
+//!   enforceable ([`NotEnforceable`]), mapped from `docker inspect` data.
+//! - [`watcher`]: [`DockerWatcher`], which lists containers and networks, follows the event
+//!   stream and emits [`DockerEvent`]s on a channel, resynchronising with a full snapshot after
+//!   every reconnect.
+//! - [`netlink`]: a small rtnetlink client: the host veth of each container interface (from
+//!   inside the container's network namespace), and [`host_addresses`].
+
+pub mod model;
+pub mod netlink;
+pub mod watcher;
+
+#[cfg(test)]
+mod privileged_tests;
+#[cfg(test)]
+mod tests;
+
+pub use model::{
+    Attachment, Container, DaemonNat, MacAddr, Network, NetworkMode, NotEnforceable, VethLookup,
+};
+pub use netlink::{discover_host_veths, host_addresses, NetlinkError, WantedInterface};
+pub use watcher::{
+    BollardApi, DaemonInfo, DockerApi, DockerConfig, DockerError, DockerEvent, DockerWatcher,
+    NetlinkVeths, VethResolver,
+};

@@ -1,0 +1,150 @@
+//! Tier-3 test of host veth discovery: a real network namespace with a veth pair whose peer
+//! stays in the host namespace, as Docker sets it up. Needs root; skips without it, except under
+//! `CI=true`, where it fails.
+
+use std::{net::IpAddr, path::PathBuf, process::Command};
+
+use super::{discover_host_veths, netlink::NamespaceView, MacAddr, WantedInterface};
+
+/// Same rule as `netpol_tests::require_root`, which this crate cannot depend on.
+fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{test}: needs root, and CI=true does not allow skipping a privileged tier");
+    }
+    eprintln!("SKIPPED {test}: needs root (run the test suite as root)");
+    false
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A namespace `ns` holding `inner` (the "container" end), with `host` as the host end of the
+/// pair. Dropping it deletes both, even when the test failed.
+struct VethNs {
+    ns: String,
+    host: String,
+}
+
+impl VethNs {
+    fn create(tag: &str) -> Self {
+        let pid = std::process::id() % 100_000;
+        let guard = VethNs {
+            ns: format!("npd-{tag}-{pid}"),
+            host: format!("npd{tag}{pid}h"),
+        };
+        let inner = format!("npd{tag}{pid}c");
+        ip(&["netns", "add", &guard.ns]);
+        ip(&[
+            "link",
+            "add",
+            &guard.host,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &inner,
+        ]);
+        ip(&["link", "set", &inner, "netns", &guard.ns]);
+        ip(&["-n", &guard.ns, "link", "set", &inner, "name", "eth0"]);
+        ip(&[
+            "-n",
+            &guard.ns,
+            "link",
+            "set",
+            "eth0",
+            "address",
+            "02:42:0a:d5:00:02",
+        ]);
+        ip(&[
+            "-n",
+            &guard.ns,
+            "addr",
+            "add",
+            "10.213.0.2/24",
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &guard.ns, "link", "set", "eth0", "up"]);
+        ip(&["link", "set", &guard.host, "up"]);
+        guard
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.ns))
+    }
+}
+
+impl Drop for VethNs {
+    fn drop(&mut self) {
+        // Deleting one end deletes the pair; both steps run whatever the other did.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host])
+            .output();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+fn thread_netns() -> PathBuf {
+    std::fs::read_link("/proc/thread-self/ns/net").expect("read own netns link")
+}
+
+#[test]
+fn discovers_the_host_end_of_a_containers_veth() {
+    if !require_root("discovers_the_host_end_of_a_containers_veth") {
+        return;
+    }
+    let before = thread_netns();
+    let env = VethNs::create("v");
+    let host_ifindex = NamespaceView::dump()
+        .expect("dump host links")
+        .links
+        .into_iter()
+        .find(|l| l.name == env.host)
+        .expect("host end in the host namespace")
+        .ifindex;
+
+    let addr: IpAddr = "10.213.0.2".parse().unwrap();
+    let wanted = vec![
+        WantedInterface {
+            network_id: "by-mac".into(),
+            mac: Some("02:42:0a:d5:00:02".parse::<MacAddr>().unwrap()),
+            addrs: vec![],
+        },
+        WantedInterface {
+            network_id: "by-addr".into(),
+            mac: None,
+            addrs: vec![addr],
+        },
+        WantedInterface {
+            network_id: "absent".into(),
+            mac: Some("02:42:0a:d5:00:99".parse::<MacAddr>().unwrap()),
+            addrs: vec!["10.213.0.99".parse().unwrap()],
+        },
+    ];
+    let found = discover_host_veths(&env.path(), &wanted).expect("discovery");
+    assert_eq!(found["by-mac"], Ok(host_ifindex));
+    assert_eq!(found["by-addr"], Ok(host_ifindex));
+    assert!(found["absent"].is_err(), "{found:?}");
+    // The namespace switch happened on a thread of its own.
+    assert_eq!(thread_netns(), before);
+}
+
+#[test]
+fn a_missing_namespace_is_an_error() {
+    let err = discover_host_veths(std::path::Path::new("/run/netns/npd-does-not-exist"), &[]);
+    assert!(
+        matches!(err, Err(super::NetlinkError::OpenNetns { .. })),
+        "{err:?}"
+    );
+}

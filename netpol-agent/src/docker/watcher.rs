@@ -1,0 +1,633 @@
+//! [`DockerWatcher`]: Docker's container list and event stream turned into [`DockerEvent`]s.
+//!
+//! Each session starts with a full [`DockerEvent::Snapshot`] and then follows the event stream,
+//! replayed from the daemon's clock at the start of the session (`since`), so nothing that happens
+//! while the snapshot is taken is lost. Every container event leads to a fresh `inspect`, and the
+//! watcher only emits what changed relative to what it emitted before; events are therefore
+//! idempotent, and quirks such as a `connect` before `start` or a doubled `disconnect` produce no
+//! spurious or duplicated state. When the stream breaks or dockerd restarts the watcher emits
+//! [`DockerEvent::Disconnected`], retries with exponential backoff, and starts over with a new
+//! snapshot that the consumer uses to replace its state.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use bollard::{
+    models::{
+        ContainerInspectResponse, EventMessage, EventMessageTypeEnum, Network as BollardNetwork,
+    },
+    query_parameters::{EventsOptions, ListContainersOptions},
+    Docker, API_DEFAULT_VERSION,
+};
+use futures_util::{stream::BoxStream, StreamExt};
+use tokio::sync::mpsc;
+
+use super::{
+    model::{
+        container_from_inspect, network_from_docker, Container, DaemonNat, Network, NetworkMode,
+        VethLookup,
+    },
+    netlink::{discover_host_veths, NetlinkError, WantedInterface},
+};
+
+/// Default Docker socket.
+pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
+/// Timeout of one Docker API request (not of the event stream).
+const REQUEST_TIMEOUT_SECS: u64 = 30;
+/// How often a running container whose veth is not (yet) visible is looked at again.
+const VETH_RETRIES: u32 = 3;
+const VETH_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// What the watcher tells the rest of the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DockerEvent {
+    /// Full state after (re)connecting: replaces everything known before.
+    Snapshot {
+        containers: Vec<Container>,
+        networks: Vec<Network>,
+    },
+    /// A running container appeared or changed (start, network connect/disconnect, rename).
+    ContainerUp(Container),
+    /// A container that was up is no longer running (die, stop, destroy).
+    ContainerDown { id: String },
+    /// The network list changed; the full new list.
+    NetworksChanged(Vec<Network>),
+    /// Docker is unreachable or its event stream broke; a `Snapshot` follows on reconnect.
+    Disconnected(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("connecting to Docker at {socket}: {source}")]
+    Connect {
+        socket: String,
+        source: bollard::errors::Error,
+    },
+    #[error("Docker API {call}: {source}")]
+    Api {
+        call: &'static str,
+        source: bollard::errors::Error,
+    },
+    #[error("Docker event stream: {0}")]
+    Stream(bollard::errors::Error),
+    #[error("Docker event stream ended")]
+    StreamEnded,
+}
+
+/// Watcher configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DockerConfig {
+    /// The daemon's Unix socket; `None` = `DOCKER_HOST` or [`DEFAULT_SOCKET`].
+    pub socket: Option<PathBuf>,
+    /// Whether dockerd runs with `ip6tables` (and so NATs IPv6 itself); `None` = decide from the
+    /// daemon's version (on by default since Docker 27).
+    pub ip6tables: Option<bool>,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            ip6tables: None,
+            backoff_min: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(15),
+        }
+    }
+}
+
+/// What a session learns from the daemon when it connects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DaemonInfo {
+    /// The daemon's clock (RFC 3339), used as `since` for the event stream.
+    pub system_time: Option<String>,
+    pub server_version: Option<String>,
+}
+
+/// The Docker API calls the watcher makes; [`BollardApi`] in production, a fake in tests.
+pub trait DockerApi: Send + Sync + 'static {
+    /// (Re)connects; fails while the daemon is unreachable.
+    fn connect(&self) -> impl Future<Output = Result<DaemonInfo, DockerError>> + Send;
+    /// Ids of running containers.
+    fn list_running(&self) -> impl Future<Output = Result<Vec<String>, DockerError>> + Send;
+    /// `None` when the container no longer exists.
+    fn inspect(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<ContainerInspectResponse>, DockerError>> + Send;
+    fn networks(&self) -> impl Future<Output = Result<Vec<BollardNetwork>, DockerError>> + Send;
+    /// Events from `since` (the daemon's time) on, then live.
+    fn events(
+        &self,
+        since: Option<String>,
+    ) -> BoxStream<'static, Result<EventMessage, DockerError>>;
+}
+
+/// Finds host veths inside a container's network namespace; [`NetlinkVeths`] in production.
+pub trait VethResolver: Send + Sync + 'static {
+    fn resolve(
+        &self,
+        netns: PathBuf,
+        wanted: Vec<WantedInterface>,
+    ) -> impl Future<Output = Result<VethLookup, NetlinkError>> + Send;
+}
+
+/// [`VethResolver`] through rtnetlink in the container's namespace (see [`super::netlink`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NetlinkVeths;
+
+impl VethResolver for NetlinkVeths {
+    async fn resolve(
+        &self,
+        netns: PathBuf,
+        wanted: Vec<WantedInterface>,
+    ) -> Result<VethLookup, NetlinkError> {
+        tokio::task::spawn_blocking(move || discover_host_veths(&netns, &wanted))
+            .await
+            .map_err(|_| NetlinkError::ThreadPanicked)?
+    }
+}
+
+/// [`DockerApi`] over bollard and the daemon's Unix socket.
+pub struct BollardApi {
+    socket: Option<PathBuf>,
+    docker: RwLock<Option<Docker>>,
+}
+
+impl BollardApi {
+    pub fn new(socket: Option<PathBuf>) -> Self {
+        Self {
+            socket,
+            docker: RwLock::new(None),
+        }
+    }
+
+    fn client(&self, call: &'static str) -> Result<Docker, DockerError> {
+        let guard = match self.docker.read() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        guard.clone().ok_or(DockerError::Api {
+            call,
+            source: bollard::errors::Error::RequestTimeoutError,
+        })
+    }
+}
+
+impl DockerApi for BollardApi {
+    async fn connect(&self) -> Result<DaemonInfo, DockerError> {
+        let socket = self.socket.as_ref().map(|p| p.display().to_string());
+        let docker = match &socket {
+            Some(path) => {
+                Docker::connect_with_socket(path, REQUEST_TIMEOUT_SECS, API_DEFAULT_VERSION)
+            }
+            None => Docker::connect_with_socket_defaults(),
+        }
+        .map_err(|source| DockerError::Connect {
+            socket: socket.clone().unwrap_or_else(|| DEFAULT_SOCKET.to_owned()),
+            source,
+        })?;
+        // Speak the daemon's API version when it is older than bollard's (Docker 20.10: 1.41).
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|source| DockerError::Connect {
+                socket: socket.clone().unwrap_or_else(|| DEFAULT_SOCKET.to_owned()),
+                source,
+            })?;
+        let info = docker.info().await.map_err(|source| DockerError::Api {
+            call: "info",
+            source,
+        })?;
+        match self.docker.write() {
+            Ok(mut g) => *g = Some(docker),
+            Err(poisoned) => *poisoned.into_inner() = Some(docker),
+        }
+        Ok(DaemonInfo {
+            system_time: info.system_time,
+            server_version: info.server_version,
+        })
+    }
+
+    async fn list_running(&self) -> Result<Vec<String>, DockerError> {
+        let docker = self.client("list containers")?;
+        let list = docker
+            .list_containers(Some(ListContainersOptions {
+                all: false,
+                ..Default::default()
+            }))
+            .await
+            .map_err(|source| DockerError::Api {
+                call: "list containers",
+                source,
+            })?;
+        Ok(list.into_iter().filter_map(|c| c.id).collect())
+    }
+
+    async fn inspect(&self, id: &str) -> Result<Option<ContainerInspectResponse>, DockerError> {
+        let docker = self.client("inspect container")?;
+        match docker.inspect_container(id, None).await {
+            Ok(c) => Ok(Some(c)),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(source) => Err(DockerError::Api {
+                call: "inspect container",
+                source,
+            }),
+        }
+    }
+
+    async fn networks(&self) -> Result<Vec<BollardNetwork>, DockerError> {
+        let docker = self.client("list networks")?;
+        docker
+            .list_networks(None)
+            .await
+            .map_err(|source| DockerError::Api {
+                call: "list networks",
+                source,
+            })
+    }
+
+    fn events(
+        &self,
+        since: Option<String>,
+    ) -> BoxStream<'static, Result<EventMessage, DockerError>> {
+        let docker = match self.client("events") {
+            Ok(d) => d,
+            Err(e) => return futures_util::stream::once(async move { Err(e) }).boxed(),
+        };
+        let filters = std::collections::HashMap::from([(
+            "type".to_owned(),
+            vec!["container".to_owned(), "network".to_owned()],
+        )]);
+        let options = EventsOptions {
+            since,
+            until: None,
+            filters: Some(filters),
+        };
+        docker
+            .events(Some(options))
+            .map(|r| r.map_err(DockerError::Stream))
+            .boxed()
+    }
+}
+
+/// What one Docker event asks the watcher to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Inspect the container again and emit what changed.
+    Refresh(String),
+    /// The container stopped running.
+    Down(String),
+    /// Re-read the network list.
+    RefreshNetworks,
+}
+
+/// Maps one Docker event to what the watcher must do; `None` for events that change nothing
+/// netpol cares about.
+pub fn classify(ev: &EventMessage) -> Option<Action> {
+    let action = ev.action.as_deref()?;
+    // Some actions carry a suffix ("exec_start: sh", "health_status: healthy").
+    let action = action.split(':').next().unwrap_or(action).trim();
+    let actor = ev.actor.as_ref();
+    let actor_id = actor.and_then(|a| a.id.clone()).filter(|s| !s.is_empty());
+    match ev.typ {
+        Some(EventMessageTypeEnum::CONTAINER) => match action {
+            "start" | "restart" | "rename" | "unpause" => actor_id.map(Action::Refresh),
+            "die" | "stop" | "destroy" => actor_id.map(Action::Down),
+            _ => None,
+        },
+        Some(EventMessageTypeEnum::NETWORK) => match action {
+            "connect" | "disconnect" => actor
+                .and_then(|a| a.attributes.as_ref())
+                .and_then(|attrs| attrs.get("container"))
+                .filter(|s| !s.is_empty())
+                .map(|c| Action::Refresh(c.clone())),
+            "create" | "destroy" | "remove" | "update" => Some(Action::RefreshNetworks),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Follows Docker; see the module documentation.
+pub struct DockerWatcher<A = BollardApi, V = NetlinkVeths> {
+    api: Arc<A>,
+    veths: V,
+    config: DockerConfig,
+    tx: mpsc::Sender<DockerEvent>,
+    containers: BTreeMap<String, Container>,
+    networks: BTreeMap<String, Network>,
+    nat: DaemonNat,
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    /// The receiver is gone: stop watching.
+    Closed,
+    Failed(DockerError),
+}
+
+/// Sending failed: the receiver was dropped.
+struct Closed;
+
+impl DockerWatcher {
+    /// A watcher of the daemon at `config.socket`, and the receiver of its events.
+    pub fn new(config: DockerConfig, capacity: usize) -> (Self, mpsc::Receiver<DockerEvent>) {
+        Self::with_api(
+            BollardApi::new(config.socket.clone()),
+            NetlinkVeths,
+            config,
+            capacity,
+        )
+    }
+}
+
+impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
+    pub fn with_api(
+        api: A,
+        veths: V,
+        config: DockerConfig,
+        capacity: usize,
+    ) -> (Self, mpsc::Receiver<DockerEvent>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let watcher = Self {
+            api: Arc::new(api),
+            veths,
+            config,
+            tx,
+            containers: BTreeMap::new(),
+            networks: BTreeMap::new(),
+            nat: DaemonNat::default(),
+        };
+        (watcher, rx)
+    }
+
+    /// Watches until the receiver is dropped.
+    pub async fn run(mut self) {
+        let mut backoff = self.config.backoff_min;
+        let mut reported_down = false;
+        loop {
+            let mut snapshot_sent = false;
+            match self.session(&mut snapshot_sent).await {
+                SessionEnd::Closed => return,
+                SessionEnd::Failed(e) => {
+                    self.containers.clear();
+                    self.networks.clear();
+                    if snapshot_sent {
+                        backoff = self.config.backoff_min;
+                        reported_down = false;
+                    }
+                    if !reported_down {
+                        tracing::warn!(error = %e, "Docker unreachable; retrying");
+                        if self
+                            .tx
+                            .send(DockerEvent::Disconnected(e.to_string()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        reported_down = true;
+                    } else {
+                        tracing::debug!(error = %e, ?backoff, "Docker still unreachable");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.tx.closed() => return,
+            }
+            backoff = (backoff * 2).min(self.config.backoff_max);
+        }
+    }
+
+    async fn session(&mut self, snapshot_sent: &mut bool) -> SessionEnd {
+        let info = match self.api.connect().await {
+            Ok(i) => i,
+            Err(e) => return SessionEnd::Failed(e),
+        };
+        self.nat = DaemonNat {
+            ip6tables: self
+                .config
+                .ip6tables
+                .unwrap_or_else(|| default_ip6tables(info.server_version.as_deref())),
+        };
+        // Events from the daemon's "now" on: whatever happens while the snapshot is taken is
+        // replayed afterwards, and handled idempotently.
+        let mut events = self.api.events(info.system_time.clone());
+        match self.snapshot().await {
+            Ok(Ok(())) => {}
+            Ok(Err(Closed)) => return SessionEnd::Closed,
+            Err(e) => return SessionEnd::Failed(e),
+        }
+        *snapshot_sent = true;
+        tracing::info!(
+            containers = self.containers.len(),
+            networks = self.networks.len(),
+            version = info.server_version.as_deref().unwrap_or("?"),
+            "Docker connected"
+        );
+        loop {
+            let ev = tokio::select! {
+                ev = events.next() => ev,
+                _ = self.tx.closed() => return SessionEnd::Closed,
+            };
+            let ev = match ev {
+                Some(Ok(ev)) => ev,
+                Some(Err(e)) => return SessionEnd::Failed(e),
+                None => return SessionEnd::Failed(DockerError::StreamEnded),
+            };
+            let Some(action) = classify(&ev) else {
+                continue;
+            };
+            tracing::debug!(?action, "Docker event");
+            match self.apply(action).await {
+                Ok(Ok(())) => {}
+                Ok(Err(Closed)) => return SessionEnd::Closed,
+                Err(e) => return SessionEnd::Failed(e),
+            }
+        }
+    }
+
+    async fn snapshot(&mut self) -> Result<Result<(), Closed>, DockerError> {
+        self.containers.clear();
+        self.networks = self.load_networks().await?;
+        for id in self.api.list_running().await? {
+            if let Some(c) = self.load_container(&id).await? {
+                if c.running {
+                    self.containers.insert(c.id.clone(), c);
+                }
+            }
+        }
+        let ev = DockerEvent::Snapshot {
+            containers: self.containers.values().cloned().collect(),
+            networks: self.networks.values().cloned().collect(),
+        };
+        Ok(self.send(ev).await)
+    }
+
+    async fn apply(&mut self, action: Action) -> Result<Result<(), Closed>, DockerError> {
+        match action {
+            Action::RefreshNetworks => {
+                let networks = self.load_networks().await?;
+                if networks == self.networks {
+                    return Ok(Ok(()));
+                }
+                self.networks = networks;
+                Ok(self
+                    .send(DockerEvent::NetworksChanged(
+                        self.networks.values().cloned().collect(),
+                    ))
+                    .await)
+            }
+            Action::Down(id) => Ok(self.down(&id).await),
+            Action::Refresh(id) => match self.load_container(&id).await? {
+                Some(c) if c.running => {
+                    if self.containers.get(&c.id) == Some(&c) {
+                        return Ok(Ok(()));
+                    }
+                    self.containers.insert(c.id.clone(), c.clone());
+                    Ok(self.send(DockerEvent::ContainerUp(c)).await)
+                }
+                Some(c) => Ok(self.down(&c.id).await),
+                None => Ok(self.down(&id).await),
+            },
+        }
+    }
+
+    async fn down(&mut self, id: &str) -> Result<(), Closed> {
+        // Events may name a container by a short id or name; match what we hold.
+        let key = self
+            .containers
+            .values()
+            .find(|c| c.id == id || c.name == id || (id.len() >= 12 && c.id.starts_with(id)))
+            .map(|c| c.id.clone());
+        match key.and_then(|k| self.containers.remove(&k)) {
+            Some(c) => self.send(DockerEvent::ContainerDown { id: c.id }).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn send(&self, ev: DockerEvent) -> Result<(), Closed> {
+        self.tx.send(ev).await.map_err(|_| Closed)
+    }
+
+    async fn load_networks(&self) -> Result<BTreeMap<String, Network>, DockerError> {
+        let list = self.api.networks().await?;
+        Ok(list
+            .iter()
+            .filter_map(|n| network_from_docker(n, self.nat))
+            .map(|n| (n.id.clone(), n))
+            .collect())
+    }
+
+    /// Inspects a container and looks up its host veths. `None` if it no longer exists.
+    async fn load_container(&mut self, id: &str) -> Result<Option<Container>, DockerError> {
+        let mut attempt = 0;
+        loop {
+            let Some(raw) = self.api.inspect(id).await? else {
+                return Ok(None);
+            };
+            if references_unknown_network(&raw, &self.networks) {
+                self.networks = self.load_networks().await?;
+            }
+            let Some(bare) = container_from_inspect(&raw, &self.networks, &VethLookup::new())
+            else {
+                return Ok(None);
+            };
+            let lookup = self.lookup_veths(&bare).await;
+            let Some(c) = container_from_inspect(&raw, &self.networks, &lookup) else {
+                return Ok(None);
+            };
+            let missing = c.running
+                && c.networks.iter().any(|a| {
+                    matches!(
+                        a.enforceable,
+                        Err(super::NotEnforceable::VethNotFound { .. })
+                    )
+                });
+            attempt += 1;
+            if !missing || attempt > VETH_RETRIES {
+                if missing {
+                    tracing::warn!(container = %c.name, "host veth not found");
+                }
+                return Ok(Some(c));
+            }
+            tokio::time::sleep(VETH_RETRY_DELAY).await;
+        }
+    }
+
+    async fn lookup_veths(&self, c: &Container) -> VethLookup {
+        let wanted: Vec<WantedInterface> = c
+            .networks
+            .iter()
+            .filter(|a| a.driver.as_deref() == Some("bridge"))
+            .map(|a| WantedInterface {
+                network_id: a.network_id.clone(),
+                mac: a.mac,
+                addrs: a.addresses().collect(),
+            })
+            .collect();
+        if !c.running
+            || wanted.is_empty()
+            || !matches!(
+                c.network_mode,
+                NetworkMode::Default | NetworkMode::Network(_)
+            )
+        {
+            return VethLookup::new();
+        }
+        let fail_all = |why: String| -> VethLookup {
+            wanted
+                .iter()
+                .map(|w| (w.network_id.clone(), Err(why.clone())))
+                .collect()
+        };
+        let Some(netns) = c.sandbox_key.clone() else {
+            return fail_all("container has no network namespace (SandboxKey)".to_owned());
+        };
+        match self.veths.resolve(netns.clone(), wanted.clone()).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(container = %c.name, netns = %netns.display(), error = %e, "veth discovery failed");
+                fail_all(e.to_string())
+            }
+        }
+    }
+}
+
+fn references_unknown_network(
+    raw: &ContainerInspectResponse,
+    networks: &BTreeMap<String, Network>,
+) -> bool {
+    let known: BTreeSet<&str> = networks.keys().map(String::as_str).collect();
+    raw.network_settings
+        .as_ref()
+        .and_then(|s| s.networks.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, ep)| ep.network_id.as_deref())
+        .any(|id| !id.is_empty() && !known.contains(id))
+}
+
+/// Docker enables `ip6tables` by default from version 27 on.
+fn default_ip6tables(server_version: Option<&str>) -> bool {
+    server_version
+        .and_then(|v| v.split('.').next())
+        .and_then(|major| major.parse::<u32>().ok())
+        .is_some_and(|major| major >= 27)
+}
+
+/// Compile-time check: the production watcher can be `tokio::spawn`ed.
+#[allow(dead_code)]
+fn assert_run_is_send(w: DockerWatcher) -> impl Send {
+    w.run()
+}
