@@ -175,6 +175,7 @@ mod pod {
     unsafe impl aya::Pod for super::nat::Snat6Key {}
     unsafe impl aya::Pod for super::nat::Snat6Entry {}
     unsafe impl aya::Pod for super::nat::Masq6Config {}
+    unsafe impl aya::Pod for super::nat::Masq6Prefix {}
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 mod lxc;
 mod maps;
+mod masq6;
 mod parse;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
@@ -18,6 +19,18 @@ pub fn from_container(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn to_container(ctx: TcContext) -> i32 {
     lxc::run(&ctx, Direction::Ingress)
+}
+
+/// Uplink egress: IPv6 masquerade of container prefixes (SNAT).
+#[classifier]
+pub fn masq6_out(ctx: TcContext) -> i32 {
+    masq6::run(&ctx, true)
+}
+
+/// Uplink ingress: replies and ICMPv6 errors translated back to the containers.
+#[classifier]
+pub fn masq6_in(ctx: TcContext) -> i32 {
+    masq6::run(&ctx, false)
 }
 
 #[cfg(not(test))]

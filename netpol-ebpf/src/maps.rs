@@ -45,3 +45,23 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 /// Per-CPU working memory of the per-container programs (not part of the agent's interface).
 #[btf_map]
 pub static SCRATCH: PerCpuArray<crate::lxc::Scratch, 1> = PerCpuArray::new();
+
+/// IPv6 masquerade on the uplink (see `masq6.rs` and netpol-common's `nat` module): the translated
+/// flows, two entries each.
+#[btf_map]
+pub static SNAT6: LruHashMap<netpol_common::nat::Snat6Key, netpol_common::nat::Snat6Entry, 16384> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static MASQ6_CONFIG: Array<netpol_common::nat::Masq6Config, 1> = Array::new();
+
+/// Masqueraded source prefixes and never-translated destination prefixes.
+#[btf_map]
+pub static MASQ6_PREFIX: LpmTrie<[u8; 16], netpol_common::nat::Masq6Prefix, 256> = LpmTrie::new();
+
+#[btf_map]
+pub static MASQ6_STATS: PerCpuArray<u64, { netpol_common::nat::Masq6Counter::COUNT as usize }> =
+    PerCpuArray::new();
+
+#[btf_map]
+pub static MASQ6_SCRATCH: PerCpuArray<crate::masq6::Scratch, 1> = PerCpuArray::new();

@@ -3,6 +3,7 @@
 
 pub mod fake;
 pub mod kernel;
+pub mod masq6;
 
 use std::{
     collections::BTreeMap,
