@@ -1,1 +1,461 @@
-//! See the crate documentation.
+//! Label sets → stable security identity numbers.
+//!
+//! - [`LabelFilter`] keeps a container's security-relevant labels: all Docker labels minus a
+//!   built-in list of volatile ones ([`BUILTIN_IGNORED`]) and any extra configured patterns
+//!   (an exact key, or a prefix ending in `*`).
+//! - [`IdentityAllocator`] gives equal label sets one number. Its [`AllocatorState`] is what the
+//!   store persists; [`IdentityAllocator::load`] takes it back, so numbers survive restarts.
+//!   Numbers are never handed out twice while the state still names them: the allocator counts
+//!   upwards and only wraps around (to the lowest number not in the state) once the label range
+//!   is used up.
+//! - [`display_name`] names an identity for tables and the monitor.
+//!
+//! Reserved numbers come from `netpol_common::identity` (0 any, 1 host, 2 world, 3 unmanaged);
+//! label identities use `FIRST_LABEL..FIRST_CIDR`, and the policy compiler's CIDR identities
+//! start at [`FIRST_CIDR`].
+
+use std::collections::BTreeMap;
+
+use netpol_common::identity::{reserved_name, FIRST_LABEL};
+use serde::{Deserialize, Serialize};
+
+/// A label set: Docker label key → value, ordered so that equal sets compare and hash equal.
+pub type Labels = BTreeMap<String, String>;
+
+/// First identity of the range the policy compiler uses for CIDR prefixes (as Cilium's local
+/// identity scope). Label identities stay below it.
+pub const FIRST_CIDR: u32 = 1 << 24;
+/// Last number a label identity can get.
+pub const LAST_LABEL: u32 = FIRST_CIDR - 1;
+
+/// Compose label with the project name.
+pub const COMPOSE_PROJECT: &str = "com.docker.compose.project";
+/// Compose label with the service name.
+pub const COMPOSE_SERVICE: &str = "com.docker.compose.service";
+
+/// Labels that never take part in an identity: they change with every deploy, rebuild or
+/// replica without changing what the container is. `*` at the end matches any suffix.
+///
+/// `netpol.*` is listed because those labels carry policy (the compose shorthand), not identity:
+/// editing a rule must not renumber the container.
+pub const BUILTIN_IGNORED: &[&str] = &[
+    "com.docker.compose.config-hash",
+    "com.docker.compose.container-number",
+    "com.docker.compose.version",
+    "com.docker.compose.oneoff",
+    "com.docker.compose.depends_on",
+    "com.docker.compose.image",
+    "com.docker.compose.replace",
+    "com.docker.compose.project.config_files",
+    "com.docker.compose.project.working_dir",
+    "com.docker.compose.project.environment_file",
+    "com.docker.compose.slug",
+    "com.docker.desktop.*",
+    "desktop.docker.io/*",
+    "org.opencontainers.image.*",
+    "org.label-schema.*",
+    "io.buildah.version",
+    "com.redhat.build-host",
+    "build-date",
+    "vcs-ref",
+    "maintainer",
+    "netpol.*",
+];
+
+/// One ignore pattern: an exact key, or a prefix (`foo.*` matches every key starting `foo.`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Pattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl Pattern {
+    fn parse(p: &str) -> Self {
+        match p.strip_suffix('*') {
+            Some(prefix) => Pattern::Prefix(prefix.to_owned()),
+            None => Pattern::Exact(p.to_owned()),
+        }
+    }
+
+    fn matches(&self, key: &str) -> bool {
+        match self {
+            Pattern::Exact(k) => k == key,
+            Pattern::Prefix(p) => key.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// Picks the security-relevant labels out of a container's Docker labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabelFilter {
+    ignored: Vec<Pattern>,
+}
+
+impl Default for LabelFilter {
+    fn default() -> Self {
+        Self::new(std::iter::empty::<&str>())
+    }
+}
+
+impl LabelFilter {
+    /// The built-in list plus `extra` patterns (exact keys, or prefixes ending in `*`).
+    pub fn new<I, S>(extra: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut ignored: Vec<Pattern> = BUILTIN_IGNORED.iter().map(|p| Pattern::parse(p)).collect();
+        ignored.extend(extra.into_iter().map(|p| Pattern::parse(p.as_ref().trim())));
+        Self { ignored }
+    }
+
+    /// Whether `key` is left out of identities.
+    pub fn ignores(&self, key: &str) -> bool {
+        self.ignored.iter().any(|p| p.matches(key))
+    }
+
+    /// The labels that make up the identity.
+    pub fn filter(&self, labels: &Labels) -> Labels {
+        labels
+            .iter()
+            .filter(|(k, _)| !self.ignores(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("persisted identity {0} is outside the label range {FIRST_LABEL}..={LAST_LABEL}")]
+    OutOfRange(u32),
+    #[error("persisted identities {first} and {second} have the same labels")]
+    DuplicateLabels { first: u32, second: u32 },
+    #[error("every label identity number ({FIRST_LABEL}..={LAST_LABEL}) is in use")]
+    Exhausted,
+}
+
+/// The allocator's persisted form.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AllocatorState {
+    /// The next number to try (0 or absent: [`FIRST_LABEL`]).
+    pub next: u32,
+    /// Every identity handed out and not released.
+    pub identities: BTreeMap<u32, Labels>,
+}
+
+/// Equal label sets → one identity, stable across restarts through [`AllocatorState`].
+#[derive(Clone, Debug, Default)]
+pub struct IdentityAllocator {
+    next: u32,
+    by_id: BTreeMap<u32, Labels>,
+    by_labels: BTreeMap<Labels, u32>,
+}
+
+impl IdentityAllocator {
+    /// An empty allocator (first identity [`FIRST_LABEL`]).
+    pub fn new() -> Self {
+        Self {
+            next: FIRST_LABEL,
+            ..Self::default()
+        }
+    }
+
+    /// Takes back persisted state, refusing numbers outside the label range and two numbers for
+    /// one label set.
+    pub fn load(state: AllocatorState) -> Result<Self, IdentityError> {
+        let mut a = Self::new();
+        for (id, labels) in state.identities {
+            if !(FIRST_LABEL..=LAST_LABEL).contains(&id) {
+                return Err(IdentityError::OutOfRange(id));
+            }
+            if let Some(&first) = a.by_labels.get(&labels) {
+                return Err(IdentityError::DuplicateLabels { first, second: id });
+            }
+            a.by_labels.insert(labels.clone(), id);
+            a.by_id.insert(id, labels);
+        }
+        let after_last = a
+            .by_id
+            .keys()
+            .next_back()
+            .map_or(FIRST_LABEL, |&l| l.saturating_add(1));
+        a.next = if (FIRST_LABEL..=LAST_LABEL).contains(&state.next) {
+            state.next.max(after_last)
+        } else {
+            after_last
+        };
+        Ok(a)
+    }
+
+    /// The state to persist.
+    pub fn state(&self) -> AllocatorState {
+        AllocatorState {
+            next: self.next,
+            identities: self.by_id.clone(),
+        }
+    }
+
+    /// The identity of `labels` (already filtered by a [`LabelFilter`]), allocating one if the set
+    /// is new. Returns the number and whether it was newly allocated (the state changed).
+    pub fn allocate(&mut self, labels: &Labels) -> Result<(u32, bool), IdentityError> {
+        if let Some(&id) = self.by_labels.get(labels) {
+            return Ok((id, false));
+        }
+        let id = self.free_number()?;
+        self.next = id.saturating_add(1);
+        self.by_labels.insert(labels.clone(), id);
+        self.by_id.insert(id, labels.clone());
+        Ok((id, true))
+    }
+
+    fn free_number(&self) -> Result<u32, IdentityError> {
+        let start = if (FIRST_LABEL..=LAST_LABEL).contains(&self.next) {
+            self.next
+        } else {
+            FIRST_LABEL
+        };
+        (start..=LAST_LABEL)
+            .chain(FIRST_LABEL..start)
+            .find(|n| !self.by_id.contains_key(n))
+            .ok_or(IdentityError::Exhausted)
+    }
+
+    /// The identity of `labels`, if allocated.
+    pub fn lookup(&self, labels: &Labels) -> Option<u32> {
+        self.by_labels.get(labels).copied()
+    }
+
+    /// The labels of identity `id`, if it is a label identity in use.
+    pub fn labels(&self, id: u32) -> Option<&Labels> {
+        self.by_id.get(&id)
+    }
+
+    /// Forgets `id`. Its number is not handed out again until the counter wraps around.
+    pub fn release(&mut self, id: u32) -> Option<Labels> {
+        let labels = self.by_id.remove(&id)?;
+        self.by_labels.remove(&labels);
+        Some(labels)
+    }
+
+    /// Releases every identity for which `in_use` is false; returns the released numbers.
+    pub fn retain(&mut self, mut in_use: impl FnMut(u32) -> bool) -> Vec<u32> {
+        let gone: Vec<u32> = self
+            .by_id
+            .keys()
+            .copied()
+            .filter(|&id| !in_use(id))
+            .collect();
+        for &id in &gone {
+            self.release(id);
+        }
+        gone
+    }
+
+    /// Every allocated identity with its labels, by number.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Labels)> {
+        self.by_id.iter().map(|(&id, l)| (id, l))
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+/// Longest label list shown by [`display_name`] before it is cut.
+const DISPLAY_MAX: usize = 48;
+
+/// A short name for an identity: the reserved name, `project/service` for a compose container,
+/// else `key=value,…` (cut at about 48 characters), else `id:<n>`. `labels` are the identity's
+/// labels when it is a label identity.
+pub fn display_name(id: u32, labels: Option<&Labels>) -> String {
+    if let Some(name) = reserved_name(id) {
+        return name.to_owned();
+    }
+    let Some(labels) = labels else {
+        return format!("id:{id}");
+    };
+    if let Some(service) = labels.get(COMPOSE_SERVICE) {
+        return match labels.get(COMPOSE_PROJECT) {
+            Some(project) => format!("{project}/{service}"),
+            None => service.clone(),
+        };
+    }
+    if labels.is_empty() {
+        return format!("id:{id}");
+    }
+    let mut out = String::new();
+    for (k, v) in labels {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(k);
+        if !v.is_empty() {
+            out.push('=');
+            out.push_str(v);
+        }
+        if out.chars().count() > DISPLAY_MAX {
+            let cut: String = out.chars().take(DISPLAY_MAX).collect();
+            return format!("{cut}…");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn volatile_labels_are_filtered_out() {
+        let f = LabelFilter::default();
+        let l = labels(&[
+            ("com.docker.compose.project", "shop"),
+            ("com.docker.compose.service", "db"),
+            ("com.docker.compose.config-hash", "abc"),
+            ("com.docker.compose.container-number", "1"),
+            ("com.docker.compose.version", "2.20"),
+            ("com.docker.compose.oneoff", "False"),
+            ("com.docker.compose.depends_on", ""),
+            ("com.docker.compose.image", "sha256:1"),
+            ("com.docker.compose.replace", "x"),
+            ("com.docker.compose.project.config_files", "/a.yml"),
+            ("com.docker.compose.project.working_dir", "/a"),
+            ("org.opencontainers.image.version", "1.2"),
+            ("org.opencontainers.image.source", "x"),
+            ("netpol.ingress", "app1:5432"),
+            ("tier", "data"),
+        ]);
+        assert_eq!(
+            f.filter(&l),
+            labels(&[
+                ("com.docker.compose.project", "shop"),
+                ("com.docker.compose.service", "db"),
+                ("tier", "data"),
+            ])
+        );
+    }
+
+    #[test]
+    fn extra_patterns_exact_and_prefix() {
+        let f = LabelFilter::new(["build.*", "commit"]);
+        assert!(f.ignores("build.id"));
+        assert!(f.ignores("commit"));
+        assert!(!f.ignores("commits"));
+        assert!(!f.ignores("tier"));
+        assert!(f.ignores("com.docker.compose.config-hash"), "builtins stay");
+    }
+
+    #[test]
+    fn equal_sets_share_an_identity_and_numbers_start_at_first_label() {
+        let mut a = IdentityAllocator::new();
+        let db = labels(&[("app", "db")]);
+        let web = labels(&[("app", "web")]);
+        assert_eq!(a.allocate(&db).unwrap(), (FIRST_LABEL, true));
+        assert_eq!(a.allocate(&web).unwrap(), (FIRST_LABEL + 1, true));
+        assert_eq!(a.allocate(&db).unwrap(), (FIRST_LABEL, false));
+        assert_eq!(a.lookup(&web), Some(FIRST_LABEL + 1));
+        assert_eq!(a.labels(FIRST_LABEL), Some(&db));
+    }
+
+    #[test]
+    fn numbers_survive_a_restart_through_serialized_state() {
+        let mut a = IdentityAllocator::new();
+        let db = labels(&[("app", "db")]);
+        let web = labels(&[("app", "web")]);
+        a.allocate(&db).unwrap();
+        a.allocate(&web).unwrap();
+        let json = serde_json::to_string(&a.state()).unwrap();
+        let state: AllocatorState = serde_json::from_str(&json).unwrap();
+        let mut b = IdentityAllocator::load(state).unwrap();
+        assert_eq!(b.allocate(&web).unwrap(), (FIRST_LABEL + 1, false));
+        assert_eq!(
+            b.allocate(&labels(&[("app", "x")])).unwrap().0,
+            FIRST_LABEL + 2
+        );
+    }
+
+    #[test]
+    fn released_numbers_are_not_reused_for_another_set() {
+        let mut a = IdentityAllocator::new();
+        let (first, _) = a.allocate(&labels(&[("app", "a")])).unwrap();
+        a.release(first);
+        let (second, _) = a.allocate(&labels(&[("app", "b")])).unwrap();
+        assert_ne!(first, second);
+        // The same holds after a restart from a state without the released number.
+        let mut b = IdentityAllocator::load(a.state()).unwrap();
+        let (third, _) = b.allocate(&labels(&[("app", "c")])).unwrap();
+        assert!(third > second);
+    }
+
+    #[test]
+    fn wraps_around_only_to_free_numbers() {
+        let mut state = AllocatorState {
+            next: LAST_LABEL,
+            ..Default::default()
+        };
+        state.identities.insert(FIRST_LABEL, labels(&[("a", "")]));
+        state.identities.insert(LAST_LABEL, labels(&[("z", "")]));
+        let mut a = IdentityAllocator::load(state).unwrap();
+        let (id, _) = a.allocate(&labels(&[("n", "")])).unwrap();
+        assert_eq!(id, FIRST_LABEL + 1);
+    }
+
+    #[test]
+    fn bad_persisted_state_is_refused() {
+        let mut s = AllocatorState::default();
+        s.identities.insert(5, labels(&[("a", "")]));
+        assert!(matches!(
+            IdentityAllocator::load(s),
+            Err(IdentityError::OutOfRange(5))
+        ));
+        let mut s = AllocatorState::default();
+        s.identities.insert(300, labels(&[("a", "")]));
+        s.identities.insert(301, labels(&[("a", "")]));
+        assert!(matches!(
+            IdentityAllocator::load(s),
+            Err(IdentityError::DuplicateLabels {
+                first: 300,
+                second: 301
+            })
+        ));
+    }
+
+    #[test]
+    fn retain_releases_unused() {
+        let mut a = IdentityAllocator::new();
+        let (x, _) = a.allocate(&labels(&[("a", "")])).unwrap();
+        let (y, _) = a.allocate(&labels(&[("b", "")])).unwrap();
+        assert_eq!(a.retain(|id| id == y), vec![x]);
+        assert_eq!(a.len(), 1);
+    }
+
+    #[test]
+    fn display_names() {
+        assert_eq!(display_name(1, None), "host");
+        assert_eq!(display_name(2, None), "world");
+        let db = labels(&[
+            ("com.docker.compose.project", "shop"),
+            ("com.docker.compose.service", "db"),
+        ]);
+        assert_eq!(display_name(300, Some(&db)), "shop/db");
+        assert_eq!(
+            display_name(300, Some(&labels(&[("app", "web"), ("tier", "")]))),
+            "app=web,tier"
+        );
+        let long = labels(&[("a", &"x".repeat(100))]);
+        assert!(display_name(300, Some(&long)).ends_with('…'));
+        assert_eq!(display_name(999, None), "id:999");
+    }
+}

@@ -1,1 +1,340 @@
-//! See the crate documentation.
+//! Policy: a strict subset of CiliumNetworkPolicy and the compose-label shorthand, parsed into one
+//! model and compiled into `POLICY` map entries.
+//!
+//! # API
+//!
+//! - [`parse_str`]`(file, text) -> Result<Vec<Policy>, PolicyErrors>` and
+//!   [`parse_file`]`(path)`: every document of a YAML file; errors name file, line and field path
+//!   (`db.yaml:14: spec.ingress[0].toPorts[0].rules: L7 rules are not supported`). All errors of
+//!   a file are collected, not only the first. Anything outside the supported subset is an error,
+//!   never ignored (only `metadata` other than `name`, `status`, and `spec.labels` are ignored:
+//!   they cannot change who talks).
+//! - [`validate_files`]`(paths) -> Vec<PolicyError>`: `policy validate`, offline.
+//! - [`compose::from_labels`]`(container, labels) -> Result<Option<Policy>, ComposeError>`: the
+//!   `netpol.ingress` / `netpol.egress` shorthand of one compose container.
+//! - [`compile`]`(&[Policy], &Endpoints) -> Result<Compiled, CompileError>` (and
+//!   [`compile_with_previous`] to keep CIDR identity numbers from the previous compile): per local
+//!   identity the enforced directions, the `POLICY` entries, the CIDR identities for the ipcache and
+//!   the rule table for events. [`Compiled::needed`] / [`Compiled::check_fits`] size the result
+//!   against `MapSizes`.
+//!
+//! # Semantics (Cilium's default mode)
+//!
+//! A spec with a non-empty ingress (egress) section, allow or deny, makes the endpoints it selects
+//! default-deny in that direction, unless it says `enableDefaultDeny: {ingress: false}`; an
+//! explicit `true` enforces even without a section. Deny rules of a spec that opted out still
+//! apply: the direction is then enforced with an implicit allow-all entry (rule id 0) under them.
+//! See [`compile`] for the entry layout, deny folding and CIDR identities.
+
+pub mod compile;
+pub mod compose;
+mod parse;
+mod yaml;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+
+pub use compile::{
+    compile, compile_with_previous, CapacityError, CompileError, Compiled, Enforcement, Needed,
+    RuleInfo, IMPLICIT_ALLOW_RULE,
+};
+pub use compose::ComposeError;
+pub use parse::{parse_file, parse_str, validate_files};
+
+use crate::{datapath::Cidr, identity::Labels};
+
+/// Local endpoints by identity: each label identity in use and its (filtered) labels. Several
+/// containers share one entry when their labels are equal. Numbers below
+/// `netpol_common::identity::FIRST_LABEL` are ignored.
+pub type Endpoints = BTreeMap<u32, Labels>;
+
+/// One policy: a CiliumNetworkPolicy document, or the compose labels of one container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    pub source: Source,
+    pub specs: Vec<Spec>,
+}
+
+/// Where a policy came from, for errors and the rule table.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Source {
+    /// A file (as given to the parser).
+    File(String),
+    /// The `netpol.*` labels of a container.
+    Labels { container: String },
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(file) => f.write_str(file),
+            Source::Labels { container } => write!(f, "labels of {container}"),
+        }
+    }
+}
+
+/// One rule set (`spec`, or one item of `specs`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Spec {
+    pub description: Option<String>,
+    pub selector: Selector,
+    pub ingress: Vec<Rule>,
+    pub ingress_deny: Vec<Rule>,
+    pub egress: Vec<Rule>,
+    pub egress_deny: Vec<Rule>,
+    pub default_deny: DefaultDeny,
+}
+
+/// `enableDefaultDeny`; `None` = Cilium's default (on when the direction has a section).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DefaultDeny {
+    pub ingress: Option<bool>,
+    pub egress: Option<bool>,
+}
+
+impl Spec {
+    /// Whether the endpoints this spec selects are default-deny in `dir`.
+    pub fn default_deny(&self, dir: netpol_common::Direction) -> bool {
+        use netpol_common::Direction::*;
+        let (explicit, allow, deny) = match dir {
+            Ingress => (self.default_deny.ingress, &self.ingress, &self.ingress_deny),
+            Egress => (self.default_deny.egress, &self.egress, &self.egress_deny),
+        };
+        explicit.unwrap_or(!allow.is_empty() || !deny.is_empty())
+    }
+}
+
+/// One item of an ingress/egress (deny) section. The peers are OR'ed; a rule with no peer but
+/// with ports applies to every peer (Cilium's L4-only rule); an empty rule `{}` matches nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rule {
+    pub peers: Vec<Peer>,
+    pub l4: L4,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// `fromEndpoints` / `toEndpoints` item; an empty selector is every container.
+    Endpoints(Selector),
+    /// `fromEntities` / `toEntities` item.
+    Entity(Entity),
+    /// `fromCIDR`, `fromCIDRSet` (and `to…`) item.
+    Cidr(CidrRule),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Entity {
+    /// Anything that is not a container or the host, including every CIDR identity.
+    World,
+    /// The host's own addresses.
+    Host,
+    /// Everything (the wildcard identity).
+    All,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CidrRule {
+    pub cidr: Cidr,
+    /// Sub-prefixes of `cidr` that are not selected.
+    pub except: Vec<Cidr>,
+}
+
+/// What a rule allows or denies at L4.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum L4 {
+    /// No `toPorts` and no `icmps`: every protocol, every port, ICMP included.
+    #[default]
+    All,
+    /// Only these (never empty).
+    Only(Vec<PortRule>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PortRule {
+    /// Ports `first..=last` of `proto`; `0..=0` means every port.
+    Ports {
+        proto: Protocol,
+        first: u16,
+        last: u16,
+    },
+    /// One ICMP (`V4`) or ICMPv6 (`V6`) message type.
+    Icmp { family: IcmpFamily, icmp_type: u8 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+    /// TCP, UDP and SCTP (Cilium's `ANY`, the default when `protocol` is absent).
+    Any,
+}
+
+impl Protocol {
+    /// The IP protocol numbers this stands for.
+    pub fn numbers(self) -> &'static [u8] {
+        use netpol_common::proto::{SCTP, TCP, UDP};
+        match self {
+            Protocol::Tcp => &[TCP],
+            Protocol::Udp => &[UDP],
+            Protocol::Sctp => &[SCTP],
+            Protocol::Any => &[TCP, UDP, SCTP],
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum IcmpFamily {
+    V4,
+    V6,
+}
+
+/// A label selector: every `match_labels` pair and every requirement must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selector {
+    pub match_labels: BTreeMap<String, String>,
+    pub match_expressions: Vec<Requirement>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Requirement {
+    pub key: String,
+    pub operator: Operator,
+    pub values: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+impl Selector {
+    /// Selects every container.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    pub fn is_all(&self) -> bool {
+        self.match_labels.is_empty() && self.match_expressions.is_empty()
+    }
+
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| {
+                let value = labels.get(&r.key);
+                match r.operator {
+                    Operator::In => value.is_some_and(|v| r.values.contains(v)),
+                    Operator::NotIn => value.is_none_or(|v| !r.values.contains(v)),
+                    Operator::Exists => value.is_some(),
+                    Operator::DoesNotExist => value.is_none(),
+                }
+            })
+    }
+}
+
+/// One problem in a policy file, with where it is.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {}{kind}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
+pub struct PolicyError {
+    pub file: String,
+    /// 1-based; 0 when the error concerns the whole file (it could not be read).
+    pub line: usize,
+    /// Field path, e.g. `spec.ingress[0].toPorts[0].rules` (empty for the document itself).
+    pub path: String,
+    pub kind: ErrorKind,
+}
+
+/// Every problem found in one or more files.
+#[derive(Debug, thiserror::Error)]
+pub struct PolicyErrors(pub Vec<PolicyError>);
+
+impl std::fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ErrorKind {
+    #[error("cannot read: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("YAML syntax: {0}")]
+    Syntax(String),
+    #[error("{0}")]
+    Unsupported(&'static str),
+    #[error("unknown field")]
+    UnknownField,
+    #[error("not valid in an {direction} rule (did you mean {suggestion}?)")]
+    WrongDirection {
+        direction: &'static str,
+        suggestion: String,
+    },
+    #[error("duplicate key")]
+    DuplicateKey,
+    #[error("expected {0}")]
+    Expected(&'static str),
+    #[error("missing required field {0}")]
+    Missing(&'static str),
+    #[error("apiVersion must be cilium.io/v2, not {0:?}")]
+    ApiVersion(String),
+    #[error("kind must be CiliumNetworkPolicy, not {0:?}")]
+    Kind(String),
+    #[error("invalid policy name {0:?} (letters, digits, '-', '_', '.'; starting and ending with a letter or digit)")]
+    Name(String),
+    #[error("policy name {0:?} is used twice in this file")]
+    DuplicateName(String),
+    #[error("give either spec or specs, not both")]
+    SpecAndSpecs,
+    #[error("missing spec (or specs)")]
+    NoSpec,
+    #[error("entity {0:?} is not supported (supported: world, host, all)")]
+    Entity(String),
+    #[error("invalid CIDR {0:?}")]
+    Cidr(String),
+    #[error("except {except} is not inside {cidr}")]
+    ExceptOutside { except: String, cidr: String },
+    #[error("invalid port {0:?} (a number 0-65535; 0 means every port)")]
+    Port(String),
+    #[error("named port {0:?} is not supported (containers have no named ports); use a number")]
+    NamedPort(String),
+    #[error("endPort {end} is below port {port}")]
+    EndPortBelow { port: u16, end: u16 },
+    #[error("endPort needs a non-zero port")]
+    EndPortWithoutPort,
+    #[error("invalid protocol {0:?} (supported: TCP, UDP, SCTP, ANY)")]
+    Protocol(String),
+    #[error("invalid ICMP type {0:?} (a number 0-255 or a name such as EchoRequest)")]
+    IcmpType(String),
+    #[error("invalid ICMP family {0:?} (IPv4 or IPv6)")]
+    IcmpFamily(String),
+    #[error("icmps cannot be combined with toPorts in one rule; write two rules")]
+    IcmpsWithToPorts,
+    #[error("at least one item is required")]
+    Empty,
+    #[error("label source {0:?} is not supported: use the Docker label key, optionally prefixed any: or container:")]
+    LabelSource(String),
+    #[error("reserved labels select no container: use fromEntities/toEntities (world, host, all)")]
+    ReservedLabel,
+    #[error("empty label key")]
+    EmptyLabelKey,
+    #[error("invalid operator {0:?} (In, NotIn, Exists, DoesNotExist)")]
+    Operator(String),
+    #[error("operator {0} needs a non-empty values list")]
+    ValuesRequired(&'static str),
+    #[error("operator {0} takes no values")]
+    ValuesForbidden(&'static str),
+}

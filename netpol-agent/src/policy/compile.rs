@@ -1,0 +1,526 @@
+//! Policies + endpoints → `POLICY` entries, enforced directions, CIDR identities, rule table.
+//!
+//! # Entries
+//! For every local label identity selected by a spec and every rule of that spec, one entry per
+//! (remote identity, L4 key), keyed as `netpol_common::policy` lays out:
+//! - a rule without `toPorts`/`icmps`: prefix 72 (every protocol and port, ICMP included);
+//! - a port of 0 (or no port): prefix 80 for the protocol; a port range: the aligned blocks of
+//!   `port_range_blocks` (prefix 80 + n); a single port: prefix 96;
+//! - `protocol: ANY` (Cilium's default when absent) = TCP, UDP and SCTP (not ICMP);
+//! - ICMP / ICMPv6: protocol 1 / 58, the type in the port field, prefix 96.
+//!
+//! Remote identities: `fromEndpoints` items select label identities of [`Endpoints`]
+//! (`[{}]` = every container, never host, world or unmanaged); `world` = WORLD plus every CIDR
+//! identity; `host` = HOST; `all` = ANY (the wildcard); a rule with ports but no peer = ANY; an
+//! empty rule `{}` = nothing (it only makes the direction default-deny).
+//!
+//! When two rules give the same key, deny beats allow, then the lower rule id is kept.
+//!
+//! # Deny folding
+//! The kernel takes the longest match per (local, remote, direction) in two lookups (remote, then
+//! ANY) and a deny from either wins. Within one (local, remote, direction) a longer allow would
+//! hide a shorter deny, so every allow entry covered by a deny entry of the same (local, remote,
+//! direction) becomes a deny, **carrying the rule id of the most specific covering deny** (so a
+//! drop event names the deny rule that caused it). A deny under ANY against an allow under a
+//! specific remote needs no folding: the two lookups see both.
+//!
+//! # CIDR identities
+//! Every prefix of a CIDR rule or `except` in any policy (whether or not it selects a local
+//! endpoint) gets an identity from [`FIRST_CIDR`] upward, in prefix order, so one prefix set always
+//! gives the same numbers; [`compile_with_previous`] keeps the numbers of prefixes that were
+//! already allocated and gives new prefixes the lowest free number. The ipcache resolves an address
+//! to its most specific prefix only, so a CIDR selector selects every CIDR identity whose prefix
+//! lies within it and not within one of its `except` prefixes (as Cilium's CIDR labels do).
+//! `0.0.0.0/0` and `::/0` mean world: they get no identity of their own and select WORLD plus every
+//! CIDR identity (of both families, like the `world` entity) not within an `except`. CIDR rules do
+//! not select containers or the host: their own ipcache entries are more specific.
+//!
+//! # Enforcement
+//! A direction is enforced for a local identity when a selecting spec is default-deny there
+//! ([`Spec::default_deny`]). If only specs that opted out (`enableDefaultDeny: false`) select it
+//! and they carry deny rules, the direction is enforced too, with an implicit allow-all entry
+//! (remote ANY, prefix 72, rule [`IMPLICIT_ALLOW_RULE`]) under the denies, so the denies apply and
+//! everything else passes. Entries of a direction that is not enforced are dropped.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use netpol_common::{
+    identity::{ANY, FIRST_LABEL, HOST, WORLD},
+    policy::{
+        port_range_blocks, PolicyKey, PolicyValue, FULL_PREFIX, PREFIX_ANY_PORT, PREFIX_ANY_PROTO,
+    },
+    proto, Direction,
+};
+
+use super::{Endpoints, Entity, IcmpFamily, Peer, Policy, PortRule, Rule, Spec, L4};
+use crate::{
+    datapath::{Cidr, MapSizes, PolicyEntryKey},
+    identity::FIRST_CIDR,
+};
+
+/// Rule id of the implicit allow-all entry under deny rules of an opted-out direction (and of
+/// traffic that no rule decided, in events).
+pub const IMPLICIT_ALLOW_RULE: u32 = 0;
+
+/// Which directions of a local identity are checked against policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Enforcement {
+    pub ingress: bool,
+    pub egress: bool,
+}
+
+impl Enforcement {
+    fn set(&mut self, dir: Direction, on: bool) {
+        match dir {
+            Direction::Ingress => self.ingress = on,
+            Direction::Egress => self.egress = on,
+        }
+    }
+
+    pub fn get(&self, dir: Direction) -> bool {
+        match dir {
+            Direction::Ingress => self.ingress,
+            Direction::Egress => self.egress,
+        }
+    }
+}
+
+/// Where a rule id comes from, for events and `monitor`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleInfo {
+    pub policy: String,
+    /// `ingress[0]`, `egressDeny[1]`, or `specs[1].ingress[0]` for a policy with several specs.
+    pub section: String,
+    /// The file, or `labels of <container>`.
+    pub source: String,
+}
+
+impl std::fmt::Display for RuleInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} ({})", self.policy, self.section, self.source)
+    }
+}
+
+/// The compiler's output. Everything is ordered, so equal inputs give equal outputs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Compiled {
+    /// Every local label identity of the input, with its enforced directions.
+    pub enforcement: BTreeMap<u32, Enforcement>,
+    pub policy: BTreeMap<PolicyEntryKey, PolicyValue>,
+    /// Ipcache entries for CIDR rules.
+    pub cidr_identities: BTreeMap<Cidr, u32>,
+    /// Rule id (from 1) → origin.
+    pub rules: BTreeMap<u32, RuleInfo>,
+}
+
+/// Map entries a [`Compiled`] needs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Needed {
+    pub policy: usize,
+    pub ipcache4: usize,
+    pub ipcache6: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("map {map} would need {needed} entries but holds {max}: the change was not applied")]
+pub struct CapacityError {
+    pub map: &'static str,
+    pub needed: usize,
+    pub max: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("too many CIDR prefixes in policies ({0}) for the CIDR identity range")]
+    TooManyCidrs(usize),
+}
+
+impl Compiled {
+    /// Entries the result needs (ipcache: only the CIDR entries).
+    pub fn needed(&self) -> Needed {
+        let v4 = self
+            .cidr_identities
+            .keys()
+            .filter(|c| c.addr.is_ipv4())
+            .count();
+        Needed {
+            policy: self.policy.len(),
+            ipcache4: v4,
+            ipcache6: self.cidr_identities.len() - v4,
+        }
+    }
+
+    /// Whether the result fits `sizes`, with `other_ipcache4` / `other_ipcache6` entries the
+    /// caller adds (container, host and network addresses).
+    pub fn check_fits(
+        &self,
+        sizes: &MapSizes,
+        other_ipcache4: usize,
+        other_ipcache6: usize,
+    ) -> Result<(), CapacityError> {
+        let n = self.needed();
+        for (map, needed, max) in [
+            (netpol_common::maps::POLICY, n.policy, sizes.policy),
+            (
+                netpol_common::maps::IPCACHE4,
+                n.ipcache4 + other_ipcache4,
+                sizes.ipcache4,
+            ),
+            (
+                netpol_common::maps::IPCACHE6,
+                n.ipcache6 + other_ipcache6,
+                sizes.ipcache6,
+            ),
+        ] {
+            if needed > max as usize {
+                return Err(CapacityError { map, needed, max });
+            }
+        }
+        Ok(())
+    }
+
+    /// Enforced directions of `identity` (none if unknown).
+    pub fn enforcement_of(&self, identity: u32) -> Enforcement {
+        self.enforcement.get(&identity).copied().unwrap_or_default()
+    }
+
+    /// The prefix of a CIDR identity, for display.
+    pub fn cidr_of(&self, identity: u32) -> Option<Cidr> {
+        self.cidr_identities
+            .iter()
+            .find(|(_, &id)| id == identity)
+            .map(|(c, _)| *c)
+    }
+}
+
+/// Compiles with fresh CIDR identity numbers. See the module documentation.
+pub fn compile(policies: &[Policy], endpoints: &Endpoints) -> Result<Compiled, CompileError> {
+    compile_with_previous(policies, endpoints, &BTreeMap::new())
+}
+
+/// Compiles, keeping the CIDR identities of `previous` (the last result's `cidr_identities`) for
+/// prefixes that are still used.
+pub fn compile_with_previous(
+    policies: &[Policy],
+    endpoints: &Endpoints,
+    previous: &BTreeMap<Cidr, u32>,
+) -> Result<Compiled, CompileError> {
+    let mut order: Vec<&Policy> = policies.iter().collect();
+    order.sort_by(|a, b| (&a.name, &a.source).cmp(&(&b.name, &b.source)));
+
+    let cidr_identities = allocate_cidrs(&order, previous)?;
+    let labelled: Vec<(u32, &crate::identity::Labels)> = endpoints
+        .iter()
+        .filter(|(&id, _)| (FIRST_LABEL..FIRST_CIDR).contains(&id))
+        .map(|(&id, l)| (id, l))
+        .collect();
+
+    let mut c = Compiled {
+        enforcement: labelled
+            .iter()
+            .map(|&(id, _)| (id, Enforcement::default()))
+            .collect(),
+        cidr_identities,
+        ..Compiled::default()
+    };
+    // (local, direction) → (default deny, has a deny entry)
+    let mut state: BTreeMap<(u32, Direction), (bool, bool)> = BTreeMap::new();
+    let mut next_rule = 1u32;
+    for policy in order {
+        let several = policy.specs.len() > 1;
+        for (si, spec) in policy.specs.iter().enumerate() {
+            let prefix = if several {
+                format!("specs[{si}].")
+            } else {
+                String::new()
+            };
+            let locals: Vec<u32> = labelled
+                .iter()
+                .filter(|(_, l)| spec.selector.matches(l))
+                .map(|&(id, _)| id)
+                .collect();
+            for dir in [Direction::Ingress, Direction::Egress] {
+                if spec.default_deny(dir) {
+                    for &l in &locals {
+                        state.entry((l, dir)).or_default().0 = true;
+                    }
+                }
+                for (name, rules, deny) in sections(spec, dir) {
+                    for (ri, rule) in rules.iter().enumerate() {
+                        let id = next_rule;
+                        next_rule += 1;
+                        c.rules.insert(
+                            id,
+                            RuleInfo {
+                                policy: policy.name.clone(),
+                                section: format!("{prefix}{name}[{ri}]"),
+                                source: policy.source.to_string(),
+                            },
+                        );
+                        if locals.is_empty() {
+                            continue;
+                        }
+                        let remotes = remotes(rule, &labelled, &c.cidr_identities);
+                        if remotes.is_empty() {
+                            continue;
+                        }
+                        let value = if deny {
+                            PolicyValue::deny(id)
+                        } else {
+                            PolicyValue::allow(id)
+                        };
+                        let l4 = l4_keys(&rule.l4);
+                        for &l in &locals {
+                            if deny {
+                                state.entry((l, dir)).or_default().1 = true;
+                            }
+                            for &r in &remotes {
+                                for &(p, port, len) in &l4 {
+                                    merge(&mut c.policy, entry_key(l, r, dir, p, port, len), value);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    for ((l, dir), (default_deny, has_deny)) in state {
+        if default_deny || has_deny {
+            if let Some(e) = c.enforcement.get_mut(&l) {
+                e.set(dir, true);
+            }
+        }
+        if !default_deny && has_deny {
+            c.policy
+                .entry(entry_key(l, ANY, dir, 0, 0, PREFIX_ANY_PROTO))
+                .or_insert(PolicyValue::allow(IMPLICIT_ALLOW_RULE));
+        }
+    }
+    let enforcement = c.enforcement.clone();
+    c.policy.retain(|k, _| {
+        let dir = Direction::from_u8(k.key.direction).unwrap_or(Direction::Ingress);
+        enforcement.get(&k.key.local).is_some_and(|e| e.get(dir))
+    });
+    fold_denies(&mut c.policy);
+    Ok(c)
+}
+
+fn sections(spec: &Spec, dir: Direction) -> [(&'static str, &[Rule], bool); 2] {
+    match dir {
+        Direction::Ingress => [
+            ("ingress", &spec.ingress, false),
+            ("ingressDeny", &spec.ingress_deny, true),
+        ],
+        Direction::Egress => [
+            ("egress", &spec.egress, false),
+            ("egressDeny", &spec.egress_deny, true),
+        ],
+    }
+}
+
+fn entry_key(
+    local: u32,
+    remote: u32,
+    dir: Direction,
+    p: u8,
+    port: u16,
+    len: u32,
+) -> PolicyEntryKey {
+    PolicyEntryKey {
+        key: PolicyKey::new(local, remote, dir, p, port),
+        prefix_len: len,
+    }
+}
+
+/// Deny beats allow; with equal actions the lower rule id stays.
+fn merge(map: &mut BTreeMap<PolicyEntryKey, PolicyValue>, key: PolicyEntryKey, v: PolicyValue) {
+    match map.get_mut(&key) {
+        None => {
+            map.insert(key, v);
+        }
+        Some(old) => {
+            let replace = (v.is_deny() && !old.is_deny())
+                || (v.is_deny() == old.is_deny() && v.rule < old.rule);
+            if replace {
+                *old = v;
+            }
+        }
+    }
+}
+
+fn is_world(c: &Cidr) -> bool {
+    c.prefix_len == 0
+}
+
+/// `inner` lies within `outer`.
+fn within(inner: &Cidr, outer: &Cidr) -> bool {
+    inner.addr.is_ipv4() == outer.addr.is_ipv4()
+        && inner.prefix_len >= outer.prefix_len
+        && outer.contains(inner.addr)
+}
+
+fn allocate_cidrs(
+    policies: &[&Policy],
+    previous: &BTreeMap<Cidr, u32>,
+) -> Result<BTreeMap<Cidr, u32>, CompileError> {
+    let mut prefixes = BTreeSet::new();
+    for p in policies {
+        for s in &p.specs {
+            let all = [&s.ingress, &s.ingress_deny, &s.egress, &s.egress_deny];
+            for rule in all.into_iter().flatten() {
+                for peer in &rule.peers {
+                    if let Peer::Cidr(c) = peer {
+                        prefixes.insert(c.cidr);
+                        prefixes.extend(c.except.iter().copied());
+                    }
+                }
+            }
+        }
+    }
+    prefixes.retain(|c| !is_world(c));
+    let mut out = BTreeMap::new();
+    let mut used = BTreeSet::new();
+    for p in &prefixes {
+        if let Some(&id) = previous.get(p) {
+            if id >= FIRST_CIDR && used.insert(id) {
+                out.insert(*p, id);
+            }
+        }
+    }
+    let mut next = FIRST_CIDR;
+    for p in &prefixes {
+        if out.contains_key(p) {
+            continue;
+        }
+        while used.contains(&next) {
+            next = next
+                .checked_add(1)
+                .ok_or(CompileError::TooManyCidrs(prefixes.len()))?;
+        }
+        used.insert(next);
+        out.insert(*p, next);
+    }
+    Ok(out)
+}
+
+/// The remote identities a rule's peers select.
+fn remotes(
+    rule: &Rule,
+    labelled: &[(u32, &crate::identity::Labels)],
+    cidrs: &BTreeMap<Cidr, u32>,
+) -> BTreeSet<u32> {
+    let mut out = BTreeSet::new();
+    if rule.peers.is_empty() {
+        // Cilium: an L4-only rule applies to every peer; an empty rule selects nothing.
+        if rule.l4 != L4::All {
+            out.insert(ANY);
+        }
+        return out;
+    }
+    for peer in &rule.peers {
+        match peer {
+            Peer::Endpoints(sel) => out.extend(
+                labelled
+                    .iter()
+                    .filter(|(_, l)| sel.matches(l))
+                    .map(|&(id, _)| id),
+            ),
+            Peer::Entity(Entity::All) => {
+                out.insert(ANY);
+            }
+            Peer::Entity(Entity::Host) => {
+                out.insert(HOST);
+            }
+            Peer::Entity(Entity::World) => {
+                out.insert(WORLD);
+                out.extend(cidrs.values().copied());
+            }
+            Peer::Cidr(c) => {
+                let world = is_world(&c.cidr);
+                if world {
+                    out.insert(WORLD);
+                }
+                out.extend(
+                    cidrs
+                        .iter()
+                        .filter(|(p, _)| world || within(p, &c.cidr))
+                        .filter(|(p, _)| !c.except.iter().any(|e| within(p, e)))
+                        .map(|(_, &id)| id),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// (protocol, port, prefix length) of each key a rule's L4 part needs.
+fn l4_keys(l4: &L4) -> Vec<(u8, u16, u32)> {
+    let items = match l4 {
+        L4::All => return vec![(0, 0, PREFIX_ANY_PROTO)],
+        L4::Only(items) => items,
+    };
+    let mut out = BTreeSet::new();
+    for item in items {
+        match *item {
+            PortRule::Ports { proto, first, last } => {
+                for &p in proto.numbers() {
+                    if first == 0 {
+                        out.insert((p, 0, PREFIX_ANY_PORT));
+                    } else {
+                        for b in port_range_blocks(first, last) {
+                            out.insert((p, b.port, b.prefix_len()));
+                        }
+                    }
+                }
+            }
+            PortRule::Icmp { family, icmp_type } => {
+                let p = match family {
+                    IcmpFamily::V4 => proto::ICMP,
+                    IcmpFamily::V6 => proto::ICMPV6,
+                };
+                out.insert((p, u16::from(icmp_type), FULL_PREFIX));
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// The protocol+port part of a key below the 72 fixed bits, as a 24-bit number and its length.
+fn tail(k: &PolicyEntryKey) -> (u32, u32) {
+    (
+        (u32::from(k.key.proto) << 16) | u32::from(k.key.dport()),
+        k.prefix_len.saturating_sub(PREFIX_ANY_PROTO).min(24),
+    )
+}
+
+/// Turns every allow covered by a deny of the same (local, remote, direction) into that deny.
+fn fold_denies(map: &mut BTreeMap<PolicyEntryKey, PolicyValue>) {
+    let mut denies: BTreeMap<(u32, u32, u8), Vec<(u32, u32, u32)>> = BTreeMap::new();
+    for (k, v) in map.iter() {
+        if v.is_deny() {
+            let (t, len) = tail(k);
+            denies
+                .entry((k.key.local, k.key.remote, k.key.direction))
+                .or_default()
+                .push((t, len, v.rule));
+        }
+    }
+    for (k, v) in map.iter_mut() {
+        if v.is_deny() {
+            continue;
+        }
+        let Some(ds) = denies.get(&(k.key.local, k.key.remote, k.key.direction)) else {
+            continue;
+        };
+        let (t, len) = tail(k);
+        let covering = ds
+            .iter()
+            .filter(|&&(dt, dlen, _)| dlen <= len && ((dt ^ t) >> (24 - dlen)) == 0)
+            .max_by_key(|&&(_, dlen, _)| dlen);
+        if let Some(&(_, _, rule)) = covering {
+            *v = PolicyValue::deny(rule);
+        }
+    }
+}

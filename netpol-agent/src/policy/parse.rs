@@ -1,0 +1,874 @@
+//! CiliumNetworkPolicy (strict subset) from YAML, with file:line:path errors.
+
+use std::{collections::BTreeMap, path::Path};
+
+use super::{
+    yaml::{self, Node, Value},
+    CidrRule, DefaultDeny, Entity, ErrorKind, IcmpFamily, Operator, Peer, Policy, PolicyError,
+    PolicyErrors, PortRule, Protocol, Requirement, Rule, Selector, Source, Spec, L4,
+};
+use crate::datapath::Cidr;
+
+/// Reads and parses every document of `path`. The file name in errors is `path` as given.
+pub fn parse_file(path: &Path) -> Result<Vec<Policy>, PolicyErrors> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_str(&file, &text),
+        Err(e) => Err(PolicyErrors(vec![PolicyError {
+            file,
+            line: 0,
+            path: String::new(),
+            kind: ErrorKind::Read(e),
+        }])),
+    }
+}
+
+/// Parses every document of `text`; `file` names it in errors and in [`Source::File`].
+pub fn parse_str(file: &str, text: &str) -> Result<Vec<Policy>, PolicyErrors> {
+    let mut ctx = Ctx {
+        file,
+        errors: Vec::new(),
+    };
+    let docs = match yaml::parse_documents(text) {
+        Ok(docs) => docs,
+        Err(e) => {
+            ctx.err(e.line, "", ErrorKind::Syntax(e.message));
+            return Err(PolicyErrors(ctx.errors));
+        }
+    };
+    let mut policies: Vec<Policy> = Vec::new();
+    for doc in &docs {
+        if let Some(p) = ctx.document(doc) {
+            if policies.iter().any(|q| q.name == p.name) {
+                ctx.err(doc.line, "metadata.name", ErrorKind::DuplicateName(p.name));
+            } else {
+                policies.push(p);
+            }
+        }
+    }
+    if ctx.errors.is_empty() {
+        Ok(policies)
+    } else {
+        Err(PolicyErrors(ctx.errors))
+    }
+}
+
+/// `policy validate`: parses every file and returns every error (empty: all valid).
+pub fn validate_files<P: AsRef<Path>>(paths: &[P]) -> Vec<PolicyError> {
+    paths
+        .iter()
+        .filter_map(|p| parse_file(p.as_ref()).err())
+        .flat_map(|e| e.0)
+        .collect()
+}
+
+/// Fields that Cilium knows and netpol does not support, with why.
+fn unsupported(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "rules" => "L7 rules are not supported",
+        "toFQDNs" => "DNS-based rules (toFQDNs) are not supported",
+        "toServices" => "toServices is not supported (there are no Kubernetes services)",
+        "toRequires" | "fromRequires" => "requirements (fromRequires/toRequires) are not supported",
+        "authentication" => "authentication is not supported",
+        "serverNames" => "TLS server names (SNI) are not supported",
+        "originatingTLS" | "terminatingTLS" => "TLS interception is not supported",
+        "listener" => "Envoy listeners are not supported",
+        "nodeSelector" => "node selectors (host policies) are not supported",
+        "fromNodes" | "toNodes" => "node peers are not supported",
+        "fromGroups" | "toGroups" => "groups (cloud provider) are not supported",
+        "cidrGroupRef" | "cidrGroupSelector" => "CIDR groups are not supported",
+        "log" => "per-rule logging is not supported",
+        _ => return None,
+    })
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    errors: Vec<PolicyError>,
+}
+
+/// One key of a mapping.
+struct Field<'n> {
+    key: &'n str,
+    line: usize,
+    value: &'n Node,
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Ingress,
+    Egress,
+}
+
+impl<'a> Ctx<'a> {
+    fn err(&mut self, line: usize, path: &str, kind: ErrorKind) {
+        self.errors.push(PolicyError {
+            file: self.file.to_owned(),
+            line,
+            path: path.to_owned(),
+            kind,
+        });
+    }
+
+    fn unknown(&mut self, f: &Field<'_>, path: &str) {
+        let kind = match unsupported(f.key) {
+            Some(why) => ErrorKind::Unsupported(why),
+            None => ErrorKind::UnknownField,
+        };
+        self.err(f.line, &join(path, f.key), kind);
+    }
+
+    /// The keys of a mapping, checking that they are plain strings and not repeated.
+    fn map<'n>(&mut self, node: &'n Node, path: &str) -> Option<Vec<Field<'n>>> {
+        let Value::Map(entries) = &node.value else {
+            self.err(node.line, path, ErrorKind::Expected("a mapping"));
+            return None;
+        };
+        let mut out: Vec<Field<'n>> = Vec::with_capacity(entries.len());
+        let mut ok = true;
+        for (k, v) in entries {
+            let Value::Scalar { text, .. } = &k.value else {
+                self.err(k.line, path, ErrorKind::Expected("string keys"));
+                ok = false;
+                continue;
+            };
+            if out.iter().any(|f| f.key == text) {
+                self.err(k.line, &join(path, text), ErrorKind::DuplicateKey);
+                ok = false;
+                continue;
+            }
+            out.push(Field {
+                key: text,
+                line: k.line,
+                value: v,
+            });
+        }
+        ok.then_some(out)
+    }
+
+    /// A sequence; a null value is an empty one.
+    fn seq<'n>(&mut self, node: &'n Node, path: &str) -> Option<&'n [Node]> {
+        match &node.value {
+            Value::Seq(items) => Some(items),
+            _ if node.is_null() => Some(&[]),
+            _ => {
+                self.err(node.line, path, ErrorKind::Expected("a list"));
+                None
+            }
+        }
+    }
+
+    /// A scalar as a string; a null is the empty string.
+    fn string(&mut self, node: &Node, path: &str) -> Option<String> {
+        if node.is_null() {
+            return Some(String::new());
+        }
+        match &node.value {
+            Value::Scalar { text, .. } => Some(text.clone()),
+            _ => {
+                self.err(node.line, path, ErrorKind::Expected("a string"));
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, node: &Node, path: &str) -> Option<bool> {
+        match &node.value {
+            Value::Scalar { text, plain: true } => match text.as_str() {
+                "true" | "True" | "TRUE" => Some(true),
+                "false" | "False" | "FALSE" => Some(false),
+                _ => {
+                    self.err(node.line, path, ErrorKind::Expected("true or false"));
+                    None
+                }
+            },
+            _ => {
+                self.err(node.line, path, ErrorKind::Expected("true or false"));
+                None
+            }
+        }
+    }
+
+    fn document(&mut self, doc: &Node) -> Option<Policy> {
+        let fields = self.map(doc, "")?;
+        let before = self.errors.len();
+        let (mut api, mut kind, mut name) = (None, None, None);
+        let (mut spec, mut specs) = (None, None);
+        for f in &fields {
+            match f.key {
+                "apiVersion" => api = self.string(f.value, "apiVersion").map(|s| (s, f.line)),
+                "kind" => kind = self.string(f.value, "kind").map(|s| (s, f.line)),
+                "metadata" => name = self.metadata(f.value),
+                "spec" => spec = Some(f),
+                "specs" => specs = Some(f),
+                // Written by the cluster, never policy.
+                "status" => {}
+                _ => self.unknown(f, ""),
+            }
+        }
+        match api {
+            Some((a, _)) if a == "cilium.io/v2" => {}
+            Some((a, line)) => self.err(line, "apiVersion", ErrorKind::ApiVersion(a)),
+            None => self.err(doc.line, "", ErrorKind::Missing("apiVersion")),
+        }
+        match kind {
+            Some((k, _)) if k == "CiliumNetworkPolicy" => {}
+            Some((k, line)) => self.err(line, "kind", ErrorKind::Kind(k)),
+            None => self.err(doc.line, "", ErrorKind::Missing("kind")),
+        }
+        if !fields.iter().any(|f| f.key == "metadata") {
+            self.err(doc.line, "", ErrorKind::Missing("metadata.name"));
+        }
+        let mut out = Vec::new();
+        match (spec, specs) {
+            (Some(a), Some(_)) => self.err(a.line, "", ErrorKind::SpecAndSpecs),
+            (None, None) => self.err(doc.line, "", ErrorKind::NoSpec),
+            (Some(f), None) => out.extend(self.spec(f.value, "spec")),
+            (None, Some(f)) => {
+                if let Some(items) = self.seq(f.value, "specs") {
+                    if items.is_empty() {
+                        self.err(f.line, "specs", ErrorKind::Empty);
+                    }
+                    for (i, item) in items.iter().enumerate() {
+                        out.extend(self.spec(item, &format!("specs[{i}]")));
+                    }
+                }
+            }
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(Policy {
+            name: name?,
+            source: Source::File(self.file.to_owned()),
+            specs: out,
+        })
+    }
+
+    /// `metadata`: `name` is required; everything else is Kubernetes bookkeeping, ignored.
+    fn metadata(&mut self, node: &Node) -> Option<String> {
+        let fields = self.map(node, "metadata")?;
+        let Some(f) = fields.iter().find(|f| f.key == "name") else {
+            self.err(node.line, "metadata", ErrorKind::Missing("name"));
+            return None;
+        };
+        let name = self.string(f.value, "metadata.name")?;
+        if !valid_name(&name) {
+            self.err(f.line, "metadata.name", ErrorKind::Name(name));
+            return None;
+        }
+        Some(name)
+    }
+
+    fn spec(&mut self, node: &Node, path: &str) -> Option<Spec> {
+        let fields = self.map(node, path)?;
+        let before = self.errors.len();
+        let mut spec = Spec::default();
+        let mut selector = None;
+        for f in &fields {
+            let p = join(path, f.key);
+            match f.key {
+                "endpointSelector" => selector = self.selector(f.value, &p),
+                "ingress" => spec.ingress = self.rules(f.value, &p, Dir::Ingress),
+                "ingressDeny" => spec.ingress_deny = self.rules(f.value, &p, Dir::Ingress),
+                "egress" => spec.egress = self.rules(f.value, &p, Dir::Egress),
+                "egressDeny" => spec.egress_deny = self.rules(f.value, &p, Dir::Egress),
+                "enableDefaultDeny" => spec.default_deny = self.default_deny(f.value, &p),
+                "description" => spec.description = self.string(f.value, &p),
+                // Cilium's rule labels only name the rule.
+                "labels" => {}
+                _ => self.unknown(f, path),
+            }
+        }
+        if !fields.iter().any(|f| f.key == "endpointSelector") {
+            self.err(node.line, path, ErrorKind::Missing("endpointSelector"));
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        spec.selector = selector?;
+        Some(spec)
+    }
+
+    fn default_deny(&mut self, node: &Node, path: &str) -> DefaultDeny {
+        let mut d = DefaultDeny::default();
+        let Some(fields) = self.map(node, path) else {
+            return d;
+        };
+        for f in &fields {
+            let p = join(path, f.key);
+            match f.key {
+                "ingress" => d.ingress = self.boolean(f.value, &p),
+                "egress" => d.egress = self.boolean(f.value, &p),
+                _ => self.unknown(f, path),
+            }
+        }
+        d
+    }
+
+    fn rules(&mut self, node: &Node, path: &str, dir: Dir) -> Vec<Rule> {
+        let Some(items) = self.seq(node, path) else {
+            return Vec::new();
+        };
+        items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, item)| self.rule(item, &format!("{path}[{i}]"), dir))
+            .collect()
+    }
+
+    fn rule(&mut self, node: &Node, path: &str, dir: Dir) -> Option<Rule> {
+        let fields = self.map(node, path)?;
+        let before = self.errors.len();
+        let mut rule = Rule::default();
+        let mut ports: Vec<PortRule> = Vec::new();
+        let (mut to_ports_line, mut icmps_line) = (None, None);
+        let (this, other) = match dir {
+            Dir::Ingress => ("from", "to"),
+            Dir::Egress => ("to", "from"),
+        };
+        for f in &fields {
+            let p = join(path, f.key);
+            let peer_kind = f.key.strip_prefix(this);
+            match (f.key, peer_kind) {
+                (_, Some("Endpoints")) => {
+                    for (i, item) in self.items(f.value, &p) {
+                        let sel = self.selector(item, &format!("{p}[{i}]"));
+                        rule.peers.extend(sel.map(Peer::Endpoints));
+                    }
+                }
+                (_, Some("Entities")) => {
+                    for (i, item) in self.items(f.value, &p) {
+                        let e = self.entity(item, &format!("{p}[{i}]"));
+                        rule.peers.extend(e.map(Peer::Entity));
+                    }
+                }
+                (_, Some("CIDR")) => {
+                    for (i, item) in self.items(f.value, &p) {
+                        let c = self.cidr(item, &format!("{p}[{i}]"));
+                        rule.peers.extend(c.map(|cidr| {
+                            Peer::Cidr(CidrRule {
+                                cidr,
+                                except: Vec::new(),
+                            })
+                        }));
+                    }
+                }
+                (_, Some("CIDRSet")) => {
+                    for (i, item) in self.items(f.value, &p) {
+                        let c = self.cidr_set(item, &format!("{p}[{i}]"));
+                        rule.peers.extend(c.map(Peer::Cidr));
+                    }
+                }
+                ("toPorts", _) => {
+                    to_ports_line = Some(f.line);
+                    for (i, item) in self.items(f.value, &p) {
+                        ports.extend(self.port_rule(item, &format!("{p}[{i}]")));
+                    }
+                }
+                ("icmps", _) => {
+                    icmps_line = Some(f.line);
+                    for (i, item) in self.items(f.value, &p) {
+                        ports.extend(self.icmp_rule(item, &format!("{p}[{i}]")));
+                    }
+                }
+                _ => {
+                    let mirrored = f.key.strip_prefix(other).filter(|rest| {
+                        matches!(*rest, "Endpoints" | "Entities" | "CIDR" | "CIDRSet")
+                    });
+                    match mirrored {
+                        Some(rest) if unsupported(f.key).is_none() => self.err(
+                            f.line,
+                            &p,
+                            ErrorKind::WrongDirection {
+                                direction: if dir == Dir::Ingress {
+                                    "ingress"
+                                } else {
+                                    "egress"
+                                },
+                                suggestion: format!("{this}{rest}"),
+                            },
+                        ),
+                        _ => self.unknown(f, path),
+                    }
+                }
+            }
+        }
+        if let (Some(_), Some(line)) = (to_ports_line, icmps_line) {
+            self.err(line, &join(path, "icmps"), ErrorKind::IcmpsWithToPorts);
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        if !ports.is_empty() {
+            rule.l4 = L4::Only(ports);
+        }
+        Some(rule)
+    }
+
+    /// The items of a list field with their index (nothing if it is not a list).
+    fn items<'n>(&mut self, node: &'n Node, path: &str) -> Vec<(usize, &'n Node)> {
+        self.seq(node, path)
+            .map(|s| s.iter().enumerate().collect())
+            .unwrap_or_default()
+    }
+
+    fn entity(&mut self, node: &Node, path: &str) -> Option<Entity> {
+        let s = self.string(node, path)?;
+        match s.as_str() {
+            "world" => Some(Entity::World),
+            "host" => Some(Entity::Host),
+            "all" => Some(Entity::All),
+            _ => {
+                self.err(node.line, path, ErrorKind::Entity(s));
+                None
+            }
+        }
+    }
+
+    fn cidr(&mut self, node: &Node, path: &str) -> Option<Cidr> {
+        let s = self.string(node, path)?;
+        match s.trim().parse::<Cidr>() {
+            Ok(c) if !s.trim().is_empty() => Some(c),
+            _ => {
+                self.err(node.line, path, ErrorKind::Cidr(s));
+                None
+            }
+        }
+    }
+
+    fn cidr_set(&mut self, node: &Node, path: &str) -> Option<CidrRule> {
+        let fields = self.map(node, path)?;
+        let before = self.errors.len();
+        let mut cidr = None;
+        let mut except = Vec::new();
+        for f in &fields {
+            let p = join(path, f.key);
+            match f.key {
+                "cidr" => cidr = self.cidr(f.value, &p),
+                "except" => {
+                    for (i, item) in self.items(f.value, &p) {
+                        let ip = format!("{p}[{i}]");
+                        except.extend(self.cidr(item, &ip).map(|c| (c, item.line, ip)));
+                    }
+                }
+                _ => self.unknown(f, path),
+            }
+        }
+        if !fields.iter().any(|f| f.key == "cidr") {
+            self.err(node.line, path, ErrorKind::Missing("cidr"));
+        }
+        let cidr = cidr?;
+        for (e, line, p) in &except {
+            let inside = e.addr.is_ipv4() == cidr.addr.is_ipv4()
+                && e.prefix_len >= cidr.prefix_len
+                && cidr.contains(e.addr);
+            if !inside {
+                self.err(
+                    *line,
+                    p,
+                    ErrorKind::ExceptOutside {
+                        except: e.to_string(),
+                        cidr: cidr.to_string(),
+                    },
+                );
+            }
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(CidrRule {
+            cidr,
+            except: except.into_iter().map(|(c, _, _)| c).collect(),
+        })
+    }
+
+    fn port_rule(&mut self, node: &Node, path: &str) -> Vec<PortRule> {
+        let mut out = Vec::new();
+        let Some(fields) = self.map(node, path) else {
+            return out;
+        };
+        let mut seen_ports = false;
+        for f in &fields {
+            let p = join(path, f.key);
+            match f.key {
+                "ports" => {
+                    seen_ports = true;
+                    let items = self.items(f.value, &p);
+                    if items.is_empty() {
+                        self.err(f.line, &p, ErrorKind::Empty);
+                    }
+                    for (i, item) in items {
+                        out.extend(self.port(item, &format!("{p}[{i}]")));
+                    }
+                }
+                _ => self.unknown(f, path),
+            }
+        }
+        if !seen_ports {
+            self.err(node.line, path, ErrorKind::Missing("ports"));
+        }
+        out
+    }
+
+    fn port(&mut self, node: &Node, path: &str) -> Option<PortRule> {
+        let fields = self.map(node, path)?;
+        let before = self.errors.len();
+        let (mut port, mut end, mut proto) = (0u16, None, Protocol::Any);
+        let mut end_line = node.line;
+        for f in &fields {
+            let p = join(path, f.key);
+            match f.key {
+                "port" => port = self.port_number(f.value, &p).unwrap_or(0),
+                "endPort" => {
+                    end = self.port_number(f.value, &p);
+                    end_line = f.line;
+                }
+                "protocol" => {
+                    let s = self.string(f.value, &p).unwrap_or_default();
+                    proto = match s.as_str() {
+                        "TCP" => Protocol::Tcp,
+                        "UDP" => Protocol::Udp,
+                        "SCTP" => Protocol::Sctp,
+                        "ANY" => Protocol::Any,
+                        _ => {
+                            self.err(f.value.line, &p, ErrorKind::Protocol(s));
+                            Protocol::Any
+                        }
+                    };
+                }
+                _ => self.unknown(f, path),
+            }
+        }
+        let last = match end {
+            // Cilium ignores an endPort of 0.
+            None | Some(0) => port,
+            Some(_) if port == 0 => {
+                self.err(
+                    end_line,
+                    &join(path, "endPort"),
+                    ErrorKind::EndPortWithoutPort,
+                );
+                port
+            }
+            Some(e) if e < port => {
+                self.err(
+                    end_line,
+                    &join(path, "endPort"),
+                    ErrorKind::EndPortBelow { port, end: e },
+                );
+                port
+            }
+            Some(e) => e,
+        };
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(PortRule::Ports {
+            proto,
+            first: port,
+            last,
+        })
+    }
+
+    fn port_number(&mut self, node: &Node, path: &str) -> Option<u16> {
+        let Value::Scalar { text, .. } = &node.value else {
+            self.err(node.line, path, ErrorKind::Port(String::new()));
+            return None;
+        };
+        let t = text.trim();
+        if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(n) = t.parse::<u16>() {
+                return Some(n);
+            }
+        } else if !t.is_empty() && t.bytes().any(|b| b.is_ascii_alphabetic()) {
+            self.err(node.line, path, ErrorKind::NamedPort(text.clone()));
+            return None;
+        }
+        self.err(node.line, path, ErrorKind::Port(text.clone()));
+        None
+    }
+
+    fn icmp_rule(&mut self, node: &Node, path: &str) -> Vec<PortRule> {
+        let mut out = Vec::new();
+        let Some(fields) = self.map(node, path) else {
+            return out;
+        };
+        let mut seen = false;
+        for f in &fields {
+            let p = join(path, f.key);
+            match f.key {
+                "fields" => {
+                    seen = true;
+                    let items = self.items(f.value, &p);
+                    if items.is_empty() {
+                        self.err(f.line, &p, ErrorKind::Empty);
+                    }
+                    for (i, item) in items {
+                        out.extend(self.icmp_field(item, &format!("{p}[{i}]")));
+                    }
+                }
+                _ => self.unknown(f, path),
+            }
+        }
+        if !seen {
+            self.err(node.line, path, ErrorKind::Missing("fields"));
+        }
+        out
+    }
+
+    fn icmp_field(&mut self, node: &Node, path: &str) -> Option<PortRule> {
+        let fields = self.map(node, path)?;
+        let before = self.errors.len();
+        let mut family = IcmpFamily::V4;
+        let mut ty: Option<(String, usize, String)> = None;
+        for f in &fields {
+            let p = join(path, f.key);
+            match f.key {
+                "family" => {
+                    let s = self.string(f.value, &p).unwrap_or_default();
+                    match s.as_str() {
+                        "IPv4" => family = IcmpFamily::V4,
+                        "IPv6" => family = IcmpFamily::V6,
+                        _ => self.err(f.value.line, &p, ErrorKind::IcmpFamily(s)),
+                    }
+                }
+                "type" => ty = self.string(f.value, &p).map(|s| (s, f.value.line, p)),
+                _ => self.unknown(f, path),
+            }
+        }
+        let Some((t, line, p)) = ty else {
+            self.err(node.line, path, ErrorKind::Missing("type"));
+            return None;
+        };
+        let icmp_type = match t.trim().parse::<u8>() {
+            Ok(n) => Some(n),
+            Err(_) => icmp_type_by_name(family, t.trim()),
+        };
+        let Some(icmp_type) = icmp_type else {
+            self.err(line, &p, ErrorKind::IcmpType(t));
+            return None;
+        };
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(PortRule::Icmp { family, icmp_type })
+    }
+
+    fn selector(&mut self, node: &Node, path: &str) -> Option<Selector> {
+        if node.is_null() {
+            return Some(Selector::all());
+        }
+        let fields = self.map(node, path)?;
+        let before = self.errors.len();
+        let mut sel = Selector::default();
+        for f in &fields {
+            let p = join(path, f.key);
+            match f.key {
+                "matchLabels" => {
+                    if f.value.is_null() {
+                        continue;
+                    }
+                    let Some(labels) = self.map(f.value, &p) else {
+                        continue;
+                    };
+                    for l in &labels {
+                        let lp = join(&p, l.key);
+                        let key = self.label_key(l.key, l.line, &lp);
+                        let value = self.string(l.value, &lp);
+                        if let (Some(k), Some(v)) = (key, value) {
+                            sel.match_labels.insert(k, v);
+                        }
+                    }
+                }
+                "matchExpressions" => {
+                    for (i, item) in self.items(f.value, &p) {
+                        let r = self.requirement(item, &format!("{p}[{i}]"));
+                        sel.match_expressions.extend(r);
+                    }
+                }
+                _ => self.unknown(f, path),
+            }
+        }
+        (self.errors.len() == before).then_some(sel)
+    }
+
+    fn requirement(&mut self, node: &Node, path: &str) -> Option<Requirement> {
+        let fields = self.map(node, path)?;
+        let before = self.errors.len();
+        let (mut key, mut op, mut values) = (None, None, None);
+        for f in &fields {
+            let p = join(path, f.key);
+            match f.key {
+                "key" => {
+                    key = self
+                        .string(f.value, &p)
+                        .and_then(|k| self.label_key(&k, f.value.line, &p))
+                }
+                "operator" => {
+                    let s = self.string(f.value, &p).unwrap_or_default();
+                    op = match s.as_str() {
+                        "In" => Some(Operator::In),
+                        "NotIn" => Some(Operator::NotIn),
+                        "Exists" => Some(Operator::Exists),
+                        "DoesNotExist" => Some(Operator::DoesNotExist),
+                        _ => {
+                            self.err(f.value.line, &p, ErrorKind::Operator(s));
+                            None
+                        }
+                    };
+                }
+                "values" => {
+                    let mut v = Vec::new();
+                    for (i, item) in self.items(f.value, &p) {
+                        v.extend(self.string(item, &format!("{p}[{i}]")));
+                    }
+                    values = Some((v, f.line));
+                }
+                _ => self.unknown(f, path),
+            }
+        }
+        if !fields.iter().any(|f| f.key == "key") {
+            self.err(node.line, path, ErrorKind::Missing("key"));
+        }
+        if !fields.iter().any(|f| f.key == "operator") {
+            self.err(node.line, path, ErrorKind::Missing("operator"));
+        }
+        let operator = op?;
+        let name = match operator {
+            Operator::In => "In",
+            Operator::NotIn => "NotIn",
+            Operator::Exists => "Exists",
+            Operator::DoesNotExist => "DoesNotExist",
+        };
+        let (values, vline) = values.unwrap_or((Vec::new(), node.line));
+        match operator {
+            Operator::In | Operator::NotIn if values.is_empty() => self.err(
+                vline,
+                &join(path, "values"),
+                ErrorKind::ValuesRequired(name),
+            ),
+            Operator::Exists | Operator::DoesNotExist if !values.is_empty() => self.err(
+                vline,
+                &join(path, "values"),
+                ErrorKind::ValuesForbidden(name),
+            ),
+            _ => {}
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(Requirement {
+            key: key?,
+            operator,
+            values,
+        })
+    }
+
+    /// A selector label key, with the `any:` / `container:` source prefix stripped.
+    fn label_key(&mut self, key: &str, line: usize, path: &str) -> Option<String> {
+        match strip_label_source(key) {
+            Ok(k) => Some(k.to_owned()),
+            Err(kind) => {
+                self.err(line, path, kind);
+                None
+            }
+        }
+    }
+}
+
+/// Strips Cilium's `any:` / `container:` source prefix; other sources are errors.
+pub(crate) fn strip_label_source(key: &str) -> Result<&str, ErrorKind> {
+    let key = match key.split_once(':') {
+        Some(("any" | "container", rest)) => rest,
+        Some(("reserved", _)) => return Err(ErrorKind::ReservedLabel),
+        Some((source, _)) => return Err(ErrorKind::LabelSource(source.to_owned())),
+        None => key,
+    };
+    if key.is_empty() {
+        return Err(ErrorKind::EmptyLabelKey);
+    }
+    Ok(key)
+}
+
+/// Kubernetes-style object names: also keeps them safe as file names.
+fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 253
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// Cilium's ICMP type names.
+fn icmp_type_by_name(family: IcmpFamily, name: &str) -> Option<u8> {
+    Some(match family {
+        IcmpFamily::V4 => match name {
+            "EchoReply" => 0,
+            "DestinationUnreachable" => 3,
+            "Redirect" => 5,
+            "Echo" | "EchoRequest" => 8,
+            "RouterAdvertisement" => 9,
+            "RouterSelection" => 10,
+            "TimeExceeded" => 11,
+            "ParameterProblem" => 12,
+            "Timestamp" => 13,
+            "TimestampReply" => 14,
+            "Photuris" => 40,
+            "ExtendedEchoRequest" => 42,
+            "ExtendedEchoReply" => 43,
+            _ => return None,
+        },
+        IcmpFamily::V6 => match name {
+            "DestinationUnreachable" => 1,
+            "PacketTooBig" => 2,
+            "TimeExceeded" => 3,
+            "ParameterProblem" => 4,
+            "EchoRequest" => 128,
+            "EchoReply" => 129,
+            "MulticastListenerQuery" => 130,
+            "MulticastListenerReport" => 131,
+            "MulticastListenerDone" => 132,
+            "RouterSolicitation" => 133,
+            "RouterAdvertisement" => 134,
+            "NeighborSolicitation" => 135,
+            "NeighborAdvertisement" => 136,
+            "RedirectMessage" => 137,
+            "RouterRenumbering" => 138,
+            "ICMPNodeInformationQuery" => 139,
+            "ICMPNodeInformationResponse" => 140,
+            "InverseNeighborDiscoverySolicitation" => 141,
+            "InverseNeighborDiscoveryAdvertisement" => 142,
+            "HomeAgentAddressDiscoveryRequest" => 144,
+            "HomeAgentAddressDiscoveryReply" => 145,
+            "MobilePrefixSolicitation" => 146,
+            "MobilePrefixAdvertisement" => 147,
+            "DuplicateAddressRequestCodeSuffix" => 157,
+            "DuplicateAddressConfirmationCodeSuffix" => 158,
+            "ExtendedEchoRequest" => 160,
+            "ExtendedEchoReply" => 161,
+            _ => return None,
+        },
+    })
+}
+
+/// Turns a label map into a selector (used by the compose shorthand).
+pub(crate) fn match_labels(pairs: &[(&str, &str)]) -> Selector {
+    Selector {
+        match_labels: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+        match_expressions: Vec::new(),
+    }
+}
