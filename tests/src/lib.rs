@@ -3,6 +3,8 @@
 //! A privileged test calls [`require_root`] first: without root it skips with a message, except
 //! under CI (`CI=true`), where a skipped tier is a failure.
 
+pub mod netns;
+
 /// Returns `true` when the test may run. Without root: prints why and returns `false`, or panics
 /// under `CI=true`.
 pub fn require_root(test: &str) -> bool {

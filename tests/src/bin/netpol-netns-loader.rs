@@ -1,0 +1,101 @@
+//! Loads the datapath into a namespace that plays the host, configures it from a plan file, attaches
+//! the programs and exits: the programs must keep enforcing without this process (pinned maps and
+//! links). Run again on the same pin directory, it adopts what is pinned.
+//!
+//! `netpol-netns-loader <pin_dir> <host_netns> <plan_file>`; prints `adopted=<true|false>` and
+//! the number of entries written.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use netpol_agent::datapath::{kernel::KernelDatapath, Cidr, Datapath, MapSizes, PolicyEntryKey};
+use netpol_common::{
+    endpoint::Endpoint,
+    policy::{PolicyKey, PolicyValue},
+    Direction,
+};
+use netpol_tests::netns::{DatapathPlan, Netns, PlanPolicy};
+
+fn key(p: &PlanPolicy) -> PolicyEntryKey {
+    let dir = if p.egress {
+        Direction::Egress
+    } else {
+        Direction::Ingress
+    };
+    PolicyEntryKey {
+        key: PolicyKey::new(p.local, p.remote, dir, p.proto, p.port),
+        prefix_len: p.prefix_len,
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, pin_dir, netns, plan_file] = &args[..] else {
+        bail!("usage: netpol-netns-loader <pin_dir> <host_netns> <plan_file>");
+    };
+    let text =
+        std::fs::read_to_string(plan_file).with_context(|| format!("reading {plan_file}"))?;
+    let plan = DatapathPlan::parse(&text).map_err(anyhow::Error::msg)?;
+    let _in_host = Netns {
+        name: netns.clone(),
+    }
+    .enter();
+    let mut sizes = MapSizes::default();
+    sizes.policy = sizes.policy.max(plan.policy.len() as u32 + 64);
+    let mut dp = KernelDatapath::open(pin_dir, sizes).context("opening the datapath")?;
+    for e in &plan.endpoints {
+        let mut ep = Endpoint::new(e.identity).enforce(e.ingress, e.egress);
+        if let Some(a) = e.ipv4 {
+            ep = ep.with_ipv4(a.octets());
+        }
+        if let Some(a) = e.ipv6 {
+            ep = ep.with_ipv6(a.octets());
+        }
+        dp.upsert_endpoint(e.ifindex, ep)?;
+    }
+    for (addr, len, id) in &plan.ipcache {
+        dp.upsert_ipcache(Cidr::new(*addr, *len)?, *id)?;
+    }
+    // Allow entries go in before stale ones go out: an allowed flow never sees a gap.
+    let wanted: std::collections::BTreeSet<PolicyEntryKey> = plan.policy.iter().map(key).collect();
+    for p in &plan.policy {
+        let v = if p.deny {
+            PolicyValue::deny(p.rule)
+        } else {
+            PolicyValue::allow(p.rule)
+        };
+        dp.upsert_policy(key(p), v)?;
+    }
+    let mut removed = 0;
+    if plan.replace_policy {
+        for k in dp.current()?.policy.keys() {
+            if !wanted.contains(k) {
+                dp.delete_policy(*k)?;
+                removed += 1;
+            }
+        }
+    }
+    for i in &plan.attach {
+        dp.attach(*i)?;
+    }
+    println!(
+        "adopted={} endpoints={} ipcache={} policy={} removed={} attached={}",
+        dp.adopted(),
+        plan.endpoints.len(),
+        plan.ipcache.len(),
+        plan.policy.len(),
+        removed,
+        plan.attach.len()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netpol-netns-loader: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
