@@ -32,7 +32,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM, BPF_NOEXIST,
+        TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_skb_store_bytes},
     maps::lpm_trie::Key,
@@ -165,11 +166,22 @@ fn load16(ctx: &TcContext, off: u32, dst: &mut [u8; 16]) -> Result<(), Fail> {
     Ok(())
 }
 
-/// Writes the 16 bytes of `src` (map memory) at `off`.
+/// Writes the 16 bytes of `src` (map memory) at `off`. `outer`: an address of the outer IPv6
+/// header, whose change the L4 checksum absorbs through `BPF_F_PSEUDO_HDR`. For such a write
+/// `BPF_F_RECOMPUTE_CSUM` is passed: on a `CHECKSUM_COMPLETE` packet, `bpf_l4_csum_replace` with
+/// `BPF_F_PSEUDO_HDR` (and without `BPF_F_IPV6`, which kernels before 6.16 refuse) takes the
+/// address difference out of `skb->csum` as if an IPv4 header checksum had absorbed it; IPv6 has
+/// none, and the recompute puts it back. Bytes inside an ICMPv6 error are balanced by the outer
+/// checksum itself and must not touch `skb->csum`.
 #[inline(always)]
-fn store16(ctx: &TcContext, off: u32, src: &[u8; 16]) -> Result<(), Fail> {
+fn store16(ctx: &TcContext, off: u32, src: &[u8; 16], outer: bool) -> Result<(), Fail> {
+    let flags = if outer {
+        u64::from(BPF_F_RECOMPUTE_CSUM)
+    } else {
+        0
+    };
     // SAFETY: `src` is 16 readable bytes; the helper checks the packet bounds.
-    let ret = unsafe { bpf_skb_store_bytes(ctx.skb.skb, off, src.as_ptr().cast(), 16, 0) };
+    let ret = unsafe { bpf_skb_store_bytes(ctx.skb.skb, off, src.as_ptr().cast(), 16, flags) };
     if ret < 0 {
         return Err(Fail::Unparsed);
     }
@@ -473,7 +485,7 @@ fn rewrite(
         u64::from(diff),
         u64::from(BPF_F_PSEUDO_HDR) | m,
     )?;
-    store16(ctx, addr_off, &sc.val.addr)?;
+    store16(ctx, addr_off, &sc.val.addr, true)?;
     let new_port = sc.val.port();
     if new_port != old_port {
         let o = old_port.to_be_bytes();
@@ -762,11 +774,11 @@ fn xlate_error(
         u64::from(adiff),
         u64::from(BPF_F_PSEUDO_HDR),
     )?;
-    store16(ctx, addr_off, &sc.val.addr)?;
+    store16(ctx, addr_off, &sc.val.addr, true)?;
 
     // Every embedded byte changed is covered by the outer checksum.
     let mut body = adiff;
-    store16(ctx, inner_addr_off, &sc.val.addr)?;
+    store16(ctx, inner_addr_off, &sc.val.addr, false)?;
     let o = old_port.to_be_bytes();
     let n = sc.val.port().to_be_bytes();
     let pdiff = if o != n { word_diff(o, n) } else { 0 };
