@@ -495,9 +495,12 @@ fn tail(k: &PolicyEntryKey) -> (u32, u32) {
     )
 }
 
+/// (local, remote, direction) → each deny's (tail, tail length, rule).
+type DeniesByGroup = BTreeMap<(u32, u32, u8), Vec<(u32, u32, u32)>>;
+
 /// Turns every allow covered by a deny of the same (local, remote, direction) into that deny.
 fn fold_denies(map: &mut BTreeMap<PolicyEntryKey, PolicyValue>) {
-    let mut denies: BTreeMap<(u32, u32, u8), Vec<(u32, u32, u32)>> = BTreeMap::new();
+    let mut denies: DeniesByGroup = BTreeMap::new();
     for (k, v) in map.iter() {
         if v.is_deny() {
             let (t, len) = tail(k);

@@ -1023,3 +1023,34 @@ spec:
     );
     assert!(s.default_deny(Egress));
 }
+
+#[test]
+fn reserved_numbers_in_endpoints_are_not_containers() {
+    let mut e = shop();
+    e.insert(UNMANAGED, Labels::new());
+    let c = compile(
+        &parse(
+            r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {}
+  egress:
+  - toEndpoints: [{}]
+    icmps: [{fields: [{type: 8}]}]
+  - icmps: [{fields: [{type: 0}]}]
+"#,
+        ),
+        &e,
+    )
+    .unwrap();
+    assert!(!c.enforcement.contains_key(&UNMANAGED));
+    assert!(!passes(&c, DB, UNMANAGED, Egress, ICMP, 8));
+    assert!(passes(&c, DB, APP1, Egress, ICMP, 8));
+    assert!(
+        passes(&c, DB, UNMANAGED, Egress, ICMP, 0),
+        "ICMP-only rule without peer: all"
+    );
+    assert!(passes(&c, DB, WORLD, Egress, ICMP, 0));
+}
