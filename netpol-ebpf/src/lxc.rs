@@ -10,7 +10,10 @@
 //! 3. IPv6 neighbour/router discovery and MLD pass, so networks keep working under deny-all.
 //! 4. `from_container` only: a source address that is not the endpoint's is dropped (`Spoofed`).
 //! 5. Conntrack: a packet of an established flow, a reply, or an ICMP error about one, passes
-//!    without a policy lookup.
+//!    without a policy lookup. Entries belong to the endpoint whose address they carry:
+//!    `to_container` neither uses nor creates entries for a packet addressed to another address
+//!    (flooded or misdirected frames are decided by this endpoint's policy alone), and an ICMP
+//!    error is related only to a flow of the endpoint it concerns; it does not refresh the flow.
 //! 6. A new flow in an enforced direction is looked up in `POLICY` (see netpol-common's
 //!    `policy` module for the order); deny or no match drops it. An allowed flow, or any flow in
 //!    an unenforced direction, gets a conntrack entry so its replies pass the other side.
@@ -60,6 +63,12 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
         direction: dir as u8,
         ..FlowEvent::default()
     };
+    // The local side of every event is the endpoint, even for a packet dropped before its
+    // addresses are parsed or looked up (malformed, spoofed).
+    match dir {
+        Direction::Egress => sc.ev.src_identity = ep.identity,
+        Direction::Ingress => sc.ev.dst_identity = ep.identity,
+    }
     sc.ep = *ep;
     match try_lxc(ctx, ep, dir, sc) {
         Ok(action) => action,
@@ -139,6 +148,8 @@ pub trait Family {
     fn get(k: &Self::Key) -> Option<*mut CtEntry>;
     fn put(k: &Self::Key, v: &CtEntry);
     fn identity(a: Self::Addr) -> u32;
+    /// Whether `a` is the endpoint's own address of this family.
+    fn is_local(ep: &Endpoint, a: &Self::Addr) -> bool;
 }
 
 pub struct V4;
@@ -170,6 +181,10 @@ impl Family for V4 {
             .get(&key)
             .map_or(identity::WORLD, |v: &RemoteInfo| v.identity)
     }
+    #[inline(always)]
+    fn is_local(ep: &Endpoint, a: &[u8; 4]) -> bool {
+        ep.flags & Endpoint::HAS_IPV4 != 0 && ep.ipv4 == *a
+    }
 }
 
 impl Family for V6 {
@@ -197,6 +212,10 @@ impl Family for V6 {
         IPCACHE6
             .get(&key)
             .map_or(identity::WORLD, |v: &RemoteInfo| v.identity)
+    }
+    #[inline(always)]
+    fn is_local(ep: &Endpoint, a: &[u8; 16]) -> bool {
+        ep.flags & Endpoint::HAS_IPV6 != 0 && ep.ipv6 == *a
     }
 }
 
@@ -262,6 +281,34 @@ fn established<F: Family>(
     ct_hit::<F>(&F::rev(&k, other), now, l, true)
 }
 
+/// Whether an entry for `k` exists and has not expired, without touching it.
+#[inline(always)]
+fn ct_live<F: Family>(k: &F::Key, now: u64) -> bool {
+    match F::get(k) {
+        // SAFETY: pointer from a map lookup, valid while the program runs.
+        Some(e) => (unsafe { (*e).expires_ns }) >= now,
+        None => false,
+    }
+}
+
+/// Whether the packet `s → d` would belong to a flow admitted on this endpoint. Used for the
+/// packet embedded in an ICMP error: the error is related to that flow, but it is not a packet
+/// of it, so it neither refreshes the entry nor marks it answered.
+#[inline(always)]
+fn related<F: Family>(
+    s: F::Addr,
+    d: F::Addr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    dir: Direction,
+    now: u64,
+) -> bool {
+    let (mine, other) = ct_dirs(dir);
+    let k = F::key(s, d, sport, dport, proto, mine);
+    ct_live::<F>(&k, now) || ct_live::<F>(&F::rev(&k, other), now)
+}
+
 /// Per-CPU working memory: the event being built and the parsed packet. Kept out of the 512-byte
 /// BPF stack, which an IPv6 tuple, its conntrack keys and an event would overflow.
 #[repr(C)]
@@ -304,48 +351,44 @@ fn decide<F: Family>(
     let (s, d, l) = (p.s, p.d, &p.l);
     let enforced = ep.enforces(dir);
     if l.kind == Kind::Fragment {
-        return if enforced {
-            Err(DropReason::Fragment)
-        } else {
-            Ok(PASS)
-        };
+        if enforced {
+            remote_identity::<F>(ep, dir, s, d, ev);
+            return Err(DropReason::Fragment);
+        }
+        return Ok(PASS);
     }
+    // Conntrack has no endpoint in its keys: an entry is the endpoint's because its local
+    // address is. `from_container` has checked the source already; `to_container` must not
+    // create or use entries for a packet addressed to someone else (a bridge floods frames for
+    // an unlearnt MAC to every port, and a peer can address another container's IP to this
+    // container's MAC), or one container's traffic would open another's ingress.
+    let local = match dir {
+        Direction::Egress => true,
+        Direction::Ingress => F::is_local(ep, &d),
+    };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    if l.kind != Kind::IcmpError
+    if local
+        && l.kind != Kind::IcmpError
         && l.kind != Kind::IcmpOther
         && established::<F>(s, d, l.sport, l.dport, l, dir, now)
     {
         return Ok(PASS);
     }
-    if l.kind == Kind::IcmpError {
-        // An error about the embedded packet, which travelled the other way: related when the
-        // reversed packet is established here.
+    if local && l.kind == Kind::IcmpError {
+        // An error about the embedded packet, which travelled the other way between the same
+        // two hosts: related when the reversed packet belongs to a flow of this endpoint.
         let i = &p.inner;
-        let il = L4 {
-            proto: i.proto,
-            kind: Kind::Ports,
-            sport: i.dport,
-            dport: i.sport,
-            tcp_flags: 0,
-            off: 0,
-            icmp_type: 0,
+        let ours = match dir {
+            Direction::Egress => i.d == s,
+            Direction::Ingress => i.s == d,
         };
-        if established::<F>(i.d, i.s, i.dport, i.sport, &il, dir, now) {
+        if ours && related::<F>(i.d, i.s, i.dport, i.sport, i.proto, dir, now) {
             return Ok(PASS);
         }
     }
 
-    let remote = match dir {
-        Direction::Egress => F::identity(d),
-        Direction::Ingress => F::identity(s),
-    };
-    let (src_id, dst_id) = match dir {
-        Direction::Egress => (ep.identity, remote),
-        Direction::Ingress => (remote, ep.identity),
-    };
-    ev.src_identity = src_id;
-    ev.dst_identity = dst_id;
+    let remote = remote_identity::<F>(ep, dir, s, d, ev);
 
     let port = match l.kind {
         Kind::Ports => l.dport,
@@ -371,7 +414,7 @@ fn decide<F: Family>(
     ev.rule = rule;
 
     // Track what can have replies, so they pass the other direction's enforcement.
-    let track = matches!(l.kind, Kind::Ports | Kind::EchoRequest | Kind::Other);
+    let track = local && matches!(l.kind, Kind::Ports | Kind::EchoRequest | Kind::Other);
     if track {
         let (mine, _) = ct_dirs(dir);
         let k = F::key(s, d, l.sport, l.dport, l.proto, mine);
@@ -389,6 +432,31 @@ fn decide<F: Family>(
     }
     trace_flow(ev);
     Ok(PASS)
+}
+
+/// Looks up the remote identity of `s → d` and writes both identities into the event.
+#[inline(always)]
+fn remote_identity<F: Family>(
+    ep: &Endpoint,
+    dir: Direction,
+    s: F::Addr,
+    d: F::Addr,
+    ev: &mut FlowEvent,
+) -> u32 {
+    match dir {
+        Direction::Egress => {
+            let remote = F::identity(d);
+            ev.src_identity = ep.identity;
+            ev.dst_identity = remote;
+            remote
+        }
+        Direction::Ingress => {
+            let remote = F::identity(s);
+            ev.src_identity = remote;
+            ev.dst_identity = ep.identity;
+            remote
+        }
+    }
 }
 
 /// The parsers are separate BPF functions (their own stack frames) and return a plain integer:
@@ -450,18 +518,23 @@ fn parse_v4(
     ev.saddr[..4].copy_from_slice(&ip.saddr);
     ev.daddr[..4].copy_from_slice(&ip.daddr);
     ev.proto = ip.proto;
-    if dir == Direction::Egress && (ep.flags & Endpoint::HAS_IPV4 == 0 || ip.saddr != ep.ipv4) {
-        return Err(DropReason::Spoofed);
-    }
     p.s = ip.saddr;
     p.d = ip.daddr;
     p.l = parse::l4(ctx, ip.proto, l4off, frag)?;
-    ev.sport = p.l.sport;
+    // Echo: the identifier goes in sport whichever way the echo goes.
+    ev.sport = if p.l.kind == Kind::EchoReply {
+        p.l.dport
+    } else {
+        p.l.sport
+    };
     ev.dport = if p.l.kind == Kind::Ports {
         p.l.dport
     } else {
         p.l.icmp_type as u16
     };
+    if dir == Direction::Egress && (ep.flags & Endpoint::HAS_IPV4 == 0 || p.s != ep.ipv4) {
+        return Err(DropReason::Spoofed);
+    }
     if p.l.kind == Kind::IcmpError {
         let (iip, ioff, _) = parse::ipv4(ctx, p.l.off + 8)?;
         let (sp, dp) = parse::inner_ports(ctx, iip.proto, ioff)?;
@@ -494,15 +567,20 @@ fn parse_v6(
     if p.l.kind == Kind::Neighbour {
         return Ok(true);
     }
-    if dir == Direction::Egress && (ep.flags & Endpoint::HAS_IPV6 == 0 || p.s != ep.ipv6) {
-        return Err(DropReason::Spoofed);
-    }
-    ev.sport = p.l.sport;
+    // Echo: the identifier goes in sport whichever way the echo goes.
+    ev.sport = if p.l.kind == Kind::EchoReply {
+        p.l.dport
+    } else {
+        p.l.sport
+    };
     ev.dport = if p.l.kind == Kind::Ports {
         p.l.dport
     } else {
         p.l.icmp_type as u16
     };
+    if dir == Direction::Egress && (ep.flags & Endpoint::HAS_IPV6 == 0 || p.s != ep.ipv6) {
+        return Err(DropReason::Spoofed);
+    }
     if p.l.kind == Kind::IcmpError {
         let i = &mut p.inner;
         let (iproto, ioff, _) = parse::ipv6(ctx, p.l.off + 8, &mut i.s, &mut i.d)?;

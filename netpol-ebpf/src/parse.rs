@@ -84,7 +84,8 @@ pub fn eth_proto(ctx: &TcContext) -> Result<u16, DropReason> {
 }
 
 /// Parses an IPv4 header at `off`: the header and the offset of its payload.
-/// Fails on a truncated header, a bad version or IHL, or a total length shorter than the header.
+/// Fails on a truncated header (options included), a bad version or IHL, or a total length
+/// shorter than the header.
 #[inline(always)]
 pub fn ipv4(ctx: &TcContext, off: usize) -> Result<(Ipv4Hdr, usize, bool), DropReason> {
     let ip: Ipv4Hdr = ctx.load(off).map_err(|_| DropReason::Malformed)?;
@@ -92,7 +93,9 @@ pub fn ipv4(ctx: &TcContext, off: usize) -> Result<(Ipv4Hdr, usize, bool), DropR
         return Err(DropReason::Malformed);
     }
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-    if ihl < 20 || (be16(ip.tot_len) as usize) < ihl {
+    // The whole header, options included, must be in the packet: a protocol without an L4
+    // parse (GRE, ESP, …) would otherwise pass with its header cut short.
+    if ihl < 20 || (be16(ip.tot_len) as usize) < ihl || off + ihl > ctx.len() as usize {
         return Err(DropReason::Malformed);
     }
     let non_first_fragment = be16(ip.frag_off) & 0x1fff != 0;
