@@ -3,6 +3,7 @@
 //! A privileged test calls [`require_root`] first: without root it skips with a message, except
 //! under CI (`CI=true`), where a skipped tier is a failure.
 
+pub mod docker;
 pub mod packet;
 pub mod netns;
 

@@ -1,0 +1,115 @@
+//! Tier 4 harness check: a private dockerd runs containers (with `-p` and a user-defined network)
+//! and leaves the host as it found it.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    thread,
+    time::{Duration, Instant},
+};
+
+use netpol_tests::docker::{
+    docker_chains, forward_policy, host_bridges, is_docker_bridge, DaemonConfig, DockerDaemon,
+};
+
+const IMAGE: &str = "netpol-test/busybox";
+
+/// GET / through a published port, polling until the server in the container answers.
+fn http_get(port: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply = TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+                s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+                let mut reply = String::new();
+                s.read_to_string(&mut reply).ok()?;
+                Some(reply)
+            });
+        match reply {
+            Some(r) if r.contains("200") => return r,
+            _ if Instant::now() > deadline => panic!("no HTTP answer on 127.0.0.1:{port}"),
+            _ => thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+#[test]
+fn private_dockerd_runs_containers_and_cleans_up_after_itself() {
+    if !netpol_tests::require_root("private_dockerd_runs_containers_and_cleans_up_after_itself") {
+        return;
+    }
+    let docker_bridges = || -> Vec<String> {
+        host_bridges()
+            .into_iter()
+            .filter(|b| is_docker_bridge(b))
+            .collect()
+    };
+    let bridges_before = docker_bridges();
+    {
+        let mut docker = DockerDaemon::start_with(DaemonConfig {
+            ipv6: true,
+            ..Default::default()
+        });
+        docker.build_busybox_image(IMAGE);
+        assert_eq!(
+            docker.docker_ok(&["run", "--rm", IMAGE, "echo", "hello"]),
+            "hello"
+        );
+
+        // IPv6 on the default bridge.
+        let v6 = docker.docker_ok(&["run", "--rm", IMAGE, "ip", "-6", "addr", "show", "eth0"]);
+        assert!(
+            v6.contains("fd00:dead::"),
+            "no fd00:dead:: address in:\n{v6}"
+        );
+
+        // A published port (iptables DNAT, docker-proxy) on a user-defined network.
+        docker.docker_ok(&["network", "create", "harness-net"]);
+        assert!(
+            docker_bridges().len() >= bridges_before.len() + 2,
+            "no docker0 and br-* bridge"
+        );
+        docker.docker_ok(&[
+            "run",
+            "-d",
+            "--stop-timeout",
+            "1",
+            "--name",
+            "web",
+            "--network",
+            "harness-net",
+            "-p",
+            "127.0.0.1:18080:8080",
+            IMAGE,
+            "sh",
+            "-c",
+            "mkdir /www && echo netpol > /www/index.html && exec httpd -f -p 8080 -h /www",
+        ]);
+        let reply = http_get(18080);
+        assert!(reply.contains("netpol"), "unexpected reply:\n{reply}");
+        assert_eq!(docker.inspect("web", "{{.State.Running}}"), "true");
+
+        // A restart keeps the data (image, network); the container was stopped with the daemon.
+        docker.restart();
+        assert_eq!(
+            docker.docker_ok(&["run", "--rm", IMAGE, "echo", "again"]),
+            "again"
+        );
+        assert_eq!(docker.inspect("web", "{{.State.Running}}"), "false");
+    }
+    assert_eq!(
+        docker_bridges(),
+        bridges_before,
+        "Docker bridges left behind"
+    );
+    assert_eq!(forward_policy("iptables"), "ACCEPT");
+    for table in ["filter", "nat"] {
+        let chains = docker_chains("iptables", table);
+        assert!(
+            chains.is_empty(),
+            "iptables -t {table} still has {chains:?}"
+        );
+    }
+}
