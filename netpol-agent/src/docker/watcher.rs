@@ -268,7 +268,7 @@ impl DockerApi for BollardApi {
             vec!["container".to_owned(), "network".to_owned()],
         )]);
         let options = EventsOptions {
-            since,
+            since: since.as_deref().map(since_param),
             until: None,
             filters: Some(filters),
         };
@@ -277,6 +277,68 @@ impl DockerApi for BollardApi {
             .map(|r| r.map_err(DockerError::Stream))
             .boxed()
     }
+}
+
+/// The `since` query parameter for the daemon's clock `system_time` (RFC 3339, as `GET /info`
+/// reports it). Docker 20.10 only takes unix time there (`<seconds>[.<nanoseconds>]`; an RFC 3339
+/// string is answered with a 500 `strconv.ParseInt` error), newer daemons take both, so unix time
+/// it is. An unparsable clock falls back to the local clock minus a second (the daemon runs on
+/// this host).
+pub fn since_param(system_time: &str) -> String {
+    match rfc3339_to_unix(system_time) {
+        Some((secs, nanos)) => format!("{secs}.{nanos:09}"),
+        None => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            format!("{}", now.as_secs().saturating_sub(1))
+        }
+    }
+}
+
+/// `2024-05-07T20:55:12.123456789Z` or `…+02:00` as (unix seconds, nanoseconds).
+fn rfc3339_to_unix(s: &str) -> Option<(i64, u32)> {
+    let num = |t: &str| -> Option<i64> {
+        (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit())).then(|| t.parse().ok())?
+    };
+    let (date, rest) = s.split_once(['T', 't', ' '])?;
+    let mut d = date.splitn(3, '-');
+    let (y, mo, da) = (num(d.next()?)?, num(d.next()?)?, num(d.next()?)?);
+    // The offset starts at the first 'Z', '+' or '-' after the time of day.
+    let off_at = rest.find(['Z', 'z', '+', '-'])?;
+    let (time, offset) = rest.split_at(off_at);
+    let (hms, frac) = match time.split_once('.') {
+        Some((hms, frac)) => (hms, frac),
+        None => (time, ""),
+    };
+    let mut t = hms.splitn(3, ':');
+    let (h, mi, se) = (num(t.next()?)?, num(t.next()?)?, num(t.next()?)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&da) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    let nanos = if frac.is_empty() {
+        0
+    } else {
+        let digits: String = frac.chars().take(9).collect();
+        num(&digits)? as u32 * 10u32.pow(9 - digits.len() as u32)
+    };
+    let offset_secs = match offset {
+        "Z" | "z" => 0,
+        o => {
+            let sign = if o.starts_with('-') { -1 } else { 1 };
+            let (oh, om) = o[1..].split_once(':')?;
+            sign * (num(oh)? * 3600 + num(om)? * 60)
+        }
+    };
+    // Days from 1970-01-01 (H. Hinnant's days_from_civil).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + da - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3600 + mi * 60 + se - offset_secs, nanos))
 }
 
 /// What one Docker event asks the watcher to do.
