@@ -3,9 +3,11 @@
 //! A privileged test calls [`require_root`] first: without root it skips with a message, except
 //! under CI (`CI=true`), where a skipped tier is a failure.
 
+pub mod agent;
 pub mod docker;
 pub mod packet;
 pub mod netns;
+pub mod probe;
 
 /// Returns `true` when the test may run. Without root: prints why and returns `false`, or panics
 /// under `CI=true`.

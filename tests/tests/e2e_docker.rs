@@ -1,0 +1,947 @@
+//! Tier 4: end to end, with a private dockerd, real containers brought up by docker-compose,
+//! and the real `netpol-agent` binary (see `netpol_tests::agent` for how it is found).
+//!
+//! Each test proves a behaviour of MISSION.md with connections made from inside the containers'
+//! network namespaces (`netpol_tests::probe`): allowed connections are retried until they
+//! succeed (the agent may still be applying a change), denied ones must time out (a reset would
+//! mean the SYN got through). Every wait polls a condition; nothing sleeps in the hope that
+//! something has happened.
+//!
+//! The tests of this file share one dockerd (started by the first test, stopped and cleaned up
+//! when the test process exits) and run one at a time. Each starts its own agent (own pins,
+//! state, socket) and removes its compose projects, whatever happens.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Mutex, MutexGuard, Once,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use netpol_tests::{
+    agent::{agent_binary, Agent, AgentOptions},
+    docker::DockerDaemon,
+    probe::{self, assert_all, Check, Client, Expect, Outcome, OutsideNs},
+};
+
+const IMAGE: &str = "netpol-test/busybox";
+const PROJECT: &str = "npe2e";
+const WEB_PORT: u16 = 18081;
+
+// ---------------------------------------------------------------------------------------------
+// The shared dockerd.
+
+static SHARED: Mutex<Option<DockerDaemon>> = Mutex::new(None);
+
+extern "C" fn stop_shared_daemon() {
+    let daemon = SHARED.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(d) = daemon {
+        // A panic must not unwind out of an atexit handler.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(d))).is_err() {
+            eprintln!("e2e_docker: cleaning up the shared dockerd failed (see above)");
+        }
+    }
+}
+
+/// The shared daemon, started on first use, with the test image; holding the guard runs the
+/// tests one at a time. A daemon that a failed test left unusable is replaced.
+fn docker() -> MutexGuard<'static, Option<DockerDaemon>> {
+    static AT_EXIT: Once = Once::new();
+    AT_EXIT.call_once(|| {
+        // SAFETY: registers a plain extern "C" function; runs when the test process exits.
+        unsafe { libc::atexit(stop_shared_daemon) };
+    });
+    let mut guard = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    let healthy = guard
+        .as_ref()
+        .is_some_and(|d| d.pid().is_some() && d.docker(&["version"]).status.success());
+    if !healthy {
+        drop(guard.take());
+        let d = DockerDaemon::start();
+        d.build_busybox_image(IMAGE);
+        *guard = Some(d);
+    }
+    guard
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compose projects and containers.
+
+fn e2e_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e")
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
+}
+
+fn ok(what: &str, out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A compose project brought up from a file of `tests/e2e/`; `down` on drop.
+struct Project {
+    docker_host: String,
+    file: PathBuf,
+    name: String,
+}
+
+impl Project {
+    fn up(docker: &DockerDaemon, file: &str) -> Self {
+        let p = Project {
+            docker_host: docker.host(),
+            file: e2e_dir().join(file),
+            name: PROJECT.to_owned(),
+        };
+        p.compose(&["down", "--remove-orphans", "--timeout", "1"]);
+        p.compose_ok(&["up", "-d"]);
+        p
+    }
+
+    fn compose(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new("docker-compose");
+        cmd.env("DOCKER_HOST", &self.docker_host)
+            .arg("-f")
+            .arg(&self.file)
+            .args(["-p", &self.name])
+            .args(args);
+        run(&mut cmd)
+    }
+
+    fn compose_ok(&self, args: &[&str]) -> String {
+        ok(&format!("docker-compose {}", args.join(" ")), self.compose(args))
+    }
+
+    fn docker(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new("docker");
+        cmd.env("DOCKER_HOST", &self.docker_host).args(args);
+        run(&mut cmd)
+    }
+
+    fn docker_ok(&self, args: &[&str]) -> String {
+        ok(&format!("docker {}", args.join(" ")), self.docker(args))
+    }
+
+    fn container_name(&self, service: &str) -> String {
+        format!("{}_{service}_1", self.name)
+    }
+
+    fn container(&self, service: &str) -> Container {
+        Container::inspect(&self.docker_host, &self.container_name(service))
+    }
+}
+
+impl Drop for Project {
+    fn drop(&mut self) {
+        let out = self.compose(&["down", "--remove-orphans", "--timeout", "1"]);
+        if !out.status.success() {
+            eprintln!(
+                "docker-compose down of {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// A running container: what the probes need.
+#[derive(Clone, Debug)]
+struct Container {
+    name: String,
+    id: String,
+    netns: PathBuf,
+    ipv4: IpAddr,
+    ipv6: Option<IpAddr>,
+}
+
+impl Container {
+    fn inspect(docker_host: &str, name: &str) -> Self {
+        let mut cmd = Command::new("docker");
+        cmd.env("DOCKER_HOST", docker_host).args([
+            "inspect",
+            "-f",
+            "{{.Id}} {{.State.Pid}}{{range .NetworkSettings.Networks}} {{.IPAddress}} {{.GlobalIPv6Address}}{{end}}",
+            name,
+        ]);
+        let out = ok(&format!("docker inspect {name}"), run(&mut cmd));
+        let f: Vec<&str> = out.split_whitespace().collect();
+        assert!(f.len() >= 3 && f[1] != "0", "{name} is not running: {out}");
+        Container {
+            name: name.to_owned(),
+            id: f[0].to_owned(),
+            netns: PathBuf::from(format!("/proc/{}/ns/net", f[1])),
+            ipv4: f[2].parse().unwrap_or_else(|e| panic!("{name}: IPv4 {:?}: {e}", f[2])),
+            ipv6: f.get(3).and_then(|a| a.parse().ok()),
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::netns(&self.name, &self.netns)
+    }
+
+    fn addrs(&self) -> Vec<IpAddr> {
+        std::iter::once(self.ipv4).chain(self.ipv6).collect()
+    }
+}
+
+fn check(from: Client, to: &Container, addr: IpAddr, port: u16, expect: Expect) -> Check {
+    Check {
+        from,
+        to_name: to.name.clone(),
+        to: SocketAddr::new(addr, port),
+        expect,
+        http: false,
+    }
+}
+
+/// The MISSION.md scenario, over IPv4 and IPv6: app1 -> db and app2 -> db on 5432 allowed;
+/// app1 <-> app2 denied both ways (their port 8080 is open to the host only); db -> app1
+/// denied; the host reaches app1:8080 but not db:5432 (the host is policed like any peer).
+fn scenario_checks(p: &Project) -> Vec<Check> {
+    let (db, app1, app2) = (p.container("db"), p.container("app1"), p.container("app2"));
+    assert!(db.ipv6.is_some(), "db has no IPv6 address: {db:?}");
+    let mut checks = Vec::new();
+    for family in 0..2 {
+        let pick = |c: &Container| c.addrs()[family];
+        use Expect::{Allowed, Denied};
+        checks.extend([
+            check(app1.client(), &db, pick(&db), 5432, Allowed),
+            check(app2.client(), &db, pick(&db), 5432, Allowed),
+            check(app1.client(), &app2, pick(&app2), 8080, Denied),
+            check(app2.client(), &app1, pick(&app1), 8080, Denied),
+            check(db.client(), &app1, pick(&app1), 8080, Denied),
+            check(Client::host(), &app1, pick(&app1), 8080, Allowed),
+            check(Client::host(), &db, pick(&db), 5432, Denied),
+        ]);
+    }
+    checks
+}
+
+/// The ids of the scenario's containers, for [`Agent::wait_enforced`].
+fn scenario_containers(p: &Project) -> Vec<Container> {
+    ["db", "app1", "app2"].iter().map(|s| p.container(s)).collect()
+}
+
+fn wait_enforced(agent: &Agent, containers: &[Container]) {
+    let ids: Vec<&str> = containers.iter().map(|c| c.id.as_str()).collect();
+    agent.wait_enforced(&ids);
+}
+
+fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let r = f();
+    eprintln!("[{:>6.2}s] {what}", t.elapsed().as_secs_f64());
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests.
+
+/// The MISSION.md scenario with compose labels; the monitor names the dropped flow.
+#[test]
+fn compose_labels_protect_the_database_scenario() {
+    if !netpol_tests::require_root("compose_labels_protect_the_database_scenario") {
+        return;
+    }
+    let mut guard = docker();
+    let docker = guard.as_mut().expect("daemon");
+    let project = timed("compose up", || Project::up(docker, "compose-labels.yml"));
+    let agent = timed("agent start", || Agent::start(docker));
+    timed("enforced", || wait_enforced(&agent, &scenario_containers(&project)));
+    timed("scenario checks", || assert_all("labels scenario", &scenario_checks(&project)));
+
+    // The monitor reports the drop of app2 -> app1, with names.
+    let app1 = project.container("app1");
+    let app2 = project.container("app2");
+    let mut monitor = ChildGuard(Command::new(agent_binary())
+        .arg("--socket")
+        .arg(agent.socket())
+        .args(["monitor", "--json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn monitor"));
+    let stdout = monitor.0.stdout.take().expect("monitor stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let target = SocketAddr::new(app1.ipv4, 8080);
+    let found = loop {
+        assert_eq!(
+            probe::connect_from(Some(&app2.netns), target, probe::DENY_TIMEOUT),
+            Outcome::Timeout
+        );
+        let hit = rx.try_iter().find(|l| {
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|e| {
+                e["kind"] == "drop"
+                    && e["dst"].as_str().is_some_and(|d| d.starts_with(&app1.ipv4.to_string()))
+                    && e["dport"] == 8080
+            })
+        });
+        if let Some(l) = hit {
+            break l;
+        }
+        if Instant::now() > deadline {
+            break String::new();
+        }
+    };
+    drop(monitor);
+    assert!(!found.is_empty(), "monitor --json showed no drop of {} -> {target}", app2.name);
+    let ev: serde_json::Value = serde_json::from_str(&found).expect("monitor JSON");
+    let text = ev.to_string();
+    assert!(
+        text.contains("app1") && text.contains("app2"),
+        "the drop is not labelled with the containers' names: {text}"
+    );
+}
+
+/// The same scenario with a CiliumNetworkPolicy file instead of labels: imported through the
+/// CLI, then deleted (everything open again), then dropped into the policy directory.
+#[test]
+fn cilium_policy_file_protects_the_database_scenario() {
+    if !netpol_tests::require_root("cilium_policy_file_protects_the_database_scenario") {
+        return;
+    }
+    let mut guard = docker();
+    let docker = guard.as_mut().expect("daemon");
+    let project = Project::up(docker, "compose-plain.yml");
+    let agent = Agent::start(docker);
+    let (app1, app2) = (project.container("app1"), project.container("app2"));
+    // No policy selects anything yet: app1 and app2 reach each other.
+    let open = || {
+        assert_all(
+            "no policy",
+            &[
+                check(app1.client(), &app2, app2.ipv4, 8080, Expect::Allowed),
+                check(app2.client(), &app1, app1.ipv6.expect("ipv6"), 8080, Expect::Allowed),
+            ],
+        )
+    };
+    open();
+
+    let file = e2e_dir().join("policy-scenario.yaml");
+    let file = file.to_str().expect("utf-8 path");
+    timed("policy import", || agent.cli_ok(&["policy", "import", file]));
+    wait_enforced(&agent, &scenario_containers(&project));
+    timed("scenario checks (imported)", || {
+        assert_all("imported CiliumNetworkPolicy", &scenario_checks(&project))
+    });
+
+    agent.cli_ok(&["policy", "delete", "--all"]);
+    open();
+
+    std::fs::copy(file, agent.policy_dir().join("scenario.yaml")).expect("copy policy file");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = agent.cli_ok(&["policy", "get", "-o", "json"]);
+        if got.contains("\"db\"") && got.contains("\"apps\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "policy dir not loaded after 10 s: {got}");
+        thread::sleep(Duration::from_millis(100));
+    }
+    wait_enforced(&agent, &scenario_containers(&project));
+    timed("scenario checks (policy dir)", || {
+        assert_all("CiliumNetworkPolicy from the policy directory", &scenario_checks(&project))
+    });
+}
+
+/// A published port: `world` (a client namespace routed to the host, through iptables DNAT)
+/// and `host` (localhost through docker-proxy) reach web:80; a container on web's network that
+/// no rule allows is refused.
+#[test]
+fn published_port_reaches_world_and_host_but_not_other_containers() {
+    if !netpol_tests::require_root("published_port_reaches_world_and_host_but_not_other_containers") {
+        return;
+    }
+    let mut guard = docker();
+    let docker = guard.as_mut().expect("daemon");
+    let project = Project::up(docker, "compose-web.yml");
+    let agent = Agent::start(docker);
+    let web = project.container("web");
+    let client = project.container("client");
+    wait_enforced(&agent, std::slice::from_ref(&web));
+    let outside = OutsideNs::create(7);
+    let http = |from: Client, name: &str, to: SocketAddr, expect| Check {
+        from,
+        to_name: name.to_owned(),
+        to,
+        expect,
+        http: true,
+    };
+    let published = |ip: IpAddr| SocketAddr::new(ip, WEB_PORT);
+    let mut checks = vec![
+        http(outside.client(), "web via DNAT", published(outside.host_addr.into()), Expect::Allowed),
+        http(Client::host(), "web via docker-proxy", published("127.0.0.1".parse().unwrap()), Expect::Allowed),
+    ];
+    for addr in web.addrs() {
+        checks.push(http(client.client(), "web", SocketAddr::new(addr, 80), Expect::Denied));
+    }
+    // web:8081 is published too, but no rule opens it: refused through DNAT and through the
+    // proxy alike (the proxy accepts, then cannot reach the container).
+    let closed = |ip: IpAddr| SocketAddr::new(ip, WEB_PORT + 1);
+    checks.push(http(outside.client(), "web:8081 via DNAT", closed(outside.host_addr.into()), Expect::Denied));
+    checks.push(http(Client::host(), "web:8081 via docker-proxy", closed("127.0.0.1".parse().unwrap()), Expect::Denied));
+    timed("published port checks", || assert_all("published port", &checks));
+}
+
+/// What a probe loop saw: attempts per phase, and every violation.
+#[derive(Default)]
+struct ProbeLog {
+    attempts: Vec<AtomicUsize>,
+    violations: Mutex<Vec<String>>,
+}
+
+/// Connections in a loop (one thread per check) until `stop`: every attempt of an allowed check
+/// must connect, every attempt of a denied one must time out. `phase` says which phase's
+/// counter an attempt goes to.
+fn probe_loops<'s>(
+    s: &'s thread::Scope<'s, '_>,
+    checks: &'s [Check],
+    phase: &'s AtomicUsize,
+    stop: &'s AtomicBool,
+    log: &'s ProbeLog,
+) {
+    let n = checks.len();
+    for (i, c) in checks.iter().enumerate() {
+        s.spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let p = phase.load(Ordering::Relaxed);
+                let t = Instant::now();
+                let (timeout, fine): (_, fn(&Outcome) -> bool) = match c.expect {
+                    Expect::Allowed => (Duration::from_secs(2), |o| *o == Outcome::Open),
+                    Expect::Denied => (probe::DENY_TIMEOUT, |o| *o == Outcome::Timeout),
+                };
+                let out = c.attempt(timeout);
+                if !fine(&out) {
+                    log.violations.lock().unwrap_or_else(|e| e.into_inner()).push(format!(
+                        "phase {p}: {c}: got {out:?} after {:?}",
+                        t.elapsed()
+                    ));
+                }
+                log.attempts[p * n + i].fetch_add(1, Ordering::Relaxed);
+                if c.expect == Expect::Allowed {
+                    thread::sleep(Duration::from_millis(20));
+                }
+            }
+        });
+    }
+}
+
+/// Waits until every check has made `n` attempts in `phase`.
+fn wait_attempts(log: &ProbeLog, checks: usize, phase: usize, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts: Vec<usize> =
+            (0..checks).map(|i| log.attempts[phase * checks + i].load(Ordering::Relaxed)).collect();
+        if counts.iter().all(|c| *c >= n) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "probes stalled in phase {phase}: {counts:?}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `kill -9` of the agent and a restart: connections made throughout (allowed and denied, IPv4
+/// and IPv6), plus one established connection carrying data, see no change at all.
+#[test]
+fn agent_kill9_and_restart_keep_enforcing() {
+    if !netpol_tests::require_root("agent_kill9_and_restart_keep_enforcing") {
+        return;
+    }
+    let mut guard = docker();
+    let docker = guard.as_mut().expect("daemon");
+    let project = Project::up(docker, "compose-labels.yml");
+    let mut agent = Agent::start(docker);
+    let containers = scenario_containers(&project);
+    wait_enforced(&agent, &containers);
+    let (db, app1, app2) = (&containers[0], &containers[1], &containers[2]);
+    let v6 = |c: &Container| c.ipv6.expect("ipv6");
+    let checks = vec![
+        check(app1.client(), db, db.ipv4, 5432, Expect::Allowed),
+        check(app2.client(), db, v6(db), 5432, Expect::Allowed),
+        check(Client::host(), app1, app1.ipv4, 8080, Expect::Allowed),
+        check(app1.client(), app2, app2.ipv4, 8080, Expect::Denied),
+        check(app2.client(), app1, v6(app1), 8080, Expect::Denied),
+        check(Client::host(), db, db.ipv4, 5432, Expect::Denied),
+    ];
+    assert_all("before", &checks);
+
+    // An established app1 -> db connection (db echoes) that must survive it all.
+    let echo = {
+        use std::io::{BufRead as _, BufReader, Write as _};
+        let stream = probe::in_netns(&app1.netns, || {
+            std::net::TcpStream::connect_timeout(&SocketAddr::new(db.ipv4, 5432), Duration::from_secs(2))
+        })
+        .expect("established connection app1 -> db");
+        stream.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        let mut writer = stream;
+        move |round: usize| -> Result<(), String> {
+            let msg = format!("ping {round}\n");
+            writer.write_all(msg.as_bytes()).map_err(|e| format!("send: {e}"))?;
+            let mut line = String::new();
+            reader.read_line(&mut line).map_err(|e| format!("receive: {e}"))?;
+            if line == msg {
+                Ok(())
+            } else {
+                Err(format!("echo {line:?} instead of {msg:?}"))
+            }
+        }
+    };
+    let mut echo = echo;
+
+    let log = ProbeLog {
+        attempts: (0..3 * checks.len()).map(|_| AtomicUsize::new(0)).collect(),
+        ..Default::default()
+    };
+    let phase = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let pin_dir = agent.pin_dir().to_owned();
+    let mut round = 0;
+    let mut echo_round = |what: &str| {
+        round += 1;
+        if let Err(e) = echo(round) {
+            panic!("the established app1 -> db connection broke {what}: {e}");
+        }
+    };
+    thread::scope(|s| {
+        probe_loops(s, &checks, &phase, &stop, &log);
+        let n = checks.len();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_attempts(&log, n, 0, 3);
+            echo_round("before the kill");
+
+            let killed = Instant::now();
+            agent.kill9();
+            phase.store(1, Ordering::Relaxed);
+            assert!(pin_dir.exists(), "pins gone after kill -9");
+            wait_attempts(&log, n, 1, 3);
+            echo_round("while the agent was down");
+            eprintln!("agent down for {:?} with probes running", killed.elapsed());
+
+            timed("agent restart", || agent.restart());
+            wait_enforced(&agent, &containers);
+            phase.store(2, Ordering::Relaxed);
+            wait_attempts(&log, n, 2, 3);
+            echo_round("after the restart");
+        }));
+        stop.store(true, Ordering::Relaxed);
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
+    });
+    let violations = log.violations.into_inner().unwrap_or_else(|e| e.into_inner());
+    let counts: Vec<usize> = log.attempts.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+    eprintln!("attempts per phase and check: {counts:?}");
+    assert!(
+        violations.is_empty(),
+        "{} violation(s) across kill -9 and restart:\n  {}\nagent log:\n{}",
+        violations.len(),
+        violations.join("\n  "),
+        agent.log_tail(40)
+    );
+}
+
+/// dockerd restarted (containers stop with it), then the containers recreated with new
+/// addresses: the policy follows them by identity.
+#[test]
+fn dockerd_restart_and_new_addresses_keep_policy() {
+    if !netpol_tests::require_root("dockerd_restart_and_new_addresses_keep_policy") {
+        return;
+    }
+    let mut guard = docker();
+    let docker = guard.as_mut().expect("daemon");
+    let project = Project::up(docker, "compose-labels.yml");
+    let agent = Agent::start(docker);
+    let before = scenario_containers(&project);
+    wait_enforced(&agent, &before);
+    assert_all("before the dockerd restart", &scenario_checks(&project));
+
+    timed("dockerd restart", || docker.restart());
+    // A container outside the project takes an address first, so the project's containers get
+    // new ones; it is not allowed to reach db either.
+    let network = format!("{PROJECT}_backend");
+    let _ = project.docker(&["rm", "-f", "npe2e-filler"]);
+    project.docker_ok(&["run", "-d", "--name", "npe2e-filler", "--network", &network, IMAGE, "sleep", "3600"]);
+    let _filler = Cleanup(|| {
+        let _ = project.docker(&["rm", "-f", "npe2e-filler"]);
+    });
+    timed("compose up --force-recreate", || project.compose_ok(&["up", "-d", "--force-recreate"]));
+    let after = scenario_containers(&project);
+    let moved: Vec<String> = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| b.addrs() != a.addrs())
+        .map(|(b, a)| format!("{}: {:?} -> {:?}", b.name, b.addrs(), a.addrs()))
+        .collect();
+    assert!(!moved.is_empty(), "no container got a new address: {after:?}");
+    eprintln!("new addresses: {moved:?}");
+    timed("enforced after recreate", || wait_enforced(&agent, &after));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(status) = agent.docker_connected() {
+        assert!(
+            Instant::now() < deadline,
+            "agent not connected to the restarted dockerd: {status}\nlog:\n{}",
+            agent.log_tail(30)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let filler = Container::inspect(&docker.host(), "npe2e-filler");
+    let db = &after[0];
+    let mut checks = scenario_checks(&project);
+    checks.push(check(filler.client(), db, db.ipv4, 5432, Expect::Denied));
+    assert_all("after the dockerd restart and recreate", &checks);
+}
+
+/// The propagation of the mount `path` is on (`findmnt -no PROPAGATION -T`) — "shared",
+/// "private", …, or "" when findmnt fails.
+fn findmnt_propagation(path: &Path) -> String {
+    Command::new("findmnt")
+        .args(["-no", "PROPAGATION", "-T"])
+        .arg(path)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// A child process (of ours) killed by its pid on drop.
+struct ChildGuard(std::process::Child);
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs a closure on drop.
+struct Cleanup<F: FnMut()>(F);
+impl<F: FnMut()> Drop for Cleanup<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+
+/// The identities of the scenario's services, by compose service name.
+fn scenario_identities(agent: &Agent) -> Vec<(String, u64)> {
+    let rows = agent.cli_json(&["identity", "list"]);
+    let mut out: Vec<(String, u64)> = rows
+        .as_array()
+        .expect("identity list: an array")
+        .iter()
+        .filter_map(|r| {
+            let service = r["labels"]["com.docker.compose.service"].as_str()?;
+            (r["labels"]["com.docker.compose.project"] == PROJECT)
+                .then(|| (service.to_owned(), r["id"].as_u64().unwrap_or(0)))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// A reboot, simulated: the agent killed, every pin (and with them the programs and links)
+/// removed, dockerd restarted (the containers stop), the agent started again. The imported
+/// policy comes back from the state directory, with the same identity numbers, and a probe
+/// running from the moment the containers come back never reaches a protected port.
+#[test]
+fn reboot_restores_policy_from_disk_before_containers_are_reachable() {
+    if !netpol_tests::require_root("reboot_restores_policy_from_disk_before_containers_are_reachable") {
+        return;
+    }
+    let mut guard = docker();
+    let docker = guard.as_mut().expect("daemon");
+    let project = Project::up(docker, "compose-plain.yml");
+    let mut agent = Agent::start(docker);
+    let file = e2e_dir().join("policy-scenario.yaml");
+    agent.cli_ok(&["policy", "import", file.to_str().expect("utf-8")]);
+    wait_enforced(&agent, &scenario_containers(&project));
+    assert_all("before the reboot", &scenario_checks(&project));
+    let identities = scenario_identities(&agent);
+    assert_eq!(identities.len(), 3, "identities: {identities:?}");
+
+    // "Power off": no agent, no pins, no programs. Without them app2 reaches app1 again,
+    // which shows the programs are really gone.
+    agent.kill9();
+    agent.remove_pins().expect("remove pins");
+    let (app1, app2) = (project.container("app1"), project.container("app2"));
+    assert_all(
+        "pins removed",
+        &[check(app2.client(), &app1, app1.ipv4, 8080, Expect::Allowed)],
+    );
+    timed("dockerd restart", || docker.restart());
+    timed("agent start", || {
+        agent.spawn_again();
+        agent.wait_ready();
+    });
+
+    // Probe app2 -> app1 and the host -> db from the first moment both ends run again.
+    let stop = AtomicBool::new(false);
+    let attempts = AtomicUsize::new(0);
+    let violations = Mutex::new(Vec::<String>::new());
+    let docker_host = docker.host();
+    thread::scope(|s| {
+        s.spawn(|| {
+            let running = |name: &str| -> Option<Container> {
+                let out = Command::new("docker")
+                    .env("DOCKER_HOST", &docker_host)
+                    .args(["inspect", "-f", "{{.State.Pid}} {{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", name])
+                    .output()
+                    .ok()?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                let f: Vec<&str> = text.split_whitespace().collect();
+                (f.len() == 2 && f[0] != "0").then(|| Container::inspect(&docker_host, name))
+            };
+            let (app1, app2, db) = loop {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let all = (
+                    running(&project.container_name("app1")),
+                    running(&project.container_name("app2")),
+                    running(&project.container_name("db")),
+                );
+                if let (Some(a), Some(b), Some(c)) = all {
+                    break (a, b, c);
+                }
+            };
+            let checks = [
+                check(app2.client(), &app1, app1.ipv4, 8080, Expect::Denied),
+                check(Client::host(), &db, db.ipv4, 5432, Expect::Denied),
+            ];
+            while !stop.load(Ordering::Relaxed) {
+                for c in &checks {
+                    match c.attempt(probe::DENY_TIMEOUT) {
+                        // Not up yet (no address, no route): nothing got through.
+                        Outcome::Timeout | Outcome::Error(_) => {}
+                        other => violations
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(format!("{c}: got {other:?}")),
+                    }
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            timed("containers back", || project.compose_ok(&["up", "-d"]));
+            wait_enforced(&agent, &scenario_containers(&project));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while attempts.load(Ordering::Relaxed) < 6 {
+                assert!(Instant::now() < deadline, "the boot probe made no attempts");
+                thread::sleep(Duration::from_millis(20));
+            }
+        }));
+        stop.store(true, Ordering::Relaxed);
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
+    });
+    let violations = violations.into_inner().unwrap_or_else(|e| e.into_inner());
+    assert!(
+        violations.is_empty(),
+        "reachable before the policy was back:\n  {}\nagent log:\n{}",
+        violations.join("\n  "),
+        agent.log_tail(40)
+    );
+    assert_all("after the reboot", &scenario_checks(&project));
+    assert_eq!(scenario_identities(&agent), identities, "identity numbers changed across the reboot");
+}
+
+/// Bad input: each file is refused by `policy import` and by `policy validate` (offline) with
+/// an error naming the file and the line or field (or the full map), nothing changes, and the
+/// connectivity stays exactly as it was. A bad file in the policy directory is reported by
+/// `status` and changes nothing either.
+#[test]
+fn bad_policies_are_refused_and_change_nothing() {
+    if !netpol_tests::require_root("bad_policies_are_refused_and_change_nothing") {
+        return;
+    }
+    let mut guard = docker();
+    let docker = guard.as_mut().expect("daemon");
+    let project = Project::up(docker, "compose-plain.yml");
+    let agent = Agent::start_with(
+        docker,
+        AgentOptions {
+            extra_args: vec!["--policy-entries".into(), "8".into()],
+        },
+    );
+    let good = e2e_dir().join("policy-scenario.yaml");
+    agent.cli_ok(&["policy", "import", good.to_str().expect("utf-8")]);
+    wait_enforced(&agent, &scenario_containers(&project));
+    let checks = scenario_checks(&project);
+    assert_all("the good policy", &checks);
+    let policies = agent.cli_ok(&["policy", "get", "-o", "json"]);
+
+    // (file, what the error must name)
+    let cases: &[(&str, &[&str])] = &[
+        ("malformed.yaml", &["malformed.yaml:8:"]),
+        ("unsupported-field.yaml", &["unsupported-field.yaml:10:", "toFQDNs"]),
+        ("unknown-entity.yaml", &["unknown-entity.yaml:10:", "cluster-mesh"]),
+        ("too-large.yaml", &["POLICY"]),
+    ];
+    for (name, needles) in cases {
+        let path = e2e_dir().join("bad").join(name);
+        let path = path.to_str().expect("utf-8");
+        let mut runs = vec![("import", agent.cli(&["policy", "import", path]))];
+        if *name != "too-large.yaml" {
+            // Offline: no agent needed.
+            let out = Command::new(agent_binary())
+                .args(["--socket", "/nonexistent/agent.sock", "policy", "validate", path])
+                .output()
+                .expect("spawn validate");
+            runs.push(("validate", out));
+        }
+        for (what, out) in runs {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "policy {what} {name} succeeded:\n{stderr}");
+            for n in *needles {
+                assert!(stderr.contains(n), "policy {what} {name}: the error does not name {n:?}:\n{stderr}");
+            }
+            eprintln!("policy {what} {name}: {}", stderr.trim());
+        }
+        assert_eq!(
+            agent.cli_ok(&["policy", "get", "-o", "json"]),
+            policies,
+            "policies changed after refusing {name}"
+        );
+    }
+    assert_all("after the refused policies", &checks);
+
+    // A bad file dropped into the policy directory: reported, and nothing changes.
+    std::fs::copy(
+        e2e_dir().join("bad/unsupported-field.yaml"),
+        agent.policy_dir().join("unsupported-field.yaml"),
+    )
+    .expect("copy");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = agent.cli_ok(&["status", "-o", "json"]);
+        if status.contains("unsupported-field.yaml") {
+            eprintln!("status with a bad policy file: {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "status does not report the bad policy file:\n{status}");
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(agent.cli_ok(&["policy", "get", "-o", "json"]), policies);
+    assert_all("with a bad file in the policy directory", &checks);
+}
+
+/// The sidecar image (packaging/sidecar/build.sh, from scratch) runs the agent in a container
+/// and enforces the scenario. Run with the capabilities a VM here allows instead of
+/// `--privileged` (see TOOLCHAIN.md); users get `privileged: true` in the compose snippet.
+#[test]
+fn sidecar_image_enforces_the_scenario() {
+    if !netpol_tests::require_root("sidecar_image_enforces_the_scenario") {
+        return;
+    }
+    let mut guard = docker();
+    let docker = guard.as_mut().expect("daemon");
+    let image = "netpol-test/sidecar";
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/sidecar/build.sh");
+    let out = docker
+        .command("bash")
+        .arg(&script)
+        .arg(image)
+        .env("NETPOL_AGENT_BIN", agent_binary())
+        .output()
+        .expect("spawn build.sh");
+    ok("packaging/sidecar/build.sh", out);
+
+    // The compose snippet mounts /var/run/docker/netns (SandboxKey paths); the harness's
+    // daemon keeps them under its own exec root.
+    let netns_dir = docker.socket_path().parent().expect("run dir").join("exec/netns");
+    let netns_vol = format!("{0}:{0}:rslave", netns_dir.display());
+    // `:rslave` needs a shared (or slave) source mount. On a systemd host `/` is shared; here
+    // it is private, so make the directory a shared mount of its own, unmounted at the end.
+    // Done before any container of this test exists, so every netns file is mounted on top.
+    std::fs::create_dir_all(&netns_dir).expect("create netns dir");
+    let d = netns_dir.to_str().expect("utf-8").to_owned();
+    let bound = !findmnt_propagation(&netns_dir).contains("shared");
+    if bound {
+        for args in [vec!["--bind", &d, &d], vec!["--make-shared", &d]] {
+            let mut cmd = Command::new("mount");
+            cmd.args(&args);
+            ok(&format!("mount {}", args.join(" ")), run(&mut cmd));
+        }
+    }
+    let _unbind = Cleanup(|| {
+        if bound {
+            let _ = Command::new("umount").args(["-l", &d]).output();
+        }
+    });
+    let project = Project::up(docker, "compose-labels.yml");
+    let id = std::process::id();
+    let dir = PathBuf::from(format!("{}/sidecar-{id}", netpol_tests::agent::RUN_PREFIX));
+    let pin_dir = format!("{}sidecar-{id}", netpol_tests::agent::PIN_PREFIX);
+    let name = "npe2e-sidecar";
+    let _ = project.docker(&["rm", "-f", name]);
+    let _cleanup = Cleanup(|| {
+        let _ = project.docker(&["rm", "-f", name]);
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+    for d in ["state", "policies", "run"] {
+        std::fs::create_dir_all(dir.join(d)).expect("create sidecar dir");
+    }
+    let vol = |host: PathBuf, inside: &str| format!("{}:{inside}", host.display());
+    project.docker_ok(&[
+        "run", "-d", "--name", name,
+        "--network", "host", "--pid", "host",
+        "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
+        "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
+        "-v", &vol(docker.socket_path(), "/var/run/docker.sock"),
+        "-v", "/sys/fs/bpf:/sys/fs/bpf:rshared",
+        "-v", &netns_vol,
+        "-v", &vol(dir.join("state"), "/var/lib/netpol"),
+        "-v", &vol(dir.join("policies"), "/etc/netpol/policies.d"),
+        "-v", &vol(dir.join("run"), "/run/netpol"),
+        image,
+        "run", "--pin-dir", &pin_dir,
+    ]);
+    let cli = netpol_tests::agent::AgentCli::new(dir.join("run/agent.sock"), None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(last) = cli.docker_connected() {
+        let logs = project.docker(&["logs", "--tail", "30", name]);
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar's agent is not ready: {last}\nits log:\n{}{}",
+            String::from_utf8_lossy(&logs.stdout),
+            String::from_utf8_lossy(&logs.stderr)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let ids: Vec<String> = scenario_containers(&project).into_iter().map(|c| c.id).collect();
+    cli.wait_enforced(&ids.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_all("sidecar", &scenario_checks(&project));
+    // The sidecar itself (host network) is listed, as not enforceable, not silently skipped.
+    let rows = cli.endpoints();
+    assert!(
+        rows.iter().any(|r| r["name"].as_str().is_some_and(|n| n.contains(name))
+            && r["state"].as_str().is_some_and(|s| s.starts_with("not enforceable"))),
+        "the host-network sidecar is not listed as not enforceable: {rows:?}"
+    );
+}
