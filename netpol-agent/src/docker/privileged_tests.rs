@@ -148,3 +148,131 @@ fn a_missing_namespace_is_an_error() {
         "{err:?}"
     );
 }
+
+/// Removes the test container even when an assertion failed.
+struct RemoveContainer {
+    socket: String,
+    name: String,
+}
+
+impl Drop for RemoveContainer {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket))
+            .args(["rm", "-f", &self.name])
+            .output();
+    }
+}
+
+async fn next(rx: &mut tokio::sync::mpsc::Receiver<super::DockerEvent>) -> super::DockerEvent {
+    tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        .await
+        .expect("no event within 10 s")
+        .expect("watcher ended")
+}
+
+/// Tier 4, against a real dockerd: set `NETPOL_TEST_DOCKER_SOCKET` (a daemon's Unix socket) and
+/// `NETPOL_TEST_DOCKER_IMAGE` (a local image with `sleep`). Skipped when they are not set.
+#[tokio::test]
+async fn live_dockerd_snapshot_events_and_veths() {
+    let (Ok(socket), Ok(image)) = (
+        std::env::var("NETPOL_TEST_DOCKER_SOCKET"),
+        std::env::var("NETPOL_TEST_DOCKER_IMAGE"),
+    ) else {
+        eprintln!(
+            "SKIPPED live_dockerd_snapshot_events_and_veths: NETPOL_TEST_DOCKER_SOCKET/IMAGE unset"
+        );
+        return;
+    };
+    if !require_root("live_dockerd_snapshot_events_and_veths") {
+        return;
+    }
+    use super::{DockerConfig, DockerEvent, DockerWatcher};
+
+    let host_links = NamespaceView::dump().expect("dump host links").links;
+    let is_host_veth = |ifindex: u32| {
+        host_links
+            .iter()
+            .any(|l| l.ifindex == ifindex && l.kind.as_deref() == Some("veth"))
+    };
+    let config = DockerConfig {
+        socket: Some(PathBuf::from(&socket)),
+        ..DockerConfig::default()
+    };
+    let (watcher, mut rx) = DockerWatcher::new(config, 16);
+    let task = tokio::spawn(watcher.run());
+    let DockerEvent::Snapshot {
+        containers,
+        networks,
+    } = next(&mut rx).await
+    else {
+        panic!("expected a Snapshot first")
+    };
+    eprintln!(
+        "snapshot: {} containers, {} networks",
+        containers.len(),
+        networks.len()
+    );
+    for c in &containers {
+        for a in &c.networks {
+            eprintln!(
+                "  {} {} {:?} {:?} {:?}",
+                c.name, a.network_name, a.ipv4, a.host_veth, a.enforceable
+            );
+            if a.enforceable.is_ok() {
+                assert!(a.host_veth.is_some_and(is_host_veth), "{c:?}");
+            }
+        }
+        if c.networks.is_empty() {
+            eprintln!("  {} {:?}", c.name, c.enforceable());
+        }
+    }
+
+    // A new container: exactly one ContainerUp with its host veth; removed: one ContainerDown.
+    let name = format!("npd-live-{}", std::process::id());
+    let docker = |args: &[&str]| {
+        let out = Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{socket}"))
+            .args(args)
+            .output()
+            .expect("docker cli");
+        assert!(
+            out.status.success(),
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let id = docker(&["run", "-d", "--name", &name, &image, "sleep", "600"]);
+    let _cleanup = RemoveContainer {
+        socket: socket.clone(),
+        name: name.clone(),
+    };
+    let up = loop {
+        match next(&mut rx).await {
+            DockerEvent::ContainerUp(c) if c.id == id => break c,
+            other => eprintln!("(other event: {other:?})"),
+        }
+    };
+    assert_eq!(up.networks.len(), 1, "{up:?}");
+    assert_eq!(up.networks[0].enforceable, Ok(()), "{up:?}");
+    let veth = up.networks[0].host_veth.expect("host veth");
+    let fresh = NamespaceView::dump().expect("dump host links").links;
+    assert!(
+        fresh
+            .iter()
+            .any(|l| l.ifindex == veth && l.kind.as_deref() == Some("veth")),
+        "{veth}"
+    );
+    let removed = docker(&["rm", "-f", &id]);
+    assert_eq!(removed, id);
+    loop {
+        match next(&mut rx).await {
+            DockerEvent::ContainerDown { id: down } if down == id => break,
+            other => eprintln!("(other event: {other:?})"),
+        }
+    }
+    task.abort();
+}

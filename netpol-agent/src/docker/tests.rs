@@ -766,11 +766,23 @@ async fn watcher_stops_when_the_receiver_is_dropped() {
 fn since_is_sent_as_unix_time() {
     use super::watcher::since_param;
     assert_eq!(since_param("1970-01-01T00:00:00Z"), "0.000000000");
-    assert_eq!(since_param("2024-05-07T20:55:12.123456789Z"), "1715115312.123456789");
-    assert_eq!(since_param("2024-05-07T20:55:12.5Z"), "1715115312.500000000");
-    assert_eq!(since_param("2024-05-07T22:55:12+02:00"), "1715115312.000000000");
+    assert_eq!(
+        since_param("2024-05-07T20:55:12.123456789Z"),
+        "1715115312.123456789"
+    );
+    assert_eq!(
+        since_param("2024-05-07T20:55:12.5Z"),
+        "1715115312.500000000"
+    );
+    assert_eq!(
+        since_param("2024-05-07T22:55:12+02:00"),
+        "1715115312.000000000"
+    );
     assert_eq!(since_param("2000-02-29T00:00:00Z"), "951782400.000000000");
     // Unparsable: the local clock, in whole unix seconds.
     let fallback = since_param("yesterday");
-    assert!(fallback.parse::<u64>().is_ok_and(|s| s > 1_700_000_000), "{fallback}");
+    assert!(
+        fallback.parse::<u64>().is_ok_and(|s| s > 1_700_000_000),
+        "{fallback}"
+    );
 }

@@ -42,6 +42,8 @@ const REQUEST_TIMEOUT_SECS: u64 = 30;
 /// How often a running container whose veth is not (yet) visible is looked at again.
 const VETH_RETRIES: u32 = 3;
 const VETH_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// A session that lasted this long resets the reconnect backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
 
 /// What the watcher tells the rest of the agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -438,13 +440,19 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
         let mut reported_down = false;
         loop {
             let mut snapshot_sent = false;
+            let started = tokio::time::Instant::now();
             match self.session(&mut snapshot_sent).await {
                 SessionEnd::Closed => return,
                 SessionEnd::Failed(e) => {
                     self.containers.clear();
                     self.networks.clear();
                     if snapshot_sent {
-                        backoff = self.config.backoff_min;
+                        // A new outage. Back off from the start only after a session that
+                        // lasted: a stream that breaks right after each snapshot must not
+                        // turn into a resync storm.
+                        if started.elapsed() >= STABLE_SESSION {
+                            backoff = self.config.backoff_min;
+                        }
                         reported_down = false;
                     }
                     if !reported_down {
