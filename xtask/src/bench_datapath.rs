@@ -1,0 +1,578 @@
+//! `cargo xtask bench datapath`: what the per-container programs cost, against no filter and
+//! against an iptables FORWARD chain of the same size.
+//!
+//! Every configuration gets its own copy of the topology (tests/src/netns.rs: a namespace playing
+//! the host with a bridge, two containers `c1` and `c2`, `bridge-nf-call-iptables=1` everywhere),
+//! set up once; then rounds run every measurement on every configuration, the order rotated
+//! each round, and the table reports medians and ratios against no filter.
+//!
+//! - **netpol N**: both endpoints enforce ingress and egress; POLICY holds N entries that never
+//!   match (other identities and ports) plus the 6 allows that do (c1 egress to c2 and c2 ingress
+//!   from c1 on the three benchmark ports); the ipcache holds min(N, 2000) extra /32 identities.
+//!   Loaded by `netpol-netns-loader` (release build), which exits before the measurements.
+//! - **iptables-nft N**: FORWARD jumps to a chain of N non-matching
+//!   `-s A -d B -p tcp --dport P -j ACCEPT` rules, then the rules that match (c1 → c2 on the
+//!   benchmark ports and the replies), then DROP; no conntrack shortcut.
+//!
+//! Measurements: single-stream TCP throughput (`iperf3 -J`), request/response latency
+//! (`sockperf ping-pong --tcp`, 64 bytes, p50 of RTT/2, with `/dev/cpu_dma_latency` held at 0 for
+//! the whole run), new connections per second (`wrk -t1 -c32 -H 'Connection: close'` against
+//! `netpol-bench-http`).
+
+#[allow(dead_code)]
+#[path = "../../tests/src/netns.rs"]
+mod netns;
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs::File,
+    io::Write as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use netns::{
+    tcp_connect, unique_tag, wait_for, Connect, DatapathPlan, Family, KillOnDrop, PinDir,
+    PlanPolicy, Topology,
+};
+
+const IPERF_PORT: u16 = 5201;
+const SOCKPERF_PORT: u16 = 11111;
+const HTTP_PORT: u16 = 8080;
+const PORTS: [u16; 3] = [IPERF_PORT, SOCKPERF_PORT, HTTP_PORT];
+const C1: u32 = 256;
+const C2: u32 = 257;
+const TCP: u8 = 6;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Opts {
+    /// Rounds; every configuration is measured once per round.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 4)]
+    pub seconds: u32,
+    /// Policy entry / rule counts.
+    #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
+    pub entries: Vec<usize>,
+    /// Leave out the iptables configurations.
+    #[arg(long)]
+    pub no_iptables: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Filter {
+    None,
+    Netpol(usize),
+    Iptables(usize),
+}
+
+impl Filter {
+    fn label(&self) -> String {
+        match self {
+            Filter::None => "none".into(),
+            Filter::Netpol(n) => format!("netpol, {} entries", thousands(*n as f64)),
+            Filter::Iptables(n) => format!("iptables-nft, {} rules", thousands(*n as f64)),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Metric {
+    Throughput,
+    Latency,
+    ConnRate,
+}
+
+const METRICS: [Metric; 3] = [Metric::Throughput, Metric::ConnRate, Metric::Latency];
+
+/// One configuration: its topology, servers and (for netpol) pins. Field order is drop order:
+/// servers go first, then pins, then the namespaces.
+struct Setup {
+    filter: Filter,
+    _servers: Vec<KillOnDrop>,
+    _pins: Option<PinDir>,
+    topo: Topology,
+}
+
+fn thousands(v: f64) -> String {
+    let s = format!("{:.0}", v);
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Builds the release helpers; returns the directory holding them.
+fn build_helpers() -> Result<PathBuf> {
+    let root = workspace_root();
+    eprintln!("building release helpers (netpol-netns-loader, netpol-bench-http)…");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "netpol-tests",
+            "--bin",
+            "netpol-netns-loader",
+            "--bin",
+            "netpol-bench-http",
+        ])
+        .status()
+        .context("running cargo build")?;
+    ensure!(status.success(), "building the release helpers failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("release"))
+}
+
+fn need(tool: &str) -> Result<()> {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    ensure!(
+        found,
+        "{tool} is not installed (scripts/setup.sh installs it)"
+    );
+    Ok(())
+}
+
+/// Removes namespaces left by an earlier run that was killed (their pid is gone).
+fn remove_stale() {
+    let Ok(rd) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("npbench") else {
+            continue;
+        };
+        let pid = rest.split('x').next().unwrap_or("");
+        if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+}
+
+fn spawn_in(ns: &netns::Netns, args: &[&str]) -> Result<KillOnDrop> {
+    let child = ns
+        .command(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("spawning {args:?} in {}", ns.name))?;
+    Ok(KillOnDrop(child))
+}
+
+fn wait_listening(ns: &netns::Netns, port: u16) {
+    let filter = format!("sport = :{port}");
+    wait_for(
+        &format!("a listener on port {port} in {}", ns.name),
+        Duration::from_secs(10),
+        || {
+            let out = ns.command("ss").args(["-Hltn", &filter]).output().ok()?;
+            (!out.stdout.is_empty()).then_some(())
+        },
+    );
+}
+
+fn netpol_plan(t: &Topology, n: usize) -> DatapathPlan {
+    let c1 = t.container("c1");
+    let c2 = t.container("c2");
+    let mut p = DatapathPlan::default();
+    p.container(c1, C1, true, true);
+    p.container(c2, C2, true, true);
+    p.ipcache.push((t.gateway(Family::V4), 32, 1));
+    p.ipcache.push((t.gateway(Family::V6), 128, 1));
+    for i in 0..n.min(2000) {
+        let a = Ipv4Addr::new(10, 99, (i / 250) as u8, (i % 250 + 1) as u8);
+        p.ipcache.push((IpAddr::V4(a), 32, 2000 + i as u32));
+    }
+    for (i, port) in PORTS.iter().enumerate() {
+        p.policy
+            .push(PlanPolicy::allow_out(C1, C2, TCP, *port, 1 + i as u32));
+        p.policy
+            .push(PlanPolicy::allow_in(C2, C1, TCP, *port, 4 + i as u32));
+    }
+    // Entries that never match: for c1, c2 and other identities, with identities nobody has.
+    for i in 0..n {
+        let local = match i % 3 {
+            0 => C1,
+            1 => C2,
+            _ => 3000 + (i % 500) as u32,
+        };
+        let remote = 2000 + i as u32;
+        let port = 1024 + (i % 60000) as u16;
+        let e = if i % 2 == 0 {
+            PlanPolicy::allow_in(local, remote, TCP, port, 100 + i as u32)
+        } else {
+            PlanPolicy::allow_out(local, remote, TCP, port, 100 + i as u32)
+        };
+        p.policy.push(e);
+    }
+    p
+}
+
+fn iptables_rules(t: &Topology, n: usize) -> String {
+    let c1 = t.container("c1").ipv4;
+    let c2 = t.container("c2").ipv4;
+    let ports = PORTS.map(|p| p.to_string()).join(",");
+    let mut s = String::from("*filter\n:FORWARD ACCEPT [0:0]\n:NETPOL-BENCH - [0:0]\n");
+    s.push_str("-A FORWARD -j NETPOL-BENCH\n");
+    for i in 0..n {
+        let _ = writeln!(
+            s,
+            "-A NETPOL-BENCH -s 172.16.{}.{}/32 -d 172.17.{}.{}/32 -p tcp --dport {} -j ACCEPT",
+            i / 250,
+            i % 250 + 1,
+            (i / 7) % 250,
+            i % 7 + 1,
+            1024 + i % 60000
+        );
+    }
+    let _ = writeln!(
+        s,
+        "-A NETPOL-BENCH -s {c1}/32 -d {c2}/32 -p tcp -m multiport --dports {ports} -j ACCEPT"
+    );
+    let _ = writeln!(
+        s,
+        "-A NETPOL-BENCH -s {c2}/32 -d {c1}/32 -p tcp -m multiport --sports {ports} -j ACCEPT"
+    );
+    s.push_str("-A NETPOL-BENCH -j DROP\nCOMMIT\n");
+    s
+}
+
+fn setup(filter: Filter, bin: &Path) -> Result<Setup> {
+    let tag = unique_tag("npbench");
+    let topo = Topology::new(&tag, &["c1", "c2"]);
+    topo.host
+        .run(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
+    let c1 = topo.container("c1").clone();
+    let c2 = topo.container("c2").clone();
+    c1.ns
+        .run(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"]);
+    c2.ns.run(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
+    let c2ip = c2.ipv4.to_string();
+    let http = format!("{c2ip}:{HTTP_PORT}");
+    let http_bin = bin.join("netpol-bench-http");
+    let servers = vec![
+        spawn_in(&c2.ns, &["iperf3", "-s", "-B", &c2ip, "-p", "5201"])?,
+        spawn_in(
+            &c2.ns,
+            &["sockperf", "server", "--tcp", "-i", &c2ip, "-p", "11111"],
+        )?,
+        spawn_in(&c2.ns, &[http_bin.to_str().unwrap_or_default(), &http, "2"])?,
+    ];
+    for port in PORTS {
+        wait_listening(&c2.ns, port);
+    }
+    let mut pins = None;
+    match filter {
+        Filter::None => {}
+        Filter::Netpol(n) => {
+            let p = PinDir::unique(&format!("bench-{tag}"));
+            let plan = std::env::temp_dir().join(format!("{tag}.plan"));
+            std::fs::write(&plan, netpol_plan(&topo, n).to_text())?;
+            let out = Command::new(bin.join("netpol-netns-loader"))
+                .arg(p.path())
+                .arg(&topo.host.name)
+                .arg(&plan)
+                .output()
+                .context("running netpol-netns-loader")?;
+            let _ = std::fs::remove_file(&plan);
+            pins = Some(p);
+            ensure!(
+                out.status.success(),
+                "netpol-netns-loader: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Filter::Iptables(n) => {
+            let mut child = topo
+                .host
+                .command("iptables-nft-restore")
+                .stdin(Stdio::piped())
+                .spawn()
+                .context("spawning iptables-nft-restore")?;
+            child
+                .stdin
+                .take()
+                .context("iptables-nft-restore stdin")?
+                .write_all(iptables_rules(&topo, n).as_bytes())?;
+            ensure!(child.wait()?.success(), "iptables-nft-restore failed");
+        }
+    }
+    // The filter is in the path: a port nobody allows is dropped (refused with no filter).
+    let probe = SocketAddr::new(IpAddr::V4(c2.ipv4), 9);
+    let r = tcp_connect(&c1.ns, probe, Duration::from_millis(300));
+    let expect = if filter == Filter::None {
+        Connect::Refused
+    } else {
+        Connect::TimedOut
+    };
+    ensure!(
+        r == expect,
+        "{}: c1 -> c2:9 gave {r:?}, expected {expect:?}",
+        filter.label()
+    );
+    Ok(Setup {
+        filter,
+        _servers: servers,
+        _pins: pins,
+        topo,
+    })
+}
+
+fn output_in(ns: &netns::Netns, args: &[&str]) -> Result<String> {
+    let out = ns
+        .command(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed ({}): {}{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
+/// The number after `"key":` following `after` in iperf3's JSON.
+fn json_number_after(json: &str, after: &str, key: &str) -> Option<f64> {
+    let rest = &json[json.find(after)?..];
+    let rest = &rest[rest.find(&format!("\"{key}\""))? + key.len() + 2..];
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '+' | '-')))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+fn measure(s: &Setup, m: Metric, secs: u32) -> Result<f64> {
+    let c1 = &s.topo.container("c1").ns;
+    let c2ip = s.topo.container("c2").ipv4.to_string();
+    let t = secs.to_string();
+    match m {
+        Metric::Throughput => {
+            let json = output_in(c1, &["iperf3", "-c", &c2ip, "-p", "5201", "-t", &t, "-J"])?;
+            let bps = json_number_after(&json, "\"sum_received\"", "bits_per_second")
+                .with_context(|| format!("no sum_received in iperf3 output: {json}"))?;
+            Ok(bps / 1e9)
+        }
+        Metric::Latency => {
+            let out = output_in(
+                c1,
+                &[
+                    "sockperf",
+                    "ping-pong",
+                    "--tcp",
+                    "-i",
+                    &c2ip,
+                    "-p",
+                    "11111",
+                    "--msg-size",
+                    "64",
+                    "-t",
+                    &t,
+                ],
+            )?;
+            out.lines()
+                .find_map(|l| {
+                    l.split_once("percentile 50.000 =")
+                        .and_then(|(_, v)| v.trim().parse::<f64>().ok())
+                })
+                .with_context(|| format!("no p50 in sockperf output: {out}"))
+        }
+        Metric::ConnRate => {
+            let url = format!("http://{c2ip}:{HTTP_PORT}/");
+            let d = format!("{secs}s");
+            let out = output_in(
+                c1,
+                &[
+                    "wrk",
+                    "-t1",
+                    "-c32",
+                    "-d",
+                    &d,
+                    "-H",
+                    "Connection: close",
+                    &url,
+                ],
+            )?;
+            if let Some(l) = out.lines().find(|l| l.contains("Socket errors")) {
+                eprintln!("  {}: wrk {}", s.filter.label(), l.trim());
+            }
+            out.lines()
+                .find_map(|l| {
+                    l.strip_prefix("Requests/sec:")
+                        .and_then(|v| v.trim().parse::<f64>().ok())
+                })
+                .with_context(|| format!("no Requests/sec in wrk output: {out}"))
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Holds `/dev/cpu_dma_latency` at 0 while open: idle CPUs poll instead of sleeping, so latency
+/// measures the datapath, not wake-ups.
+fn hold_dma_latency() -> Option<File> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/cpu_dma_latency")
+        .map_err(|e| eprintln!("warning: /dev/cpu_dma_latency: {e}; latency will be noisy"))
+        .ok()?;
+    f.write_all(&0i32.to_ne_bytes())
+        .map_err(|e| eprintln!("warning: writing /dev/cpu_dma_latency: {e}"))
+        .ok()?;
+    Some(f)
+}
+
+pub fn run(o: Opts) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "the benchmark needs root (namespaces, BPF)"
+    );
+    for tool in [
+        "ip",
+        "iperf3",
+        "sockperf",
+        "wrk",
+        "iptables-nft-restore",
+        "ss",
+    ] {
+        need(tool)?;
+    }
+    ensure!(
+        o.rounds > 0 && o.seconds > 0,
+        "rounds and seconds must be positive"
+    );
+    remove_stale();
+    let bin = build_helpers()?;
+
+    let mut filters = vec![Filter::None];
+    filters.extend(o.entries.iter().map(|n| Filter::Netpol(*n)));
+    if !o.no_iptables {
+        filters.extend(o.entries.iter().map(|n| Filter::Iptables(*n)));
+    }
+    let started = Instant::now();
+    let mut setups = Vec::new();
+    for f in &filters {
+        eprintln!("setting up: {}", f.label());
+        setups.push(setup(*f, &bin)?);
+    }
+    let _dma = hold_dma_latency();
+
+    let mut results: BTreeMap<(Filter, Metric), Vec<f64>> = BTreeMap::new();
+    for round in 0..o.rounds {
+        for m in METRICS {
+            for k in 0..setups.len() {
+                let s = &setups[(k + round) % setups.len()];
+                let v = measure(s, m, o.seconds)
+                    .with_context(|| format!("{} {m:?}", s.filter.label()))?;
+                eprintln!(
+                    "round {}/{} {:<28} {m:?}: {v:.2}",
+                    round + 1,
+                    o.rounds,
+                    s.filter.label()
+                );
+                results.entry((s.filter, m)).or_default().push(v);
+            }
+        }
+    }
+    drop(setups);
+
+    let med: BTreeMap<(Filter, Metric), f64> = results
+        .into_iter()
+        .map(|(k, mut v)| (k, median(&mut v)))
+        .collect();
+    let get = |f: Filter, m: Metric| med.get(&(f, m)).copied().unwrap_or(f64::NAN);
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| filter | TCP Gbit/s (× none) | new conn/s (× none) | TCP RR p50 µs (× none) |"
+    );
+    let _ = writeln!(table, "|---|---|---|---|");
+    for f in &filters {
+        let (tp, cr, lat) = (
+            get(*f, Metric::Throughput),
+            get(*f, Metric::ConnRate),
+            get(*f, Metric::Latency),
+        );
+        let (tp0, cr0, lat0) = (
+            get(Filter::None, Metric::Throughput),
+            get(Filter::None, Metric::ConnRate),
+            get(Filter::None, Metric::Latency),
+        );
+        if *f == Filter::None {
+            let _ = writeln!(table, "| none | {tp:.2} | {} | {lat:.1} |", thousands(cr));
+        } else {
+            let _ = writeln!(
+                table,
+                "| {} | {tp:.2} ({:.2}) | {} ({:.2}) | {lat:.1} ({:.2}) |",
+                f.label(),
+                tp / tp0,
+                thousands(cr),
+                cr / cr0,
+                lat / lat0
+            );
+        }
+    }
+    println!(
+        "\nnetpol datapath benchmark: {} rounds × {} s, medians; × none = ratio to no filter \
+         (latency: higher is worse). Took {} s.\n",
+        o.rounds,
+        o.seconds,
+        started.elapsed().as_secs()
+    );
+    println!("{table}");
+    if let Some(n) = o.entries.iter().max() {
+        let f = Filter::Netpol(*n);
+        let tp = get(f, Metric::Throughput) / get(Filter::None, Metric::Throughput);
+        let cr = get(f, Metric::ConnRate) / get(Filter::None, Metric::ConnRate);
+        let lat = get(Filter::None, Metric::Latency) / get(f, Metric::Latency);
+        let ok = tp >= 0.95 && cr >= 0.95 && lat >= 0.95;
+        println!(
+            "target at {} entries (≥ 0.95 of no filter): throughput {tp:.2}, conn/s {cr:.2}, \
+             latency {lat:.2} (none/netpol): {}",
+            thousands(*n as f64),
+            if ok { "met" } else { "MISSED" }
+        );
+    }
+    Ok(())
+}
