@@ -31,7 +31,10 @@ impl Cidr {
         if prefix_len > max {
             return Err(DatapathError::InvalidPrefix(format!("{addr}/{prefix_len}")));
         }
-        Ok(Self { addr: mask(addr, prefix_len), prefix_len })
+        Ok(Self {
+            addr: mask(addr, prefix_len),
+            prefix_len,
+        })
     }
 
     pub fn host(addr: IpAddr) -> Self {
@@ -71,11 +74,19 @@ impl std::str::FromStr for Cidr {
 fn mask(addr: IpAddr, len: u8) -> IpAddr {
     match addr {
         IpAddr::V4(a) => {
-            let m = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+            let m = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
             IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
         }
         IpAddr::V6(a) => {
-            let m = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len))
+            };
             IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
         }
     }
@@ -112,7 +123,15 @@ pub struct MapSizes {
 
 impl Default for MapSizes {
     fn default() -> Self {
-        Self { endpoints: 1024, ipcache4: 4096, ipcache6: 4096, policy: 16384, ct4: 65536, ct6: 16384, snat6: 16384 }
+        Self {
+            endpoints: 1024,
+            ipcache4: 4096,
+            ipcache6: 4096,
+            policy: 16384,
+            ct4: 65536,
+            ct6: 16384,
+            snat6: 16384,
+        }
     }
 }
 
@@ -132,7 +151,10 @@ pub enum DatapathError {
     #[error("loading the eBPF object: {0}")]
     Load(String),
     #[error("map {map}: {source}")]
-    Map { map: &'static str, source: aya::maps::MapError },
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("attaching to ifindex {ifindex}: {message}")]
     Attach { ifindex: u32, message: String },
     #[error("pin {path}: {message}")]
@@ -153,7 +175,11 @@ pub trait Datapath: Send {
     fn upsert_ipcache(&mut self, cidr: Cidr, identity: u32) -> Result<(), DatapathError>;
     fn delete_ipcache(&mut self, cidr: Cidr) -> Result<(), DatapathError>;
 
-    fn upsert_policy(&mut self, key: PolicyEntryKey, value: PolicyValue) -> Result<(), DatapathError>;
+    fn upsert_policy(
+        &mut self,
+        key: PolicyEntryKey,
+        value: PolicyValue,
+    ) -> Result<(), DatapathError>;
     fn delete_policy(&mut self, key: PolicyEntryKey) -> Result<(), DatapathError>;
 
     /// Attaches both programs to the host-side veth `ifindex` (idempotent: an interface that is
