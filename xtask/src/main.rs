@@ -1,9 +1,10 @@
 //! Build, test and benchmark helpers: `cargo xtask <command>`.
 
+mod bench_agent;
 mod bench_datapath;
 mod bench_masq6;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -29,7 +30,7 @@ enum Bench {
     /// IPv6 masquerade: netpol vs ip6tables MASQUERADE vs plain routing.
     Masq6(bench_masq6::Opts),
     /// The agent: reaction time, memory.
-    Agent,
+    Agent(bench_agent::Opts),
 }
 
 fn main() -> Result<()> {
@@ -37,7 +38,7 @@ fn main() -> Result<()> {
         Cmd::Bench { which } => match which {
             Bench::Datapath(o) => bench_datapath::run(o),
             Bench::Masq6(o) => bench_masq6::run(o),
-            Bench::Agent => bail!("bench agent is not implemented yet"),
+            Bench::Agent(o) => bench_agent::run(o),
         },
     }
 }
