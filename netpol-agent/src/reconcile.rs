@@ -236,6 +236,56 @@ pub fn reconcile(dp: &mut dyn Datapath, want: &Desired) -> Result<usize, Reconci
     Ok(p.len())
 }
 
+/// Reconciles against the state it last wrote, instead of reading every map back on each change:
+/// the agent is the maps' only writer. The first call (and any call after a failure) reads the
+/// kernel's state, so an adopted datapath is diffed against what it really holds.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    last: Option<(MapState, BTreeSet<u32>)>,
+}
+
+impl Reconciler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Forgets the cached state: the next reconcile reads the maps.
+    pub fn invalidate(&mut self) {
+        self.last = None;
+    }
+
+    pub fn reconcile(
+        &mut self,
+        dp: &mut dyn Datapath,
+        want: &Desired,
+    ) -> Result<usize, ReconcileError> {
+        let sizes = dp.sizes();
+        check_fit(&want.maps, &sizes)?;
+        let (cur, attached) = match self.last.take() {
+            Some(last) => last,
+            None => (
+                dp.current().map_err(ReconcileError::Read)?,
+                dp.attached()
+                    .map_err(ReconcileError::Read)?
+                    .into_iter()
+                    .collect(),
+            ),
+        };
+        let p = plan(&cur, &attached, want, &sizes);
+        match apply(dp, &p) {
+            Ok(()) => {
+                self.last = Some((want.maps.clone(), want.attached.clone()));
+                Ok(p.len())
+            }
+            Err(e) => {
+                // Undo is best effort: read the truth next time.
+                self.last = None;
+                Err(e)
+            }
+        }
+    }
+}
+
 /// Applies a plan; on failure undoes what was done, newest first.
 pub fn apply(dp: &mut dyn Datapath, p: &Plan) -> Result<(), ReconcileError> {
     for (n, op) in p.ops.iter().enumerate() {
@@ -311,6 +361,22 @@ mod tests {
         assert_eq!(reconcile(&mut dp, &want2).unwrap(), 1);
         assert_eq!(dp.writes - before, 1);
         assert_eq!(dp.state, want2.maps);
+    }
+
+    #[test]
+    fn the_cached_reconciler_matches_the_reading_one() {
+        let mut dp = FakeDatapath::new(MapSizes::default());
+        let mut r = Reconciler::new();
+        assert!(r.reconcile(&mut dp, &desired(&[1, 2])).unwrap() > 0);
+        assert_eq!(r.reconcile(&mut dp, &desired(&[1, 2])).unwrap(), 0);
+        assert_eq!(r.reconcile(&mut dp, &desired(&[2, 3])).unwrap(), 2);
+        assert_eq!(dp.state, desired(&[2, 3]).maps);
+        // After a failure it reads the maps again and converges.
+        dp.fail_after = Some(0);
+        assert!(r.reconcile(&mut dp, &desired(&[4])).is_err());
+        assert_eq!(dp.state, desired(&[2, 3]).maps);
+        r.reconcile(&mut dp, &desired(&[4])).unwrap();
+        assert_eq!(dp.state, desired(&[4]).maps);
     }
 
     #[test]

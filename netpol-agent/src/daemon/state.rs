@@ -60,6 +60,7 @@ pub struct Agent {
     docker_synced: bool,
     docker_status: String,
     compiled: Option<Compiled>,
+    reconciler: reconcile::Reconciler,
     last_error: Option<String>,
     label_errors: BTreeMap<String, String>,
     /// ifindex → (container name, identity), for the monitor.
@@ -131,6 +132,7 @@ impl Agent {
             docker_synced: false,
             docker_status: "connecting".into(),
             compiled: None,
+            reconciler: reconcile::Reconciler::new(),
             last_error: None,
             label_errors: BTreeMap::new(),
             names: BTreeMap::new(),
@@ -295,7 +297,7 @@ impl Agent {
         let imported = self.imported.clone();
         let policies = self.policies_with(&imported);
         let (desired, compiled) = self.desired(&policies)?;
-        let n = reconcile::reconcile(self.dp.as_mut(), &desired)?;
+        let n = self.reconciler.reconcile(self.dp.as_mut(), &desired)?;
         self.compiled = Some(compiled);
         self.save()?;
         Ok(n)
@@ -414,7 +416,7 @@ impl Agent {
             self.store.delete_policy(name)?;
         }
         if self.docker_synced {
-            if let Err(e) = reconcile::reconcile(self.dp.as_mut(), &desired) {
+            if let Err(e) = self.reconciler.reconcile(self.dp.as_mut(), &desired) {
                 for (name, (text, _)) in &old {
                     let _ = self.store.save_policy(name, text);
                 }
