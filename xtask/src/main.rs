@@ -4,7 +4,9 @@ mod bench_agent;
 mod bench_datapath;
 mod bench_masq6;
 
-use anyhow::Result;
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -16,6 +18,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Install what building and testing need (scripts/setup.sh).
+    Setup {
+        /// Only the build dependencies.
+        #[arg(long)]
+        build: bool,
+    },
+    /// Run every test tier; ends with "N passed, N failed" (scripts/test.sh, the README command).
+    Test {
+        /// Only tests whose names contain this.
+        filter: Option<String>,
+    },
     /// Benchmarks (need root; not tests).
     Bench {
         #[command(subcommand)]
@@ -35,10 +48,27 @@ enum Bench {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::Setup { build } => script("setup.sh", build.then_some("--build")),
+        Cmd::Test { filter } => script("test.sh", filter.as_deref()),
         Cmd::Bench { which } => match which {
             Bench::Datapath(o) => bench_datapath::run(o),
             Bench::Masq6(o) => bench_masq6::run(o),
             Bench::Agent(o) => bench_agent::run(o),
         },
     }
+}
+
+/// Runs `scripts/NAME [ARG]` and exits with its status when it fails.
+fn script(name: &str, arg: Option<&str>) -> Result<()> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts")
+        .join(name);
+    let status = Command::new(&path)
+        .args(arg)
+        .status()
+        .with_context(|| format!("run {}", path.display()))?;
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
 }
