@@ -7,6 +7,7 @@
 //! Stopping the agent never detaches anything: pinned programs keep enforcing without it.
 
 pub mod api;
+pub mod masq;
 mod monitor;
 mod server;
 pub mod state;
@@ -53,6 +54,18 @@ pub struct RunArgs {
     /// `max_entries` of CT4 (CT6 gets a quarter).
     #[arg(long, default_value_t = MapSizes::default().ct4)]
     pub ct_entries: u32,
+    /// IPv6 masquerade of Docker's IPv6 networks on the uplink.
+    #[arg(long, value_enum, default_value_t)]
+    pub masq6: masq::Masq6Mode,
+    /// The uplink (default: the interface of the default IPv6 route).
+    #[arg(long)]
+    pub masq6_uplink: Option<String>,
+    /// Prefixes to masquerade, replacing the automatic choice (repeatable).
+    #[arg(long = "masq6-prefix")]
+    pub masq6_prefixes: Vec<crate::datapath::Cidr>,
+    /// Source ports / echo identifiers handed out on collision.
+    #[arg(long, default_value = "61000-65535", value_parser = masq::parse_ports)]
+    pub masq6_ports: std::ops::RangeInclusive<u16>,
     /// How often the policy directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub policy_poll_ms: u64,
@@ -94,7 +107,16 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
     let events = monitor::take_ring(&mut dp);
     let store = Store::new(&args.state_dir);
     let filter = LabelFilter::new(args.ignore_labels.iter().cloned());
+    let masq = masq::Masq::new(masq::MasqConfig {
+        mode: args.masq6,
+        uplink: args.masq6_uplink.clone(),
+        prefixes: args.masq6_prefixes.clone(),
+        ports: args.masq6_ports.clone(),
+        pin_dir: args.pin_dir.clone(),
+        snat6_entries: args.sizes().snat6,
+    });
     let mut agent = state::Agent::new(Box::new(dp), store, filter, args.policy_dir.clone())?;
+    agent.set_masq(masq);
     agent.reload_policy_dir();
     let agent = Arc::new(Mutex::new(agent));
 

@@ -61,6 +61,7 @@ pub struct Agent {
     docker_status: String,
     compiled: Option<Compiled>,
     reconciler: reconcile::Reconciler,
+    masq: Option<super::masq::Masq>,
     last_error: Option<String>,
     label_errors: BTreeMap<String, String>,
     /// ifindex → (container name, identity), for the monitor.
@@ -133,10 +134,22 @@ impl Agent {
             docker_status: "connecting".into(),
             compiled: None,
             reconciler: reconcile::Reconciler::new(),
+            masq: None,
             last_error: None,
             label_errors: BTreeMap::new(),
             names: BTreeMap::new(),
         })
+    }
+
+    pub fn set_masq(&mut self, masq: super::masq::Masq) {
+        self.masq = Some(masq);
+    }
+
+    fn sync_masq(&mut self) {
+        if let Some(m) = self.masq.as_mut() {
+            let nets: Vec<&Network> = self.networks.values().collect();
+            m.sync(&nets, &self.host_addrs);
+        }
     }
 
     pub fn save(&mut self) -> Result<(), AgentError> {
@@ -333,6 +346,7 @@ impl Agent {
                 self.docker_synced = true;
                 self.docker_status = format!("connected ({} containers)", self.containers.len());
                 self.sync_logged("docker snapshot");
+                self.sync_masq();
             }
             DockerEvent::ContainerUp(c) => {
                 let name = c.name.clone();
@@ -347,6 +361,7 @@ impl Agent {
             DockerEvent::NetworksChanged(networks) => {
                 self.networks = networks.into_iter().map(|n| (n.id.clone(), n)).collect();
                 self.sync_logged("networks changed");
+                self.sync_masq();
             }
             DockerEvent::Disconnected(reason) => {
                 warn!(%reason, "Docker unreachable; enforcement continues with the last state");
@@ -627,6 +642,8 @@ impl Agent {
             "policy_entries": self.compiled.as_ref().map_or(0, |c| c.policy.len()),
             "map_sizes": self.dp.sizes(),
             "drops": drops,
+            "masq6": self.masq.as_ref().map_or("off", |m| m.status()),
+            "masq6_flows": self.masq.as_ref().map_or(0, |m| m.flows()),
             "last_error": self.last_error,
         })
     }
