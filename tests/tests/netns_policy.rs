@@ -353,3 +353,73 @@ fn enforcement_outlives_loader_and_adoption_has_no_gap() {
         expect_blocked(&t, "db", "app1", f, WEB);
     }
 }
+
+/// A bridge floods a frame whose destination it has not learnt to every port. The copy that
+/// reaches another container's veth must not open a conntrack hole: with db's port never learnt,
+/// app1's SYNs to db:5433 also pass app2's veth, where ingress is not enforced, and must still be
+/// dropped at db.
+#[test]
+fn flooded_frames_do_not_open_conntrack_holes() {
+    if !require_root("flooded_frames_do_not_open_conntrack_holes") {
+        return;
+    }
+    let t = topology("npc");
+    let pins = PinDir::unique("flood");
+    let _servers = servers(&t);
+    let h = &t.host;
+    let db_veth = t.container("db").host_veth.clone();
+    h.run(&[
+        "ip",
+        "link",
+        "set",
+        &db_veth,
+        "type",
+        "bridge_slave",
+        "learning",
+        "off",
+    ]);
+    let mac = String::from_utf8_lossy(&h.run(&["bridge", "fdb", "show", "dev", &db_veth]).stdout)
+        .lines()
+        .filter(|l| !l.contains("permanent"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect::<Vec<_>>();
+    for m in &mac {
+        h.run(&["bridge", "fdb", "del", m, "dev", &db_veth, "master"]);
+    }
+
+    let mut p = plan(&t);
+    for e in &mut p.endpoints {
+        if e.ifindex == t.container("app2").ifindex {
+            e.ingress = false;
+        }
+    }
+    load(&pins, &t, &p);
+
+    let tx = || -> u64 {
+        let path = format!(
+            "/sys/class/net/{}/statistics/tx_packets",
+            t.container("app2").host_veth
+        );
+        String::from_utf8_lossy(&h.run(&["cat", &path]).stdout)
+            .trim()
+            .parse()
+            .expect("tx_packets")
+    };
+    for f in Family::BOTH {
+        let before = tx();
+        let r = tcp_connect(
+            &t.container("app1").ns,
+            to(&t, "db", f, OTHER),
+            Duration::from_secs(3),
+        );
+        assert!(
+            matches!(r, Connect::TimedOut),
+            "app1 -> db:{OTHER} over {f:?} passed after its SYN was flooded past app2: {r:?}"
+        );
+        assert!(
+            tx() >= before + 2,
+            "the SYNs to db were not flooded to app2's port: the test proves nothing"
+        );
+        expect_allowed(&t, "app1", "db", f, PG);
+    }
+}

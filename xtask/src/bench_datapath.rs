@@ -95,7 +95,7 @@ const METRICS: [Metric; 3] = [Metric::Throughput, Metric::ConnRate, Metric::Late
 struct Setup {
     filter: Filter,
     _servers: Vec<KillOnDrop>,
-    _pins: Option<PinDir>,
+    pins: Option<PinDir>,
     topo: Topology,
 }
 
@@ -337,7 +337,7 @@ fn setup(filter: Filter, bin: &Path) -> Result<Setup> {
     Ok(Setup {
         filter,
         _servers: servers,
-        _pins: pins,
+        pins,
         topo,
     })
 }
@@ -515,6 +515,7 @@ pub fn run(o: Opts) -> Result<()> {
             }
         }
     }
+    let costs = program_costs(&setups, o.seconds);
     drop(setups);
 
     let med: BTreeMap<(Filter, Metric), f64> = results
@@ -561,6 +562,30 @@ pub fn run(o: Opts) -> Result<()> {
         started.elapsed().as_secs()
     );
     println!("{table}");
+    match costs {
+        Ok(c) if !c.is_empty() => {
+            println!(
+                "\nnetpol program cost per packet (BPF run-time statistics, a separate pass after \
+                 the rounds; statistics add ~20-40 ns per run themselves). Each request/response \
+                 crosses 4 program runs (c1 from, c2 to, c2 from, c1 to).\n"
+            );
+            println!("| entries | workload | from_container ns/run | to_container ns/run | runs |");
+            println!("|---|---|---|---|---|");
+            for (f, m, from, to, runs) in c {
+                let n = match f {
+                    Filter::Netpol(n) => thousands(n as f64),
+                    _ => String::new(),
+                };
+                println!(
+                    "| {n} | {m:?} | {from:.0} | {to:.0} | {} |",
+                    thousands(runs as f64)
+                );
+            }
+            println!();
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("warning: program cost pass failed: {e:#}"),
+    }
     if let Some(n) = o.entries.iter().max() {
         let f = Filter::Netpol(*n);
         let tp = get(f, Metric::Throughput) / get(Filter::None, Metric::Throughput);
@@ -575,4 +600,95 @@ pub fn run(o: Opts) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `bpf(BPF_ENABLE_STATS, BPF_STATS_RUN_TIME)`: run-time statistics on while the fd is open.
+fn enable_bpf_stats() -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    let attr = [0u32; 2]; // enable_stats.type = BPF_STATS_RUN_TIME (0)
+                          // SAFETY: attr is a valid, zero-padded bpf_attr prefix of the given size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr) as libc::c_uint,
+        )
+    };
+    ensure!(
+        fd >= 0,
+        "BPF_ENABLE_STATS: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn bpftool_json(args: &[&str]) -> Result<String> {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .context("running bpftool")?;
+    ensure!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// (run_time_ns, run_cnt) summed over the programs behind the setup's pinned `*_<side>` links.
+fn prog_stats(pins: &Path, side: &str) -> Result<(f64, f64)> {
+    let (mut ns, mut cnt) = (0.0, 0.0);
+    // Both veths run the same program: count each program once.
+    let mut seen = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(pins.join("links"))?.flatten() {
+        if !e.file_name().to_string_lossy().ends_with(side) {
+            continue;
+        }
+        let path = e.path();
+        let link = bpftool_json(&["link", "show", "pinned", path.to_str().unwrap_or_default()])?;
+        let id = json_number_after(&link, "{", "prog_id").context("no prog_id")?;
+        if !seen.insert(id as u64) {
+            continue;
+        }
+        let prog = bpftool_json(&["prog", "show", "id", &format!("{id:.0}")])?;
+        ns += json_number_after(&prog, "{", "run_time_ns").unwrap_or(0.0);
+        cnt += json_number_after(&prog, "{", "run_cnt").unwrap_or(0.0);
+    }
+    Ok((ns, cnt))
+}
+
+type Cost = (Filter, Metric, f64, f64, u64);
+
+/// Average run time of `from_container` and `to_container` per packet, per netpol setup and
+/// workload.
+fn program_costs(setups: &[Setup], secs: u32) -> Result<Vec<Cost>> {
+    let mut out = Vec::new();
+    if !setups.iter().any(|s| s.pins.is_some()) {
+        return Ok(out);
+    }
+    let _stats = enable_bpf_stats()?;
+    for s in setups {
+        let Some(pins) = &s.pins else { continue };
+        for m in [Metric::Latency, Metric::ConnRate, Metric::Throughput] {
+            let f0 = prog_stats(pins.path(), "_from")?;
+            let t0 = prog_stats(pins.path(), "_to")?;
+            measure(s, m, secs)?;
+            let f1 = prog_stats(pins.path(), "_from")?;
+            let t1 = prog_stats(pins.path(), "_to")?;
+            let per = |a: (f64, f64), b: (f64, f64)| {
+                if b.1 > a.1 {
+                    (b.0 - a.0) / (b.1 - a.1)
+                } else {
+                    f64::NAN
+                }
+            };
+            let runs = (f1.1 - f0.1 + t1.1 - t0.1) as u64;
+            out.push((s.filter, m, per(f0, f1), per(t0, t1), runs));
+        }
+    }
+    Ok(out)
 }
