@@ -613,7 +613,8 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
             else {
                 return Ok(None);
             };
-            let lookup = self.lookup_veths(&bare).await;
+            let pid = raw.state.as_ref().and_then(|s| s.pid).filter(|p| *p > 0);
+            let lookup = self.lookup_veths(&bare, pid).await;
             let Some(c) = container_from_inspect(&raw, &self.networks, &lookup) else {
                 return Ok(None);
             };
@@ -635,7 +636,10 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
         }
     }
 
-    async fn lookup_veths(&self, c: &Container) -> VethLookup {
+    /// `pid`: the container's main process, whose `/proc/<pid>/ns/net` stands in for the sandbox
+    /// path when that path is not visible here (the agent in a sidecar container without
+    /// Docker's netns directory mounted; it runs in the host's pid namespace).
+    async fn lookup_veths(&self, c: &Container, pid: Option<i64>) -> VethLookup {
         let wanted: Vec<WantedInterface> = c
             .networks
             .iter()
@@ -661,8 +665,14 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
                 .map(|w| (w.network_id.clone(), Err(why.clone())))
                 .collect()
         };
-        let Some(netns) = c.sandbox_key.clone() else {
-            return fail_all("container has no network namespace (SandboxKey)".to_owned());
+        let proc_ns = pid.map(|p| PathBuf::from(format!("/proc/{p}/ns/net")));
+        let netns = match (c.sandbox_key.clone(), proc_ns) {
+            (Some(k), Some(p)) if !k.exists() => p,
+            (Some(k), _) => k,
+            (None, Some(p)) => p,
+            (None, None) => {
+                return fail_all("container has no network namespace (SandboxKey)".to_owned())
+            }
         };
         match self.veths.resolve(netns.clone(), wanted.clone()).await {
             Ok(found) => found,
