@@ -581,7 +581,9 @@ fn ping(socket: &Path) -> bool {
     reply.lines().next().is_some_and(|l| l.contains(" 200 "))
 }
 
-/// Takes the harness lock, waiting (and saying so) while another test holds it.
+/// Takes the harness lock, waiting (and saying so) while another test holds it; panics after
+/// `NETPOL_DOCKER_LOCK_TIMEOUT` seconds (default 900) rather than hang, e.g. when a test asks for
+/// a second daemon while its binary holds one for all its tests.
 fn take_lock() -> fs::File {
     let file = fs::OpenOptions::new()
         .create(true)
@@ -589,16 +591,33 @@ fn take_lock() -> fs::File {
         .write(true)
         .open(LOCK_PATH)
         .unwrap_or_else(|e| panic!("open {LOCK_PATH}: {e}"));
-    let fd = file.as_raw_fd();
-    // SAFETY: `fd` is an open descriptor owned by `file`.
-    if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        eprintln!("waiting for {LOCK_PATH}: another test runs a dockerd");
-        // SAFETY: as above.
-        if unsafe { libc::flock(fd, libc::LOCK_EX) } != 0 {
-            panic!("flock {LOCK_PATH}: {}", std::io::Error::last_os_error());
+    let timeout = std::env::var("NETPOL_DOCKER_LOCK_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(Duration::from_secs(900), Duration::from_secs);
+    let deadline = Instant::now() + timeout;
+    let mut said = false;
+    loop {
+        // SAFETY: the descriptor is open and owned by `file`.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return file;
         }
+        let e = std::io::Error::last_os_error();
+        assert!(
+            e.raw_os_error() == Some(libc::EWOULDBLOCK),
+            "flock {LOCK_PATH}: {e}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{LOCK_PATH} still held after {timeout:?}: another DockerDaemon is alive (in this \
+             test binary, or another test process)"
+        );
+        if !said {
+            eprintln!("waiting for {LOCK_PATH}: another test runs a dockerd");
+            said = true;
+        }
+        thread::sleep(Duration::from_millis(100));
     }
-    file
 }
 
 /// With the lock held no harness daemon is in use, so anything still running from our paths was
