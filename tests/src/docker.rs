@@ -124,8 +124,9 @@ impl DockerDaemon {
             );
         }
         if others.is_empty() {
-            // No daemon at all: Docker bridges and chains still present are an earlier one's.
-            let errors = cleanup_network(&[], None);
+            // No daemon at all: Docker bridges and chains still present are an earlier one's,
+            // and iptables-nft tables left empty by that cleanup do nothing: remove them too.
+            let errors = cleanup_network(&[], Some(&[]));
             assert!(
                 errors.is_empty(),
                 "cannot remove the network leftovers of an earlier dockerd:\n{}",

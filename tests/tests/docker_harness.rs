@@ -9,7 +9,7 @@ use std::{
 };
 
 use netpol_tests::docker::{
-    docker_chains, forward_policy, host_bridges, is_docker_bridge, DaemonConfig, DockerDaemon,
+    docker_chains, forward_policy, host_bridges, DaemonConfig, DockerDaemon,
 };
 
 const IMAGE: &str = "netpol-test/busybox";
@@ -40,13 +40,8 @@ fn private_dockerd_runs_containers_and_cleans_up_after_itself() {
     if !netpol_tests::require_root("private_dockerd_runs_containers_and_cleans_up_after_itself") {
         return;
     }
-    let docker_bridges = || -> Vec<String> {
-        host_bridges()
-            .into_iter()
-            .filter(|b| is_docker_bridge(b))
-            .collect()
-    };
-    let bridges_before = docker_bridges();
+    // The bridges this daemon creates: docker0 and the user-defined network's br-<id>.
+    let created: Vec<String>;
     {
         let mut docker = DockerDaemon::start_with(DaemonConfig {
             ipv6: true,
@@ -66,10 +61,12 @@ fn private_dockerd_runs_containers_and_cleans_up_after_itself() {
         );
 
         // A published port (iptables DNAT, docker-proxy) on a user-defined network.
-        docker.docker_ok(&["network", "create", "harness-net"]);
+        let net = docker.docker_ok(&["network", "create", "harness-net"]);
+        created = vec!["docker0".to_owned(), format!("br-{}", &net[..12])];
+        let bridges = host_bridges();
         assert!(
-            docker_bridges().len() >= bridges_before.len() + 2,
-            "no docker0 and br-* bridge"
+            created.iter().all(|b| bridges.contains(b)),
+            "no {created:?} among the host's bridges {bridges:?}"
         );
         docker.docker_ok(&[
             "run",
@@ -99,11 +96,11 @@ fn private_dockerd_runs_containers_and_cleans_up_after_itself() {
         );
         assert_eq!(docker.inspect("web", "{{.State.Running}}"), "false");
     }
-    assert_eq!(
-        docker_bridges(),
-        bridges_before,
-        "Docker bridges left behind"
-    );
+    let left: Vec<_> = host_bridges()
+        .into_iter()
+        .filter(|b| created.contains(b))
+        .collect();
+    assert!(left.is_empty(), "bridges left behind: {left:?}");
     assert_eq!(forward_policy("iptables"), "ACCEPT");
     for table in ["filter", "nat"] {
         let chains = docker_chains("iptables", table);
