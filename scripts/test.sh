@@ -103,19 +103,24 @@ run_cargo test "${pkgs[@]}" --no-fail-fast --test '*' -- \
     --test-threads="${NETPOL_TEST_THREADS:-1}" "${filter[@]}" \
     || failed_steps+=("integration tests")
 
+# Sums libtest's "test result:" lines. A test binary that crashed (a signal, an abort) prints
+# none: cargo's "error: test failed" lines without a matching "test result: FAILED" count as one
+# failure each.
 read -r passed failed < <(awk '
     /^test result:/ {
         for (i = 2; i <= NF; i++) {
             if ($i ~ /^passed;?$/) p += $(i - 1)
             if ($i ~ /^failed;?$/) f += $(i - 1)
         }
+        if ($3 == "FAILED.") r++
     }
-    END { print p + 0, f + 0 }' "$out")
+    /^error: test failed, to rerun pass/ { e++ }
+    END { if (e > r) f += e - r; print p + 0, f + 0 }' < <(sed 's/\x1b\[[0-9;]*m//g' "$out"))
 
 echo
 echo "test run took $(( $(date +%s) - start )) s"
-if [ "${#failed_steps[@]}" -gt 0 ] && [ "$failed" -eq 0 ]; then
-    echo "failed to build or run: ${failed_steps[*]} (see the errors above)"
+if [ "${#failed_steps[@]}" -gt 0 ]; then
+    echo "FAILED: ${failed_steps[*]} (cargo's errors are above; a build error runs no tests)"
 fi
 echo "$passed passed, $failed failed"
 [ "${#failed_steps[@]}" -eq 0 ] && [ "$failed" -eq 0 ]
