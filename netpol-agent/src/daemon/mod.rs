@@ -94,6 +94,32 @@ fn init_logging() {
         .try_init();
 }
 
+/// Tells systemd (`Type=notify`) that the datapath is loaded and the socket answers, so that
+/// `docker.service`, ordered after us, starts containers only once enforcement is in place.
+fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "sd_notify");
+            return;
+        }
+    };
+    let bytes = path.as_encoded_bytes();
+    let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|addr| sock.send_to_addr(b"READY=1", &addr))
+    } else {
+        sock.send_to(b"READY=1", std::path::Path::new(&path))
+    };
+    if let Err(e) = result {
+        warn!(error = %e, "sd_notify");
+    }
+}
+
 pub fn run(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
     init_logging();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -161,6 +187,7 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
     });
 
     info!(socket = %socket.display(), "netpol-agent running");
+    notify_ready();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
