@@ -6,6 +6,11 @@
 //! IPv6 subnet and the host's own IPv6 addresses are `Local` (never translated as destinations).
 //! `--masq6-prefix` replaces the automatic choice. The uplink is `--masq6-uplink` or the interface
 //! of the default IPv6 route, and its global address is the one containers get.
+//!
+//! The programs, links and `SNAT6` are pinned, so they outlive the agent; what a new agent finds
+//! pinned is brought in line with its own configuration, never left translating behind a status
+//! that says otherwise: `--masq6 off` removes it, `auto` with nothing to masquerade keeps only
+//! `Local` prefixes, and links on an interface that is no longer the uplink are removed.
 
 use std::{collections::BTreeMap, net::IpAddr, ops::RangeInclusive, path::PathBuf};
 
@@ -42,7 +47,8 @@ pub struct MasqConfig {
 pub struct Masq {
     cfg: MasqConfig,
     loaded: Option<Masq6>,
-    attached_to: Option<String>,
+    /// The uplink this agent attached to (name, ifindex).
+    attached_to: Option<(String, u32)>,
     status: String,
 }
 
@@ -63,6 +69,33 @@ pub fn parse_ports(s: &str) -> Result<RangeInclusive<u16>, String> {
         return Err(format!("{s}: empty range"));
     }
     Ok(a..=b)
+}
+
+/// Removes a pinned masquerade (links, netlink filters on the configured or detected uplink,
+/// maps); `Ok(true)` when there was one.
+fn remove_pinned(cfg: &MasqConfig) -> Result<bool, masq6::Masq6Error> {
+    let pinned = masq6::is_pinned(&cfg.pin_dir);
+    let uplink = cfg
+        .uplink
+        .clone()
+        .or_else(|| masq6::detect_uplink().ok().map(|u| u.name));
+    let mut errors = Vec::new();
+    if let Some(name) = uplink {
+        // Also clsact filters, which are not pinned; an interface that is gone has none.
+        if let Err(e) = masq6::detach(&cfg.pin_dir, &name) {
+            if !matches!(e, masq6::Masq6Error::Interface { .. }) {
+                errors.push(e);
+            }
+        }
+    }
+    if let Err(e) = masq6::remove_pins(&cfg.pin_dir) {
+        errors.push(e);
+    }
+    if errors.is_empty() {
+        Ok(pinned)
+    } else {
+        Err(masq6::Masq6Error::Teardown(errors))
+    }
 }
 
 /// The prefixes to masquerade and to leave local, and notes for `status`.
@@ -99,9 +132,21 @@ pub fn choose_prefixes(
 }
 
 impl Masq {
+    /// With `--masq6 off`, also removes the masquerade an earlier agent left pinned (its links
+    /// would otherwise go on translating).
     pub fn new(cfg: MasqConfig) -> Self {
         let status = if cfg.mode == Masq6Mode::Off {
-            "off (--masq6 off)".into()
+            match remove_pinned(&cfg) {
+                Ok(false) => "off (--masq6 off)".into(),
+                Ok(true) => {
+                    info!("masq6 off: removed the masquerade an earlier agent left pinned");
+                    "off (--masq6 off); removed the masquerade left by an earlier run".into()
+                }
+                Err(e) => {
+                    warn!(error = %e, "masq6 off: removing the pinned masquerade");
+                    format!("error: --masq6 off, but the pinned masquerade stays: {e}")
+                }
+            }
         } else {
             "waiting for Docker".into()
         };
@@ -146,7 +191,13 @@ impl Masq {
         } else {
             format!("; {}", notes.join("; "))
         };
-        if masq.is_empty() && self.loaded.is_none() && self.cfg.mode == Masq6Mode::Auto {
+        // Nothing to masquerade and nothing pinned: stay unloaded. Something pinned (an earlier
+        // agent's masquerade) is adopted below and keeps only `Local` prefixes.
+        if masq.is_empty()
+            && self.loaded.is_none()
+            && self.cfg.mode == Masq6Mode::Auto
+            && !masq6::is_pinned(&self.cfg.pin_dir)
+        {
             self.status = format!("off: no Docker IPv6 network needs it{notes}");
             return;
         }
@@ -186,15 +237,32 @@ impl Masq {
         let result = (|| -> Result<(), masq6::Masq6Error> {
             m.set_prefixes(&want)?;
             m.configure(&settings)?;
-            if self.attached_to.as_deref() != Some(uplink.name.as_str()) {
-                if let Some(old) = self.attached_to.take() {
+            let now = (uplink.name.clone(), uplink.ifindex);
+            if self.attached_to.as_ref() != Some(&now) {
+                if let Some((old, _)) = self.attached_to.take() {
+                    // Netlink filters (old kernels) are found by name; pinned links below.
                     let _ = masq6::detach(&self.cfg.pin_dir, &old);
                 }
                 m.attach(&uplink.name)?;
-                self.attached_to = Some(uplink.name.clone());
+                self.attached_to = Some(now);
                 info!(uplink = %uplink.name, %addr, "masq6 attached");
             }
-            Ok(())
+            // Links an earlier agent pinned on another interface (the uplink changed while no
+            // agent ran, or the interface was recreated) would translate to this address.
+            let mut stale = Vec::new();
+            for idx in masq6::pinned_ifindexes(&self.cfg.pin_dir) {
+                if idx != uplink.ifindex {
+                    match masq6::detach_ifindex(&self.cfg.pin_dir, idx, None) {
+                        Ok(()) => info!(ifindex = idx, "masq6: detached from a former uplink"),
+                        Err(e) => stale.push(e),
+                    }
+                }
+            }
+            if stale.is_empty() {
+                Ok(())
+            } else {
+                Err(masq6::Masq6Error::Teardown(stale))
+            }
         })();
         self.status = match result {
             Ok(()) if masq.is_empty() => format!(

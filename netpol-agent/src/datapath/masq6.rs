@@ -560,6 +560,30 @@ pub fn detach_ifindex(pin_dir: &Path, ifindex: u32, ifname: Option<&str>) -> Res
     }
 }
 
+/// The interfaces (by index) with masquerade links pinned under `pin_dir`, e.g. by an earlier
+/// agent on an uplink that is no longer the one configured.
+pub fn pinned_ifindexes(pin_dir: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(dir) = fs::read_dir(pin_dir) {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let idx = [programs::MASQ6_OUT, programs::MASQ6_IN]
+                .iter()
+                .find_map(|p| name.strip_prefix(p)?.strip_prefix('_')?.parse::<u32>().ok());
+            if let Some(idx) = idx.filter(|i| !out.contains(i)) {
+                out.push(idx);
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Whether anything of the masquerade (maps or links) is pinned under `pin_dir`.
+pub fn is_pinned(pin_dir: &Path) -> bool {
+    PINNED.iter().any(|n| pin_dir.join(n).exists()) || !pinned_ifindexes(pin_dir).is_empty()
+}
+
 /// Removes the masquerade's pinned maps and any pinned links under `pin_dir` (full teardown;
 /// the translations are lost). Every failure is reported, not only the first.
 pub fn remove_pins(pin_dir: &Path) -> Result<()> {
@@ -839,6 +863,32 @@ fd000000000000000000000000000001 02 40 00 80 eth0
             Some("2001:db8::2".parse().unwrap_or(Ipv6Addr::UNSPECIFIED))
         );
         assert_eq!(global_address_in(text, "eth2").ok().flatten(), None);
+    }
+
+    #[test]
+    fn finds_pinned_links_and_maps() {
+        let dir = std::env::temp_dir().join(format!("netpol-masq6-pins-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        assert!(!is_pinned(&dir), "a missing directory holds nothing");
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        for f in [
+            "masq6_out_12",
+            "masq6_in_12",
+            "masq6_in_7",
+            "masq6_out_x",
+            "CT6",
+        ] {
+            fs::write(dir.join(f), "").unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+        assert_eq!(pinned_ifindexes(&dir), vec![7, 12]);
+        assert!(is_pinned(&dir));
+        for f in ["masq6_out_12", "masq6_in_12", "masq6_in_7"] {
+            let _ = fs::remove_file(dir.join(f));
+        }
+        assert!(!is_pinned(&dir), "policy maps are not the masquerade's");
+        fs::write(dir.join(names::SNAT6), "").unwrap_or_else(|e| panic!("SNAT6: {e}"));
+        assert!(is_pinned(&dir));
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
