@@ -354,6 +354,12 @@ impl Agent {
         }
     }
 
+    /// Replaces the options used by the next start ([`Agent::restart`],
+    /// [`Agent::spawn_again`]), e.g. to restart with other `run` flags on the same pins.
+    pub fn set_options(&mut self, options: AgentOptions) {
+        self.options = options;
+    }
+
     /// Starts the (stopped or killed) agent again with the same directories and waits until
     /// it is ready.
     pub fn restart(&mut self) {

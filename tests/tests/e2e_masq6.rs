@@ -14,8 +14,9 @@
 //! The test proves, in order: the server is reachable from the host and a container's SYN reaches
 //! it, but the container gets no connection without the agent; with the agent, TCP and ping work
 //! and the server sees the uplink's address; `status` says so; a network created while the agent
-//! runs is masqueraded too; after `kill -9` of the agent the pinned programs keep translating;
-//! removing the agent's pins ends the translation. Everything it adds (namespace, veth, route,
+//! runs is masqueraded too; after `kill -9` of the agent the pinned programs keep translating and
+//! a restarted agent adopts them; restarted with `--masq6 off` it stops translating, and with
+//! `auto` again it resumes; removing the agent's pins ends the translation. Everything it adds (namespace, veth, route,
 //! sysctl, containers, networks, pins) is removed also when it fails.
 
 use std::{
@@ -585,7 +586,55 @@ fn docker_ipv6_network_reaches_the_internet_through_the_agents_masquerade() {
     }
     ping_eventually(&a, "after kill -9 of the agent");
 
-    // 5. Removing the agent's pins (its guard does, as a reboot would) ends the translation.
+    // 5. A restarted agent adopts the pinned masquerade.
+    agent.restart();
+    wait_masq6(&agent, "agent restarted", |m| {
+        m.starts_with("on via") && m.contains(SUBNET_A) && m.contains(SUBNET_B)
+    });
+    let seen = reach_eventually(&a, &agent, "after the agent restarted");
+    assert_eq!(
+        seen,
+        IpAddr::V6(v6(UPLINK_ADDR)),
+        "after restart: the server saw {seen}"
+    );
+
+    // 6. Restarted with `--masq6 off`, it stops translating (and says so), rather than leave
+    // the pinned programs running behind an "off" status; back to `auto`, it translates again.
+    let with = |mode: &str| AgentOptions {
+        extra_args: vec![
+            "--masq6".into(),
+            mode.into(),
+            "--masq6-uplink".into(),
+            uplink.clone(),
+        ],
+    };
+    agent.set_options(with("off"));
+    agent.restart();
+    wait_masq6(&agent, "restarted with --masq6 off", |m| {
+        m.starts_with("off")
+    });
+    assert_no_connection(&a, &internet, "with --masq6 off");
+    let left: Vec<String> = pins(agent.pin_dir())
+        .into_iter()
+        .filter(|p| p.starts_with("masq6_") || p == "SNAT6" || p.starts_with("MASQ6_"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "--masq6 off left masquerade pins: {left:?}"
+    );
+    agent.set_options(with("auto"));
+    agent.restart();
+    wait_masq6(&agent, "restarted with --masq6 auto", |m| {
+        m.starts_with("on via")
+    });
+    let seen = reach_eventually(&a, &agent, "back to --masq6 auto");
+    assert_eq!(
+        seen,
+        IpAddr::V6(v6(UPLINK_ADDR)),
+        "back to auto: the server saw {seen}"
+    );
+
+    // 7. Removing the agent's pins (its guard does, as a reboot would) ends the translation.
     let pin_dir = agent.pin_dir().to_owned();
     drop(agent);
     assert!(!pin_dir.exists(), "{} still exists", pin_dir.display());
