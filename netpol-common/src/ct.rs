@@ -16,7 +16,8 @@ pub enum CtDir {
     Egress = 1,
 }
 
-#[repr(C)]
+/// 4-byte aligned (same layout): the datapath builds keys with word stores, not byte copies.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey4 {
     pub saddr: [u8; 4],
@@ -72,7 +73,7 @@ impl CtKey4 {
     }
 }
 
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey6 {
     pub saddr: [u8; 16],

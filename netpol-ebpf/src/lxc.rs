@@ -58,20 +58,46 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
         Some(p) => unsafe { &mut *p },
         None => return PASS,
     };
-    sc.ev = FlowEvent {
-        ifindex,
-        direction: dir as u8,
-        ..FlowEvent::default()
-    };
+    // Only the event's scalars are set per packet (word stores); its addresses are copied from
+    // the parsed packet on the rare paths that emit it (`finish_event`).
+    let ev = &mut sc.ev;
+    ev.kind = 0;
+    ev.reason = 0;
+    ev.proto = 0;
+    ev.family = 0;
+    ev.direction = dir as u8;
+    ev.ifindex = ifindex;
+    ev.rule = 0;
+    ev.sport = 0;
+    ev.dport = 0;
     // The local side of every event is the endpoint, even for a packet dropped before its
     // addresses are parsed or looked up (malformed, spoofed).
-    match dir {
-        Direction::Egress => sc.ev.src_identity = ep.identity,
-        Direction::Ingress => sc.ev.dst_identity = ep.identity,
-    }
-    sc.ep = *ep;
+    let (src, dst) = match dir {
+        Direction::Egress => (ep.identity, 0),
+        Direction::Ingress => (0, ep.identity),
+    };
+    ev.src_identity = src;
+    ev.dst_identity = dst;
+    // Word copies of the fields the parsers need (a whole-struct copy becomes a byte-wise
+    // memmove in BPF).
+    sc.ep.identity = ep.identity;
+    sc.ep.flags = ep.flags;
+    sc.ep.ipv4 = ep.ipv4;
+    // SAFETY: `Endpoint` is 4-byte aligned and `ipv6` sits at offset 12: four aligned words.
+    unsafe {
+        core::ptr::write(
+            sc.ep.ipv6.as_mut_ptr().cast::<[u32; 4]>(),
+            core::ptr::read(ep.ipv6.as_ptr().cast::<[u32; 4]>()),
+        )
+    };
+    sc.addrs_valid = 0;
     match try_lxc(ctx, ep, dir, sc) {
-        Ok(action) => action,
+        Ok(action) => {
+            if sc.ev.kind == FlowEvent::KIND_FLOW {
+                trace_flow(sc);
+            }
+            action
+        }
         Err(reason) => {
             let parse_error = matches!(
                 reason,
@@ -80,10 +106,34 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
             if parse_error && !ep.enforces_any() {
                 return PASS;
             }
+            finish_event(sc);
             report_drop(reason, &mut sc.ev);
             SHOT
         }
     }
+}
+
+/// Copies the parsed addresses into the event (only for events that are emitted).
+#[inline(never)]
+fn finish_event(sc: &mut Scratch) -> u32 {
+    let ev = &mut sc.ev;
+    ev.saddr = [0; 16];
+    ev.daddr = [0; 16];
+    if sc.addrs_valid == 0 {
+        return 0;
+    }
+    match ev.family {
+        4 => {
+            ev.saddr[..4].copy_from_slice(&sc.p4.s);
+            ev.daddr[..4].copy_from_slice(&sc.p4.d);
+        }
+        6 => {
+            ev.saddr = sc.p6.s;
+            ev.daddr = sc.p6.d;
+        }
+        _ => {}
+    }
+    0
 }
 
 #[inline(always)]
@@ -97,12 +147,14 @@ fn report_drop(reason: DropReason, ev: &mut FlowEvent) {
     let _ = EVENTS.output(*ev, 0);
 }
 
+/// Emits the `Flow` event of a newly admitted flow when a monitor asked for them.
 #[inline(always)]
-fn trace_flow(ev: &mut FlowEvent) {
+fn trace_flow(sc: &mut Scratch) {
     if let Some(c) = CONFIG.get(0) {
         if c.flags & Config::TRACE_FLOWS != 0 {
-            ev.kind = FlowEvent::KIND_FLOW;
-            let _ = EVENTS.output(*ev, 0);
+            finish_event(sc);
+            sc.ev.kind = FlowEvent::KIND_FLOW;
+            let _ = EVENTS.output(sc.ev, 0);
         }
     }
 }
@@ -315,13 +367,15 @@ fn related<F: Family>(
 pub struct Scratch {
     /// A copy of the endpoint, so the parsers take two arguments.
     ep: Endpoint,
+    /// The parsed packet's addresses are valid (for events).
+    addrs_valid: u32,
     ev: FlowEvent,
     p4: Pkt<V4>,
     p6: Pkt<V6>,
 }
 
 /// A parsed packet: addresses, L4, and for an ICMP error the embedded packet.
-#[repr(C)]
+#[repr(C, align(8))]
 pub struct Pkt<F: Family> {
     s: F::Addr,
     d: F::Addr,
@@ -331,7 +385,7 @@ pub struct Pkt<F: Family> {
     inner: Inner<F>,
 }
 
-#[repr(C)]
+#[repr(C, align(4))]
 pub struct Inner<F: Family> {
     s: F::Addr,
     d: F::Addr,
@@ -430,7 +484,8 @@ fn decide<F: Family>(
         };
         F::put(&k, &e);
     }
-    trace_flow(ev);
+    // A new flow was admitted: `run` emits its event if flows are traced.
+    ev.kind = FlowEvent::KIND_FLOW;
     Ok(PASS)
 }
 
@@ -491,7 +546,14 @@ fn v4(ctx: &TcContext, sc: &mut Scratch) -> u32 {
     } else {
         Direction::Ingress
     };
-    encode(parse_v4(ctx, &sc.ep, dir, &mut sc.ev, &mut sc.p4))
+    encode(parse_v4(
+        ctx,
+        &sc.ep,
+        dir,
+        &mut sc.ev,
+        &mut sc.p4,
+        &mut sc.addrs_valid,
+    ))
 }
 
 #[inline(never)]
@@ -501,7 +563,14 @@ fn v6(ctx: &TcContext, sc: &mut Scratch) -> u32 {
     } else {
         Direction::Ingress
     };
-    encode(parse_v6(ctx, &sc.ep, dir, &mut sc.ev, &mut sc.p6))
+    encode(parse_v6(
+        ctx,
+        &sc.ep,
+        dir,
+        &mut sc.ev,
+        &mut sc.p6,
+        &mut sc.addrs_valid,
+    ))
 }
 
 /// Parses an IPv4 packet into `p`. `Ok(true)`: passes without policy.
@@ -512,14 +581,14 @@ fn parse_v4(
     dir: Direction,
     ev: &mut FlowEvent,
     p: &mut Pkt<V4>,
+    valid: &mut u32,
 ) -> Result<bool, DropReason> {
-    ev.family = 4;
     let (ip, l4off, frag) = parse::ipv4(ctx, ETH_HLEN)?;
-    ev.saddr[..4].copy_from_slice(&ip.saddr);
-    ev.daddr[..4].copy_from_slice(&ip.daddr);
-    ev.proto = ip.proto;
     p.s = ip.saddr;
     p.d = ip.daddr;
+    ev.family = 4;
+    ev.proto = ip.proto;
+    *valid = 1;
     p.l = parse::l4(ctx, ip.proto, l4off, frag)?;
     // Echo: the identifier goes in sport whichever way the echo goes.
     ev.sport = if p.l.kind == Kind::EchoReply {
@@ -557,11 +626,11 @@ fn parse_v6(
     dir: Direction,
     ev: &mut FlowEvent,
     p: &mut Pkt<V6>,
+    valid: &mut u32,
 ) -> Result<bool, DropReason> {
     ev.family = 6;
     let (nexthdr, l4off, frag) = parse::ipv6(ctx, ETH_HLEN, &mut p.s, &mut p.d)?;
-    ev.saddr = p.s;
-    ev.daddr = p.d;
+    *valid = 1;
     ev.proto = nexthdr;
     p.l = parse::l4(ctx, nexthdr, l4off, frag)?;
     if p.l.kind == Kind::Neighbour {

@@ -10,7 +10,8 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_ARP: u16 = 0x0806;
 
-#[repr(C)]
+/// 4-byte aligned so loads and copies are word-wise (the fields are bytes).
+#[repr(C, align(4))]
 #[derive(Clone, Copy)]
 pub struct Ipv4Hdr {
     pub vihl: u8,
@@ -26,10 +27,17 @@ pub struct Ipv4Hdr {
 }
 
 /// The first 8 bytes of a TCP/UDP/SCTP/ICMP header: enough for ports, ICMP type and identifier.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy)]
 pub struct L4Head {
     pub b: [u8; 8],
+}
+
+/// The fixed part of a TCP header.
+#[repr(C, align(4))]
+#[derive(Clone, Copy)]
+pub struct TcpHead {
+    pub b: [u8; 20],
 }
 
 /// What the L4 header says about the packet, for conntrack and policy.
@@ -193,13 +201,13 @@ pub fn l4(
     }
     match proto {
         proto::TCP => {
-            // The fixed 20-byte header must be there and its data offset sane.
-            let h: [u8; 14] = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+            // The fixed 20-byte header must be there (one load) and its data offset sane.
+            let t: TcpHead = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+            let h = &t.b;
             let doff = (h[12] >> 4) as usize * 4;
             if doff < 20 {
                 return Err(DropReason::Malformed);
             }
-            let _: [u8; 20] = ctx.load(off).map_err(|_| DropReason::Malformed)?;
             l.sport = be16([h[0], h[1]]);
             l.dport = be16([h[2], h[3]]);
             l.tcp_flags = h[13];
