@@ -234,6 +234,7 @@ impl Sysctl {
         if now == value {
             return Sysctl { path, old: None };
         }
+        eprintln!("setting {path} to {value} (was {now}) for the test");
         std::fs::write(path, value).unwrap_or_else(|e| panic!("write {path}: {e}"));
         Sysctl {
             path,
@@ -496,8 +497,9 @@ fn docker_ipv6_network_reaches_the_internet_through_the_agents_masquerade() {
     let mut nets = DockerNets::new(&docker);
     nets.network(NET_A, SUBNET_A);
     let a = nets.container("npe2e6-a", NET_A);
-    // Routing between the Docker bridge and the uplink (put back when the test ends, also on
-    // failure; the harness daemon restores it too).
+    // Routing between the Docker bridge and the uplink. Docker 20.10 turns IPv6 forwarding on
+    // only with its (experimental) ip6tables support, so the test does; put back when the test
+    // ends, also on failure (the harness daemon restores it too).
     let _forwarding = Sysctl::set("/proc/sys/net/ipv6/conf/all/forwarding", "1");
 
     // The topology works: the host (whose source on the uplink is its global address) reaches
