@@ -497,9 +497,10 @@ fn docker_ipv6_network_reaches_the_internet_through_the_agents_masquerade() {
     let mut nets = DockerNets::new(&docker);
     nets.network(NET_A, SUBNET_A);
     let a = nets.container("npe2e6-a", NET_A);
-    // Routing between the Docker bridge and the uplink. Docker 20.10 turns IPv6 forwarding on
-    // only with its (experimental) ip6tables support, so the test does; put back when the test
-    // ends, also on failure (the harness daemon restores it too).
+    // Routing between the Docker bridge and the uplink needs IPv6 forwarding. dockerd turns it
+    // on itself when it sets up an IPv6 bridge network (with its default --ip-forward); the test
+    // makes sure, and puts back what it changed, also on failure (the harness daemon restores
+    // dockerd's change).
     let _forwarding = Sysctl::set("/proc/sys/net/ipv6/conf/all/forwarding", "1");
 
     // The topology works: the host (whose source on the uplink is its global address) reaches
