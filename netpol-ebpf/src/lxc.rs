@@ -83,13 +83,15 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
     sc.ep.identity = ep.identity;
     sc.ep.flags = ep.flags;
     sc.ep.ipv4 = ep.ipv4;
-    // SAFETY: `Endpoint` is 4-byte aligned and `ipv6` sits at offset 12: four aligned words.
+    // SAFETY: `Endpoint` is 4-byte aligned and `ipv6` sits at offset 12: four aligned words,
+    // written one by one (volatile, so they are not merged back into a byte-wise memcpy).
     unsafe {
-        core::ptr::write(
-            sc.ep.ipv6.as_mut_ptr().cast::<[u32; 4]>(),
-            core::ptr::read(ep.ipv6.as_ptr().cast::<[u32; 4]>()),
-        )
-    };
+        let src = ep.ipv6.as_ptr().cast::<u32>();
+        let dst = sc.ep.ipv6.as_mut_ptr().cast::<u32>();
+        for i in 0..4 {
+            core::ptr::write_volatile(dst.add(i), core::ptr::read(src.add(i)));
+        }
+    }
     sc.addrs_valid = 0;
     match try_lxc(ctx, ep, dir, sc) {
         Ok(action) => {
@@ -124,12 +126,12 @@ fn finish_event(sc: &mut Scratch) -> u32 {
     }
     match ev.family {
         4 => {
-            ev.saddr[..4].copy_from_slice(&sc.p4.s);
-            ev.daddr[..4].copy_from_slice(&sc.p4.d);
+            ev.saddr[..4].copy_from_slice(&sc.p4.s.0);
+            ev.daddr[..4].copy_from_slice(&sc.p4.d.0);
         }
         6 => {
-            ev.saddr = sc.p6.s;
-            ev.daddr = sc.p6.d;
+            ev.saddr = sc.p6.s.0;
+            ev.daddr = sc.p6.d.0;
         }
         _ => {}
     }
@@ -184,6 +186,47 @@ fn try_lxc(
     }
 }
 
+/// An IPv4 address, 4-byte aligned so that copies and compares are single words.
+#[repr(C, align(4))]
+#[derive(Clone, Copy)]
+pub struct A4(pub [u8; 4]);
+
+/// An IPv6 address, 4-byte aligned: copies and compares are four words, not sixteen bytes.
+#[repr(C, align(4))]
+#[derive(Clone, Copy)]
+pub struct A16(pub [u8; 16]);
+
+impl A4 {
+    #[inline(always)]
+    fn word(&self) -> u32 {
+        // SAFETY: 4 bytes, 4-byte aligned.
+        unsafe { core::ptr::read(self.0.as_ptr().cast::<u32>()) }
+    }
+}
+
+impl PartialEq for A4 {
+    #[inline(always)]
+    fn eq(&self, o: &Self) -> bool {
+        self.word() == o.word()
+    }
+}
+
+impl A16 {
+    #[inline(always)]
+    fn words(&self) -> [u32; 4] {
+        // SAFETY: 16 bytes, 4-byte aligned.
+        unsafe { core::ptr::read(self.0.as_ptr().cast::<[u32; 4]>()) }
+    }
+}
+
+impl PartialEq for A16 {
+    #[inline(always)]
+    fn eq(&self, o: &Self) -> bool {
+        let (a, b) = (self.words(), o.words());
+        (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) == 0
+    }
+}
+
 /// The parts of conntrack and the ipcache that differ between IPv4 and IPv6.
 pub trait Family {
     type Addr: Copy + PartialEq;
@@ -208,11 +251,11 @@ pub struct V4;
 pub struct V6;
 
 impl Family for V4 {
-    type Addr = [u8; 4];
+    type Addr = A4;
     type Key = CtKey4;
     #[inline(always)]
-    fn key(s: [u8; 4], d: [u8; 4], sport: u16, dport: u16, proto: u8, dir: CtDir) -> CtKey4 {
-        CtKey4::new(s, d, sport, dport, proto, dir)
+    fn key(s: A4, d: A4, sport: u16, dport: u16, proto: u8, dir: CtDir) -> CtKey4 {
+        CtKey4::new(s.0, d.0, sport, dport, proto, dir)
     }
     #[inline(always)]
     fn rev(k: &CtKey4, dir: CtDir) -> CtKey4 {
@@ -227,24 +270,24 @@ impl Family for V4 {
         let _ = CT4.insert(k, v, 0);
     }
     #[inline(always)]
-    fn identity(a: [u8; 4]) -> u32 {
-        let key = aya_ebpf::maps::lpm_trie::Key::new(32, a);
+    fn identity(a: A4) -> u32 {
+        let key = aya_ebpf::maps::lpm_trie::Key::new(32, a.0);
         IPCACHE4
             .get(&key)
             .map_or(identity::WORLD, |v: &RemoteInfo| v.identity)
     }
     #[inline(always)]
-    fn is_local(ep: &Endpoint, a: &[u8; 4]) -> bool {
-        ep.flags & Endpoint::HAS_IPV4 != 0 && ep.ipv4 == *a
+    fn is_local(ep: &Endpoint, a: &A4) -> bool {
+        ep.flags & Endpoint::HAS_IPV4 != 0 && A4(ep.ipv4) == *a
     }
 }
 
 impl Family for V6 {
-    type Addr = [u8; 16];
+    type Addr = A16;
     type Key = CtKey6;
     #[inline(always)]
-    fn key(s: [u8; 16], d: [u8; 16], sport: u16, dport: u16, proto: u8, dir: CtDir) -> CtKey6 {
-        CtKey6::new(s, d, sport, dport, proto, dir)
+    fn key(s: A16, d: A16, sport: u16, dport: u16, proto: u8, dir: CtDir) -> CtKey6 {
+        CtKey6::new(s.0, d.0, sport, dport, proto, dir)
     }
     #[inline(always)]
     fn rev(k: &CtKey6, dir: CtDir) -> CtKey6 {
@@ -259,15 +302,17 @@ impl Family for V6 {
         let _ = CT6.insert(k, v, 0);
     }
     #[inline(always)]
-    fn identity(a: [u8; 16]) -> u32 {
-        let key = aya_ebpf::maps::lpm_trie::Key::new(128, a);
+    fn identity(a: A16) -> u32 {
+        let key = aya_ebpf::maps::lpm_trie::Key::new(128, a.0);
         IPCACHE6
             .get(&key)
             .map_or(identity::WORLD, |v: &RemoteInfo| v.identity)
     }
     #[inline(always)]
-    fn is_local(ep: &Endpoint, a: &[u8; 16]) -> bool {
-        ep.flags & Endpoint::HAS_IPV6 != 0 && ep.ipv6 == *a
+    fn is_local(ep: &Endpoint, a: &A16) -> bool {
+        // SAFETY: `Endpoint` is 4-byte aligned and `ipv6` sits at offset 12.
+        let mine = unsafe { core::ptr::read(ep.ipv6.as_ptr().cast::<A16>()) };
+        ep.flags & Endpoint::HAS_IPV6 != 0 && mine == *a
     }
 }
 
@@ -584,8 +629,8 @@ fn parse_v4(
     valid: &mut u32,
 ) -> Result<bool, DropReason> {
     let (ip, l4off, frag) = parse::ipv4(ctx, ETH_HLEN)?;
-    p.s = ip.saddr;
-    p.d = ip.daddr;
+    p.s = A4(ip.saddr);
+    p.d = A4(ip.daddr);
     ev.family = 4;
     ev.proto = ip.proto;
     *valid = 1;
@@ -601,15 +646,15 @@ fn parse_v4(
     } else {
         p.l.icmp_type as u16
     };
-    if dir == Direction::Egress && (ep.flags & Endpoint::HAS_IPV4 == 0 || p.s != ep.ipv4) {
+    if dir == Direction::Egress && (ep.flags & Endpoint::HAS_IPV4 == 0 || p.s != A4(ep.ipv4)) {
         return Err(DropReason::Spoofed);
     }
     if p.l.kind == Kind::IcmpError {
         let (iip, ioff, _) = parse::ipv4(ctx, p.l.off + 8)?;
         let (sp, dp) = parse::inner_ports(ctx, iip.proto, ioff)?;
         p.inner = Inner {
-            s: iip.saddr,
-            d: iip.daddr,
+            s: A4(iip.saddr),
+            d: A4(iip.daddr),
             proto: iip.proto,
             sport: sp,
             dport: dp,
@@ -629,7 +674,7 @@ fn parse_v6(
     valid: &mut u32,
 ) -> Result<bool, DropReason> {
     ev.family = 6;
-    let (nexthdr, l4off, frag) = parse::ipv6(ctx, ETH_HLEN, &mut p.s, &mut p.d)?;
+    let (nexthdr, l4off, frag) = parse::ipv6(ctx, ETH_HLEN, &mut p.s.0, &mut p.d.0)?;
     *valid = 1;
     ev.proto = nexthdr;
     p.l = parse::l4(ctx, nexthdr, l4off, frag)?;
@@ -647,12 +692,12 @@ fn parse_v6(
     } else {
         p.l.icmp_type as u16
     };
-    if dir == Direction::Egress && (ep.flags & Endpoint::HAS_IPV6 == 0 || p.s != ep.ipv6) {
+    if dir == Direction::Egress && (ep.flags & Endpoint::HAS_IPV6 == 0 || !V6::is_local(ep, &p.s)) {
         return Err(DropReason::Spoofed);
     }
     if p.l.kind == Kind::IcmpError {
         let i = &mut p.inner;
-        let (iproto, ioff, _) = parse::ipv6(ctx, p.l.off + 8, &mut i.s, &mut i.d)?;
+        let (iproto, ioff, _) = parse::ipv6(ctx, p.l.off + 8, &mut i.s.0, &mut i.d.0)?;
         let (sp, dp) = parse::inner_ports(ctx, iproto, ioff)?;
         i.proto = iproto;
         i.sport = sp;

@@ -87,8 +87,11 @@ pub fn be16(b: [u8; 2]) -> u16 {
 
 #[inline(always)]
 pub fn eth_proto(ctx: &TcContext) -> Result<u16, DropReason> {
-    let p: [u8; 2] = ctx.load(12).map_err(|_| DropReason::Malformed)?;
-    Ok(be16(p))
+    // `skb->protocol` (set from the Ethernet header when the frame was received): a context
+    // read instead of a `bpf_skb_load_bytes` call per packet.
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let p = unsafe { (*ctx.skb.skb).protocol };
+    Ok(u16::from_be(p as u16))
 }
 
 /// Parses an IPv4 header at `off`: the header and the offset of its payload.
