@@ -40,8 +40,8 @@ pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 /// Timeout of one Docker API request (not of the event stream).
 const REQUEST_TIMEOUT_SECS: u64 = 30;
 /// How often a running container whose veth is not (yet) visible is looked at again.
-const VETH_RETRIES: u32 = 3;
-const VETH_RETRY_DELAY: Duration = Duration::from_millis(100);
+const VETH_RETRIES: u32 = 30;
+const VETH_RETRY_DELAY: Duration = Duration::from_millis(10);
 /// A session that lasted this long resets the reconnect backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
 
