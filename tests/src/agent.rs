@@ -46,7 +46,11 @@ pub fn agent_binary() -> &'static Path {
     BIN.get_or_init(|| {
         if let Some(bin) = std::env::var_os("NETPOL_AGENT_BIN") {
             let bin = PathBuf::from(bin);
-            assert!(bin.is_file(), "NETPOL_AGENT_BIN={} is not a file", bin.display());
+            assert!(
+                bin.is_file(),
+                "NETPOL_AGENT_BIN={} is not a file",
+                bin.display()
+            );
             return bin;
         }
         let exe = std::env::current_exe().expect("current_exe");
@@ -68,7 +72,14 @@ pub fn agent_binary() -> &'static Path {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace)
-            .args(["build", "--quiet", "-p", "netpol-agent", "--bin", "netpol-agent"])
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "netpol-agent",
+                "--bin",
+                "netpol-agent",
+            ])
             .arg("--target-dir")
             .arg(&target_dir);
         match profile.as_str() {
@@ -82,7 +93,10 @@ pub fn agent_binary() -> &'static Path {
         }
         eprintln!("building the agent: {cmd:?}");
         let status = cmd.status().expect("spawn cargo build");
-        assert!(status.success(), "cargo build of netpol-agent failed: {status}");
+        assert!(
+            status.success(),
+            "cargo build of netpol-agent failed: {status}"
+        );
         let bin = profile_dir.join("netpol-agent");
         assert!(bin.is_file(), "{} missing after cargo build", bin.display());
         bin
@@ -106,7 +120,10 @@ pub struct AgentCli {
 impl AgentCli {
     /// `log`: a file with the agent's stderr, quoted in failure messages.
     pub fn new(socket: impl Into<PathBuf>, log: Option<PathBuf>) -> Self {
-        AgentCli { socket: socket.into(), log }
+        AgentCli {
+            socket: socket.into(),
+            log,
+        }
     }
 
     /// The control socket.
@@ -133,7 +150,13 @@ impl AgentCli {
         }
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         match serde_json::from_str::<serde_json::Value>(&text) {
-            Ok(v) if v["docker"].as_str().is_some_and(|d| d.starts_with("connected")) => Ok(()),
+            Ok(v)
+                if v["docker"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("connected")) =>
+            {
+                Ok(())
+            }
             _ => Err(text),
         }
     }
@@ -169,7 +192,8 @@ impl AgentCli {
         let mut a = args.to_vec();
         a.extend(["-o", "json"]);
         let out = self.cli_ok(&a);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("`{}`: bad JSON ({e}):\n{out}", a.join(" ")))
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("`{}`: bad JSON ({e}):\n{out}", a.join(" ")))
     }
 
     /// `endpoint list -o json` as rows.
@@ -191,10 +215,9 @@ impl AgentCli {
                 .copied()
                 .filter(|id| {
                     !rows.iter().any(|r| {
-                        r["container"]
-                            .as_str()
-                            .is_some_and(|c| !c.is_empty() && (id.starts_with(c) || c.starts_with(id)))
-                            && r["state"].as_str() == Some("enforced")
+                        r["container"].as_str().is_some_and(|c| {
+                            !c.is_empty() && (id.starts_with(c) || c.starts_with(id))
+                        }) && r["state"].as_str() == Some("enforced")
                             && r["identity"].is_u64()
                     })
                 })
@@ -232,7 +255,11 @@ impl Agent {
 
     pub fn start_with(docker: &DockerDaemon, options: AgentOptions) -> Self {
         agent_binary(); // build it before anything is created
-        let id = format!("{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT_ID.fetch_add(1, Ordering::Relaxed)
+        );
         let run_dir = Path::new(RUN_PREFIX).join(&id);
         let pin_dir = PathBuf::from(format!("{PIN_PREFIX}{id}"));
         let _ = fs::remove_dir_all(&run_dir);
@@ -301,7 +328,10 @@ impl Agent {
             .args(["--policy-poll-ms", "200"])
             .args(&self.options.extra_args)
             .env("DOCKER_HOST", &self.docker_host)
-            .env("NETPOL_LOG", std::env::var("NETPOL_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "NETPOL_LOG",
+                std::env::var("NETPOL_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -313,9 +343,16 @@ impl Agent {
     pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
-                panic!("netpol-agent exited with {status} before it was ready; log:\n{}", self.log());
+                panic!(
+                    "netpol-agent exited with {status} before it was ready; log:\n{}",
+                    self.log()
+                );
             }
             match self.cli.docker_connected() {
                 Ok(()) => return,

@@ -5,8 +5,8 @@
 
 pub mod agent;
 pub mod docker;
-pub mod packet;
 pub mod netns;
+pub mod packet;
 pub mod probe;
 
 /// Returns `true` when the test may run. Without root: prints why and returns `false`, or panics

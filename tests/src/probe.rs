@@ -65,7 +65,10 @@ pub fn connect(to: SocketAddr, timeout: Duration) -> Outcome {
     match TcpStream::connect_timeout(&to, timeout) {
         Ok(_) => Outcome::Open,
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock => {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::TimedOut
+                || e.kind() == std::io::ErrorKind::WouldBlock =>
+        {
             Outcome::Timeout
         }
         Err(e) => Outcome::Error(e.to_string()),
@@ -82,7 +85,9 @@ pub fn http_get(to: SocketAddr, timeout: Duration) -> Outcome {
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Outcome::Timeout,
         Err(e) => return Outcome::Error(e.to_string()),
     };
-    let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(10));
+    let left = timeout
+        .saturating_sub(start.elapsed())
+        .max(Duration::from_millis(10));
     let _ = s.set_read_timeout(Some(left));
     if s.write_all(b"GET / HTTP/1.0\r\n\r\n").is_err() {
         return Outcome::NoReply;
@@ -129,11 +134,17 @@ pub struct Client {
 
 impl Client {
     pub fn host() -> Self {
-        Client { name: "host".into(), netns: None }
+        Client {
+            name: "host".into(),
+            netns: None,
+        }
     }
 
     pub fn netns(name: &str, path: impl Into<PathBuf>) -> Self {
-        Client { name: name.into(), netns: Some(path.into()) }
+        Client {
+            name: name.into(),
+            netns: Some(path.into()),
+        }
     }
 }
 
@@ -151,7 +162,11 @@ pub struct Check {
 
 impl fmt::Display for Check {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} -> {} ({}) {:?}", self.from.name, self.to_name, self.to, self.expect)
+        write!(
+            f,
+            "{} -> {} ({}) {:?}",
+            self.from.name, self.to_name, self.to, self.expect
+        )
     }
 }
 
@@ -199,10 +214,19 @@ pub fn assert_all(what: &str, checks: &[Check]) {
         let handles: Vec<_> = checks.iter().map(|c| s.spawn(move || c.run())).collect();
         handles
             .into_iter()
-            .filter_map(|h| h.join().unwrap_or_else(|_| Err("probe thread panicked".into())).err())
+            .filter_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("probe thread panicked".into()))
+                    .err()
+            })
             .collect()
     });
-    assert!(errors.is_empty(), "{what}: {} violation(s):\n  {}", errors.len(), errors.join("\n  "));
+    assert!(
+        errors.is_empty(),
+        "{what}: {} violation(s):\n  {}",
+        errors.len(),
+        errors.join("\n  ")
+    );
 }
 
 /// A network namespace that is not the host and not a container: a veth pair with the host
@@ -229,19 +253,40 @@ impl OutsideNs {
             addr: std::net::Ipv4Addr::new(10, 250, octet, 2),
         };
         let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
-        let _ = Command::new("ip").args(["link", "del", &ns.host_if]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &ns.host_if])
+            .output();
         let host = format!("{}/30", ns.host_addr);
         let inside = format!("{}/30", ns.addr);
         let n = ns.name.as_str();
         for args in [
             vec!["netns", "add", n],
-            vec!["link", "add", &ns.host_if, "type", "veth", "peer", "name", "eth0", "netns", n],
+            vec![
+                "link",
+                "add",
+                &ns.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                n,
+            ],
             vec!["addr", "add", &host, "dev", &ns.host_if],
             vec!["link", "set", &ns.host_if, "up"],
             vec!["-n", n, "link", "set", "lo", "up"],
             vec!["-n", n, "addr", "add", &inside, "dev", "eth0"],
             vec!["-n", n, "link", "set", "eth0", "up"],
-            vec!["-n", n, "route", "add", "default", "via", &ns.host_addr.to_string()],
+            vec![
+                "-n",
+                n,
+                "route",
+                "add",
+                "default",
+                "via",
+                &ns.host_addr.to_string(),
+            ],
         ] {
             let out = Command::new("ip").args(&args).output().expect("spawn ip");
             assert!(
@@ -266,7 +311,11 @@ impl OutsideNs {
 impl Drop for OutsideNs {
     fn drop(&mut self) {
         // Deleting the namespace deletes its end of the veth, and with it the host's end.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
     }
 }

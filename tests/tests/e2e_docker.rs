@@ -123,7 +123,10 @@ impl Project {
     }
 
     fn compose_ok(&self, args: &[&str]) -> String {
-        ok(&format!("docker-compose {}", args.join(" ")), self.compose(args))
+        ok(
+            &format!("docker-compose {}", args.join(" ")),
+            self.compose(args),
+        )
     }
 
     fn docker(&self, args: &[&str]) -> Output {
@@ -184,7 +187,9 @@ impl Container {
             name: name.to_owned(),
             id: f[0].to_owned(),
             netns: PathBuf::from(format!("/proc/{}/ns/net", f[1])),
-            ipv4: f[2].parse().unwrap_or_else(|e| panic!("{name}: IPv4 {:?}: {e}", f[2])),
+            ipv4: f[2]
+                .parse()
+                .unwrap_or_else(|e| panic!("{name}: IPv4 {:?}: {e}", f[2])),
             ipv6: f.get(3).and_then(|a| a.parse().ok()),
         }
     }
@@ -233,7 +238,10 @@ fn scenario_checks(p: &Project) -> Vec<Check> {
 
 /// The ids of the scenario's containers, for [`Agent::wait_enforced`].
 fn scenario_containers(p: &Project) -> Vec<Container> {
-    ["db", "app1", "app2"].iter().map(|s| p.container(s)).collect()
+    ["db", "app1", "app2"]
+        .iter()
+        .map(|s| p.container(s))
+        .collect()
 }
 
 fn wait_enforced(agent: &Agent, containers: &[Container]) {
@@ -261,26 +269,35 @@ fn compose_labels_protect_the_database_scenario() {
     let docker = guard.as_mut().expect("daemon");
     let project = timed("compose up", || Project::up(docker, "compose-labels.yml"));
     let agent = timed("agent start", || Agent::start(docker));
-    timed("enforced", || wait_enforced(&agent, &scenario_containers(&project)));
-    timed("scenario checks", || assert_all("labels scenario", &scenario_checks(&project)));
+    timed("enforced", || {
+        wait_enforced(&agent, &scenario_containers(&project))
+    });
+    timed("scenario checks", || {
+        assert_all("labels scenario", &scenario_checks(&project))
+    });
 
     // The monitor reports the drop of app2 -> app1, with names.
     let app1 = project.container("app1");
     let app2 = project.container("app2");
-    let mut monitor = ChildGuard(Command::new(agent_binary())
-        .arg("--socket")
-        .arg(agent.socket())
-        .args(["monitor", "--json"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn monitor"));
+    let mut monitor = ChildGuard(
+        Command::new(agent_binary())
+            .arg("--socket")
+            .arg(agent.socket())
+            .args(["monitor", "--json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn monitor"),
+    );
     let stdout = monitor.0.stdout.take().expect("monitor stdout");
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     thread::spawn(move || {
         use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(line).is_err() {
                 break;
             }
@@ -296,7 +313,9 @@ fn compose_labels_protect_the_database_scenario() {
         let hit = rx.try_iter().find(|l| {
             serde_json::from_str::<serde_json::Value>(l).is_ok_and(|e| {
                 e["kind"] == "drop"
-                    && e["dst"].as_str().is_some_and(|d| d.starts_with(&app1.ipv4.to_string()))
+                    && e["dst"]
+                        .as_str()
+                        .is_some_and(|d| d.starts_with(&app1.ipv4.to_string()))
                     && e["dport"] == 8080
             })
         });
@@ -308,7 +327,11 @@ fn compose_labels_protect_the_database_scenario() {
         }
     };
     drop(monitor);
-    assert!(!found.is_empty(), "monitor --json showed no drop of {} -> {target}", app2.name);
+    assert!(
+        !found.is_empty(),
+        "monitor --json showed no drop of {} -> {target}",
+        app2.name
+    );
     let ev: serde_json::Value = serde_json::from_str(&found).expect("monitor JSON");
     let text = ev.to_string();
     assert!(
@@ -335,7 +358,13 @@ fn cilium_policy_file_protects_the_database_scenario() {
             "no policy",
             &[
                 check(app1.client(), &app2, app2.ipv4, 8080, Expect::Allowed),
-                check(app2.client(), &app1, app1.ipv6.expect("ipv6"), 8080, Expect::Allowed),
+                check(
+                    app2.client(),
+                    &app1,
+                    app1.ipv6.expect("ipv6"),
+                    8080,
+                    Expect::Allowed,
+                ),
             ],
         )
     };
@@ -343,7 +372,9 @@ fn cilium_policy_file_protects_the_database_scenario() {
 
     let file = e2e_dir().join("policy-scenario.yaml");
     let file = file.to_str().expect("utf-8 path");
-    timed("policy import", || agent.cli_ok(&["policy", "import", file]));
+    timed("policy import", || {
+        agent.cli_ok(&["policy", "import", file])
+    });
     wait_enforced(&agent, &scenario_containers(&project));
     timed("scenario checks (imported)", || {
         assert_all("imported CiliumNetworkPolicy", &scenario_checks(&project))
@@ -359,12 +390,18 @@ fn cilium_policy_file_protects_the_database_scenario() {
         if got.contains("\"db\"") && got.contains("\"apps\"") {
             break;
         }
-        assert!(Instant::now() < deadline, "policy dir not loaded after 10 s: {got}");
+        assert!(
+            Instant::now() < deadline,
+            "policy dir not loaded after 10 s: {got}"
+        );
         thread::sleep(Duration::from_millis(100));
     }
     wait_enforced(&agent, &scenario_containers(&project));
     timed("scenario checks (policy dir)", || {
-        assert_all("CiliumNetworkPolicy from the policy directory", &scenario_checks(&project))
+        assert_all(
+            "CiliumNetworkPolicy from the policy directory",
+            &scenario_checks(&project),
+        )
     });
 }
 
@@ -373,7 +410,8 @@ fn cilium_policy_file_protects_the_database_scenario() {
 /// no rule allows is refused.
 #[test]
 fn published_port_reaches_world_and_host_but_not_other_containers() {
-    if !netpol_tests::require_root("published_port_reaches_world_and_host_but_not_other_containers") {
+    if !netpol_tests::require_root("published_port_reaches_world_and_host_but_not_other_containers")
+    {
         return;
     }
     let mut guard = docker();
@@ -393,18 +431,45 @@ fn published_port_reaches_world_and_host_but_not_other_containers() {
     };
     let published = |ip: IpAddr| SocketAddr::new(ip, WEB_PORT);
     let mut checks = vec![
-        http(outside.client(), "web via DNAT", published(outside.host_addr.into()), Expect::Allowed),
-        http(Client::host(), "web via docker-proxy", published("127.0.0.1".parse().unwrap()), Expect::Allowed),
+        http(
+            outside.client(),
+            "web via DNAT",
+            published(outside.host_addr.into()),
+            Expect::Allowed,
+        ),
+        http(
+            Client::host(),
+            "web via docker-proxy",
+            published("127.0.0.1".parse().unwrap()),
+            Expect::Allowed,
+        ),
     ];
     for addr in web.addrs() {
-        checks.push(http(client.client(), "web", SocketAddr::new(addr, 80), Expect::Denied));
+        checks.push(http(
+            client.client(),
+            "web",
+            SocketAddr::new(addr, 80),
+            Expect::Denied,
+        ));
     }
     // web:8081 is published too, but no rule opens it: refused through DNAT and through the
     // proxy alike (the proxy accepts, then cannot reach the container).
     let closed = |ip: IpAddr| SocketAddr::new(ip, WEB_PORT + 1);
-    checks.push(http(outside.client(), "web:8081 via DNAT", closed(outside.host_addr.into()), Expect::Denied));
-    checks.push(http(Client::host(), "web:8081 via docker-proxy", closed("127.0.0.1".parse().unwrap()), Expect::Denied));
-    timed("published port checks", || assert_all("published port", &checks));
+    checks.push(http(
+        outside.client(),
+        "web:8081 via DNAT",
+        closed(outside.host_addr.into()),
+        Expect::Denied,
+    ));
+    checks.push(http(
+        Client::host(),
+        "web:8081 via docker-proxy",
+        closed("127.0.0.1".parse().unwrap()),
+        Expect::Denied,
+    ));
+    timed("published port checks", || {
+        assert_all("published port", &checks)
+    });
 }
 
 /// What a probe loop saw: attempts per phase, and every violation.
@@ -436,10 +501,13 @@ fn probe_loops<'s>(
                 };
                 let out = c.attempt(timeout);
                 if !fine(&out) {
-                    log.violations.lock().unwrap_or_else(|e| e.into_inner()).push(format!(
-                        "phase {p}: {c}: got {out:?} after {:?}",
-                        t.elapsed()
-                    ));
+                    log.violations
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(format!(
+                            "phase {p}: {c}: got {out:?} after {:?}",
+                            t.elapsed()
+                        ));
                 }
                 log.attempts[p * n + i].fetch_add(1, Ordering::Relaxed);
                 if c.expect == Expect::Allowed {
@@ -454,12 +522,16 @@ fn probe_loops<'s>(
 fn wait_attempts(log: &ProbeLog, checks: usize, phase: usize, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let counts: Vec<usize> =
-            (0..checks).map(|i| log.attempts[phase * checks + i].load(Ordering::Relaxed)).collect();
+        let counts: Vec<usize> = (0..checks)
+            .map(|i| log.attempts[phase * checks + i].load(Ordering::Relaxed))
+            .collect();
         if counts.iter().all(|c| *c >= n) {
             return;
         }
-        assert!(Instant::now() < deadline, "probes stalled in phase {phase}: {counts:?}");
+        assert!(
+            Instant::now() < deadline,
+            "probes stalled in phase {phase}: {counts:?}"
+        );
         thread::sleep(Duration::from_millis(20));
     }
 }
@@ -493,17 +565,26 @@ fn agent_kill9_and_restart_keep_enforcing() {
     let echo = {
         use std::io::{BufRead as _, BufReader, Write as _};
         let stream = probe::in_netns(&app1.netns, || {
-            std::net::TcpStream::connect_timeout(&SocketAddr::new(db.ipv4, 5432), Duration::from_secs(2))
+            std::net::TcpStream::connect_timeout(
+                &SocketAddr::new(db.ipv4, 5432),
+                Duration::from_secs(2),
+            )
         })
         .expect("established connection app1 -> db");
-        stream.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
         let mut reader = BufReader::new(stream.try_clone().expect("clone"));
         let mut writer = stream;
         move |round: usize| -> Result<(), String> {
             let msg = format!("ping {round}\n");
-            writer.write_all(msg.as_bytes()).map_err(|e| format!("send: {e}"))?;
+            writer
+                .write_all(msg.as_bytes())
+                .map_err(|e| format!("send: {e}"))?;
             let mut line = String::new();
-            reader.read_line(&mut line).map_err(|e| format!("receive: {e}"))?;
+            reader
+                .read_line(&mut line)
+                .map_err(|e| format!("receive: {e}"))?;
             if line == msg {
                 Ok(())
             } else {
@@ -553,8 +634,15 @@ fn agent_kill9_and_restart_keep_enforcing() {
             std::panic::resume_unwind(e);
         }
     });
-    let violations = log.violations.into_inner().unwrap_or_else(|e| e.into_inner());
-    let counts: Vec<usize> = log.attempts.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+    let violations = log
+        .violations
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
+    let counts: Vec<usize> = log
+        .attempts
+        .iter()
+        .map(|a| a.load(Ordering::Relaxed))
+        .collect();
     eprintln!("attempts per phase and check: {counts:?}");
     assert!(
         violations.is_empty(),
@@ -585,11 +673,23 @@ fn dockerd_restart_and_new_addresses_keep_policy() {
     // new ones; it is not allowed to reach db either.
     let network = format!("{PROJECT}_backend");
     let _ = project.docker(&["rm", "-f", "npe2e-filler"]);
-    project.docker_ok(&["run", "-d", "--name", "npe2e-filler", "--network", &network, IMAGE, "sleep", "3600"]);
+    project.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "npe2e-filler",
+        "--network",
+        &network,
+        IMAGE,
+        "sleep",
+        "3600",
+    ]);
     let _filler = Cleanup(|| {
         let _ = project.docker(&["rm", "-f", "npe2e-filler"]);
     });
-    timed("compose up --force-recreate", || project.compose_ok(&["up", "-d", "--force-recreate"]));
+    timed("compose up --force-recreate", || {
+        project.compose_ok(&["up", "-d", "--force-recreate"])
+    });
     let after = scenario_containers(&project);
     let moved: Vec<String> = before
         .iter()
@@ -597,7 +697,10 @@ fn dockerd_restart_and_new_addresses_keep_policy() {
         .filter(|(b, a)| b.addrs() != a.addrs())
         .map(|(b, a)| format!("{}: {:?} -> {:?}", b.name, b.addrs(), a.addrs()))
         .collect();
-    assert!(!moved.is_empty(), "no container got a new address: {after:?}");
+    assert!(
+        !moved.is_empty(),
+        "no container got a new address: {after:?}"
+    );
     eprintln!("new addresses: {moved:?}");
     timed("enforced after recreate", || wait_enforced(&agent, &after));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -644,7 +747,6 @@ impl<F: FnMut()> Drop for Cleanup<F> {
     }
 }
 
-
 /// The identities of the scenario's services, by compose service name.
 fn scenario_identities(agent: &Agent) -> Vec<(String, u64)> {
     let rows = agent.cli_json(&["identity", "list"]);
@@ -668,7 +770,9 @@ fn scenario_identities(agent: &Agent) -> Vec<(String, u64)> {
 /// running from the moment the containers come back never reaches a protected port.
 #[test]
 fn reboot_restores_policy_from_disk_before_containers_are_reachable() {
-    if !netpol_tests::require_root("reboot_restores_policy_from_disk_before_containers_are_reachable") {
+    if !netpol_tests::require_root(
+        "reboot_restores_policy_from_disk_before_containers_are_reachable",
+    ) {
         return;
     }
     let mut guard = docker();
@@ -689,7 +793,13 @@ fn reboot_restores_policy_from_disk_before_containers_are_reachable() {
     let (app1, app2) = (project.container("app1"), project.container("app2"));
     assert_all(
         "pins removed",
-        &[check(app2.client(), &app1, app1.ipv4, 8080, Expect::Allowed)],
+        &[check(
+            app2.client(),
+            &app1,
+            app1.ipv4,
+            8080,
+            Expect::Allowed,
+        )],
     );
     timed("dockerd restart", || docker.restart());
     timed("agent start", || {
@@ -707,7 +817,12 @@ fn reboot_restores_policy_from_disk_before_containers_are_reachable() {
             let running = |name: &str| -> Option<Container> {
                 let out = Command::new("docker")
                     .env("DOCKER_HOST", &docker_host)
-                    .args(["inspect", "-f", "{{.State.Pid}} {{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", name])
+                    .args([
+                        "inspect",
+                        "-f",
+                        "{{.State.Pid}} {{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+                        name,
+                    ])
                     .output()
                     .ok()?;
                 let text = String::from_utf8_lossy(&out.stdout);
@@ -767,7 +882,11 @@ fn reboot_restores_policy_from_disk_before_containers_are_reachable() {
         agent.log_tail(40)
     );
     assert_all("after the reboot", &scenario_checks(&project));
-    assert_eq!(scenario_identities(&agent), identities, "identity numbers changed across the reboot");
+    assert_eq!(
+        scenario_identities(&agent),
+        identities,
+        "identity numbers changed across the reboot"
+    );
 }
 
 /// Bad input: each file is refused by `policy import` and by `policy validate` (offline) with
@@ -798,8 +917,14 @@ fn bad_policies_are_refused_and_change_nothing() {
     // (file, what the error must name)
     let cases: &[(&str, &[&str])] = &[
         ("malformed.yaml", &["malformed.yaml:8:"]),
-        ("unsupported-field.yaml", &["unsupported-field.yaml:10:", "toFQDNs"]),
-        ("unknown-entity.yaml", &["unknown-entity.yaml:10:", "cluster-mesh"]),
+        (
+            "unsupported-field.yaml",
+            &["unsupported-field.yaml:10:", "toFQDNs"],
+        ),
+        (
+            "unknown-entity.yaml",
+            &["unknown-entity.yaml:10:", "cluster-mesh"],
+        ),
         ("too-large.yaml", &["POLICY"]),
     ];
     for (name, needles) in cases {
@@ -809,16 +934,28 @@ fn bad_policies_are_refused_and_change_nothing() {
         if *name != "too-large.yaml" {
             // Offline: no agent needed.
             let out = Command::new(agent_binary())
-                .args(["--socket", "/nonexistent/agent.sock", "policy", "validate", path])
+                .args([
+                    "--socket",
+                    "/nonexistent/agent.sock",
+                    "policy",
+                    "validate",
+                    path,
+                ])
                 .output()
                 .expect("spawn validate");
             runs.push(("validate", out));
         }
         for (what, out) in runs {
             let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(!out.status.success(), "policy {what} {name} succeeded:\n{stderr}");
+            assert!(
+                !out.status.success(),
+                "policy {what} {name} succeeded:\n{stderr}"
+            );
             for n in *needles {
-                assert!(stderr.contains(n), "policy {what} {name}: the error does not name {n:?}:\n{stderr}");
+                assert!(
+                    stderr.contains(n),
+                    "policy {what} {name}: the error does not name {n:?}:\n{stderr}"
+                );
             }
             eprintln!("policy {what} {name}: {}", stderr.trim());
         }
@@ -843,7 +980,10 @@ fn bad_policies_are_refused_and_change_nothing() {
             eprintln!("status with a bad policy file: {status}");
             break;
         }
-        assert!(Instant::now() < deadline, "status does not report the bad policy file:\n{status}");
+        assert!(
+            Instant::now() < deadline,
+            "status does not report the bad policy file:\n{status}"
+        );
         thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(agent.cli_ok(&["policy", "get", "-o", "json"]), policies);
@@ -873,7 +1013,11 @@ fn sidecar_image_enforces_the_scenario() {
 
     // The compose snippet mounts /var/run/docker/netns (SandboxKey paths); the harness's
     // daemon keeps them under its own exec root.
-    let netns_dir = docker.socket_path().parent().expect("run dir").join("exec/netns");
+    let netns_dir = docker
+        .socket_path()
+        .parent()
+        .expect("run dir")
+        .join("exec/netns");
     let netns_vol = format!("{0}:{0}:rslave", netns_dir.display());
     // `:rslave` needs a shared (or slave) source mount. On a systemd host `/` is shared; here
     // it is private, so make the directory a shared mount of its own, unmounted at the end.
@@ -909,18 +1053,38 @@ fn sidecar_image_enforces_the_scenario() {
     }
     let vol = |host: PathBuf, inside: &str| format!("{}:{inside}", host.display());
     project.docker_ok(&[
-        "run", "-d", "--name", name,
-        "--network", "host", "--pid", "host",
-        "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
-        "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
-        "-v", &vol(docker.socket_path(), "/var/run/docker.sock"),
-        "-v", "/sys/fs/bpf:/sys/fs/bpf:rshared",
-        "-v", &netns_vol,
-        "-v", &vol(dir.join("state"), "/var/lib/netpol"),
-        "-v", &vol(dir.join("policies"), "/etc/netpol/policies.d"),
-        "-v", &vol(dir.join("run"), "/run/netpol"),
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "host",
+        "--pid",
+        "host",
+        "--cap-add",
+        "ALL",
+        "--cap-drop",
+        "SYS_RESOURCE",
+        "--security-opt",
+        "seccomp=unconfined",
+        "--security-opt",
+        "apparmor=unconfined",
+        "-v",
+        &vol(docker.socket_path(), "/var/run/docker.sock"),
+        "-v",
+        "/sys/fs/bpf:/sys/fs/bpf:rshared",
+        "-v",
+        &netns_vol,
+        "-v",
+        &vol(dir.join("state"), "/var/lib/netpol"),
+        "-v",
+        &vol(dir.join("policies"), "/etc/netpol/policies.d"),
+        "-v",
+        &vol(dir.join("run"), "/run/netpol"),
         image,
-        "run", "--pin-dir", &pin_dir,
+        "run",
+        "--pin-dir",
+        &pin_dir,
     ]);
     let cli = netpol_tests::agent::AgentCli::new(dir.join("run/agent.sock"), None);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -934,14 +1098,20 @@ fn sidecar_image_enforces_the_scenario() {
         );
         thread::sleep(Duration::from_millis(100));
     }
-    let ids: Vec<String> = scenario_containers(&project).into_iter().map(|c| c.id).collect();
+    let ids: Vec<String> = scenario_containers(&project)
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
     cli.wait_enforced(&ids.iter().map(String::as_str).collect::<Vec<_>>());
     assert_all("sidecar", &scenario_checks(&project));
     // The sidecar itself (host network) is listed, as not enforceable, not silently skipped.
     let rows = cli.endpoints();
     assert!(
-        rows.iter().any(|r| r["name"].as_str().is_some_and(|n| n.contains(name))
-            && r["state"].as_str().is_some_and(|s| s.starts_with("not enforceable"))),
+        rows.iter()
+            .any(|r| r["name"].as_str().is_some_and(|n| n.contains(name))
+                && r["state"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("not enforceable"))),
         "the host-network sidecar is not listed as not enforceable: {rows:?}"
     );
 }
