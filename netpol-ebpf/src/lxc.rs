@@ -36,7 +36,10 @@ use netpol_common::{
 
 use crate::{
     maps::{CONFIG, CT4, CT6, DROPS, ENDPOINTS, EVENTS, IPCACHE4, IPCACHE6, POLICY, SCRATCH},
-    parse::{self, Kind, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, L4, TCP_FIN, TCP_RST},
+    parse::{
+        self, Kind, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, L4, TCP_ACK, TCP_FIN, TCP_RST,
+        TCP_SYN,
+    },
 };
 
 /// "Pass, and let any later program on the hook decide too."
@@ -372,8 +375,15 @@ fn established<F: Family>(
 ) -> bool {
     let (mine, other) = ct_dirs(dir);
     let k = F::key(s, d, sport, dport, l.proto, mine);
-    if ct_hit::<F>(&k, now, l, false) {
+    // A bare SYN opens a flow: only its own entry (a retransmission) can match. A SYN-ACK
+    // answers one: only the reversed entry can. One lookup instead of two for both.
+    let tcp_syn = l.proto == proto::TCP && l.tcp_flags & TCP_SYN != 0;
+    let tcp_ack = l.tcp_flags & TCP_ACK != 0;
+    if !(tcp_syn && tcp_ack) && ct_hit::<F>(&k, now, l, false) {
         return true;
+    }
+    if tcp_syn && !tcp_ack {
+        return false;
     }
     ct_hit::<F>(&F::rev(&k, other), now, l, true)
 }

@@ -1,6 +1,7 @@
 //! Every map of the object. Sizes here are the defaults; the agent overrides them at load time.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
@@ -24,11 +25,14 @@ pub static IPCACHE6: LpmTrie<[u8; 16], RemoteInfo, 4096> = LpmTrie::new();
 #[btf_map]
 pub static POLICY: LpmTrie<PolicyKey, PolicyValue, 16384> = LpmTrie::new();
 
+/// Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): inserts of new flows do not contend on one lock.
 #[btf_map]
-pub static CT4: LruHashMap<CtKey4, CtEntry, 65536> = LruHashMap::new();
+pub static CT4: LruHashMap<CtKey4, CtEntry, 65536, { BPF_F_NO_COMMON_LRU as usize }> =
+    LruHashMap::new();
 
 #[btf_map]
-pub static CT6: LruHashMap<CtKey6, CtEntry, 16384> = LruHashMap::new();
+pub static CT6: LruHashMap<CtKey6, CtEntry, 16384, { BPF_F_NO_COMMON_LRU as usize }> =
+    LruHashMap::new();
 
 /// Drop and flow events, read by `netpol-agent monitor`.
 #[btf_map]

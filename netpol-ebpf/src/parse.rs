@@ -78,6 +78,8 @@ pub struct L4 {
 }
 
 pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
 pub const TCP_RST: u8 = 0x04;
 
 #[inline(always)]
