@@ -18,6 +18,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use crate::stats::percentile;
 use anyhow::{bail, Context, Result};
 use netpol_agent::daemon::api::{call, EndpointRow, Request, SourceFile};
 use netpol_tests::docker::DockerDaemon;
@@ -43,14 +44,6 @@ impl Drop for AgentProc {
         let _ = self.child.wait();
         let _ = netpol_agent::datapath::kernel::KernelDatapath::remove_pins(&self.pin_dir);
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 /// Parses Docker's RFC 3339 timestamp with nanoseconds (UTC, `Z`) into seconds since the epoch.

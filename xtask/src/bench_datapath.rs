@@ -34,6 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::stats::median;
 use anyhow::{bail, ensure, Context, Result};
 use netns::{
     tcp_connect, unique_tag, wait_for, Connect, DatapathPlan, Family, KillOnDrop, PinDir,
@@ -433,18 +434,6 @@ fn measure(s: &Setup, m: Metric, secs: u32) -> Result<f64> {
                 })
                 .with_context(|| format!("no Requests/sec in wrk output: {out}"))
         }
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 

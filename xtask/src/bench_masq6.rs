@@ -28,6 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::stats::median;
 use anyhow::{bail, ensure, Context, Result};
 
 const PREFIX: &str = "fd00:42::/64";
@@ -429,18 +430,6 @@ impl Drop for Setup {
             }
         }
         let _ = std::fs::remove_dir(&self.pin_dir);
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 

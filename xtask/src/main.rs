@@ -3,6 +3,7 @@
 mod bench_agent;
 mod bench_datapath;
 mod bench_masq6;
+mod stats;
 
 use std::{path::PathBuf, process::Command};
 
