@@ -223,17 +223,7 @@ fn run(dp: &mut dyn Datapath, op: &Op) -> Result<(), DatapathError> {
 /// Brings the datapath to `want`: reads the current state, checks the fit, applies the diff.
 /// Returns the number of operations performed.
 pub fn reconcile(dp: &mut dyn Datapath, want: &Desired) -> Result<usize, ReconcileError> {
-    let sizes = dp.sizes();
-    check_fit(&want.maps, &sizes)?;
-    let cur = dp.current().map_err(ReconcileError::Read)?;
-    let attached: BTreeSet<u32> = dp
-        .attached()
-        .map_err(ReconcileError::Read)?
-        .into_iter()
-        .collect();
-    let p = plan(&cur, &attached, want, &sizes);
-    apply(dp, &p)?;
-    Ok(p.len())
+    Reconciler::new().reconcile(dp, want)
 }
 
 /// Reconciles against the state it last wrote, instead of reading every map back on each change:

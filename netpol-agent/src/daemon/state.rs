@@ -1,12 +1,7 @@
 //! The agent's world: containers and networks from Docker, policies from disk, the socket and
 //! labels, identities; and how it becomes the desired map state.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
-    path::{Path, PathBuf},
-    time::SystemTime,
-};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::SystemTime};
 
 use netpol_common::{endpoint::Endpoint, identity as reserved};
 use tracing::{error, info, warn};
@@ -227,13 +222,15 @@ impl Agent {
         all
     }
 
-    fn identity_of(&mut self, c: &Container) -> Result<u32, AgentError> {
+    /// The identity of a container's security-relevant labels (allocated when new), and those
+    /// labels.
+    fn identity_of(&mut self, c: &Container) -> Result<(u32, Labels), AgentError> {
         let labels = self.filter.filter(&c.labels);
         let (id, new) = self.ids.allocate(&labels)?;
         if new {
             self.ids_dirty = true;
         }
-        Ok(id)
+        Ok((id, labels))
     }
 
     /// Builds the desired state from the world and the given policies.
@@ -247,9 +244,9 @@ impl Agent {
             .cloned()
             .collect();
         for c in &containers {
-            let id = self.identity_of(c)?;
+            let (id, labels) = self.identity_of(c)?;
             container_ids.insert(c.id.clone(), id);
-            endpoints.insert(id, self.filter.filter(&c.labels));
+            endpoints.insert(id, labels);
         }
         let previous = self
             .compiled
@@ -663,14 +660,6 @@ impl Agent {
         if let Err(e) = self.dp.set_trace_flows(on) {
             warn!(error = %e, "switching flow tracing");
         }
-    }
-
-    pub fn policy_dir(&self) -> &Path {
-        &self.policy_dir
-    }
-
-    pub fn attached_set(&self) -> BTreeSet<u32> {
-        self.dp.attached().unwrap_or_default().into_iter().collect()
     }
 }
 
