@@ -40,7 +40,7 @@ llvm="$(rustc_llvm_major)"
 pkgs=("llvm-$llvm-dev" "libpolly-$llvm-dev" zlib1g-dev libzstd-dev)
 if ! $build_only; then
     pkgs+=(bpftool iperf3 sockperf iputils-ping iproute2 nftables iptables wrk netcat-openbsd
-           busybox-static jq)
+           busybox-static jq strace systemd)
     # Docker's own packages (docker-ce) conflict with docker.io: keep whichever is installed.
     command -v dockerd >/dev/null 2>&1 || pkgs+=(docker.io)
     command -v docker-compose >/dev/null 2>&1 || pkgs+=(docker-compose)

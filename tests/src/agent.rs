@@ -108,6 +108,10 @@ pub fn agent_binary() -> &'static Path {
 pub struct AgentOptions {
     /// Further arguments of `netpol-agent run`, e.g. `["--policy-entries", "8"]`.
     pub extra_args: Vec<String>,
+    /// A command that runs the agent (its last argument is the agent binary's path), e.g.
+    /// `["setpriv", "--bounding-set", "-all,+bpf"]`. It must exec the agent (or, like
+    /// `strace -D`, leave it the direct child), so that the pid stopped at the end is the agent's.
+    pub wrapper: Vec<String>,
 }
 
 /// The CLI of one agent (its control socket); [`Agent`] dereferences to it, and a test of an
@@ -313,7 +317,14 @@ impl Agent {
             .append(true)
             .open(self.run_dir.join("agent.log"))
             .expect("open agent.log");
-        let mut cmd = Command::new(agent_binary());
+        let mut cmd = match self.options.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(agent_binary());
+                c
+            }
+            None => Command::new(agent_binary()),
+        };
         cmd.arg("--socket")
             .arg(self.cli.socket())
             .arg("run")

@@ -8,6 +8,7 @@ pub mod docker;
 pub mod netns;
 pub mod packet;
 pub mod probe;
+pub mod unit;
 
 /// Returns `true` when the test may run. Without root: prints why and returns `false`, or panics
 /// under `CI=true`.

@@ -340,6 +340,67 @@ fn compose_labels_protect_the_database_scenario() {
     );
 }
 
+/// The systemd unit's least privilege holds up: the agent, run with only the unit's capability
+/// bounding set and `NoNewPrivileges` (`setpriv`, as systemd would), enforces the scenario, and
+/// every system call it makes (traced with `strace`, from its start to its stop) is one the
+/// unit's `SystemCallFilter=` allows — a call outside it would kill the service under systemd.
+#[test]
+fn agent_with_only_the_units_privileges_enforces_the_scenario() {
+    if !netpol_tests::require_root("agent_with_only_the_units_privileges_enforces_the_scenario") {
+        return;
+    }
+    use netpol_tests::unit;
+    let mut guard = docker();
+    let docker = guard.as_mut().expect("daemon");
+    let project = Project::up(docker, "compose-labels.yml");
+    let trace = std::env::temp_dir().join(format!("netpol-unit-strace-{}", std::process::id()));
+    let _rm = Cleanup(|| {
+        let _ = std::fs::remove_file(&trace);
+    });
+    // `strace -D`: the tracer is a detached grandchild, so the agent stays the harness's child
+    // (stopped by its pid) and strace ends with it.
+    let mut wrapper: Vec<String> = ["strace", "-D", "-f", "-q", "-o"].map(String::from).into();
+    wrapper.push(trace.to_str().expect("utf-8").to_owned());
+    wrapper.extend(unit::setpriv_prefix());
+    let mut agent = Agent::start_with(
+        docker,
+        AgentOptions {
+            wrapper,
+            ..AgentOptions::default()
+        },
+    );
+    wait_enforced(&agent, &scenario_containers(&project));
+    assert_all("with the unit's privileges", &scenario_checks(&project));
+    let pid = agent.pid().expect("agent runs");
+    agent.stop();
+    // strace writes the agent's exit last, once it has seen it: wait for that line.
+    let end = format!("{pid} +++ ");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let log = loop {
+        let log = std::fs::read_to_string(&trace).unwrap_or_default();
+        if log.lines().any(|l| l.starts_with(&end)) {
+            break log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "strace did not record the exit of pid {pid}; the log ends with:\n{}",
+            log.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    let seen = unit::traced_syscalls(&log, "netpol-agent");
+    assert!(
+        seen.contains("bpf"),
+        "the strace log holds no bpf() call of the agent: {seen:?}"
+    );
+    let allowed = unit::allowed_syscalls();
+    let outside: Vec<&String> = seen.difference(&allowed).collect();
+    assert!(
+        outside.is_empty(),
+        "the agent made system calls that the unit's SystemCallFilter= does not allow: {outside:?}"
+    );
+}
+
 /// The same scenario with a CiliumNetworkPolicy file instead of labels: imported through the
 /// CLI, then deleted (everything open again), then dropped into the policy directory.
 #[test]
@@ -905,6 +966,7 @@ fn bad_policies_are_refused_and_change_nothing() {
         docker,
         AgentOptions {
             extra_args: vec!["--policy-entries".into(), "8".into()],
+            ..AgentOptions::default()
         },
     );
     let good = e2e_dir().join("policy-scenario.yaml");
@@ -990,9 +1052,45 @@ fn bad_policies_are_refused_and_change_nothing() {
     assert_all("with a bad file in the policy directory", &checks);
 }
 
+/// `docker run` options for the compose snippet's `cap_add: [..]` and `security_opt: [..]`
+/// (packaging/sidecar/docker-compose.yml), which must not ask for `privileged`.
+fn sidecar_privileges() -> Vec<String> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/sidecar/docker-compose.yml");
+    let text = std::fs::read_to_string(&path).expect("read the sidecar compose file");
+    let list = |key: &str| -> Vec<String> {
+        let line = text
+            .lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("{}: no {key} line", path.display()));
+        line.trim()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .split(',')
+            .map(|v| v.trim().trim_matches('"').to_owned())
+            .filter(|v| !v.is_empty())
+            .collect()
+    };
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.trim_start().starts_with("privileged:")),
+        "the sidecar compose file asks for privileged"
+    );
+    let mut args = Vec::new();
+    for cap in list("cap_add:") {
+        args.extend(["--cap-add".to_owned(), cap]);
+    }
+    for opt in list("security_opt:") {
+        // compose's "apparmor:unconfined" is `docker run`'s "apparmor=unconfined"
+        args.extend(["--security-opt".to_owned(), opt.replacen(':', "=", 1)]);
+    }
+    args
+}
+
 /// The sidecar image (packaging/sidecar/build.sh, from scratch) runs the agent in a container
-/// and enforces the scenario. Run with the capabilities a VM here allows instead of
-/// `--privileged` (see TOOLCHAIN.md); users get `privileged: true` in the compose snippet.
+/// and enforces the scenario, with the compose snippet's capabilities (no `--privileged`).
 #[test]
 fn sidecar_image_enforces_the_scenario() {
     if !netpol_tests::require_root("sidecar_image_enforces_the_scenario") {
@@ -1052,7 +1150,13 @@ fn sidecar_image_enforces_the_scenario() {
         std::fs::create_dir_all(dir.join(d)).expect("create sidecar dir");
     }
     let vol = |host: PathBuf, inside: &str| format!("{}:{inside}", host.display());
-    project.docker_ok(&[
+    let (sock, state, policies, run_vol) = (
+        vol(docker.socket_path(), "/var/run/docker.sock"),
+        vol(dir.join("state"), "/var/lib/netpol"),
+        vol(dir.join("policies"), "/etc/netpol/policies.d"),
+        vol(dir.join("run"), "/run/netpol"),
+    );
+    let mut args: Vec<String> = [
         "run",
         "-d",
         "--name",
@@ -1061,31 +1165,23 @@ fn sidecar_image_enforces_the_scenario() {
         "host",
         "--pid",
         "host",
-        "--cap-add",
-        "ALL",
-        "--cap-drop",
-        "SYS_RESOURCE",
-        "--security-opt",
-        "seccomp=unconfined",
-        "--security-opt",
-        "apparmor=unconfined",
-        "-v",
-        &vol(docker.socket_path(), "/var/run/docker.sock"),
-        "-v",
+    ]
+    .map(String::from)
+    .into();
+    // The compose snippet's cap_add and security_opt, not --privileged (which these VMs refuse).
+    args.extend(sidecar_privileges());
+    for v in [
+        sock.as_str(),
         "/sys/fs/bpf:/sys/fs/bpf:rshared",
-        "-v",
         &netns_vol,
-        "-v",
-        &vol(dir.join("state"), "/var/lib/netpol"),
-        "-v",
-        &vol(dir.join("policies"), "/etc/netpol/policies.d"),
-        "-v",
-        &vol(dir.join("run"), "/run/netpol"),
-        image,
-        "run",
-        "--pin-dir",
-        &pin_dir,
-    ]);
+        &state,
+        &policies,
+        &run_vol,
+    ] {
+        args.extend(["-v".to_owned(), v.to_owned()]);
+    }
+    args.extend([image, "run", "--pin-dir", &pin_dir].map(String::from));
+    project.docker_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let cli = netpol_tests::agent::AgentCli::new(dir.join("run/agent.sock"), None);
     let deadline = Instant::now() + Duration::from_secs(30);
     while let Err(last) = cli.docker_connected() {

@@ -527,6 +527,7 @@ fn docker_ipv6_network_reaches_the_internet_through_the_agents_masquerade() {
         &docker,
         AgentOptions {
             extra_args: vec!["--masq6-uplink".into(), uplink.clone()],
+            ..AgentOptions::default()
         },
     );
     let status = wait_masq6(&agent, "agent started", |m| m.starts_with("on via"));
@@ -610,6 +611,7 @@ fn docker_ipv6_network_reaches_the_internet_through_the_agents_masquerade() {
             "--masq6-uplink".into(),
             uplink.clone(),
         ],
+        ..AgentOptions::default()
     };
     agent.set_options(with("off"));
     agent.restart();
