@@ -1,7 +1,7 @@
 //! The agent's world: containers and networks from Docker, policies from disk, the socket and
 //! labels, identities; and how it becomes the desired map state.
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::SystemTime};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 use netpol_common::{endpoint::Endpoint, identity as reserved};
 use tracing::{error, info, warn};
@@ -11,9 +11,13 @@ use crate::{
     datapath::{Cidr, Datapath},
     docker::{Container, DockerEvent, Network},
     identity::{display_name, IdentityAllocator, LabelFilter, Labels},
-    policy::{self, Compiled, Endpoints, Policy},
+    policy::{
+        self,
+        sources::{imports, ContainerLabels, ImportSet, Sources},
+        Compiled, Endpoints, Policy,
+    },
     reconcile::{self, Desired},
-    store::{valid_policy_name, Store},
+    store::Store,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -32,22 +36,14 @@ pub enum AgentError {
     NotFound(String),
 }
 
-/// A policy file of the policy directory and what parsing it gave.
-struct PolicyFile {
-    modified: Option<SystemTime>,
-    parsed: Result<Vec<Policy>, String>,
-}
-
 pub struct Agent {
     dp: Box<dyn Datapath>,
     store: Store,
     filter: LabelFilter,
     ids: IdentityAllocator,
     ids_dirty: bool,
-    policy_dir: PathBuf,
-    files: BTreeMap<PathBuf, PolicyFile>,
-    /// Imported policies: name → (document text, parsed).
-    imported: BTreeMap<String, (String, Policy)>,
+    /// Policy files, imported policies and compose labels.
+    sources: Sources,
     containers: BTreeMap<String, Container>,
     networks: BTreeMap<String, Network>,
     host_addrs: Vec<IpAddr>,
@@ -58,30 +54,8 @@ pub struct Agent {
     reconciler: reconcile::Reconciler,
     masq: Option<super::masq::Masq>,
     last_error: Option<String>,
-    label_errors: BTreeMap<String, String>,
     /// ifindex → (container name, identity), for the monitor.
     pub names: BTreeMap<u32, (String, u32)>,
-}
-
-/// Splits a multi-document YAML text into documents (`---` lines), keeping each one's text.
-fn documents(text: &str) -> Vec<String> {
-    let mut docs = vec![String::new()];
-    for line in text.lines() {
-        if line == "---" || line.starts_with("--- ") {
-            docs.push(String::new());
-            continue;
-        }
-        if let Some(d) = docs.last_mut() {
-            d.push_str(line);
-            d.push('\n');
-        }
-    }
-    docs.into_iter()
-        .filter(|d| {
-            d.lines()
-                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
-        })
-        .collect()
 }
 
 impl Agent {
@@ -95,22 +69,10 @@ impl Agent {
             Some(state) => IdentityAllocator::load(state)?,
             None => IdentityAllocator::new(),
         };
-        let mut imported = BTreeMap::new();
-        for (name, text) in store.policies()? {
-            match policy::parse_str(&format!("imported policy {name}"), &text) {
-                Ok(ps) => {
-                    for p in ps {
-                        imported.insert(p.name.clone(), (text.clone(), p));
-                    }
-                }
-                Err(e) => {
-                    error!(policy = %name, error = %e, "stored policy no longer parses; it is not applied")
-                }
-            }
-        }
+        let sources = Sources::load(&store, policy_dir)?;
         info!(
             identities = ids.len(),
-            policies = imported.len(),
+            policies = sources.imports.len(),
             "state restored"
         );
         Ok(Self {
@@ -119,9 +81,7 @@ impl Agent {
             filter,
             ids,
             ids_dirty: false,
-            policy_dir,
-            files: BTreeMap::new(),
-            imported,
+            sources,
             containers: BTreeMap::new(),
             networks: BTreeMap::new(),
             host_addrs: Vec::new(),
@@ -131,7 +91,6 @@ impl Agent {
             reconciler: reconcile::Reconciler::new(),
             masq: None,
             last_error: None,
-            label_errors: BTreeMap::new(),
             names: BTreeMap::new(),
         })
     }
@@ -155,71 +114,28 @@ impl Agent {
         Ok(())
     }
 
-    fn dir_listing(&self) -> BTreeMap<PathBuf, Option<SystemTime>> {
-        let mut out = BTreeMap::new();
-        if let Ok(rd) = std::fs::read_dir(&self.policy_dir) {
-            for e in rd.flatten() {
-                let p = e.path();
-                let is_yaml = p.extension().is_some_and(|x| x == "yaml" || x == "yml");
-                if is_yaml && p.is_file() {
-                    out.insert(p, e.metadata().ok().and_then(|m| m.modified().ok()));
-                }
-            }
-        }
-        out
-    }
-
     pub fn policy_dir_changed(&self) -> bool {
-        let now = self.dir_listing();
-        now.len() != self.files.len()
-            || now
-                .iter()
-                .any(|(p, m)| self.files.get(p).is_none_or(|f| f.modified != *m))
+        self.sources.files.changed()
     }
 
-    /// Re-reads the policy directory. A file that does not parse keeps no policy in force and
-    /// is reported in `status`.
+    /// Re-reads the policy directory.
     pub fn reload_policy_dir(&mut self) {
-        let listing = self.dir_listing();
-        let mut files = BTreeMap::new();
-        for (path, modified) in listing {
-            let parsed = policy::parse_file(&path).map_err(|e| e.to_string());
-            if let Err(e) = &parsed {
-                error!(file = %path.display(), error = %e, "policy file rejected");
-            }
-            files.insert(path, PolicyFile { modified, parsed });
-        }
-        self.files = files;
+        self.sources.files.reload();
     }
 
-    fn label_policies(&mut self) -> Vec<Policy> {
-        let mut out = Vec::new();
-        self.label_errors.clear();
-        for c in self.containers.values() {
-            if !c.running {
-                continue;
-            }
-            match policy::compose::from_labels(&c.name, &c.labels) {
-                Ok(Some(p)) => out.push(p),
-                Ok(None) => {}
-                Err(e) => {
-                    warn!(container = %c.name, error = %e, "netpol labels rejected");
-                    self.label_errors.insert(c.name.clone(), e.to_string());
-                }
-            }
-        }
-        out
-    }
-
-    fn policies_with(&mut self, imported: &BTreeMap<String, (String, Policy)>) -> Vec<Policy> {
-        let mut all: Vec<Policy> = imported.values().map(|(_, p)| p.clone()).collect();
-        for f in self.files.values() {
-            if let Ok(ps) = &f.parsed {
-                all.extend(ps.iter().cloned());
-            }
-        }
-        all.extend(self.label_policies());
-        all
+    /// Recomputes the policies of the running containers' labels.
+    fn refresh_labels(&mut self) {
+        self.sources
+            .labels
+            .update(
+                self.containers
+                    .values()
+                    .filter(|c| c.running)
+                    .map(|c| ContainerLabels {
+                        name: &c.name,
+                        labels: &c.labels,
+                    }),
+            );
     }
 
     /// The identity of a container's security-relevant labels (allocated when new), and those
@@ -304,8 +220,8 @@ impl Agent {
         if !self.docker_synced {
             return Ok(0);
         }
-        let imported = self.imported.clone();
-        let policies = self.policies_with(&imported);
+        self.refresh_labels();
+        let policies = self.sources.policies();
         let (desired, compiled) = self.desired(&policies)?;
         let n = self.reconciler.reconcile(self.dp.as_mut(), &desired)?;
         self.compiled = Some(compiled);
@@ -370,38 +286,9 @@ impl Agent {
     /// `policy import`: every document of every file must parse, the result must compile and fit,
     /// and then it is applied and persisted; otherwise nothing changes.
     pub fn import(&mut self, files: &[SourceFile]) -> Result<Vec<String>, AgentError> {
-        let mut errors = Vec::new();
-        let mut new: BTreeMap<String, (String, Policy)> = BTreeMap::new();
-        for f in files {
-            match policy::parse_str(&f.path, &f.text) {
-                Err(e) => errors.push(e.to_string()),
-                Ok(_) => {
-                    for doc in documents(&f.text) {
-                        match policy::parse_str(&f.path, &doc) {
-                            Ok(ps) => {
-                                for p in ps {
-                                    if !valid_policy_name(&p.name) {
-                                        errors.push(format!("{}: metadata.name {:?}: use letters, digits, '-', '_' and '.'", f.path, p.name));
-                                    } else if new.contains_key(&p.name) {
-                                        errors.push(format!(
-                                            "{}: metadata.name {:?} appears twice",
-                                            f.path, p.name
-                                        ));
-                                    } else {
-                                        new.insert(p.name.clone(), (doc.clone(), p));
-                                    }
-                                }
-                            }
-                            Err(e) => errors.push(e.to_string()),
-                        }
-                    }
-                }
-            }
-        }
-        if !errors.is_empty() {
-            return Err(AgentError::Invalid(errors.join("\n")));
-        }
-        let mut candidate = self.imported.clone();
+        let new = imports::parse_import(files.iter().map(|f| (f.path.as_str(), f.text.as_str())))
+            .map_err(|errors| AgentError::Invalid(errors.join("\n")))?;
+        let mut candidate = self.sources.imports.set().clone();
         for (k, v) in &new {
             candidate.insert(k.clone(), v.clone());
         }
@@ -410,42 +297,28 @@ impl Agent {
     }
 
     /// Compiles, checks, applies and persists a new set of imported policies, or changes nothing.
-    fn apply_imported(
-        &mut self,
-        candidate: BTreeMap<String, (String, Policy)>,
-    ) -> Result<(), AgentError> {
-        let policies = self.policies_with(&candidate);
+    fn apply_imported(&mut self, candidate: ImportSet) -> Result<(), AgentError> {
+        self.refresh_labels();
+        let policies = self.sources.policies_with(&candidate);
         let (desired, compiled) = self.desired(&policies)?;
         reconcile::check_fit(&desired.maps, &self.dp.sizes())?;
         // Persist first; undo the files if the maps cannot be written.
-        let old = self.imported.clone();
-        for (name, (text, _)) in &candidate {
-            if old.get(name).map(|(t, _)| t) != Some(text) {
-                self.store.save_policy(name, text)?;
-            }
-        }
-        for name in old.keys().filter(|n| !candidate.contains_key(*n)) {
-            self.store.delete_policy(name)?;
-        }
+        let old = self.sources.imports.set().clone();
+        imports::persist(&self.store, &old, &candidate)?;
         if self.docker_synced {
             if let Err(e) = self.reconciler.reconcile(self.dp.as_mut(), &desired) {
-                for (name, (text, _)) in &old {
-                    let _ = self.store.save_policy(name, text);
-                }
-                for name in candidate.keys().filter(|n| !old.contains_key(*n)) {
-                    let _ = self.store.delete_policy(name);
-                }
+                imports::restore(&self.store, &old, &candidate);
                 return Err(e.into());
             }
             self.compiled = Some(compiled);
         }
-        self.imported = candidate;
+        self.sources.imports.replace(candidate);
         self.save()?;
         Ok(())
     }
 
     pub fn delete(&mut self, name: Option<&str>, all: bool) -> Result<Vec<String>, AgentError> {
-        let mut candidate = self.imported.clone();
+        let mut candidate = self.sources.imports.set().clone();
         let removed: Vec<String> = if all {
             std::mem::take(&mut candidate).into_keys().collect()
         } else {
@@ -461,22 +334,23 @@ impl Agent {
 
     pub fn policy_rows(&self, name: Option<&str>) -> Result<Vec<PolicyRow>, AgentError> {
         let mut rows: Vec<PolicyRow> = self
-            .imported
+            .sources
+            .imports
+            .set()
             .iter()
-            .map(|(n, (text, _))| PolicyRow {
+            .map(|(n, i)| PolicyRow {
                 name: n.clone(),
                 source: "imported".into(),
-                text: text.clone(),
+                text: i.text.clone(),
             })
             .collect();
-        for (path, f) in &self.files {
-            if let Ok(ps) = &f.parsed {
-                let text = std::fs::read_to_string(path).unwrap_or_default();
-                for p in ps {
+        for f in self.sources.files.iter() {
+            if let Some(v) = &f.in_force {
+                for p in &v.policies {
                     rows.push(PolicyRow {
                         name: p.name.clone(),
-                        source: path.display().to_string(),
-                        text: text.clone(),
+                        source: f.path.display().to_string(),
+                        text: v.text.clone(),
                     });
                 }
             }
@@ -557,7 +431,7 @@ impl Agent {
                         }
                     }
                 };
-                if let Some(e) = self.label_errors.get(&c.name) {
+                if let Some(e) = self.sources.labels.errors().get(&c.name) {
                     r.state = format!("{} (netpol labels rejected: {e})", r.state);
                 }
                 rows.push(r);
@@ -615,16 +489,7 @@ impl Agent {
                 )
             })
             .collect();
-        let rejected: BTreeMap<String, String> = self
-            .files
-            .iter()
-            .filter_map(|(p, f)| {
-                f.parsed
-                    .as_ref()
-                    .err()
-                    .map(|e| (p.display().to_string(), e.clone()))
-            })
-            .collect();
+        let rejected = self.sources.files.rejected();
         let attached = self.dp.attached().map(|a| a.len()).unwrap_or(0);
         serde_json::json!({
             "agent": "running",
@@ -632,10 +497,10 @@ impl Agent {
             "endpoints_attached": attached,
             "containers": self.containers.values().filter(|c| c.running).count(),
             "identities": self.ids.len(),
-            "policies_imported": self.imported.len(),
-            "policy_files": self.files.len(),
+            "policies_imported": self.sources.imports.len(),
+            "policy_files": self.sources.files.len(),
             "policy_files_rejected": rejected,
-            "label_errors": self.label_errors,
+            "label_errors": self.sources.labels.errors(),
             "policy_entries": self.compiled.as_ref().map_or(0, |c| c.policy.len()),
             "map_sizes": self.dp.sizes(),
             "drops": drops,
@@ -660,23 +525,5 @@ impl Agent {
         if let Err(e) = self.dp.set_trace_flows(on) {
             warn!(error = %e, "switching flow tracing");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::documents;
-
-    #[test]
-    fn splits_yaml_documents() {
-        let d = documents("a: 1\n---\nb: 2\n--- \n# only a comment\n---\nc: 3\n");
-        assert_eq!(
-            d,
-            vec![
-                "a: 1\n".to_owned(),
-                "b: 2\n".to_owned(),
-                "c: 3\n".to_owned()
-            ]
-        );
     }
 }

@@ -12,6 +12,8 @@
 //! - [`validate_files`]`(paths) -> Vec<PolicyError>`: `policy validate`, offline.
 //! - [`compose::from_labels`]`(container, labels) -> Result<Option<Policy>, ComposeError>`: the
 //!   `netpol.ingress` / `netpol.egress` shorthand of one compose container.
+//! - [`sources`]: where policies come from (policy files, imports, compose labels), each with its
+//!   parse, the version in force and its errors; [`sources::Sources`] gives the compiler its set.
 //! - [`compile`]`(&[Policy], &Endpoints) -> Result<Compiled, CompileError>` (and
 //!   [`compile_with_previous`] to keep CIDR identity numbers from the previous compile): per local
 //!   identity the enforced directions, the `POLICY` entries, the CIDR identities for the ipcache and
@@ -29,6 +31,7 @@
 pub mod compile;
 pub mod compose;
 mod parse;
+pub mod sources;
 mod yaml;
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 //! Layout:
 //! - `identities.json`: the identity allocator's state (numbers stable across restarts/reboots).
 //! - `policies/<name>.yaml`: each imported policy, as the YAML document it was imported from.
+//! - `files/<file name>`: the last valid version of each file of the policy directory, kept in
+//!   force while the file itself does not parse (also across restarts).
 
 use std::{
     collections::BTreeMap,
@@ -115,37 +117,43 @@ impl Store {
         self.write_json("identities.json", state)
     }
 
+    fn files_dir(&self) -> PathBuf {
+        self.dir.join("files")
+    }
+
     /// Every imported policy: name → the YAML document it was imported from.
     pub fn policies(&self) -> Result<BTreeMap<String, String>, StoreError> {
-        let dir = self.policies_dir();
         let mut out = BTreeMap::new();
-        let rd = match fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => {
-                return Err(StoreError::Io {
-                    path: dir,
-                    source: e,
-                })
+        for (file, text) in read_texts(&self.policies_dir())? {
+            if let Some(name) = file.strip_suffix(".yaml").filter(|n| valid_policy_name(n)) {
+                out.insert(name.to_owned(), text);
             }
-        };
-        for entry in rd {
-            let entry = entry.map_err(io_err(&dir))?;
-            let path = entry.path();
-            let Some(name) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".yaml"))
-            else {
-                continue;
-            };
-            if !valid_policy_name(name) {
-                continue;
-            }
-            let text = fs::read_to_string(&path).map_err(io_err(&path))?;
-            out.insert(name.to_owned(), text);
         }
         Ok(out)
+    }
+
+    /// The last valid version of each policy file: file name → text.
+    pub fn file_copies(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        Ok(read_texts(&self.files_dir())?
+            .into_iter()
+            .filter(|(f, _)| valid_file_name(f))
+            .collect())
+    }
+
+    /// Keeps `text` as the last valid version of the policy file `file_name`.
+    pub fn save_file_copy(&self, file_name: &str, text: &str) -> Result<(), StoreError> {
+        if !valid_file_name(file_name) {
+            return Err(StoreError::BadName(file_name.to_owned()));
+        }
+        write_atomic(&self.files_dir().join(file_name), text.as_bytes())
+    }
+
+    /// Forgets the last valid version of `file_name` (the file was removed).
+    pub fn delete_file_copy(&self, file_name: &str) -> Result<bool, StoreError> {
+        if !valid_file_name(file_name) {
+            return Err(StoreError::BadName(file_name.to_owned()));
+        }
+        remove_synced(&self.files_dir(), &self.files_dir().join(file_name))
     }
 
     pub fn save_policy(&self, name: &str, yaml: &str) -> Result<(), StoreError> {
@@ -164,17 +172,58 @@ impl Store {
             return Err(StoreError::BadName(name.to_owned()));
         }
         let path = self.policies_dir().join(format!("{name}.yaml"));
-        match fs::remove_file(&path) {
-            Ok(()) => {
-                let dir = self.policies_dir();
-                File::open(&dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(io_err(&dir))?;
-                Ok(true)
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(StoreError::Io { path, source: e }),
+        remove_synced(&self.policies_dir(), &path)
+    }
+}
+
+/// A file name for `files/`: one path component, not hidden.
+fn valid_file_name(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('.') && !name.contains('/') && name != ".."
+}
+
+/// Every regular file of `dir` (none if it does not exist): file name → text.
+fn read_texts(dir: &Path) -> Result<BTreeMap<String, String>, StoreError> {
+    let mut out = BTreeMap::new();
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => {
+            return Err(StoreError::Io {
+                path: dir.to_path_buf(),
+                source: e,
+            })
         }
+    };
+    for entry in rd {
+        let entry = entry.map_err(io_err(dir))?;
+        let path = entry.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        // Temporaries of an interrupted write_atomic.
+        if name.starts_with('.') || !path.is_file() {
+            continue;
+        }
+        let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+        out.insert(name.to_owned(), text);
+    }
+    Ok(out)
+}
+
+/// Removes `path` and fsyncs `dir`; whether the file existed.
+fn remove_synced(dir: &Path, path: &Path) -> Result<bool, StoreError> {
+    match fs::remove_file(path) {
+        Ok(()) => {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(dir))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(StoreError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
     }
 }
 
@@ -206,6 +255,26 @@ mod tests {
         assert!(s.delete_policy("web").unwrap());
         assert!(!s.delete_policy("web").unwrap());
         assert_eq!(s.policies().unwrap().len(), 1);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn file_copies_round_trip_and_delete() {
+        let d = tmp();
+        let s = Store::new(&d);
+        assert!(s.file_copies().unwrap().is_empty());
+        s.save_file_copy("db.yaml", "a: 1\n").unwrap();
+        s.save_file_copy("web.yml", "b: 2\n").unwrap();
+        assert_eq!(s.file_copies().unwrap()["db.yaml"], "a: 1\n");
+        assert!(s.delete_file_copy("web.yml").unwrap());
+        assert!(!s.delete_file_copy("web.yml").unwrap());
+        assert_eq!(s.file_copies().unwrap().len(), 1);
+        for bad in ["../x", "a/b", "", ".hidden"] {
+            assert!(
+                matches!(s.save_file_copy(bad, ""), Err(StoreError::BadName(_))),
+                "{bad}"
+            );
+        }
         fs::remove_dir_all(&d).unwrap();
     }
 

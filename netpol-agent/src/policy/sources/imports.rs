@@ -1,0 +1,191 @@
+//! Imported policies: `policy import` through the control socket, each stored as the YAML
+//! document it came from under the state directory (`/var/lib/netpol/policies/<name>.yaml`).
+
+use std::collections::BTreeMap;
+
+use tracing::error;
+
+use crate::{
+    policy::{self, Policy},
+    store::{valid_policy_name, Store, StoreError},
+};
+
+/// One imported policy: the document it was imported from, and what it parses to now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Imported {
+    pub text: String,
+    /// `Err` when the stored document no longer parses (an upgrade made it invalid).
+    pub policy: Result<Policy, String>,
+}
+
+/// Imported policies by name.
+pub type ImportSet = BTreeMap<String, Imported>;
+
+#[derive(Debug, Default)]
+pub struct Imports {
+    policies: ImportSet,
+}
+
+impl Imports {
+    /// The policies stored in `store`. One that no longer parses is kept (as an error).
+    pub fn load(store: &Store) -> Result<Self, StoreError> {
+        let mut policies = ImportSet::new();
+        for (name, text) in store.policies()? {
+            match policy::parse_str(&format!("imported policy {name}"), &text) {
+                Ok(ps) => {
+                    for p in ps {
+                        policies.insert(
+                            p.name.clone(),
+                            Imported {
+                                text: text.clone(),
+                                policy: Ok(p),
+                            },
+                        );
+                    }
+                }
+                Err(e) => {
+                    error!(policy = %name, error = %e, "stored policy no longer parses; it is not applied");
+                }
+            }
+        }
+        Ok(Self { policies })
+    }
+
+    pub fn set(&self) -> &ImportSet {
+        &self.policies
+    }
+
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.policies.contains_key(name)
+    }
+
+    /// Replaces the set (after [`persist`] succeeded and the maps took it).
+    pub fn replace(&mut self, set: ImportSet) {
+        self.policies = set;
+    }
+}
+
+/// The policies that `policy import` of `files` ((path, text) as the CLI read them) adds: every
+/// document of every file must parse and carry a storable, unique name; otherwise every error.
+pub fn parse_import<'a>(
+    files: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<ImportSet, Vec<String>> {
+    let mut errors = Vec::new();
+    let mut new = ImportSet::new();
+    for (path, text) in files {
+        if let Err(e) = policy::parse_str(path, text) {
+            errors.push(e.to_string());
+            continue;
+        }
+        for doc in documents(text) {
+            match policy::parse_str(path, &doc) {
+                Ok(ps) => {
+                    for p in ps {
+                        if !valid_policy_name(&p.name) {
+                            errors.push(format!(
+                                "{}: metadata.name {:?}: use letters, digits, '-', '_' and '.'",
+                                path, p.name
+                            ));
+                        } else if new.contains_key(&p.name) {
+                            errors.push(format!(
+                                "{}: metadata.name {:?} appears twice",
+                                path, p.name
+                            ));
+                        } else {
+                            new.insert(
+                                p.name.clone(),
+                                Imported {
+                                    text: doc.clone(),
+                                    policy: Ok(p),
+                                },
+                            );
+                        }
+                    }
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(new)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Writes the difference between `old` and `new` to the store: new and changed documents are
+/// saved, removed ones deleted. On failure what was written is undone (best effort).
+pub fn persist(store: &Store, old: &ImportSet, new: &ImportSet) -> Result<(), StoreError> {
+    let result = (|| {
+        for (name, p) in new {
+            if old.get(name).map(|o| &o.text) != Some(&p.text) {
+                store.save_policy(name, &p.text)?;
+            }
+        }
+        for name in old.keys().filter(|n| !new.contains_key(*n)) {
+            store.delete_policy(name)?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        restore(store, old, new);
+    }
+    result
+}
+
+/// Puts `old` back in the store after `new` was (perhaps partly) persisted.
+pub fn restore(store: &Store, old: &ImportSet, new: &ImportSet) {
+    for (name, p) in old {
+        let _ = store.save_policy(name, &p.text);
+    }
+    for name in new.keys().filter(|n| !old.contains_key(*n)) {
+        let _ = store.delete_policy(name);
+    }
+}
+
+/// Splits a multi-document YAML text into documents (`---` lines), keeping each one's text.
+fn documents(text: &str) -> Vec<String> {
+    let mut docs = vec![String::new()];
+    for line in text.lines() {
+        if line == "---" || line.starts_with("--- ") {
+            docs.push(String::new());
+            continue;
+        }
+        if let Some(d) = docs.last_mut() {
+            d.push_str(line);
+            d.push('\n');
+        }
+    }
+    docs.into_iter()
+        .filter(|d| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::documents;
+
+    #[test]
+    fn splits_yaml_documents() {
+        let d = documents("a: 1\n---\nb: 2\n--- \n# only a comment\n---\nc: 3\n");
+        assert_eq!(
+            d,
+            vec![
+                "a: 1\n".to_owned(),
+                "b: 2\n".to_owned(),
+                "c: 3\n".to_owned()
+            ]
+        );
+    }
+}
