@@ -10,6 +10,8 @@ pub mod endpoint;
 pub mod event;
 pub mod identity;
 pub mod ipcache;
+#[cfg(any(test, feature = "model"))]
+pub mod model;
 pub mod nat;
 pub mod policy;
 

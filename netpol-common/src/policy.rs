@@ -236,31 +236,10 @@ mod tests {
     use super::*;
     use crate::identity::ANY;
 
-    /// A reference longest-prefix match over (key, prefix_len, value) entries, as the kernel's
-    /// LPM trie does it.
+    /// The kernel's longest-prefix match, as the datapath model does it.
     fn lpm(entries: &[(PolicyKey, u32, PolicyValue)], key: &PolicyKey) -> Option<PolicyValue> {
-        let bits = |k: &PolicyKey| -> u128 {
-            let mut b = [0u8; 16];
-            b[4..8].copy_from_slice(&k.local.to_be_bytes());
-            b[8..12].copy_from_slice(&k.remote.to_be_bytes());
-            b[12] = k.direction;
-            b[13] = k.proto;
-            b[14..16].copy_from_slice(&k.dport);
-            u128::from_be_bytes(b)
-        };
-        let want = bits(key);
-        entries
-            .iter()
-            .filter(|(k, len, _)| {
-                let mask = if *len == 0 {
-                    0
-                } else {
-                    (!0u128 >> 32) & !((1u128 << (96 - len)) - 1)
-                };
-                bits(k) & mask == want & mask
-            })
-            .max_by_key(|(_, len, _)| *len)
-            .map(|(_, _, v)| *v)
+        let e: Vec<_> = entries.iter().map(|(k, len, v)| (*len, *k, *v)).collect();
+        crate::model::policy_lpm(&e, key)
     }
 
     fn verdict(

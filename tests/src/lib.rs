@@ -4,10 +4,12 @@
 //! under CI (`CI=true`), where a skipped tier is a failure.
 
 pub mod agent;
+pub mod diff;
 pub mod docker;
 pub mod netns;
 pub mod packet;
 pub mod probe;
+pub mod progtest;
 pub mod unit;
 
 /// Returns `true` when the test may run. Without root: prints why and returns `false`, or panics

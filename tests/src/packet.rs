@@ -131,6 +131,22 @@ pub fn ipv6_hop_by_hop_router_alert(next: u8, payload: &[u8]) -> Vec<u8> {
     h
 }
 
+/// An IPv6 extension header of type `kind` (hop-by-hop 0, routing 43, destination options 60:
+/// `(len + 1) * 8` bytes; authentication 51: `(len + 2) * 4` bytes), zero-filled, in front of
+/// `payload`. Fragment headers: [`ipv6_fragment`].
+pub fn ipv6_ext(kind: u8, next: u8, len: u8, payload: &[u8]) -> Vec<u8> {
+    let size = if kind == 51 {
+        (len as usize + 2) * 4
+    } else {
+        (len as usize + 1) * 8
+    };
+    let mut h = vec![0u8; size.max(2)];
+    h[0] = next;
+    h[1] = len;
+    h.extend_from_slice(payload);
+    h
+}
+
 /// A TCP header of 20 bytes.
 pub fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut h = vec![0u8; 20];

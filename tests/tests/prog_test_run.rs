@@ -15,32 +15,22 @@
 //! to the programs here; the cases below cut IPv4 options, IPv6 extension headers and L4
 //! headers instead.
 
-use std::process::Command;
-
-use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
-    Ebpf, EbpfLoader,
-};
+use aya::{programs::SchedClassifier, Ebpf};
 use netpol_agent::datapath::EBPF_OBJECT;
 use netpol_common::{
     ct::{self, CtDir, CtEntry, CtKey4, CtKey6},
     endpoint::Endpoint,
     event::FlowEvent,
-    identity,
-    ipcache::RemoteInfo,
-    maps,
+    identity, maps,
     policy::{self, PolicyKey, PolicyValue},
     programs, proto, Config, Direction, DropReason,
 };
-use netpol_tests::{packet::*, require_root};
+use netpol_tests::{
+    packet::*,
+    progtest::{now_ns, private_netns_with_veths, Datapath, Prog, Sizes, LO, PASS, SHOT},
+    require_root,
+};
 
-/// `TC_ACT_UNSPEC` (-1) as the kernel reports the return value.
-const PASS: u32 = u32::MAX;
-/// `TC_ACT_SHOT`.
-const SHOT: u32 = 2;
-/// `lo`: the device of a test run without a context.
-const LO: u32 = 1;
 const SEC: u64 = 1_000_000_000;
 
 // ---------------------------------------------------------------------------------------------
@@ -194,53 +184,18 @@ fn ct_key(fam: Fam, s: &Host, d: &Host, sport: u16, dport: u16, proto: u8, dir: 
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Prog {
-    /// `from_container`: the container's egress.
-    From,
-    /// `to_container`: the container's ingress.
-    To,
-}
-
 use Prog::{From, To};
 
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec; CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
-    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(r, 0, "clock_gettime");
-    ts.tv_sec as u64 * SEC + ts.tv_nsec as u64
-}
-
-/// An unpinned, loaded copy of the datapath.
+/// An unpinned, loaded copy of the datapath, with helpers for the scenario's hosts.
 struct Dp {
-    bpf: Ebpf,
+    dp: Datapath,
 }
 
 impl Dp {
     fn new() -> Self {
-        let mut bpf = EbpfLoader::new()
-            .map_max_entries(maps::ENDPOINTS, 16)
-            .map_max_entries(maps::IPCACHE4, 64)
-            .map_max_entries(maps::IPCACHE6, 64)
-            .map_max_entries(maps::POLICY, 256)
-            .map_max_entries(maps::CT4, 1024)
-            .map_max_entries(maps::CT6, 1024)
-            .load(EBPF_OBJECT)
-            .unwrap_or_else(|e| panic!("loading the object: {e:?}"));
-        for name in [programs::FROM_CONTAINER, programs::TO_CONTAINER] {
-            let p: &mut SchedClassifier = bpf
-                .program_mut(name)
-                .unwrap_or_else(|| panic!("program {name} missing"))
-                .try_into()
-                .unwrap_or_else(|e| panic!("{name} is not a classifier: {e:?}"));
-            p.load()
-                .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
+        Self {
+            dp: Datapath::load(Sizes::default()),
         }
-        Self { bpf }
     }
 
     /// A datapath that knows db, app1 and app2, with db on `lo` enforcing as told.
@@ -258,27 +213,12 @@ impl Dp {
             .with_ipv4(h.v4)
             .with_ipv6(h.v6)
             .enforce(ingress, egress);
-        let mut m: HashMap<_, u32, Endpoint> =
-            HashMap::try_from(self.bpf.map_mut(maps::ENDPOINTS).expect("ENDPOINTS")).unwrap();
-        m.insert(ifindex, ep, 0).expect("ENDPOINTS insert");
+        self.dp.endpoint(ifindex, ep);
     }
 
     fn ipcache(&mut self, h: &Host) {
-        let mut m4: LpmTrie<_, [u8; 4], RemoteInfo> =
-            LpmTrie::try_from(self.bpf.map_mut(maps::IPCACHE4).expect("IPCACHE4")).unwrap();
-        m4.insert(&Key::new(32, h.v4), RemoteInfo::new(h.id), 0)
-            .expect("IPCACHE4 insert");
-        let mut m6: LpmTrie<_, [u8; 16], RemoteInfo> =
-            LpmTrie::try_from(self.bpf.map_mut(maps::IPCACHE6).expect("IPCACHE6")).unwrap();
-        m6.insert(&Key::new(128, h.v6), RemoteInfo::new(h.id), 0)
-            .expect("IPCACHE6 insert");
-    }
-
-    fn policy(&mut self, prefix: u32, key: PolicyKey, value: PolicyValue) {
-        let mut m: LpmTrie<_, PolicyKey, PolicyValue> =
-            LpmTrie::try_from(self.bpf.map_mut(maps::POLICY).expect("POLICY")).unwrap();
-        m.insert(&Key::new(prefix, key), value, 0)
-            .expect("POLICY insert");
+        self.dp.ipcache4(32, h.v4, h.id);
+        self.dp.ipcache6(128, h.v6, h.id);
     }
 
     /// An allow entry for `local`; `proto` 0 with prefix 72, `port` 0 with prefix 80.
@@ -293,7 +233,7 @@ impl Dp {
         prefix: u32,
         rule: u32,
     ) {
-        self.policy(
+        self.dp.policy(
             prefix,
             PolicyKey::new(local.id, remote, dir, proto, port),
             PolicyValue::allow(rule),
@@ -311,7 +251,7 @@ impl Dp {
         prefix: u32,
         rule: u32,
     ) {
-        self.policy(
+        self.dp.policy(
             prefix,
             PolicyKey::new(local.id, remote, dir, proto, port),
             PolicyValue::deny(rule),
@@ -319,115 +259,47 @@ impl Dp {
     }
 
     fn config(&mut self, flags: u32) {
-        let mut m: Array<_, Config> =
-            Array::try_from(self.bpf.map_mut(maps::CONFIG).expect("CONFIG")).unwrap();
-        m.set(0, Config { flags, _pad: 0 }, 0).expect("CONFIG set");
-    }
-
-    fn prog(&self, p: Prog) -> &SchedClassifier {
-        let name = match p {
-            From => programs::FROM_CONTAINER,
-            To => programs::TO_CONTAINER,
-        };
-        self.bpf.program(name).unwrap().try_into().unwrap()
+        self.dp.config(flags);
     }
 
     /// Runs `p` on `frame` as seen on `lo` (ifindex 1).
     fn run(&self, p: Prog, frame: &[u8]) -> u32 {
-        self.run_on(p, LO, frame)
+        self.dp.run_on(p, LO, frame)
     }
 
     /// Runs `p` on `frame` on the device `ifindex` (of the calling thread's network namespace).
     fn run_on(&self, p: Prog, ifindex: u32, frame: &[u8]) -> u32 {
-        // struct __sk_buff up to and including `ifindex` (offset 40); the kernel zero-fills the
-        // rest and only accepts mark, priority, ifindex, cb, tstamp, wire_len, gso_* set.
-        let mut ctx = [0u8; 44];
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: if ifindex == LO { None } else { Some(&ctx) },
-            ..TestRunOptions::default()
-        };
-        let r = self
-            .prog(p)
-            .test_run(opts)
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {p:?}: {e:?}"));
-        assert_eq!(
-            &out[..r.data_size_out as usize],
-            frame,
-            "{p:?} must not rewrite the packet"
-        );
-        r.return_value
+        self.dp.run_on(p, ifindex, frame)
     }
 
-    /// The `DROPS` counter of `reason`, summed over CPUs.
     fn drops(&self, reason: DropReason) -> u64 {
-        let m: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(self.bpf.map(maps::DROPS).expect("DROPS")).unwrap();
-        m.get(&(reason as u32), 0).expect("DROPS get").iter().sum()
+        self.dp.drops(reason)
     }
 
-    /// Every counter of `DROPS`, indexed by reason.
     fn all_drops(&self) -> Vec<u64> {
-        (0..DropReason::COUNT)
-            .map(|i| {
-                let m: PerCpuArray<_, u64> =
-                    PerCpuArray::try_from(self.bpf.map(maps::DROPS).unwrap()).unwrap();
-                m.get(&i, 0).unwrap().iter().sum()
-            })
-            .collect()
+        self.dp.all_drops()
     }
 
-    /// Drains `EVENTS`.
     fn events(&mut self) -> Vec<FlowEvent> {
-        let mut rb = RingBuf::try_from(self.bpf.map_mut(maps::EVENTS).expect("EVENTS")).unwrap();
-        let mut v = Vec::new();
-        while let Some(item) = rb.next() {
-            assert_eq!(item.len(), size_of::<FlowEvent>(), "event size");
-            // SAFETY: FlowEvent is plain old data of that size.
-            v.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
-        }
-        v
+        self.dp.events()
     }
 
     fn ct(&self, k: AnyCtKey) -> Option<CtEntry> {
         match k {
-            AnyCtKey::V4(k) => {
-                let m: HashMap<_, CtKey4, CtEntry> =
-                    HashMap::try_from(self.bpf.map(maps::CT4).expect("CT4")).unwrap();
-                m.get(&k, 0).ok()
-            }
-            AnyCtKey::V6(k) => {
-                let m: HashMap<_, CtKey6, CtEntry> =
-                    HashMap::try_from(self.bpf.map(maps::CT6).expect("CT6")).unwrap();
-                m.get(&k, 0).ok()
-            }
+            AnyCtKey::V4(k) => self.dp.ct4(&k),
+            AnyCtKey::V6(k) => self.dp.ct6(&k),
         }
     }
 
     fn set_ct(&mut self, k: AnyCtKey, e: CtEntry) {
         match k {
-            AnyCtKey::V4(k) => {
-                let mut m: HashMap<_, CtKey4, CtEntry> =
-                    HashMap::try_from(self.bpf.map_mut(maps::CT4).unwrap()).unwrap();
-                m.insert(k, e, 0).expect("CT4 insert");
-            }
-            AnyCtKey::V6(k) => {
-                let mut m: HashMap<_, CtKey6, CtEntry> =
-                    HashMap::try_from(self.bpf.map_mut(maps::CT6).unwrap()).unwrap();
-                m.insert(k, e, 0).expect("CT6 insert");
-            }
+            AnyCtKey::V4(k) => self.dp.set_ct4(k, e),
+            AnyCtKey::V6(k) => self.dp.set_ct6(k, e),
         }
     }
 
     fn ct_len(&self) -> usize {
-        let m4: HashMap<&MapData, CtKey4, CtEntry> =
-            HashMap::try_from(self.bpf.map(maps::CT4).unwrap()).unwrap();
-        let m6: HashMap<&MapData, CtKey6, CtEntry> =
-            HashMap::try_from(self.bpf.map(maps::CT6).unwrap()).unwrap();
-        m4.keys().count() + m6.keys().count()
+        self.dp.ct4_all().len() + self.dp.ct6_all().len()
     }
 }
 
@@ -1803,37 +1675,6 @@ fn fragments_v6() {
     if require_root("fragments_v6") {
         fragments(V6);
     }
-}
-
-/// Moves the calling test thread into a new network namespace holding a veth pair per name (the
-/// name is the host side, as Docker's), and returns the ifindexes of the named sides: the
-/// devices `BPF_PROG_TEST_RUN` runs on when given their ifindex.
-fn private_netns_with_veths(names: &[&str]) -> Vec<u32> {
-    // SAFETY: affects only the calling thread (libtest runs each test on its own thread).
-    let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    assert_eq!(
-        r,
-        0,
-        "unshare(CLONE_NEWNET): {}",
-        std::io::Error::last_os_error()
-    );
-    names
-        .iter()
-        .map(|name| {
-            // A child process forked from this thread starts in its network namespace.
-            let peer = format!("{name}p");
-            let st = Command::new("ip")
-                .args(["link", "add", name, "type", "veth", "peer", "name", &peer])
-                .status()
-                .unwrap_or_else(|e| panic!("running ip: {e}"));
-            assert!(st.success(), "ip link add {name} type veth: {st}");
-            let c = std::ffi::CString::new(*name).unwrap();
-            // SAFETY: c is a valid C string.
-            let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-            assert_ne!(idx, 0, "{name} has no ifindex");
-            idx
-        })
-        .collect()
 }
 
 fn conntrack_is_per_endpoint(fam: Fam) {

@@ -3,6 +3,7 @@
 mod bench_agent;
 mod bench_datapath;
 mod bench_masq6;
+mod fuzz_datapath;
 mod stats;
 
 use std::{path::PathBuf, process::Command};
@@ -30,11 +31,22 @@ enum Cmd {
         /// Only tests whose names contain this.
         filter: Option<String>,
     },
+    /// Differential fuzzing (needs root).
+    Fuzz {
+        #[command(subcommand)]
+        which: Fuzz,
+    },
     /// Benchmarks (need root; not tests).
     Bench {
         #[command(subcommand)]
         which: Bench,
     },
+}
+
+#[derive(Subcommand)]
+enum Fuzz {
+    /// The per-container programs against the reference model (netpol-common's `model`).
+    Datapath(fuzz_datapath::Opts),
 }
 
 #[derive(Subcommand)]
@@ -51,6 +63,9 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup { build } => script("setup.sh", build.then_some("--build")),
         Cmd::Test { filter } => script("test.sh", filter.as_deref()),
+        Cmd::Fuzz { which } => match which {
+            Fuzz::Datapath(o) => fuzz_datapath::run(o),
+        },
         Cmd::Bench { which } => match which {
             Bench::Datapath(o) => bench_datapath::run(o),
             Bench::Masq6(o) => bench_masq6::run(o),

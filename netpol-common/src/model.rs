@@ -1,0 +1,779 @@
+//! A reference model of the per-container programs' verdict, for the differential test
+//! (`tests/tests/datapath_diff.rs`, `cargo xtask fuzz datapath`).
+//!
+//! Plain Rust over byte slices, written from the order of checks that `netpol-ebpf/src/lxc.rs`
+//! documents, not from its code: it parses the frame itself, keeps the ipcache, the policy map
+//! and conntrack as plain lists, and returns the verdict, the drop event's cause and the
+//! conntrack state after the packet. Only the decision functions that the kernel shares with user
+//! space and that have host tests of their own ([`crate::policy::lookup_keys`],
+//! [`crate::policy::decide`], the key constructors) are the kernel's.
+//!
+//! Time is the caller's: `now` is `bpf_ktime_get_ns()`'s clock (`CLOCK_MONOTONIC`).
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+
+use crate::{
+    ct::{self, CtDir, CtEntry, CtKey4, CtKey6},
+    endpoint::Endpoint,
+    identity,
+    policy::{self, PolicyKey, PolicyValue, Verdict as PolicyVerdict},
+    proto, Direction, DropReason,
+};
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_ARP: u16 = 0x0806;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+const SEC: u64 = 1_000_000_000;
+
+/// What the programs do with a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// `TC_ACT_UNSPEC`: no drop.
+    Pass,
+    /// `TC_ACT_SHOT`, with the drop event's cause.
+    Drop(Drop),
+}
+
+/// The cause a drop event names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drop {
+    pub reason: DropReason,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// The deny rule for [`DropReason::PolicyDeny`], 0 otherwise.
+    pub rule: u32,
+}
+
+/// A conntrack key of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CtKey {
+    V4(CtKey4),
+    V6(CtKey6),
+}
+
+/// Longest-prefix match over `(prefix_len, key bits, value)` entries, as the kernel's LPM trie
+/// does it: `bits` are the key's bytes (big-endian, as the trie compares them).
+pub fn lpm<'a, V>(entries: impl Iterator<Item = (u32, &'a [u8], V)>, want: &[u8]) -> Option<V> {
+    let mut best: Option<(u32, V)> = None;
+    for (len, bits, v) in entries {
+        if prefix_matches(bits, want, len) && best.as_ref().is_none_or(|(l, _)| len > *l) {
+            best = Some((len, v));
+        }
+    }
+    best.map(|(_, v)| v)
+}
+
+fn prefix_matches(a: &[u8], b: &[u8], len: u32) -> bool {
+    let full = (len / 8) as usize;
+    if a.len() < full || b.len() < full || a[..full] != b[..full] {
+        return false;
+    }
+    let rest = len % 8;
+    if rest == 0 {
+        return true;
+    }
+    let mask = 0xffu8 << (8 - rest);
+    a.len() > full && b.len() > full && (a[full] & mask) == (b[full] & mask)
+}
+
+/// The bytes of a [`PolicyKey`] as the trie compares them (after its 32-bit prefix length).
+pub fn policy_key_bits(k: &PolicyKey) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[0..4].copy_from_slice(&k.local.to_ne_bytes());
+    b[4..8].copy_from_slice(&k.remote.to_ne_bytes());
+    b[8] = k.direction;
+    b[9] = k.proto;
+    b[10..12].copy_from_slice(&k.dport().to_be_bytes());
+    b
+}
+
+/// Longest match of `key` in a list of `POLICY` entries `(prefix_len, key, value)`.
+pub fn policy_lpm(
+    entries: &[(u32, PolicyKey, PolicyValue)],
+    key: &PolicyKey,
+) -> Option<PolicyValue> {
+    let want = policy_key_bits(key);
+    let bits: Vec<[u8; 12]> = entries.iter().map(|(_, k, _)| policy_key_bits(k)).collect();
+    lpm(
+        entries
+            .iter()
+            .zip(bits.iter())
+            .map(|((len, _, v), b)| (*len, &b[..], *v)),
+        &want,
+    )
+}
+
+/// The state the programs read and write, as plain lists.
+#[derive(Clone, Debug, Default)]
+pub struct World {
+    /// `ENDPOINTS`: host veth ifindex → endpoint.
+    pub endpoints: Vec<(u32, Endpoint)>,
+    /// `IPCACHE4`: (prefix length, address, identity).
+    pub ipcache4: Vec<(u32, [u8; 4], u32)>,
+    /// `IPCACHE6`.
+    pub ipcache6: Vec<(u32, [u8; 16], u32)>,
+    /// `POLICY`: (prefix length, key, value).
+    pub policy: Vec<(u32, PolicyKey, PolicyValue)>,
+    /// `CT4` and `CT6`.
+    pub ct: Vec<(CtKey, CtEntry)>,
+}
+
+/// An address of either family; IPv4 uses the first 4 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Addr([u8; 16]);
+
+impl Addr {
+    fn v4(b: [u8; 4]) -> Self {
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&b);
+        Self(a)
+    }
+    fn a4(&self) -> [u8; 4] {
+        [self.0[0], self.0[1], self.0[2], self.0[3]]
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fam {
+    V4,
+    V6,
+}
+
+/// What the L4 header says (the classes `lxc.rs` distinguishes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Ports,
+    EchoRequest,
+    EchoReply,
+    IcmpError,
+    IcmpOther,
+    Neighbour,
+    Fragment,
+    Other,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Inner {
+    s: Addr,
+    d: Addr,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Pkt {
+    fam: Fam,
+    s: Addr,
+    d: Addr,
+    proto: u8,
+    kind: Kind,
+    sport: u16,
+    dport: u16,
+    tcp_flags: u8,
+    icmp_type: u8,
+    inner: Option<Inner>,
+}
+
+fn be16(f: &[u8], off: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*f.get(off)?, *f.get(off + 1)?]))
+}
+
+/// `n` bytes at `off`, or `Malformed` when the frame ends first (`bpf_skb_load_bytes` fails).
+fn bytes(f: &[u8], off: usize, n: usize) -> Result<&[u8], DropReason> {
+    f.get(off..off.checked_add(n).ok_or(DropReason::Malformed)?)
+        .ok_or(DropReason::Malformed)
+}
+
+/// An IPv4 header at `off`: (source, destination, protocol, payload offset, non-first fragment).
+fn ipv4_header(f: &[u8], off: usize) -> Result<(Addr, Addr, u8, usize, bool), DropReason> {
+    let h = bytes(f, off, 20)?;
+    if h[0] >> 4 != 4 {
+        return Err(DropReason::Malformed);
+    }
+    let ihl = (h[0] & 0x0f) as usize * 4;
+    let tot_len = u16::from_be_bytes([h[2], h[3]]) as usize;
+    if ihl < 20 || tot_len < ihl || off + ihl > f.len() {
+        return Err(DropReason::Malformed);
+    }
+    let frag = u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0;
+    let s = Addr::v4([h[12], h[13], h[14], h[15]]);
+    let d = Addr::v4([h[16], h[17], h[18], h[19]]);
+    Ok((s, d, h[9], off + ihl, frag))
+}
+
+/// The most IPv6 extension headers the programs walk.
+pub const MAX_EXT_HEADERS: usize = 4;
+
+fn is_ext(next: u8) -> bool {
+    matches!(next, 0 | 43 | 60 | 44 | 51)
+}
+
+/// An IPv6 header at `off` and its extension headers: (source, destination, upper-layer
+/// protocol, its offset, non-first fragment).
+fn ipv6_header(f: &[u8], off: usize) -> Result<(Addr, Addr, u8, usize, bool), DropReason> {
+    let h = bytes(f, off, 8)?;
+    if h[0] >> 4 != 6 {
+        return Err(DropReason::Malformed);
+    }
+    let mut s = [0u8; 16];
+    s.copy_from_slice(bytes(f, off + 8, 16)?);
+    let mut d = [0u8; 16];
+    d.copy_from_slice(bytes(f, off + 24, 16)?);
+    let mut next = h[6];
+    let mut at = off + 40;
+    let mut non_first = false;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            0 | 43 | 60 => {
+                let e = bytes(f, at, 2)?;
+                next = e[0];
+                at += (e[1] as usize + 1) * 8;
+            }
+            44 => {
+                let e = bytes(f, at, 4)?;
+                next = e[0];
+                non_first |= u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0;
+                at += 8;
+            }
+            51 => {
+                let e = bytes(f, at, 2)?;
+                next = e[0];
+                at += (e[1] as usize + 2) * 4;
+            }
+            _ => break,
+        }
+    }
+    if is_ext(next) {
+        return Err(DropReason::ExtHeaders);
+    }
+    Ok((Addr(s), Addr(d), next, at, non_first))
+}
+
+/// The L4 header at `off` (message types by protocol number, whichever the IP version).
+fn l4(
+    f: &[u8],
+    fam: Fam,
+    s: Addr,
+    d: Addr,
+    proto: u8,
+    off: usize,
+    frag: bool,
+) -> Result<(Pkt, usize), DropReason> {
+    let mut p = Pkt {
+        fam,
+        s,
+        d,
+        proto,
+        kind: Kind::Other,
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        icmp_type: 0,
+        inner: None,
+    };
+    if frag {
+        p.kind = Kind::Fragment;
+        return Ok((p, off));
+    }
+    match proto {
+        proto::TCP => {
+            let h = bytes(f, off, 20)?;
+            if (h[12] >> 4) < 5 {
+                return Err(DropReason::Malformed);
+            }
+            p.sport = u16::from_be_bytes([h[0], h[1]]);
+            p.dport = u16::from_be_bytes([h[2], h[3]]);
+            p.tcp_flags = h[13];
+            p.kind = Kind::Ports;
+        }
+        proto::UDP | proto::SCTP => {
+            let h = bytes(f, off, 8)?;
+            p.sport = u16::from_be_bytes([h[0], h[1]]);
+            p.dport = u16::from_be_bytes([h[2], h[3]]);
+            p.kind = Kind::Ports;
+        }
+        proto::ICMP | proto::ICMPV6 => {
+            let h = bytes(f, off, 8)?;
+            p.icmp_type = h[0];
+            let id = u16::from_be_bytes([h[4], h[5]]);
+            let v6 = proto == proto::ICMPV6;
+            p.kind = match (v6, h[0]) {
+                (false, 8) | (true, 128) => {
+                    p.sport = id;
+                    Kind::EchoRequest
+                }
+                (false, 0) | (true, 129) => {
+                    p.dport = id;
+                    Kind::EchoReply
+                }
+                (false, 3 | 4 | 5 | 11 | 12) | (true, 1..=4) => Kind::IcmpError,
+                (true, 130..=137 | 143) => Kind::Neighbour,
+                _ => Kind::IcmpOther,
+            };
+        }
+        _ => {}
+    }
+    Ok((p, off))
+}
+
+/// The ports of the packet quoted in an ICMP error, as conntrack keys them.
+fn inner_ports(f: &[u8], proto: u8, off: usize) -> Result<(u16, u16), DropReason> {
+    let h = bytes(f, off, 8)?;
+    let id = u16::from_be_bytes([h[4], h[5]]);
+    Ok(match (proto, h[0]) {
+        (proto::TCP | proto::UDP | proto::SCTP, _) => (
+            u16::from_be_bytes([h[0], h[1]]),
+            u16::from_be_bytes([h[2], h[3]]),
+        ),
+        (proto::ICMP, 8) | (proto::ICMPV6, 128) => (id, 0),
+        (proto::ICMP, 0) | (proto::ICMPV6, 129) => (0, id),
+        _ => (0, 0),
+    })
+}
+
+/// Steps 2–4 of `lxc.rs` for an IP packet: the parsed packet, `Ok(None)` when it passes without
+/// policy (neighbour discovery), or the drop reason.
+fn parse(f: &[u8], fam: Fam, ep: &Endpoint, dir: Direction) -> Result<Option<Pkt>, DropReason> {
+    let (s, d, proto, off, frag) = match fam {
+        Fam::V4 => ipv4_header(f, ETH_HLEN)?,
+        Fam::V6 => ipv6_header(f, ETH_HLEN)?,
+    };
+    let (mut p, l4off) = l4(f, fam, s, d, proto, off, frag)?;
+    if fam == Fam::V6 && p.kind == Kind::Neighbour {
+        return Ok(None);
+    }
+    if dir == Direction::Egress && !is_local(ep, fam, &s) {
+        return Err(DropReason::Spoofed);
+    }
+    if p.kind == Kind::IcmpError {
+        let (is, id, iproto, ioff, _) = match fam {
+            Fam::V4 => ipv4_header(f, l4off + 8)?,
+            Fam::V6 => ipv6_header(f, l4off + 8)?,
+        };
+        let (sport, dport) = inner_ports(f, iproto, ioff)?;
+        p.inner = Some(Inner {
+            s: is,
+            d: id,
+            proto: iproto,
+            sport,
+            dport,
+        });
+    }
+    Ok(Some(p))
+}
+
+fn is_local(ep: &Endpoint, fam: Fam, a: &Addr) -> bool {
+    match fam {
+        Fam::V4 => ep.flags & Endpoint::HAS_IPV4 != 0 && a.a4() == ep.ipv4,
+        Fam::V6 => ep.flags & Endpoint::HAS_IPV6 != 0 && a.0 == ep.ipv6,
+    }
+}
+
+fn ct_dirs(dir: Direction) -> (CtDir, CtDir) {
+    match dir {
+        Direction::Egress => (CtDir::Egress, CtDir::Ingress),
+        Direction::Ingress => (CtDir::Ingress, CtDir::Egress),
+    }
+}
+
+fn key(fam: Fam, s: Addr, d: Addr, sport: u16, dport: u16, proto: u8, dir: CtDir) -> CtKey {
+    match fam {
+        Fam::V4 => CtKey::V4(CtKey4::new(s.a4(), d.a4(), sport, dport, proto, dir)),
+        Fam::V6 => CtKey::V6(CtKey6::new(s.0, d.0, sport, dport, proto, dir)),
+    }
+}
+
+fn reversed(k: &CtKey, dir: CtDir) -> CtKey {
+    match k {
+        CtKey::V4(k) => CtKey::V4(k.reversed(dir)),
+        CtKey::V6(k) => CtKey::V6(k.reversed(dir)),
+    }
+}
+
+impl World {
+    /// The conntrack entry of `k`, if any (live or not).
+    pub fn ct_get(&self, k: &CtKey) -> Option<&CtEntry> {
+        self.ct.iter().find(|(x, _)| x == k).map(|(_, e)| e)
+    }
+
+    fn ct_get_mut(&mut self, k: &CtKey) -> Option<&mut CtEntry> {
+        self.ct.iter_mut().find(|(x, _)| x == k).map(|(_, e)| e)
+    }
+
+    /// Inserts or replaces the entry of `k`.
+    pub fn ct_put(&mut self, k: CtKey, e: CtEntry) {
+        match self.ct_get_mut(&k) {
+            Some(old) => *old = e,
+            None => self.ct.push((k, e)),
+        }
+    }
+
+    fn endpoint(&self, ifindex: u32) -> Option<Endpoint> {
+        self.endpoints
+            .iter()
+            .find(|(i, _)| *i == ifindex)
+            .map(|(_, e)| *e)
+    }
+
+    /// The identity the ipcache gives `a`: `world` on a miss.
+    fn identity(&self, fam: Fam, a: &Addr) -> u32 {
+        let hit = match fam {
+            Fam::V4 => lpm(
+                self.ipcache4.iter().map(|(l, b, id)| (*l, &b[..], *id)),
+                &a.0[..4],
+            ),
+            Fam::V6 => lpm(
+                self.ipcache6.iter().map(|(l, b, id)| (*l, &b[..], *id)),
+                &a.0,
+            ),
+        };
+        hit.unwrap_or(identity::WORLD)
+    }
+
+    /// A live entry for `k` is hit by a packet of its flow: refreshed, flags updated.
+    fn ct_hit(&mut self, k: &CtKey, p: &Pkt, reply: bool, now: u64) -> bool {
+        let Some(e) = self.ct_get_mut(k) else {
+            return false;
+        };
+        if e.expires_ns < now {
+            return false;
+        }
+        let lifetime = if p.proto == proto::TCP {
+            if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                e.flags |= CtEntry::CLOSING;
+            }
+            if reply {
+                e.flags |= CtEntry::SEEN_REPLY;
+            }
+            if e.flags & CtEntry::CLOSING != 0 {
+                ct::LIFETIME_TCP_CLOSING
+            } else if e.flags & CtEntry::SEEN_REPLY != 0 {
+                ct::LIFETIME_TCP
+            } else {
+                ct::LIFETIME_TCP_SYN
+            }
+        } else {
+            ct::LIFETIME_NON_TCP
+        };
+        let expires = now + lifetime * SEC;
+        // The datapath writes the expiry only when it moves by more than a second (or the
+        // entry is closing).
+        if expires > e.expires_ns + SEC || e.flags & CtEntry::CLOSING != 0 {
+            e.expires_ns = expires;
+        }
+        true
+    }
+
+    fn ct_live(&self, k: &CtKey, now: u64) -> bool {
+        self.ct_get(k).is_some_and(|e| e.expires_ns >= now)
+    }
+
+    /// Step 5 for a packet of a flow: its own entry, or the reversed one (a reply).
+    fn established(&mut self, p: &Pkt, dir: Direction, now: u64) -> bool {
+        let (mine, other) = ct_dirs(dir);
+        let k = key(p.fam, p.s, p.d, p.sport, p.dport, p.proto, mine);
+        let syn = p.proto == proto::TCP && p.tcp_flags & TCP_SYN != 0;
+        let ack = p.tcp_flags & TCP_ACK != 0;
+        // A bare SYN opens a flow (only its own entry, a retransmission, matches); a SYN-ACK
+        // answers one (only the reversed entry matches).
+        if !(syn && ack) && self.ct_hit(&k, p, false, now) {
+            return true;
+        }
+        if syn && !ack {
+            return false;
+        }
+        self.ct_hit(&reversed(&k, other), p, true, now)
+    }
+
+    /// Runs `frame` through `from_container` (`Direction::Egress`) or `to_container`
+    /// (`Direction::Ingress`) on the veth `ifindex`, updating conntrack.
+    pub fn run(&mut self, ifindex: u32, dir: Direction, frame: &[u8], now: u64) -> Verdict {
+        let Some(ep) = self.endpoint(ifindex) else {
+            return Verdict::Pass;
+        };
+        let (src, dst) = match dir {
+            Direction::Egress => (ep.identity, 0),
+            Direction::Ingress => (0, ep.identity),
+        };
+        let mut cause = Drop {
+            reason: DropReason::Malformed,
+            src_identity: src,
+            dst_identity: dst,
+            rule: 0,
+        };
+        match self.decide(&ep, dir, frame, now, &mut cause) {
+            Ok(()) => Verdict::Pass,
+            Err(reason) => {
+                let parse_error = matches!(
+                    reason,
+                    DropReason::Malformed | DropReason::ExtHeaders | DropReason::UnsupportedL3
+                );
+                if parse_error && !ep.enforces_any() {
+                    return Verdict::Pass;
+                }
+                cause.reason = reason;
+                Verdict::Drop(cause)
+            }
+        }
+    }
+
+    fn remote_identity(&self, ep: &Endpoint, dir: Direction, p: &Pkt, cause: &mut Drop) -> u32 {
+        match dir {
+            Direction::Egress => {
+                let r = self.identity(p.fam, &p.d);
+                cause.src_identity = ep.identity;
+                cause.dst_identity = r;
+                r
+            }
+            Direction::Ingress => {
+                let r = self.identity(p.fam, &p.s);
+                cause.src_identity = r;
+                cause.dst_identity = ep.identity;
+                r
+            }
+        }
+    }
+
+    fn decide(
+        &mut self,
+        ep: &Endpoint,
+        dir: Direction,
+        f: &[u8],
+        now: u64,
+        cause: &mut Drop,
+    ) -> Result<(), DropReason> {
+        // 1. L3.
+        let fam = match be16(f, 12) {
+            Some(ETH_P_IP) => Fam::V4,
+            Some(ETH_P_IPV6) => Fam::V6,
+            Some(ETH_P_ARP) => return Ok(()),
+            _ => return Err(DropReason::UnsupportedL3),
+        };
+        // 2–4. Parse, neighbour discovery, anti-spoofing.
+        let Some(p) = parse(f, fam, ep, dir)? else {
+            return Ok(());
+        };
+        let enforced = ep.enforces(dir);
+        if p.kind == Kind::Fragment {
+            if enforced {
+                self.remote_identity(ep, dir, &p, cause);
+                return Err(DropReason::Fragment);
+            }
+            return Ok(());
+        }
+        // 5. Conntrack, only for packets of this endpoint's own addresses.
+        let local = match dir {
+            Direction::Egress => true,
+            Direction::Ingress => is_local(ep, fam, &p.d),
+        };
+        if local
+            && !matches!(p.kind, Kind::IcmpError | Kind::IcmpOther)
+            && self.established(&p, dir, now)
+        {
+            return Ok(());
+        }
+        if local {
+            if let Some(i) = p.inner {
+                let ours = match dir {
+                    Direction::Egress => i.d == p.s,
+                    Direction::Ingress => i.s == p.d,
+                };
+                // The quoted packet travelled the other way: its reverse is the flow's.
+                let (mine, other) = ct_dirs(dir);
+                let k = key(fam, i.d, i.s, i.dport, i.sport, i.proto, mine);
+                if ours && (self.ct_live(&k, now) || self.ct_live(&reversed(&k, other), now)) {
+                    return Ok(());
+                }
+            }
+        }
+        // 6. Policy.
+        let remote = self.remote_identity(ep, dir, &p, cause);
+        let port = match p.kind {
+            Kind::Ports => p.dport,
+            Kind::Other => 0,
+            _ => p.icmp_type as u16,
+        };
+        let mut rule = 0;
+        if enforced {
+            let [a, b] = policy::lookup_keys(ep.identity, remote, dir, p.proto, port);
+            match policy::decide(policy_lpm(&self.policy, &a), policy_lpm(&self.policy, &b)) {
+                PolicyVerdict::Allow(r) => rule = r,
+                PolicyVerdict::Deny(r) => {
+                    cause.rule = r;
+                    return Err(DropReason::PolicyDeny);
+                }
+                PolicyVerdict::NoMatch => return Err(DropReason::PolicyDenied),
+            }
+        }
+        if local && matches!(p.kind, Kind::Ports | Kind::EchoRequest | Kind::Other) {
+            let (mine, _) = ct_dirs(dir);
+            let lifetime = if p.proto == proto::TCP {
+                ct::LIFETIME_TCP_SYN
+            } else {
+                ct::LIFETIME_NON_TCP
+            };
+            self.ct_put(
+                key(fam, p.s, p.d, p.sport, p.dport, p.proto, mine),
+                CtEntry {
+                    expires_ns: now + lifetime * SEC,
+                    flags: 0,
+                    rule,
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec;
+
+    use super::*;
+
+    const DB: [u8; 4] = [10, 0, 0, 2];
+    const APP: [u8; 4] = [10, 0, 0, 3];
+    const NOW: u64 = 1000 * SEC;
+
+    /// An Ethernet + IPv4 + TCP frame (no options).
+    fn tcp4(s: [u8; 4], d: [u8; 4], sport: u16, dport: u16, flags: u8) -> vec::Vec<u8> {
+        let mut f = vec![0u8; 14 + 20 + 20];
+        f[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&40u16.to_be_bytes());
+        f[23] = proto::TCP;
+        f[26..30].copy_from_slice(&s);
+        f[30..34].copy_from_slice(&d);
+        f[34..36].copy_from_slice(&sport.to_be_bytes());
+        f[36..38].copy_from_slice(&dport.to_be_bytes());
+        f[46] = 5 << 4;
+        f[47] = flags;
+        f
+    }
+
+    fn world(ingress: bool, egress: bool) -> World {
+        let mut w = World::default();
+        w.endpoints
+            .push((1, Endpoint::new(300).with_ipv4(DB).enforce(ingress, egress)));
+        w.ipcache4.push((32, DB, 300));
+        w.ipcache4.push((32, APP, 301));
+        w
+    }
+
+    fn denied(reason: DropReason, src: u32, dst: u32, rule: u32) -> Verdict {
+        Verdict::Drop(Drop {
+            reason,
+            src_identity: src,
+            dst_identity: dst,
+            rule,
+        })
+    }
+
+    #[test]
+    fn allowed_syn_opens_the_flow_for_its_replies() {
+        let mut w = world(true, true);
+        w.policy.push((
+            policy::FULL_PREFIX,
+            PolicyKey::new(300, 301, Direction::Ingress, proto::TCP, 5432),
+            PolicyValue::allow(7),
+        ));
+        let syn = tcp4(APP, DB, 40000, 5432, TCP_SYN);
+        assert_eq!(w.run(1, Direction::Ingress, &syn, NOW), Verdict::Pass);
+        let k = CtKey::V4(CtKey4::new(
+            APP,
+            DB,
+            40000,
+            5432,
+            proto::TCP,
+            CtDir::Ingress,
+        ));
+        let e = *w.ct_get(&k).expect("entry");
+        assert_eq!((e.flags, e.rule), (0, 7));
+        assert_eq!(e.expires_ns, NOW + ct::LIFETIME_TCP_SYN * SEC);
+        // The reply passes egress enforcement and marks the entry answered.
+        let synack = tcp4(DB, APP, 5432, 40000, TCP_SYN | TCP_ACK);
+        assert_eq!(
+            w.run(1, Direction::Egress, &synack, NOW + SEC),
+            Verdict::Pass
+        );
+        let e = *w.ct_get(&k).expect("entry");
+        assert_eq!(e.flags, CtEntry::SEEN_REPLY);
+        assert_eq!(e.expires_ns, NOW + SEC + ct::LIFETIME_TCP * SEC);
+        // Another port is denied by default, naming both identities.
+        let other = tcp4(APP, DB, 40001, 22, TCP_SYN);
+        assert_eq!(
+            w.run(1, Direction::Ingress, &other, NOW),
+            denied(DropReason::PolicyDenied, 301, 300, 0)
+        );
+        // An expired entry no longer admits replies.
+        assert_eq!(
+            w.run(1, Direction::Egress, &synack, NOW + 30_000 * SEC),
+            denied(DropReason::PolicyDenied, 300, 301, 0)
+        );
+    }
+
+    #[test]
+    fn deny_rule_names_itself_and_spoofing_is_checked_first() {
+        let mut w = world(false, true);
+        w.policy.push((
+            policy::PREFIX_ANY_PROTO,
+            PolicyKey::new(300, identity::ANY, Direction::Egress, 0, 0),
+            PolicyValue::deny(9),
+        ));
+        let out = tcp4(DB, APP, 40000, 80, TCP_SYN);
+        assert_eq!(
+            w.run(1, Direction::Egress, &out, NOW),
+            denied(DropReason::PolicyDeny, 300, 301, 9)
+        );
+        let spoofed = tcp4(APP, DB, 40000, 80, TCP_SYN);
+        assert_eq!(
+            w.run(1, Direction::Egress, &spoofed, NOW),
+            denied(DropReason::Spoofed, 300, 0, 0)
+        );
+        assert!(w.ct.is_empty());
+    }
+
+    #[test]
+    fn parse_errors_pass_only_where_nothing_is_enforced() {
+        let mut bad = tcp4(APP, DB, 1, 2, TCP_SYN);
+        bad[14] = 0x44; // IHL 16 bytes
+        let mut w = world(false, false);
+        assert_eq!(w.run(1, Direction::Ingress, &bad, NOW), Verdict::Pass);
+        let mut w = world(true, false);
+        assert_eq!(
+            w.run(1, Direction::Ingress, &bad, NOW),
+            denied(DropReason::Malformed, 0, 300, 0)
+        );
+        // Not our ifindex: not ours to police.
+        assert_eq!(w.run(2, Direction::Ingress, &bad, NOW), Verdict::Pass);
+    }
+
+    #[test]
+    fn lpm_prefers_the_longest_match() {
+        let e: [(u32, [u8; 4], u32); 3] = [
+            (8, [10, 0, 0, 0], 3),
+            (24, [10, 0, 0, 0], 4),
+            (32, [10, 0, 0, 5], 5),
+        ];
+        let m = |a: [u8; 4]| lpm(e.iter().map(|(l, b, v)| (*l, &b[..], *v)), &a);
+        assert_eq!(m([10, 0, 0, 5]), Some(5));
+        assert_eq!(m([10, 0, 0, 6]), Some(4));
+        assert_eq!(m([10, 9, 0, 6]), Some(3));
+        assert_eq!(m([11, 0, 0, 5]), None);
+        let odd: [(u32, [u8; 4], u32); 1] = [(9, [10, 128, 0, 0], 1)];
+        let m = |a: [u8; 4]| lpm(odd.iter().map(|(l, b, v)| (*l, &b[..], *v)), &a);
+        assert_eq!(m([10, 255, 0, 0]), Some(1));
+        assert_eq!(m([10, 127, 0, 0]), None);
+    }
+}

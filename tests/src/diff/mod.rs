@@ -1,0 +1,330 @@
+//! The differential test of the per-container programs (issue 8): random cases ([`gen`]) run
+//! through the real programs with `BPF_PROG_TEST_RUN` and through the reference model in
+//! `netpol_common::model`; every packet's verdict, the drop event's cause (reason, identities,
+//! rule) and the conntrack maps after it must agree.
+//!
+//! Used by `tests/tests/datapath_diff.rs` (a fixed seed set) and `cargo xtask fuzz datapath`
+//! (random seeds for a while). A disagreement prints as a reproducible case: its seed, the maps,
+//! every packet up to the one that disagreed in hex, expected against actual.
+
+pub mod gen;
+
+use std::fmt::{self, Write as _};
+
+use netpol_common::{
+    ct::CtEntry,
+    event::FlowEvent,
+    model::{CtKey, Verdict, World},
+    Direction,
+};
+
+use crate::progtest::{private_netns_with_veths, Datapath, Prog, Sizes, PASS, SHOT};
+pub use gen::{Case, Features};
+
+/// How far a conntrack expiry may be from the model's (the model reads the clock just before
+/// the program does).
+const EXPIRY_SLACK_NS: u64 = 250_000_000;
+
+/// What a program run produced: its return value and the events it emitted, as
+/// `(kind, reason, src_identity, dst_identity, rule)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub ret: u32,
+    pub events: Vec<(u8, u8, u32, u32, u32)>,
+}
+
+impl Outcome {
+    fn of(v: &Verdict) -> Self {
+        match v {
+            Verdict::Pass => Self {
+                ret: PASS,
+                events: vec![],
+            },
+            Verdict::Drop(d) => Self {
+                ret: SHOT,
+                events: vec![(
+                    FlowEvent::KIND_DROP,
+                    d.reason as u8,
+                    d.src_identity,
+                    d.dst_identity,
+                    d.rule,
+                )],
+            },
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ret {
+            PASS => write!(f, "pass")?,
+            SHOT => write!(f, "drop")?,
+            r => write!(f, "return {r}")?,
+        }
+        for (kind, reason, src, dst, rule) in &self.events {
+            let r = netpol_common::DropReason::from_u8(*reason).map_or("?", |r| r.as_str());
+            write!(
+                f,
+                ", event kind {kind} reason {reason} ({r}) src {src} dst {dst} rule {rule}"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A packet on which the kernel and the model disagree, with all it takes to reproduce it.
+#[derive(Debug)]
+pub struct Disagreement {
+    pub case: Case,
+    pub ifindexes: Vec<u32>,
+    /// The step that disagreed.
+    pub step: usize,
+    /// Earlier steps' outcomes (they agreed).
+    pub before: Vec<Outcome>,
+    pub expected: Outcome,
+    pub actual: Outcome,
+    /// Conntrack differences after the step (empty when only the verdict differs).
+    pub ct: Vec<String>,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter()
+        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
+            let _ = write!(s, "{x:02x}");
+            s
+        })
+}
+
+impl fmt::Display for Disagreement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.case;
+        writeln!(
+            f,
+            "datapath disagreement in case seed {:#x} at step {} \
+             (reproduce: cargo xtask fuzz datapath --seed {:#x} --seconds 0)",
+            c.seed, self.step, c.seed
+        )?;
+        for (veth, ep) in &c.world.endpoints {
+            writeln!(
+                f,
+                "  endpoint veth{veth} (ifindex {}): {ep:?}",
+                self.ifindexes[*veth as usize]
+            )?;
+        }
+        for (l, a, id) in &c.world.ipcache4 {
+            writeln!(f, "  ipcache4 {a:?}/{l} → {id}")?;
+        }
+        for (l, a, id) in &c.world.ipcache6 {
+            writeln!(f, "  ipcache6 {}/{l} → {id}", std::net::Ipv6Addr::from(*a))?;
+        }
+        for (l, k, v) in &c.world.policy {
+            writeln!(
+                f,
+                "  policy /{l} local {} remote {} dir {} proto {} port {} → {}",
+                k.local,
+                k.remote,
+                k.direction,
+                k.proto,
+                k.dport(),
+                if v.is_deny() { "deny" } else { "allow" },
+            )?;
+            writeln!(f, "    rule {}", v.rule)?;
+        }
+        for ((k, e), off) in c.world.ct.iter().zip(&c.ct_offsets) {
+            writeln!(
+                f,
+                "  conntrack {k:?} flags {} rule {} expires start{:+} s",
+                e.flags,
+                e.rule,
+                off / 1_000_000_000
+            )?;
+        }
+        for (i, s) in c.steps.iter().enumerate().take(self.step + 1) {
+            let mark = if i == self.step { ">" } else { " " };
+            let out = self
+                .before
+                .get(i)
+                .map_or(String::new(), |o| format!(" → {o}"));
+            writeln!(
+                f,
+                "{mark} {i:3} veth{} {:?} {}{out}\n        {}",
+                s.veth,
+                s.dir,
+                s.what,
+                hex(&s.frame)
+            )?;
+        }
+        writeln!(f, "  expected (model): {}", self.expected)?;
+        writeln!(f, "  actual (kernel):  {}", self.actual)?;
+        for d in &self.ct {
+            writeln!(f, "  conntrack: {d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Statistics of a run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    pub cases: u64,
+    pub packets: u64,
+    pub passed: u64,
+    /// Drops by `DropReason` number.
+    pub dropped: [u64; 16],
+}
+
+impl Stats {
+    /// "N packets: N passed, N dropped (reason N, …)".
+    pub fn summary(&self) -> String {
+        let total: u64 = self.dropped.iter().sum();
+        let mut s = format!(
+            "{} packets: {} passed, {total} dropped",
+            self.packets, self.passed
+        );
+        let reasons: Vec<String> = self
+            .dropped
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(r, n)| {
+                let name = netpol_common::DropReason::from_u8(r as u8).map_or("?", |r| r.as_str());
+                format!("{name} {n}")
+            })
+            .collect();
+        if !reasons.is_empty() {
+            s.push_str(&format!(" ({})", reasons.join(", ")));
+        }
+        s
+    }
+}
+
+/// One loaded copy of the programs in a private network namespace with three veths.
+pub struct Runner {
+    dp: Datapath,
+    pub ifindexes: Vec<u32>,
+    pub features: Features,
+}
+
+impl Runner {
+    /// Moves the calling thread into a new network namespace (see
+    /// [`private_netns_with_veths`]) and loads the programs.
+    pub fn new(features: Features) -> Self {
+        let ifindexes = private_netns_with_veths(&["npd-veth0", "npd-veth1", "npd-veth2"]);
+        let dp = Datapath::load(Sizes {
+            ct: 4096,
+            ..Sizes::default()
+        });
+        Self {
+            dp,
+            ifindexes,
+            features,
+        }
+    }
+
+    /// Generates and runs the case of `seed`.
+    pub fn run_seed(&mut self, seed: u64, stats: &mut Stats) -> Result<(), Box<Disagreement>> {
+        let case = Case::generate(seed, self.ifindexes.len(), self.features);
+        self.run_case(&case, stats)
+    }
+
+    pub fn run_case(&mut self, case: &Case, stats: &mut Stats) -> Result<(), Box<Disagreement>> {
+        let start = crate::progtest::now_ns();
+        let mut model = case.world.clone();
+        for (veth, _) in model.endpoints.iter_mut() {
+            *veth = self.ifindexes[*veth as usize];
+        }
+        for ((_, e), off) in model.ct.iter_mut().zip(&case.ct_offsets) {
+            e.expires_ns = start.saturating_add_signed(*off);
+        }
+        let dp = &mut self.dp;
+        dp.clear();
+        for (ifindex, ep) in &model.endpoints {
+            dp.endpoint(*ifindex, *ep);
+        }
+        for (l, a, id) in &model.ipcache4 {
+            dp.ipcache4(*l, *a, *id);
+        }
+        for (l, a, id) in &model.ipcache6 {
+            dp.ipcache6(*l, *a, *id);
+        }
+        for (l, k, v) in &model.policy {
+            dp.policy(*l, *k, *v);
+        }
+        for (k, e) in &model.ct {
+            match k {
+                CtKey::V4(k) => dp.set_ct4(*k, *e),
+                CtKey::V6(k) => dp.set_ct6(*k, *e),
+            }
+        }
+        stats.cases += 1;
+        let mut before = Vec::new();
+        for (i, s) in case.steps.iter().enumerate() {
+            let ifindex = self.ifindexes[s.veth];
+            let now = crate::progtest::now_ns();
+            let expected = Outcome::of(&model.run(ifindex, s.dir, &s.frame, now));
+            let prog = match s.dir {
+                Direction::Egress => Prog::From,
+                Direction::Ingress => Prog::To,
+            };
+            let ret = self.dp.run_on(prog, ifindex, &s.frame);
+            let events = self
+                .dp
+                .events()
+                .iter()
+                .map(|e| (e.kind, e.reason, e.src_identity, e.dst_identity, e.rule))
+                .collect();
+            let actual = Outcome { ret, events };
+            stats.packets += 1;
+            match actual.events.first() {
+                Some(e) if actual.ret == SHOT => stats.dropped[(e.1 & 15) as usize] += 1,
+                _ => stats.passed += 1,
+            }
+            let ct = ct_differences(&model, &self.dp);
+            if actual != expected || !ct.is_empty() {
+                return Err(Box::new(Disagreement {
+                    case: case.clone(),
+                    ifindexes: self.ifindexes.clone(),
+                    step: i,
+                    before,
+                    expected,
+                    actual,
+                    ct,
+                }));
+            }
+            before.push(actual);
+        }
+        Ok(())
+    }
+}
+
+fn entry_differs(want: &CtEntry, got: &CtEntry) -> bool {
+    want.flags != got.flags
+        || want.rule != got.rule
+        || want.expires_ns.abs_diff(got.expires_ns) > EXPIRY_SLACK_NS
+}
+
+/// The differences between the model's conntrack and the kernel's maps.
+fn ct_differences(model: &World, dp: &Datapath) -> Vec<String> {
+    let mut kernel: Vec<(CtKey, CtEntry)> = dp
+        .ct4_all()
+        .into_iter()
+        .map(|(k, e)| (CtKey::V4(k), e))
+        .chain(dp.ct6_all().into_iter().map(|(k, e)| (CtKey::V6(k), e)))
+        .collect();
+    let mut out = Vec::new();
+    for (k, want) in &model.ct {
+        match kernel.iter().position(|(x, _)| x == k) {
+            Some(i) => {
+                let (_, got) = kernel.swap_remove(i);
+                if entry_differs(want, &got) {
+                    out.push(format!("{k:?}: model {want:?}, kernel {got:?}"));
+                }
+            }
+            None => out.push(format!("{k:?}: model {want:?}, kernel has none")),
+        }
+    }
+    for (k, got) in kernel {
+        out.push(format!("{k:?}: model has none, kernel {got:?}"));
+    }
+    out
+}

@@ -1,0 +1,304 @@
+//! An unpinned, loaded copy of the per-container programs for `BPF_PROG_TEST_RUN` (tier 2):
+//! typed access to its maps, runs on a chosen device, and the events and conntrack it leaves.
+//!
+//! `BPF_PROG_TEST_RUN` gives the program an skb on the device named by the `ifindex` of the
+//! `__sk_buff` passed as context, or on `lo` (ifindex 1) without one (net/bpf/test_run.c:
+//! `ctx->ifindex > 1` is looked up in the caller's network namespace); [`private_netns_with_veths`]
+//! makes devices for tests that need several endpoints.
+
+use std::process::Command;
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+    Ebpf, EbpfLoader,
+};
+use netpol_agent::datapath::EBPF_OBJECT;
+use netpol_common::{
+    ct::{CtEntry, CtKey4, CtKey6},
+    endpoint::Endpoint,
+    event::FlowEvent,
+    ipcache::RemoteInfo,
+    maps,
+    policy::{PolicyKey, PolicyValue},
+    programs, Config, DropReason,
+};
+
+/// `TC_ACT_UNSPEC` (-1) as the kernel reports the return value.
+pub const PASS: u32 = u32::MAX;
+/// `TC_ACT_SHOT`.
+pub const SHOT: u32 = 2;
+/// `lo`: the device of a test run without a context.
+pub const LO: u32 = 1;
+
+/// Which per-container program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prog {
+    /// `from_container`: the container's egress.
+    From,
+    /// `to_container`: the container's ingress.
+    To,
+}
+
+/// The current `CLOCK_MONOTONIC` time, `bpf_ktime_get_ns()`'s clock.
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(r, 0, "clock_gettime");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Map sizes of a test copy.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    pub endpoints: u32,
+    pub ipcache: u32,
+    pub policy: u32,
+    pub ct: u32,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Self {
+            endpoints: 16,
+            ipcache: 64,
+            policy: 256,
+            ct: 1024,
+        }
+    }
+}
+
+/// The loaded object with `from_container` and `to_container` verified and loaded.
+pub struct Datapath {
+    pub bpf: Ebpf,
+}
+
+impl Datapath {
+    pub fn load(sizes: Sizes) -> Self {
+        let mut bpf = EbpfLoader::new()
+            .map_max_entries(maps::ENDPOINTS, sizes.endpoints)
+            .map_max_entries(maps::IPCACHE4, sizes.ipcache)
+            .map_max_entries(maps::IPCACHE6, sizes.ipcache)
+            .map_max_entries(maps::POLICY, sizes.policy)
+            .map_max_entries(maps::CT4, sizes.ct)
+            .map_max_entries(maps::CT6, sizes.ct)
+            .load(EBPF_OBJECT)
+            .unwrap_or_else(|e| panic!("loading the object: {e:?}"));
+        for name in [programs::FROM_CONTAINER, programs::TO_CONTAINER] {
+            let p: &mut SchedClassifier = bpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("program {name} missing"))
+                .try_into()
+                .unwrap_or_else(|e| panic!("{name} is not a classifier: {e:?}"));
+            p.load()
+                .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
+        }
+        Self { bpf }
+    }
+
+    fn hash<K: aya::Pod, V: aya::Pod>(&mut self, name: &str) -> HashMap<&mut MapData, K, V> {
+        HashMap::try_from(
+            self.bpf
+                .map_mut(name)
+                .unwrap_or_else(|| panic!("no map {name}")),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    fn trie<K: aya::Pod, V: aya::Pod>(&mut self, name: &str) -> LpmTrie<&mut MapData, K, V> {
+        LpmTrie::try_from(
+            self.bpf
+                .map_mut(name)
+                .unwrap_or_else(|| panic!("no map {name}")),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    pub fn endpoint(&mut self, ifindex: u32, ep: Endpoint) {
+        self.hash::<u32, Endpoint>(maps::ENDPOINTS)
+            .insert(ifindex, ep, 0)
+            .expect("ENDPOINTS insert");
+    }
+
+    pub fn ipcache4(&mut self, prefix: u32, addr: [u8; 4], identity: u32) {
+        self.trie::<[u8; 4], RemoteInfo>(maps::IPCACHE4)
+            .insert(&Key::new(prefix, addr), RemoteInfo::new(identity), 0)
+            .expect("IPCACHE4 insert");
+    }
+
+    pub fn ipcache6(&mut self, prefix: u32, addr: [u8; 16], identity: u32) {
+        self.trie::<[u8; 16], RemoteInfo>(maps::IPCACHE6)
+            .insert(&Key::new(prefix, addr), RemoteInfo::new(identity), 0)
+            .expect("IPCACHE6 insert");
+    }
+
+    pub fn policy(&mut self, prefix: u32, key: PolicyKey, value: PolicyValue) {
+        self.trie::<PolicyKey, PolicyValue>(maps::POLICY)
+            .insert(&Key::new(prefix, key), value, 0)
+            .expect("POLICY insert");
+    }
+
+    pub fn set_ct4(&mut self, k: CtKey4, e: CtEntry) {
+        self.hash::<CtKey4, CtEntry>(maps::CT4)
+            .insert(k, e, 0)
+            .expect("CT4 insert");
+    }
+
+    pub fn set_ct6(&mut self, k: CtKey6, e: CtEntry) {
+        self.hash::<CtKey6, CtEntry>(maps::CT6)
+            .insert(k, e, 0)
+            .expect("CT6 insert");
+    }
+
+    pub fn ct4(&self, k: &CtKey4) -> Option<CtEntry> {
+        let m: HashMap<_, CtKey4, CtEntry> =
+            HashMap::try_from(self.bpf.map(maps::CT4).expect("CT4")).unwrap();
+        m.get(k, 0).ok()
+    }
+
+    pub fn ct6(&self, k: &CtKey6) -> Option<CtEntry> {
+        let m: HashMap<_, CtKey6, CtEntry> =
+            HashMap::try_from(self.bpf.map(maps::CT6).expect("CT6")).unwrap();
+        m.get(k, 0).ok()
+    }
+
+    /// Every entry of `CT4`.
+    pub fn ct4_all(&self) -> Vec<(CtKey4, CtEntry)> {
+        let m: HashMap<_, CtKey4, CtEntry> =
+            HashMap::try_from(self.bpf.map(maps::CT4).expect("CT4")).unwrap();
+        m.iter().map(|r| r.expect("CT4 iter")).collect()
+    }
+
+    /// Every entry of `CT6`.
+    pub fn ct6_all(&self) -> Vec<(CtKey6, CtEntry)> {
+        let m: HashMap<_, CtKey6, CtEntry> =
+            HashMap::try_from(self.bpf.map(maps::CT6).expect("CT6")).unwrap();
+        m.iter().map(|r| r.expect("CT6 iter")).collect()
+    }
+
+    /// Empties the endpoint, ipcache, policy and conntrack maps and drains `EVENTS`, so one
+    /// loaded copy serves many independent cases.
+    pub fn clear(&mut self) {
+        fn drain<K: aya::Pod, V: aya::Pod>(mut m: HashMap<&mut MapData, K, V>) {
+            let keys: Vec<K> = m.keys().map(|k| k.expect("keys")).collect();
+            for k in keys {
+                m.remove(&k).expect("remove");
+            }
+        }
+        fn drain_trie<K: aya::Pod, V: aya::Pod>(mut m: LpmTrie<&mut MapData, K, V>) {
+            let keys: Vec<Key<K>> = m.keys().map(|k| k.expect("keys")).collect();
+            for k in keys {
+                m.remove(&k).expect("remove");
+            }
+        }
+        drain(self.hash::<u32, Endpoint>(maps::ENDPOINTS));
+        drain(self.hash::<CtKey4, CtEntry>(maps::CT4));
+        drain(self.hash::<CtKey6, CtEntry>(maps::CT6));
+        drain_trie(self.trie::<[u8; 4], RemoteInfo>(maps::IPCACHE4));
+        drain_trie(self.trie::<[u8; 16], RemoteInfo>(maps::IPCACHE6));
+        drain_trie(self.trie::<PolicyKey, PolicyValue>(maps::POLICY));
+        self.events();
+    }
+
+    pub fn prog(&self, p: Prog) -> &SchedClassifier {
+        let name = match p {
+            Prog::From => programs::FROM_CONTAINER,
+            Prog::To => programs::TO_CONTAINER,
+        };
+        self.bpf.program(name).unwrap().try_into().unwrap()
+    }
+
+    /// Runs `p` on `frame` on the device `ifindex` (of the calling thread's network namespace;
+    /// `LO` runs without a context). Panics if the program rewrote the packet.
+    pub fn run_on(&self, p: Prog, ifindex: u32, frame: &[u8]) -> u32 {
+        // struct __sk_buff up to and including `ifindex` (offset 40); the kernel zero-fills the
+        // rest and only accepts mark, priority, ifindex, cb, tstamp, wire_len, gso_* set.
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: if ifindex == LO { None } else { Some(&ctx) },
+            ..TestRunOptions::default()
+        };
+        let r = self
+            .prog(p)
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {p:?}: {e:?}"));
+        assert_eq!(
+            &out[..r.data_size_out as usize],
+            frame,
+            "{p:?} must not rewrite the packet"
+        );
+        r.return_value
+    }
+
+    pub fn config(&mut self, flags: u32) {
+        let mut m: Array<_, Config> =
+            Array::try_from(self.bpf.map_mut(maps::CONFIG).expect("CONFIG")).unwrap();
+        m.set(0, Config { flags, _pad: 0 }, 0).expect("CONFIG set");
+    }
+
+    /// The `DROPS` counter of `reason`, summed over CPUs.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.all_drops()[reason as usize]
+    }
+
+    /// Every counter of `DROPS` summed over CPUs, indexed by reason.
+    pub fn all_drops(&self) -> Vec<u64> {
+        let m: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.bpf.map(maps::DROPS).expect("DROPS")).unwrap();
+        (0..DropReason::COUNT)
+            .map(|i| m.get(&i, 0).expect("DROPS get").iter().sum())
+            .collect()
+    }
+
+    /// Drains `EVENTS`.
+    pub fn events(&mut self) -> Vec<FlowEvent> {
+        let mut rb = RingBuf::try_from(self.bpf.map_mut(maps::EVENTS).expect("EVENTS")).unwrap();
+        let mut v = Vec::new();
+        while let Some(item) = rb.next() {
+            assert_eq!(item.len(), size_of::<FlowEvent>(), "event size");
+            // SAFETY: FlowEvent is plain old data of that size.
+            v.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
+        }
+        v
+    }
+}
+
+/// Moves the calling thread into a new network namespace holding a veth pair per name (the
+/// name is the host side, as Docker's), and returns the ifindexes of the named sides: the
+/// devices `BPF_PROG_TEST_RUN` runs on when given their ifindex. The namespace goes with the
+/// thread.
+pub fn private_netns_with_veths(names: &[&str]) -> Vec<u32> {
+    // SAFETY: affects only the calling thread (libtest runs each test on its own thread).
+    let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        r,
+        0,
+        "unshare(CLONE_NEWNET): {}",
+        std::io::Error::last_os_error()
+    );
+    names
+        .iter()
+        .map(|name| {
+            // A child process forked from this thread starts in its network namespace.
+            let peer = format!("{name}p");
+            let st = Command::new("ip")
+                .args(["link", "add", name, "type", "veth", "peer", "name", &peer])
+                .status()
+                .unwrap_or_else(|e| panic!("running ip: {e}"));
+            assert!(st.success(), "ip link add {name} type veth: {st}");
+            let c = std::ffi::CString::new(*name).unwrap();
+            // SAFETY: c is a valid C string.
+            let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            assert_ne!(idx, 0, "{name} has no ifindex");
+            idx
+        })
+        .collect()
+}
