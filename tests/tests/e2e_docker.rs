@@ -1048,8 +1048,116 @@ fn bad_policies_are_refused_and_change_nothing() {
         );
         thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(agent.cli_ok(&["policy", "get", "-o", "json"]), policies);
+    let get = agent.cli_json(&["policy", "get"]);
+    let in_force: Vec<&serde_json::Value> = get
+        .as_array()
+        .expect("policy get: an array")
+        .iter()
+        .filter(|r| r.get("error").is_none())
+        .collect();
+    let before: serde_json::Value = serde_json::from_str(&policies).expect("policies json");
+    assert_eq!(
+        serde_json::Value::from(in_force.into_iter().cloned().collect::<Vec<_>>()),
+        before,
+        "the policies in force changed with a bad file in the policy directory"
+    );
+    assert!(
+        get.as_array().into_iter().flatten().any(|r| r["source"]
+            .as_str()
+            .is_some_and(|s| s.ends_with("unsupported-field.yaml"))
+            && r["error"].as_str().is_some_and(|e| e.contains("toFQDNs"))),
+        "policy get does not name the rejected file: {get}"
+    );
     assert_all("with a bad file in the policy directory", &checks);
+}
+
+/// Waits until `status` says whether `file` of the policy directory is rejected (`rejected`) or
+/// not; returns the status.
+fn wait_file_rejected(agent: &Agent, file: &str, rejected: bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = agent.cli_json(&["status"]);
+        let is = status["policy_files_rejected"]
+            .as_object()
+            .is_some_and(|m| m.keys().any(|k| k.ends_with(file)));
+        if is == rejected {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status does not say {file} is {}rejected:\n{status}",
+            if rejected { "" } else { "no longer " }
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A policy file edited into an invalid state keeps its last valid version in force, also
+/// across a reboot of the agent (killed, pins removed, started again with the file still
+/// broken); a valid edit then replaces it.
+#[test]
+fn a_broken_policy_file_keeps_its_last_valid_version_across_restarts() {
+    if !netpol_tests::require_root(
+        "a_broken_policy_file_keeps_its_last_valid_version_across_restarts",
+    ) {
+        return;
+    }
+    let mut guard = docker();
+    let docker = guard.as_mut().expect("daemon");
+    let project = Project::up(docker, "compose-plain.yml");
+    let mut agent = Agent::start(docker);
+    let good = std::fs::read_to_string(e2e_dir().join("policy-scenario.yaml")).expect("read");
+    let file = agent.policy_dir().join("scenario.yaml");
+    std::fs::write(&file, &good).expect("write policy file");
+    wait_enforced(&agent, &scenario_containers(&project));
+    let checks = scenario_checks(&project);
+    assert_all("the valid file", &checks);
+
+    // One typo: TCP -> TPC in db's rule.
+    std::fs::write(&file, good.replacen("protocol: TCP", "protocol: TPC", 1)).expect("break");
+    let status = wait_file_rejected(&agent, "scenario.yaml", true);
+    eprintln!(
+        "status with the broken file: {}",
+        status["policy_files_rejected"]
+    );
+    let get = agent.cli_ok(&["policy", "get"]);
+    assert!(
+        get.contains("TPC") && get.contains("last valid version"),
+        "{get}"
+    );
+    assert_all("the broken file (its last valid version)", &checks);
+
+    // A reboot of the agent with the file still broken: the kept version is applied again.
+    agent.kill9();
+    agent.remove_pins().expect("remove pins");
+    agent.restart();
+    wait_enforced(&agent, &scenario_containers(&project));
+    wait_file_rejected(&agent, "scenario.yaml", true);
+    assert_all("after a reboot with the broken file", &checks);
+
+    // A valid edit replaces it: db accepts app1 only.
+    let app1_only = good.replacen(
+        "        - matchLabels:\n            com.docker.compose.project: npe2e\n            com.docker.compose.service: app2\n",
+        "",
+        1,
+    );
+    assert_ne!(app1_only, good, "the edit must change the file");
+    std::fs::write(&file, &app1_only).expect("edit");
+    wait_file_rejected(&agent, "scenario.yaml", false);
+    let (db, app1, app2) = (
+        project.container("db"),
+        project.container("app1"),
+        project.container("app2"),
+    );
+    assert_all(
+        "after the valid edit",
+        &[
+            check(app1.client(), &db, db.ipv4, 5432, Expect::Allowed),
+            check(app2.client(), &db, db.ipv4, 5432, Expect::Denied),
+            check(Client::host(), &app1, app1.ipv4, 8080, Expect::Allowed),
+            check(app2.client(), &app1, app1.ipv4, 8080, Expect::Denied),
+        ],
+    );
 }
 
 /// `docker run` options for the compose snippet's `cap_add: [..]` and `security_opt: [..]`

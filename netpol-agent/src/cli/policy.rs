@@ -61,6 +61,9 @@ pub fn run(cmd: PolicyCmd, socket: &Path) -> anyhow::Result<i32> {
             let rows: Vec<PolicyRow> = serde_json::from_value(data)?;
             if name.is_some() {
                 for r in rows {
+                    if let Some(e) = &r.error {
+                        eprintln!("{}: {e}", r.source);
+                    }
                     print!("{}", r.text);
                     if !r.text.ends_with('\n') {
                         println!();
@@ -69,9 +72,12 @@ pub fn run(cmd: PolicyCmd, socket: &Path) -> anyhow::Result<i32> {
             } else {
                 let cells: Vec<Vec<String>> = rows
                     .iter()
-                    .map(|r| vec![r.name.clone(), r.source.clone()])
+                    .map(|r| {
+                        let state = r.error.clone().unwrap_or_else(|| "in force".into());
+                        vec![r.name.clone(), r.source.clone(), state]
+                    })
                     .collect();
-                print!("{}", table::render(&["NAME", "SOURCE"], &cells));
+                print!("{}", table::render(&["NAME", "SOURCE", "STATE"], &cells));
             }
             Ok(0)
         }

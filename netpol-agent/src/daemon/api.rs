@@ -67,7 +67,12 @@ pub struct PolicyRow {
     pub name: String,
     /// `imported`, a file under the policy directory, or `labels of <container>`.
     pub source: String,
+    /// The text in force (for a rejected file: its last valid version).
     pub text: String,
+    /// Why the source is rejected as it is now (a file edited into an invalid state, a stored
+    /// policy that no longer parses, labels with an error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

@@ -34,6 +34,8 @@ pub enum AgentError {
     Identity(#[from] crate::identity::IdentityError),
     #[error("no imported policy named {0}")]
     NotFound(String),
+    #[error("the maps are left as they are: {}; import it again (fixed) or delete it", .0.join("; "))]
+    Frozen(Vec<String>),
 }
 
 pub struct Agent {
@@ -120,7 +122,11 @@ impl Agent {
 
     /// Re-reads the policy directory.
     pub fn reload_policy_dir(&mut self) {
-        self.sources.files.reload();
+        let errors = self.sources.reload_files(&self.store);
+        if !errors.is_empty() {
+            let msg: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+            self.last_error = Some(msg.join("; "));
+        }
     }
 
     /// Recomputes the policies of the running containers' labels.
@@ -220,6 +226,10 @@ impl Agent {
         if !self.docker_synced {
             return Ok(0);
         }
+        let unparsable = self.sources.unparsable();
+        if !unparsable.is_empty() {
+            return Err(AgentError::Frozen(unparsable));
+        }
         self.refresh_labels();
         let policies = self.sources.policies();
         let (desired, compiled) = self.desired(&policies)?;
@@ -288,6 +298,10 @@ impl Agent {
     pub fn import(&mut self, files: &[SourceFile]) -> Result<Vec<String>, AgentError> {
         let new = imports::parse_import(files.iter().map(|f| (f.path.as_str(), f.text.as_str())))
             .map_err(|errors| AgentError::Invalid(errors.join("\n")))?;
+        let conflicts = self.sources.name_conflicts(&new);
+        if !conflicts.is_empty() {
+            return Err(AgentError::Invalid(conflicts.join("\n")));
+        }
         let mut candidate = self.sources.imports.set().clone();
         for (k, v) in &new {
             candidate.insert(k.clone(), v.clone());
@@ -298,6 +312,10 @@ impl Agent {
 
     /// Compiles, checks, applies and persists a new set of imported policies, or changes nothing.
     fn apply_imported(&mut self, candidate: ImportSet) -> Result<(), AgentError> {
+        let unparsable = self.sources.unparsable_with(&candidate);
+        if !unparsable.is_empty() {
+            return Err(AgentError::Frozen(unparsable));
+        }
         self.refresh_labels();
         let policies = self.sources.policies_with(&candidate);
         let (desired, compiled) = self.desired(&policies)?;
@@ -329,7 +347,16 @@ impl Agent {
             vec![n.to_owned()]
         };
         self.apply_imported(candidate)?;
+        // A policy file rejected because it used a name that is free now.
+        if self.policy_dir_has_rejected() {
+            self.reload_policy_dir();
+            self.sync_logged("imported policy deleted");
+        }
         Ok(removed)
+    }
+
+    fn policy_dir_has_rejected(&self) -> bool {
+        !self.sources.files.rejected().is_empty()
     }
 
     pub fn policy_rows(&self, name: Option<&str>) -> Result<Vec<PolicyRow>, AgentError> {
@@ -342,17 +369,44 @@ impl Agent {
                 name: n.clone(),
                 source: "imported".into(),
                 text: i.text.clone(),
+                error: i
+                    .policy
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("no longer parses: {e} (the maps are left as they are)")),
             })
             .collect();
         for f in self.sources.files.iter() {
-            if let Some(v) = &f.in_force {
-                for p in &v.policies {
-                    rows.push(PolicyRow {
-                        name: p.name.clone(),
-                        source: f.path.display().to_string(),
-                        text: v.text.clone(),
-                    });
+            let source = f.path.display().to_string();
+            let error = f.error.as_ref().map(|e| match &f.in_force {
+                Some(_) => format!("rejected: {e} (its last valid version stays in force)"),
+                None => format!("rejected: {e} (no valid version: none of its policies apply)"),
+            });
+            match f.in_force.as_ref().map(|v| (&v.text, &v.policies)) {
+                Some((text, Ok(policies))) => {
+                    for p in policies {
+                        rows.push(PolicyRow {
+                            name: p.name.clone(),
+                            source: source.clone(),
+                            text: text.clone(),
+                            error: error.clone(),
+                        });
+                    }
                 }
+                Some((text, Err(e))) => rows.push(PolicyRow {
+                    name: "-".into(),
+                    source,
+                    text: text.clone(),
+                    error: Some(format!(
+                        "its last valid version no longer parses: {e} (the maps are left as they are)"
+                    )),
+                }),
+                None => rows.push(PolicyRow {
+                    name: "-".into(),
+                    source,
+                    text: String::new(),
+                    error,
+                }),
             }
         }
         for c in self.containers.values().filter(|c| c.running) {
@@ -365,6 +419,7 @@ impl Agent {
                     name: c.name.clone(),
                     source: format!("labels of {}", c.name),
                     text: labels.concat(),
+                    error: self.sources.labels.errors().get(&c.name).cloned(),
                 });
             }
         }
@@ -500,6 +555,7 @@ impl Agent {
             "policies_imported": self.sources.imports.len(),
             "policy_files": self.sources.files.len(),
             "policy_files_rejected": rejected,
+            "policies_unparsable": self.sources.unparsable(),
             "label_errors": self.sources.labels.errors(),
             "policy_entries": self.compiled.as_ref().map_or(0, |c| c.policy.len()),
             "map_sizes": self.dp.sizes(),
@@ -527,3 +583,7 @@ impl Agent {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

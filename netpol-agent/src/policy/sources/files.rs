@@ -1,5 +1,14 @@
 //! Policy files: `*.yaml` / `*.yml` in the policy directory (`/etc/netpol/policies.d`), re-read
 //! when the directory changes.
+//!
+//! A file edited into an invalid state keeps its last valid version in force, and is reported as
+//! rejected (with the error) until a valid edit replaces it: a typo must not drop the policy it
+//! breaks, since that would open what it protected. The last valid version of each file is kept
+//! in the store (`files/<file name>`, written atomically), so it also holds across an agent
+//! restart. Removing a file is an intended edit: its policies stop applying and its copy goes.
+//! A policy name already used by an imported policy or by another file makes the file invalid
+//! (names are unique across sources). A stored copy that no longer parses (after an upgrade) is
+//! kept as such: see [`Files::unparsable`].
 
 use std::{
     collections::BTreeMap,
@@ -7,27 +16,35 @@ use std::{
     time::SystemTime,
 };
 
-use tracing::error;
+use tracing::{error, info};
 
-use crate::policy::{self, Policy};
+use crate::{
+    policy::{self, Policy},
+    store::{Store, StoreError},
+};
 
 /// One file of the policy directory.
 #[derive(Clone, Debug)]
 pub struct PolicyFile {
     pub path: PathBuf,
-    /// Modification time of the version last read.
-    modified: Option<SystemTime>,
-    /// The version in force: its text and policies.
+    /// Modification time and size of the version last read; `None` while the file is known
+    /// only from its stored copy.
+    modified: Option<Stamp>,
+    /// The version in force: the last valid one.
     pub in_force: Option<Version>,
     /// Why the file as it is on disk is rejected.
     pub error: Option<String>,
 }
 
+/// What tells a file's versions apart without reading it: modification time and size.
+type Stamp = (Option<SystemTime>, u64);
+
 /// A version of a policy file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Version {
     pub text: String,
-    pub policies: Vec<Policy>,
+    /// `Err` when a stored copy no longer parses.
+    pub policies: Result<Vec<Policy>, String>,
 }
 
 /// The policy directory and what its files gave.
@@ -46,65 +63,191 @@ impl Files {
         }
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// The directory's policy files: file name → (path, modification time).
-    fn listing(&self) -> BTreeMap<String, (PathBuf, Option<SystemTime>)> {
-        let mut out = BTreeMap::new();
-        if let Ok(rd) = std::fs::read_dir(&self.dir) {
-            for e in rd.flatten() {
-                let p = e.path();
-                let is_yaml = p.extension().is_some_and(|x| x == "yaml" || x == "yml");
-                let Some(name) = p.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
-                    continue;
-                };
-                if is_yaml && p.is_file() {
-                    let modified = e.metadata().ok().and_then(|m| m.modified().ok());
-                    out.insert(name, (p, modified));
-                }
-            }
-        }
-        out
-    }
-
-    /// Whether a file was added, removed or modified since the last [`Files::reload`].
-    pub fn changed(&self) -> bool {
-        let now = self.listing();
-        now.len() != self.files.len()
-            || now
-                .iter()
-                .any(|(n, (_, m))| self.files.get(n).is_none_or(|f| f.modified != *m))
-    }
-
-    /// Re-reads the directory. A file that does not parse keeps no policy in force and is
-    /// reported in `status`.
-    pub fn reload(&mut self) {
+    /// The last valid versions kept in `store`; [`Files::reload`] then reads the directory.
+    pub fn load(dir: PathBuf, store: &Store) -> Result<Self, StoreError> {
         let mut files = BTreeMap::new();
-        for (name, (path, modified)) in self.listing() {
-            let file = path.display().to_string();
-            let (in_force, error) = match std::fs::read_to_string(&path) {
-                Ok(text) => match policy::parse_str(&file, &text) {
-                    Ok(policies) => (Some(Version { text, policies }), None),
-                    Err(e) => (None, Some(e.to_string())),
-                },
-                Err(e) => (None, Some(format!("{file}:0: cannot read: {e}"))),
-            };
-            if let Some(e) = &error {
-                error!(file = %path.display(), error = %e, "policy file rejected");
+        for (name, text) in store.file_copies()? {
+            let path = dir.join(&name);
+            let policies =
+                policy::parse_str(&path.display().to_string(), &text).map_err(|e| e.to_string());
+            if let Err(e) = &policies {
+                error!(file = %path.display(), error = %e, "the stored last valid version of this policy file no longer parses");
             }
             files.insert(
                 name,
                 PolicyFile {
                     path,
-                    modified,
-                    in_force,
-                    error,
+                    modified: None,
+                    in_force: Some(Version { text, policies }),
+                    error: None,
                 },
             );
         }
-        self.files = files;
+        Ok(Self { dir, files })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The directory's policy files: file name → (path, stamp). `None` when the directory
+    /// exists but cannot be read (then nothing changes); a missing directory is empty.
+    fn listing(&self) -> Option<BTreeMap<String, (PathBuf, Stamp)>> {
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(BTreeMap::new()),
+            Err(e) => {
+                error!(dir = %self.dir.display(), error = %e, "cannot read the policy directory; its policies stay as they are");
+                return None;
+            }
+        };
+        let mut out = BTreeMap::new();
+        for e in rd.flatten() {
+            let p = e.path();
+            let is_yaml = p.extension().is_some_and(|x| x == "yaml" || x == "yml");
+            let Some(name) = p.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            if is_yaml && !name.starts_with('.') && p.is_file() {
+                let meta = std::fs::metadata(&p).ok();
+                let stamp = (
+                    meta.as_ref().and_then(|m| m.modified().ok()),
+                    meta.map_or(0, |m| m.len()),
+                );
+                out.insert(name, (p, stamp));
+            }
+        }
+        Some(out)
+    }
+
+    /// Whether a file was added, removed or modified since the last [`Files::reload`].
+    pub fn changed(&self) -> bool {
+        let Some(now) = self.listing() else {
+            return false;
+        };
+        now.len() != self.files.len()
+            || now
+                .iter()
+                .any(|(n, (_, m))| self.files.get(n).is_none_or(|f| f.modified != Some(*m)))
+    }
+
+    /// Re-reads the directory: new and modified files, and files rejected before (a name they
+    /// wanted may be free now). `imported` says whether a policy name is taken by an imported
+    /// policy. Returns the store errors (a valid version that could not be kept on disk still
+    /// applies: the file itself is there).
+    pub fn reload(&mut self, store: &Store, imported: impl Fn(&str) -> bool) -> Vec<StoreError> {
+        let mut store_errors = Vec::new();
+        let Some(listing) = self.listing() else {
+            return store_errors;
+        };
+        let gone: Vec<String> = self
+            .files
+            .keys()
+            .filter(|n| !listing.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(f) = self.files.remove(&name) {
+                info!(file = %f.path.display(), "policy file removed; its policies no longer apply");
+            }
+            if let Err(e) = store.delete_file_copy(&name) {
+                store_errors.push(e);
+            }
+        }
+        for (name, (path, stamp)) in listing {
+            if let Some(f) = self.files.get(&name) {
+                if f.modified == Some(stamp) && f.error.is_none() {
+                    continue;
+                }
+            }
+            let file = path.display().to_string();
+            let parsed = match std::fs::read_to_string(&path) {
+                Ok(text) => policy::parse_str(&file, &text)
+                    .map(|policies| (text, policies))
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(format!("{file}:0: cannot read: {e}")),
+            };
+            let parsed = parsed.and_then(|(text, policies)| {
+                self.check_names(&name, &file, &policies, &imported)?;
+                Ok((text, policies))
+            });
+            let f = self.files.entry(name.clone()).or_insert(PolicyFile {
+                path: path.clone(),
+                modified: None,
+                in_force: None,
+                error: None,
+            });
+            f.modified = Some(stamp);
+            match parsed {
+                Ok((text, policies)) => {
+                    if f.in_force.as_ref().map(|v| &v.text) != Some(&text) {
+                        if let Err(e) = store.save_file_copy(&name, &text) {
+                            error!(file = %file, error = %e, "keeping the last valid version of a policy file");
+                            store_errors.push(e);
+                        }
+                    }
+                    if f.error.take().is_some() {
+                        info!(file = %file, "policy file accepted again");
+                    }
+                    f.in_force = Some(Version {
+                        text,
+                        policies: Ok(policies),
+                    });
+                }
+                Err(e) => {
+                    if f.error.as_ref() != Some(&e) {
+                        if f.in_force.is_some() {
+                            error!(file = %file, error = %e, "policy file rejected; its last valid version stays in force");
+                        } else {
+                            error!(file = %file, error = %e, "policy file rejected; it has no valid version, none of its policies apply");
+                        }
+                    }
+                    f.error = Some(e);
+                }
+            }
+        }
+        store_errors
+    }
+
+    /// An error if a policy of file `name` uses a name that an imported policy or another
+    /// file's version in force uses.
+    fn check_names(
+        &self,
+        name: &str,
+        file: &str,
+        policies: &[Policy],
+        imported: &impl Fn(&str) -> bool,
+    ) -> Result<(), String> {
+        let mut errors = Vec::new();
+        for p in policies {
+            if imported(&p.name) {
+                errors.push(format!(
+                    "{file}: metadata.name {:?} is already an imported policy (names are unique across files and imports)",
+                    p.name
+                ));
+            } else if let Some((_, other)) = self.defined_by(&p.name).filter(|o| o.0 != name) {
+                errors.push(format!(
+                    "{file}: metadata.name {:?} is already defined by {} (names are unique across files and imports)",
+                    p.name,
+                    other.display()
+                ));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("\n"))
+        }
+    }
+
+    /// The file (name, path) whose version in force defines policy `policy`.
+    pub fn defined_by(&self, policy: &str) -> Option<(&str, &Path)> {
+        self.files.iter().find_map(|(n, f)| {
+            let ps = f.in_force.as_ref()?.policies.as_ref().ok()?;
+            ps.iter()
+                .any(|p| p.name == policy)
+                .then_some((n.as_str(), f.path.as_path()))
+        })
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &PolicyFile> {
@@ -124,17 +267,33 @@ impl Files {
         self.files
             .values()
             .filter_map(|f| f.in_force.as_ref())
-            .flat_map(|v| v.policies.iter())
+            .filter_map(|v| v.policies.as_ref().ok())
+            .flatten()
     }
 
-    /// Files rejected as they are on disk: path → error.
+    /// Files rejected as they are on disk: path → the error, and what is in force instead.
     pub fn rejected(&self) -> BTreeMap<String, String> {
         self.files
             .values()
             .filter_map(|f| {
-                f.error
-                    .as_ref()
-                    .map(|e| (f.path.display().to_string(), e.clone()))
+                let e = f.error.as_ref()?;
+                let instead = match &f.in_force {
+                    Some(_) => "its last valid version stays in force",
+                    None => "it has no valid version: none of its policies apply",
+                };
+                Some((f.path.display().to_string(), format!("{e} ({instead})")))
+            })
+            .collect()
+    }
+
+    /// Files whose version in force is a stored copy that no longer parses (and that the file
+    /// on disk does not replace): path → error.
+    pub fn unparsable(&self) -> BTreeMap<String, String> {
+        self.files
+            .values()
+            .filter_map(|f| {
+                let e = f.in_force.as_ref()?.policies.as_ref().err()?;
+                Some((f.path.display().to_string(), e.clone()))
             })
             .collect()
     }

@@ -1,5 +1,9 @@
 //! Imported policies: `policy import` through the control socket, each stored as the YAML
 //! document it came from under the state directory (`/var/lib/netpol/policies/<name>.yaml`).
+//!
+//! A stored policy that no longer parses (an upgrade made it invalid) is kept, as an error: what
+//! it allowed and denied cannot be known any more, so the agent leaves the maps as they are
+//! until it is imported again or deleted (see [`super::Sources::unparsable`]).
 
 use std::collections::BTreeMap;
 
@@ -44,7 +48,15 @@ impl Imports {
                     }
                 }
                 Err(e) => {
-                    error!(policy = %name, error = %e, "stored policy no longer parses; it is not applied");
+                    // Kept: dropping it would open what it protected.
+                    error!(policy = %name, error = %e, "stored policy no longer parses; the maps are left as they are until it is imported again or deleted");
+                    policies.insert(
+                        name,
+                        Imported {
+                            text,
+                            policy: Err(e.to_string()),
+                        },
+                    );
                 }
             }
         }
@@ -67,10 +79,21 @@ impl Imports {
         self.policies.contains_key(name)
     }
 
+    /// Stored policies that no longer parse: name → error.
+    pub fn unparsable(&self) -> impl Iterator<Item = (&str, &str)> {
+        unparsable(&self.policies)
+    }
+
     /// Replaces the set (after [`persist`] succeeded and the maps took it).
     pub fn replace(&mut self, set: ImportSet) {
         self.policies = set;
     }
+}
+
+/// The policies of `set` that no longer parse: name → error.
+pub fn unparsable(set: &ImportSet) -> impl Iterator<Item = (&str, &str)> {
+    set.iter()
+        .filter_map(|(n, i)| i.policy.as_ref().err().map(|e| (n.as_str(), e.as_str())))
 }
 
 /// The policies that `policy import` of `files` ((path, text) as the CLI read them) adds: every

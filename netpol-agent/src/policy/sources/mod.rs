@@ -35,7 +35,7 @@ impl Sources {
     /// [`Files::reload`].
     pub fn load(store: &Store, policy_dir: PathBuf) -> Result<Self, StoreError> {
         Ok(Self {
-            files: Files::new(policy_dir),
+            files: Files::load(policy_dir, store)?,
             imports: Imports::load(store)?,
             labels: LabelPolicies::default(),
         })
@@ -55,5 +55,45 @@ impl Sources {
     /// Every policy in force.
     pub fn policies(&self) -> Vec<Policy> {
         self.policies_with(self.imports.set())
+    }
+
+    /// Re-reads the policy directory (see [`Files::reload`]).
+    pub fn reload_files(&mut self, store: &Store) -> Vec<StoreError> {
+        let imports = &self.imports;
+        self.files.reload(store, |name| imports.contains(name))
+    }
+
+    /// Stored policies that no longer parse, with `imports` in place of the imported policies:
+    /// one line each. While there is any, the maps must be left as they are: what such a policy
+    /// allowed and denied is unknown, and compiling without it could open what it protected.
+    pub fn unparsable_with(&self, imports: &ImportSet) -> Vec<String> {
+        let mut out: Vec<String> = imports::unparsable(imports)
+            .map(|(name, e)| format!("imported policy {name} no longer parses: {e}"))
+            .collect();
+        out.extend(
+            self.files
+                .unparsable()
+                .into_iter()
+                .map(|(path, e)| format!("the last valid version of {path} no longer parses: {e}")),
+        );
+        out
+    }
+
+    pub fn unparsable(&self) -> Vec<String> {
+        self.unparsable_with(self.imports.set())
+    }
+
+    /// Errors for the policies of an import whose names a policy file already uses.
+    pub fn name_conflicts(&self, new: &ImportSet) -> Vec<String> {
+        new.keys()
+            .filter_map(|name| {
+                self.files.defined_by(name).map(|(_, path)| {
+                    format!(
+                        "metadata.name {name:?} is already defined by {} (names are unique across files and imports)",
+                        path.display()
+                    )
+                })
+            })
+            .collect()
     }
 }

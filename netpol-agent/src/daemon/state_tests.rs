@@ -1,0 +1,446 @@
+//! The agent against the fake datapath: policy sources in, map state out, and connectivity read
+//! from the maps the way the kernel decides (ipcache LPM, two policy lookups, `decide`).
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use netpol_common::{
+    identity::WORLD,
+    policy::{decide, lookup_keys, PolicyKey, PolicyValue, Verdict},
+    proto::TCP,
+    Direction::{self, Egress, Ingress},
+};
+
+use super::Agent;
+use crate::{
+    datapath::{fake::FakeDatapath, Cidr, MapSizes, MapState, PolicyEntryKey},
+    docker::{Attachment, Container, DockerEvent, Network, NetworkMode},
+    identity::LabelFilter,
+    store::Store,
+};
+
+/// A private state directory and policy directory, removed on drop.
+pub(super) struct Dirs {
+    root: PathBuf,
+}
+
+impl Dirs {
+    pub(super) fn new(tag: &str) -> Self {
+        let root = std::env::temp_dir().join(format!("netpol-agent-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("policies.d")).expect("policy dir");
+        Self { root }
+    }
+
+    pub(super) fn state(&self) -> PathBuf {
+        self.root.join("state")
+    }
+
+    pub(super) fn policy_dir(&self) -> PathBuf {
+        self.root.join("policies.d")
+    }
+
+    /// Writes a policy file with a modification time of its own (two writes within one clock
+    /// tick would otherwise look alike).
+    pub(super) fn write_policy(&self, name: &str, text: &str) {
+        static TICK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let path = self.policy_dir().join(name);
+        std::fs::write(&path, text).expect("write policy");
+        let t = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(1_700_000_000)
+            + Duration::from_millis(TICK.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(t))
+            .expect("set mtime");
+    }
+
+    pub(super) fn remove_policy(&self, name: &str) {
+        std::fs::remove_file(self.policy_dir().join(name)).expect("remove policy");
+    }
+}
+
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+pub(super) fn agent_on(dirs: &Dirs, dp: FakeDatapath) -> Agent {
+    let mut a = Agent::new(
+        Box::new(dp),
+        Store::new(dirs.state()),
+        LabelFilter::default(),
+        dirs.policy_dir(),
+    )
+    .expect("agent");
+    a.reload_policy_dir();
+    a
+}
+
+pub(super) fn agent(dirs: &Dirs) -> Agent {
+    agent_on(dirs, FakeDatapath::new(MapSizes::default()))
+}
+
+pub(super) fn network() -> Network {
+    Network {
+        id: "net".into(),
+        name: "shop_default".into(),
+        driver: "bridge".into(),
+        bridge: Some("br-net".into()),
+        subnets: vec!["172.20.0.0/16".parse().unwrap()],
+        gateways: vec!["172.20.0.1".parse().unwrap()],
+        enable_ipv6: false,
+        docker_nats_ipv6: false,
+    }
+}
+
+/// Container number `n` (address 172.20.0.n, host veth 100 + n) with these labels.
+pub(super) fn container(n: u8, name: &str, labels: &[(&str, &str)]) -> Container {
+    Container {
+        id: format!("{n:064x}"),
+        name: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        networks: vec![Attachment {
+            network_id: "net".into(),
+            network_name: "shop_default".into(),
+            driver: Some("bridge".into()),
+            ipv4: Some(Ipv4Addr::new(172, 20, 0, n)),
+            ipv6: None,
+            mac: None,
+            host_veth: Some(100 + u32::from(n)),
+            enforceable: Ok(()),
+        }],
+        sandbox_key: None,
+        running: true,
+        network_mode: NetworkMode::Network("shop_default".into()),
+    }
+}
+
+/// A compose container of project `shop`.
+pub(super) fn service(n: u8, service: &str, extra: &[(&str, &str)]) -> Container {
+    let mut labels = vec![
+        ("com.docker.compose.project", "shop"),
+        ("com.docker.compose.service", service),
+    ];
+    labels.extend_from_slice(extra);
+    container(n, &format!("shop-{service}-1"), &labels)
+}
+
+pub(super) fn snapshot(a: &mut Agent, containers: &[&Container]) {
+    a.on_docker(DockerEvent::Snapshot {
+        containers: containers.iter().map(|c| (*c).clone()).collect(),
+        networks: vec![network()],
+    });
+}
+
+pub(super) fn maps(a: &Agent) -> MapState {
+    a.dp.current().expect("fake state")
+}
+
+fn lpm(map: &BTreeMap<PolicyEntryKey, PolicyValue>, key: &PolicyKey) -> Option<PolicyValue> {
+    let bits = |k: &PolicyKey| -> u128 {
+        (u128::from(k.local) << 64)
+            | (u128::from(k.remote) << 32)
+            | (u128::from(k.direction) << 24)
+            | (u128::from(k.proto) << 16)
+            | u128::from(k.dport())
+    };
+    let want = bits(key);
+    map.iter()
+        .filter(|(k, _)| {
+            let shift = 96 - k.prefix_len;
+            (bits(&k.key) >> shift) == (want >> shift)
+        })
+        .max_by_key(|(k, _)| k.prefix_len)
+        .map(|(_, v)| *v)
+}
+
+fn identity_of(m: &MapState, ip: IpAddr) -> u32 {
+    m.ipcache
+        .iter()
+        .filter(|(c, _)| Cidr::contains(c, ip))
+        .max_by_key(|(c, _)| c.prefix_len)
+        .map_or(WORLD, |(_, id)| *id)
+}
+
+fn addr(c: &Container) -> IpAddr {
+    IpAddr::V4(c.networks[0].ipv4.expect("ipv4"))
+}
+
+fn ifindex(c: &Container) -> u32 {
+    c.networks[0].host_veth.expect("veth")
+}
+
+/// Whether the datapath lets a new flow of `local`'s endpoint with `remote` pass in `dir`.
+fn passes(m: &MapState, local: &Container, remote: &Container, dir: Direction, port: u16) -> bool {
+    let Some(ep) = m.endpoints.get(&ifindex(local)) else {
+        return true;
+    };
+    if !ep.enforces(dir) {
+        return true;
+    }
+    let [k1, k2] = lookup_keys(ep.identity, identity_of(m, addr(remote)), dir, TCP, port);
+    matches!(
+        decide(lpm(&m.policy, &k1), lpm(&m.policy, &k2)),
+        Verdict::Allow(_)
+    )
+}
+
+/// Whether a TCP connection from `from` to `to`:`port` gets through (egress of `from`, ingress
+/// of `to`).
+pub(super) fn connects(a: &Agent, from: &Container, to: &Container, port: u16) -> bool {
+    let m = maps(a);
+    passes(&m, from, to, Egress, port) && passes(&m, to, from, Ingress, port)
+}
+
+pub(super) fn db_accepts(peer: &str, protocol: &str) -> String {
+    format!(
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: db
+spec:
+  endpointSelector:
+    matchLabels:
+      com.docker.compose.service: db
+  ingress:
+    - fromEndpoints:
+        - matchLabels:
+            com.docker.compose.service: {peer}
+      toPorts:
+        - ports: [{{ port: "5432", protocol: {protocol} }}]
+"#
+    )
+}
+
+fn import(a: &mut Agent, name: &str, text: &str) -> Result<Vec<String>, super::AgentError> {
+    a.import(&[crate::daemon::api::SourceFile {
+        path: name.into(),
+        text: text.into(),
+    }])
+}
+
+fn status_str(a: &Agent) -> String {
+    a.status().to_string()
+}
+
+fn path_in(dir: &Path, name: &str) -> String {
+    dir.join(name).display().to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 1: a broken policy file keeps its last valid version; a stored one that no longer parses
+// leaves the maps alone.
+
+#[test]
+fn a_policy_file_edited_into_an_invalid_state_keeps_its_last_valid_version() {
+    let dirs = Dirs::new("file-last-valid");
+    let (db, app1, app2) = (
+        service(2, "db", &[]),
+        service(3, "app1", &[]),
+        service(4, "app2", &[]),
+    );
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TCP"));
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    assert!(connects(&a, &app1, &db, 5432));
+    assert!(!connects(&a, &app2, &db, 5432));
+
+    // Broken: the valid version stays in force, and both status and `policy get` say so.
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TPC"));
+    assert!(a.policy_dir_changed());
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(
+        connects(&a, &app1, &db, 5432),
+        "the last valid version applies"
+    );
+    assert!(!connects(&a, &app2, &db, 5432), "db must not become open");
+    let file = path_in(&dirs.policy_dir(), "db.yaml");
+    let status = a.status();
+    let rejected = status["policy_files_rejected"][&file]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        rejected.contains("TPC") && rejected.contains("last valid version stays in force"),
+        "{status}"
+    );
+    let rows = a.policy_rows(Some("db")).expect("db is listed");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].source, file);
+    assert!(rows[0].text.contains("protocol: TCP"), "the text in force");
+    assert!(
+        rows[0].error.as_deref().unwrap_or_default().contains("TPC"),
+        "{:?}",
+        rows[0]
+    );
+
+    // An agent restart (empty maps: a reboot) with the file still broken: the kept version.
+    drop(a);
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    assert!(connects(&a, &app1, &db, 5432));
+    assert!(
+        !connects(&a, &app2, &db, 5432),
+        "db must not be open after a restart"
+    );
+    assert!(status_str(&a).contains("last valid version stays in force"));
+
+    // A valid edit replaces it.
+    dirs.write_policy("db.yaml", &db_accepts("app2", "TCP"));
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(!connects(&a, &app1, &db, 5432));
+    assert!(connects(&a, &app2, &db, 5432));
+    assert_eq!(a.status()["policy_files_rejected"], serde_json::json!({}));
+    assert!(a.policy_rows(Some("db")).expect("db")[0].error.is_none());
+
+    // Removing the file is an intended edit: its policy goes, also for the next agent.
+    dirs.remove_policy("db.yaml");
+    assert!(a.policy_dir_changed());
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(connects(&a, &app1, &db, 5432) && connects(&a, &app2, &db, 5432));
+    drop(a);
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    assert!(connects(&a, &app1, &db, 5432) && connects(&a, &app2, &db, 5432));
+    assert!(a.policy_rows(Some("db")).is_err());
+}
+
+#[test]
+fn a_policy_file_that_was_never_valid_is_rejected_and_applies_nothing() {
+    let dirs = Dirs::new("file-never-valid");
+    let (db, app1) = (service(2, "db", &[]), service(3, "app1", &[]));
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TPC"));
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1]);
+    assert!(connects(&a, &app1, &db, 5432));
+    let status = status_str(&a);
+    assert!(
+        status.contains("TPC") && status.contains("none of its policies apply"),
+        "{status}"
+    );
+}
+
+#[test]
+fn a_stored_policy_that_no_longer_parses_leaves_the_maps_as_they_are() {
+    let dirs = Dirs::new("import-unparsable");
+    let (db, app1, app2) = (
+        service(2, "db", &[]),
+        service(3, "app1", &[]),
+        service(4, "app2", &[]),
+    );
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    import(&mut a, "db.yaml", &db_accepts("app1", "TCP")).expect("import");
+    assert!(!connects(&a, &app2, &db, 5432));
+    let before = maps(&a);
+    let links = a.dp.attached().expect("links");
+
+    // An upgrade that no longer understands the stored document (simulated by breaking it).
+    let stored = dirs.state().join("policies/db.yaml");
+    let text = std::fs::read_to_string(&stored).expect("stored policy");
+    std::fs::write(&stored, text.replace("TCP", "TPC")).expect("break it");
+    drop(a);
+    let mut dp = FakeDatapath::new(MapSizes::default());
+    dp.state = before.clone();
+    dp.links = links.into_iter().collect();
+    let mut a = agent_on(&dirs, dp);
+    let app3 = service(5, "app3", &[]);
+    snapshot(&mut a, &[&db, &app1, &app2, &app3]);
+    assert_eq!(maps(&a), before, "the maps are left exactly as they were");
+    let status = a.status();
+    assert!(
+        status["policies_unparsable"][0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("imported policy db no longer parses"),
+        "{status}"
+    );
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("left as they are"),
+        "{status}"
+    );
+    let rows = a.policy_rows(Some("db")).expect("still listed");
+    assert!(rows[0].error.as_deref().unwrap_or_default().contains("TPC"));
+    assert!(
+        std::fs::read_to_string(&stored)
+            .expect("still stored")
+            .contains("TPC"),
+        "never dropped"
+    );
+
+    // Other imports are refused while it stands; importing it again (fixed) applies everything.
+    let err = import(
+        &mut a,
+        "web.yaml",
+        &db_accepts("app3", "TCP").replace("name: db", "name: web"),
+    )
+    .expect_err("refused");
+    assert!(err.to_string().contains("left as they are"), "{err}");
+    assert_eq!(maps(&a), before);
+    import(&mut a, "db.yaml", &db_accepts("app2", "TCP")).expect("re-import");
+    assert!(a.status()["policies_unparsable"]
+        .as_array()
+        .is_some_and(Vec::is_empty));
+    assert!(connects(&a, &app2, &db, 5432));
+    assert!(!connects(&a, &app1, &db, 5432));
+    assert!(!connects(&a, &app3, &db, 5432));
+}
+
+#[test]
+fn policy_names_are_unique_across_files_and_imports() {
+    let dirs = Dirs::new("unique-names");
+    let (db, app1, app2) = (
+        service(2, "db", &[]),
+        service(3, "app1", &[]),
+        service(4, "app2", &[]),
+    );
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TCP"));
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+
+    // An import of a name a file defines is an error, and changes nothing.
+    let err = import(&mut a, "other.yaml", &db_accepts("app2", "TCP")).expect_err("taken");
+    assert!(err.to_string().contains("already defined by"), "{err}");
+    assert!(!connects(&a, &app2, &db, 5432));
+    assert!(!dirs.state().join("policies/db.yaml").exists());
+
+    // A file with a name that is imported is rejected; the import stays the only one.
+    let web = db_accepts("app1", "TCP").replace("name: db", "name: web");
+    import(&mut a, "web.yaml", &web).expect("import web");
+    dirs.write_policy("web.yaml", &web);
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    let rows: Vec<_> = a
+        .policy_rows(Some("web"))
+        .expect("web")
+        .into_iter()
+        .filter(|r| r.error.is_none())
+        .collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].source, "imported");
+    assert!(status_str(&a).contains("already an imported policy"));
+
+    // Deleting the import frees the name: the file applies, and `policy delete` of it is an
+    // error (it is a file).
+    a.delete(Some("web"), false).expect("delete");
+    let rows = a.policy_rows(Some("web")).expect("web from the file");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].source, path_in(&dirs.policy_dir(), "web.yaml"));
+    assert!(rows[0].error.is_none(), "{rows:?}");
+    assert!(a.delete(Some("web"), false).is_err());
+}
