@@ -215,15 +215,24 @@ impl Datapath {
     /// Runs `p` on `frame` on the device `ifindex` (of the calling thread's network namespace;
     /// `LO` runs without a context). Panics if the program rewrote the packet.
     pub fn run_on(&self, p: Prog, ifindex: u32, frame: &[u8]) -> u32 {
-        // struct __sk_buff up to and including `ifindex` (offset 40); the kernel zero-fills the
-        // rest and only accepts mark, priority, ifindex, cb, tstamp, wire_len, gso_* set.
+        self.run_via(p, ifindex, 0, frame)
+    }
+
+    /// [`Datapath::run_on`] with the skb's `ingress_ifindex` (the device the packet entered the
+    /// host through; 0: none).
+    pub fn run_via(&self, p: Prog, ifindex: u32, ingress_ifindex: u32, frame: &[u8]) -> u32 {
+        // struct __sk_buff up to and including `ifindex` (offset 40), `ingress_ifindex` at 36;
+        // the kernel zero-fills the rest and only accepts mark, priority, ingress_ifindex,
+        // ifindex, cb, tstamp, wire_len, gso_* set.
         let mut ctx = [0u8; 44];
+        ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
         let mut out = vec![0u8; frame.len() + 256];
+        let plain = ifindex == LO && ingress_ifindex == 0;
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
-            ctx_in: if ifindex == LO { None } else { Some(&ctx) },
+            ctx_in: if plain { None } else { Some(&ctx) },
             ..TestRunOptions::default()
         };
         let r = self

@@ -12,7 +12,7 @@ use netpol_tests::{
 };
 
 /// The fixed seed set: seeds `0..CASES`.
-const CASES: u64 = 400;
+const CASES: u64 = 600;
 
 #[test]
 fn datapath_agrees_with_the_model() {

@@ -199,9 +199,22 @@ pub struct Step {
     /// Index of the veth (into the case's ifindex list).
     pub veth: usize,
     pub dir: Direction,
+    /// The device the packet entered the host through (`skb->ingress_ifindex`).
+    pub via: Via,
     pub frame: Vec<u8>,
     /// What the generator meant to build, for the report.
     pub what: String,
+}
+
+/// Where a packet entered the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// The step's own veth (every `from_container` packet).
+    Own,
+    /// Another endpoint's veth (bridged from that container).
+    Veth(usize),
+    /// The uplink (routed from outside, or sent by the host).
+    Uplink,
 }
 
 /// A generated case: the maps' contents before the first packet, and the packets.
@@ -677,12 +690,40 @@ impl Gen {
             Fam::V4 => ETH_P_IP,
             Fam::V6 => ETH_P_IPV6,
         };
+        let src = match fam {
+            Fam::V4 => addr(
+                &Node {
+                    name: "",
+                    v4: [l3[12], l3[13], l3[14], l3[15]],
+                    v6: [0; 16],
+                },
+                fam,
+            ),
+            Fam::V6 => l3[8..24].try_into().unwrap(),
+        };
+        let via = self.via(dir, fam, &src);
         self.steps.push(Step {
             veth,
             dir,
+            via,
             frame: eth(ethertype, &l3),
             what,
         });
+    }
+
+    /// Where a packet from `src` enters the host: a container's packets through its veth
+    /// (mostly: a forged one comes from elsewhere), others through the uplink.
+    fn via(&mut self, dir: Direction, fam: Fam, src: &[u8; 16]) -> Via {
+        if dir == Direction::Egress {
+            return Via::Own;
+        }
+        let owner = (0..self.n_veths)
+            .find(|&v| self.ep_node[v].is_some_and(|n| addr(&NODES[n], fam) == *src));
+        match owner {
+            Some(v) if self.rng.chance(90) => Via::Veth(v),
+            _ if self.rng.chance(10) => Via::Veth(self.rng.below(self.n_veths)),
+            _ => Via::Uplink,
+        }
     }
 
     fn l4_bytes(&mut self, fam: Fam, l4: &L4) -> (Vec<u8>, u8) {
@@ -950,9 +991,15 @@ impl Gen {
                 (eth(ETH_P_IP, &l3), "IPv6 in an IPv4 frame".to_string())
             }
         };
+        let via = if dir == Direction::Egress {
+            Via::Own
+        } else {
+            Via::Uplink
+        };
         self.steps.push(Step {
             veth,
             dir,
+            via,
             frame,
             what,
         });

@@ -19,7 +19,7 @@ use netpol_common::{
 };
 
 use crate::progtest::{private_netns_with_veths, Datapath, Prog, Sizes, PASS, SHOT};
-pub use gen::{Case, Features};
+pub use gen::{Case, Features, Via};
 
 /// How far a conntrack expiry may be from the model's (the model reads the clock just before
 /// the program does).
@@ -147,9 +147,10 @@ impl fmt::Display for Disagreement {
                 .map_or(String::new(), |o| format!(" → {o}"));
             writeln!(
                 f,
-                "{mark} {i:3} veth{} {:?} {}{out}\n        {}",
+                "{mark} {i:3} veth{} {:?} via {:?} {}{out}\n        {}",
                 s.veth,
                 s.dir,
+                s.via,
                 s.what,
                 hex(&s.frame)
             )?;
@@ -164,13 +165,13 @@ impl fmt::Display for Disagreement {
 }
 
 /// Statistics of a run.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Stats {
     pub cases: u64,
     pub packets: u64,
     pub passed: u64,
     /// Drops by `DropReason` number.
-    pub dropped: [u64; 16],
+    pub dropped: Vec<u64>,
 }
 
 impl Stats {
@@ -198,10 +199,14 @@ impl Stats {
     }
 }
 
-/// One loaded copy of the programs in a private network namespace with three veths.
+/// One loaded copy of the programs in a private network namespace with three endpoint veths and
+/// a stand-in for the uplink.
 pub struct Runner {
     dp: Datapath,
+    /// The endpoints' veths.
     pub ifindexes: Vec<u32>,
+    /// A device standing for the uplink (`ingress_ifindex` of packets from outside).
+    pub uplink: u32,
     pub features: Features,
 }
 
@@ -209,7 +214,9 @@ impl Runner {
     /// Moves the calling thread into a new network namespace (see
     /// [`private_netns_with_veths`]) and loads the programs.
     pub fn new(features: Features) -> Self {
-        let ifindexes = private_netns_with_veths(&["npd-veth0", "npd-veth1", "npd-veth2"]);
+        let mut ifindexes =
+            private_netns_with_veths(&["npd-veth0", "npd-veth1", "npd-veth2", "npd-uplink"]);
+        let uplink = ifindexes.pop().unwrap();
         let dp = Datapath::load(Sizes {
             ct: 4096,
             ..Sizes::default()
@@ -217,6 +224,7 @@ impl Runner {
         Self {
             dp,
             ifindexes,
+            uplink,
             features,
         }
     }
@@ -266,7 +274,12 @@ impl Runner {
                 Direction::Egress => Prog::From,
                 Direction::Ingress => Prog::To,
             };
-            let ret = self.dp.run_on(prog, ifindex, &s.frame);
+            let via = match s.via {
+                Via::Own => ifindex,
+                Via::Veth(v) => self.ifindexes[v],
+                Via::Uplink => self.uplink,
+            };
+            let ret = self.dp.run_via(prog, ifindex, via, &s.frame);
             let events = self
                 .dp
                 .events()
@@ -276,7 +289,13 @@ impl Runner {
             let actual = Outcome { ret, events };
             stats.packets += 1;
             match actual.events.first() {
-                Some(e) if actual.ret == SHOT => stats.dropped[(e.1 & 15) as usize] += 1,
+                Some(e) if actual.ret == SHOT => {
+                    let r = e.1 as usize;
+                    if stats.dropped.len() <= r {
+                        stats.dropped.resize(r + 1, 0);
+                    }
+                    stats.dropped[r] += 1;
+                }
                 _ => stats.passed += 1,
             }
             let ct = ct_differences(&model, &self.dp);
