@@ -5,6 +5,7 @@
 //! Fields that hold network-order data are private behind typed constructors and getters.
 #![no_std]
 
+pub mod addr;
 pub mod ct;
 pub mod endpoint;
 pub mod event;
@@ -28,7 +29,9 @@ pub mod maps {
     pub const CT4: &str = "CT4";
     pub const CT6: &str = "CT6";
     pub const EVENTS: &str = "EVENTS";
-    pub const DROPS: &str = "DROPS";
+    /// Per-CPU drop counters, [`crate::DropReason::COUNT`] slots (`_V2`: 64 slots instead of
+    /// one per reason, so that adding a reason needs no new layout).
+    pub const DROPS: &str = "DROPS_V2";
     pub const CONFIG: &str = "CONFIG";
     pub const SNAT6: &str = "SNAT6";
     pub const MASQ6_CONFIG: &str = "MASQ6_CONFIG";
@@ -106,11 +109,20 @@ pub enum DropReason {
     Fragment = 6,
     /// Too many IPv6 extension headers to walk.
     ExtHeaders = 7,
+    /// An IPv6 neighbour/router discovery or MLD message that the protocol does not allow here:
+    /// wrong hop limit, source, destination, target or size, or a router advertisement or
+    /// redirect sent by a container (see `lxc.rs`, `nd_allowed`). Anti-spoofing, not policy:
+    /// dropped on every managed endpoint.
+    NeighbourDiscovery = 8,
+    /// `to_container`: a unicast packet addressed to an address that is not the endpoint's (a
+    /// peer that poisoned an ARP/ND cache, or a flooded frame). Dropped on every managed endpoint.
+    NotForEndpoint = 9,
 }
 
 impl DropReason {
-    /// One more than the largest reason: the size of the `DROPS` counter array.
-    pub const COUNT: u32 = 8;
+    /// Slots of the `DROPS` counter array: more than the reasons so far, so that a new reason
+    /// fits the pinned map of an older agent.
+    pub const COUNT: u32 = 64;
 
     pub const fn from_u8(v: u8) -> Option<Self> {
         Some(match v {
@@ -121,6 +133,8 @@ impl DropReason {
             5 => Self::UnsupportedL3,
             6 => Self::Fragment,
             7 => Self::ExtHeaders,
+            8 => Self::NeighbourDiscovery,
+            9 => Self::NotForEndpoint,
             _ => return None,
         })
     }
@@ -134,10 +148,12 @@ impl DropReason {
             Self::UnsupportedL3 => "unsupported-l3",
             Self::Fragment => "fragment",
             Self::ExtHeaders => "ipv6-ext-headers",
+            Self::NeighbourDiscovery => "bad-neighbour-discovery",
+            Self::NotForEndpoint => "not-for-endpoint",
         }
     }
 
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 9] = [
         Self::PolicyDenied,
         Self::PolicyDeny,
         Self::Spoofed,
@@ -145,6 +161,8 @@ impl DropReason {
         Self::UnsupportedL3,
         Self::Fragment,
         Self::ExtHeaders,
+        Self::NeighbourDiscovery,
+        Self::NotForEndpoint,
     ];
 }
 

@@ -15,6 +15,7 @@ extern crate alloc;
 use alloc::vec::Vec;
 
 use crate::{
+    addr,
     ct::{self, CtDir, CtEntry, CtKey4, CtKey6},
     endpoint::Endpoint,
     identity,
@@ -194,21 +195,64 @@ fn bytes(f: &[u8], off: usize, n: usize) -> Result<&[u8], DropReason> {
         .ok_or(DropReason::Malformed)
 }
 
-/// An IPv4 header at `off`: (source, destination, protocol, payload offset, non-first fragment).
-fn ipv4_header(f: &[u8], off: usize) -> Result<(Addr, Addr, u8, usize, bool), DropReason> {
+/// The end of the packet that an IP length of `claimed` bytes from `off` gives: shorter than
+/// claimed is `Malformed`, longer is padding (never parsed). A zero length on a packet longer
+/// than 64 KiB (BIG TCP / jumbo GSO) takes the whole packet.
+fn claimed_end(f: &[u8], off: usize, claimed: usize, zero_len: bool) -> Result<usize, DropReason> {
+    let have = f.len().saturating_sub(off);
+    if zero_len && have > 0xffff + 40 {
+        return Ok(off + have);
+    }
+    if claimed > have {
+        return Err(DropReason::Malformed);
+    }
+    Ok(off + claimed)
+}
+
+/// The addresses of the fixed IPv4 header at `off` (read before anything is checked).
+fn ipv4_addrs(f: &[u8], off: usize) -> Result<(Addr, Addr), DropReason> {
+    let h = bytes(f, off, 20)?;
+    Ok((
+        Addr::v4([h[12], h[13], h[14], h[15]]),
+        Addr::v4([h[16], h[17], h[18], h[19]]),
+    ))
+}
+
+/// The outer IPv4 header at `off`, checked: (protocol, payload offset, claimed end, non-first
+/// fragment).
+fn ipv4_outer(f: &[u8], off: usize) -> Result<(u8, usize, usize, bool), DropReason> {
     let h = bytes(f, off, 20)?;
     if h[0] >> 4 != 4 {
         return Err(DropReason::Malformed);
     }
     let ihl = (h[0] & 0x0f) as usize * 4;
     let tot_len = u16::from_be_bytes([h[2], h[3]]) as usize;
-    if ihl < 20 || tot_len < ihl || off + ihl > f.len() {
+    if ihl < 20 || (tot_len < ihl && tot_len != 0) {
+        return Err(DropReason::Malformed);
+    }
+    let end = claimed_end(f, off, tot_len, tot_len == 0)?;
+    if off + ihl > end {
         return Err(DropReason::Malformed);
     }
     let frag = u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0;
+    Ok((h[9], off + ihl, end, frag))
+}
+
+/// An IPv4 header quoted in an ICMP error at `off`, within the outer packet's `end` (its total
+/// length is the original packet's: only checked against its own header length).
+fn ipv4_quoted(f: &[u8], off: usize, end: usize) -> Result<(Addr, Addr, u8, usize), DropReason> {
+    let h = bytes(f, off, 20)?;
+    if h[0] >> 4 != 4 {
+        return Err(DropReason::Malformed);
+    }
+    let ihl = (h[0] & 0x0f) as usize * 4;
+    let tot_len = u16::from_be_bytes([h[2], h[3]]) as usize;
+    if ihl < 20 || tot_len < ihl || off + ihl > end {
+        return Err(DropReason::Malformed);
+    }
     let s = Addr::v4([h[12], h[13], h[14], h[15]]);
     let d = Addr::v4([h[16], h[17], h[18], h[19]]);
-    Ok((s, d, h[9], off + ihl, frag))
+    Ok((s, d, h[9], off + ihl))
 }
 
 /// The most IPv6 extension headers the programs walk.
@@ -218,19 +262,23 @@ fn is_ext(next: u8) -> bool {
     matches!(next, 0 | 43 | 60 | 44 | 51)
 }
 
-/// An IPv6 header at `off` and its extension headers: (source, destination, upper-layer
-/// protocol, its offset, non-first fragment).
-fn ipv6_header(f: &[u8], off: usize) -> Result<(Addr, Addr, u8, usize, bool), DropReason> {
-    let h = bytes(f, off, 8)?;
-    if h[0] >> 4 != 6 {
-        return Err(DropReason::Malformed);
-    }
+/// The fixed IPv6 header at `off`: its first 8 bytes and addresses (read before anything is
+/// checked).
+fn ipv6_fixed(f: &[u8], off: usize) -> Result<([u8; 8], Addr, Addr), DropReason> {
+    let mut h = [0u8; 8];
+    h.copy_from_slice(bytes(f, off, 8)?);
     let mut s = [0u8; 16];
     s.copy_from_slice(bytes(f, off + 8, 16)?);
     let mut d = [0u8; 16];
     d.copy_from_slice(bytes(f, off + 24, 16)?);
-    let mut next = h[6];
-    let mut at = off + 40;
+    Ok((h, Addr(s), Addr(d)))
+}
+
+/// The extension headers from `at` (the first named by `next`): (upper-layer protocol, its
+/// offset, non-first fragment).
+fn ipv6_ext(f: &[u8], next: u8, at: usize) -> Result<(u8, usize, bool), DropReason> {
+    let mut next = next;
+    let mut at = at;
     let mut non_first = false;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
@@ -256,10 +304,22 @@ fn ipv6_header(f: &[u8], off: usize) -> Result<(Addr, Addr, u8, usize, bool), Dr
     if is_ext(next) {
         return Err(DropReason::ExtHeaders);
     }
-    Ok((Addr(s), Addr(d), next, at, non_first))
+    Ok((next, at, non_first))
+}
+
+/// An IPv6 header quoted in an ICMPv6 error at `off` and its extension headers: (source,
+/// destination, upper-layer protocol, its offset).
+fn ipv6_quoted(f: &[u8], off: usize) -> Result<(Addr, Addr, u8, usize), DropReason> {
+    let (h, s, d) = ipv6_fixed(f, off)?;
+    if h[0] >> 4 != 6 {
+        return Err(DropReason::Malformed);
+    }
+    let (next, at, _) = ipv6_ext(f, h[6], off + 40)?;
+    Ok((s, d, next, at))
 }
 
 /// The L4 header at `off` (message types by protocol number, whichever the IP version).
+#[allow(clippy::too_many_arguments)]
 fn l4(
     f: &[u8],
     fam: Fam,
@@ -267,6 +327,7 @@ fn l4(
     d: Addr,
     proto: u8,
     off: usize,
+    end: usize,
     frag: bool,
 ) -> Result<(Pkt, usize), DropReason> {
     let mut p = Pkt {
@@ -281,6 +342,10 @@ fn l4(
         icmp_type: 0,
         inner: None,
     };
+    // Nothing is read past the IP length.
+    if off > end {
+        return Err(DropReason::Malformed);
+    }
     if frag {
         p.kind = Kind::Fragment;
         return Ok((p, off));
@@ -288,7 +353,8 @@ fn l4(
     match proto {
         proto::TCP => {
             let h = bytes(f, off, 20)?;
-            if (h[12] >> 4) < 5 {
+            let doff = (h[12] >> 4) as usize * 4;
+            if doff < 20 || off + doff > end {
                 return Err(DropReason::Malformed);
             }
             p.sport = u16::from_be_bytes([h[0], h[1]]);
@@ -298,12 +364,18 @@ fn l4(
         }
         proto::UDP | proto::SCTP => {
             let h = bytes(f, off, 8)?;
+            if off + 8 > end {
+                return Err(DropReason::Malformed);
+            }
             p.sport = u16::from_be_bytes([h[0], h[1]]);
             p.dport = u16::from_be_bytes([h[2], h[3]]);
             p.kind = Kind::Ports;
         }
         proto::ICMP | proto::ICMPV6 => {
             let h = bytes(f, off, 8)?;
+            if off + 8 > end {
+                return Err(DropReason::Malformed);
+            }
             p.icmp_type = h[0];
             let id = u16::from_be_bytes([h[4], h[5]]);
             let v6 = proto == proto::ICMPV6;
@@ -327,8 +399,11 @@ fn l4(
 }
 
 /// The ports of the packet quoted in an ICMP error, as conntrack keys them.
-fn inner_ports(f: &[u8], proto: u8, off: usize) -> Result<(u16, u16), DropReason> {
+fn inner_ports(f: &[u8], proto: u8, off: usize, end: usize) -> Result<(u16, u16), DropReason> {
     let h = bytes(f, off, 8)?;
+    if off + 8 > end {
+        return Err(DropReason::Malformed);
+    }
     let id = u16::from_be_bytes([h[4], h[5]]);
     Ok(match (proto, h[0]) {
         (proto::TCP | proto::UDP | proto::SCTP, _) => (
@@ -341,26 +416,84 @@ fn inner_ports(f: &[u8], proto: u8, off: usize) -> Result<(u16, u16), DropReason
     })
 }
 
+/// Step 2 of `lxc.rs`: the fixed header's addresses. `Ok(true)`: an IPv6 source that only
+/// neighbour discovery may carry (link-local or unspecified, from a container).
+fn addresses(
+    fam: Fam,
+    s: &Addr,
+    d: &Addr,
+    ep: &Endpoint,
+    dir: Direction,
+) -> Result<bool, DropReason> {
+    match dir {
+        Direction::Egress => {
+            if is_local(ep, fam, s) {
+                return Ok(false);
+            }
+            if fam == Fam::V6 && (addr::v6_link_local(&s.0) || addr::v6_unspecified(&s.0)) {
+                return Ok(true);
+            }
+            Err(DropReason::Spoofed)
+        }
+        Direction::Ingress => {
+            let others = match fam {
+                Fam::V4 => addr::v4_group(&d.a4()),
+                Fam::V6 => addr::v6_for_anyone(&d.0),
+            };
+            if is_local(ep, fam, d) || others {
+                Ok(false)
+            } else {
+                Err(DropReason::NotForEndpoint)
+            }
+        }
+    }
+}
+
 /// Steps 2–4 of `lxc.rs` for an IP packet: the parsed packet, `Ok(None)` when it passes without
 /// policy (neighbour discovery), or the drop reason.
 fn parse(f: &[u8], fam: Fam, ep: &Endpoint, dir: Direction) -> Result<Option<Pkt>, DropReason> {
-    let (s, d, proto, off, frag) = match fam {
-        Fam::V4 => ipv4_header(f, ETH_HLEN)?,
-        Fam::V6 => ipv6_header(f, ETH_HLEN)?,
+    let (mut p, l4off, end, nd_only) = match fam {
+        Fam::V4 => {
+            let (s, d) = ipv4_addrs(f, ETH_HLEN)?;
+            addresses(fam, &s, &d, ep, dir)?;
+            let (proto, off, end, frag) = ipv4_outer(f, ETH_HLEN)?;
+            let (p, l4off) = l4(f, fam, s, d, proto, off, end, frag)?;
+            (p, l4off, end, false)
+        }
+        Fam::V6 => {
+            let (h, s, d) = ipv6_fixed(f, ETH_HLEN)?;
+            let nd_only = addresses(fam, &s, &d, ep, dir)?;
+            let rest = || -> Result<(Pkt, usize, usize), DropReason> {
+                if h[0] >> 4 != 6 {
+                    return Err(DropReason::Malformed);
+                }
+                let plen = u16::from_be_bytes([h[4], h[5]]) as usize;
+                let end = claimed_end(f, ETH_HLEN, 40 + plen, plen == 0)?;
+                let (proto, off, frag) = ipv6_ext(f, h[6], ETH_HLEN + 40)?;
+                let (p, l4off) = l4(f, fam, s, d, proto, off, end, frag)?;
+                Ok((p, l4off, end))
+            };
+            let (p, l4off, end) = match rest() {
+                Ok(r) => r,
+                // A link-local or unspecified source with anything but valid ND is spoofed.
+                Err(_) if nd_only => return Err(DropReason::Spoofed),
+                Err(e) => return Err(e),
+            };
+            (p, l4off, end, nd_only)
+        }
     };
-    let (mut p, l4off) = l4(f, fam, s, d, proto, off, frag)?;
     if fam == Fam::V6 && p.kind == Kind::Neighbour {
         return Ok(None);
     }
-    if dir == Direction::Egress && !is_local(ep, fam, &s) {
+    if nd_only {
         return Err(DropReason::Spoofed);
     }
     if p.kind == Kind::IcmpError {
-        let (is, id, iproto, ioff, _) = match fam {
-            Fam::V4 => ipv4_header(f, l4off + 8)?,
-            Fam::V6 => ipv6_header(f, l4off + 8)?,
+        let (is, id, iproto, ioff) = match fam {
+            Fam::V4 => ipv4_quoted(f, l4off + 8, end)?,
+            Fam::V6 => ipv6_quoted(f, l4off + 8)?,
         };
-        let (sport, dport) = inner_ports(f, iproto, ioff)?;
+        let (sport, dport) = inner_ports(f, iproto, ioff, end)?;
         p.inner = Some(Inner {
             s: is,
             d: id,

@@ -4,15 +4,28 @@
 //! Order of checks for a packet on a managed veth:
 //! 1. ARP passes; other non-IP ethertypes pass on an unenforced endpoint and are dropped
 //!    (`UnsupportedL3`) on an enforced one.
-//! 2. IP and L4 headers are parsed; a truncated or inconsistent header is dropped (`Malformed`,
-//!    `ExtHeaders`) on an endpoint that enforces either direction and passes on one that enforces
-//!    none (fail closed where policy applies, never break an unpoliced container).
-//! 3. IPv6 neighbour/router discovery and MLD pass, so networks keep working under deny-all.
-//! 4. `from_container` only: a source address that is not the endpoint's is dropped (`Spoofed`).
+//! 2. Addresses, read from the fixed IPv4/IPv6 header alone (before its options, lengths,
+//!    extension headers and L4), on every endpoint, enforced or not:
+//!    - `from_container`: a source that is not the endpoint's own address is dropped
+//!      (`Spoofed`). IPv6: a link-local or unspecified source is let on only for neighbour
+//!      discovery and MLD (step 4); any other packet with one, a malformed one included, is
+//!      `Spoofed`.
+//!    - `to_container`: a destination that is not the endpoint's own address must be IPv4
+//!      multicast or 255.255.255.255, or IPv6 multicast or link-local (netpol-common's `addr`
+//!      module; the endpoint's link-local address and subnet broadcast are not known here);
+//!      other unicast is dropped (`NotForEndpoint`): a peer that poisoned an ARP/ND cache, or a
+//!      flooded frame, reaches nobody it was not addressed to.
+//! 3. The IP header (version, IHL of at least 5, total or payload length within the packet),
+//!    extension headers and L4 header are parsed. Bytes past the IP length are padding: they
+//!    pass, but no header is read from them (the L4 header must fit inside the IP length). A
+//!    truncated or inconsistent header is dropped (`Malformed`, `ExtHeaders`) on an endpoint
+//!    that enforces either direction and passes on one that enforces none (fail closed where
+//!    policy applies, never break an unpoliced container).
+//! 4. IPv6 neighbour/router discovery and MLD pass, so networks keep working under deny-all.
 //! 5. Conntrack: a packet of an established flow, a reply, or an ICMP error about one, passes
 //!    without a policy lookup. Entries belong to the endpoint whose address they carry:
 //!    `to_container` neither uses nor creates entries for a packet addressed to another address
-//!    (flooded or misdirected frames are decided by this endpoint's policy alone), and an ICMP
+//!    (multicast, broadcast, link-local: decided by this endpoint's policy alone), and an ICMP
 //!    error is related only to a flow of the endpoint it concerns; it does not refresh the flow.
 //! 6. A new flow in an enforced direction is looked up in `POLICY` (see netpol-common's
 //!    `policy` module for the order); deny or no match drops it. An allowed flow, or any flow in
@@ -25,6 +38,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netpol_common::{
+    addr,
     ct::{self, CtDir, CtEntry, CtKey4, CtKey6},
     endpoint::Endpoint,
     event::FlowEvent,
@@ -35,7 +49,7 @@ use netpol_common::{
 };
 
 use crate::{
-    maps::{CONFIG, CT4, CT6, DROPS, ENDPOINTS, EVENTS, IPCACHE4, IPCACHE6, POLICY, SCRATCH},
+    maps::{CONFIG, CT4, CT6, DROPS_V2, ENDPOINTS, EVENTS, IPCACHE4, IPCACHE6, POLICY, SCRATCH},
     parse::{
         self, Kind, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, L4, TCP_ACK, TCP_FIN, TCP_RST,
         TCP_SYN,
@@ -143,7 +157,7 @@ fn finish_event(sc: &mut Scratch) -> u32 {
 
 #[inline(always)]
 fn report_drop(reason: DropReason, ev: &mut FlowEvent) {
-    if let Some(c) = DROPS.get_ptr_mut(reason as u32) {
+    if let Some(c) = DROPS_V2.get_ptr_mut(reason as u32) {
         // SAFETY: per-CPU slot, no concurrent writer.
         unsafe { *c += 1 };
     }
@@ -628,7 +642,27 @@ fn v6(ctx: &TcContext, sc: &mut Scratch) -> u32 {
     ))
 }
 
-/// Parses an IPv4 packet into `p`. `Ok(true)`: passes without policy.
+/// Sets the event's ports from the L4 header. Echo: the identifier goes in sport whichever way
+/// the echo goes; ICMP: dport is the type.
+#[inline(always)]
+fn event_ports(ev: &mut FlowEvent, l: &L4) {
+    ev.sport = if l.kind == Kind::EchoReply {
+        l.dport
+    } else {
+        l.sport
+    };
+    ev.dport = if l.kind == Kind::Ports {
+        l.dport
+    } else {
+        l.icmp_type as u16
+    };
+}
+
+/// Parses an IPv4 packet into `p`. `Ok(true)`: passes without policy (never, for IPv4).
+///
+/// Order: the fixed header's addresses (anti-spoofing from a container; a unicast destination
+/// that is not the endpoint's to it), then the header's own consistency and lengths, then L4,
+/// then for an ICMP error the quoted packet.
 #[inline(always)]
 fn parse_v4(
     ctx: &TcContext,
@@ -638,30 +672,30 @@ fn parse_v4(
     p: &mut Pkt<V4>,
     valid: &mut u32,
 ) -> Result<bool, DropReason> {
-    let (ip, l4off, frag) = parse::ipv4(ctx, ETH_HLEN)?;
+    let ip = parse::ipv4_load(ctx, ETH_HLEN)?;
     p.s = A4(ip.saddr);
     p.d = A4(ip.daddr);
     ev.family = 4;
     ev.proto = ip.proto;
     *valid = 1;
-    p.l = parse::l4(ctx, ip.proto, l4off, frag)?;
-    // Echo: the identifier goes in sport whichever way the echo goes.
-    ev.sport = if p.l.kind == Kind::EchoReply {
-        p.l.dport
-    } else {
-        p.l.sport
-    };
-    ev.dport = if p.l.kind == Kind::Ports {
-        p.l.dport
-    } else {
-        p.l.icmp_type as u16
-    };
-    if dir == Direction::Egress && (ep.flags & Endpoint::HAS_IPV4 == 0 || p.s != A4(ep.ipv4)) {
-        return Err(DropReason::Spoofed);
+    match dir {
+        Direction::Egress => {
+            if !V4::is_local(ep, &p.s) {
+                return Err(DropReason::Spoofed);
+            }
+        }
+        Direction::Ingress => {
+            if !V4::is_local(ep, &p.d) && !addr::v4_group(&p.d.0) {
+                return Err(DropReason::NotForEndpoint);
+            }
+        }
     }
+    let (l4off, end, frag) = parse::ipv4_check(ctx, &ip, ETH_HLEN)?;
+    p.l = parse::l4(ctx, ip.proto, l4off, end, frag)?;
+    event_ports(ev, &p.l);
     if p.l.kind == Kind::IcmpError {
-        let (iip, ioff, _) = parse::ipv4(ctx, p.l.off + 8)?;
-        let (sp, dp) = parse::inner_ports(ctx, iip.proto, ioff)?;
+        let (iip, ioff) = parse::ipv4_quoted(ctx, p.l.off + 8, end)?;
+        let (sp, dp) = parse::inner_ports(ctx, iip.proto, ioff, end)?;
         p.inner = Inner {
             s: A4(iip.saddr),
             d: A4(iip.daddr),
@@ -673,7 +707,14 @@ fn parse_v4(
     Ok(false)
 }
 
-/// Parses an IPv6 packet into `p`. `Ok(true)`: passes without policy (neighbour discovery).
+/// Parses an IPv6 packet into `p`. `Ok(true)`: neighbour discovery or MLD, which passes
+/// without policy.
+///
+/// Order: the fixed header's addresses (from a container: its own source, or a link-local or
+/// unspecified one that only valid ND/MLD may carry — anything else with it, a parse error
+/// included, is `Spoofed`; to a container: its own, a multicast or a link-local destination),
+/// then the payload length, extension headers and L4, then for an ICMPv6 error the quoted
+/// packet.
 #[inline(always)]
 fn parse_v6(
     ctx: &TcContext,
@@ -684,34 +725,55 @@ fn parse_v6(
     valid: &mut u32,
 ) -> Result<bool, DropReason> {
     ev.family = 6;
-    let (nexthdr, l4off, frag) = parse::ipv6(ctx, ETH_HLEN, &mut p.s.0, &mut p.d.0)?;
+    let head = parse::ipv6_load(ctx, ETH_HLEN, &mut p.s.0, &mut p.d.0)?;
     *valid = 1;
-    ev.proto = nexthdr;
-    p.l = parse::l4(ctx, nexthdr, l4off, frag)?;
+    ev.proto = head[6];
+    let mut nd_only = false;
+    match dir {
+        Direction::Egress => {
+            if !V6::is_local(ep, &p.s) {
+                if !addr::v6_link_local(&p.s.0) && !addr::v6_unspecified(&p.s.0) {
+                    return Err(DropReason::Spoofed);
+                }
+                nd_only = true;
+            }
+        }
+        Direction::Ingress => {
+            if !V6::is_local(ep, &p.d) && !addr::v6_for_anyone(&p.d.0) {
+                return Err(DropReason::NotForEndpoint);
+            }
+        }
+    }
+    let end = match v6_l4(ctx, &head, p) {
+        Ok(end) => end,
+        Err(_) if nd_only => return Err(DropReason::Spoofed),
+        Err(e) => return Err(e),
+    };
+    ev.proto = p.l.proto;
     if p.l.kind == Kind::Neighbour {
         return Ok(true);
     }
-    // Echo: the identifier goes in sport whichever way the echo goes.
-    ev.sport = if p.l.kind == Kind::EchoReply {
-        p.l.dport
-    } else {
-        p.l.sport
-    };
-    ev.dport = if p.l.kind == Kind::Ports {
-        p.l.dport
-    } else {
-        p.l.icmp_type as u16
-    };
-    if dir == Direction::Egress && (ep.flags & Endpoint::HAS_IPV6 == 0 || !V6::is_local(ep, &p.s)) {
+    if nd_only {
         return Err(DropReason::Spoofed);
     }
+    event_ports(ev, &p.l);
     if p.l.kind == Kind::IcmpError {
         let i = &mut p.inner;
-        let (iproto, ioff, _) = parse::ipv6(ctx, p.l.off + 8, &mut i.s.0, &mut i.d.0)?;
-        let (sp, dp) = parse::inner_ports(ctx, iproto, ioff)?;
+        let (iproto, ioff) = parse::ipv6_quoted(ctx, p.l.off + 8, &mut i.s.0, &mut i.d.0)?;
+        let (sp, dp) = parse::inner_ports(ctx, iproto, ioff, end)?;
         i.proto = iproto;
         i.sport = sp;
         i.dport = dp;
     }
     Ok(false)
+}
+
+/// The payload length, extension headers and L4 header of an IPv6 packet: the packet's claimed
+/// end.
+#[inline(always)]
+fn v6_l4(ctx: &TcContext, head: &[u8; 8], p: &mut Pkt<V6>) -> Result<usize, DropReason> {
+    let end = parse::ipv6_check(ctx, head, ETH_HLEN)?;
+    let (nexthdr, l4off, frag) = parse::ipv6_ext(ctx, head[6], ETH_HLEN + 40)?;
+    p.l = parse::l4(ctx, nexthdr, l4off, end, frag)?;
+    Ok(end)
 }

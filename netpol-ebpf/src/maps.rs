@@ -38,9 +38,9 @@ pub static CT6: LruHashMap<CtKey6, CtEntry, 16384, { BPF_F_NO_COMMON_LRU as usiz
 #[btf_map]
 pub static EVENTS: RingBuf<netpol_common::event::FlowEvent, { 256 * 1024 }> = RingBuf::new();
 
-/// Per-CPU drop counters, indexed by `DropReason`.
+/// Per-CPU drop counters, indexed by `DropReason` (`maps::DROPS`).
 #[btf_map]
-pub static DROPS: PerCpuArray<u64, { netpol_common::DropReason::COUNT as usize }> =
+pub static DROPS_V2: PerCpuArray<u64, { netpol_common::DropReason::COUNT as usize }> =
     PerCpuArray::new();
 
 #[btf_map]

@@ -75,6 +75,7 @@ pub struct L4 {
     pub off: usize,
     /// ICMP type (the policy "port" of ICMP).
     pub icmp_type: u8,
+    pub icmp_code: u8,
 }
 
 pub const TCP_FIN: u8 = 0x01;
@@ -96,29 +97,92 @@ pub fn eth_proto(ctx: &TcContext) -> Result<u16, DropReason> {
     Ok(u16::from_be(p as u16))
 }
 
-/// Parses an IPv4 header at `off`: the header and the offset of its payload.
-/// Fails on a truncated header (options included), a bad version or IHL, or a total length
-/// shorter than the header.
+/// The fixed IPv4 header at `off`, unchecked: anti-spoofing reads its addresses before anything
+/// else ([`ipv4_check`] then validates it).
 #[inline(always)]
-pub fn ipv4(ctx: &TcContext, off: usize) -> Result<(Ipv4Hdr, usize, bool), DropReason> {
+pub fn ipv4_load(ctx: &TcContext, off: usize) -> Result<Ipv4Hdr, DropReason> {
+    ctx.load(off).map_err(|_| DropReason::Malformed)
+}
+
+/// Bytes of the packet from `off` to its end (`skb->len`).
+#[inline(always)]
+fn avail(ctx: &TcContext, off: usize) -> usize {
+    (ctx.len() as usize).saturating_sub(off)
+}
+
+/// The length an IP header claims (IPv4 total length, or IPv6 40 + payload length) checked
+/// against the packet: shorter than claimed is `Malformed`; longer is trailing padding, which
+/// passes but is never parsed (the end of the packet is `off + claimed`). A claimed length of 0
+/// on a packet longer than 64 KiB is a BIG TCP / jumbo GSO packet: the whole packet counts.
+#[inline(always)]
+fn claimed_end(
+    ctx: &TcContext,
+    off: usize,
+    claimed: usize,
+    zero_len: bool,
+) -> Result<usize, DropReason> {
+    let have = avail(ctx, off);
+    if zero_len && have > 0xffff + 40 {
+        return Ok(off + have);
+    }
+    if claimed > have {
+        return Err(DropReason::Malformed);
+    }
+    Ok(off + claimed)
+}
+
+/// Validates an outer IPv4 header at `off`: version 4, IHL at least 5, the header (options
+/// included) within the total length, the total length within the packet. Returns the offset of
+/// the payload, the end of the packet as the header claims it, and whether this is a non-initial
+/// fragment.
+#[inline(always)]
+pub fn ipv4_check(
+    ctx: &TcContext,
+    ip: &Ipv4Hdr,
+    off: usize,
+) -> Result<(usize, usize, bool), DropReason> {
+    if ip.vihl >> 4 != 4 {
+        return Err(DropReason::Malformed);
+    }
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    let tot = be16(ip.tot_len) as usize;
+    // The whole header, options included, must be in the packet: a protocol without an L4
+    // parse (GRE, ESP, …) would otherwise pass with its header cut short.
+    if ihl < 20 || (tot < ihl && tot != 0) {
+        return Err(DropReason::Malformed);
+    }
+    let end = claimed_end(ctx, off, tot, tot == 0)?;
+    if off + ihl > end {
+        return Err(DropReason::Malformed);
+    }
+    let non_first_fragment = be16(ip.frag_off) & 0x1fff != 0;
+    Ok((off + ihl, end, non_first_fragment))
+}
+
+/// Parses an IPv4 header quoted in an ICMP error at `off`, which must lie within the outer
+/// packet's `end` (its total length is the original packet's, longer than the quote: not
+/// checked). The header and the offset of its payload.
+#[inline(always)]
+pub fn ipv4_quoted(
+    ctx: &TcContext,
+    off: usize,
+    end: usize,
+) -> Result<(Ipv4Hdr, usize), DropReason> {
     let ip: Ipv4Hdr = ctx.load(off).map_err(|_| DropReason::Malformed)?;
     if ip.vihl >> 4 != 4 {
         return Err(DropReason::Malformed);
     }
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-    // The whole header, options included, must be in the packet: a protocol without an L4
-    // parse (GRE, ESP, …) would otherwise pass with its header cut short.
-    if ihl < 20 || (be16(ip.tot_len) as usize) < ihl || off + ihl > ctx.len() as usize {
+    if ihl < 20 || (be16(ip.tot_len) as usize) < ihl || off + ihl > end {
         return Err(DropReason::Malformed);
     }
-    let non_first_fragment = be16(ip.frag_off) & 0x1fff != 0;
-    Ok((ip, off + ihl, non_first_fragment))
+    Ok((ip, off + ihl))
 }
 
 /// Copies 16 bytes at `off` straight into `dst` (which may be map memory): no stack temporary.
 /// (`TcContext::load_bytes` clamps its length, which the verifier rejects as maybe zero.)
 #[inline(always)]
-fn load16(ctx: &TcContext, off: usize, dst: &mut [u8; 16]) -> Result<(), DropReason> {
+pub fn load16(ctx: &TcContext, off: usize, dst: &mut [u8; 16]) -> Result<(), DropReason> {
     // SAFETY: `dst` is 16 writable bytes; the helper checks the packet bounds.
     let ret = unsafe {
         aya_ebpf::helpers::bpf_skb_load_bytes(
@@ -134,24 +198,57 @@ fn load16(ctx: &TcContext, off: usize, dst: &mut [u8; 16]) -> Result<(), DropRea
     Ok(())
 }
 
-/// Parses an IPv6 header at `off`, copying its addresses into `saddr` / `daddr`, and walks its
-/// extension headers: the upper-layer protocol, its offset and whether this is a non-initial
-/// fragment.
+/// The fixed IPv6 header at `off`: its first 8 bytes (version, payload length, next header, hop
+/// limit), its addresses copied into `saddr` / `daddr`. Unchecked: anti-spoofing reads the
+/// addresses before anything else ([`ipv6_check`] then validates it).
 #[inline(always)]
-pub fn ipv6(
+pub fn ipv6_load(
     ctx: &TcContext,
     off: usize,
     saddr: &mut [u8; 16],
     daddr: &mut [u8; 16],
-) -> Result<(u8, usize, bool), DropReason> {
+) -> Result<[u8; 8], DropReason> {
     let head: [u8; 8] = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+    load16(ctx, off + 8, saddr)?;
+    load16(ctx, off + 24, daddr)?;
+    Ok(head)
+}
+
+/// Validates an outer IPv6 header at `off` (first 8 bytes `head`): version 6 and the payload
+/// length within the packet. Returns the end of the packet as the header claims it.
+#[inline(always)]
+pub fn ipv6_check(ctx: &TcContext, head: &[u8; 8], off: usize) -> Result<usize, DropReason> {
     if head[0] >> 4 != 6 {
         return Err(DropReason::Malformed);
     }
-    load16(ctx, off + 8, saddr)?;
-    load16(ctx, off + 24, daddr)?;
-    let mut next = head[6];
-    let mut off = off + 40;
+    let plen = be16([head[4], head[5]]) as usize;
+    claimed_end(ctx, off, 40 + plen, plen == 0)
+}
+
+/// Parses an IPv6 header at `off` (a packet quoted in an ICMPv6 error), copying its addresses
+/// into `saddr` / `daddr`, and walks its extension headers: the upper-layer protocol and its
+/// offset. Its payload length is the original packet's: not checked.
+#[inline(always)]
+pub fn ipv6_quoted(
+    ctx: &TcContext,
+    off: usize,
+    saddr: &mut [u8; 16],
+    daddr: &mut [u8; 16],
+) -> Result<(u8, usize), DropReason> {
+    let head = ipv6_load(ctx, off, saddr, daddr)?;
+    if head[0] >> 4 != 6 {
+        return Err(DropReason::Malformed);
+    }
+    let (next, off, _) = ipv6_ext(ctx, head[6], off + 40)?;
+    Ok((next, off))
+}
+
+/// Walks the extension headers from `off` (the first one named by `next`): the upper-layer
+/// protocol, its offset and whether this is a non-initial fragment.
+#[inline(always)]
+pub fn ipv6_ext(ctx: &TcContext, next: u8, off: usize) -> Result<(u8, usize, bool), DropReason> {
+    let mut next = next;
+    let mut off = off;
     let mut non_first = false;
     // A bounded walk: more than 4 extension headers is refused (DropReason::ExtHeaders).
     for _ in 0..4 {
@@ -183,12 +280,14 @@ pub fn ipv6(
     }
 }
 
-/// Parses the L4 header at `off`. `v6` selects ICMPv6 numbering for protocol 58.
+/// Parses the L4 header at `off`, which must lie within the packet's claimed `end` (trailing
+/// bytes past the IP length are never read as a header).
 #[inline(always)]
 pub fn l4(
     ctx: &TcContext,
     proto: u8,
     off: usize,
+    end: usize,
     non_first_fragment: bool,
 ) -> Result<L4, DropReason> {
     let mut l = L4 {
@@ -199,18 +298,23 @@ pub fn l4(
         tcp_flags: 0,
         off,
         icmp_type: 0,
+        icmp_code: 0,
     };
+    if off > end {
+        return Err(DropReason::Malformed);
+    }
     if non_first_fragment {
         l.kind = Kind::Fragment;
         return Ok(l);
     }
     match proto {
         proto::TCP => {
-            // The fixed 20-byte header must be there (one load) and its data offset sane.
+            // The fixed 20-byte header must be there (one load) and its data offset sane, all
+            // within the IP length.
             let t: TcpHead = ctx.load(off).map_err(|_| DropReason::Malformed)?;
             let h = &t.b;
             let doff = (h[12] >> 4) as usize * 4;
-            if doff < 20 {
+            if doff < 20 || off + doff > end {
                 return Err(DropReason::Malformed);
             }
             l.sport = be16([h[0], h[1]]);
@@ -220,13 +324,20 @@ pub fn l4(
         }
         proto::UDP | proto::SCTP => {
             let h: L4Head = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+            if off + 8 > end {
+                return Err(DropReason::Malformed);
+            }
             l.sport = be16([h.b[0], h.b[1]]);
             l.dport = be16([h.b[2], h.b[3]]);
             l.kind = Kind::Ports;
         }
         proto::ICMP => {
             let h: L4Head = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+            if off + 8 > end {
+                return Err(DropReason::Malformed);
+            }
             l.icmp_type = h.b[0];
+            l.icmp_code = h.b[1];
             let id = be16([h.b[4], h.b[5]]);
             match h.b[0] {
                 8 => {
@@ -243,7 +354,11 @@ pub fn l4(
         }
         proto::ICMPV6 => {
             let h: L4Head = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+            if off + 8 > end {
+                return Err(DropReason::Malformed);
+            }
             l.icmp_type = h.b[0];
+            l.icmp_code = h.b[1];
             let id = be16([h.b[4], h.b[5]]);
             match h.b[0] {
                 128 => {
@@ -268,8 +383,17 @@ pub fn l4(
 /// The ports of the packet embedded in an ICMP error, as conntrack sees them
 /// (echo: identifier in sport for a request, in dport for a reply).
 #[inline(always)]
-pub fn inner_ports(ctx: &TcContext, proto: u8, off: usize) -> Result<(u16, u16), DropReason> {
+pub fn inner_ports(
+    ctx: &TcContext,
+    proto: u8,
+    off: usize,
+    end: usize,
+) -> Result<(u16, u16), DropReason> {
     let h: L4Head = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+    // The quoted ports must lie within the outer packet's IP length.
+    if off + 8 > end {
+        return Err(DropReason::Malformed);
+    }
     let id = be16([h.b[4], h.b[5]]);
     Ok(match proto {
         proto::TCP | proto::UDP | proto::SCTP => (be16([h.b[0], h.b[1]]), be16([h.b[2], h.b[3]])),

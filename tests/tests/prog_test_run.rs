@@ -997,6 +997,8 @@ fn spoofed_source(fam: Fam) {
         assert_drops(&dp, Some(DropReason::Spoofed), 2);
         let ev = dp.events();
         assert_eq!(ev.len(), 2);
+        // A spoofed packet is dropped on its fixed IP header, before its L4 header is read:
+        // no ports.
         let mut want = drop_event(
             fam,
             DropReason::Spoofed,
@@ -1004,8 +1006,8 @@ fn spoofed_source(fam: Fam) {
             &fake,
             &WORLD,
             proto::TCP,
-            40000,
-            443,
+            0,
+            0,
             0,
         );
         // The sender is the container behind the veth, whatever address it wrote; the remote is
@@ -1114,6 +1116,24 @@ fn arp_and_neighbour_discovery_pass_under_deny_all() {
     }
     assert_drops(&dp, None, 0);
     assert_eq!(dp.ct_len(), 0);
+}
+
+/// fe80::`last`.
+fn link_local(last: u8) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[0] = 0xfe;
+    a[1] = 0x80;
+    a[15] = last;
+    a
+}
+
+/// ff02::`last` (1 all nodes, 2 all routers, 0x16 MLDv2 routers).
+fn ff02(last: u8) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[0] = 0xff;
+    a[1] = 0x02;
+    a[15] = last;
+    a
 }
 
 fn malformed(fam: Fam) {
@@ -1689,14 +1709,15 @@ fn conntrack_is_per_endpoint(fam: Fam) {
     dp.endpoint(db_if, &DB, true, false);
 
     // app2 → db:22, seen first on app1's veth (a bridge floods a frame for a MAC it has not
-    // learnt yet to every port; or app2 addressed db's IP to app1's MAC on purpose). app1 is
-    // not policed, so it passes there; it must not open db's ingress.
+    // learnt yet to every port; or app2 addressed db's IP to app1's MAC on purpose). It is not
+    // app1's, policed or not; and it must not open db's ingress.
     let syn = fam.tcp(&APP2, &DB, 40000, 22, TCP_SYN);
     assert_eq!(
         dp.run_on(To, app1_if, &syn),
-        PASS,
+        SHOT,
         "on app1's unpoliced veth"
     );
+    assert_eq!(dp.drops(DropReason::NotForEndpoint), 1);
     assert_eq!(
         dp.run_on(To, db_if, &syn),
         SHOT,
@@ -1749,7 +1770,8 @@ fn conntrack_is_per_endpoint(fam: Fam) {
         PASS,
         "db's flow goes on"
     );
-    assert_eq!(dp.drops(DropReason::PolicyDenied), 3);
+    assert_eq!(dp.drops(DropReason::PolicyDenied), 2);
+    assert_eq!(dp.drops(DropReason::NotForEndpoint), 2);
 }
 
 #[test]
@@ -1763,5 +1785,202 @@ fn conntrack_is_per_endpoint_v4() {
 fn conntrack_is_per_endpoint_v6() {
     if require_root("conntrack_is_per_endpoint_v6") {
         conntrack_is_per_endpoint(V6);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Datapath hardening (issue 8): ICMP errors tied to their peer, anti-spoofing on the fixed
+// header, unicast not for the endpoint, IP lengths.
+
+fn source_is_checked_on_the_fixed_header(fam: Fam) {
+    // An unpoliced container: parse errors pass there, a forged source never does.
+    let dp = Dp::db(false, false);
+    let forged = match fam {
+        V4 => {
+            let mut ip = Ipv4::new(APP1.v4, WORLD.v4, proto::TCP);
+            ip.ihl = 4;
+            eth(ETH_P_IP, &ip.build(&tcp(40000, 443, TCP_SYN)))
+        }
+        // Five extension headers: more than the datapath walks.
+        V6 => {
+            let mut l4 = tcp(40000, 443, TCP_SYN);
+            let mut next = proto::TCP;
+            for _ in 0..5 {
+                let mut h = vec![next, 0, 0, 0, 0, 0, 0, 0];
+                h.extend_from_slice(&l4);
+                l4 = h;
+                next = 60;
+            }
+            eth(ETH_P_IPV6, &ipv6_raw(APP1.v6, WORLD.v6, 60, 64, &l4))
+        }
+    };
+    assert_eq!(
+        dp.run(From, &forged),
+        SHOT,
+        "a malformed packet with app1's source"
+    );
+    let mut own = forged.clone();
+    match fam {
+        V4 => {
+            own[26..30].copy_from_slice(&DB.v4);
+        }
+        V6 => own[22..38].copy_from_slice(&DB.v6),
+    }
+    assert_eq!(
+        dp.run(From, &own),
+        PASS,
+        "the same with db's own source passes the unpoliced endpoint"
+    );
+    if fam == V6 {
+        // A link-local source is only for neighbour discovery: a malformed packet with one is
+        // spoofed.
+        let mut ll = forged.clone();
+        ll[22..38].copy_from_slice(&link_local(2));
+        assert_eq!(
+            dp.run(From, &ll),
+            SHOT,
+            "a malformed packet from link-local"
+        );
+        let udp_ll = eth(
+            ETH_P_IPV6,
+            &ipv6_raw(link_local(2), ff02(1), proto::UDP, 64, &udp(546, 547, b"x")),
+        );
+        assert_eq!(dp.run(From, &udp_ll), SHOT, "UDP from link-local");
+        assert_drops(&dp, Some(DropReason::Spoofed), 3);
+    } else {
+        assert_drops(&dp, Some(DropReason::Spoofed), 1);
+    }
+}
+
+#[test]
+fn source_is_checked_on_the_fixed_header_v4() {
+    if require_root("source_is_checked_on_the_fixed_header_v4") {
+        source_is_checked_on_the_fixed_header(V4);
+    }
+}
+
+#[test]
+fn source_is_checked_on_the_fixed_header_v6() {
+    if require_root("source_is_checked_on_the_fixed_header_v6") {
+        source_is_checked_on_the_fixed_header(V6);
+    }
+}
+
+#[test]
+fn unicast_for_another_address_is_dropped() {
+    if !require_root("unicast_for_another_address_is_dropped") {
+        return;
+    }
+    let mcast4 = Host {
+        v4: [224, 0, 0, 251],
+        v6: ff02(0xfb),
+        id: identity::WORLD,
+    };
+    let bcast = Host {
+        v4: [255, 255, 255, 255],
+        v6: link_local(9),
+        id: identity::WORLD,
+    };
+    let subnet_bcast = Host {
+        v4: [10, 0, 0, 255],
+        v6: v6(0xff, ULA),
+        id: identity::WORLD,
+    };
+    for (ingress, egress) in [(true, true), (false, false)] {
+        let dp = Dp::db(ingress, egress);
+        for fam in [V4, V6] {
+            for (what, dst) in [
+                ("app1's address", &APP1),
+                ("the subnet's broadcast", &subnet_bcast),
+            ] {
+                assert_eq!(
+                    dp.run(To, &fam.udp(&APP2, dst, 5000, 53)),
+                    SHOT,
+                    "{fam:?} unicast to {what} on db's veth (enforced: {ingress})"
+                );
+            }
+            // Multicast, broadcast and link-local go on to policy, as before.
+            for (what, dst) in [("multicast", &mcast4), ("broadcast / link-local", &bcast)] {
+                let want = if ingress { SHOT } else { PASS };
+                assert_eq!(
+                    dp.run(To, &fam.udp(&APP2, dst, 5353, 5353)),
+                    want,
+                    "{fam:?} {what} (enforced: {ingress})"
+                );
+            }
+        }
+        let mut want = vec![0u64; DropReason::COUNT as usize];
+        want[DropReason::NotForEndpoint as usize] = 4;
+        if ingress {
+            want[DropReason::PolicyDenied as usize] = 4;
+        }
+        assert_eq!(dp.all_drops(), want);
+    }
+}
+
+fn ip_length_is_checked(fam: Fam) {
+    let mut dp = Dp::db(true, false);
+    dp.allow(
+        &DB,
+        APP1.id,
+        Direction::Ingress,
+        proto::TCP,
+        5432,
+        policy::FULL_PREFIX,
+        1,
+    );
+    let syn = fam.tcp(&APP1, &DB, 40000, 5432, TCP_SYN);
+    // Sets the IP length field to the IP header plus `l4` bytes.
+    let claim = |p: &mut Vec<u8>, l4: usize| match fam {
+        V4 => {
+            p[16..18].copy_from_slice(&((20 + l4) as u16).to_be_bytes());
+            p[24..26].copy_from_slice(&[0, 0]);
+            let c = checksum(&p[14..34]);
+            p[24..26].copy_from_slice(&c.to_be_bytes());
+        }
+        V6 => p[18..20].copy_from_slice(&(l4 as u16).to_be_bytes()),
+    };
+    // Trailing bytes past the IP length are padding: allowed, never parsed.
+    let mut padded = syn.clone();
+    padded.extend_from_slice(&[0xee; 30]);
+    assert_eq!(
+        dp.run(To, &padded),
+        PASS,
+        "an allowed SYN with trailing padding"
+    );
+    let mut cases = vec![];
+    // Longer than the packet.
+    let mut p = syn.clone();
+    claim(&mut p, 21);
+    cases.push(("an IP length past the packet", p));
+    // The TCP header, with an allowed port, in bytes the IP length says are padding: the
+    // receiver discards them.
+    let mut p = syn.clone();
+    claim(&mut p, 4);
+    cases.push(("a TCP header past the IP length", p));
+    let mut p = syn.clone();
+    claim(&mut p, 0);
+    cases.push(("a zero IP length", p));
+    let mut p = fam.udp(&APP1, &DB, 5000, 53);
+    claim(&mut p, 7);
+    cases.push(("a UDP header cut by the IP length", p));
+    for (what, pkt) in &cases {
+        assert_eq!(dp.run(To, pkt), SHOT, "{what}");
+    }
+    assert_drops(&dp, Some(DropReason::Malformed), cases.len() as u64);
+    assert_eq!(dp.ct_len(), 1, "only the padded SYN opened a flow");
+}
+
+#[test]
+fn ip_length_is_checked_v4() {
+    if require_root("ip_length_is_checked_v4") {
+        ip_length_is_checked(V4);
+    }
+}
+
+#[test]
+fn ip_length_is_checked_v6() {
+    if require_root("ip_length_is_checked_v6") {
+        ip_length_is_checked(V6);
     }
 }
