@@ -5,8 +5,10 @@
 //! - [`watcher`]: [`DockerWatcher`], which lists containers and networks, follows the event
 //!   stream and emits [`DockerEvent`]s on a channel, resynchronising with a full snapshot after
 //!   every reconnect.
-//! - [`netlink`]: a small rtnetlink client: the host veth of each container interface (from
-//!   inside the container's network namespace), and [`host_addresses`].
+//! - [`netlink`]: rtnetlink (the rust-netlink crates): the host veth of each container interface
+//!   (from inside the container's network namespace), [`host_addresses`], and the host's link
+//!   events ([`watch_links`]), which let the agent police a new container's veth the moment it
+//!   joins a Docker bridge.
 
 pub mod model;
 pub mod netlink;
@@ -20,7 +22,10 @@ mod tests;
 pub use model::{
     Attachment, Container, DaemonNat, MacAddr, Network, NetworkMode, NotEnforceable, VethLookup,
 };
-pub use netlink::{discover_host_veths, host_addresses, NetlinkError, WantedInterface};
+pub use netlink::{
+    discover_host_veths, host_addresses, watch_links, LinkEvent, LinkInfo, NetlinkError,
+    WantedInterface,
+};
 pub use watcher::{
     BollardApi, DaemonInfo, DockerApi, DockerConfig, DockerError, DockerEvent, DockerWatcher,
     NetlinkVeths, VethResolver,

@@ -1,44 +1,40 @@
-//! A small rtnetlink client (raw `libc`): link and address dumps, in the host namespace or in a
-//! container's, and host veth discovery built on them.
+//! Netlink through the rust-netlink crates (`rtnetlink`, `netlink-packet-route`): link and
+//! address dumps, in the host namespace or in a container's, host veth discovery built on them,
+//! and a subscription to the host's link events ([`LinkWatcher`]).
 //!
 //! A container's host veth is found from inside its network namespace: each container interface's
 //! `IFLA_LINK` is the ifindex of its veth peer, which Docker leaves in the host namespace. The
 //! namespace switch happens in a dedicated OS thread that exits afterwards, so no other code ever
 //! runs in the container's namespace. (Reading `/sys/class/net/*/iflink` after `setns` would read
-//! the host's sysfs, which is why netlink is asked instead.)
+//! the host's sysfs, which is why netlink is asked instead.) Every dump runs in a thread of its
+//! own with a small runtime for the netlink connection, so it can be called from anywhere (also
+//! from inside the agent's runtime).
 
 use std::{
     fs::File,
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    net::IpAddr,
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     time::Duration,
 };
 
+use futures_util::{StreamExt, TryStreamExt};
+use netlink_packet_core::NetlinkPayload;
+use netlink_packet_route::{
+    address::{AddressAttribute, AddressMessage},
+    link::{InfoKind, LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage},
+    RouteNetlinkMessage,
+};
+use netlink_sys::AsyncSocket;
+use tokio::sync::mpsc;
+
 use super::model::{MacAddr, VethLookup};
 
-const NLMSG_HDR_LEN: usize = 16;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_DUMP: u16 = 0x300;
-const RTM_NEWLINK: u16 = 16;
-const RTM_GETLINK: u16 = 18;
-const RTM_NEWADDR: u16 = 20;
-const RTM_GETADDR: u16 = 22;
-const IFINFOMSG_LEN: usize = 16;
-const IFADDRMSG_LEN: usize = 8;
-const IFLA_ADDRESS: u16 = 1;
-const IFLA_IFNAME: u16 = 3;
-const IFLA_LINK: u16 = 5;
-const IFLA_LINKINFO: u16 = 18;
-const IFLA_INFO_KIND: u16 = 1;
-const IFA_ADDRESS: u16 = 1;
-const IFA_LOCAL: u16 = 2;
-/// Mask off `NLA_F_NESTED` / `NLA_F_NET_BYTEORDER` from attribute types.
-const NLA_TYPE_MASK: u16 = 0x3fff;
-const RECV_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one dump may take before it counts as failed.
+const DUMP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Receive buffer of the link event socket: a burst of container starts must not overflow it.
+const EVENT_RCVBUF: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -48,21 +44,17 @@ pub enum NetlinkError {
     EnterNetns { path: PathBuf, source: io::Error },
     #[error("netlink socket: {0}")]
     Socket(io::Error),
-    #[error("netlink send: {0}")]
-    Send(io::Error),
-    #[error("netlink receive: {0}")]
-    Recv(io::Error),
     #[error("netlink request failed: {0}")]
-    Kernel(io::Error),
-    #[error("malformed netlink message: {0}")]
-    Malformed(&'static str),
-    #[error("the namespace discovery thread panicked")]
+    Request(#[from] rtnetlink::Error),
+    #[error("netlink dump took longer than {0:?}")]
+    Timeout(Duration),
+    #[error("the netlink thread panicked")]
     ThreadPanicked,
-    #[error("starting the namespace discovery thread: {0}")]
+    #[error("starting the netlink thread: {0}")]
     Thread(io::Error),
 }
 
-/// One network interface, from an `RTM_GETLINK` dump.
+/// One network interface, from an `RTM_GETLINK` dump or an `RTM_NEWLINK` event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinkInfo {
     pub ifindex: u32,
@@ -72,6 +64,43 @@ pub struct LinkInfo {
     pub link: Option<u32>,
     /// `IFLA_INFO_KIND` (`veth`, `bridge`, …).
     pub kind: Option<String>,
+    /// `IFLA_MASTER`: the bridge (or other controller) the interface is a port of.
+    pub master: Option<u32>,
+}
+
+impl LinkInfo {
+    fn from_message(m: &LinkMessage) -> Self {
+        let mut link = LinkInfo {
+            ifindex: m.header.index,
+            name: String::new(),
+            mac: None,
+            link: None,
+            kind: None,
+            master: None,
+        };
+        for attr in &m.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => link.name = n.clone(),
+                LinkAttribute::Address(a) => {
+                    link.mac = <[u8; 6]>::try_from(a.as_slice()).ok().map(MacAddr)
+                }
+                LinkAttribute::Link(peer) => link.link = Some(*peer),
+                LinkAttribute::Controller(m) => link.master = Some(*m).filter(|m| *m != 0),
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        if let NlLinkInfo::Kind(k) = i {
+                            link.kind = Some(match k {
+                                InfoKind::Other(o) => o.clone(),
+                                k => k.to_string(),
+                            });
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        link
+    }
 }
 
 /// One interface address, from an `RTM_GETADDR` dump.
@@ -82,6 +111,26 @@ pub struct AddrInfo {
     pub prefix_len: u8,
 }
 
+impl AddrInfo {
+    fn from_message(m: &AddressMessage) -> Option<Self> {
+        let (mut local, mut address) = (None, None);
+        for attr in &m.attributes {
+            match attr {
+                AddressAttribute::Local(a) => local = Some(*a),
+                AddressAttribute::Address(a) => address = Some(*a),
+                _ => {}
+            }
+        }
+        // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer's on point-to-point
+        // links.
+        local.or(address).map(|addr| AddrInfo {
+            ifindex: m.header.index,
+            addr,
+            prefix_len: m.header.prefix_len,
+        })
+    }
+}
+
 /// Links and addresses of one namespace.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NamespaceView {
@@ -90,13 +139,9 @@ pub struct NamespaceView {
 }
 
 impl NamespaceView {
-    /// Dumps links and addresses of the calling thread's network namespace.
+    /// Dumps links and addresses of the caller's network namespace.
     pub fn dump() -> Result<Self, NetlinkError> {
-        let sock = Socket::open()?;
-        Ok(Self {
-            links: sock.dump_links()?,
-            addrs: sock.dump_addrs()?,
-        })
+        Ok(in_thread(None)?.0)
     }
 }
 
@@ -108,10 +153,13 @@ pub struct WantedInterface {
     pub addrs: Vec<IpAddr>,
 }
 
-/// Every address of the host's own namespace (the calling thread's), loopback included.
+/// Every address of the host's own namespace (the caller's), loopback included.
 pub fn host_addresses() -> Result<Vec<IpAddr>, NetlinkError> {
-    let sock = Socket::open()?;
-    let mut addrs: Vec<IpAddr> = sock.dump_addrs()?.into_iter().map(|a| a.addr).collect();
+    let mut addrs: Vec<IpAddr> = NamespaceView::dump()?
+        .addrs
+        .into_iter()
+        .map(|a| a.addr)
+        .collect();
     addrs.sort();
     addrs.dedup();
     Ok(addrs)
@@ -121,29 +169,70 @@ pub fn host_addresses() -> Result<Vec<IpAddr>, NetlinkError> {
 /// `SandboxKey` or `/run/netns/NAME`), together with the links of the caller's namespace, from a
 /// dedicated thread that enters the namespace and then exits.
 pub fn dump_namespace(netns: &Path) -> Result<(Vec<LinkInfo>, NamespaceView), NetlinkError> {
-    let path = netns.to_path_buf();
+    let (host, inside) = in_thread(Some(netns.to_path_buf()))?;
+    Ok((host.links, inside.unwrap_or_default()))
+}
+
+/// Runs the dumps on a thread of its own: first the caller's namespace, then, if `netns` is given,
+/// that namespace (the thread enters it and exits afterwards).
+fn in_thread(
+    netns: Option<PathBuf>,
+) -> Result<(NamespaceView, Option<NamespaceView>), NetlinkError> {
     let handle = std::thread::Builder::new()
-        .name("netpol-netns".to_owned())
+        .name("netpol-netlink".to_owned())
         .spawn(
-            move || -> Result<(Vec<LinkInfo>, NamespaceView), NetlinkError> {
-                let file = File::open(&path).map_err(|source| NetlinkError::OpenNetns {
-                    path: path.clone(),
-                    source,
-                })?;
-                let host_links = Socket::open()?.dump_links()?;
+            move || -> Result<(NamespaceView, Option<NamespaceView>), NetlinkError> {
+                // Opened before anything else, so a missing namespace fails early.
+                let file = match &netns {
+                    Some(path) => {
+                        Some(File::open(path).map_err(|source| NetlinkError::OpenNetns {
+                            path: path.clone(),
+                            source,
+                        })?)
+                    }
+                    None => None,
+                };
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .enable_time()
+                    .build()
+                    .map_err(NetlinkError::Thread)?;
+                let host = rt.block_on(dump_current())?;
+                let (Some(file), Some(path)) = (file, netns) else {
+                    return Ok((host, None));
+                };
                 // SAFETY: `file` is an open namespace file; setns only changes this thread, which
-                // runs nothing else and exits when this closure returns.
+                // runs nothing else and exits when this closure returns. The dump below opens its
+                // socket after the switch, so it speaks to the container's namespace.
                 if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(NetlinkError::EnterNetns {
                         path,
                         source: io::Error::last_os_error(),
                     });
                 }
-                Ok((host_links, NamespaceView::dump()?))
+                let inside = rt.block_on(dump_current())?;
+                Ok((host, Some(inside)))
             },
         )
         .map_err(NetlinkError::Thread)?;
     handle.join().map_err(|_| NetlinkError::ThreadPanicked)?
+}
+
+/// Dumps links and addresses of the calling thread's namespace over a fresh rtnetlink connection.
+async fn dump_current() -> Result<NamespaceView, NetlinkError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
+    let conn = tokio::spawn(conn);
+    let dump = async {
+        let links: Vec<LinkMessage> = handle.link().get().execute().try_collect().await?;
+        let addrs: Vec<AddressMessage> = handle.address().get().execute().try_collect().await?;
+        Ok::<_, rtnetlink::Error>(NamespaceView {
+            links: links.iter().map(LinkInfo::from_message).collect(),
+            addrs: addrs.iter().filter_map(AddrInfo::from_message).collect(),
+        })
+    };
+    let r = tokio::time::timeout(DUMP_TIMEOUT, dump).await;
+    conn.abort();
+    Ok(r.map_err(|_| NetlinkError::Timeout(DUMP_TIMEOUT))??)
 }
 
 /// Finds the host veth of each wanted interface of the namespace at `netns`. An interface that is
@@ -215,274 +304,95 @@ fn match_one(
     Ok(peer)
 }
 
-struct Socket {
-    fd: OwnedFd,
-    seq: std::cell::Cell<u32>,
+/// What the host namespace's link events say, in the kernel's order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// Every link of the host namespace, after (re)subscribing: replaces what was known.
+    Snapshot(Vec<LinkInfo>),
+    /// A link appeared or changed (`RTM_NEWLINK`: a new veth, a port joining a bridge, …).
+    Changed(LinkInfo),
+    /// A link went away (`RTM_DELLINK`).
+    Removed(u32),
 }
 
-impl Socket {
-    fn open() -> Result<Self, NetlinkError> {
-        // SAFETY: plain socket(2); the result is checked before use.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(NetlinkError::Socket(io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let tv = libc::timeval {
-            tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: 0,
-        };
-        // SAFETY: `tv` is a valid timeval for SO_RCVTIMEO and outlives the call.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(NetlinkError::Socket(io::Error::last_os_error()));
-        }
-        Ok(Self {
-            fd,
-            seq: std::cell::Cell::new(1),
-        })
-    }
-
-    fn dump_links(&self) -> Result<Vec<LinkInfo>, NetlinkError> {
-        let mut links = Vec::new();
-        self.dump(RTM_GETLINK, &[0u8; IFINFOMSG_LEN], |ty, payload| {
-            if ty == RTM_NEWLINK {
-                links.push(parse_link(payload)?);
-            }
-            Ok(())
-        })?;
-        Ok(links)
-    }
-
-    fn dump_addrs(&self) -> Result<Vec<AddrInfo>, NetlinkError> {
-        let mut addrs = Vec::new();
-        self.dump(RTM_GETADDR, &[0u8; IFADDRMSG_LEN], |ty, payload| {
-            if ty == RTM_NEWADDR {
-                if let Some(a) = parse_addr(payload)? {
-                    addrs.push(a);
-                }
-            }
-            Ok(())
-        })?;
-        Ok(addrs)
-    }
-
-    /// Sends a dump request (`family` header zeroed = `AF_UNSPEC`) and feeds every reply message
-    /// to `on_msg` until `NLMSG_DONE`.
-    fn dump(
-        &self,
-        ty: u16,
-        family_header: &[u8],
-        mut on_msg: impl FnMut(u16, &[u8]) -> Result<(), NetlinkError>,
-    ) -> Result<(), NetlinkError> {
-        let seq = self.seq.get();
-        self.seq.set(seq.wrapping_add(1));
-        let len = NLMSG_HDR_LEN + family_header.len();
-        let mut req = Vec::with_capacity(len);
-        req.extend_from_slice(&(len as u32).to_ne_bytes());
-        req.extend_from_slice(&ty.to_ne_bytes());
-        req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-        req.extend_from_slice(&seq.to_ne_bytes());
-        req.extend_from_slice(&0u32.to_ne_bytes());
-        req.extend_from_slice(family_header);
-        // SAFETY: an all-zero sockaddr_nl is valid; the family is set below.
-        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: `req` and `kernel` are valid for the lengths passed.
-        let sent = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                req.as_ptr().cast(),
-                req.len(),
-                0,
-                (&kernel as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if sent < 0 {
-            return Err(NetlinkError::Send(io::Error::last_os_error()));
-        }
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            // SAFETY: `buf` is valid for writes of its length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(NetlinkError::Recv(e));
-            }
-            let mut rest = buf
-                .get(..n as usize)
-                .ok_or(NetlinkError::Malformed("recv length"))?;
-            while rest.len() >= NLMSG_HDR_LEN {
-                let msg_len = read_u32(rest, 0)? as usize;
-                let msg_ty = read_u16(rest, 4)?;
-                let msg_seq = read_u32(rest, 8)?;
-                if msg_len < NLMSG_HDR_LEN || msg_len > rest.len() {
-                    return Err(NetlinkError::Malformed("message length"));
-                }
-                let payload = &rest[NLMSG_HDR_LEN..msg_len];
-                if msg_seq == seq {
-                    match msg_ty {
-                        NLMSG_DONE => return Ok(()),
-                        NLMSG_ERROR => {
-                            let errno = read_u32(payload, 0)? as i32;
-                            if errno != 0 {
-                                return Err(NetlinkError::Kernel(io::Error::from_raw_os_error(
-                                    -errno,
-                                )));
-                            }
-                        }
-                        _ => on_msg(msg_ty, payload)?,
-                    }
-                }
-                rest = rest.get(align4(msg_len)..).unwrap_or(&[]);
-            }
-        }
-    }
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-fn read_u16(b: &[u8], at: usize) -> Result<u16, NetlinkError> {
-    b.get(at..at + 2)
-        .and_then(|s| s.try_into().ok())
-        .map(u16::from_ne_bytes)
-        .ok_or(NetlinkError::Malformed("short u16"))
-}
-
-fn read_u32(b: &[u8], at: usize) -> Result<u32, NetlinkError> {
-    b.get(at..at + 4)
-        .and_then(|s| s.try_into().ok())
-        .map(u32::from_ne_bytes)
-        .ok_or(NetlinkError::Malformed("short u32"))
-}
-
-/// Iterates over the `(type, value)` attributes in `b`.
-fn attrs(mut b: &[u8]) -> impl Iterator<Item = Result<(u16, &[u8]), NetlinkError>> {
-    std::iter::from_fn(move || {
-        if b.len() < 4 {
-            return None;
-        }
-        let parsed = (|| {
-            let len = read_u16(b, 0)? as usize;
-            let ty = read_u16(b, 2)? & NLA_TYPE_MASK;
-            let value = b
-                .get(4..len)
-                .ok_or(NetlinkError::Malformed("attribute length"))?;
-            Ok((len, ty, value))
-        })();
-        match parsed {
-            Ok((len, ty, value)) => {
-                b = b.get(align4(len)..).unwrap_or(&[]);
-                Some(Ok((ty, value)))
-            }
+/// Follows the kernel's link events (`RTMGRP_LINK`) in the caller's (the host's) namespace and
+/// sends them as [`LinkEvent`]s. The subscription is made before the snapshot dump, so no change
+/// in between is lost (events older than the dump are replayed after it; applying them in order
+/// converges to the kernel's state). When the connection breaks it starts over with a new
+/// snapshot. Returns when the receiver is dropped.
+pub async fn watch_links(tx: mpsc::Sender<LinkEvent>) {
+    let mut reported = false;
+    loop {
+        match link_session(&tx).await {
+            Ok(()) => return,
             Err(e) => {
-                b = &[];
-                Some(Err(e))
+                if !reported {
+                    tracing::warn!(error = %e, "link events unavailable; retrying");
+                    reported = true;
+                }
             }
         }
-    })
-}
-
-fn cstr(v: &[u8]) -> String {
-    let end = v.iter().position(|&c| c == 0).unwrap_or(v.len());
-    String::from_utf8_lossy(&v[..end]).into_owned()
-}
-
-fn parse_link(payload: &[u8]) -> Result<LinkInfo, NetlinkError> {
-    let ifindex = read_u32(payload, 4)?;
-    let mut link = LinkInfo {
-        ifindex,
-        name: String::new(),
-        mac: None,
-        link: None,
-        kind: None,
-    };
-    let rest = payload
-        .get(IFINFOMSG_LEN..)
-        .ok_or(NetlinkError::Malformed("ifinfomsg"))?;
-    for attr in attrs(rest) {
-        let (ty, v) = attr?;
-        match ty {
-            IFLA_IFNAME => link.name = cstr(v),
-            IFLA_ADDRESS => {
-                if let Ok(mac) = <[u8; 6]>::try_from(v) {
-                    link.mac = Some(MacAddr(mac));
-                }
-            }
-            IFLA_LINK => link.link = Some(read_u32(v, 0)?),
-            IFLA_LINKINFO => {
-                for inner in attrs(v) {
-                    let (ity, iv) = inner?;
-                    if ity == IFLA_INFO_KIND {
-                        link.kind = Some(cstr(iv));
-                    }
-                }
-            }
-            _ => {}
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tx.closed() => return,
         }
     }
-    Ok(link)
 }
 
-fn parse_addr(payload: &[u8]) -> Result<Option<AddrInfo>, NetlinkError> {
-    let family = *payload
-        .first()
-        .ok_or(NetlinkError::Malformed("ifaddrmsg"))?;
-    let prefix_len = *payload.get(1).ok_or(NetlinkError::Malformed("ifaddrmsg"))?;
-    let ifindex = read_u32(payload, 4)?;
-    let rest = payload
-        .get(IFADDRMSG_LEN..)
-        .ok_or(NetlinkError::Malformed("ifaddrmsg"))?;
-    let (mut local, mut address) = (None, None);
-    for attr in attrs(rest) {
-        let (ty, v) = attr?;
-        let ip = match i32::from(family) {
-            libc::AF_INET => <[u8; 4]>::try_from(v)
-                .ok()
-                .map(|b| IpAddr::V4(Ipv4Addr::from(b))),
-            libc::AF_INET6 => <[u8; 16]>::try_from(v)
-                .ok()
-                .map(|b| IpAddr::V6(Ipv6Addr::from(b))),
-            _ => None,
+/// One subscription: `Ok` when the receiver is gone, `Err` when the connection broke.
+async fn link_session(tx: &mpsc::Sender<LinkEvent>) -> Result<(), NetlinkError> {
+    let (mut conn, handle, mut messages) =
+        rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link])
+            .map_err(NetlinkError::Socket)?;
+    // Best effort: a bigger buffer makes an overflow during a burst of starts less likely.
+    let _ = conn.socket_mut().socket_mut().set_rx_buf_sz(EVENT_RCVBUF);
+    let conn = tokio::spawn(conn);
+    let _abort = AbortOnDrop(conn);
+    let links: Vec<LinkMessage> =
+        tokio::time::timeout(DUMP_TIMEOUT, handle.link().get().execute().try_collect())
+            .await
+            .map_err(|_| NetlinkError::Timeout(DUMP_TIMEOUT))??;
+    let snapshot = links.iter().map(LinkInfo::from_message).collect();
+    if tx.send(LinkEvent::Snapshot(snapshot)).await.is_err() {
+        return Ok(());
+    }
+    loop {
+        let msg = tokio::select! {
+            m = messages.next() => m,
+            _ = tx.closed() => return Ok(()),
         };
-        match ty {
-            IFA_LOCAL => local = ip,
-            IFA_ADDRESS => address = ip,
-            _ => {}
+        let Some((msg, _)) = msg else {
+            return Err(NetlinkError::Socket(io::Error::other(
+                "link event connection closed",
+            )));
+        };
+        let ev = match msg.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
+                LinkEvent::Changed(LinkInfo::from_message(&m))
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => {
+                LinkEvent::Removed(m.header.index)
+            }
+            _ => continue,
+        };
+        if tx.send(ev).await.is_err() {
+            return Ok(());
         }
     }
-    // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer's on point-to-point links.
-    Ok(local.or(address).map(|addr| AddrInfo {
-        ifindex,
-        addr,
-        prefix_len,
-    }))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     fn link(ifindex: u32, name: &str, mac: Option<[u8; 6]>, peer: Option<u32>) -> LinkInfo {
@@ -492,6 +402,7 @@ mod tests {
             mac: mac.map(MacAddr),
             link: peer,
             kind: Some("veth".to_owned()),
+            master: None,
         }
     }
 

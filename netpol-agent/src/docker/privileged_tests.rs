@@ -276,3 +276,81 @@ async fn live_dockerd_snapshot_events_and_veths() {
     }
     task.abort();
 }
+
+/// The link watcher reports a veth joining a bridge, with the bridge as its master, and its
+/// removal. Runs in a namespace of its own (a thread that entered it), so no host interface is
+/// involved.
+#[test]
+fn link_events_report_a_veth_joining_a_bridge() {
+    if !require_root("link_events_report_a_veth_joining_a_bridge") {
+        return;
+    }
+    let ns = format!("npd-le-{}", std::process::id() % 100_000);
+    ip(&["netns", "add", &ns]);
+    struct DelNs(String);
+    impl Drop for DelNs {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+        }
+    }
+    let _del = DelNs(ns.clone());
+    let path = PathBuf::from(format!("/run/netns/{ns}"));
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let watcher = std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).expect("open netns");
+        use std::os::fd::AsRawFd;
+        // SAFETY: this thread only runs the watcher and exits with it.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(super::watch_links(tx));
+    });
+    let recv = |rx: &mut tokio::sync::mpsc::Receiver<super::LinkEvent>| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match rx.try_recv() {
+                Ok(ev) => return ev,
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "no link event in 10 s"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) => panic!("watcher ended: {e}"),
+            }
+        }
+    };
+    let super::LinkEvent::Snapshot(first) = recv(&mut rx) else {
+        panic!("expected a snapshot first");
+    };
+    assert!(first.iter().any(|l| l.name == "lo"), "{first:?}");
+    ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"]);
+    ip(&[
+        "-n", &ns, "link", "add", "vh0", "type", "veth", "peer", "name", "vc0",
+    ]);
+    ip(&["-n", &ns, "link", "set", "vh0", "master", "br0"]);
+    let mut bridge = None;
+    let veth = loop {
+        match recv(&mut rx) {
+            super::LinkEvent::Changed(l) if l.name == "br0" => {
+                assert_eq!(l.kind.as_deref(), Some("bridge"));
+                bridge = Some(l.ifindex);
+            }
+            super::LinkEvent::Changed(l) if l.name == "vh0" && l.master.is_some() => {
+                assert_eq!(l.kind.as_deref(), Some("veth"));
+                assert_eq!(l.master, bridge, "{l:?}");
+                break l.ifindex;
+            }
+            _ => {}
+        }
+    };
+    ip(&["-n", &ns, "link", "del", "vh0"]);
+    while recv(&mut rx) != super::LinkEvent::Removed(veth) {}
+    drop(rx);
+    // The watcher notices the closed channel with the next event.
+    ip(&["-n", &ns, "link", "del", "br0"]);
+    watcher.join().expect("watcher thread");
+}
