@@ -1,11 +1,11 @@
 //! Tier-4 harness: a private `dockerd` for end-to-end tests, and images built without pulls.
 //!
 //! ```no_run
-//! use netpol_tests::docker::DockerDaemon;
+//! use netpol_tests::docker::{DockerDaemon, DockerVersion};
 //! if !netpol_tests::require_root("my_e2e_test") {
 //!     return;
 //! }
-//! let docker = DockerDaemon::start();
+//! let docker = DockerDaemon::start_version(DockerVersion::Docker28);
 //! docker.build_busybox_image("netpol-test/busybox");
 //! let out = docker.docker_ok(&["run", "--rm", "netpol-test/busybox", "echo", "hi"]);
 //! assert_eq!(out, "hi");
@@ -17,6 +17,32 @@
 //! `docker0` and `br-*` bridges, iptables chains (`DOCKER*`, NAT rules) and sets the FORWARD
 //! policy to DROP. Plain dockerd leaves all of that behind when it stops, which breaks later
 //! bridged tests, so [`DockerDaemon`]'s `Drop` stops it by its pid and removes those leftovers.
+//!
+//! # Two Docker versions
+//! [`DockerVersion::Docker20`] is the system's dockerd (Debian bookworm's 20.10);
+//! [`DockerVersion::Docker28`] is Docker 28.5.2, which `scripts/setup.sh` unpacks into
+//! [`docker28_dir`] (Debian unstable's packages; run with the system's runc). Every Docker
+//! end-to-end test runs on both: write it as `fn name(version: DockerVersion)` without
+//! `#[test]` and list it in the file's one [`docker_tests!`](crate::docker_tests) invocation,
+//! which makes the tests `docker20::name` and `docker28::name`:
+//!
+//! ```no_run
+//! use netpol_tests::docker::{DaemonConfig, DockerDaemon, DockerVersion};
+//!
+//! fn published_port_works(version: DockerVersion) {
+//!     if !netpol_tests::require_root(&version.test_name("published_port_works")) {
+//!         return;
+//!     }
+//!     let docker = DockerDaemon::start_with(DaemonConfig { version, ..Default::default() });
+//!     // … `if version == DockerVersion::Docker28 { … }` where the two differ
+//! }
+//!
+//! netpol_tests::docker_tests!(published_port_works);
+//! ```
+//!
+//! A test that only makes sense on one version is a plain `#[test]` whose name ends in
+//! `_docker20` or `_docker28`. [`DockerDaemon::command`] puts the daemon's own CLI first in
+//! `PATH`, so `docker` there is the matching client.
 //!
 //! Only one harness daemon runs at a time on a host: [`DockerDaemon::start`] takes an exclusive
 //! `flock` on [`LOCK_PATH`] (blocking) and holds it until the daemon is dropped, so tests in one
@@ -46,6 +72,11 @@ pub const RUN_PREFIX: &str = "/run/netpol-tests";
 pub const DATA_PREFIX: &str = "/var/lib/netpol-tests";
 /// Cgroup parent of the harness's containers, so leftovers of a killed run can be found.
 const CGROUP_PARENT: &str = "netpol-tests";
+/// Docker 28's version, as `scripts/setup.sh` pins it (`DOCKER28_VERSION` there).
+pub const DOCKER28_VERSION: &str = "28.5.2";
+/// Where `scripts/setup.sh` unpacks Docker 28 unless `NETPOL_DOCKER28_DIR` says otherwise.
+pub const DOCKER28_DEFAULT_DIR: &str = "/var/cache/netpol/docker-28.5.2";
+
 /// The IPv6 subnet of `docker0` when [`DaemonConfig::ipv6`] is set.
 pub const FIXED_CIDR_V6: &str = "fd00:dead::/64";
 
@@ -64,11 +95,118 @@ const SYSCTLS: &[&str] = &[
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
+/// Which dockerd a test runs against; see the module documentation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DockerVersion {
+    /// The system's `dockerd` from `PATH` (Debian bookworm's 20.10 on the machines tested).
+    #[default]
+    Docker20,
+    /// Docker [`DOCKER28_VERSION`] from [`docker28_dir`], with its own containerd and
+    /// docker-proxy and the system's runc.
+    Docker28,
+}
+
+impl DockerVersion {
+    /// Both, in the order the tests run.
+    pub const ALL: [DockerVersion; 2] = [DockerVersion::Docker20, DockerVersion::Docker28];
+
+    /// `docker20` / `docker28`: the suffix of test names.
+    pub fn name(self) -> &'static str {
+        match self {
+            DockerVersion::Docker20 => "docker20",
+            DockerVersion::Docker28 => "docker28",
+        }
+    }
+
+    /// `test` with the version, for messages and `require_root`: `name::docker28`.
+    pub fn test_name(self, test: &str) -> String {
+        format!("{test}::{}", self.name())
+    }
+
+    /// The directories to put first in `PATH` (none for the system's Docker).
+    pub fn bin_dirs(self) -> Vec<PathBuf> {
+        match self {
+            DockerVersion::Docker20 => Vec::new(),
+            DockerVersion::Docker28 => {
+                let root = docker28_dir().join("root");
+                vec![root.join("usr/sbin"), root.join("usr/bin")]
+            }
+        }
+    }
+
+    /// `PATH` for this version's `dockerd`, `docker`, `containerd` and `docker-proxy`.
+    pub fn path_env(self) -> std::ffi::OsString {
+        let current =
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+        let mut dirs = self.bin_dirs();
+        dirs.extend(std::env::split_paths(&current));
+        std::env::join_paths(dirs).unwrap_or(current)
+    }
+
+    /// Panics with what to do when this version is not installed.
+    fn check_installed(self) {
+        if self == DockerVersion::Docker28 {
+            let dir = docker28_dir();
+            let stamp = fs::read_to_string(dir.join("VERSIONS")).unwrap_or_default();
+            assert!(
+                dir.join("root/usr/sbin/dockerd").is_file()
+                    && stamp
+                        .lines()
+                        .any(|l| l == format!("docker {DOCKER28_VERSION}")),
+                "Docker {DOCKER28_VERSION} is not installed in {}: run scripts/setup.sh (it \
+                 unpacks Debian unstable's docker.io there; NETPOL_DOCKER28_DIR overrides the \
+                 directory)",
+                dir.display()
+            );
+        }
+    }
+}
+
+/// Where Docker 28 is unpacked: `NETPOL_DOCKER28_DIR`, or [`DOCKER28_DEFAULT_DIR`].
+pub fn docker28_dir() -> PathBuf {
+    std::env::var_os("NETPOL_DOCKER28_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DOCKER28_DEFAULT_DIR))
+}
+
+/// Runs each named `fn NAME(version: DockerVersion)` once per Docker version, as the tests
+/// `docker20::NAME` and `docker28::NAME`. One invocation per test file, listing every such
+/// function (see the [`docker`](crate::docker) module documentation).
+#[macro_export]
+macro_rules! docker_tests {
+    ($($name:ident),+ $(,)?) => {
+        /// The Docker end-to-end tests of this file on the system's Docker (20.10).
+        mod docker20 {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::docker::DockerVersion::Docker20)
+                }
+            )+
+        }
+        /// The Docker end-to-end tests of this file on Docker 28.
+        mod docker28 {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name($crate::docker::DockerVersion::Docker28)
+                }
+            )+
+        }
+    };
+}
+
 /// How to start the daemon. `DaemonConfig::default()` is what [`DockerDaemon::start`] uses.
 #[derive(Clone, Debug, Default)]
 pub struct DaemonConfig {
+    /// Which Docker; the system's by default.
+    pub version: DockerVersion,
+    /// `--userland-proxy=false` (Docker's default and the harness's is `true`): published ports
+    /// are then reached through DNAT only, also from the host itself.
+    pub no_userland_proxy: bool,
     /// IPv6 on the default bridge: `--ipv6 --fixed-cidr-v6 fd00:dead::/64` ([`FIXED_CIDR_V6`]).
-    /// Docker 20.10 does not NAT IPv6 (`--ip6tables` is experimental there and left off).
+    /// Docker 20.10 does not NAT IPv6 (`--ip6tables` is experimental there and left off);
+    /// Docker 28 does (`--ip6tables` is on by default there: `--ip6tables=false` turns it off).
     pub ipv6: bool,
     /// Further dockerd arguments, e.g. `--live-restore`.
     pub extra_args: Vec<String>,
@@ -95,6 +233,14 @@ impl DockerDaemon {
         Self::start_with(DaemonConfig::default())
     }
 
+    /// Starts a daemon of `version` with otherwise default configuration.
+    pub fn start_version(version: DockerVersion) -> Self {
+        Self::start_with(DaemonConfig {
+            version,
+            ..Default::default()
+        })
+    }
+
     /// Starts a daemon with `config`. See [`DockerDaemon::start`].
     pub fn start_with(config: DaemonConfig) -> Self {
         // SAFETY: geteuid has no preconditions.
@@ -102,6 +248,7 @@ impl DockerDaemon {
             unsafe { libc::geteuid() } == 0,
             "DockerDaemon needs root: call netpol_tests::require_root first"
         );
+        config.version.check_installed();
         for tool in ["dockerd", "docker", "ip", "iptables"] {
             assert!(
                 in_path(tool),
@@ -186,6 +333,16 @@ impl DockerDaemon {
         format!("unix://{}", self.socket_path().display())
     }
 
+    /// Which Docker this is.
+    pub fn version(&self) -> DockerVersion {
+        self.config.version
+    }
+
+    /// `PATH` with this daemon's own binaries first (its `docker` CLI).
+    pub fn path_env(&self) -> std::ffi::OsString {
+        self.config.version.path_env()
+    }
+
     /// The dockerd process id (while it runs).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -206,6 +363,7 @@ impl DockerDaemon {
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new(program);
         cmd.env("DOCKER_HOST", self.host())
+            .env("PATH", self.path_env())
             .env("DOCKER_CONFIG", self.run_dir.join("cli"))
             .env_remove("DOCKER_CONTEXT")
             .env_remove("DOCKER_TLS_VERIFY")
@@ -288,7 +446,14 @@ impl DockerDaemon {
             .expect("open dockerd.log");
         let log2 = log.try_clone().expect("dup dockerd.log");
         let r = &self.run_dir;
-        let mut cmd = Command::new("dockerd");
+        let version = self.config.version;
+        let dockerd = version
+            .bin_dirs()
+            .iter()
+            .map(|d| d.join("dockerd"))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("dockerd"));
+        let mut cmd = Command::new(dockerd);
         cmd.arg("--config-file")
             .arg(r.join("daemon.json"))
             .arg("--data-root")
@@ -299,9 +464,13 @@ impl DockerDaemon {
             .arg(r.join("docker.pid"))
             .arg("--host")
             .arg(self.host())
+            .arg(if self.config.no_userland_proxy {
+                "--userland-proxy=false"
+            } else {
+                "--userland-proxy=true"
+            })
             .args([
                 "--iptables=true",
-                "--userland-proxy=true",
                 "--shutdown-timeout=2",
                 "--containerd-namespace=netpol-tests",
                 "--containerd-plugins-namespace=netpol-tests-plugins",
@@ -310,7 +479,16 @@ impl DockerDaemon {
         if self.config.ipv6 {
             cmd.args(["--ipv6", "--fixed-cidr-v6", FIXED_CIDR_V6]);
         }
+        // Docker 28's own docker-proxy (its arguments differ from 20.10's), and its containerd
+        // through PATH; runc is the system's.
+        for dir in version.bin_dirs() {
+            if dir.join("docker-proxy").is_file() {
+                cmd.arg("--userland-proxy-path")
+                    .arg(dir.join("docker-proxy"));
+            }
+        }
         cmd.args(&self.config.extra_args)
+            .env("PATH", version.path_env())
             .env_remove("DOCKER_HOST")
             .stdin(Stdio::null())
             .stdout(log)
@@ -899,7 +1077,9 @@ fn cleanup_network(keep_bridges: &[String], nft_tables_before: Option<&[String]>
         if !in_path(iptables) {
             continue;
         }
-        for table in ["filter", "nat"] {
+        // Docker 28 also writes `raw` (it drops packets to container addresses arriving from
+        // elsewhere than their bridge).
+        for table in ["filter", "nat", "raw"] {
             cleanup_table(iptables, table, &mut errors);
         }
         if forward_policy(iptables) != "ACCEPT" {
@@ -914,7 +1094,7 @@ fn cleanup_network(keep_bridges: &[String], nft_tables_before: Option<&[String]>
         let nft_backend =
             run(Command::new("iptables").arg("-V")).is_ok_and(|v| v.contains("nf_tables"));
         for (iptables, family) in [("iptables", "ip"), ("ip6tables", "ip6")] {
-            for table in ["filter", "nat"] {
+            for table in ["filter", "nat", "raw"] {
                 let name = format!("{family} {table}");
                 if !nft_backend
                     || before.contains(&name)
@@ -934,6 +1114,18 @@ fn cleanup_network(keep_bridges: &[String], nft_tables_before: Option<&[String]>
                     {
                         errors.push(e);
                     }
+                }
+            }
+        }
+        // Docker's own nftables tables (its nftables firewall backend, Docker 29 on: `ip
+        // docker-bridges`, `ip6 docker-bridges`) that were not there before.
+        for t in nft_tables().unwrap_or_default() {
+            let Some((family, name)) = t.split_once(' ') else {
+                continue;
+            };
+            if name.starts_with("docker") && !before.contains(&t) {
+                if let Err(e) = run(Command::new("nft").args(["delete", "table", family, name])) {
+                    errors.push(e);
                 }
             }
         }

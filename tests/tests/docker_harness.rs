@@ -9,7 +9,7 @@ use std::{
 };
 
 use netpol_tests::docker::{
-    docker_chains, forward_policy, host_bridges, DaemonConfig, DockerDaemon,
+    docker_chains, forward_policy, host_bridges, DaemonConfig, DockerDaemon, DockerVersion,
 };
 
 const IMAGE: &str = "netpol-test/busybox";
@@ -35,18 +35,35 @@ fn http_get(port: u16) -> String {
     }
 }
 
-#[test]
-fn private_dockerd_runs_containers_and_cleans_up_after_itself() {
-    if !netpol_tests::require_root("private_dockerd_runs_containers_and_cleans_up_after_itself") {
+fn private_dockerd_runs_containers_and_cleans_up_after_itself(version: DockerVersion) {
+    if !netpol_tests::require_root(
+        &version.test_name("private_dockerd_runs_containers_and_cleans_up_after_itself"),
+    ) {
         return;
     }
     // The bridges this daemon creates: docker0 and the user-defined network's br-<id>.
     let created: Vec<String>;
     {
         let mut docker = DockerDaemon::start_with(DaemonConfig {
+            version,
             ipv6: true,
             ..Default::default()
         });
+        // The daemon (and the CLI the harness runs) is the version asked for.
+        let server =
+            docker.docker_ok(&["version", "-f", "{{.Server.Version}} {{.Client.Version}}"]);
+        let want = match version {
+            DockerVersion::Docker20 => "20.10",
+            DockerVersion::Docker28 => netpol_tests::docker::DOCKER28_VERSION,
+        };
+        if version == DockerVersion::Docker28 {
+            assert!(
+                server.split(' ').all(|v| v.starts_with(want)),
+                "server and client {server:?}, not {want}"
+            );
+        } else if !server.starts_with(want) {
+            eprintln!("note: the system's Docker is {server}, not {want}");
+        }
         docker.build_busybox_image(IMAGE);
         assert_eq!(
             docker.docker_ok(&["run", "--rm", IMAGE, "echo", "hello"]),
@@ -101,12 +118,20 @@ fn private_dockerd_runs_containers_and_cleans_up_after_itself() {
         .filter(|b| created.contains(b))
         .collect();
     assert!(left.is_empty(), "bridges left behind: {left:?}");
-    assert_eq!(forward_policy("iptables"), "ACCEPT");
-    for table in ["filter", "nat"] {
-        let chains = docker_chains("iptables", table);
-        assert!(
-            chains.is_empty(),
-            "iptables -t {table} still has {chains:?}"
+    for iptables in ["iptables", "ip6tables"] {
+        assert_eq!(
+            forward_policy(iptables),
+            "ACCEPT",
+            "{iptables} FORWARD policy"
         );
+        for table in ["filter", "nat", "raw"] {
+            let chains = docker_chains(iptables, table);
+            assert!(
+                chains.is_empty(),
+                "{iptables} -t {table} still has {chains:?}"
+            );
+        }
     }
 }
+
+netpol_tests::docker_tests!(private_dockerd_runs_containers_and_cleans_up_after_itself);

@@ -7,11 +7,14 @@
 //! mean the SYN got through). Every wait polls a condition; nothing sleeps in the hope that
 //! something has happened.
 //!
-//! The tests of this file share one dockerd (started by the first test, stopped and cleaned up
-//! when the test process exits) and run one at a time. Each starts its own agent (own pins,
+//! Every test runs on both Docker versions (`docker20::NAME`, `docker28::NAME`; see
+//! `netpol_tests::docker_tests!`). The tests of this file share one dockerd per version (started
+//! by the first test that needs it, replaced when a test needs the other version, stopped and
+//! cleaned up when the test process exits) and run one at a time. Each starts its own agent (own pins,
 //! state, socket) and removes its compose projects, whatever happens.
 
 use std::{
+    ffi::OsString,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
@@ -25,7 +28,7 @@ use std::{
 
 use netpol_tests::{
     agent::{agent_binary, Agent, AgentOptions},
-    docker::DockerDaemon,
+    docker::{DockerDaemon, DockerVersion},
     probe::{self, assert_all, Check, Client, Expect, Outcome, OutsideNs},
 };
 
@@ -48,21 +51,22 @@ extern "C" fn stop_shared_daemon() {
     }
 }
 
-/// The shared daemon, started on first use, with the test image; holding the guard runs the
-/// tests one at a time. A daemon that a failed test left unusable is replaced.
-fn docker() -> MutexGuard<'static, Option<DockerDaemon>> {
+/// The shared daemon of `version`, started on first use, with the test image; holding the guard
+/// runs the tests one at a time. A daemon of the other version, or one that a failed test left
+/// unusable, is replaced.
+fn docker(version: DockerVersion) -> MutexGuard<'static, Option<DockerDaemon>> {
     static AT_EXIT: Once = Once::new();
     AT_EXIT.call_once(|| {
         // SAFETY: registers a plain extern "C" function; runs when the test process exits.
         unsafe { libc::atexit(stop_shared_daemon) };
     });
     let mut guard = SHARED.lock().unwrap_or_else(|e| e.into_inner());
-    let healthy = guard
-        .as_ref()
-        .is_some_and(|d| d.pid().is_some() && d.docker(&["version"]).status.success());
+    let healthy = guard.as_ref().is_some_and(|d| {
+        d.version() == version && d.pid().is_some() && d.docker(&["version"]).status.success()
+    });
     if !healthy {
         drop(guard.take());
-        let d = DockerDaemon::start();
+        let d = DockerDaemon::start_version(version);
         d.build_busybox_image(IMAGE);
         *guard = Some(d);
     }
@@ -93,9 +97,31 @@ fn ok(what: &str, out: Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// How to reach one daemon from the CLI: its socket, and `PATH` with its own `docker` first.
+#[derive(Clone)]
+struct Cli {
+    host: String,
+    path: OsString,
+}
+
+impl Cli {
+    fn of(docker: &DockerDaemon) -> Self {
+        Cli {
+            host: docker.host(),
+            path: docker.path_env(),
+        }
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("DOCKER_HOST", &self.host).env("PATH", &self.path);
+        cmd
+    }
+}
+
 /// A compose project brought up from a file of `tests/e2e/`; `down` on drop.
 struct Project {
-    docker_host: String,
+    cli: Cli,
     file: PathBuf,
     name: String,
 }
@@ -103,7 +129,7 @@ struct Project {
 impl Project {
     fn up(docker: &DockerDaemon, file: &str) -> Self {
         let p = Project {
-            docker_host: docker.host(),
+            cli: Cli::of(docker),
             file: e2e_dir().join(file),
             name: PROJECT.to_owned(),
         };
@@ -113,9 +139,8 @@ impl Project {
     }
 
     fn compose(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new("docker-compose");
-        cmd.env("DOCKER_HOST", &self.docker_host)
-            .arg("-f")
+        let mut cmd = self.cli.command("docker-compose");
+        cmd.arg("-f")
             .arg(&self.file)
             .args(["-p", &self.name])
             .args(args);
@@ -130,8 +155,8 @@ impl Project {
     }
 
     fn docker(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new("docker");
-        cmd.env("DOCKER_HOST", &self.docker_host).args(args);
+        let mut cmd = self.cli.command("docker");
+        cmd.args(args);
         run(&mut cmd)
     }
 
@@ -144,7 +169,7 @@ impl Project {
     }
 
     fn container(&self, service: &str) -> Container {
-        Container::inspect(&self.docker_host, &self.container_name(service))
+        Container::inspect(&self.cli, &self.container_name(service))
     }
 }
 
@@ -172,9 +197,9 @@ struct Container {
 }
 
 impl Container {
-    fn inspect(docker_host: &str, name: &str) -> Self {
-        let mut cmd = Command::new("docker");
-        cmd.env("DOCKER_HOST", docker_host).args([
+    fn inspect(cli: &Cli, name: &str) -> Self {
+        let mut cmd = cli.command("docker");
+        cmd.args([
             "inspect",
             "-f",
             "{{.Id}} {{.State.Pid}}{{range .NetworkSettings.Networks}} {{.IPAddress}} {{.GlobalIPv6Address}}{{end}}",
@@ -260,12 +285,13 @@ fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
 // Tests.
 
 /// The MISSION.md scenario with compose labels; the monitor names the dropped flow.
-#[test]
-fn compose_labels_protect_the_database_scenario() {
-    if !netpol_tests::require_root("compose_labels_protect_the_database_scenario") {
+fn compose_labels_protect_the_database_scenario(version: DockerVersion) {
+    if !netpol_tests::require_root(
+        &version.test_name("compose_labels_protect_the_database_scenario"),
+    ) {
         return;
     }
-    let mut guard = docker();
+    let mut guard = docker(version);
     let docker = guard.as_mut().expect("daemon");
     let project = timed("compose up", || Project::up(docker, "compose-labels.yml"));
     let agent = timed("agent start", || Agent::start(docker));
@@ -344,13 +370,14 @@ fn compose_labels_protect_the_database_scenario() {
 /// bounding set and `NoNewPrivileges` (`setpriv`, as systemd would), enforces the scenario, and
 /// every system call it makes (traced with `strace`, from its start to its stop) is one the
 /// unit's `SystemCallFilter=` allows — a call outside it would kill the service under systemd.
-#[test]
-fn agent_with_only_the_units_privileges_enforces_the_scenario() {
-    if !netpol_tests::require_root("agent_with_only_the_units_privileges_enforces_the_scenario") {
+fn agent_with_only_the_units_privileges_enforces_the_scenario(version: DockerVersion) {
+    if !netpol_tests::require_root(
+        &version.test_name("agent_with_only_the_units_privileges_enforces_the_scenario"),
+    ) {
         return;
     }
     use netpol_tests::unit;
-    let mut guard = docker();
+    let mut guard = docker(version);
     let docker = guard.as_mut().expect("daemon");
     let project = Project::up(docker, "compose-labels.yml");
     let trace = std::env::temp_dir().join(format!("netpol-unit-strace-{}", std::process::id()));
@@ -403,12 +430,13 @@ fn agent_with_only_the_units_privileges_enforces_the_scenario() {
 
 /// The same scenario with a CiliumNetworkPolicy file instead of labels: imported through the
 /// CLI, then deleted (everything open again), then dropped into the policy directory.
-#[test]
-fn cilium_policy_file_protects_the_database_scenario() {
-    if !netpol_tests::require_root("cilium_policy_file_protects_the_database_scenario") {
+fn cilium_policy_file_protects_the_database_scenario(version: DockerVersion) {
+    if !netpol_tests::require_root(
+        &version.test_name("cilium_policy_file_protects_the_database_scenario"),
+    ) {
         return;
     }
-    let mut guard = docker();
+    let mut guard = docker(version);
     let docker = guard.as_mut().expect("daemon");
     let project = Project::up(docker, "compose-plain.yml");
     let agent = Agent::start(docker);
@@ -469,13 +497,13 @@ fn cilium_policy_file_protects_the_database_scenario() {
 /// A published port: `world` (a client namespace routed to the host, through iptables DNAT)
 /// and `host` (localhost through docker-proxy) reach web:80; a container on web's network that
 /// no rule allows is refused.
-#[test]
-fn published_port_reaches_world_and_host_but_not_other_containers() {
-    if !netpol_tests::require_root("published_port_reaches_world_and_host_but_not_other_containers")
-    {
+fn published_port_reaches_world_and_host_but_not_other_containers(version: DockerVersion) {
+    if !netpol_tests::require_root(
+        &version.test_name("published_port_reaches_world_and_host_but_not_other_containers"),
+    ) {
         return;
     }
-    let mut guard = docker();
+    let mut guard = docker(version);
     let docker = guard.as_mut().expect("daemon");
     let project = Project::up(docker, "compose-web.yml");
     let agent = Agent::start(docker);
@@ -599,12 +627,11 @@ fn wait_attempts(log: &ProbeLog, checks: usize, phase: usize, n: usize) {
 
 /// `kill -9` of the agent and a restart: connections made throughout (allowed and denied, IPv4
 /// and IPv6), plus one established connection carrying data, see no change at all.
-#[test]
-fn agent_kill9_and_restart_keep_enforcing() {
-    if !netpol_tests::require_root("agent_kill9_and_restart_keep_enforcing") {
+fn agent_kill9_and_restart_keep_enforcing(version: DockerVersion) {
+    if !netpol_tests::require_root(&version.test_name("agent_kill9_and_restart_keep_enforcing")) {
         return;
     }
-    let mut guard = docker();
+    let mut guard = docker(version);
     let docker = guard.as_mut().expect("daemon");
     let project = Project::up(docker, "compose-labels.yml");
     let mut agent = Agent::start(docker);
@@ -716,12 +743,13 @@ fn agent_kill9_and_restart_keep_enforcing() {
 
 /// dockerd restarted (containers stop with it), then the containers recreated with new
 /// addresses: the policy follows them by identity.
-#[test]
-fn dockerd_restart_and_new_addresses_keep_policy() {
-    if !netpol_tests::require_root("dockerd_restart_and_new_addresses_keep_policy") {
+fn dockerd_restart_and_new_addresses_keep_policy(version: DockerVersion) {
+    if !netpol_tests::require_root(
+        &version.test_name("dockerd_restart_and_new_addresses_keep_policy"),
+    ) {
         return;
     }
-    let mut guard = docker();
+    let mut guard = docker(version);
     let docker = guard.as_mut().expect("daemon");
     let project = Project::up(docker, "compose-labels.yml");
     let agent = Agent::start(docker);
@@ -748,8 +776,12 @@ fn dockerd_restart_and_new_addresses_keep_policy() {
     let _filler = Cleanup(|| {
         let _ = project.docker(&["rm", "-f", "npe2e-filler"]);
     });
-    timed("compose up --force-recreate", || {
-        project.compose_ok(&["up", "-d", "--force-recreate"])
+    // New containers (and so new addresses): removed and created again. (docker-compose 1.29's
+    // `up --force-recreate` fails against Docker 25 and later: their image inspect has no
+    // `ContainerConfig`.)
+    timed("compose rm + up (recreated)", || {
+        project.compose_ok(&["rm", "--stop", "--force"]);
+        project.compose_ok(&["up", "-d"])
     });
     let after = scenario_containers(&project);
     let moved: Vec<String> = before
@@ -773,7 +805,7 @@ fn dockerd_restart_and_new_addresses_keep_policy() {
         );
         thread::sleep(Duration::from_millis(50));
     }
-    let filler = Container::inspect(&docker.host(), "npe2e-filler");
+    let filler = Container::inspect(&Cli::of(docker), "npe2e-filler");
     let db = &after[0];
     let mut checks = scenario_checks(&project);
     checks.push(check(filler.client(), db, db.ipv4, 5432, Expect::Denied));
@@ -829,14 +861,13 @@ fn scenario_identities(agent: &Agent) -> Vec<(String, u64)> {
 /// removed, dockerd restarted (the containers stop), the agent started again. The imported
 /// policy comes back from the state directory, with the same identity numbers, and a probe
 /// running from the moment the containers come back never reaches a protected port.
-#[test]
-fn reboot_restores_policy_from_disk_before_containers_are_reachable() {
+fn reboot_restores_policy_from_disk_before_containers_are_reachable(version: DockerVersion) {
     if !netpol_tests::require_root(
-        "reboot_restores_policy_from_disk_before_containers_are_reachable",
+        &version.test_name("reboot_restores_policy_from_disk_before_containers_are_reachable"),
     ) {
         return;
     }
-    let mut guard = docker();
+    let mut guard = docker(version);
     let docker = guard.as_mut().expect("daemon");
     let project = Project::up(docker, "compose-plain.yml");
     let mut agent = Agent::start(docker);
@@ -872,12 +903,12 @@ fn reboot_restores_policy_from_disk_before_containers_are_reachable() {
     let stop = AtomicBool::new(false);
     let attempts = AtomicUsize::new(0);
     let violations = Mutex::new(Vec::<String>::new());
-    let docker_host = docker.host();
+    let cli = Cli::of(docker);
     thread::scope(|s| {
         s.spawn(|| {
             let running = |name: &str| -> Option<Container> {
-                let out = Command::new("docker")
-                    .env("DOCKER_HOST", &docker_host)
+                let out = cli
+                    .command("docker")
                     .args([
                         "inspect",
                         "-f",
@@ -888,7 +919,7 @@ fn reboot_restores_policy_from_disk_before_containers_are_reachable() {
                     .ok()?;
                 let text = String::from_utf8_lossy(&out.stdout);
                 let f: Vec<&str> = text.split_whitespace().collect();
-                (f.len() == 2 && f[0] != "0").then(|| Container::inspect(&docker_host, name))
+                (f.len() == 2 && f[0] != "0").then(|| Container::inspect(&cli, name))
             };
             let (app1, app2, db) = loop {
                 if stop.load(Ordering::Relaxed) {
@@ -954,12 +985,13 @@ fn reboot_restores_policy_from_disk_before_containers_are_reachable() {
 /// an error naming the file and the line or field (or the full map), nothing changes, and the
 /// connectivity stays exactly as it was. A bad file in the policy directory is reported by
 /// `status` and changes nothing either.
-#[test]
-fn bad_policies_are_refused_and_change_nothing() {
-    if !netpol_tests::require_root("bad_policies_are_refused_and_change_nothing") {
+fn bad_policies_are_refused_and_change_nothing(version: DockerVersion) {
+    if !netpol_tests::require_root(
+        &version.test_name("bad_policies_are_refused_and_change_nothing"),
+    ) {
         return;
     }
-    let mut guard = docker();
+    let mut guard = docker(version);
     let docker = guard.as_mut().expect("daemon");
     let project = Project::up(docker, "compose-plain.yml");
     let agent = Agent::start_with(
@@ -1199,12 +1231,11 @@ fn sidecar_privileges() -> Vec<String> {
 
 /// The sidecar image (packaging/sidecar/build.sh, from scratch) runs the agent in a container
 /// and enforces the scenario, with the compose snippet's capabilities (no `--privileged`).
-#[test]
-fn sidecar_image_enforces_the_scenario() {
-    if !netpol_tests::require_root("sidecar_image_enforces_the_scenario") {
+fn sidecar_image_enforces_the_scenario(version: DockerVersion) {
+    if !netpol_tests::require_root(&version.test_name("sidecar_image_enforces_the_scenario")) {
         return;
     }
-    let mut guard = docker();
+    let mut guard = docker(version);
     let docker = guard.as_mut().expect("daemon");
     let image = "netpol-test/sidecar";
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/sidecar/build.sh");
@@ -1319,3 +1350,15 @@ fn sidecar_image_enforces_the_scenario() {
         "the host-network sidecar is not listed as not enforceable: {rows:?}"
     );
 }
+
+netpol_tests::docker_tests!(
+    compose_labels_protect_the_database_scenario,
+    agent_with_only_the_units_privileges_enforces_the_scenario,
+    cilium_policy_file_protects_the_database_scenario,
+    published_port_reaches_world_and_host_but_not_other_containers,
+    agent_kill9_and_restart_keep_enforcing,
+    dockerd_restart_and_new_addresses_keep_policy,
+    reboot_restores_policy_from_disk_before_containers_are_reachable,
+    bad_policies_are_refused_and_change_nothing,
+    sidecar_image_enforces_the_scenario,
+);
