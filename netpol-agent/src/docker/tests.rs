@@ -297,7 +297,7 @@ fn mac_addresses_parse_and_print() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Event classification (Docker 20.10's event JSON)
+// Event classification (Docker 20.10's event JSON; recorded 28 and 29-style events below)
 
 fn event(v: serde_json::Value) -> EventMessage {
     serde_json::from_value(v).expect("event json")
@@ -368,6 +368,49 @@ fn events_classify_into_actions() {
         )),
         None
     );
+}
+
+/// Events recorded from Docker 28.5 (API 1.51: `network create`, `docker run -d` on it, `network
+/// connect`/`disconnect` of a second network, `stop -t 0`, `rm`, `network rm`), and the same
+/// events as API 1.52 (Docker 29) sends them: without the `status`, `id` and `from` fields it
+/// dropped. Both must give the same actions, read from `Action` and `Actor.ID` alone.
+#[test]
+fn recorded_docker28_and_docker29_events_classify_alike() {
+    const CONTAINER: &str = "be7b2477916b9082ee7a07039e62ae888cc3c6e245dc098c9bd178de68854191";
+    let parse = |text: &str| -> Vec<Option<Action>> {
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| classify(&serde_json::from_str::<EventMessage>(l).expect("event JSON")))
+            .collect()
+    };
+    let v28 = parse(include_str!("fixtures/events_docker28.jsonl"));
+    let v29_text = include_str!("fixtures/events_docker29.jsonl");
+    for field in ["\"status\"", "\"id\"", "\"from\""] {
+        assert!(
+            !v29_text.contains(field),
+            "the 29 fixture still has {field}"
+        );
+    }
+    let v29 = parse(v29_text);
+    let refresh = || Some(Action::Refresh(CONTAINER.into()));
+    let down = || Some(Action::Down(CONTAINER.into()));
+    let want = vec![
+        Some(Action::RefreshNetworks), // network create
+        None,                          // container create
+        refresh(),                     // network connect (first network)
+        refresh(),                     // container start
+        refresh(),                     // network connect (second network)
+        refresh(),                     // network disconnect
+        None,                          // container kill
+        None,                          // container kill
+        refresh(),                     // network disconnect
+        down(),                        // container stop
+        down(),                        // container die
+        down(),                        // container destroy
+        Some(Action::RefreshNetworks), // network destroy
+    ];
+    assert_eq!(v28, want, "Docker 28 events");
+    assert_eq!(v29, want, "Docker 29 events");
 }
 
 // ---------------------------------------------------------------------------------------------
