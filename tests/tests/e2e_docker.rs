@@ -400,12 +400,17 @@ fn agent_with_only_the_units_privileges_enforces_the_scenario(version: DockerVer
     assert_all("with the unit's privileges", &scenario_checks(&project));
     let pid = agent.pid().expect("agent runs");
     agent.stop();
-    // strace writes the agent's exit last, once it has seen it: wait for that line.
-    let end = format!("{pid} +++ ");
+    // strace writes the agent's exit last, once it has seen it: wait for that line
+    // ("617   +++ exited with 0 +++": strace pads short pids).
+    let pid = pid.to_string();
+    let is_end = |l: &str| {
+        let mut f = l.split_whitespace();
+        f.next() == Some(pid.as_str()) && f.next() == Some("+++")
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     let log = loop {
         let log = std::fs::read_to_string(&trace).unwrap_or_default();
-        if log.lines().any(|l| l.starts_with(&end)) {
+        if log.lines().any(is_end) {
             break log;
         }
         assert!(
