@@ -4,6 +4,7 @@ mod bench_agent;
 mod bench_datapath;
 mod bench_masq6;
 mod fuzz_datapath;
+mod fuzz_policy;
 mod stats;
 
 use std::{path::PathBuf, process::Command};
@@ -31,7 +32,7 @@ enum Cmd {
         /// Only tests whose names contain this.
         filter: Option<String>,
     },
-    /// Differential fuzzing (needs root).
+    /// Fuzzers, run longer than the test suite runs them (datapath needs root).
     Fuzz {
         #[command(subcommand)]
         which: Fuzz,
@@ -47,6 +48,8 @@ enum Cmd {
 enum Fuzz {
     /// The per-container programs against the reference model (netpol-common's `model`).
     Datapath(fuzz_datapath::Opts),
+    /// The policy parser and compiler (mutated YAML from tests/fuzz/corpus/policy).
+    Policy(fuzz_policy::Opts),
 }
 
 #[derive(Subcommand)]
@@ -65,6 +68,7 @@ fn main() -> Result<()> {
         Cmd::Test { filter } => script("test.sh", filter.as_deref()),
         Cmd::Fuzz { which } => match which {
             Fuzz::Datapath(o) => fuzz_datapath::run(o),
+            Fuzz::Policy(o) => fuzz_policy::run(o),
         },
         Cmd::Bench { which } => match which {
             Bench::Datapath(o) => bench_datapath::run(o),

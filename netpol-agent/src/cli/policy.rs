@@ -19,10 +19,14 @@ pub enum PolicyCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Delete an imported policy, or all of them.
+    /// Delete imported policies: by name, those a file defines (`-f`, as kubectl), or all.
+    /// Every one must exist, else nothing is deleted.
     Delete {
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        name: Option<String>,
+        #[arg(required_unless_present_any = ["all", "filename"], conflicts_with_all = ["all", "filename"])]
+        names: Vec<String>,
+        /// The policies these files define (their metadata.name).
+        #[arg(short = 'f', long, conflicts_with = "all")]
+        filename: Vec<PathBuf>,
         #[arg(long)]
         all: bool,
     },
@@ -81,8 +85,27 @@ pub fn run(cmd: PolicyCmd, socket: &Path) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        PolicyCmd::Delete { name, all } => {
-            let data = call(socket, &Request::PolicyDelete { name, all })?;
+        PolicyCmd::Delete {
+            mut names,
+            filename,
+            all,
+        } => {
+            if !filename.is_empty() {
+                let mut errors = Vec::new();
+                for f in &filename {
+                    match crate::policy::parse_file(f) {
+                        Ok(ps) => names.extend(ps.into_iter().map(|p| p.name)),
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                }
+                if !errors.is_empty() {
+                    anyhow::bail!("{}\nnothing was deleted", errors.join("\n"));
+                }
+                if names.is_empty() {
+                    anyhow::bail!("the files define no policy; nothing was deleted");
+                }
+            }
+            let data = call(socket, &Request::PolicyDelete { names, all })?;
             let names: Vec<String> = serde_json::from_value(data)?;
             for n in names {
                 println!("deleted {n}");

@@ -22,9 +22,17 @@ pub struct SourceFile {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
-    PolicyImport { files: Vec<SourceFile> },
-    PolicyGet { name: Option<String> },
-    PolicyDelete { name: Option<String>, all: bool },
+    PolicyImport {
+        files: Vec<SourceFile>,
+    },
+    PolicyGet {
+        name: Option<String>,
+    },
+    /// Deletes every named imported policy, or all of them; whole or nothing.
+    PolicyDelete {
+        names: Vec<String>,
+        all: bool,
+    },
     EndpointList,
     IdentityList,
     Status,
@@ -109,15 +117,20 @@ pub enum ClientError {
     Decode(#[from] serde_json::Error),
     #[error("{0}")]
     Agent(String),
+    #[error("the request is {0} bytes, more than the agent reads ({limit}): send fewer files at once", limit = crate::policy::limits::REQUEST_BYTES)]
+    TooLarge(usize),
 }
 
 pub fn connect(socket: &Path, req: &Request) -> Result<BufReader<UnixStream>, ClientError> {
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    if line.len() > crate::policy::limits::REQUEST_BYTES {
+        return Err(ClientError::TooLarge(line.len()));
+    }
     let mut s = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
         socket: socket.display().to_string(),
         source,
     })?;
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
     s.write_all(&line)?;
     Ok(BufReader::new(s))
 }

@@ -129,10 +129,11 @@ pub fn run(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
+    // Checked before anything is touched: a bad pattern must not start a half-configured agent.
+    let filter = LabelFilter::checked(args.ignore_labels.iter())?;
     let mut dp = KernelDatapath::open(&args.pin_dir, args.sizes())?;
     let events = monitor::take_ring(&mut dp);
     let store = Store::new(&args.state_dir);
-    let filter = LabelFilter::new(args.ignore_labels.iter().cloned());
     let masq = masq::Masq::new(masq::MasqConfig {
         mode: args.masq6,
         uplink: args.masq6_uplink.clone(),

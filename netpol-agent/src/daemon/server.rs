@@ -4,7 +4,7 @@
 use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc};
 
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
     sync::Mutex,
 };
@@ -70,9 +70,17 @@ async fn handle(
     let root = stream.peer_cred().map(|c| c.uid() == 0).unwrap_or(false);
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(r).read_line(&mut line).await?;
+    // Never buffer more than one request may hold.
+    let limit = crate::policy::limits::REQUEST_BYTES;
+    BufReader::new(r.take(limit as u64 + 1))
+        .read_line(&mut line)
+        .await?;
     let resp = if !root {
         err("the netpol agent only answers root")
+    } else if line.len() > limit {
+        err(format!(
+            "request larger than {limit} bytes: nothing was changed (import fewer files at once)"
+        ))
     } else {
         match serde_json::from_str::<Request>(&line) {
             Err(e) => err(format!("bad request: {e}")),
@@ -84,8 +92,8 @@ async fn handle(
                     Request::PolicyGet { name } => {
                         a.policy_rows(name.as_deref()).map_or_else(err, ok)
                     }
-                    Request::PolicyDelete { name, all } => {
-                        a.delete(name.as_deref(), all).map_or_else(err, ok)
+                    Request::PolicyDelete { names, all } => {
+                        a.delete(&names, all).map_or_else(err, ok)
                     }
                     Request::EndpointList => ok(a.endpoint_rows()),
                     Request::IdentityList => ok(a.identity_rows()),

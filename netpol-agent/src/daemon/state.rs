@@ -32,7 +32,7 @@ pub enum AgentError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Identity(#[from] crate::identity::IdentityError),
-    #[error("no imported policy named {0}")]
+    #[error("no imported policy named {0} (nothing was changed)")]
     NotFound(String),
     #[error("the maps are left as they are: {}; import it again (fixed) or delete it", .0.join("; "))]
     Frozen(Vec<String>),
@@ -122,7 +122,7 @@ impl Agent {
 
     /// Re-reads the policy directory.
     pub fn reload_policy_dir(&mut self) {
-        let errors = self.sources.reload_files(&self.store);
+        let errors = self.sources.reload_files(&self.store, &self.filter);
         if !errors.is_empty() {
             let msg: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
             self.last_error = Some(msg.join("; "));
@@ -296,8 +296,11 @@ impl Agent {
     /// `policy import`: every document of every file must parse, the result must compile and fit,
     /// and then it is applied and persisted; otherwise nothing changes.
     pub fn import(&mut self, files: &[SourceFile]) -> Result<Vec<String>, AgentError> {
-        let new = imports::parse_import(files.iter().map(|f| (f.path.as_str(), f.text.as_str())))
-            .map_err(|errors| AgentError::Invalid(errors.join("\n")))?;
+        let new = imports::parse_import(
+            files.iter().map(|f| (f.path.as_str(), f.text.as_str())),
+            &self.filter,
+        )
+        .map_err(|errors| AgentError::Invalid(errors.join("\n")))?;
         let conflicts = self.sources.name_conflicts(&new);
         if !conflicts.is_empty() {
             return Err(AgentError::Invalid(conflicts.join("\n")));
@@ -335,16 +338,28 @@ impl Agent {
         Ok(())
     }
 
-    pub fn delete(&mut self, name: Option<&str>, all: bool) -> Result<Vec<String>, AgentError> {
+    /// `policy delete NAME…` / `--all`: every name must be an imported policy, else nothing
+    /// changes.
+    pub fn delete(&mut self, names: &[String], all: bool) -> Result<Vec<String>, AgentError> {
         let mut candidate = self.sources.imports.set().clone();
         let removed: Vec<String> = if all {
             std::mem::take(&mut candidate).into_keys().collect()
         } else {
-            let n = name.unwrap_or_default();
-            if candidate.remove(n).is_none() {
-                return Err(AgentError::NotFound(n.to_owned()));
+            let missing: Vec<&str> = names
+                .iter()
+                .filter(|n| !candidate.contains_key(*n))
+                .map(String::as_str)
+                .collect();
+            if !missing.is_empty() || names.is_empty() {
+                return Err(AgentError::NotFound(missing.join(", ")));
             }
-            vec![n.to_owned()]
+            for n in names {
+                candidate.remove(n);
+            }
+            let mut removed = names.to_vec();
+            removed.sort();
+            removed.dedup();
+            removed
         };
         self.apply_imported(candidate)?;
         // A policy file rejected because it used a name that is free now.

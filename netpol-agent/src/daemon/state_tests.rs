@@ -437,10 +437,69 @@ fn policy_names_are_unique_across_files_and_imports() {
 
     // Deleting the import frees the name: the file applies, and `policy delete` of it is an
     // error (it is a file).
-    a.delete(Some("web"), false).expect("delete");
+    a.delete(&["web".to_owned()], false).expect("delete");
     let rows = a.policy_rows(Some("web")).expect("web from the file");
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].source, path_in(&dirs.policy_dir(), "web.yaml"));
     assert!(rows[0].error.is_none(), "{rows:?}");
-    assert!(a.delete(Some("web"), false).is_err());
+    assert!(a.delete(&["web".to_owned()], false).is_err());
+}
+
+/// `policy delete a b` and `-f` (names): every name must exist, else nothing changes.
+#[test]
+fn delete_several_names_whole_or_nothing() {
+    use super::{Agent, AgentError, SourceFile};
+    use crate::{
+        datapath::{fake::FakeDatapath, MapSizes},
+        identity::LabelFilter,
+        store::Store,
+    };
+    let dir = std::env::temp_dir().join(format!("netpol-delete-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = Store::new(dir.join("state"));
+    let dp = Box::new(FakeDatapath::new(MapSizes::default()));
+    let mut a = Agent::new(dp, store, LabelFilter::default(), dir.join("policies.d")).unwrap();
+    let doc = |n: &str| {
+        format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: {n}}}\nspec: {{endpointSelector: {{}}, ingress: [{{}}]}}\n")
+    };
+    let text = ["a", "b", "c"].map(doc).join("---\n");
+    a.import(&[SourceFile {
+        path: "abc.yaml".into(),
+        text,
+    }])
+    .unwrap();
+    let names = |a: &Agent| -> Vec<String> {
+        a.policy_rows(None)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect()
+    };
+    let stored = || -> Vec<String> {
+        Store::new(dir.join("state"))
+            .policies()
+            .unwrap()
+            .into_keys()
+            .collect()
+    };
+    let e = a
+        .delete(&["a".into(), "nope".into(), "zzz".into()], false)
+        .unwrap_err();
+    assert!(
+        matches!(&e, AgentError::NotFound(n) if n == "nope, zzz"),
+        "{e}"
+    );
+    assert_eq!(names(&a), ["a", "b", "c"], "nothing deleted");
+    assert_eq!(stored(), ["a", "b", "c"]);
+    assert_eq!(
+        a.delete(&["c".into(), "a".into(), "a".into()], false)
+            .unwrap(),
+        ["a", "c"]
+    );
+    assert_eq!(names(&a), ["b"]);
+    assert_eq!(stored(), ["b"]);
+    assert!(a.delete(&[], false).is_err());
+    assert_eq!(a.delete(&[], true).unwrap(), ["b"]);
+    assert!(stored().is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

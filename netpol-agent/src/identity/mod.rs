@@ -33,6 +33,9 @@ pub const COMPOSE_PROJECT: &str = "com.docker.compose.project";
 /// Compose label with the service name.
 pub const COMPOSE_SERVICE: &str = "com.docker.compose.service";
 
+/// Labels the compose shorthand's selectors use: they must stay part of identities.
+pub const SHORTHAND_LABELS: &[&str] = &[COMPOSE_PROJECT, COMPOSE_SERVICE];
+
 /// Labels that never take part in an identity: they change with every deploy, rebuild or
 /// replica without changing what the container is. `*` at the end matches any suffix.
 ///
@@ -109,6 +112,27 @@ impl LabelFilter {
         Self { ignored }
     }
 
+    /// [`LabelFilter::new`] for the agent's `--ignore-label`s, refusing a pattern that would
+    /// remove a label the compose shorthand selects on ([`SHORTHAND_LABELS`]): every label
+    /// policy would then select nothing, and its container would run unrestricted.
+    pub fn checked<I, S>(extra: I) -> Result<Self, IdentityError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let extra: Vec<String> = extra.into_iter().map(|p| p.as_ref().to_owned()).collect();
+        for p in &extra {
+            let pattern = Pattern::parse(p.trim());
+            if let Some(label) = SHORTHAND_LABELS.iter().find(|l| pattern.matches(l)) {
+                return Err(IdentityError::IgnoresShorthandLabel {
+                    pattern: p.clone(),
+                    label,
+                });
+            }
+        }
+        Ok(Self::new(extra))
+    }
+
     /// Whether `key` is left out of identities.
     pub fn ignores(&self, key: &str) -> bool {
         self.ignored.iter().any(|p| p.matches(key))
@@ -132,6 +156,11 @@ pub enum IdentityError {
     DuplicateLabels { first: u32, second: u32 },
     #[error("every label identity number ({FIRST_LABEL}..={LAST_LABEL}) is in use")]
     Exhausted,
+    #[error("--ignore-label {pattern:?} would leave {label} out of identities, and the compose shorthand (netpol.* labels) selects containers by it: no label policy could match")]
+    IgnoresShorthandLabel {
+        pattern: String,
+        label: &'static str,
+    },
 }
 
 /// The allocator's persisted form.
@@ -345,6 +374,30 @@ mod tests {
                 ("tier", "data"),
             ])
         );
+    }
+
+    #[test]
+    fn ignore_patterns_may_not_remove_the_shorthand_labels() {
+        for bad in [
+            "com.docker.compose.service",
+            "com.docker.compose.project",
+            "com.docker.compose.*",
+            "com.docker.*",
+            "*",
+            " com.docker.compose.project ",
+        ] {
+            let e = LabelFilter::checked(["team", bad]).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!(
+                    "--ignore-label {bad:?} would leave com.docker.compose."
+                )),
+                "{e}"
+            );
+        }
+        let f =
+            LabelFilter::checked(["team", "com.docker.compose.project.extra", "build.*"]).unwrap();
+        assert!(f.ignores("team") && f.ignores("build.id"));
+        assert!(!f.ignores(COMPOSE_PROJECT) && !f.ignores(COMPOSE_SERVICE));
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //!
 //! Remote identities: `fromEndpoints` items select label identities of [`Endpoints`]
 //! (`[{}]` = every container, never host, world or unmanaged); `world` = WORLD plus every CIDR
-//! identity; `host` = HOST; `all` = ANY (the wildcard); a rule with ports but no peer = ANY; an
-//! empty rule `{}` = nothing (it only makes the direction default-deny).
+//! identity; `host` = HOST; `all` = ANY (the wildcard); a rule with ports but no peer field = ANY;
+//! an explicitly empty peer list (`fromEndpoints: []`) = nothing; an empty rule `{}` = nothing
+//! (it only makes the direction default-deny).
 //!
 //! When two rules give the same key, deny beats allow, then the lower rule id is kept.
 //!
@@ -31,9 +32,11 @@
 //! already allocated and gives new prefixes the lowest free number. The ipcache resolves an address
 //! to its most specific prefix only, so a CIDR selector selects every CIDR identity whose prefix
 //! lies within it and not within one of its `except` prefixes (as Cilium's CIDR labels do).
-//! `0.0.0.0/0` and `::/0` mean world: they get no identity of their own and select WORLD plus every
-//! CIDR identity (of both families, like the `world` entity) not within an `except`. CIDR rules do
-//! not select containers or the host: their own ipcache entries are more specific.
+//! A CIDR selects its own address family only: `0.0.0.0/0` and `::/0` are ordinary prefixes with
+//! identities of their own (Cilium's `world-ipv4` / `world-ipv6`), so `0.0.0.0/0` never selects an
+//! IPv6 address and `::/0` never an IPv4 one; only the `world` entity (WORLD, the ipcache's miss
+//! value, plus every CIDR identity) covers both families. CIDR rules do not select containers or
+//! the host: their own ipcache entries are more specific.
 //!
 //! # Enforcement
 //! A direction is enforced for a local identity when a selecting spec is default-deny there
@@ -52,7 +55,7 @@ use netpol_common::{
     proto, Direction,
 };
 
-use super::{Endpoints, Entity, IcmpFamily, Peer, Policy, PortRule, Rule, Spec, L4};
+use super::{Endpoints, Entity, IcmpFamily, Peer, Peers, Policy, PortRule, Rule, Spec, L4};
 use crate::{
     datapath::{Cidr, MapSizes, PolicyEntryKey},
     identity::FIRST_CIDR,
@@ -129,10 +132,17 @@ pub struct CapacityError {
     pub max: u32,
 }
 
+/// More `POLICY` entries than this stop a compile: 32 times the default map size, and bounded
+/// memory (about 25 MB) whatever the policies multiply out to (rules × peers × port blocks ×
+/// selected containers).
+pub const MAX_ENTRIES: usize = 1 << 19;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
     #[error("too many CIDR prefixes in policies ({0}) for the CIDR identity range")]
     TooManyCidrs(usize),
+    #[error("the policies need more than {MAX_ENTRIES} POLICY entries (at {policy} {section}): nothing was applied")]
+    TooManyEntries { policy: String, section: String },
 }
 
 impl Compiled {
@@ -278,6 +288,12 @@ pub fn compile_with_previous(
                                 for &(p, port, len) in &l4 {
                                     merge(&mut c.policy, entry_key(l, r, dir, p, port, len), value);
                                 }
+                                if c.policy.len() > MAX_ENTRIES {
+                                    return Err(CompileError::TooManyEntries {
+                                        policy: policy.name.clone(),
+                                        section: format!("{prefix}{name}[{ri}]"),
+                                    });
+                                }
                             }
                         }
                     }
@@ -350,10 +366,6 @@ fn merge(map: &mut BTreeMap<PolicyEntryKey, PolicyValue>, key: PolicyEntryKey, v
     }
 }
 
-fn is_world(c: &Cidr) -> bool {
-    c.prefix_len == 0
-}
-
 /// `inner` lies within `outer`.
 fn within(inner: &Cidr, outer: &Cidr) -> bool {
     inner.addr.is_ipv4() == outer.addr.is_ipv4()
@@ -370,7 +382,7 @@ fn allocate_cidrs(
         for s in &p.specs {
             let all = [&s.ingress, &s.ingress_deny, &s.egress, &s.egress_deny];
             for rule in all.into_iter().flatten() {
-                for peer in &rule.peers {
+                for peer in rule.peers.listed() {
                     if let Peer::Cidr(c) = peer {
                         prefixes.insert(c.cidr);
                         prefixes.extend(c.except.iter().copied());
@@ -379,7 +391,6 @@ fn allocate_cidrs(
             }
         }
     }
-    prefixes.retain(|c| !is_world(c));
     let mut out = BTreeMap::new();
     let mut used = BTreeSet::new();
     for p in &prefixes {
@@ -412,14 +423,18 @@ fn remotes(
     cidrs: &BTreeMap<Cidr, u32>,
 ) -> BTreeSet<u32> {
     let mut out = BTreeSet::new();
-    if rule.peers.is_empty() {
-        // Cilium: an L4-only rule applies to every peer; an empty rule selects nothing.
-        if rule.l4 != L4::All {
-            out.insert(ANY);
+    let peers = match &rule.peers {
+        Peers::Unspecified => {
+            // Cilium: an L4-only rule applies to every peer; an empty rule selects nothing.
+            if rule.l4 != L4::All {
+                out.insert(ANY);
+            }
+            return out;
         }
-        return out;
-    }
-    for peer in &rule.peers {
+        // Empty (`fromEndpoints: []`): nobody.
+        Peers::Listed(peers) => peers,
+    };
+    for peer in peers {
         match peer {
             Peer::Endpoints(sel) => out.extend(
                 labelled
@@ -438,14 +453,10 @@ fn remotes(
                 out.extend(cidrs.values().copied());
             }
             Peer::Cidr(c) => {
-                let world = is_world(&c.cidr);
-                if world {
-                    out.insert(WORLD);
-                }
                 out.extend(
                     cidrs
                         .iter()
-                        .filter(|(p, _)| world || within(p, &c.cidr))
+                        .filter(|(p, _)| within(p, &c.cidr))
                         .filter(|(p, _)| !c.except.iter().any(|e| within(p, e)))
                         .map(|(_, &id)| id),
                 );

@@ -13,8 +13,8 @@
 //! `com.docker.compose.project` + `com.docker.compose.service`.
 
 use super::{
-    parse::match_labels, CidrRule, DefaultDeny, Entity, Peer, Policy, PortRule, Protocol, Rule,
-    Source, Spec, L4,
+    parse::match_labels, CidrRule, DefaultDeny, Entity, Peer, Peers, Policy, PortRule, Protocol,
+    Rule, Source, Spec, L4,
 };
 use crate::{
     datapath::Cidr,
@@ -42,6 +42,12 @@ pub enum ComposeErrorKind {
     NotCompose(&'static str),
     #[error("{item:?}: invalid peer {peer:?} (a service name, world, host, all, or a CIDR such as 10.0.0.0/8)")]
     Peer { item: String, peer: String },
+    #[error("{item:?}: {addr} is an address, not a service: write {addr}/{len} for it")]
+    BareAddress {
+        item: String,
+        addr: std::net::IpAddr,
+        len: u8,
+    },
     #[error("{item:?}: invalid port {port:?} (1-65535, or a range such as 8000-8080)")]
     Port { item: String, port: String },
     #[error("{item:?}: invalid protocol {proto:?} (tcp, udp, sctp, any)")]
@@ -134,6 +140,18 @@ fn parse_item(project: &str, item: &str) -> Result<Rule, ComposeErrorKind> {
         }
         _ => (item, None),
     };
+    // A bare address (`10.0.0.5:5432`) would otherwise read as a service named `10.0.0.5`.
+    let bare = [rest.rsplit_once(':').map(|(p, _)| p), Some(rest)]
+        .into_iter()
+        .flatten()
+        .find_map(|t| t.trim().parse::<std::net::IpAddr>().ok());
+    if let Some(addr) = bare {
+        return Err(ComposeErrorKind::BareAddress {
+            item: item.to_owned(),
+            addr,
+            len: if addr.is_ipv4() { 32 } else { 128 },
+        });
+    }
     // Then the port: after the last ':' when what precedes it is a valid peer.
     let (peer_text, ports) = match rest.rsplit_once(':') {
         Some((p, port)) if parse_peer(project, p).is_some() => {
@@ -163,7 +181,7 @@ fn parse_item(project: &str, item: &str) -> Result<Rule, ComposeErrorKind> {
         }]),
     };
     Ok(Rule {
-        peers: vec![peer],
+        peers: Peers::Listed(vec![peer]),
         l4,
     })
 }
@@ -268,23 +286,23 @@ mod tests {
         };
         let expect = vec![
             Rule {
-                peers: vec![svc("app1")],
+                peers: Peers::Listed(vec![svc("app1")]),
                 l4: tcp(5432, 5432),
             },
             Rule {
-                peers: vec![svc("app2")],
+                peers: Peers::Listed(vec![svc("app2")]),
                 l4: tcp(5432, 5432),
             },
             Rule {
-                peers: vec![Peer::Entity(Entity::World)],
+                peers: Peers::Listed(vec![Peer::Entity(Entity::World)]),
                 l4: tcp(80, 80),
             },
             Rule {
-                peers: vec![Peer::Entity(Entity::Host)],
+                peers: Peers::Listed(vec![Peer::Entity(Entity::Host)]),
                 l4: L4::All,
             },
             Rule {
-                peers: vec![Peer::Entity(Entity::All)],
+                peers: Peers::Listed(vec![Peer::Entity(Entity::All)]),
                 l4: L4::Only(vec![PortRule::Ports {
                     proto: Protocol::Udp,
                     first: 53,
@@ -292,10 +310,10 @@ mod tests {
                 }]),
             },
             Rule {
-                peers: vec![Peer::Cidr(CidrRule {
+                peers: Peers::Listed(vec![Peer::Cidr(CidrRule {
                     cidr: "10.0.0.0/8".parse().unwrap(),
                     except: vec![],
-                })],
+                })]),
                 l4: L4::Only(vec![PortRule::Ports {
                     proto: Protocol::Any,
                     first: 8000,
@@ -303,21 +321,21 @@ mod tests {
                 }]),
             },
             Rule {
-                peers: vec![Peer::Cidr(CidrRule {
+                peers: Peers::Listed(vec![Peer::Cidr(CidrRule {
                     cidr: "2001:db8::/32".parse().unwrap(),
                     except: vec![],
-                })],
+                })]),
                 l4: tcp(443, 443),
             },
             Rule {
-                peers: vec![Peer::Cidr(CidrRule {
+                peers: Peers::Listed(vec![Peer::Cidr(CidrRule {
                     cidr: "192.168.0.0/16".parse().unwrap(),
                     except: vec![],
-                })],
+                })]),
                 l4: L4::All,
             },
             Rule {
-                peers: vec![Peer::Entity(Entity::World)],
+                peers: Peers::Listed(vec![Peer::Entity(Entity::World)]),
                 l4: L4::Only(vec![PortRule::Ports {
                     proto: Protocol::Udp,
                     first: 0,
@@ -378,6 +396,21 @@ mod tests {
                 compose("db", &[("netpol.egress", "10.0.0.0/33")]),
                 "netpol.egress",
                 "invalid peer",
+            ),
+            (
+                compose("db", &[("netpol.egress", "10.0.0.5:5432")]),
+                "netpol.egress",
+                "\"10.0.0.5:5432\": 10.0.0.5 is an address, not a service: write 10.0.0.5/32 for it",
+            ),
+            (
+                compose("db", &[("netpol.egress", "10.0.0.5")]),
+                "netpol.egress",
+                "write 10.0.0.5/32",
+            ),
+            (
+                compose("db", &[("netpol.egress", "fd00::5/tcp")]),
+                "netpol.egress",
+                "write fd00::5/128",
             ),
             (
                 compose("db", &[("netpol.egress", "app1:http")]),

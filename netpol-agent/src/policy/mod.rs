@@ -9,6 +9,9 @@
 //!   a file are collected, not only the first. Anything outside the supported subset is an error,
 //!   never ignored (only `metadata` other than `name`, `status`, and `spec.labels` are ignored:
 //!   they cannot change who talks).
+//!   [`parse_str_with`] / [`parse_file_with`] also reject selectors on labels the agent's
+//!   `--ignore-label`s leave out of identities (the plain forms know only the built-in list).
+//!   Input is bounded by [`limits`]; a parse runs on its own thread and a panic is an error.
 //! - [`validate_files`]`(paths) -> Vec<PolicyError>`: `policy validate`, offline.
 //! - [`compose::from_labels`]`(container, labels) -> Result<Option<Policy>, ComposeError>`: the
 //!   `netpol.ingress` / `netpol.egress` shorthand of one compose container.
@@ -23,13 +26,15 @@
 //! # Semantics (Cilium's default mode)
 //!
 //! A spec with a non-empty ingress (egress) section, allow or deny, makes the endpoints it selects
-//! default-deny in that direction, unless it says `enableDefaultDeny: {ingress: false}`; an
-//! explicit `true` enforces even without a section. Deny rules of a spec that opted out still
+//! default-deny in that direction, unless it says `enableDefaultDeny: {ingress: false}`. The YAML
+//! parser, as Cilium, drops the flag for a direction without rules; in the model an explicit
+//! `true` enforces even without a section (the compose shorthand's empty label). Deny rules of a spec that opted out still
 //! apply: the direction is then enforced with an implicit allow-all entry (rule id 0) under them.
 //! See [`compile`] for the entry layout, deny folding and CIDR identities.
 
 pub mod compile;
 pub mod compose;
+pub mod fuzz;
 mod parse;
 pub mod sources;
 mod yaml;
@@ -44,9 +49,32 @@ pub use compile::{
     RuleInfo, IMPLICIT_ALLOW_RULE,
 };
 pub use compose::ComposeError;
-pub use parse::{parse_file, parse_str, validate_files};
+pub use parse::{
+    parse_file, parse_file_with, parse_str, parse_str_with, read_file, validate_files,
+};
 
 use crate::{datapath::Cidr, identity::Labels};
+
+/// Bounds on policy input, so that no file, import or request can exhaust the agent's memory,
+/// stack or time. Each exceeded bound is an error naming the file and line.
+pub mod limits {
+    /// Bytes of one policy file or imported file.
+    pub const FILE_BYTES: usize = 1 << 20;
+    /// Nesting of YAML collections (a policy needs about 10).
+    pub const DEPTH: usize = 64;
+    /// YAML nodes of one file, every alias expansion counted again (this bounds alias bombs).
+    pub const NODES: usize = 100_000;
+    /// Rules (`ingress`, `egress`, `ingressDeny`, `egressDeny` items, over all specs) of one policy.
+    pub const RULES: usize = 1_000;
+    /// Peers (selectors, entities, CIDRs and their `except` items) of one policy.
+    pub const PEERS: usize = 1_000;
+    /// Ports and ICMP fields of one policy.
+    pub const PORTS: usize = 1_000;
+    /// Ports, or ICMP fields, of one rule (Cilium's limit).
+    pub const PORTS_PER_RULE: usize = 40;
+    /// One request on the control socket (a `policy import` of several files).
+    pub const REQUEST_BYTES: usize = 8 << 20;
+}
 
 /// Local endpoints by identity: each label identity in use and its (filtered) labels. Several
 /// containers share one entry when their labels are equal. Numbers below
@@ -110,12 +138,34 @@ impl Spec {
     }
 }
 
-/// One item of an ingress/egress (deny) section. The peers are OR'ed; a rule with no peer but
-/// with ports applies to every peer (Cilium's L4-only rule); an empty rule `{}` matches nothing.
+/// One item of an ingress/egress (deny) section.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rule {
-    pub peers: Vec<Peer>,
+    pub peers: Peers,
     pub l4: L4,
+}
+
+/// Whom a rule applies to. An absent peer list and an empty one differ (as in Cilium, where
+/// "empty non-nil slices … should not result in any identity being selected"):
+/// `{toPorts: …}` applies to every peer, `{fromEndpoints: [], toPorts: …}` to nobody.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Peers {
+    /// No peer field at all: with `toPorts`/`icmps` every peer (Cilium's L4-only rule); an empty
+    /// rule `{}` matches nothing.
+    #[default]
+    Unspecified,
+    /// The peers of every peer field, OR'ed; empty (`fromEndpoints: []`) selects nobody.
+    Listed(Vec<Peer>),
+}
+
+impl Peers {
+    /// The listed peers (none for [`Peers::Unspecified`]).
+    pub fn listed(&self) -> &[Peer] {
+        match self {
+            Peers::Unspecified => &[],
+            Peers::Listed(p) => p,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -340,4 +390,32 @@ pub enum ErrorKind {
     ValuesRequired(&'static str),
     #[error("operator {0} takes no values")]
     ValuesForbidden(&'static str),
+    #[error("the file is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("nested more than {limit} levels deep")]
+    TooDeep { limit: usize },
+    #[error("more than {limit} YAML nodes, counting every alias expansion")]
+    TooManyNodes { limit: usize },
+    #[error("more than {limit} {what} in one {scope}")]
+    TooMany {
+        what: &'static str,
+        limit: usize,
+        scope: &'static str,
+    },
+    #[error("YAML tag {0} is not supported (a tag can change a value's type)")]
+    Tag(String),
+    #[error("a null selector is not allowed: write {{}} to select every container")]
+    NullSelector,
+    #[error("a null list is not allowed: write [] (which selects no peer) or leave the field out")]
+    NullList,
+    #[error("{0:?} has a leading zero (Cilium reads it as octal): write it without")]
+    LeadingZero(String),
+    #[error("{first} and {second} cannot be combined in one rule (as in Cilium): write two rules")]
+    MixedPeers { first: String, second: String },
+    #[error("there are no namespaces on a Docker host: remove metadata.namespace")]
+    Namespace,
+    #[error("label {0:?} is left out of identities (a volatile label, or --ignore-label), so no container can match it")]
+    FilteredLabel(String),
+    #[error("internal error while parsing (a bug; nothing was applied): {0}")]
+    Internal(String),
 }

@@ -1,43 +1,143 @@
 //! CiliumNetworkPolicy (strict subset) from YAML, with file:line:path errors.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, panic::AssertUnwindSafe, path::Path};
 
 use super::{
+    limits,
     yaml::{self, Node, Value},
-    CidrRule, DefaultDeny, Entity, ErrorKind, IcmpFamily, Operator, Peer, Policy, PolicyError,
-    PolicyErrors, PortRule, Protocol, Requirement, Rule, Selector, Source, Spec, L4,
+    CidrRule, DefaultDeny, Entity, ErrorKind, IcmpFamily, Operator, Peer, Peers, Policy,
+    PolicyError, PolicyErrors, PortRule, Protocol, Requirement, Rule, Selector, Source, Spec, L4,
 };
-use crate::datapath::Cidr;
+use crate::{datapath::Cidr, identity::LabelFilter};
+
+/// Stack of the thread a parse runs on: far more than the bounded depth needs.
+const PARSE_STACK: usize = 4 << 20;
 
 /// Reads and parses every document of `path`. The file name in errors is `path` as given.
 pub fn parse_file(path: &Path) -> Result<Vec<Policy>, PolicyErrors> {
-    let file = path.display().to_string();
-    match std::fs::read_to_string(path) {
-        Ok(text) => parse_str(&file, &text),
-        Err(e) => Err(PolicyErrors(vec![PolicyError {
-            file,
-            line: 0,
-            path: String::new(),
-            kind: ErrorKind::Read(e),
-        }])),
+    parse_file_with(path, &LabelFilter::default())
+}
+
+/// [`parse_file`], with selectors checked against `filter` (see [`parse_str_with`]).
+pub fn parse_file_with(path: &Path, filter: &LabelFilter) -> Result<Vec<Policy>, PolicyErrors> {
+    let text = read_file(path).map_err(|e| PolicyErrors(vec![e]))?;
+    parse_str_with(&path.display().to_string(), &text, filter)
+}
+
+/// Reads a policy file as UTF-8, never more than [`limits::FILE_BYTES`] of it: a larger file is
+/// an error naming the line the limit falls on.
+pub fn read_file(path: &Path) -> Result<String, PolicyError> {
+    let whole = |line, kind| PolicyError {
+        file: path.display().to_string(),
+        line,
+        path: String::new(),
+        kind,
+    };
+    let bytes = std::fs::File::open(path)
+        .and_then(|f| {
+            use std::io::Read;
+            let mut buf = Vec::new();
+            f.take(limits::FILE_BYTES as u64 + 1)
+                .read_to_end(&mut buf)?;
+            Ok(buf)
+        })
+        .map_err(|e| whole(0, ErrorKind::Read(e)))?;
+    if bytes.len() > limits::FILE_BYTES {
+        let line = bytes[..limits::FILE_BYTES]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1;
+        return Err(whole(
+            line,
+            ErrorKind::TooLarge {
+                limit: limits::FILE_BYTES,
+            },
+        ));
     }
+    String::from_utf8(bytes).map_err(|e| {
+        whole(
+            0,
+            ErrorKind::Read(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                e.utf8_error(),
+            )),
+        )
+    })
 }
 
 /// Parses every document of `text`; `file` names it in errors and in [`Source::File`].
+/// Selectors are checked against the built-in list of labels left out of identities.
 pub fn parse_str(file: &str, text: &str) -> Result<Vec<Policy>, PolicyErrors> {
+    parse_str_with(file, text, &LabelFilter::default())
+}
+
+/// [`parse_str`], with selectors checked against `filter` (the agent's `--ignore-label`s): a
+/// selector may not name a label that no identity carries.
+///
+/// The parse runs on a thread of its own with a known stack, and a panic in it (a bug, in
+/// netpol or the YAML parser) is an error, so no input can take the daemon down.
+pub fn parse_str_with(
+    file: &str,
+    text: &str,
+    filter: &LabelFilter,
+) -> Result<Vec<Policy>, PolicyErrors> {
+    isolated(file, || parse_here(file, text, filter))
+}
+
+/// Runs `parse` on a thread of its own with a known stack; a panic is an [`ErrorKind::Internal`].
+pub(crate) fn isolated<F>(file: &str, parse: F) -> Result<Vec<Policy>, PolicyErrors>
+where
+    F: FnOnce() -> Result<Vec<Policy>, PolicyErrors> + Send,
+{
+    let internal = |why: String| {
+        Err(PolicyErrors(vec![PolicyError {
+            file: file.to_owned(),
+            line: 0,
+            path: String::new(),
+            kind: ErrorKind::Internal(why),
+        }]))
+    };
+    std::thread::scope(|scope| {
+        let spawned = std::thread::Builder::new()
+            .name("policy-parse".into())
+            .stack_size(PARSE_STACK)
+            .spawn_scoped(scope, || std::panic::catch_unwind(AssertUnwindSafe(parse)));
+        match spawned.map(|h| h.join()) {
+            Ok(Ok(Ok(result))) => result,
+            Ok(Ok(Err(panic))) | Ok(Err(panic)) => internal(panic_message(&*panic)),
+            Err(e) => internal(format!("cannot start the parser thread: {e}")),
+        }
+    })
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_owned()
+    }
+}
+
+fn parse_here(file: &str, text: &str, filter: &LabelFilter) -> Result<Vec<Policy>, PolicyErrors> {
     let mut ctx = Ctx {
         file,
+        filter,
         errors: Vec::new(),
+        budget: Budget::default(),
     };
     let docs = match yaml::parse_documents(text) {
         Ok(docs) => docs,
         Err(e) => {
-            ctx.err(e.line, "", ErrorKind::Syntax(e.message));
+            ctx.err(e.line, "", e.kind);
             return Err(PolicyErrors(ctx.errors));
         }
     };
     let mut policies: Vec<Policy> = Vec::new();
     for doc in &docs {
+        ctx.budget = Budget::default();
         if let Some(p) = ctx.document(doc) {
             if policies.iter().any(|q| q.name == p.name) {
                 ctx.err(doc.line, "metadata.name", ErrorKind::DuplicateName(p.name));
@@ -84,7 +184,24 @@ fn unsupported(key: &str) -> Option<&'static str> {
 
 struct Ctx<'a> {
     file: &'a str,
+    filter: &'a LabelFilter,
     errors: Vec<PolicyError>,
+    /// What the current policy used of its [`limits`].
+    budget: Budget,
+}
+
+#[derive(Default)]
+struct Budget {
+    rules: usize,
+    peers: usize,
+    ports: usize,
+}
+
+#[derive(Clone, Copy)]
+enum Spend {
+    Rules,
+    Peers,
+    Ports,
 }
 
 /// One key of a mapping.
@@ -116,6 +233,37 @@ impl<'a> Ctx<'a> {
             path: path.to_owned(),
             kind,
         });
+    }
+
+    /// Counts `n` against the current policy's limit of `what`; false (and one error, the
+    /// first time) once it is exceeded.
+    fn spend(&mut self, what: Spend, n: usize, line: usize, path: &str) -> bool {
+        let (used, limit, name) = match what {
+            Spend::Rules => (&mut self.budget.rules, limits::RULES, "rules"),
+            Spend::Peers => (&mut self.budget.peers, limits::PEERS, "peers"),
+            Spend::Ports => (
+                &mut self.budget.ports,
+                limits::PORTS,
+                "ports and ICMP fields",
+            ),
+        };
+        let before = *used;
+        *used = used.saturating_add(n);
+        if *used <= limit {
+            return true;
+        }
+        if before <= limit {
+            self.err(
+                line,
+                path,
+                ErrorKind::TooMany {
+                    what: name,
+                    limit,
+                    scope: "policy",
+                },
+            );
+        }
+        false
     }
 
     fn unknown(&mut self, f: &Field<'_>, path: &str) {
@@ -253,9 +401,13 @@ impl<'a> Ctx<'a> {
         })
     }
 
-    /// `metadata`: `name` is required; everything else is Kubernetes bookkeeping, ignored.
+    /// `metadata`: `name` is required, `namespace` is an error (it would suggest a scope that
+    /// does not exist here); everything else is Kubernetes bookkeeping, ignored.
     fn metadata(&mut self, node: &Node) -> Option<String> {
         let fields = self.map(node, "metadata")?;
+        if let Some(f) = fields.iter().find(|f| f.key == "namespace") {
+            self.err(f.line, "metadata.namespace", ErrorKind::Namespace);
+        }
         let Some(f) = fields.iter().find(|f| f.key == "name") else {
             self.err(node.line, "metadata", ErrorKind::Missing("name"));
             return None;
@@ -276,6 +428,10 @@ impl<'a> Ctx<'a> {
         for f in &fields {
             let p = join(path, f.key);
             match f.key {
+                // A null's own line is where the next token starts: name the key's.
+                "endpointSelector" if f.value.is_null() => {
+                    self.err(f.line, &p, ErrorKind::NullSelector)
+                }
                 "endpointSelector" => selector = self.selector(f.value, &p),
                 "ingress" => spec.ingress = self.rules(f.value, &p, Dir::Ingress),
                 "ingressDeny" => spec.ingress_deny = self.rules(f.value, &p, Dir::Ingress),
@@ -293,6 +449,14 @@ impl<'a> Ctx<'a> {
         }
         if self.errors.len() > before {
             return None;
+        }
+        // Cilium reads enableDefaultDeny only for a direction that has rules: `{egress: true}`
+        // without an egress section enforces nothing.
+        if spec.ingress.is_empty() && spec.ingress_deny.is_empty() {
+            spec.default_deny.ingress = None;
+        }
+        if spec.egress.is_empty() && spec.egress_deny.is_empty() {
+            spec.default_deny.egress = None;
         }
         spec.selector = selector?;
         Some(spec)
@@ -318,6 +482,9 @@ impl<'a> Ctx<'a> {
         let Some(items) = self.seq(node, path) else {
             return Vec::new();
         };
+        if !self.spend(Spend::Rules, items.len(), node.line, path) {
+            return Vec::new();
+        }
         items
             .iter()
             .enumerate()
@@ -328,7 +495,9 @@ impl<'a> Ctx<'a> {
     fn rule(&mut self, node: &Node, path: &str, dir: Dir) -> Option<Rule> {
         let fields = self.map(node, path)?;
         let before = self.errors.len();
-        let mut rule = Rule::default();
+        let mut peers: Option<Vec<Peer>> = None;
+        // The first peer field with items, for the mixing check.
+        let mut kind_with_items: Option<&str> = None;
         let mut ports: Vec<PortRule> = Vec::new();
         let (mut to_ports_line, mut icmps_line) = (None, None);
         let (this, other) = match dir {
@@ -338,43 +507,55 @@ impl<'a> Ctx<'a> {
         for f in &fields {
             let p = join(path, f.key);
             let peer_kind = f.key.strip_prefix(this);
-            match (f.key, peer_kind) {
-                (_, Some("Endpoints")) => {
-                    for (i, item) in self.items(f.value, &p) {
-                        let sel = self.selector(item, &format!("{p}[{i}]"));
-                        rule.peers.extend(sel.map(Peer::Endpoints));
+            if let Some("Endpoints" | "Entities" | "CIDR" | "CIDRSet") = peer_kind {
+                // An explicit empty list selects nobody; a null one is ambiguous.
+                if f.value.is_null() {
+                    self.err(f.line, &p, ErrorKind::NullList);
+                    continue;
+                }
+                let list = peers.get_or_insert_with(Vec::new);
+                let items = self.items(f.value, &p);
+                if !items.is_empty() {
+                    match kind_with_items {
+                        Some(first) => self.err(
+                            f.line,
+                            &p,
+                            ErrorKind::MixedPeers {
+                                first: first.to_owned(),
+                                second: f.key.to_owned(),
+                            },
+                        ),
+                        None => kind_with_items = Some(f.key),
                     }
                 }
-                (_, Some("Entities")) => {
-                    for (i, item) in self.items(f.value, &p) {
-                        let e = self.entity(item, &format!("{p}[{i}]"));
-                        rule.peers.extend(e.map(Peer::Entity));
-                    }
+                if !self.spend(Spend::Peers, items.len(), f.line, &p) {
+                    continue;
                 }
-                (_, Some("CIDR")) => {
-                    for (i, item) in self.items(f.value, &p) {
-                        let c = self.cidr(item, &format!("{p}[{i}]"));
-                        rule.peers.extend(c.map(|cidr| {
+                for (i, item) in items {
+                    let ip = format!("{p}[{i}]");
+                    let peer = match peer_kind {
+                        Some("Endpoints") => self.selector(item, &ip).map(Peer::Endpoints),
+                        Some("Entities") => self.entity(item, &ip).map(Peer::Entity),
+                        Some("CIDR") => self.cidr(item, &ip).map(|cidr| {
                             Peer::Cidr(CidrRule {
                                 cidr,
                                 except: Vec::new(),
                             })
-                        }));
-                    }
+                        }),
+                        _ => self.cidr_set(item, &ip).map(Peer::Cidr),
+                    };
+                    list.extend(peer);
                 }
-                (_, Some("CIDRSet")) => {
-                    for (i, item) in self.items(f.value, &p) {
-                        let c = self.cidr_set(item, &format!("{p}[{i}]"));
-                        rule.peers.extend(c.map(Peer::Cidr));
-                    }
-                }
-                ("toPorts", _) => {
+                continue;
+            }
+            match f.key {
+                "toPorts" => {
                     to_ports_line = Some(f.line);
                     for (i, item) in self.items(f.value, &p) {
                         ports.extend(self.port_rule(item, &format!("{p}[{i}]")));
                     }
                 }
-                ("icmps", _) => {
+                "icmps" => {
                     icmps_line = Some(f.line);
                     for (i, item) in self.items(f.value, &p) {
                         ports.extend(self.icmp_rule(item, &format!("{p}[{i}]")));
@@ -405,13 +586,38 @@ impl<'a> Ctx<'a> {
         if let (Some(_), Some(line)) = (to_ports_line, icmps_line) {
             self.err(line, &join(path, "icmps"), ErrorKind::IcmpsWithToPorts);
         }
+        for (what, line, key) in [
+            ("ports", to_ports_line, "toPorts"),
+            ("ICMP fields", icmps_line, "icmps"),
+        ] {
+            let Some(line) = line else { continue };
+            let n = ports
+                .iter()
+                .filter(|p| matches!(p, PortRule::Icmp { .. }) == (key == "icmps"))
+                .count();
+            if n > limits::PORTS_PER_RULE {
+                self.err(
+                    line,
+                    &join(path, key),
+                    ErrorKind::TooMany {
+                        what,
+                        limit: limits::PORTS_PER_RULE,
+                        scope: "rule",
+                    },
+                );
+            }
+        }
         if self.errors.len() > before {
             return None;
         }
-        if !ports.is_empty() {
-            rule.l4 = L4::Only(ports);
-        }
-        Some(rule)
+        Some(Rule {
+            peers: peers.map_or(Peers::Unspecified, Peers::Listed),
+            l4: if ports.is_empty() {
+                L4::All
+            } else {
+                L4::Only(ports)
+            },
+        })
     }
 
     /// The items of a list field with their index (nothing if it is not a list).
@@ -455,7 +661,11 @@ impl<'a> Ctx<'a> {
             match f.key {
                 "cidr" => cidr = self.cidr(f.value, &p),
                 "except" => {
-                    for (i, item) in self.items(f.value, &p) {
+                    let items = self.items(f.value, &p);
+                    if !self.spend(Spend::Peers, items.len(), f.line, &p) {
+                        continue;
+                    }
+                    for (i, item) in items {
                         let ip = format!("{p}[{i}]");
                         except.extend(self.cidr(item, &ip).map(|c| (c, item.line, ip)));
                     }
@@ -506,6 +716,9 @@ impl<'a> Ctx<'a> {
                     if items.is_empty() {
                         self.err(f.line, &p, ErrorKind::Empty);
                     }
+                    if !self.spend(Spend::Ports, items.len(), f.line, &p) {
+                        continue;
+                    }
                     for (i, item) in items {
                         out.extend(self.port(item, &format!("{p}[{i}]")));
                     }
@@ -524,6 +737,10 @@ impl<'a> Ctx<'a> {
         let before = self.errors.len();
         let (mut port, mut end, mut proto) = (0u16, None, Protocol::Any);
         let mut end_line = node.line;
+        if !fields.iter().any(|f| f.key == "port") {
+            // Cilium requires it; reading it as "every port" would open more than written.
+            self.err(node.line, path, ErrorKind::Missing("port"));
+        }
         for f in &fields {
             let p = join(path, f.key);
             match f.key {
@@ -586,6 +803,10 @@ impl<'a> Ctx<'a> {
         };
         let t = text.trim();
         if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+            if t.len() > 1 && t.starts_with('0') {
+                self.err(node.line, path, ErrorKind::LeadingZero(text.clone()));
+                return None;
+            }
             if let Ok(n) = t.parse::<u16>() {
                 return Some(n);
             }
@@ -611,6 +832,9 @@ impl<'a> Ctx<'a> {
                     let items = self.items(f.value, &p);
                     if items.is_empty() {
                         self.err(f.line, &p, ErrorKind::Empty);
+                    }
+                    if !self.spend(Spend::Ports, items.len(), f.line, &p) {
+                        continue;
                     }
                     for (i, item) in items {
                         out.extend(self.icmp_field(item, &format!("{p}[{i}]")));
@@ -649,9 +873,14 @@ impl<'a> Ctx<'a> {
             self.err(node.line, path, ErrorKind::Missing("type"));
             return None;
         };
-        let icmp_type = match t.trim().parse::<u8>() {
+        let tt = t.trim();
+        if tt.len() > 1 && tt.starts_with('0') && tt.bytes().all(|b| b.is_ascii_digit()) {
+            self.err(line, &p, ErrorKind::LeadingZero(t));
+            return None;
+        }
+        let icmp_type = match tt.parse::<u8>() {
             Ok(n) => Some(n),
-            Err(_) => icmp_type_by_name(family, t.trim()),
+            Err(_) => icmp_type_by_name(family, tt),
         };
         let Some(icmp_type) = icmp_type else {
             self.err(line, &p, ErrorKind::IcmpType(t));
@@ -665,7 +894,9 @@ impl<'a> Ctx<'a> {
 
     fn selector(&mut self, node: &Node, path: &str) -> Option<Selector> {
         if node.is_null() {
-            return Some(Selector::all());
+            // Cilium rejects a nil endpointSelector; reading it as `{}` would select everyone.
+            self.err(node.line, path, ErrorKind::NullSelector);
+            return None;
         }
         let fields = self.map(node, path)?;
         let before = self.errors.len();
@@ -773,9 +1004,15 @@ impl<'a> Ctx<'a> {
         })
     }
 
-    /// A selector label key, with the `any:` / `container:` source prefix stripped.
+    /// A selector label key, with the `any:` / `container:` source prefix stripped. A key that
+    /// identities never carry is an error: a selector on it could never match (or, negated,
+    /// always would).
     fn label_key(&mut self, key: &str, line: usize, path: &str) -> Option<String> {
         match strip_label_source(key) {
+            Ok(k) if self.filter.ignores(k) => {
+                self.err(line, path, ErrorKind::FilteredLabel(k.to_owned()));
+                None
+            }
             Ok(k) => Some(k.to_owned()),
             Err(kind) => {
                 self.err(line, path, kind);

@@ -406,18 +406,19 @@ spec:
     );
     assert!(ok1("10.2.3.4"));
     assert!(!ok1("10.3.0.1"));
-    // No identity for the world prefixes; one per other prefix, in order, from FIRST_CIDR.
+    assert!(!ok1("2001:db8::1"), "0.0.0.0/0 is IPv4 only");
+    // One identity per prefix (0.0.0.0/0 included: world-ipv4), in order, from FIRST_CIDR.
     let ids: Vec<(String, u32)> = c
         .cidr_identities
         .iter()
         .map(|(k, v)| (k.to_string(), *v))
         .collect();
-    assert_eq!(ids.len(), 6);
-    assert!(ids.iter().all(|(k, _)| !k.ends_with("/0")));
+    assert_eq!(ids.len(), 7);
+    assert_eq!(ids[0], ("0.0.0.0/0".to_owned(), FIRST_CIDR));
     let mut nums: Vec<u32> = ids.iter().map(|(_, v)| *v).collect();
     nums.sort();
-    assert_eq!(nums, (FIRST_CIDR..FIRST_CIDR + 6).collect::<Vec<_>>());
-    assert_eq!(c.needed().ipcache4, 5);
+    assert_eq!(nums, (FIRST_CIDR..FIRST_CIDR + 7).collect::<Vec<_>>());
+    assert_eq!(c.needed().ipcache4, 6);
     assert_eq!(c.needed().ipcache6, 1);
 }
 
@@ -552,7 +553,11 @@ spec:
     assert!(passes(&c, DB, APP2, Ingress, TCP, 80));
     assert!(!passes(&c, DB, APP2, Ingress, TCP, 22));
     assert!(!passes(&c, DB, WORLD, Ingress, TCP, 80));
-    // An explicit true enforces without a section.
+}
+
+/// Cilium reads `enableDefaultDeny` only for a direction that has rules.
+#[test]
+fn enable_default_deny_without_a_section_enforces_nothing() {
     let c = compiled(
         r#"
 apiVersion: cilium.io/v2
@@ -560,11 +565,25 @@ kind: CiliumNetworkPolicy
 metadata: {name: p}
 spec:
   endpointSelector: {}
-  enableDefaultDeny: {egress: true}
+  enableDefaultDeny: {egress: true, ingress: true}
+  ingress:
+  - fromEndpoints: [{matchLabels: {com.docker.compose.service: app1}}]
 "#,
     );
-    assert!(c.enforcement_of(APP1).egress);
-    assert!(!c.enforcement_of(APP1).ingress);
+    assert!(!c.enforcement_of(DB).egress, "no egress section");
+    assert!(passes(&c, DB, WORLD, Egress, TCP, 443));
+    assert!(c.enforcement_of(DB).ingress);
+    assert!(passes(&c, DB, APP1, Ingress, TCP, 1));
+    assert!(!passes(&c, DB, APP2, Ingress, TCP, 1));
+    // The model still lets generated policies (the compose shorthand) deny a direction outright.
+    let spec = Spec {
+        default_deny: DefaultDeny {
+            ingress: None,
+            egress: Some(true),
+        },
+        ..Spec::default()
+    };
+    assert!(spec.default_deny(Egress));
 }
 
 #[test]
@@ -904,7 +923,7 @@ fn document_level_errors() {
             "test.yaml:2: kind: kind must be CiliumNetworkPolicy, not \"CiliumClusterwideNetworkPolicy\"",
         ),
         (
-            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {namespace: x}\nspec: {endpointSelector: {}}\n",
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {labels: {a: b}}\nspec: {endpointSelector: {}}\n",
             "test.yaml:3: metadata: missing required field name",
         ),
         (
@@ -975,7 +994,6 @@ apiVersion: "cilium.io/v2"
 kind: CiliumNetworkPolicy
 metadata:
   name: web
-  namespace: default
   labels: {team: a}
   annotations: {x: y}
 spec:
@@ -1005,7 +1023,7 @@ spec:
         Some("web")
     );
     assert_eq!(s.description.as_deref(), Some("web"));
-    let Peer::Cidr(c) = &s.ingress[1].peers[0] else {
+    let Peer::Cidr(c) = &s.ingress[1].peers.listed()[0] else {
         panic!("cidr expected")
     };
     assert_eq!(c.cidr.prefix_len, 32);
@@ -1053,4 +1071,433 @@ spec:
         "ICMP-only rule without peer: all"
     );
     assert!(passes(&c, DB, WORLD, Egress, ICMP, 0));
+}
+
+const HEAD_DB: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {com.docker.compose.service: db}}\n";
+
+/// Issue 7, item 4: `fromEndpoints: []` (and every other peer list) selects nobody, as in Cilium;
+/// only a rule with no peer field at all applies to every peer.
+#[test]
+fn explicitly_empty_peer_lists_select_nobody() {
+    let cidr_doc = |extra: &str| {
+        format!("{HEAD_DB}{extra}---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: cidrs}}\nspec:\n  endpointSelector: {{matchLabels: {{com.docker.compose.service: app2}}}}\n  egress: [{{toCIDR: [192.0.2.0/24, \"2001:db8::/32\"]}}]\n")
+    };
+    for (dir, field) in [
+        ("ingress", "fromEndpoints"),
+        ("ingress", "fromEntities"),
+        ("ingress", "fromCIDR"),
+        ("ingress", "fromCIDRSet"),
+        ("egress", "toEndpoints"),
+        ("egress", "toEntities"),
+        ("egress", "toCIDR"),
+        ("egress", "toCIDRSet"),
+    ] {
+        let c = compiled(&cidr_doc(&format!(
+            "  {dir}:\n  - {field}: []\n    toPorts: [{{ports: [{{port: \"80\", protocol: TCP}}]}}]\n"
+        )));
+        let d = if dir == "ingress" { Ingress } else { Egress };
+        assert!(c.enforcement_of(DB).get(d), "{field}: the section is there");
+        for remote in [
+            ANY,
+            WORLD,
+            HOST,
+            UNMANAGED,
+            APP1,
+            resolve(&c, "192.0.2.1"),
+            resolve(&c, "2001:db8::1"),
+        ] {
+            assert!(
+                !passes(&c, DB, remote, d, TCP, 80),
+                "{field}: [] let {remote} in"
+            );
+        }
+        assert!(
+            !c.policy.keys().any(|k| k.key.local == DB),
+            "{field}: no entry at all"
+        );
+    }
+    // An empty list beside a non-empty one of another kind: only the other one counts.
+    let c = compiled(&format!(
+        "{HEAD_DB}  ingress:\n  - fromEndpoints: []\n    fromEntities: [host]\n    toPorts: [{{ports: [{{port: \"80\", protocol: TCP}}]}}]\n"
+    ));
+    assert!(passes(&c, DB, HOST, Ingress, TCP, 80));
+    assert!(!passes(&c, DB, WORLD, Ingress, TCP, 80));
+    assert!(!passes(&c, DB, APP1, Ingress, TCP, 80));
+    // No peer field: every peer (Cilium's L4-only rule).
+    let c = compiled(&format!(
+        "{HEAD_DB}  ingress:\n  - toPorts: [{{ports: [{{port: \"80\", protocol: TCP}}]}}]\n"
+    ));
+    assert!(passes(&c, DB, WORLD, Ingress, TCP, 80));
+    assert!(passes(&c, DB, APP1, Ingress, TCP, 80));
+    assert!(!passes(&c, DB, APP1, Ingress, TCP, 81));
+    // The parse keeps the difference.
+    let p = parse(&format!(
+        "{HEAD_DB}  ingress:\n  - fromCIDR: []\n  - {{}}\n"
+    ));
+    assert_eq!(p[0].specs[0].ingress[0].peers, Peers::Listed(vec![]));
+    assert_eq!(p[0].specs[0].ingress[1].peers, Peers::Unspecified);
+}
+
+/// Issue 7, item 5: an IPv4 CIDR applies to IPv4 only and an IPv6 CIDR to IPv6 only;
+/// `0.0.0.0/0` is Cilium's world-ipv4, `::/0` world-ipv6. The `world` entity is both.
+#[test]
+fn cidrs_apply_to_their_own_address_family() {
+    let c = compiled(&format!(
+        "{HEAD_DB}  egress:\n  - toCIDRSet: [{{cidr: 0.0.0.0/0, except: [10.0.0.0/8]}}]\n"
+    ));
+    let ok = |c: &Compiled, ip: &str| passes(c, DB, resolve(c, ip), Egress, TCP, 443);
+    assert!(ok(&c, "8.8.8.8"));
+    assert!(!ok(&c, "10.1.2.3"), "except");
+    for v6 in ["2001:db8::1", "::1", "fd00::1"] {
+        assert!(!ok(&c, v6), "0.0.0.0/0 opened IPv6 {v6}");
+    }
+    let world4: Cidr = "0.0.0.0/0".parse().unwrap();
+    assert!(c.cidr_identities[&world4] >= FIRST_CIDR);
+
+    let c = compiled(&format!(
+        "{HEAD_DB}  egress:\n  - toEntities: [world]\n  egressDeny:\n  - toCIDR: [\"::/0\"]\n"
+    ));
+    assert!(ok(&c, "8.8.8.8"), "::/0 blocked IPv4");
+    assert!(ok(&c, "10.1.2.3"), "::/0 blocked IPv4");
+    assert!(!ok(&c, "2001:db8::1"));
+    assert!(!ok(&c, "fd00::1"));
+
+    let c = compiled(&format!(
+        "{HEAD_DB}  egress:\n  - toCIDR: [\"::/0\"]\n    toPorts: [{{ports: [{{port: \"443\"}}]}}]\n"
+    ));
+    assert!(ok(&c, "2001:db8::1"));
+    assert!(!ok(&c, "8.8.8.8"), "::/0 opened IPv4");
+    assert!(
+        !passes(&c, DB, WORLD, Egress, TCP, 443),
+        "IPv4 misses the ipcache: world"
+    );
+
+    // The world entity is both families, the /0 identities included.
+    let mut both = parse(&format!("{HEAD_DB}  egress:\n  - toEntities: [world]\n"));
+    both.extend(parse(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: q}\nspec:\n  endpointSelector: {matchLabels: {com.docker.compose.service: app1}}\n  egress: [{toCIDR: [0.0.0.0/0, \"::/0\"]}]\n",
+    ));
+    let c = compile(&both, &shop()).unwrap();
+    for ip in ["8.8.8.8", "2001:db8::1"] {
+        assert!(ok(&c, ip), "world: {ip}");
+    }
+    assert!(passes(&c, DB, WORLD, Egress, TCP, 443));
+    assert!(!passes(&c, DB, HOST, Egress, TCP, 443));
+}
+
+/// Issue 7, item 6: inputs that grew past 4 GB or overflowed the stack are errors with a line,
+/// quickly.
+#[test]
+fn hostile_yaml_is_an_error_with_a_line_in_bounded_time() {
+    // 8 levels of 10 aliases: 10^8 nodes if expanded.
+    let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..8 {
+        let p = i - 1;
+        bomb.push_str(&format!(
+            "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+        ));
+    }
+    assert!(bomb.len() < 1024);
+    // 100,000 nested block sequences: "- - - … x".
+    let deep_block = format!("{}x\n", "- ".repeat(100_000));
+    let deep_flow = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let deep_map: String = (0..100).map(|i| format!("{}a:\n", " ".repeat(i))).collect();
+    let big = format!("{HEAD_DB}#{}\n", "x".repeat(limits::FILE_BYTES));
+    let mut wide = String::from("k: [");
+    for _ in 0..limits::NODES {
+        wide.push_str("1,");
+    }
+    wide.push_str("]\n");
+    let cases: [(&str, &str, &str); 6] = [
+        (&bomb, "counting every alias expansion", "test.yaml:"),
+        (
+            &deep_block,
+            "nested more than 64 levels deep",
+            "test.yaml:1:",
+        ),
+        (
+            &deep_flow,
+            "nested more than 64 levels deep",
+            "test.yaml:1:",
+        ),
+        (
+            &deep_map,
+            "nested more than 64 levels deep",
+            "test.yaml:65:",
+        ),
+        (&big, "larger than 1048576 bytes", "test.yaml:6:"),
+        (&wide, "more than 100000 YAML nodes", "test.yaml:1:"),
+    ];
+    for (text, what, at) in cases {
+        let t = std::time::Instant::now();
+        let e = parse_str("test.yaml", text).expect_err(what).to_string();
+        let took = t.elapsed();
+        assert!(
+            e.contains(what) && e.starts_with(at),
+            "want {at} … {what}, got {e}"
+        );
+        assert!(took < std::time::Duration::from_secs(1), "{what}: {took:?}");
+    }
+    let e = parse_str("test.yaml", &bomb).unwrap_err();
+    assert!(e.0[0].line >= 5, "the line where the limit is crossed: {e}");
+}
+
+#[test]
+fn rules_peers_and_ports_per_policy_are_limited() {
+    let many = |n: usize, item: &str| vec![item; n].join(", ");
+    let cases = [
+        (
+            format!("{HEAD_DB}  ingress: [{}]\n", many(limits::RULES + 1, "{}")),
+            "test.yaml:6: spec.ingress: more than 1000 rules in one policy",
+        ),
+        (
+            format!(
+                "{HEAD_DB}  ingress: [{}]\n  egress: [{}]\n",
+                many(limits::RULES, "{}"),
+                many(1, "{}")
+            ),
+            "test.yaml:7: spec.egress: more than 1000 rules in one policy",
+        ),
+        (
+            format!(
+                "{HEAD_DB}  ingress:\n  - fromEntities: [{}]\n",
+                many(limits::PEERS + 1, "world")
+            ),
+            "test.yaml:7: spec.ingress[0].fromEntities: more than 1000 peers in one policy",
+        ),
+        (
+            format!(
+                "{HEAD_DB}  egress:\n  - toCIDRSet: [{{cidr: 10.0.0.0/8, except: [{}]}}]\n",
+                many(limits::PEERS, "10.1.0.0/16")
+            ),
+            "test.yaml:7: spec.egress[0].toCIDRSet[0].except: more than 1000 peers in one policy",
+        ),
+        (
+            format!(
+                "{HEAD_DB}  ingress: [{}]\n",
+                many(26, &format!("{{toPorts: [{{ports: [{}]}}]}}", many(40, "{port: \"1\"}")))
+            ),
+            "test.yaml:6: spec.ingress[25].toPorts[0].ports: more than 1000 ports and ICMP fields in one policy",
+        ),
+    ];
+    for (text, want) in cases {
+        let e = parse_str("test.yaml", &text).expect_err(want).to_string();
+        assert!(e.starts_with(want), "want {want}\n got {e}");
+        assert_eq!(e.lines().count(), 1, "one error per limit: {e}");
+    }
+    // At the limits: valid.
+    parse(&format!(
+        "{HEAD_DB}  ingress: [{}]\n",
+        many(limits::RULES, "{}")
+    ));
+    parse(&format!(
+        "{HEAD_DB}  ingress:\n  - fromEntities: [{}]\n",
+        many(limits::PEERS, "world")
+    ));
+}
+
+/// A compile that would multiply out past [`MAX_ENTRIES`] stops with an error instead of
+/// growing without bound.
+#[test]
+fn compile_stops_at_max_entries() {
+    let cidrs: Vec<String> = (0..limits::PEERS)
+        .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+        .collect();
+    let ranges: Vec<String> = (0..40)
+        .map(|i| {
+            format!(
+                "{{port: \"{}\", endPort: {}}}",
+                i * 1500 + 1,
+                i * 1500 + 1499
+            )
+        })
+        .collect();
+    let ranges = ranges.join(", ");
+    let text = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: big}}\nspec:\n  endpointSelector: {{}}\n  ingress:\n  - fromCIDR: [{}]\n    toPorts: [{{ports: [{ranges}]}}]\n",
+        cidrs.join(", ")
+    );
+    let t = std::time::Instant::now();
+    let e = match compile(&parse(&text), &shop()) {
+        Ok(c) => panic!("compiled to {} entries", c.policy.len()),
+        Err(e) => e,
+    };
+    assert!(matches!(e, CompileError::TooManyEntries { .. }), "{e}");
+    assert!(e.to_string().contains("big ingress[0]"), "{e}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+}
+
+/// Issue 7, "stricter validation, as Cilium does": each an error naming file, line and field.
+#[test]
+fn stricter_validation_as_cilium() {
+    let head = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: p\nspec:\n  endpointSelector: {}\n";
+    let ports41 = vec!["{port: \"1\"}"; 41].join(", ");
+    let icmps41 = vec!["{type: 8}"; 41].join(", ");
+    let cases: Vec<(String, &str)> = vec![
+        (
+            "  ingress:\n  - fromEndpoints: [~]\n".into(),
+            "test.yaml:8: spec.ingress[0].fromEndpoints[0]: a null selector is not allowed",
+        ),
+        (
+            "  ingress:\n  - fromEndpoints: [null, {}]\n".into(),
+            "test.yaml:8: spec.ingress[0].fromEndpoints[0]: a null selector",
+        ),
+        (
+            "  ingress:\n  - fromEndpoints:\n    toPorts: [{ports: [{port: \"80\"}]}]\n".into(),
+            "test.yaml:8: spec.ingress[0].fromEndpoints: a null list is not allowed",
+        ),
+        (
+            "  egress:\n  - toCIDR: ~\n".into(),
+            "test.yaml:8: spec.egress[0].toCIDR: a null list",
+        ),
+        (
+            "  ingress:\n  - toPorts: [{ports: [{protocol: TCP}]}]\n".into(),
+            "test.yaml:8: spec.ingress[0].toPorts[0].ports[0]: missing required field port",
+        ),
+        (
+            "  ingress:\n  - toPorts:\n    - ports:\n      - port: \"0443\"\n".into(),
+            "test.yaml:10: spec.ingress[0].toPorts[0].ports[0].port: \"0443\" has a leading zero",
+        ),
+        (
+            "  ingress:\n  - toPorts:\n    - ports:\n      - {port: \"80\", endPort: 090}\n".into(),
+            "test.yaml:10: spec.ingress[0].toPorts[0].ports[0].endPort: \"090\" has a leading zero",
+        ),
+        (
+            "  ingress:\n  - icmps: [{fields: [{type: \"08\"}]}]\n".into(),
+            "test.yaml:8: spec.ingress[0].icmps[0].fields[0].type: \"08\" has a leading zero",
+        ),
+        (
+            format!("  ingress:\n  - toPorts: [{{ports: [{ports41}]}}]\n"),
+            "test.yaml:8: spec.ingress[0].toPorts: more than 40 ports in one rule",
+        ),
+        (
+            format!("  ingress:\n  - toPorts:\n    - ports: [{{port: \"1\"}}]\n    - ports: [{ports41}]\n"),
+            "test.yaml:8: spec.ingress[0].toPorts: more than 40 ports in one rule",
+        ),
+        (
+            format!("  egress:\n  - icmps: [{{fields: [{icmps41}]}}]\n"),
+            "test.yaml:8: spec.egress[0].icmps: more than 40 ICMP fields in one rule",
+        ),
+        (
+            "  ingress:\n  - fromEndpoints: [{}]\n    fromEntities: [world]\n".into(),
+            "test.yaml:9: spec.ingress[0].fromEntities: fromEndpoints and fromEntities cannot be combined in one rule",
+        ),
+        (
+            "  ingress:\n  - fromEndpoints: [{}]\n    fromCIDR: [10.0.0.0/8]\n".into(),
+            "test.yaml:9: spec.ingress[0].fromCIDR: fromEndpoints and fromCIDR cannot be combined",
+        ),
+        (
+            "  egress:\n  - toCIDRSet: [{cidr: 10.0.0.0/8}]\n    toEndpoints: [{}]\n".into(),
+            "test.yaml:9: spec.egress[0].toEndpoints: toCIDRSet and toEndpoints cannot be combined",
+        ),
+        (
+            "  egress:\n  - toCIDR: [10.0.0.0/8]\n    toCIDRSet: [{cidr: 10.0.0.0/8}]\n".into(),
+            "test.yaml:9: spec.egress[0].toCIDRSet: toCIDR and toCIDRSet cannot be combined",
+        ),
+        (
+            "  enableDefaultDeny: {ingress: !!str false}\n  ingress: [{}]\n".into(),
+            "test.yaml:7: YAML tag !!str is not supported",
+        ),
+        (
+            "  ingress:\n  - toPorts: [{ports: [{port: !!int \"80\"}]}]\n".into(),
+            "test.yaml:8: YAML tag !!int is not supported",
+        ),
+        (
+            "  ingress:\n  - fromEndpoints:\n    - matchLabels: {com.docker.compose.config-hash: abc}\n".into(),
+            "test.yaml:9: spec.ingress[0].fromEndpoints[0].matchLabels.com.docker.compose.config-hash: label \"com.docker.compose.config-hash\" is left out of identities",
+        ),
+        (
+            "  ingress:\n  - fromEndpoints:\n    - matchExpressions: [{key: any:org.opencontainers.image.title, operator: DoesNotExist}]\n".into(),
+            "test.yaml:9: spec.ingress[0].fromEndpoints[0].matchExpressions[0].key: label \"org.opencontainers.image.title\" is left out",
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (tail, want) in &cases {
+        let text = format!("{head}{tail}");
+        match parse_str("test.yaml", &text) {
+            Ok(_) => wrong.push(format!("want {want}\n got no error")),
+            Err(e) if !e.to_string().starts_with(want) => {
+                wrong.push(format!("want {want}\n got {e}"))
+            }
+            Err(_) => {}
+        }
+    }
+    let docs: &[(&str, &str)] = &[
+        (
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector:\n  ingress: [{}]\n",
+            "test.yaml:5: spec.endpointSelector: a null selector is not allowed: write {} to select every container",
+        ),
+        (
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec: {endpointSelector: ~, ingress: [{}]}\n",
+            "test.yaml:4: spec.endpointSelector: a null selector",
+        ),
+        (
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: p\n  namespace: default\nspec: {endpointSelector: {}}\n",
+            "test.yaml:5: metadata.namespace: there are no namespaces on a Docker host",
+        ),
+        (
+            "apiVersion: !!str cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec: {endpointSelector: {}}\n",
+            "test.yaml:1: YAML tag !!str",
+        ),
+        (
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec: !!map {endpointSelector: {}}\n",
+            "test.yaml:4: YAML tag !!map",
+        ),
+    ];
+    for (text, want) in docs {
+        match parse_str("test.yaml", text) {
+            Ok(_) => wrong.push(format!("want {want}\n got no error")),
+            Err(e) if !e.to_string().starts_with(want) => {
+                wrong.push(format!("want {want}\n got {e}"))
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// The agent's `--ignore-label` patterns make selectors on those labels errors too.
+#[test]
+fn selectors_on_ignored_labels_are_errors() {
+    let text =
+        format!("{HEAD_DB}  ingress:\n  - fromEndpoints: [{{matchLabels: {{tier: front}}}}]\n");
+    parse(&text);
+    let filter = crate::identity::LabelFilter::new(["tier"]);
+    let e = parse_str_with("test.yaml", &text, &filter)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("test.yaml:7: spec.ingress[0].fromEndpoints[0].matchLabels.tier: label \"tier\" is left out of identities"),
+        "{e}"
+    );
+    let sel = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {build.id: \"7\"}}\n  ingress: [{}]\n";
+    let e = parse_str_with(
+        "test.yaml",
+        sel,
+        &crate::identity::LabelFilter::new(["build.*"]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with(
+            "test.yaml:5: spec.endpointSelector.matchLabels.build.id: label \"build.id\""
+        ),
+        "{e}"
+    );
+}
+
+/// A panic inside the parser is an error, not a dead daemon.
+#[test]
+fn a_panic_while_parsing_is_an_error() {
+    let r = super::parse::isolated("test.yaml", || -> Result<Vec<Policy>, PolicyErrors> {
+        panic!("boom")
+    });
+    let e = r.unwrap_err();
+    assert!(
+        matches!(&e.0[0].kind, ErrorKind::Internal(m) if m == "boom"),
+        "{e}"
+    );
+    assert!(e
+        .to_string()
+        .starts_with("test.yaml:0: internal error while parsing"));
 }

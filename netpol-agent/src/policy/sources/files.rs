@@ -19,6 +19,7 @@ use std::{
 use tracing::{error, info};
 
 use crate::{
+    identity::LabelFilter,
     policy::{self, Policy},
     store::{Store, StoreError},
 };
@@ -135,7 +136,12 @@ impl Files {
     /// wanted may be free now). `imported` says whether a policy name is taken by an imported
     /// policy. Returns the store errors (a valid version that could not be kept on disk still
     /// applies: the file itself is there).
-    pub fn reload(&mut self, store: &Store, imported: impl Fn(&str) -> bool) -> Vec<StoreError> {
+    pub fn reload(
+        &mut self,
+        store: &Store,
+        filter: &LabelFilter,
+        imported: impl Fn(&str) -> bool,
+    ) -> Vec<StoreError> {
         let mut store_errors = Vec::new();
         let Some(listing) = self.listing() else {
             return store_errors;
@@ -161,11 +167,12 @@ impl Files {
                 }
             }
             let file = path.display().to_string();
-            let parsed = match std::fs::read_to_string(&path) {
-                Ok(text) => policy::parse_str(&file, &text)
+            // Bounded read; selectors checked against the agent's label filter.
+            let parsed = match policy::read_file(&path) {
+                Ok(text) => policy::parse_str_with(&file, &text, filter)
                     .map(|policies| (text, policies))
                     .map_err(|e| e.to_string()),
-                Err(e) => Err(format!("{file}:0: cannot read: {e}")),
+                Err(e) => Err(e.to_string()),
             };
             let parsed = parsed.and_then(|(text, policies)| {
                 self.check_names(&name, &file, &policies, &imported)?;

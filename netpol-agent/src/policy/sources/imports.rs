@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use tracing::error;
 
 use crate::{
+    identity::LabelFilter,
     policy::{self, Policy},
     store::{valid_policy_name, Store, StoreError},
 };
@@ -32,6 +33,8 @@ pub struct Imports {
 
 impl Imports {
     /// The policies stored in `store`. One that no longer parses is kept (as an error).
+    /// Selectors are checked against the built-in label filter only: a changed `--ignore-label`
+    /// must not turn a stored policy into an error.
     pub fn load(store: &Store) -> Result<Self, StoreError> {
         let mut policies = ImportSet::new();
         for (name, text) in store.policies()? {
@@ -97,19 +100,21 @@ pub fn unparsable(set: &ImportSet) -> impl Iterator<Item = (&str, &str)> {
 }
 
 /// The policies that `policy import` of `files` ((path, text) as the CLI read them) adds: every
-/// document of every file must parse and carry a storable, unique name; otherwise every error.
+/// document of every file must parse (selectors checked against `filter`, the agent's label
+/// filter) and carry a storable, unique name; otherwise every error.
 pub fn parse_import<'a>(
     files: impl IntoIterator<Item = (&'a str, &'a str)>,
+    filter: &LabelFilter,
 ) -> Result<ImportSet, Vec<String>> {
     let mut errors = Vec::new();
     let mut new = ImportSet::new();
     for (path, text) in files {
-        if let Err(e) = policy::parse_str(path, text) {
+        if let Err(e) = policy::parse_str_with(path, text, filter) {
             errors.push(e.to_string());
             continue;
         }
         for doc in documents(text) {
-            match policy::parse_str(path, &doc) {
+            match policy::parse_str_with(path, &doc, filter) {
                 Ok(ps) => {
                     for p in ps {
                         if !valid_policy_name(&p.name) {

@@ -19,6 +19,7 @@ pub use imports::{ImportSet, Imported, Imports};
 pub use labels::{ContainerLabels, LabelPolicies};
 
 use crate::{
+    identity::LabelFilter,
     policy::Policy,
     store::{Store, StoreError},
 };
@@ -58,9 +59,10 @@ impl Sources {
     }
 
     /// Re-reads the policy directory (see [`Files::reload`]).
-    pub fn reload_files(&mut self, store: &Store) -> Vec<StoreError> {
+    pub fn reload_files(&mut self, store: &Store, filter: &LabelFilter) -> Vec<StoreError> {
         let imports = &self.imports;
-        self.files.reload(store, |name| imports.contains(name))
+        self.files
+            .reload(store, filter, |name| imports.contains(name))
     }
 
     /// Stored policies that no longer parse, with `imports` in place of the imported policies:
