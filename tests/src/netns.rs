@@ -506,6 +506,8 @@ impl Drop for PinDir {
 /// ipcache <addr>/<len> <identity>
 /// policy <local> <remote> <in|out> <proto> <port> <prefix_len> <allow|deny> <rule>
 /// attach <ifindex>
+/// detach <ifindex>        (after the attaches)
+/// attach-mode <tcx|netlink>   (forces the attach mode; default: probed)
 /// replace-policy          (delete POLICY entries that the plan does not hold)
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -514,6 +516,9 @@ pub struct DatapathPlan {
     pub ipcache: Vec<(IpAddr, u8, u32)>,
     pub policy: Vec<PlanPolicy>,
     pub attach: Vec<u32>,
+    pub detach: Vec<u32>,
+    /// `Some("tcx")` / `Some("netlink")` forces the attach mode.
+    pub attach_mode: Option<String>,
     pub replace_policy: bool,
 }
 
@@ -623,6 +628,12 @@ impl DatapathPlan {
         for i in &self.attach {
             let _ = writeln!(s, "attach {i}");
         }
+        for i in &self.detach {
+            let _ = writeln!(s, "detach {i}");
+        }
+        if let Some(m) = &self.attach_mode {
+            let _ = writeln!(s, "attach-mode {m}");
+        }
         if self.replace_policy {
             s.push_str("replace-policy\n");
         }
@@ -682,6 +693,8 @@ impl DatapathPlan {
                     rule: num(8)?,
                 }),
                 Some("attach") if f.len() == 2 => plan.attach.push(num(1)?),
+                Some("detach") if f.len() == 2 => plan.detach.push(num(1)?),
+                Some("attach-mode") if f.len() == 2 => plan.attach_mode = Some(f[1].to_owned()),
                 Some("replace-policy") if f.len() == 1 => plan.replace_policy = true,
                 Some(_) => return Err(bad("unknown or malformed line")),
             }

@@ -19,7 +19,10 @@ use tokio::sync::Mutex;
 use tracing::{error, info, warn};
 
 use crate::{
-    datapath::{kernel::KernelDatapath, MapSizes},
+    datapath::{
+        kernel::{AttachMode, KernelDatapath},
+        MapSizes,
+    },
     docker::{DockerConfig, DockerWatcher},
     identity::LabelFilter,
     store::Store,
@@ -69,6 +72,29 @@ pub struct RunArgs {
     /// How often the policy directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub policy_poll_ms: u64,
+    /// How programs are attached to veths: `tcx` links, `netlink` (clsact filters), or `auto`
+    /// (TCX if a probe attach succeeds).
+    #[arg(long, value_enum, default_value_t)]
+    pub attach: AttachArg,
+}
+
+/// `run --attach`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachArg {
+    #[default]
+    Auto,
+    Tcx,
+    Netlink,
+}
+
+impl AttachArg {
+    pub fn mode(self) -> Option<AttachMode> {
+        match self {
+            AttachArg::Auto => None,
+            AttachArg::Tcx => Some(AttachMode::Tcx),
+            AttachArg::Netlink => Some(AttachMode::Netlink),
+        }
+    }
 }
 
 impl RunArgs {
@@ -131,7 +157,7 @@ pub fn run(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
 async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
     // Checked before anything is touched: a bad pattern must not start a half-configured agent.
     let filter = LabelFilter::checked(args.ignore_labels.iter())?;
-    let mut dp = KernelDatapath::open(&args.pin_dir, args.sizes())?;
+    let mut dp = KernelDatapath::open_with(&args.pin_dir, args.sizes(), args.attach.mode())?;
     let events = monitor::take_ring(&mut dp);
     let store = Store::new(&args.state_dir);
     let masq = masq::Masq::new(masq::MasqConfig {

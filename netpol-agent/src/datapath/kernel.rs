@@ -7,8 +7,22 @@
 //! with `bpf_link_update`, which replaces the program atomically: there is no moment in which the
 //! interface runs without a program. Pinned links keep the programs attached while no agent runs.
 //!
+//! Attachment order: TCX links are created first in the interface's chain
+//! (`LinkOrder::first()`), so no earlier program can return OK and skip enforcement. On adoption
+//! the chain is checked: if a program was put before ours meanwhile, a new link is attached first
+//! and only then the old one is dropped (no moment without enforcement).
+//!
+//! The clsact fallback (kernels without TCX, or `--attach netlink`) uses one fixed filter per
+//! direction ([`NL_PRIORITY`], [`NL_HANDLE`]): a restart replaces the program of that filter in
+//! place (cls_bpf swaps it atomically) instead of adding a second one, and `detach` deletes it.
+//!
+//! Which of the two is used is decided by probing the kernel: a TCX attach on the loopback device
+//! of a throwaway network namespace (see [`probe_tcx`]).
+//!
 //! Layout under the pin directory: `<MAP NAME>` for every map, `links/<ifindex>_from` and
-//! `links/<ifindex>_to` for the two links of a managed veth.
+//! `links/<ifindex>_to` for the two TCX links of a managed veth; in clsact mode the empty
+//! directories `links/<ifindex>_from_tc` and `links/<ifindex>_to_tc` record the filters (bpffs
+//! holds no plain files, and no names with a dot).
 
 use std::{
     ffi::CStr,
@@ -24,8 +38,8 @@ use aya::{
     },
     programs::{
         links::{FdLink, PinnedLink},
-        tc::{self, SchedClassifierLink, TcAttachOptions},
-        LinkOrder, SchedClassifier, TcAttachType,
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+        Link, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -43,12 +57,19 @@ use super::{Cidr, Datapath, DatapathError, DropCounters, MapSizes, MapState, Pol
 /// How the programs are attached to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
-    /// TCX links (Linux ≥ 6.6), pinned: survive the agent, replaced atomically on restart.
+    /// TCX links (Linux ≥ 6.6), pinned, first in the chain: survive the agent, replaced atomically
+    /// on restart.
     Tcx,
-    /// clsact + cls_bpf filters through netlink: for older kernels. Filters outlive the agent on
-    /// their own; a restart re-attaches the new program over them.
+    /// clsact + cls_bpf filters through netlink: for kernels without TCX. One filter per direction
+    /// at a fixed priority and handle; filters outlive the agent on their own, and a restart
+    /// replaces their program in place.
     Netlink,
 }
+
+/// Priority of the clsact filters: 1 runs before any other priority.
+pub const NL_PRIORITY: u16 = 1;
+/// Handle of the clsact filters (`tc filter show` prints it as `handle 0x4e50`).
+pub const NL_HANDLE: TcHandle = TcHandle::new(0, 0x4e50);
 
 pub struct KernelDatapath {
     bpf: Ebpf,
@@ -125,10 +146,86 @@ fn ifname(ifindex: u32) -> Result<String, DatapathError> {
     Ok(name.to_string_lossy().into_owned())
 }
 
+fn side(prog: &str) -> &'static str {
+    if prog == programs::FROM_CONTAINER {
+        "from"
+    } else {
+        "to"
+    }
+}
+
+fn attach_type(prog: &str) -> TcAttachType {
+    if prog == programs::FROM_CONTAINER {
+        TcAttachType::Ingress
+    } else {
+        TcAttachType::Egress
+    }
+}
+
+/// Deletes netpol's clsact filter for `prog` on `ifindex`. An interface or filter that is gone is
+/// not an error.
+fn remove_tc_filter(ifindex: u32, prog: &str) -> Result<(), String> {
+    // A vanished interface took its filters with it.
+    let Ok(ifname) = ifname(ifindex) else {
+        return Ok(());
+    };
+    let gone =
+        SchedClassifierLink::attached(&ifname, attach_type(prog), NL_PRIORITY, NL_HANDLE, None)
+            .map_err(ProgramError::from)
+            .and_then(Link::detach);
+    match gone {
+        Ok(()) => Ok(()),
+        Err(ProgramError::NetlinkError(e)) if matches!(e.raw_os_error(), Some(libc::ENOENT)) => {
+            Ok(())
+        }
+        Err(e) => Err(format!("clsact filter {prog} on {ifname}: {e}")),
+    }
+}
+
+/// Whether TCX links can be created: attaches `prog` to the loopback device of a network
+/// namespace of its own (created for the probe on a thread that exits afterwards, so no interface
+/// of the host is touched) and detaches it again. If no namespace can be created, asks the kernel
+/// for the host loopback's TCX chain instead (read-only; a kernel without TCX rejects the query).
+pub fn probe_tcx(prog: &mut SchedClassifier) -> Result<(), String> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: unshare only changes this thread, which does nothing else and exits.
+                if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                    let e = io::Error::last_os_error();
+                    return SchedClassifier::query_tcx("lo", TcAttachType::Ingress)
+                        .map(|_| ())
+                        .map_err(|q| format!("no probe namespace ({e}); TCX query on lo: {q}"));
+                }
+                let id = prog
+                    .attach_with_options(
+                        "lo",
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::first()),
+                    )
+                    .map_err(|e| format!("TCX attach in a probe namespace: {e}"))?;
+                // The link detaches when dropped; the namespace goes with the thread.
+                drop(prog.take_link(id));
+                Ok(())
+            })
+            .join()
+            .unwrap_or_else(|_| Err("the TCX probe thread panicked".to_owned()))
+    })
+}
+
 impl KernelDatapath {
     /// Loads the programs and opens (or creates and pins) every map under `pin_dir`, then switches
     /// every pinned link to the freshly loaded programs.
     pub fn open(pin_dir: impl AsRef<Path>, sizes: MapSizes) -> Result<Self, DatapathError> {
+        Self::open_with(pin_dir, sizes, None)
+    }
+
+    /// [`Self::open`] with the attach mode forced (`Some`) or probed (`None`).
+    pub fn open_with(
+        pin_dir: impl AsRef<Path>,
+        sizes: MapSizes,
+        mode: Option<AttachMode>,
+    ) -> Result<Self, DatapathError> {
         let pin_dir = pin_dir.as_ref().to_path_buf();
         if pin_dir.starts_with("/sys/fs/bpf") {
             ensure_bpffs()?;
@@ -163,12 +260,21 @@ impl KernelDatapath {
             prog.load()
                 .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
         }
-        let tcx = aya::util::KernelVersion::current()
-            .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
-        let mode = if tcx {
-            AttachMode::Tcx
-        } else {
-            AttachMode::Netlink
+        let mode = match mode {
+            Some(m) => m,
+            None => {
+                let prog: &mut SchedClassifier = bpf
+                    .program_mut(programs::FROM_CONTAINER)
+                    .and_then(|p| p.try_into().ok())
+                    .ok_or_else(|| DatapathError::Load("from_container missing".into()))?;
+                match probe_tcx(prog) {
+                    Ok(()) => AttachMode::Tcx,
+                    Err(why) => {
+                        info!(%why, "TCX unavailable; attaching through clsact (netlink)");
+                        AttachMode::Netlink
+                    }
+                }
+            }
         };
         let mut dp = Self {
             bpf,
@@ -201,12 +307,16 @@ impl KernelDatapath {
     }
 
     fn link_path(&self, ifindex: u32, prog: &str) -> PathBuf {
-        let side = if prog == programs::FROM_CONTAINER {
-            "from"
-        } else {
-            "to"
-        };
-        self.pin_dir.join("links").join(format!("{ifindex}_{side}"))
+        self.pin_dir
+            .join("links")
+            .join(format!("{ifindex}_{}", side(prog)))
+    }
+
+    /// The record of a clsact filter (an empty directory: bpffs holds no plain files).
+    fn tc_path(&self, ifindex: u32, prog: &str) -> PathBuf {
+        self.pin_dir
+            .join("links")
+            .join(format!("{ifindex}_{}_tc", side(prog)))
     }
 
     fn prog(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
@@ -217,27 +327,96 @@ impl KernelDatapath {
             .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))
     }
 
-    /// Points every pinned link at the newly loaded programs; removes pins of links whose
-    /// interface is gone.
+    /// Points every pinned link (or clsact filter) at the newly loaded programs; removes the
+    /// records of interfaces that are gone. A TCX link that is no longer first is moved first.
     fn adopt_links(&mut self) -> Result<(), DatapathError> {
-        if self.mode != AttachMode::Tcx {
-            return Ok(());
-        }
         for ifindex in self.attached()? {
-            for name in [programs::FROM_CONTAINER, programs::TO_CONTAINER] {
-                let path = self.link_path(ifindex, name);
-                if !path.exists() {
-                    continue;
+            let Ok(ifname) = ifname(ifindex) else {
+                // The interface went, and its links or filters with it.
+                for name in [programs::FROM_CONTAINER, programs::TO_CONTAINER] {
+                    let _ = fs::remove_file(self.link_path(ifindex, name));
+                    let _ = fs::remove_dir(self.tc_path(ifindex, name));
                 }
-                match self.update_link(&path, name) {
-                    Ok(()) => debug!(ifindex, name, "adopted pinned link"),
-                    Err(e) => {
-                        warn!(ifindex, name, error = %e, "pinned link could not be adopted; removing it");
-                        let _ = fs::remove_file(&path);
-                    }
+                continue;
+            };
+            for name in [programs::FROM_CONTAINER, programs::TO_CONTAINER] {
+                // Both kinds, whatever the mode: an agent started with another `--attach`
+                // still updates (and later detaches) what an earlier one attached.
+                let r = self
+                    .adopt_tcx(ifindex, &ifname, name)
+                    .and_then(|()| self.adopt_tc(ifindex, &ifname, name));
+                if let Err(e) = r {
+                    warn!(ifindex, name, error = %e, "pinned attachment could not be adopted");
                 }
             }
         }
+        Ok(())
+    }
+
+    fn adopt_tcx(&mut self, ifindex: u32, ifname: &str, name: &str) -> Result<(), DatapathError> {
+        let path = self.link_path(ifindex, name);
+        if !path.exists() {
+            return Ok(());
+        }
+        if self.pinned_link_first(&path, ifname, name)? {
+            if let Err(e) = self.update_link(&path, name) {
+                warn!(ifindex, name, error = %e, "pinned link could not be updated; removing it");
+                let _ = fs::remove_file(&path);
+                return Err(e);
+            }
+            debug!(ifindex, name, "adopted pinned link");
+            return Ok(());
+        }
+        warn!(
+            ifindex,
+            name, "another TCX program runs before netpol's; moving netpol's first"
+        );
+        // A new link with the new program first, then the old link (still running the previous
+        // agent's program) goes when its pin is replaced: enforcement never stops. (A program
+        // can be in a TCX chain only once, so the old link cannot be updated first.)
+        let tmp = path.with_file_name(format!("{ifindex}_{}_new", side(name)));
+        let _ = fs::remove_file(&tmp);
+        self.attach_tcx_pinned(ifindex, ifname, name, &tmp)?;
+        fs::rename(&tmp, &path).map_err(|e| DatapathError::Pin {
+            path: path.display().to_string(),
+            message: format!("replacing with the new first link: {e}"),
+        })?;
+        Ok(())
+    }
+
+    /// Whether the program of the link pinned at `path` is the first of the TCX chain of
+    /// `ifname` on `name`'s side.
+    fn pinned_link_first(
+        &self,
+        path: &Path,
+        ifname: &str,
+        name: &str,
+    ) -> Result<bool, DatapathError> {
+        let perr = |m: String| DatapathError::Pin {
+            path: path.display().to_string(),
+            message: m,
+        };
+        let pinned = PinnedLink::from_pin(path).map_err(|e| perr(e.to_string()))?;
+        let prog_id = FdLink::from(pinned)
+            .info()
+            .map_err(|e| perr(e.to_string()))?
+            .program_id();
+        let (_, chain) = SchedClassifier::query_tcx(ifname, attach_type(name))
+            .map_err(|e| perr(format!("querying the TCX chain of {ifname}: {e}")))?;
+        Ok(chain.first().is_some_and(|p| p.id() == prog_id))
+    }
+
+    fn adopt_tc(
+        &mut self,
+        ifindex: u32,
+        ifname: &str,
+        name: &'static str,
+    ) -> Result<(), DatapathError> {
+        if !self.tc_path(ifindex, name).exists() {
+            return Ok(());
+        }
+        self.attach_tc(ifindex, ifname, name)?;
+        debug!(ifindex, name, "adopted clsact filter");
         Ok(())
     }
 
@@ -258,60 +437,103 @@ impl KernelDatapath {
         Ok(())
     }
 
+    /// Creates a TCX link for `name` first in the chain of `ifname` and pins it at `path`.
+    fn attach_tcx_pinned(
+        &mut self,
+        ifindex: u32,
+        ifname: &str,
+        name: &str,
+        path: &Path,
+    ) -> Result<(), DatapathError> {
+        let aerr = |m: String| DatapathError::Attach {
+            ifindex,
+            message: m,
+        };
+        let prog = self.prog(name)?;
+        let id = prog
+            .attach_with_options(
+                ifname,
+                attach_type(name),
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+            .map_err(|e| aerr(format!("{name}: {e}")))?;
+        let link = prog.take_link(id).map_err(|e| aerr(e.to_string()))?;
+        let fd: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| aerr(e.to_string()))?;
+        // Dropping `fd` without a pin would detach it again: the attach fails as a whole.
+        fd.pin(path).map_err(|e| DatapathError::Pin {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(())
+    }
+
+    /// Puts `name` into the fixed clsact filter of `ifname`: replaces the program of an existing
+    /// filter in place, or creates the filter.
+    fn attach_tc(
+        &mut self,
+        ifindex: u32,
+        ifname: &str,
+        name: &'static str,
+    ) -> Result<(), DatapathError> {
+        let aerr = |m: String| DatapathError::Attach {
+            ifindex,
+            message: m,
+        };
+        let attach_type = attach_type(name);
+        // "Exclusivity flag on" means the qdisc is already there.
+        let _ = tc::qdisc_add_clsact(ifname);
+        let existing =
+            SchedClassifierLink::attached(ifname, attach_type, NL_PRIORITY, NL_HANDLE, None)
+                .map_err(|e| aerr(e.to_string()))?;
+        let prog = self.prog(name)?;
+        let id = match prog.attach_to_link(existing) {
+            Ok(id) => id,
+            // No such filter yet (or not replaceable): create it.
+            Err(replace_err) => prog
+                .attach_with_options(
+                    ifname,
+                    attach_type,
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: NL_PRIORITY,
+                        handle: NL_HANDLE,
+                        classid: None,
+                    }),
+                )
+                .map_err(|e| aerr(format!("{name}: {e} (replacing: {replace_err})")))?,
+        };
+        // Keep the filter when this process exits (dropping the link would delete it).
+        std::mem::forget(prog.take_link(id).map_err(|e| aerr(e.to_string()))?);
+        let record = self.tc_path(ifindex, name);
+        fs::create_dir_all(&record).map_err(|e| DatapathError::Pin {
+            path: record.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(())
+    }
+
     fn attach_one(
         &mut self,
         ifindex: u32,
         ifname: &str,
         name: &'static str,
     ) -> Result<(), DatapathError> {
-        let path = self.link_path(ifindex, name);
-        let attach_type = if name == programs::FROM_CONTAINER {
-            TcAttachType::Ingress
-        } else {
-            TcAttachType::Egress
-        };
-        let aerr = |m: String| DatapathError::Attach {
-            ifindex,
-            message: m,
-        };
         match self.mode {
             AttachMode::Tcx => {
+                let path = self.link_path(ifindex, name);
                 if path.exists() {
                     return Ok(());
                 }
-                let prog = self.prog(name)?;
-                let id = prog
-                    .attach_with_options(
-                        ifname,
-                        attach_type,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .map_err(|e| aerr(format!("{name}: {e}")))?;
-                let link = prog.take_link(id).map_err(|e| aerr(e.to_string()))?;
-                let fd: FdLink = link
-                    .try_into()
-                    .map_err(|e: aya::programs::links::LinkError| aerr(e.to_string()))?;
-                fd.pin(&path).map_err(|e| DatapathError::Pin {
-                    path: path.display().to_string(),
-                    message: e.to_string(),
-                })?;
+                self.attach_tcx_pinned(ifindex, ifname, name, &path)
             }
             AttachMode::Netlink => {
-                // "Exclusivity flag on" means the qdisc is already there.
-                let _ = tc::qdisc_add_clsact(ifname);
-                let prog = self.prog(name)?;
-                let id = prog
-                    .attach_with_options(
-                        ifname,
-                        attach_type,
-                        TcAttachOptions::Netlink(tc::NlOptions::default()),
-                    )
-                    .map_err(|e| aerr(format!("{name}: {e}")))?;
-                // Keep the filter when this process exits.
-                std::mem::forget(prog.take_link(id).map_err(|e| aerr(e.to_string()))?);
+                if self.tc_path(ifindex, name).exists() {
+                    return Ok(());
+                }
+                self.attach_tc(ifindex, ifname, name)
             }
         }
-        Ok(())
     }
 
     fn endpoints(&mut self) -> Result<HashMap<&mut MapData, u32, Endpoint>, DatapathError> {
@@ -341,31 +563,48 @@ impl KernelDatapath {
         }
     }
 
-    /// Removes every pin (maps and links) under `pin_dir`: programs detach when their last link
-    /// goes. Used for uninstalling and by tests that simulate a reboot.
+    /// Removes every pin (maps and links) under `pin_dir`, and the clsact filters recorded there:
+    /// programs detach when their last link goes. Used for uninstalling and by tests that
+    /// simulate a reboot. Run it in the namespace of the interfaces.
     pub fn remove_pins(pin_dir: impl AsRef<Path>) -> Result<(), DatapathError> {
         let pin_dir = pin_dir.as_ref();
         if !pin_dir.exists() {
             return Ok(());
         }
         let mut errors = Vec::new();
-        if let Ok(rd) = fs::read_dir(pin_dir.join("links")) {
-            for e in rd.flatten() {
-                if let Err(err) = fs::remove_file(e.path()) {
-                    errors.push(format!("{}: {err}", e.path().display()));
-                }
-            }
-        }
-        for e in fs::read_dir(pin_dir)?.flatten() {
-            let p = e.path();
+        let remove = |p: &Path, errors: &mut Vec<String>| {
             let r = if p.is_dir() {
-                fs::remove_dir(&p)
+                fs::remove_dir(p)
             } else {
-                fs::remove_file(&p)
+                fs::remove_file(p)
             };
             if let Err(err) = r {
                 errors.push(format!("{}: {err}", p.display()));
             }
+        };
+        if let Ok(rd) = fs::read_dir(pin_dir.join("links")) {
+            for e in rd.flatten() {
+                // A clsact filter is not a pin: delete the filter its record stands for.
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some((ifindex, side)) =
+                    name.strip_suffix("_tc").and_then(|n| n.split_once('_'))
+                {
+                    let prog = if side == "from" {
+                        programs::FROM_CONTAINER
+                    } else {
+                        programs::TO_CONTAINER
+                    };
+                    if let Ok(ifindex) = ifindex.parse() {
+                        if let Err(err) = remove_tc_filter(ifindex, prog) {
+                            errors.push(err);
+                        }
+                    }
+                }
+                remove(&e.path(), &mut errors);
+            }
+        }
+        for e in fs::read_dir(pin_dir)?.flatten() {
+            remove(&e.path(), &mut errors);
         }
         if let Err(err) = fs::remove_dir(pin_dir) {
             errors.push(format!("{}: {err}", pin_dir.display()));
@@ -494,6 +733,15 @@ impl Datapath for KernelDatapath {
     fn detach(&mut self, ifindex: u32) -> Result<(), DatapathError> {
         let mut errors = Vec::new();
         for name in [programs::FROM_CONTAINER, programs::TO_CONTAINER] {
+            let record = self.tc_path(ifindex, name);
+            if record.exists() {
+                if let Err(e) = remove_tc_filter(ifindex, name) {
+                    errors.push(e);
+                }
+                if let Err(e) = fs::remove_dir(&record) {
+                    errors.push(format!("{}: {e}", record.display()));
+                }
+            }
             let path = self.link_path(ifindex, name);
             if !path.exists() {
                 continue;

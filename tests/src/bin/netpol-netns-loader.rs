@@ -8,7 +8,10 @@
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use netpol_agent::datapath::{kernel::KernelDatapath, Cidr, Datapath, MapSizes, PolicyEntryKey};
+use netpol_agent::datapath::{
+    kernel::{AttachMode, KernelDatapath},
+    Cidr, Datapath, MapSizes, PolicyEntryKey,
+};
 use netpol_common::{
     endpoint::Endpoint,
     policy::{PolicyKey, PolicyValue},
@@ -42,7 +45,13 @@ fn run() -> anyhow::Result<()> {
     .enter();
     let mut sizes = MapSizes::default();
     sizes.policy = sizes.policy.max(plan.policy.len() as u32 + 64);
-    let mut dp = KernelDatapath::open(pin_dir, sizes).context("opening the datapath")?;
+    let mode = match plan.attach_mode.as_deref() {
+        None => None,
+        Some("tcx") => Some(AttachMode::Tcx),
+        Some("netlink") => Some(AttachMode::Netlink),
+        Some(other) => bail!("unknown attach mode {other}"),
+    };
+    let mut dp = KernelDatapath::open_with(pin_dir, sizes, mode).context("opening the datapath")?;
     for e in &plan.endpoints {
         let mut ep = Endpoint::new(e.identity).enforce(e.ingress, e.egress);
         if let Some(a) = e.ipv4 {
@@ -78,9 +87,13 @@ fn run() -> anyhow::Result<()> {
     for i in &plan.attach {
         dp.attach(*i)?;
     }
+    for i in &plan.detach {
+        dp.detach(*i)?;
+    }
     println!(
-        "adopted={} endpoints={} ipcache={} policy={} removed={} attached={}",
+        "adopted={} mode={:?} endpoints={} ipcache={} policy={} removed={} attached={}",
         dp.adopted(),
+        dp.mode(),
         plan.endpoints.len(),
         plan.ipcache.len(),
         plan.policy.len(),
