@@ -38,10 +38,32 @@ const SEC: u64 = 1_000_000_000;
 /// What the programs do with a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// `TC_ACT_UNSPEC`: no drop.
-    Pass,
+    /// `TC_ACT_UNSPEC`: no drop, and which check let it on (the programs do not say; for
+    /// statistics of what a test covered).
+    Pass(Why),
     /// `TC_ACT_SHOT`, with the drop event's cause.
     Drop(Drop),
+}
+
+/// Which check passed a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Why {
+    /// Not a managed veth.
+    Unmanaged,
+    Arp,
+    /// A parse error on an endpoint that enforces nothing.
+    Unpoliced,
+    Neighbour,
+    /// A non-initial fragment in an unenforced direction.
+    Fragment,
+    /// A packet of a flow conntrack holds (its own entry or a reply).
+    Conntrack,
+    /// An ICMP error about a flow conntrack holds.
+    Related,
+    /// A new flow in an unenforced direction.
+    Unenforced,
+    /// A new flow that policy allows.
+    Allowed,
 }
 
 /// The cause a drop event names.
@@ -632,7 +654,7 @@ impl World {
     /// (`Direction::Ingress`) on the veth `ifindex`, updating conntrack.
     pub fn run(&mut self, ifindex: u32, dir: Direction, frame: &[u8], now: u64) -> Verdict {
         let Some(ep) = self.endpoint(ifindex) else {
-            return Verdict::Pass;
+            return Verdict::Pass(Why::Unmanaged);
         };
         let (src, dst) = match dir {
             Direction::Egress => (ep.identity, 0),
@@ -645,14 +667,14 @@ impl World {
             rule: 0,
         };
         match self.decide(&ep, dir, frame, now, &mut cause) {
-            Ok(()) => Verdict::Pass,
+            Ok(why) => Verdict::Pass(why),
             Err(reason) => {
                 let parse_error = matches!(
                     reason,
                     DropReason::Malformed | DropReason::ExtHeaders | DropReason::UnsupportedL3
                 );
                 if parse_error && !ep.enforces_any() {
-                    return Verdict::Pass;
+                    return Verdict::Pass(Why::Unpoliced);
                 }
                 cause.reason = reason;
                 Verdict::Drop(cause)
@@ -684,17 +706,17 @@ impl World {
         f: &[u8],
         now: u64,
         cause: &mut Drop,
-    ) -> Result<(), DropReason> {
+    ) -> Result<Why, DropReason> {
         // 1. L3.
         let fam = match be16(f, 12) {
             Some(ETH_P_IP) => Fam::V4,
             Some(ETH_P_IPV6) => Fam::V6,
-            Some(ETH_P_ARP) => return Ok(()),
+            Some(ETH_P_ARP) => return Ok(Why::Arp),
             _ => return Err(DropReason::UnsupportedL3),
         };
         // 2–4. Parse, neighbour discovery, anti-spoofing.
         let Some(p) = parse(f, fam, ep, dir)? else {
-            return Ok(());
+            return Ok(Why::Neighbour);
         };
         let enforced = ep.enforces(dir);
         if p.kind == Kind::Fragment {
@@ -702,7 +724,7 @@ impl World {
                 self.remote_identity(ep, dir, &p, cause);
                 return Err(DropReason::Fragment);
             }
-            return Ok(());
+            return Ok(Why::Fragment);
         }
         // 5. Conntrack, only for packets of this endpoint's own addresses.
         let local = match dir {
@@ -713,7 +735,7 @@ impl World {
             && !matches!(p.kind, Kind::IcmpError | Kind::IcmpOther)
             && self.established(&p, dir, now)
         {
-            return Ok(());
+            return Ok(Why::Conntrack);
         }
         if local {
             if let Some(i) = p.inner {
@@ -725,7 +747,7 @@ impl World {
                 let (mine, other) = ct_dirs(dir);
                 let k = key(fam, i.d, i.s, i.dport, i.sport, i.proto, mine);
                 if ours && (self.ct_live(&k, now) || self.ct_live(&reversed(&k, other), now)) {
-                    return Ok(());
+                    return Ok(Why::Related);
                 }
             }
         }
@@ -764,7 +786,11 @@ impl World {
                 },
             );
         }
-        Ok(())
+        Ok(if enforced {
+            Why::Allowed
+        } else {
+            Why::Unenforced
+        })
     }
 }
 
@@ -822,7 +848,10 @@ mod tests {
             PolicyValue::allow(7),
         ));
         let syn = tcp4(APP, DB, 40000, 5432, TCP_SYN);
-        assert_eq!(w.run(1, Direction::Ingress, &syn, NOW), Verdict::Pass);
+        assert_eq!(
+            w.run(1, Direction::Ingress, &syn, NOW),
+            Verdict::Pass(Why::Allowed)
+        );
         let k = CtKey::V4(CtKey4::new(
             APP,
             DB,
@@ -838,7 +867,7 @@ mod tests {
         let synack = tcp4(DB, APP, 5432, 40000, TCP_SYN | TCP_ACK);
         assert_eq!(
             w.run(1, Direction::Egress, &synack, NOW + SEC),
-            Verdict::Pass
+            Verdict::Pass(Why::Conntrack)
         );
         let e = *w.ct_get(&k).expect("entry");
         assert_eq!(e.flags, CtEntry::SEEN_REPLY);
@@ -882,14 +911,20 @@ mod tests {
         let mut bad = tcp4(APP, DB, 1, 2, TCP_SYN);
         bad[14] = 0x44; // IHL 16 bytes
         let mut w = world(false, false);
-        assert_eq!(w.run(1, Direction::Ingress, &bad, NOW), Verdict::Pass);
+        assert_eq!(
+            w.run(1, Direction::Ingress, &bad, NOW),
+            Verdict::Pass(Why::Unpoliced)
+        );
         let mut w = world(true, false);
         assert_eq!(
             w.run(1, Direction::Ingress, &bad, NOW),
             denied(DropReason::Malformed, 0, 300, 0)
         );
         // Not our ifindex: not ours to police.
-        assert_eq!(w.run(2, Direction::Ingress, &bad, NOW), Verdict::Pass);
+        assert_eq!(
+            w.run(2, Direction::Ingress, &bad, NOW),
+            Verdict::Pass(Why::Unmanaged)
+        );
     }
 
     #[test]

@@ -354,6 +354,7 @@ impl Case {
         let remotes = [
             identity::ANY,
             identity::ANY,
+            identity::ANY,
             identity::HOST,
             identity::WORLD,
             identity::UNMANAGED,
@@ -364,7 +365,7 @@ impl Case {
             CIDR_V4,
             CIDR_V6,
         ];
-        let n_rules = rng.below(12);
+        let n_rules = rng.below(16);
         for r in 0..n_rules {
             let local = if rng.chance(90) {
                 rng.pick(&ep_ids)
@@ -393,7 +394,7 @@ impl Case {
                 rng.pick(&DPORTS)
             };
             let (key, prefix) = match rng.below(10) {
-                0 | 1 => (
+                0..=2 => (
                     PolicyKey::new(local, remote, dir, 0, 0),
                     policy::PREFIX_ANY_PROTO,
                 ),
@@ -654,7 +655,7 @@ impl Gen {
                 Direction::Egress => Direction::Ingress,
                 Direction::Ingress => Direction::Egress,
             };
-            if self.rng.chance(20) {
+            if self.rng.chance(10) {
                 // Flooded, or on the veth of the endpoint that sent it.
                 q.veth = self.rng.below(self.n_veths);
             }

@@ -14,7 +14,7 @@ use std::fmt::{self, Write as _};
 use netpol_common::{
     ct::CtEntry,
     event::FlowEvent,
-    model::{CtKey, Verdict, World},
+    model::{CtKey, Verdict, Why, World},
     Direction,
 };
 
@@ -36,7 +36,7 @@ pub struct Outcome {
 impl Outcome {
     fn of(v: &Verdict) -> Self {
         match v {
-            Verdict::Pass => Self {
+            Verdict::Pass(_) => Self {
                 ret: PASS,
                 events: vec![],
             },
@@ -170,6 +170,8 @@ pub struct Stats {
     pub cases: u64,
     pub packets: u64,
     pub passed: u64,
+    /// Passes by the model's reason.
+    pub why: std::collections::BTreeMap<Why, u64>,
     /// Drops by `DropReason` number.
     pub dropped: Vec<u64>,
 }
@@ -178,9 +180,12 @@ impl Stats {
     /// "N packets: N passed, N dropped (reason N, …)".
     pub fn summary(&self) -> String {
         let total: u64 = self.dropped.iter().sum();
+        let why: Vec<String> = self.why.iter().map(|(w, n)| format!("{w:?} {n}")).collect();
         let mut s = format!(
-            "{} packets: {} passed, {total} dropped",
-            self.packets, self.passed
+            "{} packets: {} passed (model: {}), {total} dropped",
+            self.packets,
+            self.passed,
+            why.join(", ")
         );
         let reasons: Vec<String> = self
             .dropped
@@ -269,7 +274,11 @@ impl Runner {
         for (i, s) in case.steps.iter().enumerate() {
             let ifindex = self.ifindexes[s.veth];
             let now = crate::progtest::now_ns();
-            let expected = Outcome::of(&model.run(ifindex, s.dir, &s.frame, now));
+            let verdict = model.run(ifindex, s.dir, &s.frame, now);
+            if let Verdict::Pass(why) = verdict {
+                *stats.why.entry(why).or_default() += 1;
+            }
+            let expected = Outcome::of(&verdict);
             let prog = match s.dir {
                 Direction::Egress => Prog::From,
                 Direction::Ingress => Prog::To,
