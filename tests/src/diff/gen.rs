@@ -398,7 +398,7 @@ impl Case {
                     PolicyKey::new(local, remote, dir, 0, 0),
                     policy::PREFIX_ANY_PROTO,
                 ),
-                2..=4 => (
+                3 | 4 => (
                     PolicyKey::new(local, remote, dir, p, 0),
                     policy::PREFIX_ANY_PORT,
                 ),
