@@ -853,6 +853,13 @@ impl Gen {
                 what.push_str(&format!(" cut={at}"));
             }
         }
+        if self.f.broken_headers && self.rng.chance(8) {
+            // Trailing bytes past the IP length (Ethernet pads short frames to 60 bytes).
+            let n = self.rng.pick(&[1usize, 6, 20, 46]);
+            let fill = self.rng.byte();
+            p.extend(std::iter::repeat_n(fill, n));
+            what.push_str(&format!(" pad={n}"));
+        }
         if self.f.broken_headers && self.rng.chance(2) {
             p[0] = (self.rng.byte() & 0xf0) | (p[0] & 0x0f);
             what.push_str(&format!(" version={}", p[0] >> 4));
