@@ -660,17 +660,20 @@ impl Gen {
                 q.veth = self.rng.below(self.n_veths);
             }
             self.emit(q, "reply");
-        } else if r < 80 {
+        } else if r < 74 {
             let h = self.history[self.rng.below(self.history.len())];
             let mut q = h;
             if let L4::Tcp { flags, .. } = &mut q.l4 {
                 *flags = tcp_flags(&mut self.rng);
             }
             self.emit(q, "again");
-        } else if r < 92 && self.f.icmp_errors {
+        } else if r < 81 && self.f.fragments {
+            let h = self.history[self.rng.below(self.history.len())];
+            self.fragments(h);
+        } else if r < 93 && self.f.icmp_errors {
             let h = self.history[self.rng.below(self.history.len())];
             self.icmp_error(h);
-        } else if r < 96 && self.f.neighbour && self.f.ipv6 {
+        } else if r < 97 && self.f.neighbour && self.f.ipv6 {
             self.neighbour();
         } else {
             self.odd_l2();
@@ -865,6 +868,70 @@ impl Gen {
             what.push_str(&format!(" version={}", p[0] >> 4));
         }
         p
+    }
+
+    /// The packet `h` again (with a longer body), sent as a train of fragments: in order, out of
+    /// order, or only its later fragments; the datagram ID from a small pool, so trains of
+    /// different flows can collide.
+    fn fragments(&mut self, h: Pkt) {
+        let (mut payload, proto) = self.l4_bytes(h.fam, &h.l4);
+        let hdr = payload.len();
+        let extra = 8 + self.rng.below(56);
+        payload.extend((0..extra).map(|_| self.rng.byte()));
+        let id = self.rng.pick(&[0x1234u16, 0x4321, 7]);
+        // The first piece carries the whole L4 header (mostly): a multiple of 8 bytes.
+        let mut cut = if self.rng.chance(80) {
+            hdr.div_ceil(8).max(1) * 8
+        } else {
+            8 * (1 + self.rng.below(3))
+        };
+        if cut >= payload.len() {
+            cut = 8;
+        }
+        let mut pieces = vec![(0usize, payload[..cut].to_vec(), true)];
+        let rest = &payload[cut..];
+        if rest.len() > 16 && self.rng.chance(40) {
+            let mid = 8 * (rest.len() / 16).max(1);
+            pieces.push((cut, rest[..mid].to_vec(), true));
+            pieces.push((cut + mid, rest[mid..].to_vec(), false));
+        } else {
+            pieces.push((cut, rest.to_vec(), false));
+        }
+        let order = self.rng.below(10);
+        if order == 8 {
+            pieces.reverse();
+        } else if order == 9 {
+            pieces.remove(0);
+        }
+        let icmp_like = matches!(h.l4, L4::Echo { .. } | L4::Icmp { .. });
+        for (off, body, more) in pieces {
+            let units = (off / 8) as u16;
+            let l3 = match h.fam {
+                Fam::V4 => {
+                    let mut ip = Ipv4::new(a4(&h.s), a4(&h.d), proto);
+                    ip.frag_offset = units;
+                    ip.more_fragments = more;
+                    let mut p = ip.build(&body);
+                    p[4..6].copy_from_slice(&id.to_be_bytes());
+                    p
+                }
+                Fam::V6 => {
+                    let mut p =
+                        ipv6_raw(h.s, h.d, 44, 64, &ipv6_fragment(proto, units, more, &body));
+                    p[44..48].copy_from_slice(&u32::from(id).to_be_bytes());
+                    p
+                }
+            };
+            let what = format!(
+                "fragment {off}{} id {id:#x} of {:?} {:?} {:?}{}",
+                if more { "+MF" } else { "" },
+                h.fam,
+                h.dir,
+                h.l4,
+                if icmp_like { " (icmp)" } else { "" }
+            );
+            self.push(h.veth, h.dir, h.fam, l3, what);
+        }
     }
 
     /// An ICMP error about the earlier packet `h`, travelling back towards its source.
