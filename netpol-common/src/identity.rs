@@ -11,6 +11,17 @@ pub const WORLD: u32 = 2;
 pub const UNMANAGED: u32 = 3;
 /// First identity handed out for a label set.
 pub const FIRST_LABEL: u32 = 256;
+/// First identity of the range the policy compiler uses for CIDR prefixes (as Cilium's local
+/// identity scope). Label identities stay below it.
+pub const FIRST_CIDR: u32 = 1 << 24;
+
+/// Whether `id` (an ipcache identity) is on this host: the host itself, a container, or a
+/// managed subnet's `unmanaged`. `world` and CIDR identities are not. The datapath lets IPv6
+/// neighbour discovery from a container go to a unicast address only when it is on this host.
+#[inline(always)]
+pub const fn on_host(id: u32) -> bool {
+    id == HOST || id == UNMANAGED || (id >= FIRST_LABEL && id < FIRST_CIDR)
+}
 
 /// Name of a reserved identity, for tables and events.
 pub const fn reserved_name(id: u32) -> Option<&'static str> {

@@ -14,6 +14,7 @@ pub mod ipcache;
 #[cfg(any(test, feature = "model"))]
 pub mod model;
 pub mod nat;
+pub mod nd;
 pub mod policy;
 
 /// Directory under bpffs holding every pinned netpol map, program and link.

@@ -18,7 +18,7 @@ use crate::{
     addr,
     ct::{self, CtDir, CtEntry, CtKey4, CtKey6},
     endpoint::Endpoint,
-    identity,
+    identity, nd,
     policy::{self, PolicyKey, PolicyValue, Verdict as PolicyVerdict},
     proto, Direction, DropReason,
 };
@@ -204,6 +204,12 @@ struct Pkt {
     dport: u16,
     tcp_flags: u8,
     icmp_type: u8,
+    icmp_code: u8,
+    /// IPv6 hop limit (0 for IPv4).
+    hop_limit: u8,
+    /// Offset of the L4 header and the packet's claimed end.
+    l4off: usize,
+    end: usize,
     inner: Option<Inner>,
 }
 
@@ -362,6 +368,10 @@ fn l4(
         dport: 0,
         tcp_flags: 0,
         icmp_type: 0,
+        icmp_code: 0,
+        hop_limit: 0,
+        l4off: off,
+        end,
         inner: None,
     };
     // Nothing is read past the IP length.
@@ -399,6 +409,7 @@ fn l4(
                 return Err(DropReason::Malformed);
             }
             p.icmp_type = h[0];
+            p.icmp_code = h[1];
             let id = u16::from_be_bytes([h[4], h[5]]);
             let v6 = proto == proto::ICMPV6;
             p.kind = match (v6, h[0]) {
@@ -471,9 +482,9 @@ fn addresses(
     }
 }
 
-/// Steps 2–4 of `lxc.rs` for an IP packet: the parsed packet, `Ok(None)` when it passes without
-/// policy (neighbour discovery), or the drop reason.
-fn parse(f: &[u8], fam: Fam, ep: &Endpoint, dir: Direction) -> Result<Option<Pkt>, DropReason> {
+/// Steps 2–3 and 5 of `lxc.rs` for an IP packet: the parsed packet (neighbour discovery
+/// included, for step 4), or the drop reason.
+fn parse(f: &[u8], fam: Fam, ep: &Endpoint, dir: Direction) -> Result<Pkt, DropReason> {
     let (mut p, l4off, end, nd_only) = match fam {
         Fam::V4 => {
             let (s, d) = ipv4_addrs(f, ETH_HLEN)?;
@@ -492,7 +503,8 @@ fn parse(f: &[u8], fam: Fam, ep: &Endpoint, dir: Direction) -> Result<Option<Pkt
                 let plen = u16::from_be_bytes([h[4], h[5]]) as usize;
                 let end = claimed_end(f, ETH_HLEN, 40 + plen, plen == 0)?;
                 let (proto, off, frag) = ipv6_ext(f, h[6], ETH_HLEN + 40)?;
-                let (p, l4off) = l4(f, fam, s, d, proto, off, end, frag)?;
+                let (mut p, l4off) = l4(f, fam, s, d, proto, off, end, frag)?;
+                p.hop_limit = h[7];
                 Ok((p, l4off, end))
             };
             let (p, l4off, end) = match rest() {
@@ -505,7 +517,7 @@ fn parse(f: &[u8], fam: Fam, ep: &Endpoint, dir: Direction) -> Result<Option<Pkt
         }
     };
     if fam == Fam::V6 && p.kind == Kind::Neighbour {
-        return Ok(None);
+        return Ok(p);
     }
     if nd_only {
         return Err(DropReason::Spoofed);
@@ -524,7 +536,7 @@ fn parse(f: &[u8], fam: Fam, ep: &Endpoint, dir: Direction) -> Result<Option<Pkt
             dport,
         });
     }
-    Ok(Some(p))
+    Ok(p)
 }
 
 fn is_local(ep: &Endpoint, fam: Fam, a: &Addr) -> bool {
@@ -682,6 +694,48 @@ impl World {
         }
     }
 
+    /// Step 4: an ND or MLD message passes if netpol-common's `nd` rules allow it.
+    fn neighbour_discovery(
+        &self,
+        ep: &Endpoint,
+        dir: Direction,
+        f: &[u8],
+        p: &Pkt,
+    ) -> Result<(), DropReason> {
+        let from_container = dir == Direction::Egress;
+        let d = &p.d.0;
+        let on_host = from_container
+            && !addr::v6_multicast(d)
+            && !addr::v6_link_local(d)
+            && identity::on_host(self.identity(Fam::V6, &p.d));
+        let mut target = 0;
+        if from_container && p.icmp_type == nd::ty::NEIGHBOUR_ADVERTISEMENT {
+            let off = p.l4off + 8;
+            let t = match bytes(f, off, 16) {
+                Ok(t) if off + 16 <= p.end => t,
+                _ => return Err(DropReason::NeighbourDiscovery),
+            };
+            let mut a = [0u8; 16];
+            a.copy_from_slice(t);
+            target = nd::classify(&a, is_local(ep, Fam::V6, &Addr(a)), false);
+        }
+        let m = nd::Msg {
+            from_container,
+            ty: p.icmp_type,
+            code: p.icmp_code,
+            hop_limit: p.hop_limit,
+            len: f.len().saturating_sub(ETH_HLEN) as u32,
+            src: nd::classify(&p.s.0, is_local(ep, Fam::V6, &p.s), false),
+            dst: nd::classify(d, is_local(ep, Fam::V6, &p.d), on_host),
+            target,
+        };
+        if nd::allowed(&m) {
+            Ok(())
+        } else {
+            Err(DropReason::NeighbourDiscovery)
+        }
+    }
+
     fn remote_identity(&self, ep: &Endpoint, dir: Direction, p: &Pkt, cause: &mut Drop) -> u32 {
         match dir {
             Direction::Egress => {
@@ -714,10 +768,14 @@ impl World {
             Some(ETH_P_ARP) => return Ok(Why::Arp),
             _ => return Err(DropReason::UnsupportedL3),
         };
-        // 2–4. Parse, neighbour discovery, anti-spoofing.
-        let Some(p) = parse(f, fam, ep, dir)? else {
-            return Ok(Why::Neighbour);
-        };
+        // 2–3. Addresses, parse.
+        let p = parse(f, fam, ep, dir)?;
+        // 4. Neighbour discovery.
+        if fam == Fam::V6 && p.kind == Kind::Neighbour {
+            return self
+                .neighbour_discovery(ep, dir, f, &p)
+                .map(|()| Why::Neighbour);
+        }
         let enforced = ep.enforces(dir);
         if p.kind == Kind::Fragment {
             if enforced {

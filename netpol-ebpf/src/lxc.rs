@@ -21,7 +21,11 @@
 //!    truncated or inconsistent header is dropped (`Malformed`, `ExtHeaders`) on an endpoint
 //!    that enforces either direction and passes on one that enforces none (fail closed where
 //!    policy applies, never break an unpoliced container).
-//! 4. IPv6 neighbour/router discovery and MLD pass, so networks keep working under deny-all.
+//! 4. IPv6 neighbour/router discovery and MLD (ICMPv6 130–137, 143) pass without policy when
+//!    netpol-common's `nd` rules allow them — hop limit 255 (ND) or 1 (MLD); source, destination
+//!    and advertised target the protocol allows; at most 1280 bytes; no router advertisement or
+//!    redirect from a container — so networks keep working under deny-all. What fails them is
+//!    dropped (`NeighbourDiscovery`) on every endpoint, enforced or not, and never reaches policy.
 //! 5. Conntrack: a packet of an established flow, a reply, or an ICMP error about one, passes
 //!    without a policy lookup. Entries belong to the endpoint whose address they carry:
 //!    `to_container` neither uses nor creates entries for a packet addressed to another address
@@ -44,6 +48,7 @@ use netpol_common::{
     event::FlowEvent,
     identity,
     ipcache::RemoteInfo,
+    nd,
     policy::{self, Verdict},
     proto, Config, Direction, DropReason,
 };
@@ -194,6 +199,12 @@ fn try_lxc(
         }
         ETH_P_IPV6 => {
             if parsed(v6(ctx, sc))? {
+                // Neighbour discovery or MLD: passes without policy if the protocol allows it,
+                // and is dropped otherwise. (Called from here, not from `v6`, to keep the BPF
+                // call chain's stack within 512 bytes.)
+                if nd_ok(ctx, sc) == 0 {
+                    return Err(DropReason::NeighbourDiscovery);
+                }
                 return Ok(PASS);
             }
             decide::<V6>(ep, dir, &sc.p6, &mut sc.ev)
@@ -449,6 +460,10 @@ pub struct Pkt<F: Family> {
     s: F::Addr,
     d: F::Addr,
     l: L4,
+    /// The end of the packet as its IP length claims it (IPv6; for the ND checks).
+    end: u32,
+    /// IPv6 hop limit (for the ND checks).
+    hop_limit: u8,
     /// Valid when `l.kind == Kind::IcmpError`; zeroed otherwise (never an uninitialised
     /// `Option` payload: the verifier rejects copies of undefined stack bytes).
     inner: Inner<F>,
@@ -598,7 +613,8 @@ fn encode(r: Result<bool, DropReason>) -> u32 {
     }
 }
 
-/// `Ok(true)`: the packet passes without policy; `Ok(false)`: go on to conntrack and policy.
+/// `Ok(true)`: the packet passes without policy (IPv6: if it is valid neighbour discovery);
+/// `Ok(false)`: go on to conntrack and policy.
 #[inline(always)]
 fn parsed(code: u32) -> Result<bool, DropReason> {
     match code {
@@ -640,6 +656,12 @@ fn v6(ctx: &TcContext, sc: &mut Scratch) -> u32 {
         &mut sc.p6,
         &mut sc.addrs_valid,
     ))
+}
+
+/// Bytes of the packet after the Ethernet header (trailing padding included).
+#[inline(always)]
+fn l3_len(ctx: &TcContext) -> u32 {
+    ctx.len().saturating_sub(ETH_HLEN as u32)
 }
 
 /// Sets the event's ports from the L4 header. Echo: the identifier goes in sport whichever way
@@ -707,8 +729,8 @@ fn parse_v4(
     Ok(false)
 }
 
-/// Parses an IPv6 packet into `p`. `Ok(true)`: neighbour discovery or MLD, which passes
-/// without policy.
+/// Parses an IPv6 packet into `p`. `Ok(true)`: neighbour discovery or MLD, which [`nd_ok`]
+/// decides without policy.
 ///
 /// Order: the fixed header's addresses (from a container: its own source, or a link-local or
 /// unspecified one that only valid ND/MLD may carry — anything else with it, a parse error
@@ -728,6 +750,7 @@ fn parse_v6(
     let head = parse::ipv6_load(ctx, ETH_HLEN, &mut p.s.0, &mut p.d.0)?;
     *valid = 1;
     ev.proto = head[6];
+    p.hop_limit = head[7];
     let mut nd_only = false;
     match dir {
         Direction::Egress => {
@@ -749,6 +772,7 @@ fn parse_v6(
         Err(_) if nd_only => return Err(DropReason::Spoofed),
         Err(e) => return Err(e),
     };
+    p.end = end as u32;
     ev.proto = p.l.proto;
     if p.l.kind == Kind::Neighbour {
         return Ok(true);
@@ -776,4 +800,43 @@ fn v6_l4(ctx: &TcContext, head: &[u8; 8], p: &mut Pkt<V6>) -> Result<usize, Drop
     let (nexthdr, l4off, frag) = parse::ipv6_ext(ctx, head[6], ETH_HLEN + 40)?;
     p.l = parse::l4(ctx, nexthdr, l4off, end, frag)?;
     Ok(end)
+}
+
+/// Whether the neighbour discovery or MLD message in `sc.p6` passes (netpol-common's `nd`
+/// module has the rules): 1 if it does, 0 if not.
+#[inline(never)]
+fn nd_ok(ctx: &TcContext, sc: &Scratch) -> u32 {
+    let p = &sc.p6;
+    let ep = &sc.ep;
+    let from_container = sc.ev.direction == Direction::Egress as u8;
+    let d = &p.d.0;
+    // The ipcache only for a container's ND to a unicast, non-link-local address.
+    let on_host = from_container
+        && !addr::v6_multicast(d)
+        && !addr::v6_link_local(d)
+        && identity::on_host(V6::identity(p.d));
+    let mut target = 0;
+    if from_container && p.l.icmp_type == nd::ty::NEIGHBOUR_ADVERTISEMENT {
+        // Type, code, checksum, flags, then the target address.
+        let off = p.l.off + 8;
+        if off + 16 > p.end as usize {
+            return 0;
+        }
+        let mut t = A16([0; 16]);
+        if parse::load16(ctx, off, &mut t.0).is_err() {
+            return 0;
+        }
+        target = nd::classify(&t.0, V6::is_local(ep, &t), false);
+    }
+    let m = nd::Msg {
+        from_container,
+        ty: p.l.icmp_type,
+        code: p.l.icmp_code,
+        hop_limit: p.hop_limit,
+        len: l3_len(ctx),
+        src: nd::classify(&p.s.0, V6::is_local(ep, &p.s), false),
+        dst: nd::classify(d, V6::is_local(ep, &p.d), on_host),
+        target,
+    };
+    nd::allowed(&m) as u32
 }

@@ -3,7 +3,7 @@
 //! skbs parse like linear ones.
 
 use aya_ebpf::programs::TcContext;
-use netpol_common::{proto, DropReason};
+use netpol_common::{nd, proto, DropReason};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -54,7 +54,8 @@ pub enum Kind {
     IcmpError,
     /// Another ICMP message (policy port = its type).
     IcmpOther,
-    /// IPv6 neighbour/router discovery or MLD: always passes.
+    /// IPv6 neighbour/router discovery or MLD: passes when netpol-common's `nd::allowed`
+    /// says so, and is dropped otherwise (never subject to policy).
     Neighbour,
     /// A non-initial fragment: no L4 header.
     Fragment,
@@ -370,8 +371,7 @@ pub fn l4(
                     l.dport = id;
                 }
                 1 | 2 | 3 | 4 => l.kind = Kind::IcmpError,
-                // MLD (130-132, 143) and NDP (133-137).
-                130..=137 | 143 => l.kind = Kind::Neighbour,
+                t if nd::is_nd_or_mld(t) => l.kind = Kind::Neighbour,
                 _ => l.kind = Kind::IcmpOther,
             }
         }

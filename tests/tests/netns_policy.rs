@@ -177,6 +177,20 @@ fn db_policy_over_ipv4_and_ipv6_survives_reload() {
         denied_after >= denied_before + 8,
         "PolicyDenied rose from {denied_before} to {denied_after}, expected at least 8 more"
     );
+    // The kernels' own neighbour discovery, MLD and addressing pass the anti-spoofing checks.
+    let drops = dp.drop_counters().expect("reading drop counters");
+    for r in [
+        DropReason::NeighbourDiscovery,
+        DropReason::Spoofed,
+        DropReason::NotForEndpoint,
+    ] {
+        assert_eq!(
+            drops.get(&(r as u8)).copied().unwrap_or(0),
+            0,
+            "{} drops of real traffic",
+            r.as_str()
+        );
+    }
 
     // bpftool prints typed JSON: the policy key's fields by name.
     let out = Command::new("bpftool")

@@ -1033,91 +1033,6 @@ fn spoofed_source_v6() {
     }
 }
 
-#[test]
-fn arp_and_neighbour_discovery_pass_under_deny_all() {
-    if !require_root("arp_and_neighbour_discovery_pass_under_deny_all") {
-        return;
-    }
-    let dp = Dp::db(true, true);
-    let arp = arp_request(DB.v4, APP1.v4);
-    assert_eq!(dp.run(From, &arp), PASS, "ARP from the container");
-    assert_eq!(
-        dp.run(To, &arp_request(APP1.v4, DB.v4)),
-        PASS,
-        "ARP to the container"
-    );
-
-    let mut ll = [0u8; 16];
-    ll[0] = 0xfe;
-    ll[1] = 0x80;
-    ll[15] = 2;
-    let mut solicited = [0u8; 16];
-    solicited[0] = 0xff;
-    solicited[1] = 0x02;
-    solicited[11] = 1;
-    solicited[12] = 0xff;
-    solicited[15] = 3;
-    let mut target = [0u8; 20];
-    target[4..20].copy_from_slice(&APP1.v6);
-    let ns = eth(
-        ETH_P_IPV6,
-        &ipv6_raw(
-            ll,
-            solicited,
-            proto::ICMPV6,
-            255,
-            &icmp(135, 0, [0; 4], &target[4..]),
-        ),
-    );
-    let na = eth(
-        ETH_P_IPV6,
-        &ipv6_raw(
-            ll,
-            DB.v6,
-            proto::ICMPV6,
-            255,
-            &icmp(136, 0, [0x60, 0, 0, 0], &target[4..]),
-        ),
-    );
-    // Duplicate address detection: from the unspecified address.
-    let dad = eth(
-        ETH_P_IPV6,
-        &ipv6_raw(
-            [0; 16],
-            solicited,
-            proto::ICMPV6,
-            255,
-            &icmp(135, 0, [0; 4], &DB.v6),
-        ),
-    );
-    // An MLDv2 report, behind a hop-by-hop header with router alert.
-    let mut all_mld = [0u8; 16];
-    all_mld[0] = 0xff;
-    all_mld[1] = 0x02;
-    all_mld[15] = 0x16;
-    let mld = eth(
-        ETH_P_IPV6,
-        &ipv6_raw(
-            ll,
-            all_mld,
-            0,
-            1,
-            &ipv6_hop_by_hop_router_alert(proto::ICMPV6, &icmp(143, 0, [0; 4], &[])),
-        ),
-    );
-    for (what, pkt) in [
-        ("NS", &ns),
-        ("NA", &na),
-        ("DAD NS", &dad),
-        ("MLD report", &mld),
-    ] {
-        assert_eq!(dp.run(From, pkt), PASS, "{what} from the container");
-        assert_eq!(dp.run(To, pkt), PASS, "{what} to the container");
-    }
-    assert_drops(&dp, None, 0);
-    assert_eq!(dp.ct_len(), 0);
-}
-
 /// fe80::`last`.
 fn link_local(last: u8) -> [u8; 16] {
     let mut a = [0u8; 16];
@@ -1127,12 +1042,211 @@ fn link_local(last: u8) -> [u8; 16] {
     a
 }
 
+/// The solicited-node multicast address of `a`.
+fn solicited_node(a: &[u8; 16]) -> [u8; 16] {
+    let mut m = [0u8; 16];
+    m[0] = 0xff;
+    m[1] = 0x02;
+    m[11] = 1;
+    m[12] = 0xff;
+    m[13..].copy_from_slice(&a[13..]);
+    m
+}
+
 /// ff02::`last` (1 all nodes, 2 all routers, 0x16 MLDv2 routers).
 fn ff02(last: u8) -> [u8; 16] {
     let mut a = [0u8; 16];
     a[0] = 0xff;
     a[1] = 0x02;
     a[15] = last;
+    a
+}
+
+/// An ND message (ICMPv6 `ty` with the 4 "reserved/flags" bytes and a target address), hop
+/// limit `hop`, padded with `extra` option bytes.
+fn nd(ty: u8, src: [u8; 16], dst: [u8; 16], hop: u8, target: [u8; 16], extra: usize) -> Vec<u8> {
+    let mut body = target.to_vec();
+    body.resize(16 + extra, 0);
+    eth(
+        ETH_P_IPV6,
+        &ipv6_raw(src, dst, proto::ICMPV6, hop, &icmp(ty, 0, [0; 4], &body)),
+    )
+}
+
+/// An MLDv2 report behind a hop-by-hop header with router alert, hop limit `hop`.
+fn mld_report(src: [u8; 16], dst: [u8; 16], hop: u8) -> Vec<u8> {
+    eth(
+        ETH_P_IPV6,
+        &ipv6_raw(
+            src,
+            dst,
+            0,
+            hop,
+            &ipv6_hop_by_hop_router_alert(proto::ICMPV6, &icmp(143, 0, [0; 4], &[])),
+        ),
+    )
+}
+
+#[test]
+fn neighbour_discovery_passes_only_as_the_protocol_needs() {
+    if !require_root("neighbour_discovery_passes_only_as_the_protocol_needs") {
+        return;
+    }
+    const NS: u8 = 135;
+    const NA: u8 = 136;
+    let ll = link_local(2);
+    let peer_ll = link_local(3);
+    let sol = solicited_node(&APP1.v6);
+    // What the protocol needs passes under deny-all and unpoliced alike; what it does not is
+    // dropped on both (anti-spoofing, not policy).
+    for (ingress, egress) in [(true, true), (false, false)] {
+        let dp = Dp::db(ingress, egress);
+        let arp = arp_request(DB.v4, APP1.v4);
+        assert_eq!(dp.run(From, &arp), PASS, "ARP from the container");
+        assert_eq!(
+            dp.run(To, &arp_request(APP1.v4, DB.v4)),
+            PASS,
+            "ARP to the container"
+        );
+        let pass_from = [
+            ("NS from link-local", nd(NS, ll, sol, 255, APP1.v6, 8)),
+            (
+                "NS from its own address",
+                nd(NS, DB.v6, sol, 255, APP1.v6, 8),
+            ),
+            (
+                "DAD NS from ::",
+                nd(NS, [0; 16], solicited_node(&DB.v6), 255, DB.v6, 0),
+            ),
+            (
+                "unicast NS (NUD) to a container",
+                nd(NS, DB.v6, APP1.v6, 255, APP1.v6, 8),
+            ),
+            ("NA to a container", nd(NA, DB.v6, APP1.v6, 255, DB.v6, 8)),
+            (
+                "unsolicited NA to all nodes",
+                nd(NA, ll, ff02(1), 255, DB.v6, 8),
+            ),
+            (
+                "NA for its link-local address",
+                nd(NA, ll, peer_ll, 255, ll, 8),
+            ),
+            ("RS from ::", nd(133, [0; 16], ff02(2), 255, [0; 16], 0)),
+            ("MLDv2 report", mld_report(ll, ff02(0x16), 1)),
+            ("MLDv2 report from ::", mld_report([0; 16], ff02(0x16), 1)),
+            (
+                "NS of 1280 bytes",
+                nd(NS, ll, sol, 255, APP1.v6, 1280 - 40 - 24),
+            ),
+        ];
+        for (what, pkt) in &pass_from {
+            assert_eq!(dp.run(From, pkt), PASS, "{what} (enforced: {ingress})");
+        }
+        let pass_to = [
+            (
+                "NS from a neighbour",
+                nd(NS, APP1.v6, solicited_node(&DB.v6), 255, DB.v6, 8),
+            ),
+            (
+                "NUD from a neighbour",
+                nd(NS, APP1.v6, DB.v6, 255, DB.v6, 8),
+            ),
+            (
+                "NA from a neighbour",
+                nd(NA, APP1.v6, DB.v6, 255, APP1.v6, 8),
+            ),
+            (
+                "DAD NS from ::",
+                nd(NS, [0; 16], solicited_node(&DB.v6), 255, DB.v6, 0),
+            ),
+            (
+                "RA from a link-local router",
+                nd(134, peer_ll, ff02(1), 255, [0; 16], 16),
+            ),
+            ("MLDv2 report", mld_report(peer_ll, ff02(0x16), 1)),
+        ];
+        for (what, pkt) in &pass_to {
+            assert_eq!(dp.run(To, pkt), PASS, "{what} (enforced: {ingress})");
+        }
+        assert_drops(&dp, None, 0);
+
+        let refused_from = [
+            // The reproduced leak: a 900-byte NS to an outside host.
+            (
+                "900-byte NS to the world",
+                nd(NS, DB.v6, WORLD.v6, 255, WORLD.v6, 860),
+            ),
+            (
+                "NS with a routed hop limit",
+                nd(NS, ll, sol, 64, APP1.v6, 8),
+            ),
+            (
+                "NS of 1281 bytes",
+                nd(NS, ll, sol, 255, APP1.v6, 1281 - 40 - 24),
+            ),
+            (
+                "NS to global multicast",
+                nd(NS, ll, ff05(), 255, APP1.v6, 8),
+            ),
+            (
+                "NS from :: not for DAD",
+                nd(NS, [0; 16], ff02(1), 255, DB.v6, 0),
+            ),
+            (
+                "NA advertising app1's address",
+                nd(NA, ll, ff02(1), 255, APP1.v6, 8),
+            ),
+            ("NA from ::", nd(NA, [0; 16], ff02(1), 255, DB.v6, 8)),
+            (
+                "router advertisement",
+                nd(134, ll, ff02(1), 255, [0; 16], 16),
+            ),
+            ("redirect", nd(137, ll, peer_ll, 255, APP1.v6, 16)),
+            ("MLD with hop limit 255", mld_report(ll, ff02(0x16), 255)),
+            (
+                "MLD from its global address",
+                mld_report(DB.v6, ff02(0x16), 1),
+            ),
+        ];
+        for (what, pkt) in &refused_from {
+            assert_eq!(dp.run(From, pkt), SHOT, "{what} (enforced: {ingress})");
+        }
+        let refused_to = [
+            ("routed NS", nd(NS, WORLD.v6, DB.v6, 254, DB.v6, 8)),
+            (
+                "RA from a global address",
+                nd(134, APP1.v6, ff02(1), 255, [0; 16], 16),
+            ),
+            (
+                "MLD from a global address",
+                mld_report(WORLD.v6, ff02(0x16), 1),
+            ),
+            (
+                "NS of 1281 bytes",
+                nd(NS, APP1.v6, DB.v6, 255, DB.v6, 1281 - 40 - 24),
+            ),
+        ];
+        for (what, pkt) in &refused_to {
+            assert_eq!(dp.run(To, pkt), SHOT, "{what} (enforced: {ingress})");
+        }
+        let n = (refused_from.len() + refused_to.len()) as u64;
+        assert_drops(&dp, Some(DropReason::NeighbourDiscovery), n);
+
+        // A spoofed source is spoofed, ND or not.
+        assert_eq!(
+            dp.run(From, &nd(NA, APP1.v6, ff02(1), 255, APP1.v6, 8)),
+            SHOT,
+            "NA from app1's address"
+        );
+        assert_eq!(dp.drops(DropReason::Spoofed), 1);
+        assert_eq!(dp.ct_len(), 0);
+    }
+}
+
+/// ff05::2 (site-scope all routers).
+fn ff05() -> [u8; 16] {
+    let mut a = ff02(2);
+    a[1] = 0x05;
     a
 }
 

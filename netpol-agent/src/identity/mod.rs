@@ -16,15 +16,13 @@
 
 use std::collections::BTreeMap;
 
+pub use netpol_common::identity::FIRST_CIDR;
 use netpol_common::identity::{reserved_name, FIRST_LABEL};
 use serde::{Deserialize, Serialize};
 
 /// A label set: Docker label key → value, ordered so that equal sets compare and hash equal.
 pub type Labels = BTreeMap<String, String>;
 
-/// First identity of the range the policy compiler uses for CIDR prefixes (as Cilium's local
-/// identity scope). Label identities stay below it.
-pub const FIRST_CIDR: u32 = 1 << 24;
 /// Last number a label identity can get.
 pub const LAST_LABEL: u32 = FIRST_CIDR - 1;
 
