@@ -1132,14 +1132,13 @@ fn wait_file_rejected(agent: &Agent, file: &str, rejected: bool) -> serde_json::
 /// A policy file edited into an invalid state keeps its last valid version in force, also
 /// across a reboot of the agent (killed, pins removed, started again with the file still
 /// broken); a valid edit then replaces it.
-#[test]
-fn a_broken_policy_file_keeps_its_last_valid_version_across_restarts() {
+fn a_broken_policy_file_keeps_its_last_valid_version_across_restarts(version: DockerVersion) {
     if !netpol_tests::require_root(
-        "a_broken_policy_file_keeps_its_last_valid_version_across_restarts",
+        &version.test_name("a_broken_policy_file_keeps_its_last_valid_version_across_restarts"),
     ) {
         return;
     }
-    let mut guard = docker();
+    let mut guard = docker(version);
     let docker = guard.as_mut().expect("daemon");
     let project = Project::up(docker, "compose-plain.yml");
     let mut agent = Agent::start(docker);
@@ -1358,6 +1357,7 @@ fn sidecar_image_enforces_the_scenario(version: DockerVersion) {
 
 netpol_tests::docker_tests!(
     compose_labels_protect_the_database_scenario,
+    a_broken_policy_file_keeps_its_last_valid_version_across_restarts,
     agent_with_only_the_units_privileges_enforces_the_scenario,
     cilium_policy_file_protects_the_database_scenario,
     published_port_reaches_world_and_host_but_not_other_containers,
