@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::Args;
-use netpol_tests::diff::{Features, Runner, Stats};
+use netpol_tests::diff::{Checks, Features, Runner, Stats};
 
 #[derive(Args)]
 pub struct Opts {
@@ -20,6 +20,10 @@ pub struct Opts {
     /// Stop after this many disagreements.
     #[arg(long, default_value_t = 5)]
     max_disagreements: usize,
+    /// Also check the properties of holes whose fixes have not landed yet (netpol_tests::diff::
+    /// Checks::ALL instead of Checks::NOW).
+    #[arg(long)]
+    all_checks: bool,
 }
 
 fn parse_seed(s: &str) -> Result<u64, String> {
@@ -44,6 +48,9 @@ pub fn run(o: Opts) -> Result<()> {
     });
     eprintln!("fuzz datapath: first seed {first:#x}, {} s", o.seconds);
     let mut runner = Runner::new(Features::ALL);
+    if o.all_checks {
+        runner.checks = Checks::ALL;
+    }
     let mut stats = Stats::default();
     let deadline = Instant::now() + Duration::from_secs(o.seconds);
     let mut found = 0;

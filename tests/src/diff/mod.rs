@@ -8,6 +8,7 @@
 //! every packet up to the one that disagreed in hex, expected against actual.
 
 pub mod gen;
+pub mod invariants;
 
 use std::fmt::{self, Write as _};
 
@@ -20,6 +21,7 @@ use netpol_common::{
 
 use crate::progtest::{private_netns_with_veths, Datapath, Prog, Sizes, PASS, SHOT};
 pub use gen::{Case, Features, Via};
+pub use invariants::Checks;
 
 /// How far a conntrack expiry may be from the model's (the model reads the clock just before
 /// the program does).
@@ -83,7 +85,8 @@ pub struct Disagreement {
     pub before: Vec<Outcome>,
     pub expected: Outcome,
     pub actual: Outcome,
-    /// Conntrack differences after the step (empty when only the verdict differs).
+    /// A violated property (first) and conntrack differences after the step (empty when only
+    /// the verdict differs).
     pub ct: Vec<String>,
 }
 
@@ -158,7 +161,7 @@ impl fmt::Display for Disagreement {
         writeln!(f, "  expected (model): {}", self.expected)?;
         writeln!(f, "  actual (kernel):  {}", self.actual)?;
         for d in &self.ct {
-            writeln!(f, "  conntrack: {d}")?;
+            writeln!(f, "  {d}")?;
         }
         Ok(())
     }
@@ -213,6 +216,8 @@ pub struct Runner {
     /// A device standing for the uplink (`ingress_ifindex` of packets from outside).
     pub uplink: u32,
     pub features: Features,
+    /// Properties checked on every packet the kernel passes.
+    pub checks: Checks,
 }
 
 impl Runner {
@@ -231,6 +236,7 @@ impl Runner {
             ifindexes,
             uplink,
             features,
+            checks: Checks::NOW,
         }
     }
 
@@ -307,7 +313,14 @@ impl Runner {
                 }
                 _ => stats.passed += 1,
             }
-            let ct = ct_differences(&model, &self.dp);
+            let mut ct = ct_differences(&model, &self.dp);
+            if actual.ret == PASS {
+                if let Some(v) =
+                    invariants::violated(&self.checks, &model, ifindex, s.dir, &s.frame)
+                {
+                    ct.insert(0, format!("violates {v}"));
+                }
+            }
             if actual != expected || !ct.is_empty() {
                 return Err(Box::new(Disagreement {
                     case: case.clone(),
@@ -345,14 +358,14 @@ fn ct_differences(model: &World, dp: &Datapath) -> Vec<String> {
             Some(i) => {
                 let (_, got) = kernel.swap_remove(i);
                 if entry_differs(want, &got) {
-                    out.push(format!("{k:?}: model {want:?}, kernel {got:?}"));
+                    out.push(format!("conntrack {k:?}: model {want:?}, kernel {got:?}"));
                 }
             }
-            None => out.push(format!("{k:?}: model {want:?}, kernel has none")),
+            None => out.push(format!("conntrack {k:?}: model {want:?}, kernel has none")),
         }
     }
     for (k, got) in kernel {
-        out.push(format!("{k:?}: model has none, kernel {got:?}"));
+        out.push(format!("conntrack {k:?}: model has none, kernel {got:?}"));
     }
     out
 }
