@@ -52,6 +52,8 @@ fn run(args: &[&str]) -> Run {
     let dir = TempDir::new("out");
     let (out, err) = (dir.0.join("stdout"), dir.0.join("stderr"));
     let t = Instant::now();
+    // Reaped by wait4 below (for its rusage), not by Child::wait.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(BIN)
         .args(args)
         .env("NETPOL_LOG", "warn")
@@ -120,7 +122,10 @@ fn own_peak_kb() -> i64 {
 fn hostile_files_are_errors_in_bounded_time_and_memory() {
     let dir = TempDir::new("hostile");
     let cases: Vec<(PathBuf, String)> = vec![
-        (dir.write("bomb.yaml", &bomb()), ":5: more than 100000 YAML nodes".into()),
+        (
+            dir.write("bomb.yaml", &bomb()),
+            ":5: more than 100000 YAML nodes".into(),
+        ),
         (
             dir.write("deep.yaml", &format!("{}x\n", "- ".repeat(100_000))),
             ":1: nested more than 64 levels deep".into(),
@@ -132,7 +137,10 @@ fn hostile_files_are_errors_in_bounded_time_and_memory() {
             ),
             ":1: nested more than 64 levels deep".into(),
         ),
-        (big_file(&dir.0.join("big.yaml")), ":1: the file is larger than 1048576 bytes".into()),
+        (
+            big_file(&dir.0.join("big.yaml")),
+            ":1: the file is larger than 1048576 bytes".into(),
+        ),
     ];
     // ru_maxrss of a child includes the memory of the process it was forked from (the exec
     // records the old address space's peak), so this test keeps its own small: the bound it
@@ -185,12 +193,16 @@ fn ignore_label_that_removes_compose_labels_is_refused_at_startup() {
         ]);
         assert_ne!(r.code, Some(0), "{pattern}");
         assert!(
-            r.stderr
-                .contains(&format!("--ignore-label {pattern:?} would leave com.docker.compose.")),
+            r.stderr.contains(&format!(
+                "--ignore-label {pattern:?} would leave com.docker.compose."
+            )),
             "{pattern}: {}",
             r.stderr
         );
-        assert!(!Path::new(&pins).exists(), "nothing was set up for {pattern}");
+        assert!(
+            !Path::new(&pins).exists(),
+            "nothing was set up for {pattern}"
+        );
     }
 }
 
@@ -209,7 +221,8 @@ fn delete_by_file_checks_the_files_first() {
     ]);
     assert_ne!(r.code, Some(0));
     assert!(
-        r.stderr.contains("bad.yaml:2: kind: kind must be CiliumNetworkPolicy")
+        r.stderr
+            .contains("bad.yaml:2: kind: kind must be CiliumNetworkPolicy")
             && r.stderr.contains("nothing was deleted"),
         "{}",
         r.stderr
@@ -227,7 +240,11 @@ fn delete_by_file_checks_the_files_first() {
         "-f",
         good.to_str().unwrap(),
     ]);
-    assert!(r.stderr.contains("cannot reach the netpol agent"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cannot reach the netpol agent"),
+        "{}",
+        r.stderr
+    );
     // Names and -f (or --all) do not mix.
     let r = run(&["policy", "delete", "a", "--all"]);
     assert_eq!(r.code, Some(2), "{}", r.stderr);

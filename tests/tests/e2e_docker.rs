@@ -1355,6 +1355,176 @@ fn sidecar_image_enforces_the_scenario(version: DockerVersion) {
     );
 }
 
+/// [`assert_all`], one check after the other.
+fn assert_in_turn(what: &str, checks: &[Check]) {
+    let errors: Vec<String> = checks.iter().filter_map(|c| c.run().err()).collect();
+    assert!(
+        errors.is_empty(),
+        "{what}: {} violation(s):\n  {}",
+        errors.len(),
+        errors.join("\n  ")
+    );
+}
+
+/// Issue 7, items 4 and 5 with real containers, over IPv4 and IPv6:
+/// - an explicitly empty peer list (`fromEndpoints: []`) opens db's port to nobody, while the
+///   rule beside it still lets app1 in;
+/// - `toCIDRSet: [{cidr: 0.0.0.0/0}]` opens IPv4 egress only (app1 reaches an outside server
+///   over IPv4, not IPv6), and `egressDeny: [{toCIDR: ["::/0"]}]` blocks IPv6 only (app2 still
+///   reaches it over IPv4).
+///
+/// Then `policy delete -f` removes what the file defined, and everything is open again.
+fn empty_peer_lists_and_cidr_families_fail_closed(version: DockerVersion) {
+    if !netpol_tests::require_root(
+        &version.test_name("empty_peer_lists_and_cidr_families_fail_closed"),
+    ) {
+        return;
+    }
+    const OUT_PORT: u16 = 18443;
+    let mut guard = docker(version);
+    let docker = guard.as_mut().expect("daemon");
+    let project = Project::up(docker, "compose-plain.yml");
+    let agent = Agent::start(docker);
+    let (db, app1, app2) = (
+        project.container("db"),
+        project.container("app1"),
+        project.container("app2"),
+    );
+    let db6 = db.ipv6.expect("db has IPv6");
+    // A server outside Docker on both families: world for the containers.
+    let outside = OutsideNs::create(9);
+    let out6 = IpAddr::V6(outside.add_ipv6());
+    let out4 = IpAddr::V4(outside.addr);
+    let forwarding = "/proc/sys/net/ipv6/conf/all/forwarding";
+    let old_forwarding = std::fs::read_to_string(forwarding).expect("read forwarding");
+    let _restore = Cleanup(|| {
+        let _ = std::fs::write(forwarding, old_forwarding.trim());
+    });
+    std::fs::write(forwarding, "1").expect("IPv6 forwarding");
+    let _listener = probe::in_netns(&outside.path(), || {
+        std::net::TcpListener::bind(("::", OUT_PORT)).expect("listen in the outside namespace")
+    });
+    let to_out = |c: &Container, addr: IpAddr, expect| Check {
+        from: c.client(),
+        to_name: "outside".into(),
+        to: SocketAddr::new(addr, OUT_PORT),
+        expect,
+        http: false,
+    };
+    use Expect::{Allowed, Denied};
+    // Without policy everything is reachable: the denials below are the policy's.
+    let open = || {
+        assert_all(
+            "no policy",
+            &[
+                check(app2.client(), &db, db.ipv4, 5432, Allowed),
+                check(app2.client(), &db, db6, 5432, Allowed),
+                to_out(&app1, out4, Allowed),
+                to_out(&app1, out6, Allowed),
+                to_out(&app2, out4, Allowed),
+                to_out(&app2, out6, Allowed),
+            ],
+        )
+    };
+    open();
+
+    let sel = |service: &str| {
+        format!("{{matchLabels: {{com.docker.compose.project: {PROJECT}, com.docker.compose.service: {service}}}}}")
+    };
+    let port = |p: u16| format!("[{{ports: [{{port: \"{p}\", protocol: TCP}}]}}]");
+    let policy = format!(
+        "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: db-empty-list}}
+spec:
+  endpointSelector: {db}
+  ingress:
+  - fromEndpoints: []
+    toPorts: {p5432}
+  - fromEndpoints: [{app1}]
+    toPorts: {p5432}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: app1-world-ipv4}}
+spec:
+  endpointSelector: {app1}
+  egress:
+  - toCIDRSet: [{{cidr: 0.0.0.0/0, except: [192.0.2.0/24]}}]
+  - toEndpoints: [{db}]
+    toPorts: {p5432}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: app2-no-ipv6}}
+spec:
+  endpointSelector: {app2}
+  egress:
+  - toEntities: [world]
+  - toEndpoints: [{db}]
+  egressDeny:
+  - toCIDR: [\"::/0\"]
+",
+        db = sel("db"),
+        app1 = sel("app1"),
+        app2 = sel("app2"),
+        p5432 = port(5432),
+    );
+    let file = std::env::temp_dir().join(format!("netpol-fail-closed-{}.yaml", std::process::id()));
+    let _rm = Cleanup(|| {
+        let _ = std::fs::remove_file(&file);
+    });
+    std::fs::write(&file, policy).expect("write policy");
+    let file = file.to_str().expect("utf-8").to_owned();
+    agent.cli_ok(&["policy", "import", &file]);
+    wait_enforced(&agent, &[db.clone(), app1.clone(), app2.clone()]);
+    let mut checks = Vec::new();
+    for addr in [db.ipv4, db6] {
+        checks.extend([
+            // The rule beside the empty list still lets app1 in...
+            check(app1.client(), &db, addr, 5432, Allowed),
+            // ...and `fromEndpoints: []` lets nobody else in.
+            check(app2.client(), &db, addr, 5432, Denied),
+            check(Client::host(), &db, addr, 5432, Denied),
+        ]);
+    }
+    checks.extend([
+        // 0.0.0.0/0 is IPv4 only.
+        to_out(&app1, out4, Allowed),
+        to_out(&app1, out6, Denied),
+        // ::/0 is IPv6 only.
+        to_out(&app2, out4, Allowed),
+        to_out(&app2, out6, Denied),
+    ]);
+    // One at a time: busybox nc's listen backlog drops concurrent SYNs, and a dropped SYN
+    // would pass for a denied connection.
+    timed("empty lists and CIDR families", || {
+        assert_in_turn("fail closed", &checks)
+    });
+
+    // Whole or nothing: one unknown name, and nothing is deleted.
+    let out = agent.cli(&["policy", "delete", "db-empty-list", "no-such-policy"]);
+    assert!(!out.status.success(), "deleting an unknown name succeeded");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no-such-policy"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_in_turn(
+        "after a refused delete",
+        &[
+            check(app2.client(), &db, db.ipv4, 5432, Denied),
+            to_out(&app1, out6, Denied),
+        ],
+    );
+    // `policy delete -f`: the policies the file defines.
+    let deleted = agent.cli_ok(&["policy", "delete", "-f", &file]);
+    for name in ["db-empty-list", "app1-world-ipv4", "app2-no-ipv6"] {
+        assert!(deleted.contains(&format!("deleted {name}")), "{deleted}");
+    }
+    open();
+}
+
 netpol_tests::docker_tests!(
     compose_labels_protect_the_database_scenario,
     a_broken_policy_file_keeps_its_last_valid_version_across_restarts,
@@ -1366,4 +1536,6 @@ netpol_tests::docker_tests!(
     reboot_restores_policy_from_disk_before_containers_are_reachable,
     bad_policies_are_refused_and_change_nothing,
     sidecar_image_enforces_the_scenario,
+    a_broken_policy_file_keeps_its_last_valid_version_across_restarts,
+    empty_peer_lists_and_cidr_families_fail_closed,
 );
