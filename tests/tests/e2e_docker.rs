@@ -1536,6 +1536,5 @@ netpol_tests::docker_tests!(
     reboot_restores_policy_from_disk_before_containers_are_reachable,
     bad_policies_are_refused_and_change_nothing,
     sidecar_image_enforces_the_scenario,
-    a_broken_policy_file_keeps_its_last_valid_version_across_restarts,
     empty_peer_lists_and_cidr_families_fail_closed,
 );
