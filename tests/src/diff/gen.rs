@@ -1023,9 +1023,28 @@ impl Gen {
                     .pick(&[ALL_NODES_V6, solicited_node(&me), me, MLDV2_V6]),
             )
         };
-        let hop = self.rng.pick(&[255u8, 1, 64]);
-        let n = self.rng.pick(&[16usize, 20, 24, 900]);
-        let body = icmp(ty, 0, [0; 4], &vec![0u8; n]);
+        let mld = matches!(ty, 130..=132 | 143);
+        let hop = if self.rng.chance(70) {
+            if mld {
+                1
+            } else {
+                255
+            }
+        } else {
+            self.rng.pick(&[255u8, 1, 64])
+        };
+        let n = self.rng.pick(&[16usize, 20, 24, 32, 900, 1300]);
+        let mut body = vec![0u8; n];
+        if matches!(ty, 135..=137) || (mld && self.rng.chance(50)) {
+            // The target (ND) or multicast address (MLD) the message is about.
+            let other = self.node().v6;
+            let target = self
+                .rng
+                .pick(&[me, me, LINK_LOCAL_V6, other, NODES[GATEWAY].v6]);
+            body[..16].copy_from_slice(&target);
+        }
+        let code = if self.rng.chance(95) { 0 } else { 1 };
+        let body = icmp(ty, code, [0; 4], &body);
         let (next, payload) = if self.rng.chance(30) {
             (0, ipv6_hop_by_hop_router_alert(proto::ICMPV6, &body))
         } else {

@@ -24,7 +24,8 @@ pub struct Checks {
     /// and is at most 576 (IPv4) / 1280 (IPv6) bytes.
     pub icmp_error_to_peer: bool,
     /// Hole 2: no router advertisement or redirect from a container; ND with hop limit 255, MLD
-    /// with hop limit 1. (Destinations are not checked here: a solicited neighbour advertisement
+    /// with hop limit 1, at most 1280 bytes; a container's NA names its own or a link-local
+    /// target. (Destinations are not checked here: a solicited neighbour advertisement
     /// goes to the soliciting address, which may be global.)
     pub neighbour_rules: bool,
 }
@@ -37,10 +38,9 @@ impl Checks {
         neighbour_rules: true,
     };
 
-    /// What the datapath on main is meant to hold today: holes 2 and 3 are not fixed yet.
+    /// What the datapath on main is meant to hold today: hole 3 is not fixed yet.
     pub const NOW: Checks = Checks {
         icmp_error_to_peer: false,
-        neighbour_rules: false,
         ..Checks::ALL
     };
 }
@@ -165,6 +165,12 @@ pub fn violated(
     let icmp = (!ip.v6 && ip.proto == 1) || (ip.v6 && ip.proto == 58);
     let ty = if icmp { f.get(ip.l4).copied() } else { None };
     let nd = ip.v6 && icmp && matches!(ty, Some(130..=137 | 143));
+    if c.neighbour_rules && nd && f.len() - 14 > 1280 {
+        return Some(format!(
+            "hole 2: an ND/MLD message of {} bytes passed",
+            f.len() - 14
+        ));
+    }
     match dir {
         Direction::Egress => {
             if c.own_source && !own(ep, &ip) {
@@ -185,6 +191,11 @@ pub fn violated(
                 }
                 if matches!(t, 130..=132 | 143) && ip.hop != 1 {
                     return Some(format!("hole 2: MLD type {t} with hop limit {}", ip.hop));
+                }
+                let target = f.get(ip.l4 + 8..ip.l4 + 24);
+                let mine = ep.flags & Endpoint::HAS_IPV6 != 0 && target == Some(&ep.ipv6[..]);
+                if t == 136 && !mine && !target.is_some_and(link_local6) {
+                    return Some("hole 2: a container advertised another address (NA)".into());
                 }
             }
             let error = matches!(
@@ -232,6 +243,12 @@ pub fn violated(
                 if (133..=137).contains(&t) && ip.hop != 255 {
                     return Some(format!(
                         "hole 2: ND type {t} with hop limit {} delivered",
+                        ip.hop
+                    ));
+                }
+                if matches!(t, 130..=132 | 143) && ip.hop != 1 {
+                    return Some(format!(
+                        "hole 2: MLD type {t} with hop limit {} delivered",
                         ip.hop
                     ));
                 }
