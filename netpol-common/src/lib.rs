@@ -9,6 +9,7 @@ pub mod addr;
 pub mod ct;
 pub mod endpoint;
 pub mod event;
+pub mod frag;
 pub mod identity;
 pub mod ipcache;
 #[cfg(any(test, feature = "model"))]
@@ -37,6 +38,9 @@ pub mod maps {
     pub const SNAT6: &str = "SNAT6";
     pub const MASQ6_CONFIG: &str = "MASQ6_CONFIG";
     pub const MASQ6_PREFIXES: &str = "MASQ6_PREFIX";
+    /// Ports of fragmented datagrams (see the `frag` module).
+    pub const FRAG4: &str = "FRAG4";
+    pub const FRAG6: &str = "FRAG6";
 
     /// Every map of the object, for pinning and for the test that the object holds each one.
     pub const ALL: &[&str] = &[
@@ -52,6 +56,8 @@ pub mod maps {
         SNAT6,
         MASQ6_CONFIG,
         MASQ6_PREFIXES,
+        FRAG4,
+        FRAG6,
     ];
 }
 
@@ -106,7 +112,8 @@ pub enum DropReason {
     Malformed = 4,
     /// Not IPv4, IPv6, ARP: the enforced endpoint drops unknown L3 protocols.
     UnsupportedL3 = 5,
-    /// A non-initial IP fragment on an enforced direction (no ports to check policy against).
+    /// A later (non-initial) IP fragment on an enforced direction whose datagram has no record in
+    /// `FRAG4` / `FRAG6` (its first fragment was dropped or not seen yet): no ports to decide by.
     Fragment = 6,
     /// Too many IPv6 extension headers to walk.
     ExtHeaders = 7,
@@ -197,6 +204,10 @@ mod pod {
     unsafe impl aya::Pod for super::nat::Snat6Entry {}
     unsafe impl aya::Pod for super::nat::Masq6Config {}
     unsafe impl aya::Pod for super::nat::Masq6Prefix {}
+    unsafe impl aya::Pod for super::frag::Frag4Key {}
+    unsafe impl aya::Pod for super::frag::Frag6Key {}
+    unsafe impl aya::Pod for super::frag::FragL4 {}
+    unsafe impl aya::Pod for super::frag::Masq6Frag {}
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use crate::{
     addr,
     ct::{self, CtDir, CtEntry, CtKey4, CtKey6},
     endpoint::Endpoint,
+    frag::{Frag4Key, Frag6Key, FragL4},
     identity, nd,
     policy::{self, PolicyKey, PolicyValue, Verdict as PolicyVerdict},
     proto, Direction, DropReason,
@@ -54,7 +55,8 @@ pub enum Why {
     /// A parse error on an endpoint that enforces nothing.
     Unpoliced,
     Neighbour,
-    /// A non-initial fragment in an unenforced direction.
+    /// A later fragment without a record of its datagram, in an unenforced direction (one with
+    /// a record passes as a packet of its flow: `Conntrack`, `Unenforced`, `Allowed`).
     Fragment,
     /// A packet of a flow conntrack holds (its own entry or a reply).
     Conntrack,
@@ -148,7 +150,42 @@ pub struct World {
     pub policy: Vec<(u32, PolicyKey, PolicyValue)>,
     /// `CT4` and `CT6`.
     pub ct: Vec<(CtKey, CtEntry)>,
+    /// `FRAG4` and `FRAG6`: the L4 view of fragmented datagrams (netpol-common's `frag` module).
+    pub frag: Vec<(FragKey, FragL4)>,
 }
+
+/// A fragment-tracking key of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FragKey {
+    V4(Frag4Key),
+    V6(Frag6Key),
+}
+
+/// Where a packet sits in a fragmented datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FragPos {
+    /// Not fragmented (IPv6: also an atomic fragment, offset 0 without more fragments).
+    None,
+    /// Offset 0, more fragments: carries the L4 header.
+    First,
+    /// Offset ≠ 0: no L4 header.
+    Later,
+}
+
+/// A packet's place in its datagram and the datagram's identification and protocol (IPv6: the
+/// fragment header's next header).
+#[derive(Clone, Copy, Debug)]
+struct Frag {
+    pos: FragPos,
+    id: u32,
+    proto: u8,
+}
+
+const NOT_FRAGMENTED: Frag = Frag {
+    pos: FragPos::None,
+    id: 0,
+    proto: 0,
+};
 
 /// An address of either family; IPv4 uses the first 4 bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,6 +248,7 @@ struct Pkt {
     l4off: usize,
     end: usize,
     inner: Option<Inner>,
+    frag: Frag,
 }
 
 fn be16(f: &[u8], off: usize) -> Option<u16> {
@@ -246,9 +284,8 @@ fn ipv4_addrs(f: &[u8], off: usize) -> Result<(Addr, Addr), DropReason> {
     ))
 }
 
-/// The outer IPv4 header at `off`, checked: (protocol, payload offset, claimed end, non-first
-/// fragment).
-fn ipv4_outer(f: &[u8], off: usize) -> Result<(u8, usize, usize, bool), DropReason> {
+/// The outer IPv4 header at `off`, checked: (protocol, payload offset, claimed end, fragment).
+fn ipv4_outer(f: &[u8], off: usize) -> Result<(u8, usize, usize, Frag), DropReason> {
     let h = bytes(f, off, 20)?;
     if h[0] >> 4 != 4 {
         return Err(DropReason::Malformed);
@@ -262,7 +299,19 @@ fn ipv4_outer(f: &[u8], off: usize) -> Result<(u8, usize, usize, bool), DropReas
     if off + ihl > end {
         return Err(DropReason::Malformed);
     }
-    let frag = u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0;
+    let fo = u16::from_be_bytes([h[6], h[7]]);
+    let pos = if fo & 0x1fff != 0 {
+        FragPos::Later
+    } else if fo & 0x2000 != 0 {
+        FragPos::First
+    } else {
+        FragPos::None
+    };
+    let frag = Frag {
+        pos,
+        id: u32::from(u16::from_be_bytes([h[4], h[5]])),
+        proto: h[9],
+    };
     Ok((h[9], off + ihl, end, frag))
 }
 
@@ -303,11 +352,12 @@ fn ipv6_fixed(f: &[u8], off: usize) -> Result<([u8; 8], Addr, Addr), DropReason>
 }
 
 /// The extension headers from `at` (the first named by `next`): (upper-layer protocol, its
-/// offset, non-first fragment).
-fn ipv6_ext(f: &[u8], next: u8, at: usize) -> Result<(u8, usize, bool), DropReason> {
+/// offset, fragment). The walk stops at a later fragment's fragment header (its next header is
+/// then the protocol).
+fn ipv6_ext(f: &[u8], next: u8, at: usize) -> Result<(u8, usize, Frag), DropReason> {
     let mut next = next;
     let mut at = at;
-    let mut non_first = false;
+    let mut frag = NOT_FRAGMENTED;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             0 | 43 | 60 => {
@@ -316,10 +366,24 @@ fn ipv6_ext(f: &[u8], next: u8, at: usize) -> Result<(u8, usize, bool), DropReas
                 at += (e[1] as usize + 1) * 8;
             }
             44 => {
-                let e = bytes(f, at, 4)?;
+                let e = bytes(f, at, 8)?;
                 next = e[0];
-                non_first |= u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0;
                 at += 8;
+                let fo = u16::from_be_bytes([e[2], e[3]]);
+                frag = Frag {
+                    pos: if fo & 0xfff8 != 0 {
+                        FragPos::Later
+                    } else if fo & 1 != 0 {
+                        FragPos::First
+                    } else {
+                        FragPos::None
+                    },
+                    id: u32::from_be_bytes([e[4], e[5], e[6], e[7]]),
+                    proto: e[0],
+                };
+                if frag.pos == FragPos::Later {
+                    return Ok((next, at, frag));
+                }
             }
             51 => {
                 let e = bytes(f, at, 2)?;
@@ -332,7 +396,7 @@ fn ipv6_ext(f: &[u8], next: u8, at: usize) -> Result<(u8, usize, bool), DropReas
     if is_ext(next) {
         return Err(DropReason::ExtHeaders);
     }
-    Ok((next, at, non_first))
+    Ok((next, at, frag))
 }
 
 /// An IPv6 header quoted in an ICMPv6 error at `off` and its extension headers: (source,
@@ -356,7 +420,7 @@ fn l4(
     proto: u8,
     off: usize,
     end: usize,
-    frag: bool,
+    frag: Frag,
 ) -> Result<(Pkt, usize), DropReason> {
     let mut p = Pkt {
         fam,
@@ -373,12 +437,13 @@ fn l4(
         l4off: off,
         end,
         inner: None,
+        frag,
     };
     // Nothing is read past the IP length.
     if off > end {
         return Err(DropReason::Malformed);
     }
-    if frag {
+    if frag.pos == FragPos::Later {
         p.kind = Kind::Fragment;
         return Ok((p, off));
     }
@@ -557,6 +622,18 @@ fn key(fam: Fam, s: Addr, d: Addr, sport: u16, dport: u16, proto: u8, dir: CtDir
     match fam {
         Fam::V4 => CtKey::V4(CtKey4::new(s.a4(), d.a4(), sport, dport, proto, dir)),
         Fam::V6 => CtKey::V6(CtKey6::new(s.0, d.0, sport, dport, proto, dir)),
+    }
+}
+
+fn frag_key(p: &Pkt) -> FragKey {
+    match p.fam {
+        Fam::V4 => FragKey::V4(Frag4Key::new(
+            p.s.a4(),
+            p.d.a4(),
+            p.frag.id as u16,
+            p.frag.proto,
+        )),
+        Fam::V6 => FragKey::V6(Frag6Key::new(p.s.0, p.d.0, p.frag.id, p.frag.proto)),
     }
 }
 
@@ -776,14 +853,71 @@ impl World {
                 .neighbour_discovery(ep, dir, f, &p)
                 .map(|()| Why::Neighbour);
         }
-        let enforced = ep.enforces(dir);
-        if p.kind == Kind::Fragment {
-            if enforced {
-                self.remote_identity(ep, dir, &p, cause);
-                return Err(DropReason::Fragment);
-            }
-            return Ok(Why::Fragment);
+        // 7. A later fragment is a packet of its datagram's flow, with the ports its first
+        // fragment recorded; without a record it is dropped where the direction is enforced.
+        let mut p = p;
+        if p.frag.pos == FragPos::Later {
+            let Some(r) = self.frag_get(&frag_key(&p)) else {
+                if ep.enforces(dir) {
+                    self.remote_identity(ep, dir, &p, cause);
+                    return Err(DropReason::Fragment);
+                }
+                return Ok(Why::Fragment);
+            };
+            p.kind = match r.kind {
+                FragL4::PORTS => Kind::Ports,
+                FragL4::ECHO_REQUEST => Kind::EchoRequest,
+                FragL4::ECHO_REPLY => Kind::EchoReply,
+                FragL4::ICMP_OTHER => Kind::IcmpOther,
+                _ => Kind::Other,
+            };
+            p.sport = r.sport();
+            p.dport = r.dport();
+            p.icmp_type = r.icmp_type;
+            p.tcp_flags = 0;
         }
+        let why = self.verdict(ep, dir, &p, now, cause)?;
+        // A first fragment that passed records its L4 view for the later ones.
+        if p.frag.pos == FragPos::First {
+            let kind = match p.kind {
+                Kind::Ports => Some(FragL4::PORTS),
+                Kind::EchoRequest => Some(FragL4::ECHO_REQUEST),
+                Kind::EchoReply => Some(FragL4::ECHO_REPLY),
+                Kind::IcmpOther => Some(FragL4::ICMP_OTHER),
+                Kind::Other => Some(FragL4::OTHER),
+                Kind::IcmpError | Kind::Neighbour | Kind::Fragment => None,
+            };
+            if let Some(kind) = kind {
+                let r = FragL4::new(kind, p.sport, p.dport, p.icmp_type);
+                self.frag_put(frag_key(&p), r);
+            }
+        }
+        Ok(why)
+    }
+
+    /// The record of a fragmented datagram.
+    pub fn frag_get(&self, k: &FragKey) -> Option<FragL4> {
+        self.frag.iter().find(|(x, _)| x == k).map(|(_, v)| *v)
+    }
+
+    fn frag_put(&mut self, k: FragKey, v: FragL4) {
+        match self.frag.iter_mut().find(|(x, _)| *x == k) {
+            Some((_, old)) => *old = v,
+            None => self.frag.push((k, v)),
+        }
+    }
+
+    /// Steps 5–6 for a parsed packet (a later fragment with its datagram's L4 view).
+    fn verdict(
+        &mut self,
+        ep: &Endpoint,
+        dir: Direction,
+        p: &Pkt,
+        now: u64,
+        cause: &mut Drop,
+    ) -> Result<Why, DropReason> {
+        let fam = p.fam;
+        let enforced = ep.enforces(dir);
         // 5. Conntrack, only for packets of this endpoint's own addresses.
         let local = match dir {
             Direction::Egress => true,
@@ -791,7 +925,7 @@ impl World {
         };
         if local
             && !matches!(p.kind, Kind::IcmpError | Kind::IcmpOther)
-            && self.established(&p, dir, now)
+            && self.established(p, dir, now)
         {
             return Ok(Why::Conntrack);
         }
@@ -810,7 +944,7 @@ impl World {
             }
         }
         // 6. Policy.
-        let remote = self.remote_identity(ep, dir, &p, cause);
+        let remote = self.remote_identity(ep, dir, p, cause);
         let port = match p.kind {
             Kind::Ports => p.dport,
             Kind::Other => 0,

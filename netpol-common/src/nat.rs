@@ -25,6 +25,8 @@ pub mod maps {
     pub const MASQ6_STATS: &str = "MASQ6_STATS";
     /// Per-CPU working memory of the masquerade programs.
     pub const MASQ6_SCRATCH: &str = "MASQ6_SCRATCH";
+    /// The translated address of fragmented datagrams (`crate::frag::Masq6Frag`), pinned.
+    pub const MASQ6_FRAG: &str = "MASQ6_FRAG";
 }
 
 /// `Snat6Key::dir` of the entry written for the container's own direction.

@@ -34,7 +34,10 @@
 //! 6. A new flow in an enforced direction is looked up in `POLICY` (see netpol-common's
 //!    `policy` module for the order); deny or no match drops it. An allowed flow, or any flow in
 //!    an unenforced direction, gets a conntrack entry so its replies pass the other side.
-//!    Non-initial fragments in an enforced direction are dropped (`Fragment`): they carry no ports.
+//! 7. Fragments (netpol-common's `frag` module): a first fragment that passes records its L4
+//!    view in `FRAG4` / `FRAG6`; a later fragment takes the ports of its datagram's record and
+//!    goes through 5–6 as a packet of that flow. One without a record (its first fragment was
+//!    dropped, not seen yet, or never sent) is dropped (`Fragment`) on an enforced direction.
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -46,6 +49,7 @@ use netpol_common::{
     ct::{self, CtDir, CtEntry, CtKey4, CtKey6},
     endpoint::Endpoint,
     event::FlowEvent,
+    frag::{Frag4Key, Frag6Key, FragL4},
     identity,
     ipcache::RemoteInfo,
     nd,
@@ -54,10 +58,13 @@ use netpol_common::{
 };
 
 use crate::{
-    maps::{CONFIG, CT4, CT6, DROPS_V2, ENDPOINTS, EVENTS, IPCACHE4, IPCACHE6, POLICY, SCRATCH},
+    maps::{
+        CONFIG, CT4, CT6, DROPS_V2, ENDPOINTS, EVENTS, FRAG4, FRAG6, IPCACHE4, IPCACHE6, POLICY,
+        SCRATCH,
+    },
     parse::{
-        self, Kind, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, L4, TCP_ACK, TCP_FIN, TCP_RST,
-        TCP_SYN,
+        self, Frag, Kind, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, FRAG_FIRST, FRAG_LATER, L4,
+        TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
     },
 };
 
@@ -259,6 +266,7 @@ impl PartialEq for A16 {
 pub trait Family {
     type Addr: Copy + PartialEq;
     type Key: Copy;
+    type FragKey: Copy;
     fn key(
         s: Self::Addr,
         d: Self::Addr,
@@ -271,6 +279,9 @@ pub trait Family {
     fn get(k: &Self::Key) -> Option<*mut CtEntry>;
     fn put(k: &Self::Key, v: &CtEntry);
     fn identity(a: Self::Addr) -> u32;
+    fn frag_key(s: Self::Addr, d: Self::Addr, f: &Frag) -> Self::FragKey;
+    fn frag_get(k: &Self::FragKey) -> Option<FragL4>;
+    fn frag_put(k: &Self::FragKey, v: &FragL4);
     /// Whether `a` is the endpoint's own address of this family.
     fn is_local(ep: &Endpoint, a: &Self::Addr) -> bool;
 }
@@ -281,6 +292,20 @@ pub struct V6;
 impl Family for V4 {
     type Addr = A4;
     type Key = CtKey4;
+    type FragKey = Frag4Key;
+    #[inline(always)]
+    fn frag_key(s: A4, d: A4, f: &Frag) -> Frag4Key {
+        Frag4Key::new(s.0, d.0, f.id as u16, f.proto)
+    }
+    #[inline(always)]
+    fn frag_get(k: &Frag4Key) -> Option<FragL4> {
+        // SAFETY: a map value, copied out at once.
+        FRAG4.get_ptr(k).map(|v| unsafe { *v })
+    }
+    #[inline(always)]
+    fn frag_put(k: &Frag4Key, v: &FragL4) {
+        let _ = FRAG4.insert(k, v, 0);
+    }
     #[inline(always)]
     fn key(s: A4, d: A4, sport: u16, dport: u16, proto: u8, dir: CtDir) -> CtKey4 {
         CtKey4::new(s.0, d.0, sport, dport, proto, dir)
@@ -313,6 +338,20 @@ impl Family for V4 {
 impl Family for V6 {
     type Addr = A16;
     type Key = CtKey6;
+    type FragKey = Frag6Key;
+    #[inline(always)]
+    fn frag_key(s: A16, d: A16, f: &Frag) -> Frag6Key {
+        Frag6Key::new(s.0, d.0, f.id, f.proto)
+    }
+    #[inline(always)]
+    fn frag_get(k: &Frag6Key) -> Option<FragL4> {
+        // SAFETY: a map value, copied out at once.
+        FRAG6.get_ptr(k).map(|v| unsafe { *v })
+    }
+    #[inline(always)]
+    fn frag_put(k: &Frag6Key, v: &FragL4) {
+        let _ = FRAG6.insert(k, v, 0);
+    }
     #[inline(always)]
     fn key(s: A16, d: A16, sport: u16, dport: u16, proto: u8, dir: CtDir) -> CtKey6 {
         CtKey6::new(s.0, d.0, sport, dport, proto, dir)
@@ -464,6 +503,8 @@ pub struct Pkt<F: Family> {
     end: u32,
     /// IPv6 hop limit (for the ND checks).
     hop_limit: u8,
+    /// Where the packet sits in a fragmented datagram.
+    frag: Frag,
     /// Valid when `l.kind == Kind::IcmpError`; zeroed otherwise (never an uninitialised
     /// `Option` payload: the verifier rejects copies of undefined stack bytes).
     inner: Inner<F>,
@@ -478,7 +519,22 @@ pub struct Inner<F: Family> {
     dport: u16,
 }
 
-/// Policy and conntrack for one parsed packet of either family.
+/// The L4 view a first fragment records for the later ones; `None` for what is never recorded.
+#[inline(always)]
+fn frag_record(l: &L4) -> Option<FragL4> {
+    let kind = match l.kind {
+        Kind::Ports => FragL4::PORTS,
+        Kind::EchoRequest => FragL4::ECHO_REQUEST,
+        Kind::EchoReply => FragL4::ECHO_REPLY,
+        Kind::IcmpOther => FragL4::ICMP_OTHER,
+        Kind::Other => FragL4::OTHER,
+        Kind::IcmpError | Kind::Neighbour | Kind::Fragment => return None,
+    };
+    Some(FragL4::new(kind, l.sport, l.dport, l.icmp_type))
+}
+
+/// Fragments around [`verdict`]: a later fragment takes its datagram's recorded L4 view (or is
+/// dropped on an enforced direction without one); a first fragment that passes records its own.
 #[inline(always)]
 fn decide<F: Family>(
     ep: &Endpoint,
@@ -486,15 +542,48 @@ fn decide<F: Family>(
     p: &Pkt<F>,
     ev: &mut FlowEvent,
 ) -> Result<i32, DropReason> {
-    let (s, d, l) = (p.s, p.d, &p.l);
-    let enforced = ep.enforces(dir);
-    if l.kind == Kind::Fragment {
-        if enforced {
-            remote_identity::<F>(ep, dir, s, d, ev);
-            return Err(DropReason::Fragment);
-        }
-        return Ok(PASS);
+    let mut l = p.l;
+    if p.frag.pos == FRAG_LATER {
+        let Some(r) = F::frag_get(&F::frag_key(p.s, p.d, &p.frag)) else {
+            if ep.enforces(dir) {
+                remote_identity::<F>(ep, dir, p.s, p.d, ev);
+                return Err(DropReason::Fragment);
+            }
+            return Ok(PASS);
+        };
+        l.kind = match r.kind {
+            FragL4::PORTS => Kind::Ports,
+            FragL4::ECHO_REQUEST => Kind::EchoRequest,
+            FragL4::ECHO_REPLY => Kind::EchoReply,
+            FragL4::ICMP_OTHER => Kind::IcmpOther,
+            _ => Kind::Other,
+        };
+        l.sport = r.sport();
+        l.dport = r.dport();
+        l.icmp_type = r.icmp_type;
+        l.tcp_flags = 0;
+        event_ports(ev, &l);
     }
+    let action = verdict::<F>(ep, dir, p, &l, ev)?;
+    if p.frag.pos == FRAG_FIRST {
+        if let Some(r) = frag_record(&l) {
+            F::frag_put(&F::frag_key(p.s, p.d, &p.frag), &r);
+        }
+    }
+    Ok(action)
+}
+
+/// Policy and conntrack for one parsed packet of either family, with L4 view `l`.
+#[inline(always)]
+fn verdict<F: Family>(
+    ep: &Endpoint,
+    dir: Direction,
+    p: &Pkt<F>,
+    l: &L4,
+    ev: &mut FlowEvent,
+) -> Result<i32, DropReason> {
+    let (s, d) = (p.s, p.d);
+    let enforced = ep.enforces(dir);
     // Conntrack has no endpoint in its keys: an entry is the endpoint's because its local
     // address is. `from_container` has checked the source already; `to_container` must not
     // create or use entries for a packet addressed to someone else (a bridge floods frames for
@@ -713,6 +802,7 @@ fn parse_v4(
         }
     }
     let (l4off, end, frag) = parse::ipv4_check(ctx, &ip, ETH_HLEN)?;
+    p.frag = parse::ipv4_frag(&ip);
     p.l = parse::l4(ctx, ip.proto, l4off, end, frag)?;
     event_ports(ev, &p.l);
     if p.l.kind == Kind::IcmpError {
@@ -798,7 +888,8 @@ fn parse_v6(
 fn v6_l4(ctx: &TcContext, head: &[u8; 8], p: &mut Pkt<V6>) -> Result<usize, DropReason> {
     let end = parse::ipv6_check(ctx, head, ETH_HLEN)?;
     let (nexthdr, l4off, frag) = parse::ipv6_ext(ctx, head[6], ETH_HLEN + 40)?;
-    p.l = parse::l4(ctx, nexthdr, l4off, end, frag)?;
+    p.frag = frag;
+    p.l = parse::l4(ctx, nexthdr, l4off, end, frag.pos == FRAG_LATER)?;
     Ok(end)
 }
 

@@ -8,6 +8,7 @@ use aya_ebpf::{
 use netpol_common::{
     ct::{CtEntry, CtKey4, CtKey6},
     endpoint::Endpoint,
+    frag::{Frag4Key, Frag6Key, FragL4, Masq6Frag},
     ipcache::RemoteInfo,
     policy::{PolicyKey, PolicyValue},
     Config,
@@ -34,6 +35,14 @@ pub static CT4: LruHashMap<CtKey4, CtEntry, 65536, { BPF_F_NO_COMMON_LRU as usiz
 pub static CT6: LruHashMap<CtKey6, CtEntry, 16384, { BPF_F_NO_COMMON_LRU as usize }> =
     LruHashMap::new();
 
+/// The L4 view of fragmented datagrams, recorded from their first fragment for the later ones
+/// (netpol-common's `frag` module). One LRU list shared by all CPUs.
+#[btf_map]
+pub static FRAG4: LruHashMap<Frag4Key, FragL4, 4096> = LruHashMap::new();
+
+#[btf_map]
+pub static FRAG6: LruHashMap<Frag6Key, FragL4, 4096> = LruHashMap::new();
+
 /// Drop and flow events, read by `netpol-agent monitor`.
 #[btf_map]
 pub static EVENTS: RingBuf<netpol_common::event::FlowEvent, { 256 * 1024 }> = RingBuf::new();
@@ -55,6 +64,10 @@ pub static SCRATCH: PerCpuArray<crate::lxc::Scratch, 1> = PerCpuArray::new();
 #[btf_map]
 pub static SNAT6: LruHashMap<netpol_common::nat::Snat6Key, netpol_common::nat::Snat6Entry, 16384> =
     LruHashMap::new();
+
+/// The address the masquerade wrote into the first fragment of a datagram, for its later ones.
+#[btf_map]
+pub static MASQ6_FRAG: LruHashMap<Frag6Key, Masq6Frag, 4096> = LruHashMap::new();
 
 #[btf_map]
 pub static MASQ6_CONFIG: Array<netpol_common::nat::Masq6Config, 1> = Array::new();

@@ -26,9 +26,19 @@
 //! packet's checksum is recomputed incrementally here (RFC 1624), and the outer ICMPv6 checksum
 //! absorbs the difference of every embedded byte changed.
 //!
-//! Failure policy: a packet that cannot be parsed (truncated, more than four extension headers, a
-//! non-initial fragment) passes untouched and is counted (`Unparsed`): masquerade is not a
-//! security boundary, and dropping would break the host's own traffic on the uplink.
+//! Fragments: the first fragment of a datagram carries the L4 header and is translated as above
+//! (its L4 checksum covers the whole datagram, so the incremental update for the address and
+//! port is the same). The later ones carry neither port nor checksum: only the address changes.
+//! When a first fragment is translated, `MASQ6_FRAG` records (source, destination, fragment
+//! identification, next header) → the address written, and later fragments with that key get
+//! the same address (source on the way out, destination on the way in). A later fragment
+//! without a record (out of order, or its first fragment was not translated) passes untouched;
+//! on the way out it is counted (`Unparsed`). An ICMPv6 error quoting a later fragment is not
+//! translated.
+//!
+//! Failure policy: a packet that cannot be parsed (truncated, more than four extension headers)
+//! passes untouched and is counted (`Unparsed`): masquerade is not a security boundary, and
+//! dropping would break the host's own traffic on the uplink.
 
 use aya_ebpf::{
     bindings::{
@@ -40,6 +50,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netpol_common::{
+    frag::{Frag6Key, Masq6Frag},
     nat::{
         lifetime, probe_port, Masq6Config, Masq6Counter, Masq6Prefix, Snat6Entry, Snat6Key, PROBES,
         SNAT6_IN, SNAT6_OUT,
@@ -47,7 +58,10 @@ use netpol_common::{
     proto,
 };
 
-use crate::maps::{MASQ6_CONFIG, MASQ6_PREFIX, MASQ6_SCRATCH, MASQ6_STATS, SNAT6};
+use crate::{
+    maps::{MASQ6_CONFIG, MASQ6_FRAG, MASQ6_PREFIX, MASQ6_SCRATCH, MASQ6_STATS, SNAT6},
+    parse::{ipv6_frag, Frag, FRAG_FIRST, FRAG_LATER, FRAG_NONE},
+};
 
 const PASS: i32 = TC_ACT_UNSPEC;
 const SHOT: i32 = TC_ACT_SHOT as i32;
@@ -90,6 +104,9 @@ pub struct Scratch {
     /// The entry found (a copy) or being written.
     val: Snat6Entry,
     pval: Snat6Entry,
+    /// The `MASQ6_FRAG` key and value of a fragment.
+    fkey: Frag6Key,
+    fval: Masq6Frag,
     l3: u32,
     l4off: u32,
     /// Offset of the embedded packet's L4 header (ICMPv6 errors).
@@ -254,12 +271,17 @@ fn prefix_kind(a: &[u8; 16]) -> u32 {
 }
 
 /// Walks the extension headers after the IPv6 header at `off` (next header `next`): the upper
-/// protocol and its offset. A non-initial fragment or more than four extension headers is
-/// `Unparsed`.
+/// protocol, its offset, and where the packet sits in a fragmented datagram (the walk stops at
+/// the fragment header of a later fragment). More than four extension headers is `Unparsed`.
 #[inline(always)]
-fn walk(ctx: &TcContext, off: u32, next: u8) -> Result<(u8, u32), Fail> {
+fn walk(ctx: &TcContext, off: u32, next: u8) -> Result<(u8, u32, Frag), Fail> {
     let mut next = next;
     let mut off = off;
+    let mut frag = Frag {
+        pos: FRAG_NONE,
+        proto: 0,
+        id: 0,
+    };
     for _ in 0..4 {
         match next {
             0 | 43 | 60 => {
@@ -268,24 +290,25 @@ fn walk(ctx: &TcContext, off: u32, next: u8) -> Result<(u8, u32), Fail> {
                 off += (u32::from(h[1]) + 1) * 8;
             }
             44 => {
-                let h: [u8; 4] = ctx.load(off as usize).map_err(|_| Fail::Unparsed)?;
-                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
-                    return Err(Fail::Unparsed);
-                }
+                let h: [u8; 8] = ctx.load(off as usize).map_err(|_| Fail::Unparsed)?;
                 next = h[0];
                 off += 8;
+                frag = ipv6_frag(&h);
+                if frag.pos == FRAG_LATER {
+                    return Ok((next, off, frag));
+                }
             }
             51 => {
                 let h = load2(ctx, off)?;
                 next = h[0];
                 off += (u32::from(h[1]) + 2) * 4;
             }
-            _ => return Ok((next, off)),
+            _ => return Ok((next, off, frag)),
         }
     }
     match next {
         0 | 43 | 60 | 44 | 51 => Err(Fail::Unparsed),
-        _ => Ok((next, off)),
+        _ => Ok((next, off, frag)),
     }
 }
 
@@ -417,7 +440,10 @@ fn try_out(ctx: &TcContext, cfg: &Masq6Config, sc: &mut Scratch) -> Result<i32, 
     if prefix_kind(&sc.d) != 0 {
         return Ok(PASS);
     }
-    let (p, l4off) = walk(ctx, l3 + 40, head[6])?;
+    let (p, l4off, frag) = walk(ctx, l3 + 40, head[6])?;
+    if frag.pos == FRAG_LATER {
+        return later_fragment(ctx, sc, &frag, true);
+    }
     sc.proto = p;
     sc.l4off = l4off;
     parse_l4(ctx, sc)?;
@@ -461,7 +487,61 @@ fn try_out(ctx: &TcContext, cfg: &Masq6Config, sc: &mut Scratch) -> Result<i32, 
         sc.l4off + 4
     };
     rewrite(ctx, sc, l3 + 8, port_off, sc.sport)?;
+    if frag.pos == FRAG_FIRST {
+        record_fragment(sc, &frag, SNAT6_OUT);
+    }
     count(Masq6Counter::Out);
+    Ok(PASS)
+}
+
+/// Records the address just written into the first fragment of a datagram (`sc.s → sc.d` as it
+/// arrived) for its later fragments.
+#[inline(always)]
+fn record_fragment(sc: &mut Scratch, frag: &Frag, dir: u8) {
+    sc.fkey = Frag6Key::new(sc.s, sc.d, frag.id, frag.proto);
+    sc.fval = Masq6Frag {
+        addr: sc.val.addr,
+        dir,
+        _pad: [0; 3],
+    };
+    let _ = MASQ6_FRAG.insert(&sc.fkey, &sc.fval, u64::from(BPF_ANY));
+}
+
+/// A later fragment (`sc.s → sc.d`): the address its first fragment got, as source (`egress`)
+/// or destination. Only the address: the port and the L4 checksum are in the first fragment, and
+/// the IPv6 header has no checksum.
+#[inline(always)]
+fn later_fragment(
+    ctx: &TcContext,
+    sc: &mut Scratch,
+    frag: &Frag,
+    egress: bool,
+) -> Result<i32, Fail> {
+    sc.fkey = Frag6Key::new(sc.s, sc.d, frag.id, frag.proto);
+    let dir = if egress { SNAT6_OUT } else { SNAT6_IN };
+    let found = match MASQ6_FRAG.get_ptr(&sc.fkey) {
+        Some(v) => {
+            // SAFETY: pointer from a map lookup, valid while the program runs.
+            sc.fval = unsafe { *v };
+            sc.fval.dir == dir
+        }
+        None => false,
+    };
+    if !found {
+        // Out: a container's fragment the masquerade cannot place; in: the host's.
+        return if egress {
+            Err(Fail::Unparsed)
+        } else {
+            Ok(PASS)
+        };
+    }
+    let off = if egress { sc.l3 + 8 } else { sc.l3 + 24 };
+    store16(ctx, off, &sc.fval.addr, true)?;
+    count(if egress {
+        Masq6Counter::Out
+    } else {
+        Masq6Counter::In
+    });
     Ok(PASS)
 }
 
@@ -553,7 +633,10 @@ fn reserve_host(
     sc: &mut Scratch,
     next: u8,
 ) -> Result<i32, Fail> {
-    let (p, l4off) = walk(ctx, sc.l3 + 40, next)?;
+    let (p, l4off, frag) = walk(ctx, sc.l3 + 40, next)?;
+    if frag.pos == FRAG_LATER {
+        return Ok(PASS);
+    }
     sc.proto = p;
     sc.l4off = l4off;
     parse_l4(ctx, sc)?;
@@ -596,7 +679,10 @@ fn try_in(ctx: &TcContext, cfg: &Masq6Config, sc: &mut Scratch) -> Result<i32, F
         return Ok(PASS);
     }
     load16(ctx, l3 + 8, &mut sc.s)?;
-    let (p, l4off) = walk(ctx, l3 + 40, head[6])?;
+    let (p, l4off, frag) = walk(ctx, l3 + 40, head[6])?;
+    if frag.pos == FRAG_LATER {
+        return later_fragment(ctx, sc, &frag, false);
+    }
     sc.proto = p;
     sc.l4off = l4off;
     parse_l4(ctx, sc)?;
@@ -641,6 +727,9 @@ fn try_in(ctx: &TcContext, cfg: &Masq6Config, sc: &mut Scratch) -> Result<i32, F
         sc.l4off + 4
     };
     rewrite(ctx, sc, l3 + 24, port_off, sc.dport)?;
+    if frag.pos == FRAG_FIRST {
+        record_fragment(sc, &frag, SNAT6_IN);
+    }
     count(Masq6Counter::In);
     Ok(PASS)
 }
@@ -657,7 +746,11 @@ fn parse_inner(ctx: &TcContext, sc: &mut Scratch) -> Result<bool, Fail> {
     }
     load16(ctx, ip + 8, &mut sc.is)?;
     load16(ctx, ip + 24, &mut sc.id)?;
-    let (p, ioff) = walk(ctx, ip + 40, head[6])?;
+    let (p, ioff, frag) = walk(ctx, ip + 40, head[6])?;
+    if frag.pos == FRAG_LATER {
+        // A quoted later fragment has no ports to translate back.
+        return Ok(false);
+    }
     sc.iproto = p;
     sc.ioff = ioff;
     let h: [u8; 8] = ctx.load(ioff as usize).map_err(|_| Fail::Unparsed)?;

@@ -180,6 +180,62 @@ pub fn ipv4_quoted(
     Ok((ip, off + ihl))
 }
 
+/// Not a fragment (or an IPv6 atomic fragment: offset 0, no more fragments).
+pub const FRAG_NONE: u8 = 0;
+/// Offset 0, more fragments follow: carries the L4 header.
+pub const FRAG_FIRST: u8 = 1;
+/// Offset ≠ 0: no L4 header.
+pub const FRAG_LATER: u8 = 2;
+
+/// Where a packet sits in a fragmented datagram, and what identifies the datagram.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Frag {
+    /// `FRAG_NONE`, `FRAG_FIRST` or `FRAG_LATER`.
+    pub pos: u8,
+    /// The protocol of the reassembly key: IPv4's protocol, the IPv6 fragment header's next
+    /// header (the same in every fragment of a datagram).
+    pub proto: u8,
+    /// IPv4: the 16-bit identification; IPv6: the fragment header's 32-bit one.
+    pub id: u32,
+}
+
+/// The fragment position and identification of an IPv4 header.
+#[inline(always)]
+pub fn ipv4_frag(ip: &Ipv4Hdr) -> Frag {
+    let f = be16(ip.frag_off);
+    let pos = if f & 0x1fff != 0 {
+        FRAG_LATER
+    } else if f & 0x2000 != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    };
+    Frag {
+        pos,
+        proto: ip.proto,
+        id: u32::from(be16(ip.id)),
+    }
+}
+
+/// The fragment position and identification in the 8 bytes of an IPv6 fragment header.
+#[inline(always)]
+pub fn ipv6_frag(h: &[u8; 8]) -> Frag {
+    let fo = be16([h[2], h[3]]);
+    let pos = if fo & 0xfff8 != 0 {
+        FRAG_LATER
+    } else if fo & 1 != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    };
+    Frag {
+        pos,
+        proto: h[0],
+        id: u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
+    }
+}
+
 /// Copies 16 bytes at `off` straight into `dst` (which may be map memory): no stack temporary.
 /// (`TcContext::load_bytes` clamps its length, which the verifier rejects as maybe zero.)
 #[inline(always)]
@@ -245,12 +301,18 @@ pub fn ipv6_quoted(
 }
 
 /// Walks the extension headers from `off` (the first one named by `next`): the upper-layer
-/// protocol, its offset and whether this is a non-initial fragment.
+/// protocol, its offset and where the packet sits in a fragmented datagram. The walk stops at
+/// the fragment header of a later fragment (what follows is the middle of the datagram, not a
+/// header): the protocol is then the fragment header's next header.
 #[inline(always)]
-pub fn ipv6_ext(ctx: &TcContext, next: u8, off: usize) -> Result<(u8, usize, bool), DropReason> {
+pub fn ipv6_ext(ctx: &TcContext, next: u8, off: usize) -> Result<(u8, usize, Frag), DropReason> {
     let mut next = next;
     let mut off = off;
-    let mut non_first = false;
+    let mut frag = Frag {
+        pos: FRAG_NONE,
+        proto: 0,
+        id: 0,
+    };
     // A bounded walk: more than 4 extension headers is refused (DropReason::ExtHeaders).
     for _ in 0..4 {
         match next {
@@ -260,24 +322,25 @@ pub fn ipv6_ext(ctx: &TcContext, next: u8, off: usize) -> Result<(u8, usize, boo
                 off += (h[1] as usize + 1) * 8;
             }
             44 => {
-                let h: [u8; 4] = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+                let h: [u8; 8] = ctx.load(off).map_err(|_| DropReason::Malformed)?;
                 next = h[0];
-                if be16([h[2], h[3]]) & 0xfff8 != 0 {
-                    non_first = true;
-                }
                 off += 8;
+                frag = ipv6_frag(&h);
+                if frag.pos == FRAG_LATER {
+                    return Ok((next, off, frag));
+                }
             }
             51 => {
                 let h: [u8; 2] = ctx.load(off).map_err(|_| DropReason::Malformed)?;
                 next = h[0];
                 off += (h[1] as usize + 2) * 4;
             }
-            _ => return Ok((next, off, non_first)),
+            _ => return Ok((next, off, frag)),
         }
     }
     match next {
         0 | 43 | 60 | 44 | 51 => Err(DropReason::ExtHeaders),
-        _ => Ok((next, off, non_first)),
+        _ => Ok((next, off, frag)),
     }
 }
 

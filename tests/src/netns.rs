@@ -14,12 +14,12 @@
 use std::{
     fs::File,
     io::{self, Read, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::{
-        atomic::{AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         Arc, Mutex,
     },
     thread::JoinHandle,
@@ -440,6 +440,74 @@ impl Drop for EchoServer {
             let _ = s.shutdown(Shutdown::Both);
         }
     }
+}
+
+/// A UDP echo server in a namespace (on every address, IPv4 and IPv6): every datagram goes back
+/// whole to its sender. Stops when dropped.
+pub struct UdpEchoServer {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEchoServer {
+    pub fn start(ns: &Netns, port: u16) -> UdpEchoServer {
+        let sock = ns.run_in(move || {
+            UdpSocket::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
+                .unwrap_or_else(|e| panic!("UDP bind on port {port}: {e}"))
+        });
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap_or_else(|e| panic!("UDP read timeout: {e}"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop2.load(Ordering::Relaxed) {
+                if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&buf[..n], peer);
+                }
+            }
+        });
+        UdpEchoServer {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for UdpEchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.thread.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Sends one datagram holding `payload` from inside `ns` to `to` and waits up to `timeout` for
+/// one to come back: its bytes, or `None` when nothing came.
+pub fn udp_exchange(
+    ns: &Netns,
+    to: SocketAddr,
+    payload: Vec<u8>,
+    timeout: Duration,
+) -> Option<Vec<u8>> {
+    ns.run_in(move || {
+        let any: SocketAddr = if to.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let s = UdpSocket::bind(any).unwrap_or_else(|e| panic!("UDP bind: {e}"));
+        s.set_read_timeout(Some(timeout))
+            .unwrap_or_else(|e| panic!("UDP read timeout: {e}"));
+        s.send_to(&payload, to)
+            .unwrap_or_else(|e| panic!("UDP send to {to}: {e}"));
+        let mut buf = vec![0u8; 65536];
+        let (n, _) = s.recv_from(&mut buf).ok()?;
+        Some(buf[..n].to_vec())
+    })
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` after `deadline`.

@@ -52,6 +52,8 @@ pub struct Ipv4 {
     /// Fragment offset in 8-byte units.
     pub frag_offset: u16,
     pub more_fragments: bool,
+    /// The identification field (fragments of one datagram share it).
+    pub id: u16,
     /// Overrides the total length (otherwise header + payload).
     pub tot_len: Option<u16>,
 }
@@ -65,6 +67,7 @@ impl Ipv4 {
             ihl: 5,
             frag_offset: 0,
             more_fragments: false,
+            id: 0x1234,
             tot_len: None,
         }
     }
@@ -77,7 +80,7 @@ impl Ipv4 {
         h[0] = 0x40 | (self.ihl & 0x0f);
         let tot = self.tot_len.unwrap_or((hlen + payload.len()) as u16);
         h[2..4].copy_from_slice(&tot.to_be_bytes());
-        h[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        h[4..6].copy_from_slice(&self.id.to_be_bytes());
         let frag = (self.frag_offset & 0x1fff) | if self.more_fragments { 0x2000 } else { 0 };
         h[6..8].copy_from_slice(&frag.to_be_bytes());
         h[8] = 64;
@@ -114,12 +117,23 @@ pub fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, payload: &[u8]) -> Vec<u8> {
     eth(ETH_P_IPV6, &ipv6_raw(src, dst, next, 64, payload))
 }
 
-/// An IPv6 fragment extension header (8 bytes) in front of `payload`.
+/// An IPv6 fragment extension header (8 bytes, identification 0xdeadbeef) in front of `payload`.
 pub fn ipv6_fragment(next: u8, offset_units: u16, more: bool, payload: &[u8]) -> Vec<u8> {
+    ipv6_fragment_id(next, offset_units, more, 0xdead_beef, payload)
+}
+
+/// An IPv6 fragment extension header with identification `id` in front of `payload`.
+pub fn ipv6_fragment_id(
+    next: u8,
+    offset_units: u16,
+    more: bool,
+    id: u32,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut h = vec![next, 0];
     let v = (offset_units << 3) | u16::from(more);
     h.extend_from_slice(&v.to_be_bytes());
-    h.extend_from_slice(&0xdead_beefu32.to_be_bytes());
+    h.extend_from_slice(&id.to_be_bytes());
     h.extend_from_slice(payload);
     h
 }

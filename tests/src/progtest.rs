@@ -18,6 +18,7 @@ use netpol_common::{
     ct::{CtEntry, CtKey4, CtKey6},
     endpoint::Endpoint,
     event::FlowEvent,
+    frag::{Frag4Key, Frag6Key, FragL4},
     ipcache::RemoteInfo,
     maps,
     policy::{PolicyKey, PolicyValue},
@@ -180,7 +181,21 @@ impl Datapath {
         m.iter().map(|r| r.expect("CT6 iter")).collect()
     }
 
-    /// Empties the endpoint, ipcache, policy and conntrack maps and drains `EVENTS`, so one
+    /// The `FRAG4` record of a datagram.
+    pub fn frag4(&self, k: &Frag4Key) -> Option<FragL4> {
+        let m: HashMap<_, Frag4Key, FragL4> =
+            HashMap::try_from(self.bpf.map(maps::FRAG4).expect("FRAG4")).unwrap();
+        m.get(k, 0).ok()
+    }
+
+    /// The `FRAG6` record of a datagram.
+    pub fn frag6(&self, k: &Frag6Key) -> Option<FragL4> {
+        let m: HashMap<_, Frag6Key, FragL4> =
+            HashMap::try_from(self.bpf.map(maps::FRAG6).expect("FRAG6")).unwrap();
+        m.get(k, 0).ok()
+    }
+
+    /// Empties the endpoint, ipcache, policy, conntrack and fragment maps and drains `EVENTS`, so one
     /// loaded copy serves many independent cases.
     pub fn clear(&mut self) {
         fn drain<K: aya::Pod, V: aya::Pod>(mut m: HashMap<&mut MapData, K, V>) {
@@ -198,6 +213,8 @@ impl Datapath {
         drain(self.hash::<u32, Endpoint>(maps::ENDPOINTS));
         drain(self.hash::<CtKey4, CtEntry>(maps::CT4));
         drain(self.hash::<CtKey6, CtEntry>(maps::CT6));
+        drain(self.hash::<Frag4Key, FragL4>(maps::FRAG4));
+        drain(self.hash::<Frag6Key, FragL4>(maps::FRAG6));
         drain_trie(self.trie::<[u8; 4], RemoteInfo>(maps::IPCACHE4));
         drain_trie(self.trie::<[u8; 16], RemoteInfo>(maps::IPCACHE6));
         drain_trie(self.trie::<PolicyKey, PolicyValue>(maps::POLICY));

@@ -39,6 +39,8 @@ const ROUTER: &str = "2001:db8:1::1";
 const SERVER: &str = "2001:db8:2::2";
 const TCP_PORT: u16 = 7000;
 const UDP_PORT: u16 = 7001;
+/// Echoes every datagram whole (larger than the path's MTU: fragmented both ways).
+const UDP_ECHO_PORT: u16 = 7002;
 
 fn v6(s: &str) -> Ipv6Addr {
     s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
@@ -348,12 +350,26 @@ impl Topology {
     /// A TCP server on srv: each line read is answered with "<peer> <line>"; "GET n" is answered
     /// with n bytes. A UDP server answers each datagram with "<peer>".
     fn servers(&self) {
-        let (tcp, udp) = in_netns(&self.ns("srv"), || {
+        let (tcp, udp, echo) = in_netns(&self.ns("srv"), || {
             let t = TcpListener::bind((v6(SERVER), TCP_PORT))
                 .unwrap_or_else(|e| panic!("tcp bind: {e}"));
             let u =
                 UdpSocket::bind((v6(SERVER), UDP_PORT)).unwrap_or_else(|e| panic!("udp bind: {e}"));
-            (t, u)
+            let e = UdpSocket::bind((v6(SERVER), UDP_ECHO_PORT))
+                .unwrap_or_else(|e| panic!("udp bind: {e}"));
+            (t, u, e)
+        });
+        let stop = self.stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                if !readable(echo.as_raw_fd(), 100) {
+                    continue;
+                }
+                if let Ok((n, peer)) = echo.recv_from(&mut buf) {
+                    let _ = echo.send_to(&buf[..n], peer);
+                }
+            }
         });
         let stop = self.stop.clone();
         tcp.set_nonblocking(true)
@@ -535,6 +551,9 @@ struct Observed {
     same_port_udp: bool,
     /// …and srv saw two different ports.
     same_port_distinct: bool,
+    /// A 4000-byte UDP datagram, sent in 1280-byte fragments, came back whole (the server's echo
+    /// in fragments too).
+    large_udp: bool,
     /// `ping -t 2` got "time exceeded" from the router.
     time_exceeded: bool,
     /// `ping -s 1400 -M do` got "packet too big, mtu 1280" from the router, and the container's
@@ -630,6 +649,29 @@ fn scenario(t: &Topology) -> Observed {
         _ => false,
     };
 
+    let large_udp = in_netns(&c1, || {
+        let u = UdpSocket::bind("[::]:0").ok()?;
+        // Fragment at the last hop's MTU from the start (no packet-too-big round first).
+        let mtu: libc::c_int = 1280;
+        // SAFETY: a valid socket and option value.
+        let r = unsafe {
+            libc::setsockopt(
+                u.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU,
+                (&mtu as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        assert_eq!(r, 0, "IPV6_MTU: {}", std::io::Error::last_os_error());
+        u.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let payload: Vec<u8> = (0..4000u32).map(|i| (i % 253) as u8).collect();
+        u.send_to(&payload, (v6(SERVER), UDP_ECHO_PORT)).ok()?;
+        let mut buf = vec![0u8; 65536];
+        let (n, _) = u.recv_from(&mut buf).ok()?;
+        Some(buf[..n] == payload[..])
+    }) == Some(true);
+
     let te = t.exec(
         "c1",
         &["ping", "-6", "-c", "1", "-W", "2", "-t", "2", SERVER],
@@ -658,6 +700,7 @@ fn scenario(t: &Topology) -> Observed {
         same_port_tcp,
         same_port_udp,
         same_port_distinct,
+        large_udp,
         time_exceeded,
         packet_too_big,
         pmtu_cached,
@@ -674,6 +717,7 @@ fn expected() -> Observed {
         same_port_tcp: true,
         same_port_udp: true,
         same_port_distinct: true,
+        large_udp: true,
         time_exceeded: true,
         packet_too_big: true,
         pmtu_cached: true,

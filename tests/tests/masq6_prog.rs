@@ -688,3 +688,135 @@ fn host_flows_are_reserved_and_never_translated() {
     let (v, out) = m.run(false, &r);
     assert_eq!((v, &out), (PASS, &r), "host reply untouched");
 }
+
+/// A UDP datagram `src → dst` (real checksum) cut into IPv6 fragments of `chunk` bytes (a multiple
+/// of 8) with identification `id`: the frames, first fragment first.
+#[allow(clippy::too_many_arguments)]
+fn udp_fragments(
+    src: &str,
+    dst: &str,
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+    id: u32,
+    chunk: usize,
+) -> Vec<Vec<u8>> {
+    let (s, d) = (ip(src), ip(dst));
+    let l4 = udp(&s, &d, sport, dport, payload);
+    l4.chunks(chunk)
+        .enumerate()
+        .map(|(i, c)| {
+            let off = i * chunk;
+            let more = off + c.len() < l4.len();
+            let mut fh = vec![proto::UDP, 0];
+            fh.extend_from_slice(&((((off / 8) as u16) << 3) | u16::from(more)).to_be_bytes());
+            fh.extend_from_slice(&id.to_be_bytes());
+            fh.extend_from_slice(c);
+            eth(&ipv6(&s, &d, 44, &fh))
+        })
+        .collect()
+}
+
+/// Reassembles fragments as a receiver would: the datagram's addresses (every fragment must carry
+/// the same) and its L4 bytes.
+fn reassemble(frames: &[Vec<u8>]) -> Seen {
+    let mut r: Option<Seen> = None;
+    for (i, f) in frames.iter().enumerate() {
+        let ip6 = &f[14..];
+        assert_eq!(ip6[6], 44, "fragment {i} has no fragment header");
+        let (mut src, mut dst) = ([0; 16], [0; 16]);
+        src.copy_from_slice(&ip6[8..24]);
+        dst.copy_from_slice(&ip6[24..40]);
+        let fh = &ip6[40..48];
+        let off = usize::from(u16::from_be_bytes([fh[2], fh[3]]) >> 3) * 8;
+        let s = r.get_or_insert_with(|| Seen {
+            src,
+            dst,
+            next: fh[0],
+            l4: Vec::new(),
+        });
+        assert_eq!(
+            (show(&s.src), show(&s.dst)),
+            (show(&src), show(&dst)),
+            "fragment {i} carries other addresses than the first"
+        );
+        assert_eq!(off, s.l4.len(), "fragment {i} offset");
+        s.l4.extend_from_slice(&ip6[48..]);
+    }
+    r.expect("no fragments")
+}
+
+#[test]
+fn fragmented_datagrams_are_translated_whole() {
+    if !require_root("masq6_prog::fragmented_datagrams_are_translated_whole") {
+        return;
+    }
+    let m = Masq::load(61000, 61009);
+    // C1 holds 33000 → SERVER:53, so C2's datagram from the same port gets another one: the first
+    // fragment's port and checksum change, not only the address.
+    m.out(&frame(C1, SERVER, proto::UDP, |s, d| {
+        udp(s, d, 33000, 53, b"q")
+    }));
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+    let query = udp_fragments(C2, SERVER, 33000, 53, &payload, 0x0102_0304, 1232);
+    assert_eq!(query.len(), 3);
+
+    // A later fragment before its first: nothing to go by, it passes untouched (and is counted).
+    let (v, f) = m.run(true, &query[1]);
+    assert_eq!((v, &f), (PASS, &query[1]), "out of order: untouched");
+    assert_eq!(m.counter(Masq6Counter::Unparsed), 1);
+
+    let out: Vec<Vec<u8>> = query
+        .iter()
+        .map(|f| {
+            let (v, o) = m.run(true, f);
+            assert_eq!(v, PASS);
+            o
+        })
+        .collect();
+    let q = reassemble(&out);
+    assert_eq!((show(&q.src), show(&q.dst)), (a(UPLINK), a(SERVER)));
+    let port = q.sport();
+    assert!(
+        (61000..=61009).contains(&port),
+        "port {port} not from the range"
+    );
+    assert_eq!(q.dport(), 53);
+    q.assert_csum("the reassembled datagram out");
+    assert_eq!(&q.l4[8..], &payload[..], "payload");
+
+    // The answer, fragmented by the server, goes back to C2 whole.
+    let answer = udp_fragments(SERVER, UPLINK, 53, port, &payload, 0x0a0b_0c0d, 1232);
+    let back: Vec<Vec<u8>> = answer
+        .iter()
+        .map(|f| {
+            let (v, o) = m.run(false, f);
+            assert_eq!(v, PASS);
+            o
+        })
+        .collect();
+    let r = reassemble(&back);
+    assert_eq!((show(&r.src), show(&r.dst)), (a(SERVER), a(C2)));
+    assert_eq!((r.sport(), r.dport()), (53, 33000));
+    r.assert_csum("the reassembled datagram in");
+    assert_eq!(&r.l4[8..], &payload[..]);
+
+    // The identification alone does not place a fragment: the same one from another source, or
+    // to another destination, is left alone.
+    let stray_in = udp_fragments(OTHER_NET, UPLINK, 53, port, &payload, 0x0a0b_0c0d, 1232);
+    let (v, f) = m.run(false, &stray_in[1]);
+    assert_eq!(
+        (v, &f),
+        (PASS, &stray_in[1]),
+        "another source, same id: untouched"
+    );
+    let stray_out = udp_fragments(C1, SERVER, 33000, 53, &payload, 0x0102_0304, 1232);
+    let (v, f) = m.run(true, &stray_out[1]);
+    assert_eq!(
+        (v, &f),
+        (PASS, &stray_out[1]),
+        "another container, same id: untouched"
+    );
+    assert_eq!(m.counter(Masq6Counter::Out), 1 + 3);
+    assert_eq!(m.counter(Masq6Counter::In), 3);
+}

@@ -21,6 +21,7 @@ use netpol_common::{
     ct::{self, CtDir, CtEntry, CtKey4, CtKey6},
     endpoint::Endpoint,
     event::FlowEvent,
+    frag::{Frag4Key, Frag6Key, FragL4},
     identity, maps,
     policy::{self, PolicyKey, PolicyValue},
     programs, proto, Config, Direction, DropReason,
@@ -1706,6 +1707,64 @@ fn conntrack_expiry_v6() {
     }
 }
 
+/// The two fragments of the datagram `src → dst` carrying `body` (`proto`), cut after 24 bytes,
+/// with identification `id` (IPv6: `id` in the low 16 bits of the fragment header's 32).
+fn fragments_of(
+    fam: Fam,
+    src: &Host,
+    dst: &Host,
+    proto: u8,
+    id: u16,
+    body: &[u8],
+) -> (Vec<u8>, Vec<u8>) {
+    match fam {
+        V4 => {
+            let mut f = Ipv4::new(src.v4, dst.v4, proto);
+            f.id = id;
+            f.more_fragments = true;
+            let first = eth(ETH_P_IP, &f.build(&body[..24]));
+            f.more_fragments = false;
+            f.frag_offset = 3;
+            (first, eth(ETH_P_IP, &f.build(&body[24..])))
+        }
+        V6 => {
+            let id = 0xbeef_0000 | u32::from(id);
+            let part = |off: u16, more: bool, b: &[u8]| {
+                eth(
+                    ETH_P_IPV6,
+                    &ipv6_raw(
+                        src.v6,
+                        dst.v6,
+                        44,
+                        64,
+                        &ipv6_fragment_id(proto, off, more, id, b),
+                    ),
+                )
+            };
+            (part(0, true, &body[..24]), part(3, false, &body[24..]))
+        }
+    }
+}
+
+impl Dp {
+    /// The `FRAG4` / `FRAG6` record of the datagram `src → dst`, identification `id` (as
+    /// [`fragments_of`] numbers it).
+    fn frag(&self, fam: Fam, src: &Host, dst: &Host, proto: u8, id: u16) -> Option<FragL4> {
+        match fam {
+            V4 => self.dp.frag4(&Frag4Key::new(src.v4, dst.v4, id, proto)),
+            V6 => self.dp.frag6(&Frag6Key::new(
+                src.v6,
+                dst.v6,
+                0xbeef_0000 | u32::from(id),
+                proto,
+            )),
+        }
+    }
+}
+
+/// Later fragments pass as packets of their datagram's flow when its first fragment passed, and
+/// are dropped otherwise (no record: out of order, another source, another identification, a
+/// denied first fragment).
 fn fragments(fam: Fam) {
     let mut dp = Dp::db(true, false);
     dp.allow(
@@ -1718,58 +1777,13 @@ fn fragments(fam: Fam) {
         1,
     );
     let body = udp(5000, 53, &[0xab; 32]);
-    let (first, later) = match fam {
-        V4 => {
-            let mut f = Ipv4::new(APP1.v4, DB.v4, proto::UDP);
-            f.more_fragments = true;
-            let first = eth(ETH_P_IP, &f.build(&body[..24]));
-            f.more_fragments = false;
-            f.frag_offset = 3;
-            (first, eth(ETH_P_IP, &f.build(&body[24..])))
-        }
-        V6 => (
-            eth(
-                ETH_P_IPV6,
-                &ipv6_raw(
-                    APP1.v6,
-                    DB.v6,
-                    44,
-                    64,
-                    &ipv6_fragment(proto::UDP, 0, true, &body[..24]),
-                ),
-            ),
-            eth(
-                ETH_P_IPV6,
-                &ipv6_raw(
-                    APP1.v6,
-                    DB.v6,
-                    44,
-                    64,
-                    &ipv6_fragment(proto::UDP, 3, false, &body[24..]),
-                ),
-            ),
-        ),
-    };
-    assert_eq!(
-        dp.run(To, &first),
-        PASS,
-        "the first fragment carries the ports and is allowed"
-    );
-    assert!(dp
-        .ct(ct_key(
-            fam,
-            &APP1,
-            &DB,
-            5000,
-            53,
-            proto::UDP,
-            CtDir::Ingress
-        ))
-        .is_some());
+    let (first, later) = fragments_of(fam, &APP1, &DB, proto::UDP, 0x1234, &body);
+
+    // Out of order: the later fragment before its first one has nothing to be decided by.
     assert_eq!(
         dp.run(To, &later),
         SHOT,
-        "a non-initial fragment on an enforced direction"
+        "a later fragment before its first one"
     );
     assert_drops(&dp, Some(DropReason::Fragment), 1);
     let ev = dp.events();
@@ -1787,14 +1801,127 @@ fn fragments(fam: Fam) {
     );
     assert_eq!(ev[0], want, "a fragment drop names both identities");
 
-    // Unenforced direction: fragments pass.
-    let dp = Dp::db(false, true);
+    assert_eq!(
+        dp.run(To, &first),
+        PASS,
+        "the first fragment carries the ports and is allowed"
+    );
+    assert!(dp
+        .ct(ct_key(
+            fam,
+            &APP1,
+            &DB,
+            5000,
+            53,
+            proto::UDP,
+            CtDir::Ingress
+        ))
+        .is_some());
+    assert_eq!(
+        dp.frag(fam, &APP1, &DB, proto::UDP, 0x1234),
+        Some(FragL4::new(FragL4::PORTS, 5000, 53, 0)),
+        "the first fragment's ports are recorded"
+    );
     assert_eq!(
         dp.run(To, &later),
+        PASS,
+        "the later fragment of an allowed datagram"
+    );
+    assert_drops(&dp, Some(DropReason::Fragment), 1);
+
+    // Same identification, another source; same source, another identification: no record.
+    let (_, other_src) = fragments_of(fam, &APP2, &DB, proto::UDP, 0x1234, &body);
+    assert_eq!(
+        dp.run(To, &other_src),
+        SHOT,
+        "the identification of app1's datagram, from app2"
+    );
+    let (_, other_id) = fragments_of(fam, &APP1, &DB, proto::UDP, 0x1235, &body);
+    assert_eq!(
+        dp.run(To, &other_id),
+        SHOT,
+        "a later fragment of a datagram whose first fragment was never seen"
+    );
+    assert_drops(&dp, Some(DropReason::Fragment), 3);
+
+    // A denied flow: its first fragment is dropped by policy and records nothing, so its later
+    // fragments are dropped too.
+    let denied = udp(5001, 54, &[0xcd; 32]);
+    let (dfirst, dlater) = fragments_of(fam, &APP1, &DB, proto::UDP, 0x2000, &denied);
+    dp.events();
+    assert_eq!(
+        dp.run(To, &dfirst),
+        SHOT,
+        "the first fragment of a denied flow"
+    );
+    assert_eq!(
+        dp.run(To, &dlater),
+        SHOT,
+        "a later fragment of a denied flow"
+    );
+    assert_eq!(dp.frag(fam, &APP1, &DB, proto::UDP, 0x2000), None);
+    assert_eq!(dp.drops(DropReason::PolicyDenied), 1);
+    assert_eq!(dp.drops(DropReason::Fragment), 4);
+    let ev = dp.events();
+    assert_eq!(ev.len(), 2);
+    assert_eq!(
+        (ev[0].reason, ev[0].sport, ev[0].dport),
+        (DropReason::PolicyDenied as u8, 5001, 54)
+    );
+    assert_eq!(ev[1].reason, DropReason::Fragment as u8);
+
+    // Unenforced direction: fragments without a record pass.
+    let dp = Dp::db(false, true);
+    assert_eq!(
+        dp.run(To, &other_id),
         PASS,
         "a fragment on an unenforced direction"
     );
     assert_drops(&dp, None, 0);
+}
+
+/// The fragments of a reply pass an enforced direction by conntrack, as the reply itself does.
+fn fragmented_replies(fam: Fam) {
+    let mut dp = Dp::db(true, true);
+    dp.allow(
+        &DB,
+        APP1.id,
+        Direction::Ingress,
+        proto::UDP,
+        53,
+        policy::FULL_PREFIX,
+        1,
+    );
+    assert_eq!(
+        dp.run(To, &fam.udp(&APP1, &DB, 5000, 53)),
+        PASS,
+        "the query"
+    );
+    let answer = udp(53, 5000, &[0xef; 64]);
+    let (first, later) = fragments_of(fam, &DB, &APP1, proto::UDP, 0x77, &answer);
+    assert_eq!(dp.run(From, &first), PASS, "the answer's first fragment");
+    assert_eq!(dp.run(From, &later), PASS, "the answer's later fragment");
+    // Not a reply: the same fragments to another port of app1 are denied egress.
+    let other = udp(53, 5001, &[0xef; 64]);
+    let (first, later) = fragments_of(fam, &DB, &APP1, proto::UDP, 0x78, &other);
+    assert_eq!(dp.run(From, &first), SHOT);
+    assert_eq!(dp.run(From, &later), SHOT);
+    assert_eq!(dp.drops(DropReason::PolicyDenied), 1);
+    assert_eq!(dp.drops(DropReason::Fragment), 1);
+}
+
+#[test]
+fn fragmented_replies_v4() {
+    if require_root("fragmented_replies_v4") {
+        fragmented_replies(V4);
+    }
+}
+
+#[test]
+fn fragmented_replies_v6() {
+    if require_root("fragmented_replies_v6") {
+        fragmented_replies(V6);
+    }
 }
 
 #[test]

@@ -57,6 +57,9 @@ pub struct RunArgs {
     /// `max_entries` of CT4 (CT6 gets a quarter).
     #[arg(long, default_value_t = MapSizes::default().ct4)]
     pub ct_entries: u32,
+    /// `max_entries` of each of FRAG4 and FRAG6 (fragmented datagrams in flight).
+    #[arg(long, default_value_t = MapSizes::default().frag)]
+    pub frag_entries: u32,
     /// IPv6 masquerade of Docker's IPv6 networks on the uplink.
     #[arg(long, value_enum, default_value_t)]
     pub masq6: masq::Masq6Mode,
@@ -106,6 +109,7 @@ impl RunArgs {
             policy: self.policy_entries,
             ct4: self.ct_entries,
             ct6: (self.ct_entries / 4).max(1024),
+            frag: self.frag_entries,
             ..MapSizes::default()
         }
     }

@@ -245,7 +245,11 @@ impl KernelDatapath {
             .map_max_entries(maps::POLICY, sizes.policy)
             .map_max_entries(maps::CT4, sizes.ct4)
             .map_max_entries(maps::CT6, sizes.ct6)
-            .map_max_entries(maps::SNAT6, sizes.snat6);
+            .map_max_entries(maps::SNAT6, sizes.snat6)
+            .map_max_entries(maps::FRAG4, sizes.frag)
+            .map_max_entries(maps::FRAG6, sizes.frag)
+            // The masquerade's own (loaded and pinned by `masq6`): not used by this object.
+            .map_max_entries(netpol_common::nat::maps::MASQ6_FRAG, 1);
         let mut bpf = loader
             .load(super::EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(e.to_string()))?;

@@ -39,22 +39,25 @@ use netpol_common::{
 use super::Cidr;
 
 /// Maps of this module that are pinned (and so survive the agent).
-const PINNED: [&str; 4] = [
+const PINNED: [&str; 5] = [
     names::SNAT6,
     names::MASQ6_CONFIG,
     names::MASQ6_PREFIXES,
     nat::maps::MASQ6_STATS,
+    nat::maps::MASQ6_FRAG,
 ];
 
 /// Maps of the object the masquerade programs never touch: created as small as the kernel
 /// allows, so loading the masquerade does not allocate a second set of per-container maps.
-const UNUSED: [(&str, u32); 7] = [
+const UNUSED: [(&str, u32); 9] = [
     (names::ENDPOINTS, 1),
     (names::IPCACHE4, 1),
     (names::IPCACHE6, 1),
     (names::POLICY, 1),
     (names::CT4, 1),
     (names::CT6, 1),
+    (names::FRAG4, 1),
+    (names::FRAG6, 1),
     (names::EVENTS, 4096),
 ];
 
@@ -238,6 +241,8 @@ impl Masq6 {
             loader.map_max_entries(name, size);
         }
         loader.map_max_entries(names::SNAT6, opts.snat6_entries);
+        // Fragmented datagrams in flight, far fewer than flows.
+        loader.map_max_entries(nat::maps::MASQ6_FRAG, (opts.snat6_entries / 4).max(1024));
         let mut ebpf = loader.load(super::EBPF_OBJECT)?;
         for name in [programs::MASQ6_OUT, programs::MASQ6_IN] {
             prog(&mut ebpf, name)?.load().map_err(prog_err(name))?;

@@ -119,6 +119,8 @@ pub struct MapSizes {
     pub ct4: u32,
     pub ct6: u32,
     pub snat6: u32,
+    /// Each of FRAG4 and FRAG6 (fragmented datagrams in flight).
+    pub frag: u32,
 }
 
 impl Default for MapSizes {
@@ -131,6 +133,7 @@ impl Default for MapSizes {
             ct4: 65536,
             ct6: 16384,
             snat6: 16384,
+            frag: 4096,
         }
     }
 }
