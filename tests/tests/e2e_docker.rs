@@ -1525,6 +1525,156 @@ spec:
     open();
 }
 
+/// Imports `name`: the test image's filesystem with `LABEL`s of its own (`docker import -c`).
+fn build_labelled_image(docker: &DockerDaemon, name: &str, labels: &str) {
+    let cid = docker.docker_ok(&["create", IMAGE]).trim().to_owned();
+    let mut export = docker
+        .command("docker")
+        .args(["export", &cid])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn docker export");
+    let tar = export.stdout.take().expect("export stdout");
+    let import = docker
+        .command("docker")
+        .args(["import", "-c", r#"CMD ["/bin/sh"]"#, "-c"])
+        .arg(format!("LABEL {labels}"))
+        .args(["-", name])
+        .stdin(tar)
+        .output()
+        .expect("spawn docker import");
+    let exported = export.wait().expect("wait for docker export");
+    docker.docker(&["rm", &cid]);
+    assert!(exported.success(), "docker export failed");
+    ok(&format!("docker import {name}"), import);
+}
+
+/// Waits until `endpoint list` shows container `id` attached with its policy applied (state
+/// `enforced`, notes allowed after it); returns its state.
+fn wait_enforced_with_notes(agent: &Agent, id: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = agent.endpoints();
+        if let Some(state) = rows
+            .iter()
+            .filter(|r| r["container"].as_str().is_some_and(|c| id.starts_with(c)))
+            .find_map(|r| r["state"].as_str().filter(|s| s.starts_with("enforced")))
+        {
+            return state.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} not enforced after 20 s: {rows:?}\nagent log:\n{}",
+            agent.log_tail(30)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// No `netpol.*` label opens more than its own container, and a broken one opens nothing:
+/// db accepts app1 only (a policy file); a container started with db's compose labels and
+/// `netpol.ingress=all` opens only itself; a container from an image with
+/// `LABEL netpol.ingress=all netpol.egress=all` and db's labels is held by db's policy (the
+/// image's labels are ignored, with a warning); a container with `netpol.ingress:
+/// "app1:5432/tpc"` accepts nothing, and its egress stays open.
+fn netpol_labels_never_open_more_than_their_own_container(version: DockerVersion) {
+    if !netpol_tests::require_root(
+        &version.test_name("netpol_labels_never_open_more_than_their_own_container"),
+    ) {
+        return;
+    }
+    let mut guard = docker(version);
+    let docker = guard.as_mut().expect("daemon");
+    let project = Project::up(docker, "compose-plain.yml");
+    let agent = Agent::start(docker);
+    let scenario = std::fs::read_to_string(e2e_dir().join("policy-scenario.yaml")).expect("read");
+    let app1_only = scenario.replacen(
+        "        - matchLabels:\n            com.docker.compose.project: npe2e\n            com.docker.compose.service: app2\n",
+        "",
+        1,
+    );
+    assert_ne!(app1_only, scenario);
+    std::fs::write(agent.policy_dir().join("db.yaml"), &app1_only).expect("policy file");
+    build_labelled_image(
+        docker,
+        "netpol-test/open",
+        "netpol.ingress=all netpol.egress=all",
+    );
+
+    let names = ["npe2e-rogue", "npe2e-imgdb", "npe2e-broken"];
+    let _rm = Cleanup(|| {
+        for n in names {
+            project.docker(&["rm", "-f", n]);
+        }
+    });
+    let net = format!("{PROJECT}_backend");
+    let run = |name: &str, image: &str, labels: &[&str]| -> Container {
+        let mut args = vec!["run", "-d", "--name", name, "--network", &net];
+        for l in labels {
+            args.extend(["--label", l]);
+        }
+        args.extend([image, "nc", "-ll", "-p", "5432", "-e", "/bin/cat"]);
+        project.docker_ok(&args);
+        Container::inspect(&project.cli, name)
+    };
+    let db_labels = [
+        "com.docker.compose.project=npe2e",
+        "com.docker.compose.service=db",
+    ];
+    let rogue = run(
+        names[0],
+        IMAGE,
+        &[db_labels[0], db_labels[1], "netpol.ingress=all"],
+    );
+    let imgdb = run(names[1], "netpol-test/open", &db_labels);
+    let broken = run(
+        names[2],
+        IMAGE,
+        &[
+            "com.docker.compose.project=npe2e",
+            "com.docker.compose.service=cache",
+            "netpol.ingress=app1:5432/tpc",
+        ],
+    );
+    wait_enforced(&agent, &scenario_containers(&project));
+    wait_enforced(&agent, std::slice::from_ref(&rogue));
+    let img_state = wait_enforced_with_notes(&agent, &imgdb.id);
+    let broken_state = wait_enforced_with_notes(&agent, &broken.id);
+    eprintln!("imgdb: {img_state}\nbroken: {broken_state}");
+    assert!(
+        img_state.contains("come from the image: ignored"),
+        "{img_state}"
+    );
+    assert!(
+        broken_state.contains("ingress default deny") && broken_state.contains("tpc"),
+        "{broken_state}"
+    );
+    let status = agent.cli_json(&["status"]);
+    assert!(
+        status["label_errors"][names[2]].is_string()
+            && status["label_warnings"][names[1]].is_string(),
+        "{status}"
+    );
+
+    let (db, app1, app2) = (
+        project.container("db"),
+        project.container("app1"),
+        project.container("app2"),
+    );
+    use Expect::{Allowed, Denied};
+    let checks = [
+        check(app1.client(), &db, db.ipv4, 5432, Allowed),
+        check(app2.client(), &db, db.ipv4, 5432, Denied),
+        check(app2.client(), &rogue, rogue.ipv4, 5432, Allowed),
+        check(app1.client(), &imgdb, imgdb.ipv4, 5432, Allowed),
+        check(app2.client(), &imgdb, imgdb.ipv4, 5432, Denied),
+        check(app1.client(), &broken, broken.ipv4, 5432, Denied),
+        check(app2.client(), &broken, broken.ipv4, 5432, Denied),
+        check(broken.client(), &rogue, rogue.ipv4, 5432, Allowed),
+    ];
+    assert_all("labels that must not open anything", &checks);
+}
+
 netpol_tests::docker_tests!(
     compose_labels_protect_the_database_scenario,
     a_broken_policy_file_keeps_its_last_valid_version_across_restarts,
@@ -1537,4 +1687,5 @@ netpol_tests::docker_tests!(
     bad_policies_are_refused_and_change_nothing,
     sidecar_image_enforces_the_scenario,
     empty_peer_lists_and_cidr_families_fail_closed,
+    netpol_labels_never_open_more_than_their_own_container,
 );

@@ -10,15 +10,24 @@ use super::api::{EndpointRow, IdentityRow, PolicyRow, SourceFile};
 use crate::{
     datapath::{Cidr, Datapath},
     docker::{Container, DockerEvent, Network},
-    identity::{display_name, IdentityAllocator, LabelFilter, Labels},
+    identity::{display_name, netpol_labels, IdentityAllocator, LabelFilter, Labels},
     policy::{
         self,
-        sources::{imports, ContainerLabels, ImportSet, Sources},
+        sources::{imports, labels::identity_labels, ContainerLabels, ImportSet, Sources},
         Compiled, Endpoints, Policy,
     },
     reconcile::{self, Desired},
     store::Store,
 };
+
+/// What the label source reads of a container.
+fn labels_of(c: &Container) -> ContainerLabels<'_> {
+    ContainerLabels {
+        name: &c.name,
+        labels: &c.labels,
+        image: c.image_netpol_labels.as_ref().map_err(String::as_str),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -131,23 +140,18 @@ impl Agent {
 
     /// Recomputes the policies of the running containers' labels.
     fn refresh_labels(&mut self) {
-        self.sources
-            .labels
-            .update(
-                self.containers
-                    .values()
-                    .filter(|c| c.running)
-                    .map(|c| ContainerLabels {
-                        name: &c.name,
-                        labels: &c.labels,
-                    }),
-            );
+        self.sources.labels.update(
+            self.containers
+                .values()
+                .filter(|c| c.running)
+                .map(labels_of),
+        );
     }
 
     /// The identity of a container's security-relevant labels (allocated when new), and those
     /// labels.
     fn identity_of(&mut self, c: &Container) -> Result<(u32, Labels), AgentError> {
-        let labels = self.filter.filter(&c.labels);
+        let labels = identity_labels(&self.filter, &labels_of(c));
         let (id, new) = self.ids.allocate(&labels)?;
         if new {
             self.ids_dirty = true;
@@ -425,16 +429,21 @@ impl Agent {
             }
         }
         for c in self.containers.values().filter(|c| c.running) {
-            let labels: Vec<String> = ["netpol.ingress", "netpol.egress"]
+            let labels: Vec<String> = netpol_labels(&c.labels)
                 .iter()
-                .filter_map(|k| c.labels.get(*k).map(|v| format!("{k}: {v:?}\n")))
+                .map(|(k, v)| format!("{k}: {v:?}\n"))
                 .collect();
             if !labels.is_empty() {
                 rows.push(PolicyRow {
                     name: c.name.clone(),
                     source: format!("labels of {}", c.name),
                     text: labels.concat(),
-                    error: self.sources.labels.errors().get(&c.name).cloned(),
+                    error: self
+                        .sources
+                        .labels
+                        .notes()
+                        .get(&c.name)
+                        .map(|n| n.summary()),
                 });
             }
         }
@@ -451,7 +460,9 @@ impl Agent {
         let mut rows = Vec::new();
         let containers: Vec<Container> = self.containers.values().cloned().collect();
         for c in &containers {
-            let id = self.ids.lookup(&self.filter.filter(&c.labels));
+            let id = self
+                .ids
+                .lookup(&identity_labels(&self.filter, &labels_of(c)));
             let labels = id.and_then(|i| self.ids.labels(i));
             let identity_name = id.map(|i| display_name(i, labels)).unwrap_or_default();
             let enf = id
@@ -501,8 +512,8 @@ impl Agent {
                         }
                     }
                 };
-                if let Some(e) = self.sources.labels.errors().get(&c.name) {
-                    r.state = format!("{} (netpol labels rejected: {e})", r.state);
+                if let Some(n) = self.sources.labels.notes().get(&c.name) {
+                    r.state = format!("{} (netpol labels: {})", r.state, n.summary());
                 }
                 rows.push(r);
             }
@@ -513,7 +524,10 @@ impl Agent {
     pub fn identity_rows(&self) -> Vec<IdentityRow> {
         let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
         for c in self.containers.values().filter(|c| c.running) {
-            if let Some(id) = self.ids.lookup(&self.filter.filter(&c.labels)) {
+            if let Some(id) = self
+                .ids
+                .lookup(&identity_labels(&self.filter, &labels_of(c)))
+            {
                 *counts.entry(id).or_default() += 1;
             }
         }
@@ -572,6 +586,7 @@ impl Agent {
             "policy_files_rejected": rejected,
             "policies_unparsable": self.sources.unparsable(),
             "label_errors": self.sources.labels.errors(),
+            "label_warnings": self.sources.labels.warnings(),
             "policy_entries": self.compiled.as_ref().map_or(0, |c| c.policy.len()),
             "map_sizes": self.dp.sizes(),
             "drops": drops,

@@ -16,6 +16,7 @@ use netpol_common::{
 };
 
 use super::Agent;
+use crate::policy::sources::labels::identity_labels;
 use crate::{
     datapath::{fake::FakeDatapath, Cidr, MapSizes, MapState, PolicyEntryKey},
     docker::{Attachment, Container, DockerEvent, Network, NetworkMode},
@@ -122,6 +123,7 @@ pub(super) fn container(n: u8, name: &str, labels: &[(&str, &str)]) -> Container
         sandbox_key: None,
         running: true,
         network_mode: NetworkMode::Network("shop_default".into()),
+        image_netpol_labels: Ok(BTreeMap::new()),
     }
 }
 
@@ -502,4 +504,214 @@ fn delete_several_names_whole_or_nothing() {
     assert_eq!(a.delete(&[], true).unwrap(), ["b"]);
     assert!(stored().is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 2: a broken netpol label makes the direction it names default deny.
+
+fn up(a: &mut Agent, c: &Container) {
+    a.on_docker(DockerEvent::ContainerUp(c.clone()));
+}
+
+fn endpoint_state(a: &mut Agent, c: &Container) -> String {
+    a.endpoint_rows()
+        .into_iter()
+        .find(|r| r.name == c.name)
+        .map(|r| r.state)
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_broken_netpol_label_makes_its_direction_default_deny() {
+    let dirs = Dirs::new("broken-label");
+    let (app1, app2) = (service(3, "app1", &[]), service(4, "app2", &[]));
+    let db = service(2, "db", &[("netpol.ingress", "app1:5432/tpc")]);
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    assert!(!connects(&a, &app1, &db, 5432), "nothing is allowed in");
+    assert!(!connects(&a, &app2, &db, 5432));
+    assert!(connects(&a, &db, &app1, 8080), "egress is not touched");
+    let state = endpoint_state(&mut a, &db);
+    assert!(
+        state.contains("ingress default deny") && state.contains("tpc"),
+        "{state}"
+    );
+    let status = a.status();
+    assert!(
+        status["label_errors"][&db.name]
+            .as_str()
+            .unwrap_or_default()
+            .contains("netpol.ingress"),
+        "{status}"
+    );
+
+    // Fixed: the label applies as written.
+    let fixed = service(2, "db", &[("netpol.ingress", "app1:5432/tcp")]);
+    up(&mut a, &fixed);
+    assert!(connects(&a, &app1, &fixed, 5432));
+    assert!(!connects(&a, &app2, &fixed, 5432));
+    assert_eq!(a.status()["label_errors"], serde_json::json!({}));
+
+    // A broken egress label: egress denied, a valid ingress label beside it still applies.
+    let db = service(
+        2,
+        "db",
+        &[
+            ("netpol.ingress", "app1:5432/tcp"),
+            ("netpol.egress", "app1:99999"),
+        ],
+    );
+    up(&mut a, &db);
+    assert!(!connects(&a, &db, &app1, 8080) && !connects(&a, &db, &app2, 8080));
+    assert!(connects(&a, &app1, &db, 5432));
+    assert!(!connects(&a, &app2, &db, 5432));
+    assert!(endpoint_state(&mut a, &db).contains("egress default deny"));
+}
+
+#[test]
+fn an_unknown_netpol_label_makes_both_directions_default_deny() {
+    let dirs = Dirs::new("unknown-label");
+    let (app1, app2) = (service(3, "app1", &[]), service(4, "app2", &[]));
+    let db = service(2, "db", &[("netpol.ingres", "app1:5432")]);
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    assert!(!connects(&a, &app1, &db, 5432));
+    assert!(!connects(&a, &db, &app1, 8080));
+    assert!(connects(&a, &app1, &app2, 8080), "others are not touched");
+    let state = endpoint_state(&mut a, &db);
+    assert!(
+        state.contains("ingress and egress default deny") && state.contains("netpol.ingres"),
+        "{state}"
+    );
+}
+
+#[test]
+fn netpol_labels_on_a_container_outside_compose_deny_what_they_name() {
+    let dirs = Dirs::new("label-no-compose");
+    let app1 = service(3, "app1", &[]);
+    let plain = container(6, "plain", &[("netpol.ingress", "world:80")]);
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&plain, &app1]);
+    assert!(!connects(&a, &app1, &plain, 80));
+    assert!(connects(&a, &plain, &app1, 8080));
+    assert!(endpoint_state(&mut a, &plain).contains("not part of a compose service"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 3: a label opens only its own container; image labels are never policy.
+
+#[test]
+fn a_label_policy_cannot_widen_another_containers_policy() {
+    let dirs = Dirs::new("label-widen");
+    let (app1, app2) = (service(3, "app1", &[]), service(4, "app2", &[]));
+    // The real db, protected by a policy file; and one with its labels plus netpol.ingress=all.
+    let db = service(2, "db", &[]);
+    let rogue = service(5, "db", &[("netpol.ingress", "all")]);
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TCP"));
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2, &rogue]);
+    assert!(connects(&a, &app1, &db, 5432));
+    assert!(
+        !connects(&a, &app2, &db, 5432),
+        "the rogue label opened the real db"
+    );
+    assert!(
+        connects(&a, &app2, &rogue, 5432),
+        "a label opens its own container"
+    );
+
+    // The same with the real db protected by its own label.
+    let db = service(2, "db", &[("netpol.ingress", "app1:5432")]);
+    dirs.remove_policy("db.yaml");
+    a.reload_policy_dir();
+    up(&mut a, &db);
+    assert!(connects(&a, &app1, &db, 5432));
+    assert!(!connects(&a, &app2, &db, 5432));
+    assert!(!connects(&a, &app2, &db, 8080));
+
+    // Same ingress label, one more (egress) label: still only its own container.
+    let rogue = service(
+        5,
+        "db",
+        &[("netpol.ingress", "app1:5432"), ("netpol.egress", "all")],
+    );
+    let db = service(
+        2,
+        "db",
+        &[
+            ("netpol.ingress", "app1:5432"),
+            ("netpol.egress", "app1:8080"),
+        ],
+    );
+    up(&mut a, &rogue);
+    up(&mut a, &db);
+    assert!(connects(&a, &db, &app1, 8080));
+    assert!(
+        !connects(&a, &db, &app2, 8080),
+        "the rogue's egress=all reached the real db"
+    );
+    assert!(connects(&a, &rogue, &app2, 8080));
+}
+
+#[test]
+fn netpol_labels_from_the_image_are_never_policy() {
+    let dirs = Dirs::new("image-labels");
+    let (app1, app2) = (service(3, "app1", &[]), service(4, "app2", &[]));
+    let image = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let mut db = service(
+        2,
+        "db",
+        &[("netpol.ingress", "all"), ("netpol.egress", "all")],
+    );
+    db.image_netpol_labels = Ok(image(&[
+        ("netpol.ingress", "all"),
+        ("netpol.egress", "all"),
+    ]));
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TCP"));
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    assert!(connects(&a, &app1, &db, 5432));
+    assert!(
+        !connects(&a, &app2, &db, 5432),
+        "the image's label opened db"
+    );
+    let state = endpoint_state(&mut a, &db);
+    assert!(state.contains("come from the image: ignored"), "{state}");
+    assert!(a.status()["label_warnings"][&db.name]
+        .as_str()
+        .unwrap_or_default()
+        .contains("netpol.ingress"));
+    let plain = service(2, "db", &[]);
+    assert_eq!(
+        identity_labels(&LabelFilter::default(), &super::labels_of(&db)),
+        identity_labels(&LabelFilter::default(), &super::labels_of(&plain)),
+        "image netpol labels are not part of the identity"
+    );
+
+    // A value set on the container (differing from the image's) is its own: it applies.
+    let mut db = service(2, "db", &[("netpol.ingress", "app2:5432")]);
+    db.image_netpol_labels = Ok(image(&[("netpol.ingress", "all")]));
+    dirs.remove_policy("db.yaml");
+    a.reload_policy_dir();
+    up(&mut a, &db);
+    assert!(connects(&a, &app2, &db, 5432));
+    assert!(!connects(&a, &app1, &db, 5432));
+
+    // The image could not be inspected: the labels are not applied, and the directions they
+    // name are default deny.
+    let mut db = service(2, "db", &[("netpol.ingress", "all")]);
+    db.image_netpol_labels = Err("Docker API inspect image: timeout".into());
+    up(&mut a, &db);
+    assert!(!connects(&a, &app1, &db, 5432) && !connects(&a, &app2, &db, 5432));
+    assert!(connects(&a, &db, &app1, 8080));
+    let state = endpoint_state(&mut a, &db);
+    assert!(
+        state.contains("ingress default deny") && state.contains("could not be inspected"),
+        "{state}"
+    );
 }

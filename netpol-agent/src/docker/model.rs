@@ -181,6 +181,11 @@ pub struct Container {
     pub sandbox_key: Option<PathBuf>,
     pub running: bool,
     pub network_mode: NetworkMode,
+    /// The `netpol.*` labels of the container's image (its own `Config.Labels`), or why the
+    /// image could not be inspected. Docker merges an image's labels into its containers', so
+    /// a container label with the same key and value as here came from the image, not from
+    /// whoever started the container.
+    pub image_netpol_labels: Result<BTreeMap<String, String>, String>,
 }
 
 impl Container {
@@ -394,7 +399,13 @@ pub fn container_from_inspect(
         sandbox_key,
         running,
         network_mode,
+        image_netpol_labels: Err("the image was not inspected".to_owned()),
     })
+}
+
+/// The id of the image a container was created from (`Image` of its inspect data).
+pub fn image_id(c: &ContainerInspectResponse) -> Option<&str> {
+    c.image.as_deref().filter(|s| !s.is_empty())
 }
 
 fn attachment(

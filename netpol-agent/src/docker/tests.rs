@@ -421,6 +421,9 @@ struct FakeState {
     up: bool,
     containers: BTreeMap<String, ContainerInspectResponse>,
     networks: Vec<BollardNetwork>,
+    /// Image id → its labels.
+    images: BTreeMap<String, BTreeMap<String, String>>,
+    image_inspects: usize,
     events: Option<mpsc::UnboundedSender<Result<EventMessage, DockerError>>>,
     sessions: u32,
     since: Vec<Option<String>>,
@@ -492,6 +495,27 @@ impl DockerApi for FakeDocker {
             } else {
                 Err(Self::down_err())
             }
+        })
+    }
+    async fn inspect_image(
+        &self,
+        id: &str,
+    ) -> Result<Option<bollard::models::ImageInspect>, DockerError> {
+        self.with(|s| {
+            if !s.up {
+                return Err(Self::down_err());
+            }
+            s.image_inspects += 1;
+            Ok(s.images
+                .get(id)
+                .map(|labels| bollard::models::ImageInspect {
+                    id: Some(id.to_owned()),
+                    config: Some(bollard::models::ImageConfig {
+                        labels: Some(labels.clone().into_iter().collect()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }))
         })
     }
     async fn networks(&self) -> Result<Vec<BollardNetwork>, DockerError> {
@@ -696,6 +720,75 @@ async fn double_disconnect_and_repeated_events_emit_each_change_once() {
         .iter()
         .any(|n| n.name == "extra" && n.bridge.as_deref() == Some("br-eeeeeeeeeeee")));
     h.quiet().await;
+    h.task.abort();
+}
+
+/// `app(id_char)` created from image `image` with extra container labels.
+fn app_from_image(id_char: char, image: &str, labels: &[(&str, &str)]) -> ContainerInspectResponse {
+    let mut c = app(
+        id_char,
+        true,
+        &[(BACKEND.0, BACKEND.1, "172.20.0.7", "02:42:ac:14:00:07")],
+    );
+    c.image = Some(image.to_owned());
+    let l = c
+        .config
+        .as_mut()
+        .and_then(|cfg| cfg.labels.as_mut())
+        .expect("labels");
+    for (k, v) in labels {
+        l.insert(k.to_string(), v.to_string());
+    }
+    c
+}
+
+#[tokio::test]
+async fn the_netpol_labels_of_a_containers_image_are_looked_up_once_per_image() {
+    let docker = daemon_with(vec![
+        app_from_image('c', "sha256:img1", &[("netpol.ingress", "all")]),
+        app_from_image('d', "sha256:img1", &[("netpol.ingress", "db")]),
+        app_from_image('e', "sha256:gone", &[("netpol.egress", "all")]),
+        app_from_image('f', "sha256:img1", &[]),
+    ]);
+    docker.with(|s| {
+        s.images.insert(
+            "sha256:img1".into(),
+            [("netpol.ingress", "all"), ("maintainer", "someone")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    });
+    let mut h = Harness::start(docker.clone());
+    let DockerEvent::Snapshot { containers, .. } = h.next().await else {
+        panic!("expected Snapshot")
+    };
+    let by_name = |n: &str| {
+        containers
+            .iter()
+            .find(|c| c.name == n)
+            .unwrap_or_else(|| panic!("{n}"))
+            .image_netpol_labels
+            .clone()
+    };
+    let img1 = Ok(BTreeMap::from([(
+        "netpol.ingress".to_owned(),
+        "all".to_owned(),
+    )]));
+    assert_eq!(by_name("appc"), img1, "only the image's netpol.* labels");
+    assert_eq!(by_name("appd"), img1);
+    let gone = by_name("appe").expect_err("an image that cannot be inspected");
+    assert!(gone.contains("not found"), "{gone}");
+    assert_eq!(
+        by_name("appf"),
+        Ok(BTreeMap::new()),
+        "no netpol labels: not looked up"
+    );
+    assert_eq!(
+        docker.with(|s| s.image_inspects),
+        2,
+        "img1 once (cached), the missing image once"
+    );
     h.task.abort();
 }
 

@@ -19,7 +19,8 @@ use std::{
 
 use bollard::{
     models::{
-        ContainerInspectResponse, EventMessage, EventMessageTypeEnum, Network as BollardNetwork,
+        ContainerInspectResponse, EventMessage, EventMessageTypeEnum, ImageInspect,
+        Network as BollardNetwork,
     },
     query_parameters::{EventsOptions, ListContainersOptions},
     Docker, API_DEFAULT_VERSION,
@@ -27,10 +28,12 @@ use bollard::{
 use futures_util::{stream::BoxStream, StreamExt};
 use tokio::sync::mpsc;
 
+use crate::identity::netpol_labels;
+
 use super::{
     model::{
-        container_from_inspect, network_from_docker, Container, DaemonNat, Network, NetworkMode,
-        VethLookup,
+        container_from_inspect, image_id, network_from_docker, Container, DaemonNat, Network,
+        NetworkMode, VethLookup,
     },
     netlink::{discover_host_veths, NetlinkError, WantedInterface},
 };
@@ -42,6 +45,8 @@ const REQUEST_TIMEOUT_SECS: u64 = 30;
 /// How often a running container whose veth is not (yet) visible is looked at again.
 const VETH_RETRIES: u32 = 30;
 const VETH_RETRY_DELAY: Duration = Duration::from_millis(10);
+/// Images whose labels are remembered (the cache starts over beyond).
+const IMAGE_CACHE: usize = 1024;
 /// A session that lasted this long resets the reconnect backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
 
@@ -124,6 +129,11 @@ pub trait DockerApi: Send + Sync + 'static {
         id: &str,
     ) -> impl Future<Output = Result<Option<ContainerInspectResponse>, DockerError>> + Send;
     fn networks(&self) -> impl Future<Output = Result<Vec<BollardNetwork>, DockerError>> + Send;
+    /// `None` when the image no longer exists.
+    fn inspect_image(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<ImageInspect>, DockerError>> + Send;
     /// Events from `since` (the daemon's time) on, then live.
     fn events(
         &self,
@@ -241,6 +251,20 @@ impl DockerApi for BollardApi {
             }) => Ok(None),
             Err(source) => Err(DockerError::Api {
                 call: "inspect container",
+                source,
+            }),
+        }
+    }
+
+    async fn inspect_image(&self, id: &str) -> Result<Option<ImageInspect>, DockerError> {
+        let docker = self.client("inspect image")?;
+        match docker.inspect_image(id).await {
+            Ok(i) => Ok(Some(i)),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(source) => Err(DockerError::Api {
+                call: "inspect image",
                 source,
             }),
         }
@@ -390,6 +414,8 @@ pub struct DockerWatcher<A = BollardApi, V = NetlinkVeths> {
     containers: BTreeMap<String, Container>,
     networks: BTreeMap<String, Network>,
     nat: DaemonNat,
+    /// Image id → its `netpol.*` labels (an image id names immutable content).
+    images: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// Why a session ended.
@@ -430,6 +456,7 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
             containers: BTreeMap::new(),
             networks: BTreeMap::new(),
             nat: DaemonNat::default(),
+            images: BTreeMap::new(),
         };
         (watcher, rx)
     }
@@ -615,9 +642,10 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
             };
             let pid = raw.state.as_ref().and_then(|s| s.pid).filter(|p| *p > 0);
             let lookup = self.lookup_veths(&bare, pid).await;
-            let Some(c) = container_from_inspect(&raw, &self.networks, &lookup) else {
+            let Some(mut c) = container_from_inspect(&raw, &self.networks, &lookup) else {
                 return Ok(None);
             };
+            c.image_netpol_labels = self.image_netpol_labels(&raw, &c).await;
             let missing = c.running
                 && c.networks.iter().any(|a| {
                     matches!(
@@ -633,6 +661,45 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
                 return Ok(Some(c));
             }
             tokio::time::sleep(VETH_RETRY_DELAY).await;
+        }
+    }
+
+    /// The `netpol.*` labels of `c`'s image (cached by image id), or why they cannot be known.
+    /// Only looked up for a container with `netpol.*` labels.
+    async fn image_netpol_labels(
+        &mut self,
+        raw: &ContainerInspectResponse,
+        c: &Container,
+    ) -> Result<BTreeMap<String, String>, String> {
+        if netpol_labels(&c.labels).is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let Some(id) = image_id(raw) else {
+            return Err("Docker reports no image for the container".to_owned());
+        };
+        if let Some(labels) = self.images.get(id) {
+            return Ok(labels.clone());
+        }
+        match self.api.inspect_image(id).await {
+            Ok(Some(image)) => {
+                let labels: BTreeMap<String, String> = image
+                    .config
+                    .and_then(|cfg| cfg.labels)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
+                let labels = netpol_labels(&labels);
+                if self.images.len() >= IMAGE_CACHE {
+                    self.images.clear();
+                }
+                self.images.insert(id.to_owned(), labels.clone());
+                Ok(labels)
+            }
+            Ok(None) => Err(format!("image {id} not found")),
+            Err(e) => {
+                tracing::warn!(container = %c.name, image = id, error = %e, "inspecting the image");
+                Err(e.to_string())
+            }
         }
     }
 

@@ -34,11 +34,25 @@ pub const COMPOSE_SERVICE: &str = "com.docker.compose.service";
 /// Labels the compose shorthand's selectors use: they must stay part of identities.
 pub const SHORTHAND_LABELS: &[&str] = &[COMPOSE_PROJECT, COMPOSE_SERVICE];
 
+/// Prefix of the labels that carry policy (the compose shorthand, `netpol.ingress` /
+/// `netpol.egress`).
+pub const NETPOL_LABEL_PREFIX: &str = "netpol.";
+
+/// The `netpol.*` labels among `labels`.
+pub fn netpol_labels(labels: &Labels) -> Labels {
+    labels
+        .iter()
+        .filter(|(k, _)| k.starts_with(NETPOL_LABEL_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// Labels that never take part in an identity: they change with every deploy, rebuild or
 /// replica without changing what the container is. `*` at the end matches any suffix.
 ///
-/// `netpol.*` is listed because those labels carry policy (the compose shorthand), not identity:
-/// editing a rule must not renumber the container.
+/// `netpol.*` labels are not filtered here: a container's own ones are part of its identity, so
+/// that the policy of its labels selects only containers with the same labels, and those its
+/// image brought are not (`policy::sources::labels::identity_labels` decides).
 pub const BUILTIN_IGNORED: &[&str] = &[
     "com.docker.compose.config-hash",
     "com.docker.compose.container-number",
@@ -60,7 +74,6 @@ pub const BUILTIN_IGNORED: &[&str] = &[
     "build-date",
     "vcs-ref",
     "maintainer",
-    "netpol.*",
 ];
 
 /// One ignore pattern: an exact key, or a prefix (`foo.*` matches every key starting `foo.`).
@@ -369,8 +382,10 @@ mod tests {
             labels(&[
                 ("com.docker.compose.project", "shop"),
                 ("com.docker.compose.service", "db"),
+                ("netpol.ingress", "app1:5432"),
                 ("tier", "data"),
-            ])
+            ]),
+            "netpol.* labels are kept (policy::sources::labels decides which count)"
         );
     }
 

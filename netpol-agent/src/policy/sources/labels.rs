@@ -1,13 +1,36 @@
 //! Compose labels: the `netpol.ingress` / `netpol.egress` shorthand of each running container
 //! (see [`crate::policy::compose`]), recomputed whenever the containers change.
+//!
+//! Labels fail closed, and a label opens only its own container:
+//!
+//! - A `netpol.ingress` (`netpol.egress`) label with an error makes the container's ingress
+//!   (egress) default deny, nothing allowed, until it is fixed; an unknown `netpol.*` label does
+//!   so for both directions. Ignoring a broken label would leave the container open.
+//! - The policy of a container's labels selects only containers with the same `netpol.*`
+//!   labels: they are part of the identity ([`identity_labels`]) and the generated selector
+//!   requires them (and the absence of the direction labels the container does not have). A
+//!   container started with another service's compose labels and `netpol.ingress: all` opens
+//!   only itself.
+//! - `netpol.*` labels that come from the image (the image's own `Config.Labels`, same key and
+//!   value: Docker merges them into the container's) are never policy: an image author must not
+//!   open a container. They are ignored, with a warning, and left out of the identity. When the
+//!   image cannot be inspected, the container's `netpol.*` labels cannot be told apart: they are
+//!   not applied either, and each direction they name is default deny (never more open than a
+//!   verified label could make it).
 
 use std::collections::BTreeMap;
 
+use netpol_common::Direction;
 use tracing::warn;
 
 use crate::{
-    identity::Labels,
-    policy::{compose, Policy},
+    identity::{
+        netpol_labels, LabelFilter, Labels, COMPOSE_PROJECT, COMPOSE_SERVICE, NETPOL_LABEL_PREFIX,
+    },
+    policy::{
+        compose::{self, EGRESS_LABEL, INGRESS_LABEL},
+        DefaultDeny, Operator, Policy, Requirement, Selector, Source, Spec,
+    },
 };
 
 /// What the label source needs to know of one running container.
@@ -16,29 +39,125 @@ pub struct ContainerLabels<'a> {
     pub name: &'a str,
     /// The container's Docker labels, unfiltered.
     pub labels: &'a Labels,
+    /// The `netpol.*` labels of its image, or why they are unknown.
+    pub image: Result<&'a Labels, &'a str>,
+}
+
+/// A container's `netpol.*` labels by where they come from.
+struct Origins {
+    /// Set on the container (not the image's): policy.
+    own: Labels,
+    /// Equal to the image's: ignored.
+    inherited: Labels,
+    /// The image could not be inspected (why, and the labels): not applied, default deny.
+    unverified: Option<(String, Labels)>,
+}
+
+impl Origins {
+    fn of(c: &ContainerLabels) -> Self {
+        let all = netpol_labels(c.labels);
+        match c.image {
+            Err(why) if !all.is_empty() => Self {
+                own: Labels::new(),
+                inherited: Labels::new(),
+                unverified: Some((why.to_owned(), all)),
+            },
+            Err(_) => Self {
+                own: all,
+                inherited: Labels::new(),
+                unverified: None,
+            },
+            Ok(image) => {
+                let (inherited, own) = all.into_iter().partition(|(k, v)| image.get(k) == Some(v));
+                Self {
+                    own,
+                    inherited,
+                    unverified: None,
+                }
+            }
+        }
+    }
+
+    /// The `netpol.*` labels that belong to the identity: all but the image's.
+    fn in_identity(&self) -> Labels {
+        let mut l = self.own.clone();
+        if let Some((_, u)) = &self.unverified {
+            l.extend(u.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        l
+    }
+}
+
+/// The labels a container's identity is made of: its security-relevant labels
+/// ([`LabelFilter`]) without any `netpol.*` label, plus the `netpol.*` labels that are its own
+/// (not the image's) — whatever `--ignore-label` says, since label policies select by them.
+pub fn identity_labels(filter: &LabelFilter, c: &ContainerLabels) -> Labels {
+    let others: Labels = c
+        .labels
+        .iter()
+        .filter(|(k, _)| !k.starts_with(NETPOL_LABEL_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut l = filter.filter(&others);
+    l.extend(Origins::of(c).in_identity());
+    l
+}
+
+/// What the labels of one container gave besides its policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Notes {
+    /// Rejected labels (each makes a direction default deny).
+    pub errors: Vec<String>,
+    /// Ignored labels.
+    pub warnings: Vec<String>,
+    /// Directions made default deny by an error or by unverified labels.
+    pub deny_ingress: bool,
+    pub deny_egress: bool,
+}
+
+impl Notes {
+    /// One line for `endpoint list`.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        let denied = match (self.deny_ingress, self.deny_egress) {
+            (true, true) => Some("ingress and egress"),
+            (true, false) => Some("ingress"),
+            (false, true) => Some("egress"),
+            (false, false) => None,
+        };
+        if let Some(d) = denied {
+            parts.push(format!("{d} default deny"));
+        }
+        parts.extend(self.errors.iter().cloned());
+        parts.extend(self.warnings.iter().cloned());
+        parts.join("; ")
+    }
 }
 
 /// The policies of the containers' labels, and what was wrong with them.
 #[derive(Debug, Default)]
 pub struct LabelPolicies {
     policies: Vec<Policy>,
-    /// Container name → why its labels were rejected.
-    errors: BTreeMap<String, String>,
+    /// Container name → errors and warnings (only containers that have any).
+    notes: BTreeMap<String, Notes>,
 }
 
 impl LabelPolicies {
     /// Recomputes everything from the running containers.
     pub fn update<'a>(&mut self, containers: impl IntoIterator<Item = ContainerLabels<'a>>) {
         self.policies.clear();
-        self.errors.clear();
+        self.notes.clear();
         for c in containers {
-            match compose::from_labels(c.name, c.labels) {
-                Ok(Some(p)) => self.policies.push(p),
-                Ok(None) => {}
-                Err(e) => {
-                    warn!(container = %c.name, error = %e, "netpol labels rejected");
-                    self.errors.insert(c.name.to_owned(), e.to_string());
-                }
+            let (policy, notes) = container_policy(&c);
+            for e in &notes.errors {
+                warn!(container = %c.name, error = %e, "netpol label rejected");
+            }
+            for w in &notes.warnings {
+                warn!(container = %c.name, warning = %w, "netpol label ignored");
+            }
+            self.policies.extend(policy);
+            if notes != Notes::default() {
+                self.notes.insert(c.name.to_owned(), notes);
             }
         }
     }
@@ -47,8 +166,184 @@ impl LabelPolicies {
         &self.policies
     }
 
+    /// Container name → its notes.
+    pub fn notes(&self) -> &BTreeMap<String, Notes> {
+        &self.notes
+    }
+
     /// Container name → why its labels were rejected.
-    pub fn errors(&self) -> &BTreeMap<String, String> {
-        &self.errors
+    pub fn errors(&self) -> BTreeMap<String, String> {
+        self.notes
+            .iter()
+            .filter(|(_, n)| !n.errors.is_empty())
+            .map(|(c, n)| (c.clone(), n.errors.join("; ")))
+            .collect()
+    }
+
+    /// Container name → which of its labels were ignored, and why.
+    pub fn warnings(&self) -> BTreeMap<String, String> {
+        self.notes
+            .iter()
+            .filter(|(_, n)| !n.warnings.is_empty())
+            .map(|(c, n)| (c.clone(), n.warnings.join("; ")))
+            .collect()
+    }
+}
+
+fn direction_of(label: &str) -> Option<Direction> {
+    match label {
+        INGRESS_LABEL => Some(Direction::Ingress),
+        EGRESS_LABEL => Some(Direction::Egress),
+        _ => None,
+    }
+}
+
+/// The policy of one container's labels, and its notes.
+pub fn container_policy(c: &ContainerLabels) -> (Option<Policy>, Notes) {
+    let origins = Origins::of(c);
+    let mut notes = Notes::default();
+    if !origins.inherited.is_empty() {
+        let keys: Vec<&str> = origins.inherited.keys().map(String::as_str).collect();
+        notes.warnings.push(format!(
+            "{} come from the image: ignored (image labels are never policy)",
+            keys.join(", ")
+        ));
+    }
+    let in_identity = origins.in_identity();
+    if in_identity.is_empty() {
+        return (None, notes);
+    }
+    let deny = |dir: Option<Direction>, notes: &mut Notes| match dir {
+        Some(Direction::Ingress) => notes.deny_ingress = true,
+        Some(Direction::Egress) => notes.deny_egress = true,
+        None => {
+            notes.deny_ingress = true;
+            notes.deny_egress = true;
+        }
+    };
+    let mut spec = Spec {
+        description: Some(format!("netpol labels of container {}", c.name)),
+        selector: own_selector(c.labels, &in_identity),
+        ..Spec::default()
+    };
+    if let Some((why, labels)) = &origins.unverified {
+        for k in labels.keys() {
+            deny(direction_of(k), &mut notes);
+        }
+        let keys: Vec<&str> = labels.keys().map(String::as_str).collect();
+        notes.warnings.push(format!(
+            "{} not applied: the image could not be inspected ({why}), so they may be the image's",
+            keys.join(", ")
+        ));
+    }
+    let unknown: Vec<&str> = origins
+        .own
+        .keys()
+        .filter(|k| direction_of(k).is_none())
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        for k in &unknown {
+            let e = compose::from_labels(c.name, &Labels::from([((*k).to_owned(), String::new())]))
+                .err()
+                .map_or_else(
+                    || format!("label {k}: unknown netpol label"),
+                    |e| e.to_string(),
+                );
+            notes.errors.push(format!(
+                "{e}: ingress and egress default deny until it is removed"
+            ));
+        }
+        deny(None, &mut notes);
+    } else {
+        // Each direction on its own: an error in one leaves the other as written.
+        let others: Labels = c
+            .labels
+            .iter()
+            .filter(|(k, _)| !k.starts_with(NETPOL_LABEL_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (key, value) in &origins.own {
+            let dir = direction_of(key);
+            let mut one = others.clone();
+            one.insert(key.clone(), value.clone());
+            match compose::from_labels(c.name, &one) {
+                Ok(Some(p)) => {
+                    for s in p.specs {
+                        match dir {
+                            Some(Direction::Ingress) => {
+                                spec.ingress.extend(s.ingress);
+                                spec.ingress_deny.extend(s.ingress_deny);
+                            }
+                            _ => {
+                                spec.egress.extend(s.egress);
+                                spec.egress_deny.extend(s.egress_deny);
+                            }
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    notes.errors.push(format!(
+                        "{e}: {} default deny until it is fixed",
+                        match dir {
+                            Some(Direction::Egress) => "egress",
+                            _ => "ingress",
+                        }
+                    ));
+                    deny(dir, &mut notes);
+                }
+            }
+        }
+    }
+    let ingress = origins.own.contains_key(INGRESS_LABEL) || notes.deny_ingress;
+    let egress = origins.own.contains_key(EGRESS_LABEL) || notes.deny_egress;
+    if notes.deny_ingress {
+        spec.ingress.clear();
+        spec.ingress_deny.clear();
+    }
+    if notes.deny_egress {
+        spec.egress.clear();
+        spec.egress_deny.clear();
+    }
+    spec.default_deny = DefaultDeny {
+        ingress: ingress.then_some(true),
+        egress: egress.then_some(true),
+    };
+    let name = match (c.labels.get(COMPOSE_PROJECT), c.labels.get(COMPOSE_SERVICE)) {
+        (Some(p), Some(s)) => format!("compose:{p}/{s}"),
+        _ => format!("labels:{}", c.name),
+    };
+    let policy = Policy {
+        name,
+        source: Source::Labels {
+            container: c.name.to_owned(),
+        },
+        specs: vec![spec],
+    };
+    (Some(policy), notes)
+}
+
+/// Selects the containers with `labels`' compose project and service (when present) and exactly
+/// the `netpol.*` labels `netpol`: the direction labels it lacks must be absent too.
+fn own_selector(labels: &Labels, netpol: &Labels) -> Selector {
+    let mut match_labels: BTreeMap<String, String> = netpol.clone();
+    for k in [COMPOSE_PROJECT, COMPOSE_SERVICE] {
+        if let Some(v) = labels.get(k) {
+            match_labels.insert(k.to_owned(), v.clone());
+        }
+    }
+    let match_expressions = [INGRESS_LABEL, EGRESS_LABEL]
+        .iter()
+        .filter(|k| !netpol.contains_key(**k))
+        .map(|k| Requirement {
+            key: (*k).to_owned(),
+            operator: Operator::DoesNotExist,
+            values: Vec::new(),
+        })
+        .collect();
+    Selector {
+        match_labels,
+        match_expressions,
     }
 }
