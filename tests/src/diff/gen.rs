@@ -1099,3 +1099,53 @@ impl Gen {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_gives_the_same_case() {
+        for seed in [0u64, 1, 0xdead_beef] {
+            let a = Case::generate(seed, 3, Features::ALL);
+            let b = Case::generate(seed, 3, Features::ALL);
+            assert_eq!(a.steps.len(), b.steps.len());
+            for (x, y) in a.steps.iter().zip(&b.steps) {
+                assert_eq!(
+                    (x.veth, x.dir, x.via, &x.frame),
+                    (y.veth, y.dir, y.via, &y.frame)
+                );
+            }
+            assert_eq!(a.world.policy, b.world.policy);
+            assert_eq!(a.world.ct, b.world.ct);
+        }
+    }
+
+    /// `BPF_PROG_TEST_RUN` refuses frames shorter than the Ethernet header, IPv4/IPv6 frames
+    /// shorter than the fixed IP header, and frames over a page.
+    #[test]
+    fn frames_are_ones_the_test_run_accepts() {
+        for seed in 0..300 {
+            let c = Case::generate(seed, 3, Features::ALL);
+            assert!(!c.steps.is_empty());
+            for s in &c.steps {
+                let f = &s.frame;
+                assert!(
+                    f.len() >= 14 && f.len() <= 3000,
+                    "seed {seed}: {} bytes",
+                    f.len()
+                );
+                let min = match u16::from_be_bytes([f[12], f[13]]) {
+                    ETH_P_IP => 14 + 20,
+                    ETH_P_IPV6 => 14 + 40,
+                    _ => 14,
+                };
+                assert!(f.len() >= min, "seed {seed}: {} ({})", s.what, f.len());
+                assert!(s.veth < 3);
+                if s.dir == Direction::Egress {
+                    assert_eq!(s.via, Via::Own);
+                }
+            }
+        }
+    }
+}
