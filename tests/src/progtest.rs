@@ -167,18 +167,27 @@ impl Datapath {
         m.get(k, 0).ok()
     }
 
+    /// Every entry of the hash map `name`.
+    pub fn dump<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> Vec<(K, V)> {
+        let m: HashMap<_, K, V> = HashMap::try_from(
+            self.bpf
+                .map(name)
+                .unwrap_or_else(|| panic!("no map {name}")),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        m.iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("{name} iter: {e}")))
+            .collect()
+    }
+
     /// Every entry of `CT4`.
     pub fn ct4_all(&self) -> Vec<(CtKey4, CtEntry)> {
-        let m: HashMap<_, CtKey4, CtEntry> =
-            HashMap::try_from(self.bpf.map(maps::CT4).expect("CT4")).unwrap();
-        m.iter().map(|r| r.expect("CT4 iter")).collect()
+        self.dump(maps::CT4)
     }
 
     /// Every entry of `CT6`.
     pub fn ct6_all(&self) -> Vec<(CtKey6, CtEntry)> {
-        let m: HashMap<_, CtKey6, CtEntry> =
-            HashMap::try_from(self.bpf.map(maps::CT6).expect("CT6")).unwrap();
-        m.iter().map(|r| r.expect("CT6 iter")).collect()
+        self.dump(maps::CT6)
     }
 
     /// The `FRAG4` record of a datagram.

@@ -15,7 +15,9 @@ use std::fmt::{self, Write as _};
 use netpol_common::{
     ct::CtEntry,
     event::FlowEvent,
-    model::{CtKey, Verdict, Why, World},
+    frag::{Frag4Key, Frag6Key, FragL4},
+    maps,
+    model::{CtKey, FragKey, Verdict, Why, World},
     Direction,
 };
 
@@ -314,6 +316,7 @@ impl Runner {
                 _ => stats.passed += 1,
             }
             let mut ct = ct_differences(&model, &self.dp);
+            ct.extend(frag_differences(&model, &self.dp));
             if actual.ret == PASS {
                 if let Some(v) =
                     invariants::violated(&self.checks, &model, ifindex, s.dir, &s.frame)
@@ -336,6 +339,42 @@ impl Runner {
         }
         Ok(())
     }
+}
+
+/// The differences between the model's fragment records and `FRAG4` / `FRAG6`.
+fn frag_differences(model: &World, dp: &Datapath) -> Vec<String> {
+    let mut kernel: Vec<(FragKey, FragL4)> = dp
+        .dump::<Frag4Key, FragL4>(maps::FRAG4)
+        .into_iter()
+        .map(|(k, v)| (FragKey::V4(k), v))
+        .chain(
+            dp.dump::<Frag6Key, FragL4>(maps::FRAG6)
+                .into_iter()
+                .map(|(k, v)| (FragKey::V6(k), v)),
+        )
+        .collect();
+    let mut out = Vec::new();
+    for (k, want) in &model.frag {
+        match kernel.iter().position(|(x, _)| x == k) {
+            Some(i) => {
+                let (_, got) = kernel.swap_remove(i);
+                if got != *want {
+                    out.push(format!(
+                        "fragment record {k:?}: model {want:?}, kernel {got:?}"
+                    ));
+                }
+            }
+            None => out.push(format!(
+                "fragment record {k:?}: model {want:?}, kernel has none"
+            )),
+        }
+    }
+    for (k, got) in kernel {
+        out.push(format!(
+            "fragment record {k:?}: model has none, kernel {got:?}"
+        ));
+    }
+    out
 }
 
 fn entry_differs(want: &CtEntry, got: &CtEntry) -> bool {
