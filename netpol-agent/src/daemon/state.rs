@@ -43,7 +43,7 @@ pub enum AgentError {
     Identity(#[from] crate::identity::IdentityError),
     #[error("no imported policy named {0} (nothing was changed)")]
     NotFound(String),
-    #[error("the maps are left as they are: {}; import it again (fixed) or delete it", .0.join("; "))]
+    #[error("a stored policy no longer parses, so the maps are left as they are (containers started since are not policed): {}", .0.join("; "))]
     Frozen(Vec<String>),
 }
 

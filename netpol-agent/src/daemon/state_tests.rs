@@ -404,6 +404,48 @@ fn a_stored_policy_that_no_longer_parses_leaves_the_maps_as_they_are() {
 }
 
 #[test]
+fn a_kept_file_version_that_no_longer_parses_leaves_the_maps_as_they_are() {
+    let dirs = Dirs::new("file-copy-unparsable");
+    let (db, app1, app2) = (
+        service(2, "db", &[]),
+        service(3, "app1", &[]),
+        service(4, "app2", &[]),
+    );
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TCP"));
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    let before = maps(&a);
+    let links = a.dp.attached().expect("links");
+    drop(a);
+    // The file broken, and its kept copy unreadable to this version (an upgrade).
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TPC"));
+    let copy = dirs.state().join("files/db.yaml");
+    let text = std::fs::read_to_string(&copy).expect("kept copy");
+    std::fs::write(&copy, text.replace("TCP", "TQP")).expect("break the copy");
+    let mut dp = FakeDatapath::new(MapSizes::default());
+    dp.state = before.clone();
+    dp.links = links.into_iter().collect();
+    let mut a = agent_on(&dirs, dp);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    assert_eq!(maps(&a), before, "the maps are left as they were");
+    let status = status_str(&a);
+    assert!(
+        status.contains("make the file valid or remove it"),
+        "{status}"
+    );
+
+    // A valid file ends it.
+    dirs.write_policy("db.yaml", &db_accepts("app2", "TCP"));
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(connects(&a, &app2, &db, 5432));
+    assert!(!connects(&a, &app1, &db, 5432));
+    assert!(a.status()["policies_unparsable"]
+        .as_array()
+        .is_some_and(Vec::is_empty));
+}
+
+#[test]
 fn policy_names_are_unique_across_files_and_imports() {
     let dirs = Dirs::new("unique-names");
     let (db, app1, app2) = (

@@ -70,13 +70,17 @@ impl Sources {
     /// allowed and denied is unknown, and compiling without it could open what it protected.
     pub fn unparsable_with(&self, imports: &ImportSet) -> Vec<String> {
         let mut out: Vec<String> = imports::unparsable(imports)
-            .map(|(name, e)| format!("imported policy {name} no longer parses: {e}"))
+            .map(|(name, e)| {
+                format!(
+                    "imported policy {name} no longer parses: {e} (import it again or delete it)"
+                )
+            })
             .collect();
         out.extend(
             self.files
                 .unparsable()
                 .into_iter()
-                .map(|(path, e)| format!("the last valid version of {path} no longer parses: {e}")),
+                .map(|(path, e)| format!("the last valid version of {path} no longer parses: {e} (make the file valid or remove it)")),
         );
         out
     }
