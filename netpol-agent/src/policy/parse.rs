@@ -8,7 +8,10 @@ use super::{
     CidrRule, DefaultDeny, Entity, ErrorKind, IcmpFamily, Operator, Peer, Peers, Policy,
     PolicyError, PolicyErrors, PortRule, Protocol, Requirement, Rule, Selector, Source, Spec, L4,
 };
-use crate::{datapath::Cidr, identity::LabelFilter};
+use crate::{
+    datapath::Cidr,
+    identity::{LabelFilter, NETPOL_LABEL_PREFIX},
+};
 
 /// Stack of the thread a parse runs on: far more than the bounded depth needs.
 const PARSE_STACK: usize = 4 << 20;
@@ -1009,7 +1012,8 @@ impl<'a> Ctx<'a> {
     /// always would).
     fn label_key(&mut self, key: &str, line: usize, path: &str) -> Option<String> {
         match strip_label_source(key) {
-            Ok(k) if self.filter.ignores(k) => {
+            // A container's own netpol.* labels are in its identity whatever the filter says.
+            Ok(k) if self.filter.ignores(k) && !k.starts_with(NETPOL_LABEL_PREFIX) => {
                 self.err(line, path, ErrorKind::FilteredLabel(k.to_owned()));
                 None
             }

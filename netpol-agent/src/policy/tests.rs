@@ -1484,6 +1484,16 @@ fn selectors_on_ignored_labels_are_errors() {
         ),
         "{e}"
     );
+    // A container's own netpol.* labels stay in its identity whatever --ignore-label says.
+    let netpol = format!(
+        "{HEAD_DB}  ingress:\n  - fromEndpoints: [{{matchLabels: {{netpol.ingress: \"\"}}}}]\n"
+    );
+    parse_str_with(
+        "test.yaml",
+        &netpol,
+        &crate::identity::LabelFilter::new(["netpol.*"]),
+    )
+    .expect("netpol.* selectors");
 }
 
 /// A panic inside the parser is an error, not a dead daemon.
