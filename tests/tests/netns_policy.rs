@@ -412,16 +412,26 @@ fn flooded_frames_do_not_open_conntrack_holes() {
         }
     }
     load(&pins, &t, &p);
+    let dp = adopt(&t, pins.path());
 
+    // What the bridge flooded to app2's port: delivered (tx_packets), or dropped by
+    // to_container as not addressed to app2 (NotForEndpoint; db's own veth never counts it).
     let tx = || -> u64 {
         let path = format!(
             "/sys/class/net/{}/statistics/tx_packets",
             t.container("app2").host_veth
         );
-        String::from_utf8_lossy(&h.run(&["cat", &path]).stdout)
+        let sent: u64 = String::from_utf8_lossy(&h.run(&["cat", &path]).stdout)
             .trim()
             .parse()
-            .expect("tx_packets")
+            .expect("tx_packets");
+        let not_for_app2 = dp
+            .drop_counters()
+            .expect("reading drop counters")
+            .get(&(DropReason::NotForEndpoint as u8))
+            .copied()
+            .unwrap_or(0);
+        sent + not_for_app2
     };
     for f in Family::BOTH {
         let before = tx();
