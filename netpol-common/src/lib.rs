@@ -10,6 +10,7 @@ pub mod ct;
 pub mod endpoint;
 pub mod event;
 pub mod frag;
+pub mod icmp;
 pub mod identity;
 pub mod ipcache;
 #[cfg(any(test, feature = "model"))]

@@ -19,7 +19,7 @@ use crate::{
     ct::{self, CtDir, CtEntry, CtKey4, CtKey6},
     endpoint::Endpoint,
     frag::{Frag4Key, Frag6Key, FragL4},
-    identity, nd,
+    icmp, identity, nd,
     policy::{self, PolicyKey, PolicyValue, Verdict as PolicyVerdict},
     proto, Direction, DropReason,
 };
@@ -486,7 +486,8 @@ fn l4(
                     p.dport = id;
                     Kind::EchoReply
                 }
-                (false, 3 | 4 | 5 | 11 | 12) | (true, 1..=4) => Kind::IcmpError,
+                (false, t) if icmp::v4_error(t) => Kind::IcmpError,
+                (true, t) if icmp::v6_error(t) => Kind::IcmpError,
                 (true, 130..=137 | 143) => Kind::Neighbour,
                 _ => Kind::IcmpOther,
             };
@@ -593,13 +594,28 @@ fn parse(f: &[u8], fam: Fam, ep: &Endpoint, dir: Direction) -> Result<Pkt, DropR
             Fam::V6 => ipv6_quoted(f, l4off + 8)?,
         };
         let (sport, dport) = inner_ports(f, iproto, ioff, end)?;
-        p.inner = Some(Inner {
-            s: is,
-            d: id,
-            proto: iproto,
-            sport,
-            dport,
-        });
+        let e = icmp::ErrorMsg {
+            outbound: dir == Direction::Egress,
+            v6: fam == Fam::V6,
+            ty: p.icmp_type,
+            code: p.icmp_code,
+            len: f.len().saturating_sub(ETH_HLEN) as u32,
+            local: dir == Direction::Egress || is_local(ep, fam, &p.d),
+            src_is_quoted_dst: id == p.s,
+            dst_is_quoted_src: is == p.d,
+        };
+        if icmp::tied(&e) {
+            p.inner = Some(Inner {
+                s: is,
+                d: id,
+                proto: iproto,
+                sport,
+                dport,
+            });
+        } else {
+            // Not an error of one of this endpoint's flows: a new ICMP message for policy.
+            p.kind = Kind::IcmpOther;
+        }
     }
     Ok(p)
 }

@@ -26,17 +26,24 @@
 //!    and advertised target the protocol allows; at most 1280 bytes; no router advertisement or
 //!    redirect from a container — so networks keep working under deny-all. What fails them is
 //!    dropped (`NeighbourDiscovery`) on every endpoint, enforced or not, and never reaches policy.
-//! 5. Conntrack: a packet of an established flow, a reply, or an ICMP error about one, passes
+//! 5. An ICMP error (ICMPv4 3, 11, 12; ICMPv6 1–4; not source quench or redirect) has its
+//!    quoted packet parsed (within the IP length). Only an error tied to it by netpol-common's
+//!    `icmp` rules can be related to a flow: from a container it goes back to the quoted
+//!    packet's source from the quoted destination, to a container it quotes a packet the
+//!    container sent, a port/protocol unreachable comes from the quoted destination, and it is at
+//!    most 576 (IPv4) / 1280 (IPv6) bytes. Any other error is a new ICMP message for policy
+//!    (its type as the port), like source quench and redirect.
+//! 6. Conntrack: a packet of an established flow, a reply, or a tied ICMP error about one, passes
 //!    without a policy lookup. Entries belong to the endpoint whose address they carry:
 //!    `to_container` neither uses nor creates entries for a packet addressed to another address
 //!    (multicast, broadcast, link-local: decided by this endpoint's policy alone), and an ICMP
 //!    error is related only to a flow of the endpoint it concerns; it does not refresh the flow.
-//! 6. A new flow in an enforced direction is looked up in `POLICY` (see netpol-common's
+//! 7. A new flow in an enforced direction is looked up in `POLICY` (see netpol-common's
 //!    `policy` module for the order); deny or no match drops it. An allowed flow, or any flow in
 //!    an unenforced direction, gets a conntrack entry so its replies pass the other side.
-//! 7. Fragments (netpol-common's `frag` module): a first fragment that passes records its L4
+//! 8. Fragments (netpol-common's `frag` module): a first fragment that passes records its L4
 //!    view in `FRAG4` / `FRAG6`; a later fragment takes the ports of its datagram's record and
-//!    goes through 5–6 as a packet of that flow. One without a record (its first fragment was
+//!    goes through 6–7 as a packet of that flow. One without a record (its first fragment was
 //!    dropped, not seen yet, or never sent) is dropped (`Fragment`) on an enforced direction.
 
 use aya_ebpf::{
@@ -50,7 +57,7 @@ use netpol_common::{
     endpoint::Endpoint,
     event::FlowEvent,
     frag::{Frag4Key, Frag6Key, FragL4},
-    identity,
+    icmp, identity,
     ipcache::RemoteInfo,
     nd,
     policy::{self, Verdict},
@@ -773,7 +780,7 @@ fn event_ports(ev: &mut FlowEvent, l: &L4) {
 ///
 /// Order: the fixed header's addresses (anti-spoofing from a container; a unicast destination
 /// that is not the endpoint's to it), then the header's own consistency and lengths, then L4,
-/// then for an ICMP error the quoted packet.
+/// then for an ICMP error the quoted packet and whether the error is tied to it.
 #[inline(always)]
 fn parse_v4(
     ctx: &TcContext,
@@ -815,6 +822,20 @@ fn parse_v4(
             sport: sp,
             dport: dp,
         };
+        let e = icmp::ErrorMsg {
+            outbound: dir == Direction::Egress,
+            v6: false,
+            ty: p.l.icmp_type,
+            code: p.l.icmp_code,
+            len: l3_len(ctx),
+            local: dir == Direction::Egress || V4::is_local(ep, &p.d),
+            src_is_quoted_dst: p.inner.d == p.s,
+            dst_is_quoted_src: p.inner.s == p.d,
+        };
+        if !icmp::tied(&e) {
+            // Not an error of one of this endpoint's flows: a new ICMP message for policy.
+            p.l.kind = Kind::IcmpOther;
+        }
     }
     Ok(false)
 }
@@ -826,7 +847,7 @@ fn parse_v4(
 /// unspecified one that only valid ND/MLD may carry — anything else with it, a parse error
 /// included, is `Spoofed`; to a container: its own, a multicast or a link-local destination),
 /// then the payload length, extension headers and L4, then for an ICMPv6 error the quoted
-/// packet.
+/// packet and whether the error is tied to it.
 #[inline(always)]
 fn parse_v6(
     ctx: &TcContext,
@@ -878,6 +899,20 @@ fn parse_v6(
         i.proto = iproto;
         i.sport = sp;
         i.dport = dp;
+        let e = icmp::ErrorMsg {
+            outbound: dir == Direction::Egress,
+            v6: true,
+            ty: p.l.icmp_type,
+            code: p.l.icmp_code,
+            len: l3_len(ctx),
+            local: dir == Direction::Egress || V6::is_local(ep, &p.d),
+            src_is_quoted_dst: p.inner.d == p.s,
+            dst_is_quoted_src: p.inner.s == p.d,
+        };
+        if !icmp::tied(&e) {
+            // Not an error of one of this endpoint's flows: a new ICMP message for policy.
+            p.l.kind = Kind::IcmpOther;
+        }
     }
     Ok(false)
 }

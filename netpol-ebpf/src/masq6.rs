@@ -13,11 +13,14 @@
 //!    (`NoPort`), as Linux drops when it finds no unique tuple.
 //! 3. ICMPv6 errors the container sends about a packet it received from the outside (e.g. port
 //!    unreachable): outer source, embedded destination address and port, and the embedded and
-//!    outer checksums are translated.
+//!    outer checksums are translated — only for an error tied to a live flow (netpol-common's
+//!    `icmp` rules: sent back to the quoted packet's source, at most 1280 bytes).
 //!
 //! `masq6_in`, for a packet arriving for the uplink address: replies found in `SNAT6` (*in*
 //! entries) get the container's address and port as destination; ICMPv6 errors about a
-//! translated packet get the outer destination and the embedded source translated back. Anything
+//! translated packet of a live flow get the outer destination and the embedded source
+//! translated back, if tied to it (at most 1280 bytes; a port unreachable only from the quoted
+//! destination, other errors from any router on the path). Anything
 //! not found passes untouched: it is the host's.
 //!
 //! Checksums: the address is in the TCP/UDP/ICMPv6 pseudo-header, so its change goes through
@@ -51,6 +54,7 @@ use aya_ebpf::{
 };
 use netpol_common::{
     frag::{Frag6Key, Masq6Frag},
+    icmp,
     nat::{
         lifetime, probe_port, Masq6Config, Masq6Counter, Masq6Prefix, Snat6Entry, Snat6Key, PROBES,
         SNAT6_IN, SNAT6_OUT,
@@ -120,7 +124,10 @@ pub struct Scratch {
     tcp_flags: u8,
     iproto: u8,
     ikind: u8,
-    _pad: [u8; 3],
+    /// ICMPv6 type and code of the packet (errors).
+    icmp_type: u8,
+    icmp_code: u8,
+    _pad: [u8; 1],
 }
 
 #[inline(always)]
@@ -337,6 +344,8 @@ fn parse_l4(ctx: &TcContext, sc: &mut Scratch) -> Result<(), Fail> {
         proto::ICMPV6 => {
             let h: [u8; 8] = ctx.load(off).map_err(|_| Fail::Unparsed)?;
             let id = u16::from_be_bytes([h[4], h[5]]);
+            sc.icmp_type = h[0];
+            sc.icmp_code = h[1];
             match h[0] {
                 128 => {
                     sc.kind = K_ECHO_REQUEST;
@@ -346,7 +355,7 @@ fn parse_l4(ctx: &TcContext, sc: &mut Scratch) -> Result<(), Fail> {
                     sc.kind = K_ECHO_REPLY;
                     sc.dport = id;
                 }
-                1..=4 => sc.kind = K_ERROR,
+                t if icmp::v6_error(t) => sc.kind = K_ERROR,
                 _ => {}
             }
         }
@@ -781,6 +790,27 @@ fn parse_inner(ctx: &TcContext, sc: &mut Scratch) -> Result<bool, Fail> {
     Ok(true)
 }
 
+/// Whether the ICMPv6 error in `sc` (quoted packet parsed) is tied to its quoted packet by
+/// netpol-common's `icmp` rules, as the per-container programs require: outbound, it goes back to
+/// the quoted source from the quoted destination; inbound, it quotes a packet the uplink address
+/// sent (checked by the caller), a port unreachable comes from the quoted destination; at most
+/// 1280 bytes. An error that is not is left untranslated (it stays the host's, or leaves with
+/// the container's own source).
+#[inline(always)]
+fn tied(ctx: &TcContext, sc: &Scratch, outbound: bool) -> bool {
+    let e = icmp::ErrorMsg {
+        outbound,
+        v6: true,
+        ty: sc.icmp_type,
+        code: sc.icmp_code,
+        len: ctx.len().saturating_sub(sc.l3),
+        local: true,
+        src_is_quoted_dst: sc.s == sc.id,
+        dst_is_quoted_src: sc.d == sc.is,
+    };
+    icmp::tied(&e)
+}
+
 /// An ICMPv6 error arriving for the uplink address about a packet a container sent (now carrying
 /// the uplink address and translated port as its source).
 #[inline(always)]
@@ -788,7 +818,7 @@ fn in_error(ctx: &TcContext, cfg: &Masq6Config, sc: &mut Scratch) -> Result<i32,
     if !parse_inner(ctx, sc)? || sc.is != cfg.addr {
         return Ok(PASS);
     }
-    if sc.ikind == K_ECHO_REPLY {
+    if sc.ikind == K_ECHO_REPLY || !tied(ctx, sc, false) {
         return Ok(PASS);
     }
     // The reply tuple of the embedded packet is the *in* key of its flow.
@@ -798,7 +828,9 @@ fn in_error(ctx: &TcContext, cfg: &Masq6Config, sc: &mut Scratch) -> Result<i32,
     };
     // SAFETY: pointer from a map lookup, valid while the program runs.
     sc.val = unsafe { *e };
-    if sc.val.flags & Snat6Entry::HOST != 0 {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if sc.val.flags & Snat6Entry::HOST != 0 || sc.val.expires_ns < now {
         return Ok(PASS);
     }
     sc.old = sc.d;
@@ -820,7 +852,7 @@ fn out_error(ctx: &TcContext, cfg: &Masq6Config, sc: &mut Scratch) -> Result<i32
     if !parse_inner(ctx, sc)? || sc.id != sc.s {
         return Ok(PASS);
     }
-    if sc.ikind == K_ECHO_REQUEST {
+    if sc.ikind == K_ECHO_REQUEST || !tied(ctx, sc, true) {
         return Ok(PASS);
     }
     sc.key = Snat6Key::new(sc.id, sc.is, sc.idport, sc.isport, sc.iproto, SNAT6_OUT);
@@ -829,7 +861,9 @@ fn out_error(ctx: &TcContext, cfg: &Masq6Config, sc: &mut Scratch) -> Result<i32
     };
     // SAFETY: pointer from a map lookup, valid while the program runs.
     sc.val = unsafe { *e };
-    if sc.val.addr != cfg.addr {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if sc.val.addr != cfg.addr || sc.val.expires_ns < now {
         return Ok(PASS);
     }
     sc.old = sc.s;

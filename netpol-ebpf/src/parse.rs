@@ -3,7 +3,7 @@
 //! skbs parse like linear ones.
 
 use aya_ebpf::programs::TcContext;
-use netpol_common::{nd, proto, DropReason};
+use netpol_common::{icmp, nd, proto, DropReason};
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -412,7 +412,8 @@ pub fn l4(
                     l.kind = Kind::EchoReply;
                     l.dport = id;
                 }
-                3 | 4 | 5 | 11 | 12 => l.kind = Kind::IcmpError,
+                // Source quench (4) and redirect (5) are not errors of a flow: `IcmpOther`.
+                t if icmp::v4_error(t) => l.kind = Kind::IcmpError,
                 _ => l.kind = Kind::IcmpOther,
             }
         }
@@ -433,7 +434,7 @@ pub fn l4(
                     l.kind = Kind::EchoReply;
                     l.dport = id;
                 }
-                1 | 2 | 3 | 4 => l.kind = Kind::IcmpError,
+                t if icmp::v6_error(t) => l.kind = Kind::IcmpError,
                 t if nd::is_nd_or_mld(t) => l.kind = Kind::Neighbour,
                 _ => l.kind = Kind::IcmpOther,
             }

@@ -820,3 +820,71 @@ fn fragmented_datagrams_are_translated_whole() {
     assert_eq!(m.counter(Masq6Counter::Out), 1 + 3);
     assert_eq!(m.counter(Masq6Counter::In), 3);
 }
+
+#[test]
+fn icmp_errors_are_translated_only_when_tied_to_their_flow() {
+    if !require_root("masq6_prog::icmp_errors_are_translated_only_when_tied_to_their_flow") {
+        return;
+    }
+    let m = Masq::load(61000, 61009);
+    let q = m.out(&frame(C1, SERVER, proto::UDP, |s, d| {
+        udp(s, d, 40000, 53, b"q")
+    }));
+    let p = q.sport();
+    // The quoted datagram as it left the uplink, with `pad` bytes of payload.
+    let quoted = |pad: usize| {
+        let (s, d) = (ip(UPLINK), ip(SERVER));
+        ipv6(&s, &d, proto::UDP, &udp(&s, &d, p, 53, &vec![b'x'; pad]))
+    };
+    let error = |from: &str, ty: u8, code: u8, pad: usize| {
+        frame(from, UPLINK, proto::ICMPV6, move |s, d| {
+            icmp6(s, d, ty, code, 1280, &quoted(pad))
+        })
+    };
+    let untouched = |what: &str, f: &[u8]| {
+        let (v, out) = m.run(false, f);
+        assert_eq!(
+            (v, out.as_slice()),
+            (PASS, f),
+            "{what}: must stay the host's"
+        );
+    };
+    // Port unreachable: only the quoted destination sends it.
+    untouched("port unreachable from a router", &error(ROUTER, 1, 4, 1));
+    let t = m.inn(&error(SERVER, 1, 4, 1));
+    assert_eq!(show(&t.dst), a(C1), "port unreachable from the server");
+    t.assert_csum("port unreachable from the server");
+    // A path error from a router, up to 1280 bytes.
+    let fill = 1280 - 40 - 8 - 40 - 8;
+    let t = m.inn(&error(ROUTER, 2, 0, fill));
+    assert_eq!(show(&t.dst), a(C1), "packet too big of 1280 bytes");
+    t.assert_csum("packet too big of 1280 bytes");
+    untouched("an error of 1281 bytes", &error(ROUTER, 2, 0, fill + 1));
+    assert_eq!(m.counter(Masq6Counter::IcmpError), 2);
+
+    // Outbound: the container's error must go back to the quoted packet's source.
+    let unreach = |to: &str| {
+        frame(C1, to, proto::ICMPV6, |s, d| {
+            let (qs, qd) = (ip(SERVER), ip(C1));
+            icmp6(
+                s,
+                d,
+                1,
+                4,
+                0,
+                &ipv6(&qs, &qd, proto::UDP, &udp(&qs, &qd, 53, 40000, b"late")),
+            )
+        })
+    };
+    let f = unreach("2001:db8:3::3");
+    let (v, out) = m.run(true, &f);
+    assert_eq!(
+        (v, out.as_slice()),
+        (PASS, f.as_slice()),
+        "an error about the server's packet sent to a third host is not translated"
+    );
+    let t = m.out(&unreach(SERVER));
+    assert_eq!(show(&t.src), a(UPLINK), "the error to the server is");
+    t.assert_csum("port unreachable to the server");
+    assert_eq!(m.counter(Masq6Counter::IcmpError), 3);
+}

@@ -2033,6 +2033,178 @@ fn conntrack_is_per_endpoint_v6() {
 // Datapath hardening (issue 8): ICMP errors tied to their peer, anti-spoofing on the fixed
 // header, unicast not for the endpoint, IP lengths.
 
+/// An ICMP error of `ty`/`code` from `src` to `dst` quoting `original` (an L3 packet) whole,
+/// padded with `pad` zero bytes of quote.
+fn icmp_error_of(
+    fam: Fam,
+    src: &Host,
+    dst: &Host,
+    ty: u8,
+    code: u8,
+    original: &[u8],
+    pad: usize,
+) -> Vec<u8> {
+    let mut q = original.to_vec();
+    q.resize(original.len() + pad, 0);
+    fam.frame(src, dst, fam.icmp(), &icmp(ty, code, [0; 4], &q))
+}
+
+fn icmp_errors_are_tied_to_their_peer(fam: Fam) {
+    let mut dp = Dp::db(true, true);
+    // db may open TCP 443 to the world, and app1 may query db on 53/udp; nothing else.
+    dp.allow(
+        &DB,
+        identity::WORLD,
+        Direction::Egress,
+        proto::TCP,
+        443,
+        policy::FULL_PREFIX,
+        3,
+    );
+    dp.allow(
+        &DB,
+        APP1.id,
+        Direction::Ingress,
+        proto::UDP,
+        53,
+        policy::FULL_PREFIX,
+        8,
+    );
+    let syn = fam.tcp(&DB, &WORLD, 40000, 443, TCP_SYN);
+    assert_eq!(dp.run(From, &syn), PASS);
+    let q = fam.udp(&APP1, &DB, 5000, 53);
+    assert_eq!(dp.run(To, &q), PASS);
+    let (unreach, port_unreach, too_big_or_ttl) = match fam {
+        V4 => ((3, 1), (3, 3), (11, 0)),
+        V6 => ((1, 3), (1, 4), (2, 0)),
+    };
+    let cap = match fam {
+        V4 => 576,
+        V6 => 1280,
+    };
+    // The packet after the Ethernet header, for a quote of `original` padded by `pad`.
+    let len = |original: &[u8], pad: usize| {
+        let hdr = match fam {
+            V4 => 20,
+            V6 => 40,
+        };
+        hdr + 8 + original.len() + pad
+    };
+
+    // To db: errors about its flow to the world. A router may send path errors; only the quoted
+    // destination may say "port unreachable".
+    let e = |src: &Host, (ty, code): (u8, u8), pad: usize| {
+        icmp_error_of(fam, src, &DB, ty, code, l3(&syn), pad)
+    };
+    let fill = cap - len(l3(&syn), 0);
+    for (what, pkt) in [
+        ("host unreachable from a router", e(&ROUTER, unreach, 0)),
+        (
+            "time exceeded / too big from a router",
+            e(&ROUTER, too_big_or_ttl, 0),
+        ),
+        ("port unreachable from the peer", e(&WORLD, port_unreach, 0)),
+        ("an error of the largest length", e(&ROUTER, unreach, fill)),
+    ] {
+        assert_eq!(dp.run(To, &pkt), PASS, "{what}");
+    }
+    assert_drops(&dp, None, 0);
+    for (what, pkt) in [
+        (
+            "port unreachable from a third host",
+            e(&ROUTER, port_unreach, 0),
+        ),
+        ("an error one byte too long", e(&ROUTER, unreach, fill + 1)),
+    ] {
+        assert_eq!(dp.run(To, &pkt), SHOT, "{what}");
+    }
+    assert_drops(&dp, Some(DropReason::PolicyDenied), 2);
+
+    // From db: an error about app1's query goes back to app1, within the length.
+    let from = |dst: &Host, pad: usize| {
+        icmp_error_of(fam, &DB, dst, port_unreach.0, port_unreach.1, l3(&q), pad)
+    };
+    assert_eq!(
+        dp.run(From, &from(&APP1, 0)),
+        PASS,
+        "port unreachable to app1"
+    );
+    let fill = cap - len(l3(&q), 0);
+    assert_eq!(
+        dp.run(From, &from(&APP1, fill)),
+        PASS,
+        "of the largest length"
+    );
+    assert_eq!(
+        dp.run(From, &from(&APP2, 0)),
+        SHOT,
+        "an error about app1's packet sent to app2"
+    );
+    assert_eq!(
+        dp.run(From, &from(&APP1, fill + 1)),
+        SHOT,
+        "an error carrying more than the cap"
+    );
+    // A quote of a packet db received that claims db's peer sent it to someone else.
+    let misquoted = fam.udp(&APP1, &APP2, 5000, 53);
+    assert_eq!(
+        dp.run(
+            From,
+            &icmp_error_of(
+                fam,
+                &DB,
+                &APP1,
+                port_unreach.0,
+                port_unreach.1,
+                l3(&misquoted),
+                0
+            )
+        ),
+        SHOT,
+        "an error about a packet that was not db's"
+    );
+    assert_drops(&dp, Some(DropReason::PolicyDenied), 5);
+
+    if fam == V4 {
+        // Source quench and redirect are not errors of a flow: policy decides them (as ICMP
+        // types 4 and 5), and nothing allows them here.
+        for ty in [4, 5] {
+            assert_eq!(
+                dp.run(To, &icmp_error_of(fam, &ROUTER, &DB, ty, 0, l3(&syn), 0)),
+                SHOT,
+                "type {ty} to db"
+            );
+            assert_eq!(
+                dp.run(From, &icmp_error_of(fam, &DB, &APP1, ty, 0, l3(&q), 0)),
+                SHOT,
+                "type {ty} from db"
+            );
+        }
+        assert_drops(&dp, Some(DropReason::PolicyDenied), 9);
+        let ev = dp.events();
+        assert_eq!(
+            (ev[ev.len() - 1].dport, ev[ev.len() - 1].direction),
+            (5, Direction::Egress as u8),
+            "the type is the policy port"
+        );
+    }
+    assert_eq!(dp.ct_len(), 2, "errors create no conntrack entries");
+}
+
+#[test]
+fn icmp_errors_are_tied_to_their_peer_v4() {
+    if require_root("icmp_errors_are_tied_to_their_peer_v4") {
+        icmp_errors_are_tied_to_their_peer(V4);
+    }
+}
+
+#[test]
+fn icmp_errors_are_tied_to_their_peer_v6() {
+    if require_root("icmp_errors_are_tied_to_their_peer_v6") {
+        icmp_errors_are_tied_to_their_peer(V6);
+    }
+}
+
 fn source_is_checked_on_the_fixed_header(fam: Fam) {
     // An unpoliced container: parse errors pass there, a forged source never does.
     let dp = Dp::db(false, false);
