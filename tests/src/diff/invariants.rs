@@ -53,7 +53,8 @@ struct Ip<'a> {
     v6: bool,
     src: &'a [u8],
     dst: &'a [u8],
-    /// Upper-layer protocol after at most a hop-by-hop header (enough for ND/MLD and ICMP).
+    /// Upper-layer protocol after at most a hop-by-hop header (enough for ND/MLD and ICMP); 255
+    /// for a later IPv4 fragment (an IPv6 one keeps 44, the fragment header).
     proto: u8,
     /// Offset of the upper-layer header.
     l4: usize,
@@ -71,11 +72,13 @@ fn ip(f: &[u8]) -> Option<Ip<'_>> {
                 return None;
             }
             let ihl = (h[0] & 15) as usize * 4;
+            // A later fragment has no upper-layer header: call its protocol "none".
+            let later = u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0;
             Some(Ip {
                 v6: false,
                 src: &h[12..16],
                 dst: &h[16..20],
-                proto: h[9],
+                proto: if later { 255 } else { h[9] },
                 l4: 14 + ihl,
                 hop: h[8],
                 claimed: be16(f, 16)? as usize,
