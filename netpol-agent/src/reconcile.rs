@@ -8,16 +8,24 @@
 //! 2. new and changed policy entries (allows exist before enforcement starts),
 //! 3. endpoints (enforcement flags, identities),
 //! 4. attach to new interfaces (their endpoint entry is in place first),
-//! 5. removal of stale policy entries, ipcache entries, endpoints; detach of gone interfaces.
+//! 5. removal of stale policy entries, ipcache entries, endpoints; detach of gone interfaces;
+//! 6. removal of the conntrack entries of every container address whose endpoint went or changed
+//!    (identity, veth or bridge): the next holder of the address starts from policy. The
+//!    datapath already refuses such entries to another endpoint (`CtEntry::serves`); this
+//!    also frees them, and ends flows towards the departed address that other endpoints
+//!    opened. It is not undone, and a failure is logged, not fatal: the kernel check stands.
 //!
 //! When old and new entries together do not fit a map, stale entries of that map are removed
 //! before new ones are written. If a write fails half-way, the operations already done are undone
 //! (best effort, reported), so the maps go back to the old state.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
-use netpol_common::{endpoint::Endpoint, policy::PolicyValue};
-use tracing::{error, warn};
+use netpol_common::{endpoint::Endpoint, ipcache::RemoteInfo, policy::PolicyValue};
+use tracing::{error, info, warn};
 
 use crate::datapath::{Cidr, Datapath, DatapathError, MapSizes, MapState, PolicyEntryKey};
 
@@ -30,7 +38,7 @@ pub struct Desired {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Op {
-    UpsertIpcache(Cidr, u32),
+    UpsertIpcache(Cidr, RemoteInfo),
     DeleteIpcache(Cidr),
     UpsertPolicy(PolicyEntryKey, PolicyValue),
     DeletePolicy(PolicyEntryKey),
@@ -38,6 +46,7 @@ enum Op {
     DeleteEndpoint(u32),
     Attach(u32),
     Detach(u32),
+    FlushCt(BTreeSet<IpAddr>),
 }
 
 /// The operations that turn the current state into the desired one.
@@ -99,8 +108,8 @@ pub fn check_fit(want: &MapState, sizes: &MapSizes) -> Result<(), ReconcileError
     let v6 = want.ipcache.len() - v4;
     for (map, need, max) in [
         ("ENDPOINTS", want.endpoints.len(), sizes.endpoints),
-        ("IPCACHE4", v4, sizes.ipcache4),
-        ("IPCACHE6", v6, sizes.ipcache6),
+        (netpol_common::maps::IPCACHE4, v4, sizes.ipcache4),
+        (netpol_common::maps::IPCACHE6, v6, sizes.ipcache6),
         ("POLICY", want.policy.len(), sizes.policy),
     ] {
         if need > max as usize {
@@ -201,7 +210,23 @@ pub fn plan(
             push(Op::DeleteEndpoint(*i), Some(Op::UpsertEndpoint(*i, *e)));
         }
     }
+    let departed = departed_addresses(&cur.ipcache, &want.maps.ipcache);
+    if !departed.is_empty() {
+        push(Op::FlushCt(departed), None);
+    }
     p
+}
+
+/// Container addresses (ipcache entries with a veth) that are gone from `want` or whose entry
+/// changed: their conntrack entries belong to an endpoint that no longer holds them.
+fn departed_addresses(
+    cur: &BTreeMap<Cidr, RemoteInfo>,
+    want: &BTreeMap<Cidr, RemoteInfo>,
+) -> BTreeSet<IpAddr> {
+    cur.iter()
+        .filter(|(c, v)| v.ifindex != 0 && want.get(*c) != Some(*v))
+        .map(|(c, _)| c.addr)
+        .collect()
 }
 
 fn run(dp: &mut dyn Datapath, op: &Op) -> Result<(), DatapathError> {
@@ -217,6 +242,17 @@ fn run(dp: &mut dyn Datapath, op: &Op) -> Result<(), DatapathError> {
             Err(DatapathError::NoSuchInterface(_)) => Ok(()),
             r => r,
         },
+        Op::FlushCt(addrs) => {
+            match dp.flush_ct(addrs) {
+                Ok(n) => {
+                    info!(addresses = ?addrs, entries = n, "conntrack of departed endpoints removed")
+                }
+                Err(e) => {
+                    error!(addresses = ?addrs, error = %e, "removing conntrack of departed endpoints failed; the datapath still refuses their entries to other endpoints")
+                }
+            }
+            Ok(())
+        }
     }
 }
 
@@ -323,11 +359,17 @@ mod tests {
                 .with_ipv4([10, 0, 0, 2])
                 .enforce(true, false),
         );
-        d.maps.ipcache.insert("10.0.0.2".parse().unwrap(), 300);
-        d.maps.ipcache.insert("10.0.0.3".parse().unwrap(), 301);
+        d.maps.ipcache.insert(
+            "10.0.0.2".parse().unwrap(),
+            RemoteInfo::container(300, 10, 2),
+        );
         d.maps
             .ipcache
-            .insert("10.0.0.0/24".parse().unwrap(), identity::UNMANAGED);
+            .insert("10.0.0.3".parse().unwrap(), RemoteInfo::new(301));
+        d.maps.ipcache.insert(
+            "10.0.0.0/24".parse().unwrap(),
+            RemoteInfo::new(identity::UNMANAGED),
+        );
         for p in ports {
             d.maps
                 .policy
@@ -432,6 +474,47 @@ mod tests {
             "{:?}",
             p.ops
         );
+    }
+
+    #[test]
+    fn conntrack_of_a_departed_or_changed_endpoint_is_removed_last() {
+        let mut dp = FakeDatapath::new(MapSizes::default());
+        let mut r = Reconciler::new();
+        r.reconcile(&mut dp, &desired(&[1])).unwrap();
+        assert!(dp.flushed.is_empty(), "nothing departed");
+        let db: IpAddr = "10.0.0.2".parse().unwrap();
+        // The same address, now another container (new veth, new identity).
+        let mut moved = desired(&[1]);
+        moved
+            .maps
+            .ipcache
+            .insert(Cidr::host(db), RemoteInfo::container(305, 11, 2));
+        let p = plan(&dp.state, &dp.links, &moved, &MapSizes::default());
+        assert_eq!(p.ops.last(), Some(&Op::FlushCt([db].into())), "{:?}", p.ops);
+        r.reconcile(&mut dp, &moved).unwrap();
+        assert_eq!(dp.flushed, vec![BTreeSet::from([db])]);
+        // The container goes: its address leaves the ipcache.
+        let mut gone = moved.clone();
+        gone.maps.ipcache.remove(&Cidr::host(db));
+        r.reconcile(&mut dp, &gone).unwrap();
+        assert_eq!(dp.flushed.len(), 2);
+        // Addresses without a veth (world, CIDRs, a container not found yet) are not flushed.
+        let mut other = gone.clone();
+        other.maps.ipcache.remove(&"10.0.0.3".parse().unwrap());
+        r.reconcile(&mut dp, &other).unwrap();
+        assert_eq!(dp.flushed.len(), 2);
+    }
+
+    #[test]
+    fn a_failed_conntrack_flush_does_not_fail_the_change() {
+        let mut dp = FakeDatapath::new(MapSizes::default());
+        reconcile(&mut dp, &desired(&[1])).unwrap();
+        let mut gone = desired(&[1]);
+        gone.maps.ipcache.remove(&"10.0.0.2".parse().unwrap());
+        let p = plan(&dp.state, &dp.links, &gone, &MapSizes::default());
+        dp.fail_after = Some(p.len() - 1);
+        apply(&mut dp, &p).unwrap();
+        assert_eq!(dp.state, gone.maps);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `CT4` / `CT6`: connection tracking, LRU hashes.
+//! Connection tracking: `CT4_NEW` / `CT6_NEW` (flows not yet established) and `CT4_V2` /
+//! `CT6_V2` (established flows), LRU hashes with the same key and value.
 //!
 //! An entry is keyed by the tuple of the packet that opened the flow, as seen at the endpoint that
 //! admitted it, plus the side that admitted it: [`CtDir::Egress`] when the container opened it
@@ -128,6 +129,15 @@ impl CtKey6 {
     }
 }
 
+/// The value of every conntrack map.
+///
+/// Besides lifetime and flags, an entry records who it was made for: the endpoint's host veth
+/// (`ifindex`) and identity, and the remote side's identity and, when the remote is a container,
+/// the interfaces its packets arrive through (`remote_ifindex`, `remote_bridge`; see
+/// [`crate::ipcache::RemoteInfo`]). An entry serves a packet only when these still hold
+/// ([`CtEntry::serves`]): a container that gets a departed container's address does not inherit
+/// its flows, and a packet that claims a container's address without coming from it does not
+/// pass as a reply of that container's flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtEntry {
@@ -137,17 +147,303 @@ pub struct CtEntry {
     pub flags: u32,
     /// The policy rule that admitted the flow (0 when the direction was not enforced).
     pub rule: u32,
+    /// The host veth (the `ENDPOINTS` key) of the endpoint that admitted the flow.
+    pub ifindex: u32,
+    /// That endpoint's identity when the flow was admitted.
+    pub identity: u32,
+    /// The remote side's identity when the flow was admitted.
+    pub remote_identity: u32,
+    /// For a container remote: its host veth; its packets reach this endpoint with this
+    /// `ingress_ifindex` (bridged) or `remote_bridge` (routed by the host). 0: not a container,
+    /// no check.
+    pub remote_ifindex: u32,
+    pub remote_bridge: u32,
+    pub _pad: u32,
 }
 
 impl CtEntry {
     /// A packet in the reply direction was seen.
     pub const SEEN_REPLY: u32 = 1 << 0;
-    /// A FIN or RST was seen: the entry gets the short closing lifetime.
+    /// The flow is closing (TCP: a FIN each way, or an RST): its lifetime no longer moves.
     pub const CLOSING: u32 = 1 << 1;
+    /// TCP: a FIN from the side that opened the flow.
+    pub const FIN_ORIG: u32 = 1 << 2;
+    /// TCP: a FIN from the other side.
+    pub const FIN_REPLY: u32 = 1 << 3;
+
+    /// A new entry for a flow admitted on endpoint `ifindex` / `identity` with `remote`.
+    #[inline(always)]
+    pub const fn new(
+        now: u64,
+        proto: u8,
+        rule: u32,
+        ifindex: u32,
+        identity: u32,
+        remote: &crate::ipcache::RemoteInfo,
+    ) -> Self {
+        Self {
+            expires_ns: now + lifetime(proto, 0, false) * NS,
+            flags: 0,
+            rule,
+            ifindex,
+            identity,
+            remote_identity: remote.identity,
+            remote_ifindex: remote.ifindex,
+            remote_bridge: remote.bridge_ifindex,
+            _pad: 0,
+        }
+    }
+
+    /// Whether this entry may serve a packet seen on endpoint `ifindex` with `identity`.
+    /// `from_remote` is the packet's `ingress_ifindex` when it comes from the remote side
+    /// (`to_container`), `None` when the endpoint sent it (`from_container`). Expiry is checked
+    /// separately. Each check is one compare of values already loaded with the entry.
+    #[inline(always)]
+    pub const fn serves(&self, ifindex: u32, identity: u32, from_remote: Option<u32>) -> bool {
+        if self.ifindex != ifindex || self.identity != identity {
+            return false;
+        }
+        match from_remote {
+            None => true,
+            Some(i) => {
+                self.remote_ifindex == 0 || i == self.remote_ifindex || i == self.remote_bridge
+            }
+        }
+    }
+
+    /// Whether the entry is closing or closed: a TCP SYN over it opens a new flow.
+    #[inline(always)]
+    pub const fn is_closing(&self) -> bool {
+        self.flags & (Self::CLOSING | Self::FIN_ORIG | Self::FIN_REPLY) != 0
+    }
 }
+
+const NS: u64 = 1_000_000_000;
 
 /// Lifetimes (seconds), as Cilium's defaults.
 pub const LIFETIME_TCP_SYN: u64 = 60;
 pub const LIFETIME_TCP: u64 = 21_600;
 pub const LIFETIME_TCP_CLOSING: u64 = 10;
 pub const LIFETIME_NON_TCP: u64 = 60;
+
+/// TCP flag bits (byte 13 of the TCP header).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The lifetime (seconds) of an entry with `flags` that is not closing; `established` for one in
+/// the established table.
+#[inline(always)]
+pub const fn lifetime(proto: u8, flags: u32, established: bool) -> u64 {
+    if proto == crate::proto::TCP {
+        if established && flags & CtEntry::SEEN_REPLY != 0 {
+            LIFETIME_TCP
+        } else {
+            LIFETIME_TCP_SYN
+        }
+    } else {
+        LIFETIME_NON_TCP
+    }
+}
+
+/// Whether a TCP packet with these flags opens a flow: policy decides it whatever conntrack holds
+/// (a retransmitted SYN too, and a SYN over a closing or closed entry: Cilium's `CT_REOPENED`).
+#[inline(always)]
+pub const fn opens_flow(proto: u8, tcp_flags: u8) -> bool {
+    proto == crate::proto::TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// What a packet of a flow does to its entry ([`update`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Update {
+    pub flags: u32,
+    pub expires_ns: u64,
+    /// The entry should move from the new table to the established one.
+    pub promote: bool,
+}
+
+/// The effect of a packet (`reply`: it goes against the flow's opening direction) on entry `e`
+/// at `now`; `established`: `e` is in the established table.
+///
+/// - TCP: an RST, or a FIN each way, makes the entry closing; its lifetime becomes at most
+///   [`LIFETIME_TCP_CLOSING`] from that packet and no later packet extends it. One FIN alone
+///   (a half-closed connection) keeps the normal lifetime, so a half-closed transfer works.
+/// - A reply marks the entry answered (`SEEN_REPLY`).
+/// - Otherwise the lifetime is renewed ([`lifetime`], for the table the entry ends up in).
+/// - An entry of the new table is promoted once the flow is established: it has been answered
+///   and the opening side sends again (TCP: its first packet without SYN, the handshake's last
+///   ACK; ICMP echo is never promoted). A spray of packets that are not answered, or SYNs that
+///   are only answered by a SYN-ACK, never reaches the established table.
+#[inline(always)]
+pub const fn update(
+    e: &CtEntry,
+    now: u64,
+    proto: u8,
+    tcp_flags: u8,
+    reply: bool,
+    established: bool,
+) -> Update {
+    let mut flags = e.flags;
+    if proto == crate::proto::TCP {
+        if tcp_flags & TCP_RST != 0 {
+            flags |= CtEntry::CLOSING;
+        }
+        if tcp_flags & TCP_FIN != 0 {
+            flags |= if reply {
+                CtEntry::FIN_REPLY
+            } else {
+                CtEntry::FIN_ORIG
+            };
+        }
+        if flags & (CtEntry::FIN_ORIG | CtEntry::FIN_REPLY)
+            == CtEntry::FIN_ORIG | CtEntry::FIN_REPLY
+        {
+            flags |= CtEntry::CLOSING;
+        }
+    }
+    if reply {
+        flags |= CtEntry::SEEN_REPLY;
+    }
+    let promote = !established
+        && !reply
+        && e.flags & CtEntry::SEEN_REPLY != 0
+        && flags & CtEntry::CLOSING == 0
+        && if proto == crate::proto::TCP {
+            tcp_flags & TCP_SYN == 0
+        } else {
+            proto != crate::proto::ICMP && proto != crate::proto::ICMPV6
+        };
+    let expires_ns = if e.flags & CtEntry::CLOSING != 0 {
+        e.expires_ns
+    } else if flags & CtEntry::CLOSING != 0 {
+        let closing = now + LIFETIME_TCP_CLOSING * NS;
+        if closing < e.expires_ns {
+            closing
+        } else {
+            e.expires_ns
+        }
+    } else {
+        now + lifetime(proto, flags, established || promote) * NS
+    };
+    Update {
+        flags,
+        expires_ns,
+        promote,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ipcache::RemoteInfo, proto};
+
+    const T: u64 = 1_000 * NS;
+
+    fn entry(p: u8) -> CtEntry {
+        CtEntry::new(T, p, 7, 10, 300, &RemoteInfo::container(301, 11, 2))
+    }
+
+    #[test]
+    fn an_entry_serves_only_its_endpoint_and_its_remote_interfaces() {
+        let e = entry(proto::TCP);
+        assert!(e.serves(10, 300, None));
+        assert!(
+            e.serves(10, 300, Some(11)),
+            "bridged from the remote's veth"
+        );
+        assert!(
+            e.serves(10, 300, Some(2)),
+            "routed from the remote's bridge"
+        );
+        assert!(!e.serves(10, 300, Some(12)), "another interface");
+        assert!(
+            !e.serves(12, 300, None),
+            "another endpoint with the address"
+        );
+        assert!(!e.serves(10, 301, None), "the endpoint changed identity");
+        let w = CtEntry::new(T, proto::TCP, 7, 10, 300, &RemoteInfo::new(2));
+        assert!(w.serves(10, 300, Some(99)), "not a container: no check");
+    }
+
+    #[test]
+    fn only_a_bare_syn_opens_a_flow() {
+        assert!(opens_flow(proto::TCP, TCP_SYN));
+        assert!(!opens_flow(proto::TCP, TCP_SYN | TCP_ACK));
+        assert!(!opens_flow(proto::TCP, TCP_ACK));
+        assert!(!opens_flow(proto::UDP, TCP_SYN));
+    }
+
+    #[test]
+    fn tcp_handshake_promotes_on_the_last_ack_only() {
+        let mut e = entry(proto::TCP);
+        let syn_ack = update(&e, T, proto::TCP, TCP_SYN | TCP_ACK, true, false);
+        assert!(!syn_ack.promote, "a SYN-ACK alone does not establish");
+        assert_eq!(syn_ack.flags, CtEntry::SEEN_REPLY);
+        assert_eq!(syn_ack.expires_ns, T + LIFETIME_TCP_SYN * NS);
+        e.flags = syn_ack.flags;
+        let retrans = update(&e, T, proto::TCP, TCP_SYN, false, false);
+        assert!(!retrans.promote);
+        let ack = update(&e, T, proto::TCP, TCP_ACK, false, false);
+        assert!(ack.promote);
+        assert_eq!(
+            ack.expires_ns,
+            T + LIFETIME_TCP * NS,
+            "promoted with the long lifetime"
+        );
+        // In the established table an answered TCP flow has the long lifetime.
+        let est = update(&e, T, proto::TCP, TCP_ACK, true, true);
+        assert_eq!(est.expires_ns, T + LIFETIME_TCP * NS);
+        assert!(!est.promote);
+    }
+
+    #[test]
+    fn udp_promotes_when_the_opener_sends_after_a_reply_echo_never() {
+        let mut e = entry(proto::UDP);
+        assert!(!update(&e, T, proto::UDP, 0, false, false).promote);
+        e.flags = update(&e, T, proto::UDP, 0, true, false).flags;
+        assert!(update(&e, T, proto::UDP, 0, false, false).promote);
+        let mut p = entry(proto::ICMP);
+        p.flags = CtEntry::SEEN_REPLY;
+        assert!(!update(&p, T, proto::ICMP, 0, false, false).promote);
+    }
+
+    #[test]
+    fn closing_lifetime_counts_from_the_closing_packet_and_is_never_extended() {
+        let mut e = entry(proto::TCP);
+        e.flags = CtEntry::SEEN_REPLY;
+        e.expires_ns = T + LIFETIME_TCP * NS;
+        // One FIN: half-closed, still the normal lifetime.
+        let fin = update(&e, T, proto::TCP, TCP_FIN | TCP_ACK, false, true);
+        assert_eq!(fin.flags & CtEntry::CLOSING, 0);
+        assert_eq!(fin.expires_ns, T + LIFETIME_TCP * NS);
+        e.flags = fin.flags;
+        // The other side's FIN: closing, 10 s from now.
+        let fin2 = update(&e, T, proto::TCP, TCP_FIN | TCP_ACK, true, true);
+        assert_ne!(fin2.flags & CtEntry::CLOSING, 0);
+        assert_eq!(fin2.expires_ns, T + LIFETIME_TCP_CLOSING * NS);
+        e.flags = fin2.flags;
+        e.expires_ns = fin2.expires_ns;
+        // Later packets, FINs and RSTs included, do not move it.
+        for f in [TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST] {
+            let later = update(&e, T + 5 * NS, proto::TCP, f, false, true);
+            assert_eq!(
+                later.expires_ns,
+                T + LIFETIME_TCP_CLOSING * NS,
+                "flags {f:#x}"
+            );
+            assert!(!later.promote);
+        }
+        // An RST closes at once; a closing lifetime never lengthens a shorter one.
+        let mut n = entry(proto::TCP);
+        n.expires_ns = T + 3 * NS;
+        let rst = update(&n, T, proto::TCP, TCP_RST, true, false);
+        assert_ne!(rst.flags & CtEntry::CLOSING, 0);
+        assert_eq!(rst.expires_ns, T + 3 * NS);
+        assert!(CtEntry {
+            flags: rst.flags,
+            ..n
+        }
+        .is_closing());
+    }
+}

@@ -26,11 +26,16 @@ pub const PIN_DIR: &str = "/sys/fs/bpf/netpol";
 /// name (`_V2`, …) so that a pinned map of an older layout is never read with the new one.
 pub mod maps {
     pub const ENDPOINTS: &str = "ENDPOINTS";
-    pub const IPCACHE4: &str = "IPCACHE4";
-    pub const IPCACHE6: &str = "IPCACHE6";
+    /// `RemoteInfo` with the container's interfaces (v2).
+    pub const IPCACHE4: &str = "IPCACHE4_V2";
+    pub const IPCACHE6: &str = "IPCACHE6_V2";
     pub const POLICY: &str = "POLICY";
-    pub const CT4: &str = "CT4";
-    pub const CT6: &str = "CT6";
+    /// Established flows (`CtEntry` v2, with the endpoint and remote it was made for).
+    pub const CT4: &str = "CT4_V2";
+    pub const CT6: &str = "CT6_V2";
+    /// Flows not established yet (same layout as `CT4` / `CT6`).
+    pub const CT4_NEW: &str = "CT4_NEW";
+    pub const CT6_NEW: &str = "CT6_NEW";
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU drop counters, [`crate::DropReason::COUNT`] slots (`_V2`: 64 slots instead of
     /// one per reason, so that adding a reason needs no new layout).
@@ -51,6 +56,8 @@ pub mod maps {
         POLICY,
         CT4,
         CT6,
+        CT4_NEW,
+        CT6_NEW,
         EVENTS,
         DROPS,
         CONFIG,
@@ -60,6 +67,18 @@ pub mod maps {
         FRAG4,
         FRAG6,
     ];
+
+    /// Names of earlier layouts. An agent that finds them pinned moves what it can into the
+    /// current maps, switches the links to its programs, then removes these pins.
+    pub mod legacy {
+        /// `RemoteInfo` v1: `{ identity: u32, _pad: u32 }`.
+        pub const IPCACHE4: &str = "IPCACHE4";
+        pub const IPCACHE6: &str = "IPCACHE6";
+        /// `CtEntry` v1: `{ expires_ns: u64, flags: u32, rule: u32 }`.
+        pub const CT4: &str = "CT4";
+        pub const CT6: &str = "CT6";
+        pub const ALL: &[&str] = &[IPCACHE4, IPCACHE6, CT4, CT6];
+    }
 }
 
 /// Program names (the function names in netpol-ebpf).

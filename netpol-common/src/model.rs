@@ -19,7 +19,9 @@ use crate::{
     ct::{self, CtDir, CtEntry, CtKey4, CtKey6},
     endpoint::Endpoint,
     frag::{Frag4Key, Frag6Key, FragL4},
-    icmp, identity, nd,
+    icmp, identity,
+    ipcache::RemoteInfo,
+    nd,
     policy::{self, PolicyKey, PolicyValue, Verdict as PolicyVerdict},
     proto, Direction, DropReason,
 };
@@ -29,9 +31,7 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_ARP: u16 = 0x0806;
 
-const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 const SEC: u64 = 1_000_000_000;
@@ -142,16 +142,18 @@ pub fn policy_lpm(
 pub struct World {
     /// `ENDPOINTS`: host veth ifindex → endpoint.
     pub endpoints: Vec<(u32, Endpoint)>,
-    /// `IPCACHE4`: (prefix length, address, identity).
-    pub ipcache4: Vec<(u32, [u8; 4], u32)>,
+    /// `IPCACHE4`: (prefix length, address, identity and a container's interfaces).
+    pub ipcache4: Vec<(u32, [u8; 4], RemoteInfo)>,
     /// `IPCACHE6`.
-    pub ipcache6: Vec<(u32, [u8; 16], u32)>,
+    pub ipcache6: Vec<(u32, [u8; 16], RemoteInfo)>,
     /// `POLICY`: (prefix length, key, value).
     pub policy: Vec<(u32, PolicyKey, PolicyValue)>,
-    /// `CT4` and `CT6`.
+    /// `CT4` and `CT6`: established flows.
     pub ct: Vec<(CtKey, CtEntry)>,
     /// `FRAG4` and `FRAG6`: the L4 view of fragmented datagrams (netpol-common's `frag` module).
     pub frag: Vec<(FragKey, FragL4)>,
+    /// `CT4_NEW` and `CT6_NEW`: flows not established yet.
+    pub ct_new: Vec<(CtKey, CtEntry)>,
 }
 
 /// A fragment-tracking key of either family.
@@ -660,22 +662,54 @@ fn reversed(k: &CtKey, dir: CtDir) -> CtKey {
     }
 }
 
+/// Who may use a conntrack entry (see `CtEntry::serves`).
+#[derive(Clone, Copy)]
+struct Owner {
+    ifindex: u32,
+    identity: u32,
+    from_remote: Option<u32>,
+}
+
 impl World {
-    /// The conntrack entry of `k`, if any (live or not).
-    pub fn ct_get(&self, k: &CtKey) -> Option<&CtEntry> {
-        self.ct.iter().find(|(x, _)| x == k).map(|(_, e)| e)
-    }
-
-    fn ct_get_mut(&mut self, k: &CtKey) -> Option<&mut CtEntry> {
-        self.ct.iter_mut().find(|(x, _)| x == k).map(|(_, e)| e)
-    }
-
-    /// Inserts or replaces the entry of `k`.
-    pub fn ct_put(&mut self, k: CtKey, e: CtEntry) {
-        match self.ct_get_mut(&k) {
-            Some(old) => *old = e,
-            None => self.ct.push((k, e)),
+    fn table(&self, est: bool) -> &Vec<(CtKey, CtEntry)> {
+        if est {
+            &self.ct
+        } else {
+            &self.ct_new
         }
+    }
+
+    fn table_mut(&mut self, est: bool) -> &mut Vec<(CtKey, CtEntry)> {
+        if est {
+            &mut self.ct
+        } else {
+            &mut self.ct_new
+        }
+    }
+
+    /// The conntrack entry of `k` in the established (`est`) or the new table, if any (live or
+    /// not).
+    pub fn ct_get(&self, k: &CtKey, est: bool) -> Option<&CtEntry> {
+        self.table(est).iter().find(|(x, _)| x == k).map(|(_, e)| e)
+    }
+
+    fn ct_get_mut(&mut self, k: &CtKey, est: bool) -> Option<&mut CtEntry> {
+        self.table_mut(est)
+            .iter_mut()
+            .find(|(x, _)| x == k)
+            .map(|(_, e)| e)
+    }
+
+    /// Inserts or replaces the entry of `k` in one table.
+    pub fn ct_put(&mut self, k: CtKey, e: CtEntry, est: bool) {
+        match self.ct_get_mut(&k, est) {
+            Some(old) => *old = e,
+            None => self.table_mut(est).push((k, e)),
+        }
+    }
+
+    fn ct_del(&mut self, k: &CtKey, est: bool) {
+        self.table_mut(est).retain(|(x, _)| x != k);
     }
 
     fn endpoint(&self, ifindex: u32) -> Option<Endpoint> {
@@ -685,79 +719,90 @@ impl World {
             .map(|(_, e)| *e)
     }
 
-    /// The identity the ipcache gives `a`: `world` on a miss.
-    fn identity(&self, fam: Fam, a: &Addr) -> u32 {
+    /// The ipcache entry of `a`: `world` on a miss.
+    fn remote(&self, fam: Fam, a: &Addr) -> RemoteInfo {
         let hit = match fam {
             Fam::V4 => lpm(
-                self.ipcache4.iter().map(|(l, b, id)| (*l, &b[..], *id)),
+                self.ipcache4.iter().map(|(l, b, v)| (*l, &b[..], *v)),
                 &a.0[..4],
             ),
-            Fam::V6 => lpm(
-                self.ipcache6.iter().map(|(l, b, id)| (*l, &b[..], *id)),
-                &a.0,
-            ),
+            Fam::V6 => lpm(self.ipcache6.iter().map(|(l, b, v)| (*l, &b[..], *v)), &a.0),
         };
-        hit.unwrap_or(identity::WORLD)
+        hit.unwrap_or(RemoteInfo::new(identity::WORLD))
     }
 
-    /// A live entry for `k` is hit by a packet of its flow: refreshed, flags updated.
-    fn ct_hit(&mut self, k: &CtKey, p: &Pkt, reply: bool, now: u64) -> bool {
-        let Some(e) = self.ct_get_mut(k) else {
+    /// A live entry for `k` in one table that serves `o` is hit by a packet of its flow:
+    /// `ct::update` applies (flags, lifetime, promotion to the established table).
+    fn ct_hit(&mut self, k: &CtKey, p: &Pkt, reply: bool, est: bool, o: Owner, now: u64) -> bool {
+        let Some(e) = self.ct_get_mut(k, est) else {
             return false;
         };
-        if e.expires_ns < now {
+        if e.expires_ns < now || !e.serves(o.ifindex, o.identity, o.from_remote) {
             return false;
         }
-        let lifetime = if p.proto == proto::TCP {
-            if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-                e.flags |= CtEntry::CLOSING;
-            }
-            if reply {
-                e.flags |= CtEntry::SEEN_REPLY;
-            }
-            if e.flags & CtEntry::CLOSING != 0 {
-                ct::LIFETIME_TCP_CLOSING
-            } else if e.flags & CtEntry::SEEN_REPLY != 0 {
-                ct::LIFETIME_TCP
-            } else {
-                ct::LIFETIME_TCP_SYN
-            }
-        } else {
-            ct::LIFETIME_NON_TCP
-        };
-        let expires = now + lifetime * SEC;
-        // The datapath writes the expiry only when it moves by more than a second (or the
-        // entry is closing).
-        if expires > e.expires_ns + SEC || e.flags & CtEntry::CLOSING != 0 {
-            e.expires_ns = expires;
+        let u = ct::update(e, now, p.proto, p.tcp_flags, reply, est);
+        if u.promote {
+            let mut n = *e;
+            n.flags = u.flags;
+            n.expires_ns = u.expires_ns;
+            self.ct_put(*k, n, true);
+            self.ct_del(k, false);
+            return true;
+        }
+        e.flags = u.flags;
+        // The datapath writes the expiry only when it moves back, or forward by more than a
+        // second.
+        if u.expires_ns < e.expires_ns || u.expires_ns > e.expires_ns + SEC {
+            e.expires_ns = u.expires_ns;
         }
         true
     }
 
-    fn ct_live(&self, k: &CtKey, now: u64) -> bool {
-        self.ct_get(k).is_some_and(|e| e.expires_ns >= now)
+    /// A live entry of this endpoint for `k` in either table (the remote's interfaces are not
+    /// checked: an ICMP error comes from a router or the peer).
+    fn ct_live(&self, k: &CtKey, o: Owner, now: u64) -> bool {
+        [true, false].iter().any(|est| {
+            self.ct_get(k, *est)
+                .is_some_and(|e| e.expires_ns >= now && e.serves(o.ifindex, o.identity, None))
+        })
     }
 
-    /// Step 5 for a packet of a flow: its own entry, or the reversed one (a reply).
-    fn established(&mut self, p: &Pkt, dir: Direction, now: u64) -> bool {
+    /// Step 5 for a packet of a flow (not a bare SYN): its own entry, or the reversed one (a
+    /// reply), established table first.
+    fn established(&mut self, p: &Pkt, dir: Direction, o: Owner, now: u64) -> bool {
         let (mine, other) = ct_dirs(dir);
         let k = key(p.fam, p.s, p.d, p.sport, p.dport, p.proto, mine);
-        let syn = p.proto == proto::TCP && p.tcp_flags & TCP_SYN != 0;
-        let ack = p.tcp_flags & TCP_ACK != 0;
-        // A bare SYN opens a flow (only its own entry, a retransmission, matches); a SYN-ACK
-        // answers one (only the reversed entry matches).
-        if !(syn && ack) && self.ct_hit(&k, p, false, now) {
-            return true;
+        let r = reversed(&k, other);
+        // A SYN-ACK answers a flow: only the reversed entry matches.
+        let syn_ack =
+            p.proto == proto::TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+        for est in [true, false] {
+            if !syn_ack && self.ct_hit(&k, p, false, est, o, now) {
+                return true;
+            }
+            if self.ct_hit(&r, p, true, est, o, now) {
+                return true;
+            }
         }
-        if syn && !ack {
-            return false;
-        }
-        self.ct_hit(&reversed(&k, other), p, true, now)
+        false
     }
 
     /// Runs `frame` through `from_container` (`Direction::Egress`) or `to_container`
     /// (`Direction::Ingress`) on the veth `ifindex`, updating conntrack.
     pub fn run(&mut self, ifindex: u32, dir: Direction, frame: &[u8], now: u64) -> Verdict {
+        self.run_via(ifindex, 0, dir, frame, now)
+    }
+
+    /// [`World::run`] for a packet that entered the host on `ingress_ifindex`
+    /// (`skb->ingress_ifindex`).
+    pub fn run_via(
+        &mut self,
+        ifindex: u32,
+        ingress_ifindex: u32,
+        dir: Direction,
+        frame: &[u8],
+        now: u64,
+    ) -> Verdict {
         let Some(ep) = self.endpoint(ifindex) else {
             return Verdict::Pass(Why::Unmanaged);
         };
@@ -771,7 +816,15 @@ impl World {
             dst_identity: dst,
             rule: 0,
         };
-        match self.decide(&ep, dir, frame, now, &mut cause) {
+        let owner = Owner {
+            ifindex,
+            identity: ep.identity,
+            from_remote: match dir {
+                Direction::Egress => None,
+                Direction::Ingress => Some(ingress_ifindex),
+            },
+        };
+        match self.decide(&ep, dir, frame, now, owner, &mut cause) {
             Ok(why) => Verdict::Pass(why),
             Err(reason) => {
                 let parse_error = matches!(
@@ -800,7 +853,7 @@ impl World {
         let on_host = from_container
             && !addr::v6_multicast(d)
             && !addr::v6_link_local(d)
-            && identity::on_host(self.identity(Fam::V6, &p.d));
+            && identity::on_host(self.remote(Fam::V6, &p.d).identity);
         let mut target = 0;
         if from_container && p.icmp_type == nd::ty::NEIGHBOUR_ADVERTISEMENT {
             let off = p.l4off + 8;
@@ -829,17 +882,23 @@ impl World {
         }
     }
 
-    fn remote_identity(&self, ep: &Endpoint, dir: Direction, p: &Pkt, cause: &mut Drop) -> u32 {
+    fn remote_identity(
+        &self,
+        ep: &Endpoint,
+        dir: Direction,
+        p: &Pkt,
+        cause: &mut Drop,
+    ) -> RemoteInfo {
         match dir {
             Direction::Egress => {
-                let r = self.identity(p.fam, &p.d);
+                let r = self.remote(p.fam, &p.d);
                 cause.src_identity = ep.identity;
-                cause.dst_identity = r;
+                cause.dst_identity = r.identity;
                 r
             }
             Direction::Ingress => {
-                let r = self.identity(p.fam, &p.s);
-                cause.src_identity = r;
+                let r = self.remote(p.fam, &p.s);
+                cause.src_identity = r.identity;
                 cause.dst_identity = ep.identity;
                 r
             }
@@ -852,6 +911,7 @@ impl World {
         dir: Direction,
         f: &[u8],
         now: u64,
+        owner: Owner,
         cause: &mut Drop,
     ) -> Result<Why, DropReason> {
         // 1. L3.
@@ -892,7 +952,7 @@ impl World {
             p.icmp_type = r.icmp_type;
             p.tcp_flags = 0;
         }
-        let why = self.verdict(ep, dir, &p, now, cause)?;
+        let why = self.verdict(ep, dir, &p, now, owner, cause)?;
         // A first fragment that passed records its L4 view for the later ones.
         if p.frag.pos == FragPos::First {
             let kind = match p.kind {
@@ -930,6 +990,7 @@ impl World {
         dir: Direction,
         p: &Pkt,
         now: u64,
+        owner: Owner,
         cause: &mut Drop,
     ) -> Result<Why, DropReason> {
         let fam = p.fam;
@@ -939,9 +1000,12 @@ impl World {
             Direction::Egress => true,
             Direction::Ingress => is_local(ep, fam, &p.d),
         };
+        // A bare TCP SYN opens a flow: policy decides it, whatever conntrack holds.
+        let opens = ct::opens_flow(p.proto, p.tcp_flags);
         if local
+            && !opens
             && !matches!(p.kind, Kind::IcmpError | Kind::IcmpOther)
-            && self.established(p, dir, now)
+            && self.established(p, dir, owner, now)
         {
             return Ok(Why::Conntrack);
         }
@@ -954,13 +1018,21 @@ impl World {
                 // The quoted packet travelled the other way: its reverse is the flow's.
                 let (mine, other) = ct_dirs(dir);
                 let k = key(fam, i.d, i.s, i.dport, i.sport, i.proto, mine);
-                if ours && (self.ct_live(&k, now) || self.ct_live(&reversed(&k, other), now)) {
+                if ours
+                    && (self.ct_live(&k, owner, now)
+                        || self.ct_live(&reversed(&k, other), owner, now))
+                {
                     return Ok(Why::Related);
                 }
             }
         }
-        // 6. Policy.
-        let remote = self.remote_identity(ep, dir, p, cause);
+        // 6. The remote: a container's address must come in through its veth or bridge.
+        let info = self.remote_identity(ep, dir, p, cause);
+        if dir == Direction::Ingress && owner.from_remote.is_some_and(|i| info.spoofed(i)) {
+            return Err(DropReason::Spoofed);
+        }
+        let remote = info.identity;
+        // 7. Policy.
         let port = match p.kind {
             Kind::Ports => p.dport,
             Kind::Other => 0,
@@ -980,18 +1052,15 @@ impl World {
         }
         if local && matches!(p.kind, Kind::Ports | Kind::EchoRequest | Kind::Other) {
             let (mine, _) = ct_dirs(dir);
-            let lifetime = if p.proto == proto::TCP {
-                ct::LIFETIME_TCP_SYN
-            } else {
-                ct::LIFETIME_NON_TCP
-            };
+            let k = key(fam, p.s, p.d, p.sport, p.dport, p.proto, mine);
+            // A SYN that reopens a tuple replaces the established entry it may have left.
+            if opens {
+                self.ct_del(&k, true);
+            }
             self.ct_put(
-                key(fam, p.s, p.d, p.sport, p.dport, p.proto, mine),
-                CtEntry {
-                    expires_ns: now + lifetime * SEC,
-                    flags: 0,
-                    rule,
-                },
+                k,
+                CtEntry::new(now, p.proto, rule, owner.ifindex, ep.identity, &info),
+                false,
             );
         }
         Ok(if enforced {
@@ -1033,8 +1102,8 @@ mod tests {
         let mut w = World::default();
         w.endpoints
             .push((1, Endpoint::new(300).with_ipv4(DB).enforce(ingress, egress)));
-        w.ipcache4.push((32, DB, 300));
-        w.ipcache4.push((32, APP, 301));
+        w.ipcache4.push((32, DB, RemoteInfo::container(300, 1, 9)));
+        w.ipcache4.push((32, APP, RemoteInfo::container(301, 2, 9)));
         w
     }
 
@@ -1056,8 +1125,13 @@ mod tests {
             PolicyValue::allow(7),
         ));
         let syn = tcp4(APP, DB, 40000, 5432, TCP_SYN);
+        // From app's veth (2): allowed. The same address from elsewhere is forged.
         assert_eq!(
-            w.run(1, Direction::Ingress, &syn, NOW),
+            w.run_via(1, 3, Direction::Ingress, &syn, NOW),
+            denied(DropReason::Spoofed, 301, 300, 0)
+        );
+        assert_eq!(
+            w.run_via(1, 2, Direction::Ingress, &syn, NOW),
             Verdict::Pass(Why::Allowed)
         );
         let k = CtKey::V4(CtKey4::new(
@@ -1068,22 +1142,43 @@ mod tests {
             proto::TCP,
             CtDir::Ingress,
         ));
-        let e = *w.ct_get(&k).expect("entry");
-        assert_eq!((e.flags, e.rule), (0, 7));
+        let e = *w.ct_get(&k, false).expect("entry");
+        assert_eq!((e.flags, e.rule, e.ifindex, e.remote_ifindex), (0, 7, 1, 2));
         assert_eq!(e.expires_ns, NOW + ct::LIFETIME_TCP_SYN * SEC);
         // The reply passes egress enforcement and marks the entry answered.
         let synack = tcp4(DB, APP, 5432, 40000, TCP_SYN | TCP_ACK);
         assert_eq!(
-            w.run(1, Direction::Egress, &synack, NOW + SEC),
+            w.run(1, Direction::Egress, &synack, NOW + 2 * SEC),
             Verdict::Pass(Why::Conntrack)
         );
-        let e = *w.ct_get(&k).expect("entry");
+        let e = *w.ct_get(&k, false).expect("entry");
         assert_eq!(e.flags, CtEntry::SEEN_REPLY);
-        assert_eq!(e.expires_ns, NOW + SEC + ct::LIFETIME_TCP * SEC);
+        assert_eq!(e.expires_ns, NOW + 2 * SEC + ct::LIFETIME_TCP_SYN * SEC);
+        // The handshake's last ACK establishes it; through the bridge (routed) is fine too.
+        let ack = tcp4(APP, DB, 40000, 5432, TCP_ACK);
+        assert_eq!(
+            w.run_via(1, 9, Direction::Ingress, &ack, NOW + 3 * SEC),
+            Verdict::Pass(Why::Conntrack)
+        );
+        assert!(w.ct_get(&k, false).is_none());
+        let e = *w.ct_get(&k, true).expect("established");
+        assert_eq!(e.expires_ns, NOW + 3 * SEC + ct::LIFETIME_TCP * SEC);
+        // Another endpoint that gets db's address does not inherit the flow.
+        w.endpoints
+            .push((4, Endpoint::new(305).with_ipv4(DB).enforce(true, true)));
+        assert_eq!(
+            w.run(
+                4,
+                Direction::Egress,
+                &tcp4(DB, APP, 5432, 40000, TCP_ACK),
+                NOW
+            ),
+            denied(DropReason::PolicyDenied, 305, 301, 0)
+        );
         // Another port is denied by default, naming both identities.
         let other = tcp4(APP, DB, 40001, 22, TCP_SYN);
         assert_eq!(
-            w.run(1, Direction::Ingress, &other, NOW),
+            w.run_via(1, 2, Direction::Ingress, &other, NOW),
             denied(DropReason::PolicyDenied, 301, 300, 0)
         );
         // An expired entry no longer admits replies.
@@ -1111,7 +1206,7 @@ mod tests {
             w.run(1, Direction::Egress, &spoofed, NOW),
             denied(DropReason::Spoofed, 300, 0, 0)
         );
-        assert!(w.ct.is_empty());
+        assert!(w.ct.is_empty() && w.ct_new.is_empty());
     }
 
     #[test]

@@ -38,12 +38,21 @@
 //!    `to_container` neither uses nor creates entries for a packet addressed to another address
 //!    (multicast, broadcast, link-local: decided by this endpoint's policy alone), and an ICMP
 //!    error is related only to a flow of the endpoint it concerns; it does not refresh the flow.
-//! 7. A new flow in an enforced direction is looked up in `POLICY` (see netpol-common's
+//!    An entry serves only the endpoint (veth and identity) it was made for, and in
+//!    `to_container` only packets that come in through the remote container's veth or bridge
+//!    (netpol-common `CtEntry::serves`); one that does not is skipped as if absent. A TCP SYN
+//!    without ACK never passes on conntrack: it opens a flow, which policy decides (also over
+//!    a closing entry). The tables and the life of an entry: netpol-common's `ct` module.
+//! 7. The remote identity comes from the ipcache. `to_container`: a source that is a
+//!    container's address but came in through neither that container's veth nor its bridge
+//!    (`skb->ingress_ifindex`) is dropped (`Spoofed`), on every managed endpoint: no legitimate
+//!    packet does that.
+//! 8. A new flow in an enforced direction is looked up in `POLICY` (see netpol-common's
 //!    `policy` module for the order); deny or no match drops it. An allowed flow, or any flow in
 //!    an unenforced direction, gets a conntrack entry so its replies pass the other side.
-//! 8. Fragments (netpol-common's `frag` module): a first fragment that passes records its L4
+//! 9. Fragments (netpol-common's `frag` module): a first fragment that passes records its L4
 //!    view in `FRAG4` / `FRAG6`; a later fragment takes the ports of its datagram's record and
-//!    goes through 6–7 as a packet of that flow. One without a record (its first fragment was
+//!    goes through 6–8 as a packet of that flow. One without a record (its first fragment was
 //!    dropped, not seen yet, or never sent) is dropped (`Fragment`) on an enforced direction.
 
 use aya_ebpf::{
@@ -66,12 +75,12 @@ use netpol_common::{
 
 use crate::{
     maps::{
-        CONFIG, CT4, CT6, DROPS_V2, ENDPOINTS, EVENTS, FRAG4, FRAG6, IPCACHE4, IPCACHE6, POLICY,
-        SCRATCH,
+        CONFIG, CT4_NEW, CT4_V2, CT6_NEW, CT6_V2, DROPS_V2, ENDPOINTS, EVENTS, FRAG4, FRAG6,
+        IPCACHE4_V2, IPCACHE6_V2, POLICY, SCRATCH,
     },
     parse::{
         self, Frag, Kind, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, FRAG_FIRST, FRAG_LATER, L4,
-        TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+        TCP_ACK, TCP_SYN,
     },
 };
 
@@ -204,12 +213,14 @@ fn try_lxc(
     dir: Direction,
     sc: &mut Scratch,
 ) -> Result<i32, DropReason> {
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
     match parse::eth_proto(ctx)? {
         ETH_P_IP => {
             if parsed(v4(ctx, sc))? {
                 return Ok(PASS);
             }
-            decide::<V4>(ep, dir, &sc.p4, &mut sc.ev)
+            decide::<V4>(ep, dir, &sc.p4, &mut sc.ev, iif)
         }
         ETH_P_IPV6 => {
             if parsed(v6(ctx, sc))? {
@@ -221,7 +232,7 @@ fn try_lxc(
                 }
                 return Ok(PASS);
             }
-            decide::<V6>(ep, dir, &sc.p6, &mut sc.ev)
+            decide::<V6>(ep, dir, &sc.p6, &mut sc.ev, iif)
         }
         ETH_P_ARP => Ok(PASS),
         _ => Err(DropReason::UnsupportedL3),
@@ -283,9 +294,12 @@ pub trait Family {
         dir: CtDir,
     ) -> Self::Key;
     fn rev(k: &Self::Key, dir: CtDir) -> Self::Key;
-    fn get(k: &Self::Key) -> Option<*mut CtEntry>;
-    fn put(k: &Self::Key, v: &CtEntry);
-    fn identity(a: Self::Addr) -> u32;
+    /// A lookup in the established (`est`) or the new table.
+    fn get(k: &Self::Key, est: bool) -> Option<*mut CtEntry>;
+    fn put(k: &Self::Key, v: &CtEntry, est: bool);
+    fn del(k: &Self::Key, est: bool);
+    /// The ipcache entry of `a` (a miss is `world`).
+    fn remote(a: Self::Addr) -> RemoteInfo;
     fn frag_key(s: Self::Addr, d: Self::Addr, f: &Frag) -> Self::FragKey;
     fn frag_get(k: &Self::FragKey) -> Option<FragL4>;
     fn frag_put(k: &Self::FragKey, v: &FragL4);
@@ -322,19 +336,36 @@ impl Family for V4 {
         k.reversed(dir)
     }
     #[inline(always)]
-    fn get(k: &CtKey4) -> Option<*mut CtEntry> {
-        CT4.get_ptr_mut(k)
+    fn get(k: &CtKey4, est: bool) -> Option<*mut CtEntry> {
+        if est {
+            CT4_V2.get_ptr_mut(k)
+        } else {
+            CT4_NEW.get_ptr_mut(k)
+        }
     }
     #[inline(always)]
-    fn put(k: &CtKey4, v: &CtEntry) {
-        let _ = CT4.insert(k, v, 0);
+    fn put(k: &CtKey4, v: &CtEntry, est: bool) {
+        let _ = if est {
+            CT4_V2.insert(k, v, 0)
+        } else {
+            CT4_NEW.insert(k, v, 0)
+        };
     }
     #[inline(always)]
-    fn identity(a: A4) -> u32 {
+    fn del(k: &CtKey4, est: bool) {
+        let _ = if est {
+            CT4_V2.remove(k)
+        } else {
+            CT4_NEW.remove(k)
+        };
+    }
+    #[inline(always)]
+    fn remote(a: A4) -> RemoteInfo {
         let key = aya_ebpf::maps::lpm_trie::Key::new(32, a.0);
-        IPCACHE4
-            .get(&key)
-            .map_or(identity::WORLD, |v: &RemoteInfo| v.identity)
+        match IPCACHE4_V2.get(&key) {
+            Some(v) => *v,
+            None => RemoteInfo::new(identity::WORLD),
+        }
     }
     #[inline(always)]
     fn is_local(ep: &Endpoint, a: &A4) -> bool {
@@ -368,19 +399,36 @@ impl Family for V6 {
         k.reversed(dir)
     }
     #[inline(always)]
-    fn get(k: &CtKey6) -> Option<*mut CtEntry> {
-        CT6.get_ptr_mut(k)
+    fn get(k: &CtKey6, est: bool) -> Option<*mut CtEntry> {
+        if est {
+            CT6_V2.get_ptr_mut(k)
+        } else {
+            CT6_NEW.get_ptr_mut(k)
+        }
     }
     #[inline(always)]
-    fn put(k: &CtKey6, v: &CtEntry) {
-        let _ = CT6.insert(k, v, 0);
+    fn put(k: &CtKey6, v: &CtEntry, est: bool) {
+        let _ = if est {
+            CT6_V2.insert(k, v, 0)
+        } else {
+            CT6_NEW.insert(k, v, 0)
+        };
     }
     #[inline(always)]
-    fn identity(a: A16) -> u32 {
+    fn del(k: &CtKey6, est: bool) {
+        let _ = if est {
+            CT6_V2.remove(k)
+        } else {
+            CT6_NEW.remove(k)
+        };
+    }
+    #[inline(always)]
+    fn remote(a: A16) -> RemoteInfo {
         let key = aya_ebpf::maps::lpm_trie::Key::new(128, a.0);
-        IPCACHE6
-            .get(&key)
-            .map_or(identity::WORLD, |v: &RemoteInfo| v.identity)
+        match IPCACHE6_V2.get(&key) {
+            Some(v) => *v,
+            None => RemoteInfo::new(identity::WORLD),
+        }
     }
     #[inline(always)]
     fn is_local(ep: &Endpoint, a: &A16) -> bool {
@@ -398,42 +446,51 @@ fn ct_dirs(dir: Direction) -> (CtDir, CtDir) {
     }
 }
 
-/// Looks up a live entry for `k`; refreshes its lifetime. `reply` says whether `k` is the reversed
-/// tuple (the packet is a reply).
+/// Who may use an entry: the endpoint's veth and identity, and for a packet from the remote side
+/// (`to_container`) the interface it came in through.
+#[derive(Clone, Copy)]
+struct Owner {
+    ifindex: u32,
+    identity: u32,
+    from_remote: Option<u32>,
+}
+
+/// Looks up `k` in one table; when a live entry serves `o`, applies the packet to it
+/// (`ct::update`: flags, lifetime, promotion to the established table). `reply` says whether `k`
+/// is the reversed tuple (the packet is a reply).
 #[inline(always)]
-fn ct_hit<F: Family>(k: &F::Key, now: u64, l: &L4, reply: bool) -> bool {
-    let Some(e) = F::get(k) else { return false };
+fn ct_hit<F: Family>(k: &F::Key, now: u64, l: &L4, reply: bool, est: bool, o: Owner) -> bool {
+    let Some(e) = F::get(k, est) else {
+        return false;
+    };
     // SAFETY: pointer from a map lookup, valid while the program runs.
     let e = unsafe { &mut *e };
-    if e.expires_ns < now {
+    if e.expires_ns < now || !e.serves(o.ifindex, o.identity, o.from_remote) {
         return false;
     }
-    let lifetime = if l.proto == proto::TCP {
-        if l.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            e.flags |= CtEntry::CLOSING;
-        }
-        if reply && e.flags & CtEntry::SEEN_REPLY == 0 {
-            e.flags |= CtEntry::SEEN_REPLY;
-        }
-        if e.flags & CtEntry::CLOSING != 0 {
-            ct::LIFETIME_TCP_CLOSING
-        } else if e.flags & CtEntry::SEEN_REPLY != 0 {
-            ct::LIFETIME_TCP
-        } else {
-            ct::LIFETIME_TCP_SYN
-        }
-    } else {
-        ct::LIFETIME_NON_TCP
-    };
-    let expires = now + lifetime * 1_000_000_000;
-    // Only write when it moves by more than a second: fewer dirty cache lines per packet.
-    if expires > e.expires_ns + 1_000_000_000 || e.flags & CtEntry::CLOSING != 0 {
-        e.expires_ns = expires;
+    let u = ct::update(e, now, l.proto, l.tcp_flags, reply, est);
+    if u.promote {
+        // Written in place and copied from the map value (no 40-byte copy on the stack).
+        e.flags = u.flags;
+        e.expires_ns = u.expires_ns;
+        F::put(k, e, true);
+        F::del(k, false);
+        return true;
+    }
+    if u.flags != e.flags {
+        e.flags = u.flags;
+    }
+    // Only write when it moves back, or forward by more than a second: fewer dirty cache lines
+    // per packet.
+    if u.expires_ns < e.expires_ns || u.expires_ns > e.expires_ns + 1_000_000_000 {
+        e.expires_ns = u.expires_ns;
     }
     true
 }
 
-/// Whether the packet `s → d` belongs to a flow already admitted on this endpoint.
+/// Whether the packet `s → d` belongs to a flow already admitted on this endpoint. The caller
+/// has ruled out a bare SYN (it opens a flow).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn established<F: Family>(
     s: F::Addr,
@@ -443,35 +500,47 @@ fn established<F: Family>(
     l: &L4,
     dir: Direction,
     now: u64,
+    o: Owner,
 ) -> bool {
     let (mine, other) = ct_dirs(dir);
     let k = F::key(s, d, sport, dport, l.proto, mine);
-    // A bare SYN opens a flow: only its own entry (a retransmission) can match. A SYN-ACK
-    // answers one: only the reversed entry can. One lookup instead of two for both.
-    let tcp_syn = l.proto == proto::TCP && l.tcp_flags & TCP_SYN != 0;
-    let tcp_ack = l.tcp_flags & TCP_ACK != 0;
-    if !(tcp_syn && tcp_ack) && ct_hit::<F>(&k, now, l, false) {
+    let r = F::rev(&k, other);
+    // A SYN-ACK answers a flow: only the reversed entry can match.
+    let syn_ack = l.proto == proto::TCP && l.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+    // Established flows first: their packets cost one or two lookups, as with one table.
+    if !syn_ack && ct_hit::<F>(&k, now, l, false, true, o) {
         return true;
     }
-    if tcp_syn && !tcp_ack {
-        return false;
+    if ct_hit::<F>(&r, now, l, true, true, o) {
+        return true;
     }
-    ct_hit::<F>(&F::rev(&k, other), now, l, true)
+    if !syn_ack && ct_hit::<F>(&k, now, l, false, false, o) {
+        return true;
+    }
+    ct_hit::<F>(&r, now, l, true, false, o)
 }
 
-/// Whether an entry for `k` exists and has not expired, without touching it.
+/// Whether an entry for `k` exists in either table, has not expired and belongs to this endpoint,
+/// without touching it.
 #[inline(always)]
-fn ct_live<F: Family>(k: &F::Key, now: u64) -> bool {
-    match F::get(k) {
-        // SAFETY: pointer from a map lookup, valid while the program runs.
-        Some(e) => (unsafe { (*e).expires_ns }) >= now,
-        None => false,
+fn ct_live<F: Family>(k: &F::Key, now: u64, o: Owner) -> bool {
+    for est in [true, false] {
+        if let Some(e) = F::get(k, est) {
+            // SAFETY: pointer from a map lookup, valid while the program runs.
+            let e = unsafe { &*e };
+            if e.expires_ns >= now && e.serves(o.ifindex, o.identity, None) {
+                return true;
+            }
+        }
     }
+    false
 }
 
 /// Whether the packet `s → d` would belong to a flow admitted on this endpoint. Used for the
 /// packet embedded in an ICMP error: the error is related to that flow, but it is not a packet
-/// of it, so it neither refreshes the entry nor marks it answered.
+/// of it, so it neither refreshes the entry nor marks it answered. (The error comes from a router
+/// or the peer: the remote's interfaces are not checked.)
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn related<F: Family>(
     s: F::Addr,
@@ -481,10 +550,11 @@ fn related<F: Family>(
     proto: u8,
     dir: Direction,
     now: u64,
+    o: Owner,
 ) -> bool {
     let (mine, other) = ct_dirs(dir);
     let k = F::key(s, d, sport, dport, proto, mine);
-    ct_live::<F>(&k, now) || ct_live::<F>(&F::rev(&k, other), now)
+    ct_live::<F>(&k, now, o) || ct_live::<F>(&F::rev(&k, other), now, o)
 }
 
 /// Per-CPU working memory: the event being built and the parsed packet. Kept out of the 512-byte
@@ -548,6 +618,7 @@ fn decide<F: Family>(
     dir: Direction,
     p: &Pkt<F>,
     ev: &mut FlowEvent,
+    iif: u32,
 ) -> Result<i32, DropReason> {
     let mut l = p.l;
     if p.frag.pos == FRAG_LATER {
@@ -571,7 +642,7 @@ fn decide<F: Family>(
         l.tcp_flags = 0;
         event_ports(ev, &l);
     }
-    let action = verdict::<F>(ep, dir, p, &l, ev)?;
+    let action = verdict::<F>(ep, dir, p, &l, ev, iif)?;
     if p.frag.pos == FRAG_FIRST {
         if let Some(r) = frag_record(&l) {
             F::frag_put(&F::frag_key(p.s, p.d, &p.frag), &r);
@@ -588,6 +659,7 @@ fn verdict<F: Family>(
     p: &Pkt<F>,
     l: &L4,
     ev: &mut FlowEvent,
+    iif: u32,
 ) -> Result<i32, DropReason> {
     let (s, d) = (p.s, p.d);
     let enforced = ep.enforces(dir);
@@ -602,10 +674,20 @@ fn verdict<F: Family>(
     };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
+    let owner = Owner {
+        ifindex: ev.ifindex,
+        identity: ep.identity,
+        from_remote: match dir {
+            Direction::Egress => None,
+            Direction::Ingress => Some(iif),
+        },
+    };
+    let opens = ct::opens_flow(l.proto, l.tcp_flags);
     if local
+        && !opens
         && l.kind != Kind::IcmpError
         && l.kind != Kind::IcmpOther
-        && established::<F>(s, d, l.sport, l.dport, l, dir, now)
+        && established::<F>(s, d, l.sport, l.dport, l, dir, now, owner)
     {
         return Ok(PASS);
     }
@@ -617,12 +699,16 @@ fn verdict<F: Family>(
             Direction::Egress => i.d == s,
             Direction::Ingress => i.s == d,
         };
-        if ours && related::<F>(i.d, i.s, i.dport, i.sport, i.proto, dir, now) {
+        if ours && related::<F>(i.d, i.s, i.dport, i.sport, i.proto, dir, now, owner) {
             return Ok(PASS);
         }
     }
 
-    let remote = remote_identity::<F>(ep, dir, s, d, ev);
+    let info = remote_identity::<F>(ep, dir, s, d, ev);
+    if dir == Direction::Ingress && info.spoofed(iif) {
+        return Err(DropReason::Spoofed);
+    }
+    let remote = info.identity;
 
     let port = match l.kind {
         Kind::Ports => l.dport,
@@ -652,24 +738,20 @@ fn verdict<F: Family>(
     if track {
         let (mine, _) = ct_dirs(dir);
         let k = F::key(s, d, l.sport, l.dport, l.proto, mine);
-        let lifetime = if l.proto == proto::TCP {
-            ct::LIFETIME_TCP_SYN
-        } else {
-            ct::LIFETIME_NON_TCP
-        };
-        let e = CtEntry {
-            expires_ns: now + lifetime * 1_000_000_000,
-            flags: 0,
-            rule,
-        };
-        F::put(&k, &e);
+        // A new flow starts in the new table; a SYN that reopens a tuple replaces the
+        // established entry it may have left.
+        if opens {
+            F::del(&k, true);
+        }
+        let e = CtEntry::new(now, l.proto, rule, ev.ifindex, ep.identity, &info);
+        F::put(&k, &e, false);
     }
     // A new flow was admitted: `run` emits its event if flows are traced.
     ev.kind = FlowEvent::KIND_FLOW;
     Ok(PASS)
 }
 
-/// Looks up the remote identity of `s → d` and writes both identities into the event.
+/// Looks up the remote side of `s → d` in the ipcache and writes both identities into the event.
 #[inline(always)]
 fn remote_identity<F: Family>(
     ep: &Endpoint,
@@ -677,17 +759,17 @@ fn remote_identity<F: Family>(
     s: F::Addr,
     d: F::Addr,
     ev: &mut FlowEvent,
-) -> u32 {
+) -> RemoteInfo {
     match dir {
         Direction::Egress => {
-            let remote = F::identity(d);
+            let remote = F::remote(d);
             ev.src_identity = ep.identity;
-            ev.dst_identity = remote;
+            ev.dst_identity = remote.identity;
             remote
         }
         Direction::Ingress => {
-            let remote = F::identity(s);
-            ev.src_identity = remote;
+            let remote = F::remote(s);
+            ev.src_identity = remote.identity;
             ev.dst_identity = ep.identity;
             remote
         }
@@ -940,7 +1022,7 @@ fn nd_ok(ctx: &TcContext, sc: &Scratch) -> u32 {
     let on_host = from_container
         && !addr::v6_multicast(d)
         && !addr::v6_link_local(d)
-        && identity::on_host(V6::identity(p.d));
+        && identity::on_host(V6::remote(p.d).identity);
     let mut target = 0;
     if from_container && p.l.icmp_type == nd::ty::NEIGHBOUR_ADVERTISEMENT {
         // Type, code, checksum, flags, then the target address.

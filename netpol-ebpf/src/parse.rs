@@ -79,10 +79,8 @@ pub struct L4 {
     pub icmp_code: u8,
 }
 
-pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
-pub const TCP_RST: u8 = 0x04;
 
 #[inline(always)]
 pub fn be16(b: [u8; 2]) -> u16 {

@@ -71,11 +71,11 @@ fn measure(obj: &[u8]) -> Result<(u128, u128), ProgramError> {
     }
     {
         let mut c4: LpmTrie<_, [u8; 4], RemoteInfo> =
-            LpmTrie::try_from(bpf.map_mut("IPCACHE4").unwrap()).unwrap();
+            LpmTrie::try_from(bpf.map_mut(netpol_common::maps::IPCACHE4).unwrap()).unwrap();
         c4.insert(&Key::new(32, b), RemoteInfo::new(257), 0)
             .unwrap();
         let mut c6: LpmTrie<_, [u8; 16], RemoteInfo> =
-            LpmTrie::try_from(bpf.map_mut("IPCACHE6").unwrap()).unwrap();
+            LpmTrie::try_from(bpf.map_mut(netpol_common::maps::IPCACHE6).unwrap()).unwrap();
         c6.insert(&Key::new(128, b6), RemoteInfo::new(257), 0)
             .unwrap();
     }

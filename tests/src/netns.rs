@@ -146,6 +146,8 @@ pub struct Container {
     pub host_veth: String,
     /// Its ifindex in the host namespace: the `ENDPOINTS` key.
     pub ifindex: u32,
+    /// The ifindex of the bridge the host veth is attached to.
+    pub bridge_ifindex: u32,
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
 }
@@ -233,6 +235,7 @@ impl Topology {
         ip(&["-n", &h, "addr", "add", "10.77.0.1/24", "dev", "br0"]);
         ip(&["-n", &h, "addr", "add", "fd77::1/64", "dev", "br0", "nodad"]);
         ip(&["-n", &h, "link", "set", "br0", "up"]);
+        let bridge_ifindex = t.host.ifindex("br0");
         for (i, name) in names.iter().enumerate() {
             let ns = Netns {
                 name: format!("{tag}-{name}"),
@@ -271,6 +274,7 @@ impl Topology {
                 ns,
                 host_veth,
                 ifindex,
+                bridge_ifindex,
                 ipv4,
                 ipv6,
             });
@@ -572,6 +576,7 @@ impl Drop for PinDir {
 /// ```text
 /// endpoint <ifindex> <identity> <ipv4|-> <ipv6|-> <ingress 0|1> <egress 0|1>
 /// ipcache <addr>/<len> <identity>
+/// ifaces <addr> <veth ifindex> <bridge ifindex>   (the ipcache entry of a container's address)
 /// policy <local> <remote> <in|out> <proto> <port> <prefix_len> <allow|deny> <rule>
 /// attach <ifindex>
 /// detach <ifindex>        (after the attaches)
@@ -582,6 +587,8 @@ impl Drop for PinDir {
 pub struct DatapathPlan {
     pub endpoints: Vec<PlanEndpoint>,
     pub ipcache: Vec<(IpAddr, u8, u32)>,
+    /// Container addresses: the interfaces their packets must come in through.
+    pub ifaces: Vec<(IpAddr, u32, u32)>,
     pub policy: Vec<PlanPolicy>,
     pub attach: Vec<u32>,
     pub detach: Vec<u32>,
@@ -657,6 +664,9 @@ impl DatapathPlan {
         self.endpoints.push(c.endpoint(identity, ingress, egress));
         self.ipcache.push((IpAddr::V4(c.ipv4), 32, identity));
         self.ipcache.push((IpAddr::V6(c.ipv6), 128, identity));
+        for a in [IpAddr::V4(c.ipv4), IpAddr::V6(c.ipv6)] {
+            self.ifaces.push((a, c.ifindex, c.bridge_ifindex));
+        }
         self.attach.push(c.ifindex);
     }
 
@@ -678,6 +688,9 @@ impl DatapathPlan {
         }
         for (a, l, id) in &self.ipcache {
             let _ = writeln!(s, "ipcache {a}/{l} {id}");
+        }
+        for (a, veth, bridge) in &self.ifaces {
+            let _ = writeln!(s, "ifaces {a} {veth} {bridge}");
         }
         for p in &self.policy {
             let _ = writeln!(
@@ -742,6 +755,11 @@ impl DatapathPlan {
                         num(2)?,
                     ));
                 }
+                Some("ifaces") if f.len() == 4 => plan.ifaces.push((
+                    f[1].parse().map_err(|_| bad("bad address"))?,
+                    num(2)?,
+                    num(3)?,
+                )),
                 Some("policy") if f.len() == 9 => plan.policy.push(PlanPolicy {
                     local: num(1)?,
                     remote: num(2)?,

@@ -87,6 +87,8 @@ impl Datapath {
             .map_max_entries(maps::POLICY, sizes.policy)
             .map_max_entries(maps::CT4, sizes.ct)
             .map_max_entries(maps::CT6, sizes.ct)
+            .map_max_entries(maps::CT4_NEW, sizes.ct)
+            .map_max_entries(maps::CT6_NEW, sizes.ct)
             .load(EBPF_OBJECT)
             .unwrap_or_else(|e| panic!("loading the object: {e:?}"));
         for name in [programs::FROM_CONTAINER, programs::TO_CONTAINER] {
@@ -125,15 +127,15 @@ impl Datapath {
             .expect("ENDPOINTS insert");
     }
 
-    pub fn ipcache4(&mut self, prefix: u32, addr: [u8; 4], identity: u32) {
+    pub fn ipcache4(&mut self, prefix: u32, addr: [u8; 4], info: RemoteInfo) {
         self.trie::<[u8; 4], RemoteInfo>(maps::IPCACHE4)
-            .insert(&Key::new(prefix, addr), RemoteInfo::new(identity), 0)
+            .insert(&Key::new(prefix, addr), info, 0)
             .expect("IPCACHE4 insert");
     }
 
-    pub fn ipcache6(&mut self, prefix: u32, addr: [u8; 16], identity: u32) {
+    pub fn ipcache6(&mut self, prefix: u32, addr: [u8; 16], info: RemoteInfo) {
         self.trie::<[u8; 16], RemoteInfo>(maps::IPCACHE6)
-            .insert(&Key::new(prefix, addr), RemoteInfo::new(identity), 0)
+            .insert(&Key::new(prefix, addr), info, 0)
             .expect("IPCACHE6 insert");
     }
 
@@ -143,27 +145,40 @@ impl Datapath {
             .expect("POLICY insert");
     }
 
-    pub fn set_ct4(&mut self, k: CtKey4, e: CtEntry) {
-        self.hash::<CtKey4, CtEntry>(maps::CT4)
+    /// The conntrack map of a family: the established table (`est`) or the new one.
+    fn ct_name(v6: bool, est: bool) -> &'static str {
+        match (v6, est) {
+            (false, true) => maps::CT4,
+            (false, false) => maps::CT4_NEW,
+            (true, true) => maps::CT6,
+            (true, false) => maps::CT6_NEW,
+        }
+    }
+
+    /// Writes `e` into the established (`est`) or the new table.
+    pub fn set_ct4(&mut self, k: CtKey4, e: CtEntry, est: bool) {
+        self.hash::<CtKey4, CtEntry>(Self::ct_name(false, est))
             .insert(k, e, 0)
             .expect("CT4 insert");
     }
 
-    pub fn set_ct6(&mut self, k: CtKey6, e: CtEntry) {
-        self.hash::<CtKey6, CtEntry>(maps::CT6)
+    pub fn set_ct6(&mut self, k: CtKey6, e: CtEntry, est: bool) {
+        self.hash::<CtKey6, CtEntry>(Self::ct_name(true, est))
             .insert(k, e, 0)
             .expect("CT6 insert");
     }
 
-    pub fn ct4(&self, k: &CtKey4) -> Option<CtEntry> {
+    pub fn ct4(&self, k: &CtKey4, est: bool) -> Option<CtEntry> {
+        let name = Self::ct_name(false, est);
         let m: HashMap<_, CtKey4, CtEntry> =
-            HashMap::try_from(self.bpf.map(maps::CT4).expect("CT4")).unwrap();
+            HashMap::try_from(self.bpf.map(name).expect(name)).unwrap();
         m.get(k, 0).ok()
     }
 
-    pub fn ct6(&self, k: &CtKey6) -> Option<CtEntry> {
+    pub fn ct6(&self, k: &CtKey6, est: bool) -> Option<CtEntry> {
+        let name = Self::ct_name(true, est);
         let m: HashMap<_, CtKey6, CtEntry> =
-            HashMap::try_from(self.bpf.map(maps::CT6).expect("CT6")).unwrap();
+            HashMap::try_from(self.bpf.map(name).expect(name)).unwrap();
         m.get(k, 0).ok()
     }
 
@@ -180,14 +195,14 @@ impl Datapath {
             .collect()
     }
 
-    /// Every entry of `CT4`.
-    pub fn ct4_all(&self) -> Vec<(CtKey4, CtEntry)> {
-        self.dump(maps::CT4)
+    /// Every entry of the established (`est`) or the new IPv4 table.
+    pub fn ct4_all(&self, est: bool) -> Vec<(CtKey4, CtEntry)> {
+        self.dump(Self::ct_name(false, est))
     }
 
-    /// Every entry of `CT6`.
-    pub fn ct6_all(&self) -> Vec<(CtKey6, CtEntry)> {
-        self.dump(maps::CT6)
+    /// Every entry of the established (`est`) or the new IPv6 table.
+    pub fn ct6_all(&self, est: bool) -> Vec<(CtKey6, CtEntry)> {
+        self.dump(Self::ct_name(true, est))
     }
 
     /// The `FRAG4` record of a datagram.
@@ -220,8 +235,10 @@ impl Datapath {
             }
         }
         drain(self.hash::<u32, Endpoint>(maps::ENDPOINTS));
-        drain(self.hash::<CtKey4, CtEntry>(maps::CT4));
-        drain(self.hash::<CtKey6, CtEntry>(maps::CT6));
+        for est in [true, false] {
+            drain(self.hash::<CtKey4, CtEntry>(Self::ct_name(false, est)));
+            drain(self.hash::<CtKey6, CtEntry>(Self::ct_name(true, est)));
+        }
         drain(self.hash::<Frag4Key, FragL4>(maps::FRAG4));
         drain(self.hash::<Frag6Key, FragL4>(maps::FRAG6));
         drain_trie(self.trie::<[u8; 4], RemoteInfo>(maps::IPCACHE4));

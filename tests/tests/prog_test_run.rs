@@ -22,7 +22,9 @@ use netpol_common::{
     endpoint::Endpoint,
     event::FlowEvent,
     frag::{Frag4Key, Frag6Key, FragL4},
-    identity, maps,
+    identity,
+    ipcache::RemoteInfo,
+    maps,
     policy::{self, PolicyKey, PolicyValue},
     programs, proto, Config, Direction, DropReason,
 };
@@ -218,8 +220,17 @@ impl Dp {
     }
 
     fn ipcache(&mut self, h: &Host) {
-        self.dp.ipcache4(32, h.v4, h.id);
-        self.dp.ipcache6(128, h.v6, h.id);
+        self.ipcache_info(h, RemoteInfo::new(h.id));
+    }
+
+    /// `h` as a container reached through host veth `veth` on bridge `bridge`.
+    fn ipcache_container(&mut self, h: &Host, veth: u32, bridge: u32) {
+        self.ipcache_info(h, RemoteInfo::container(h.id, veth, bridge));
+    }
+
+    fn ipcache_info(&mut self, h: &Host, info: RemoteInfo) {
+        self.dp.ipcache4(32, h.v4, info);
+        self.dp.ipcache6(128, h.v6, info);
     }
 
     /// An allow entry for `local`; `proto` 0 with prefix 72, `port` 0 with prefix 80.
@@ -273,6 +284,12 @@ impl Dp {
         self.dp.run_on(p, ifindex, frame)
     }
 
+    /// Runs `p` on `frame` on the device `ifindex`, as if it had entered the host on
+    /// `ingress_ifindex`.
+    fn run_via(&self, p: Prog, ifindex: u32, ingress_ifindex: u32, frame: &[u8]) -> u32 {
+        self.dp.run_via(p, ifindex, ingress_ifindex, frame)
+    }
+
     fn drops(&self, reason: DropReason) -> u64 {
         self.dp.drops(reason)
     }
@@ -285,22 +302,37 @@ impl Dp {
         self.dp.events()
     }
 
+    /// The entry of `k` in the established table, else in the new one.
     fn ct(&self, k: AnyCtKey) -> Option<CtEntry> {
+        self.ct_in(k, true).or_else(|| self.ct_in(k, false))
+    }
+
+    /// The entry of `k` in the established (`est`) or the new table.
+    fn ct_in(&self, k: AnyCtKey, est: bool) -> Option<CtEntry> {
         match k {
-            AnyCtKey::V4(k) => self.dp.ct4(&k),
-            AnyCtKey::V6(k) => self.dp.ct6(&k),
+            AnyCtKey::V4(k) => self.dp.ct4(&k, est),
+            AnyCtKey::V6(k) => self.dp.ct6(&k, est),
         }
     }
 
+    /// Writes `e` into the new table.
     fn set_ct(&mut self, k: AnyCtKey, e: CtEntry) {
+        self.set_ct_in(k, e, false);
+    }
+
+    fn set_ct_in(&mut self, k: AnyCtKey, e: CtEntry, est: bool) {
         match k {
-            AnyCtKey::V4(k) => self.dp.set_ct4(k, e),
-            AnyCtKey::V6(k) => self.dp.set_ct6(k, e),
+            AnyCtKey::V4(k) => self.dp.set_ct4(k, e, est),
+            AnyCtKey::V6(k) => self.dp.set_ct6(k, e, est),
         }
     }
 
     fn ct_len(&self) -> usize {
-        self.dp.ct4_all().len() + self.dp.ct6_all().len()
+        let mut n = 0;
+        for est in [true, false] {
+            n += self.dp.ct4_all(est).len() + self.dp.ct6_all(est).len();
+        }
+        n
     }
 }
 
@@ -342,6 +374,18 @@ fn assert_drops(dp: &Dp, reason: Option<DropReason>, n: u64) {
         want[r as usize] = n;
     }
     assert_eq!(dp.all_drops(), want, "DROPS counters (index = DropReason)");
+}
+
+/// An entry held by db on `lo`, with a remote that is not a container.
+fn db_entry(expires_ns: u64, flags: u32, rule: u32) -> CtEntry {
+    CtEntry {
+        expires_ns,
+        flags,
+        rule,
+        ifindex: LO,
+        identity: DB.id,
+        ..CtEntry::default()
+    }
 }
 
 fn lifetime_ok(e: &CtEntry, before: u64, after: u64, secs: u64, what: &str) {
@@ -786,12 +830,13 @@ fn reply_passes_by_conntrack(fam: Fam) {
         4,
     );
 
+    // (Lifetimes move only by more than a second: measured from before the SYN.)
+    let before = now_ns();
     assert_eq!(
         dp.run(To, &fam.tcp(&APP1, &DB, 40000, 5432, TCP_SYN)),
         PASS,
         "SYN"
     );
-    let before = now_ns();
     assert_eq!(
         dp.run(From, &fam.tcp(&DB, &APP1, 5432, 40000, TCP_SYN | TCP_ACK)),
         PASS,
@@ -799,18 +844,38 @@ fn reply_passes_by_conntrack(fam: Fam) {
     );
     let after = now_ns();
     let k = ct_key(fam, &APP1, &DB, 40000, 5432, proto::TCP, CtDir::Ingress);
-    let e = dp.ct(k).expect("entry");
+    let e = dp.ct_in(k, false).expect("entry in the new table");
     assert_eq!(
         e.flags & CtEntry::SEEN_REPLY,
         CtEntry::SEEN_REPLY,
         "the reply is recorded"
     );
-    lifetime_ok(&e, before, after, ct::LIFETIME_TCP, "established");
+    assert_eq!(
+        (e.ifindex, e.identity, e.remote_identity),
+        (LO, DB.id, APP1.id)
+    );
+    lifetime_ok(
+        &e,
+        before,
+        after,
+        ct::LIFETIME_TCP_SYN,
+        "answered, not established",
+    );
+    assert!(dp.ct_in(k, true).is_none(), "a SYN-ACK does not establish");
+    let before = now_ns();
     assert_eq!(
         dp.run(To, &fam.tcp(&APP1, &DB, 40000, 5432, TCP_ACK)),
         PASS,
         "ACK"
     );
+    let after = now_ns();
+    // The handshake's last ACK moves the flow to the established table.
+    assert!(
+        dp.ct_in(k, false).is_none(),
+        "promoted out of the new table"
+    );
+    let e = dp.ct_in(k, true).expect("entry in the established table");
+    lifetime_ok(&e, before, after, ct::LIFETIME_TCP, "established");
     assert_eq!(
         dp.run(From, &fam.tcp(&DB, &APP1, 5432, 40000, TCP_ACK)),
         PASS,
@@ -837,17 +902,129 @@ fn reply_passes_by_conntrack(fam: Fam) {
     assert_eq!(dp.run(From, &fam.udp(&DB, &APP1, 5432, 40000)), SHOT, "udp");
     assert_drops(&dp, Some(DropReason::PolicyDenied), 4);
 
-    // A FIN puts the entry on the short closing lifetime.
-    let before = now_ns();
+    // One FIN half-closes: the other side may go on sending, on the normal lifetime.
     assert_eq!(
         dp.run(From, &fam.tcp(&DB, &APP1, 5432, 40000, TCP_FIN | TCP_ACK)),
         PASS,
         "FIN"
     );
+    let e = dp.ct(k).expect("entry");
+    assert_eq!(e.flags & CtEntry::CLOSING, 0, "half-closed is not closing");
+    assert!(
+        e.expires_ns > now_ns() + (ct::LIFETIME_TCP - 10) * SEC,
+        "half-closed keeps the established lifetime"
+    );
+    // The other FIN closes: the short lifetime, counted from this packet ...
+    let before = now_ns();
+    assert_eq!(
+        dp.run(To, &fam.tcp(&APP1, &DB, 40000, 5432, TCP_FIN | TCP_ACK)),
+        PASS,
+        "second FIN"
+    );
     let after = now_ns();
     let e = dp.ct(k).expect("entry");
     assert_eq!(e.flags & CtEntry::CLOSING, CtEntry::CLOSING);
     lifetime_ok(&e, before, after, ct::LIFETIME_TCP_CLOSING, "closing");
+    // ... and never extended by later packets (the last ACK, data, another FIN).
+    for f in [TCP_ACK, TCP_ACK | 0x08, TCP_FIN | TCP_ACK] {
+        assert_eq!(
+            dp.run(From, &fam.tcp(&DB, &APP1, 5432, 40000, f)),
+            PASS,
+            "after close, flags {f:#x}"
+        );
+        assert_eq!(dp.ct(k).unwrap().expires_ns, e.expires_ns, "flags {f:#x}");
+    }
+}
+
+/// A TCP SYN over a closing entry is a new flow, decided by policy (Cilium's CT_REOPENED), and
+/// so is a SYN over a live one: conntrack never lets a bare SYN through.
+fn syn_over_a_closing_entry_is_decided_by_policy(fam: Fam) {
+    let mut dp = Dp::db(true, true);
+    dp.allow(
+        &DB,
+        APP1.id,
+        Direction::Ingress,
+        proto::TCP,
+        5432,
+        policy::FULL_PREFIX,
+        4,
+    );
+    // db had an outbound flow to app1:22 (no egress rule allows it now), closing.
+    let k = ct_key(fam, &DB, &APP1, 40000, 22, proto::TCP, CtDir::Egress);
+    let closing = CtEntry {
+        remote_identity: APP1.id,
+        ..db_entry(
+            now_ns() + 5 * SEC,
+            CtEntry::SEEN_REPLY | CtEntry::FIN_ORIG | CtEntry::FIN_REPLY | CtEntry::CLOSING,
+            9,
+        )
+    };
+    dp.set_ct_in(k, closing, true);
+    assert_eq!(
+        dp.run(From, &fam.tcp(&DB, &APP1, 40000, 22, TCP_ACK)),
+        PASS,
+        "the last ACK of the closing flow passes"
+    );
+    assert_eq!(
+        dp.run(From, &fam.tcp(&DB, &APP1, 40000, 22, TCP_SYN)),
+        SHOT,
+        "a SYN reopening the tuple is denied by policy"
+    );
+    assert_eq!(
+        dp.ct(k),
+        Some(closing),
+        "a denied SYN leaves the entry alone"
+    );
+    // Also over an established (not closing) entry, and for a retransmitted SYN.
+    dp.set_ct_in(
+        k,
+        db_entry(now_ns() + 100 * SEC, CtEntry::SEEN_REPLY, 9),
+        true,
+    );
+    assert_eq!(
+        dp.run(From, &fam.tcp(&DB, &APP1, 40000, 22, TCP_SYN)),
+        SHOT,
+        "SYN over an established entry"
+    );
+    assert_drops(&dp, Some(DropReason::PolicyDenied), 2);
+
+    // Inbound, where policy allows it, the reopening SYN replaces the old entry with a new flow.
+    let ki = ct_key(fam, &APP1, &DB, 40001, 5432, proto::TCP, CtDir::Ingress);
+    dp.set_ct_in(
+        ki,
+        db_entry(
+            now_ns() + 5 * SEC,
+            CtEntry::SEEN_REPLY | CtEntry::CLOSING,
+            1,
+        ),
+        true,
+    );
+    assert_eq!(
+        dp.run(To, &fam.tcp(&APP1, &DB, 40001, 5432, TCP_SYN)),
+        PASS,
+        "allowed reopening SYN"
+    );
+    assert!(dp.ct_in(ki, true).is_none(), "the old entry is gone");
+    let e = dp.ct_in(ki, false).expect("a new entry");
+    assert_eq!(
+        (e.flags, e.rule),
+        (0, 4),
+        "a fresh flow, admitted by rule 4"
+    );
+}
+
+#[test]
+fn syn_over_a_closing_entry_is_decided_by_policy_v4() {
+    if require_root("syn_over_a_closing_entry_is_decided_by_policy_v4") {
+        syn_over_a_closing_entry_is_decided_by_policy(V4);
+    }
+}
+
+#[test]
+fn syn_over_a_closing_entry_is_decided_by_policy_v6() {
+    if require_root("syn_over_a_closing_entry_is_decided_by_policy_v6") {
+        syn_over_a_closing_entry_is_decided_by_policy(V6);
+    }
 }
 
 #[test]
@@ -1613,11 +1790,7 @@ fn conntrack_expiry(fam: Fam) {
 
     // An entry that expired is not honoured, and the packet is decided by policy again.
     let k = ct_key(fam, &APP1, &DB, 5000, 53, proto::UDP, CtDir::Ingress);
-    let stale = CtEntry {
-        expires_ns: now_ns() - SEC,
-        flags: 0,
-        rule: 2,
-    };
+    let stale = db_entry(now_ns() - SEC, 0, 2);
     dp.set_ct(k, stale);
     assert_eq!(
         dp.run(From, &fam.udp(&DB, &APP1, 53, 5000)),
@@ -1632,11 +1805,7 @@ fn conntrack_expiry(fam: Fam) {
     assert_drops(&dp, Some(DropReason::PolicyDenied), 1);
 
     // The same entry alive lets the reply through (the stale case above is not vacuous).
-    let live = CtEntry {
-        expires_ns: now_ns() + 5 * SEC,
-        flags: 0,
-        rule: 2,
-    };
+    let live = db_entry(now_ns() + 5 * SEC, 0, 2);
     dp.set_ct(k, live);
     let before = now_ns();
     assert_eq!(
@@ -1672,14 +1841,7 @@ fn conntrack_expiry(fam: Fam) {
 
     // An expired TCP flow's packets are new flows: denied without a rule.
     let kt = ct_key(fam, &APP1, &DB, 40000, 22, proto::TCP, CtDir::Ingress);
-    dp.set_ct(
-        kt,
-        CtEntry {
-            expires_ns: now_ns() - 1,
-            flags: CtEntry::SEEN_REPLY,
-            rule: 1,
-        },
-    );
+    dp.set_ct(kt, db_entry(now_ns() - 1, CtEntry::SEEN_REPLY, 1));
     assert_eq!(
         dp.run(To, &fam.tcp(&APP1, &DB, 40000, 22, TCP_ACK)),
         SHOT,
@@ -2395,5 +2557,193 @@ fn ip_length_is_checked_v4() {
 fn ip_length_is_checked_v6() {
     if require_root("ip_length_is_checked_v6") {
         ip_length_is_checked(V6);
+    }
+}
+
+/// Issue 8 hole 1: Docker hands a freed address to the next container at once. The newcomer (a
+/// new veth, another identity) must not inherit the departed container's flows, and an endpoint
+/// that changes identity starts from policy too.
+fn reused_address_does_not_inherit_flows(fam: Fam) {
+    let ifs = private_netns_with_veths(&["npt-old", "npt-new"]);
+    let (old_if, new_if) = (ifs[0], ifs[1]);
+    let mut dp = Dp::new();
+    for h in [&DB, &APP1, &APP2] {
+        dp.ipcache(h);
+    }
+    // db allows app1 → db:5432 in and nothing out.
+    dp.endpoint(old_if, &DB, true, true);
+    dp.allow(
+        &DB,
+        APP1.id,
+        Direction::Ingress,
+        proto::TCP,
+        5432,
+        policy::FULL_PREFIX,
+        4,
+    );
+    let (c, s) = (40000, 5432);
+    assert_eq!(
+        dp.run_on(To, old_if, &fam.tcp(&APP1, &DB, c, s, TCP_SYN)),
+        PASS
+    );
+    assert_eq!(
+        dp.run_on(From, old_if, &fam.tcp(&DB, &APP1, s, c, TCP_SYN | TCP_ACK)),
+        PASS
+    );
+    assert_eq!(
+        dp.run_on(To, old_if, &fam.tcp(&APP1, &DB, c, s, TCP_ACK)),
+        PASS
+    );
+    let k = ct_key(fam, &APP1, &DB, c, s, proto::TCP, CtDir::Ingress);
+    let e = dp.ct_in(k, true).expect("established");
+    assert_eq!((e.ifindex, e.identity), (old_if, DB.id));
+
+    // db goes; a container with another identity and no rules gets its address on a new veth.
+    let newcomer = Host { id: 310, ..DB };
+    dp.endpoint(new_if, &newcomer, true, true);
+    let data = fam.tcp(&newcomer, &APP1, s, c, TCP_ACK);
+    assert_eq!(
+        dp.run_on(From, new_if, &data),
+        SHOT,
+        "the newcomer sends on the departed container's flow"
+    );
+    assert_eq!(
+        dp.run_on(To, new_if, &fam.tcp(&APP1, &newcomer, c, s, TCP_ACK)),
+        SHOT,
+        "app1 sends on the departed container's flow to the newcomer"
+    );
+    assert_drops(&dp, Some(DropReason::PolicyDenied), 2);
+    // The old entry was not touched by the newcomer's packets.
+    assert_eq!(dp.ct_in(k, true), Some(e));
+
+    // The same veth with a new identity (labels changed): the flow is decided by policy again.
+    dp.endpoint(old_if, &newcomer, true, true);
+    assert_eq!(dp.run_on(From, old_if, &data), SHOT, "identity changed");
+    // Back to db: the flow is db's again.
+    dp.endpoint(old_if, &DB, true, true);
+    assert_eq!(
+        dp.run_on(From, old_if, &fam.tcp(&DB, &APP1, s, c, TCP_ACK)),
+        PASS
+    );
+}
+
+#[test]
+fn reused_address_does_not_inherit_flows_v4() {
+    if require_root("reused_address_does_not_inherit_flows_v4") {
+        reused_address_does_not_inherit_flows(V4);
+    }
+}
+
+#[test]
+fn reused_address_does_not_inherit_flows_v6() {
+    if require_root("reused_address_does_not_inherit_flows_v6") {
+        reused_address_does_not_inherit_flows(V6);
+    }
+}
+
+/// Issue 8 hole 4: a packet that claims a container's address must come in through that
+/// container's veth (bridged) or its bridge (routed by the host); from anywhere else it is
+/// spoofed, also on a flow that is established, and also where ingress is not enforced.
+fn container_address_from_elsewhere_is_spoofed(fam: Fam) {
+    const APP1_VETH: u32 = 7;
+    const BRIDGE: u32 = 9;
+    const UPLINK: u32 = 5;
+    for enforced in [true, false] {
+        let mut dp = Dp::db(enforced, true);
+        dp.ipcache_container(&APP1, APP1_VETH, BRIDGE);
+        dp.allow(
+            &DB,
+            APP1.id,
+            Direction::Ingress,
+            proto::TCP,
+            5432,
+            policy::FULL_PREFIX,
+            4,
+        );
+        dp.allow(
+            &DB,
+            APP1.id,
+            Direction::Egress,
+            proto::TCP,
+            80,
+            policy::FULL_PREFIX,
+            5,
+        );
+        let syn = fam.tcp(&APP1, &DB, 40000, 5432, TCP_SYN);
+        assert_eq!(
+            dp.run_via(To, LO, UPLINK, &syn),
+            SHOT,
+            "app1's address from the uplink (enforced: {enforced})"
+        );
+        assert_eq!(
+            dp.run_via(To, LO, 0, &syn),
+            SHOT,
+            "app1's address from the host's own stack"
+        );
+        assert_eq!(dp.ct_len(), 0, "a spoofed packet creates no entry");
+        assert_drops(&dp, Some(DropReason::Spoofed), 2);
+        assert_eq!(
+            dp.events(),
+            vec![
+                drop_event(
+                    fam,
+                    DropReason::Spoofed,
+                    Direction::Ingress,
+                    &APP1,
+                    &DB,
+                    proto::TCP,
+                    40000,
+                    5432,
+                    0
+                );
+                2
+            ]
+        );
+        assert_eq!(
+            dp.run_via(To, LO, APP1_VETH, &syn),
+            PASS,
+            "bridged from app1"
+        );
+        let routed = fam.tcp(&APP1, &DB, 40001, 5432, TCP_SYN);
+        assert_eq!(
+            dp.run_via(To, LO, BRIDGE, &routed),
+            PASS,
+            "routed via app1's bridge"
+        );
+
+        // db → app1:80: the reply must come from app1 too; a forged one is not a reply.
+        assert_eq!(dp.run(From, &fam.tcp(&DB, &APP1, 41000, 80, TCP_SYN)), PASS);
+        let synack = fam.tcp(&APP1, &DB, 80, 41000, TCP_SYN | TCP_ACK);
+        assert_eq!(
+            dp.run_via(To, LO, UPLINK, &synack),
+            SHOT,
+            "a forged reply of an established flow"
+        );
+        let k = ct_key(fam, &DB, &APP1, 41000, 80, proto::TCP, CtDir::Egress);
+        assert_eq!(
+            dp.ct(k).unwrap().flags,
+            0,
+            "the forged reply did not touch the flow"
+        );
+        assert_eq!(
+            dp.run_via(To, LO, APP1_VETH, &synack),
+            PASS,
+            "the real reply"
+        );
+        assert_eq!(dp.drops(DropReason::Spoofed), 3);
+    }
+}
+
+#[test]
+fn container_address_from_elsewhere_is_spoofed_v4() {
+    if require_root("container_address_from_elsewhere_is_spoofed_v4") {
+        container_address_from_elsewhere_is_spoofed(V4);
+    }
+}
+
+#[test]
+fn container_address_from_elsewhere_is_spoofed_v6() {
+    if require_root("container_address_from_elsewhere_is_spoofed_v6") {
+        container_address_from_elsewhere_is_spoofed(V6);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
-use netpol_common::{endpoint::Endpoint, identity as reserved};
+use netpol_common::{endpoint::Endpoint, identity as reserved, ipcache::RemoteInfo};
 use tracing::{error, info, warn};
 
 use super::api::{EndpointRow, IdentityRow, PolicyRow, SourceFile};
@@ -185,27 +185,41 @@ impl Agent {
         // Subnets of managed networks: a container not identified yet is `unmanaged`, not `world`.
         for n in self.networks.values().filter(|n| n.is_bridge()) {
             for s in &n.subnets {
-                d.maps.ipcache.insert(*s, reserved::UNMANAGED);
+                d.maps
+                    .ipcache
+                    .insert(*s, RemoteInfo::new(reserved::UNMANAGED));
             }
         }
         for (cidr, id) in &compiled.cidr_identities {
-            d.maps.ipcache.entry(*cidr).or_insert(*id);
+            d.maps.ipcache.entry(*cidr).or_insert(RemoteInfo::new(*id));
         }
         for n in self.networks.values() {
             for g in &n.gateways {
-                d.maps.ipcache.insert(Cidr::host(*g), reserved::HOST);
+                d.maps
+                    .ipcache
+                    .insert(Cidr::host(*g), RemoteInfo::new(reserved::HOST));
             }
         }
         for a in &self.host_addrs {
-            d.maps.ipcache.insert(Cidr::host(*a), reserved::HOST);
+            d.maps
+                .ipcache
+                .insert(Cidr::host(*a), RemoteInfo::new(reserved::HOST));
         }
         self.names.clear();
         for c in &containers {
             let id = container_ids[&c.id];
             let enf = compiled.enforcement.get(&id).copied().unwrap_or_default();
             for a in &c.networks {
+                // A container's address names the interfaces its packets arrive through, so
+                // that the datapath drops the address forged from anywhere else.
+                let info = match a.host_veth {
+                    Some(veth) => {
+                        RemoteInfo::container(id, veth, self.bridge_ifindex(&a.network_id))
+                    }
+                    None => RemoteInfo::new(id),
+                };
                 for addr in a.addresses() {
-                    d.maps.ipcache.insert(Cidr::host(addr), id);
+                    d.maps.ipcache.insert(Cidr::host(addr), info);
                 }
                 if let (Ok(()), Some(ifindex)) = (&a.enforceable, a.host_veth) {
                     let mut ep = Endpoint::new(id).enforce(enf.ingress, enf.egress);
@@ -223,6 +237,23 @@ impl Agent {
         }
         d.maps.policy = compiled.policy.clone();
         Ok((d, compiled))
+    }
+
+    /// The ifindex of the Linux bridge of network `id` (0 when unknown: then only the container's
+    /// veth is accepted as the way in for its address).
+    fn bridge_ifindex(&self, network_id: &str) -> u32 {
+        let Some(name) = self
+            .networks
+            .get(network_id)
+            .and_then(|n| n.bridge.as_deref())
+        else {
+            return 0;
+        };
+        let Ok(c) = std::ffi::CString::new(name) else {
+            return 0;
+        };
+        // SAFETY: a valid NUL-terminated string.
+        unsafe { libc::if_nametoindex(c.as_ptr()) }
     }
 
     /// Recomputes the desired state and reconciles the maps. Does nothing until Docker answered.

@@ -171,7 +171,7 @@ fn identity_of(m: &MapState, ip: IpAddr) -> u32 {
         .iter()
         .filter(|(c, _)| Cidr::contains(c, ip))
         .max_by_key(|(c, _)| c.prefix_len)
-        .map_or(WORLD, |(_, id)| *id)
+        .map_or(WORLD, |(_, v)| v.identity)
 }
 
 fn addr(c: &Container) -> IpAddr {

@@ -1,8 +1,8 @@
 //! An in-memory [`Datapath`] for tests of everything above the kernel.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, net::IpAddr};
 
-use netpol_common::{endpoint::Endpoint, policy::PolicyValue};
+use netpol_common::{endpoint::Endpoint, ipcache::RemoteInfo, policy::PolicyValue};
 
 use super::{Cidr, Datapath, DatapathError, DropCounters, MapSizes, MapState, PolicyEntryKey};
 
@@ -16,6 +16,8 @@ pub struct FakeDatapath {
     pub writes: usize,
     /// When set, the write after the next n writes fails, once (to test whole-or-nothing application).
     pub fail_after: Option<usize>,
+    /// Every `flush_ct` call, in order.
+    pub flushed: Vec<BTreeSet<IpAddr>>,
 }
 
 impl FakeDatapath {
@@ -70,7 +72,7 @@ impl Datapath for FakeDatapath {
         Ok(())
     }
 
-    fn upsert_ipcache(&mut self, cidr: Cidr, identity: u32) -> Result<(), DatapathError> {
+    fn upsert_ipcache(&mut self, cidr: Cidr, info: RemoteInfo) -> Result<(), DatapathError> {
         self.write()?;
         if !self.state.ipcache.contains_key(&cidr) {
             let (n, max, map) = if cidr.addr.is_ipv4() {
@@ -81,7 +83,7 @@ impl Datapath for FakeDatapath {
                         .filter(|c| c.addr.is_ipv4())
                         .count(),
                     self.sizes.ipcache4,
-                    "IPCACHE4",
+                    netpol_common::maps::IPCACHE4,
                 )
             } else {
                 (
@@ -91,12 +93,12 @@ impl Datapath for FakeDatapath {
                         .filter(|c| c.addr.is_ipv6())
                         .count(),
                     self.sizes.ipcache6,
-                    "IPCACHE6",
+                    netpol_common::maps::IPCACHE6,
                 )
             };
             Self::check_room(n, max, map)?;
         }
-        self.state.ipcache.insert(cidr, identity);
+        self.state.ipcache.insert(cidr, info);
         Ok(())
     }
 
@@ -139,6 +141,12 @@ impl Datapath for FakeDatapath {
 
     fn attached(&self) -> Result<Vec<u32>, DatapathError> {
         Ok(self.links.iter().copied().collect())
+    }
+
+    fn flush_ct(&mut self, addrs: &BTreeSet<IpAddr>) -> Result<usize, DatapathError> {
+        self.write()?;
+        self.flushed.push(addrs.clone());
+        Ok(0)
     }
 
     fn current(&self) -> Result<MapState, DatapathError> {

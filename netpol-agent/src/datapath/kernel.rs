@@ -23,8 +23,19 @@
 //! `links/<ifindex>_to` for the two TCX links of a managed veth; in clsact mode the empty
 //! directories `links/<ifindex>_from_tc` and `links/<ifindex>_to_tc` record the filters (bpffs
 //! holds no plain files, and no names with a dot).
+//!
+//! Upgrades across a map layout change: a map whose layout changes gets a new name, so the new
+//! programs never read an old pinned map. Maps pinned under a former name
+//! (`netpol_common::maps::legacy`) are still used by the old programs until the links switch;
+//! before switching, [`KernelDatapath::open`] copies what they hold into the new maps (ipcache
+//! identities; conntrack entries, tied to the endpoint that holds their local address), so the
+//! switch neither opens the ipcache to `world` nor breaks established flows. After the switch
+//! the old pins are removed (the old programs, and with them the old maps, are gone). Entries
+//! the old programs create between the copy and the switch are lost: such a flow is decided
+//! again by policy (a denied packet never passes).
 
 use std::{
+    collections::BTreeSet,
     ffi::CStr,
     fs, io,
     net::IpAddr,
@@ -34,7 +45,7 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, MapData, MapError, PerCpuArray,
+        Array, HashMap, Map, MapData, MapError, PerCpuArray,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -44,6 +55,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use netpol_common::{
+    ct::{CtDir, CtEntry, CtKey4, CtKey6},
     endpoint::Endpoint,
     ipcache::RemoteInfo,
     maps,
@@ -232,6 +244,11 @@ impl KernelDatapath {
         }
         fs::create_dir_all(pin_dir.join("links"))?;
         let adopted = pin_dir.join(maps::POLICY).exists();
+        let legacy: Vec<&'static str> = maps::legacy::ALL
+            .iter()
+            .copied()
+            .filter(|m| pin_dir.join(m).exists())
+            .collect();
         let pins: Vec<(&'static str, PathBuf)> =
             maps::ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
         let mut loader = EbpfLoader::new();
@@ -245,6 +262,8 @@ impl KernelDatapath {
             .map_max_entries(maps::POLICY, sizes.policy)
             .map_max_entries(maps::CT4, sizes.ct4)
             .map_max_entries(maps::CT6, sizes.ct6)
+            .map_max_entries(maps::CT4_NEW, sizes.ct4_new())
+            .map_max_entries(maps::CT6_NEW, sizes.ct6_new())
             .map_max_entries(maps::SNAT6, sizes.snat6)
             .map_max_entries(maps::FRAG4, sizes.frag)
             .map_max_entries(maps::FRAG6, sizes.frag)
@@ -287,7 +306,17 @@ impl KernelDatapath {
             mode,
             adopted,
         };
+        if !legacy.is_empty() {
+            let n = dp.migrate_legacy();
+            info!(maps = ?legacy, entries = n, "copied maps of an older layout into the current ones");
+        }
         dp.adopt_links()?;
+        for m in &legacy {
+            // The links run the new programs now: the old maps are unused.
+            if let Err(e) = fs::remove_file(dp.pin_dir.join(m)) {
+                warn!(map = m, error = %e, "removing the pin of an old map");
+            }
+        }
         info!(pin_dir = %dp.pin_dir.display(), adopted, ?mode, "datapath ready");
         Ok(dp)
     }
@@ -567,6 +596,120 @@ impl KernelDatapath {
         }
     }
 
+    /// Copies the maps of the former layouts (`maps::legacy`) into the current ones: ipcache
+    /// identities (no interfaces: reconcile writes them), and conntrack entries whose local
+    /// address belongs to an endpoint, tied to that endpoint. Best effort: what cannot be read is
+    /// reported and left out (its flows are decided by policy again). Returns the entries copied.
+    fn migrate_legacy(&mut self) -> usize {
+        let mut n = 0;
+        let open = |name: &str| -> Option<Map> {
+            let path = self.pin_dir.join(name);
+            if !path.exists() {
+                return None;
+            }
+            match MapData::from_pin(&path).and_then(Map::from_map_data) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    warn!(map = name, error = %e, "old pinned map cannot be opened; not copied");
+                    None
+                }
+            }
+        };
+        let old_c4 = open(maps::legacy::IPCACHE4);
+        let old_c6 = open(maps::legacy::IPCACHE6);
+        let old_ct4 = open(maps::legacy::CT4);
+        let old_ct6 = open(maps::legacy::CT6);
+        let eps: Vec<(u32, Endpoint)> = self
+            .endpoints()
+            .map(|m| m.iter().flatten().collect())
+            .unwrap_or_default();
+        if let Some(m) = &old_c4 {
+            n += self.copy_ipcache::<4>(m, maps::IPCACHE4);
+        }
+        if let Some(m) = &old_c6 {
+            n += self.copy_ipcache::<16>(m, maps::IPCACHE6);
+        }
+        let c4 = old_c4
+            .as_ref()
+            .and_then(|m| LpmTrie::<_, [u8; 4], RemoteInfoV1>::try_from(m).ok());
+        let c6 = old_c6
+            .as_ref()
+            .and_then(|m| LpmTrie::<_, [u8; 16], RemoteInfoV1>::try_from(m).ok());
+        if let Some(m) = &old_ct4 {
+            n += self.copy_ct::<CtKey4>(m, c4.as_ref(), &eps);
+        }
+        if let Some(m) = &old_ct6 {
+            n += self.copy_ct::<CtKey6>(m, c6.as_ref(), &eps);
+        }
+        n
+    }
+
+    /// Copies the old conntrack map `old` into the current tables: entries whose local address
+    /// is an endpoint's, tied to it; answered ones into the established table.
+    fn copy_ct<K: LegacyCtKey>(
+        &mut self,
+        old: &Map,
+        ipcache: Option<&LpmTrie<&MapData, K::Addr, RemoteInfoV1>>,
+        eps: &[(u32, Endpoint)],
+    ) -> usize {
+        let entries: Vec<(K, CtEntryV1)> = match HashMap::<_, K, CtEntryV1>::try_from(old) {
+            Ok(m) => m.iter().flatten().collect(),
+            Err(e) => {
+                warn!(map = K::NEW, error = %e, "old conntrack map not copied");
+                return 0;
+            }
+        };
+        let mut n = 0;
+        for (k, v) in entries {
+            let (local, remote) = k.local_remote();
+            let Some((ifindex, ep)) = eps.iter().find(|(_, e)| K::holds(e, &local)) else {
+                continue;
+            };
+            let rid = ipcache.and_then(|c| c.get(&Key::new(K::FULL, remote), 0).ok());
+            let e = v.upgrade(*ifindex, ep.identity, rid);
+            let name = if e.flags & CtEntry::SEEN_REPLY != 0 {
+                K::EST
+            } else {
+                K::NEW
+            };
+            let ok = self
+                .map_mut(name)
+                .ok()
+                .and_then(|m| HashMap::<_, K, CtEntry>::try_from(m).ok())
+                .is_some_and(|mut m| m.insert(k, e, 0).is_ok());
+            if ok {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn copy_ipcache<const N: usize>(&mut self, old: &Map, new: &'static str) -> usize
+    where
+        [u8; N]: aya::Pod,
+    {
+        let Ok(old) = LpmTrie::<_, [u8; N], RemoteInfoV1>::try_from(old) else {
+            warn!(map = new, "old ipcache has an unexpected type; not copied");
+            return 0;
+        };
+        let entries: Vec<_> = old.iter().flatten().collect();
+        let Ok(m) = self.map_mut(new) else { return 0 };
+        let Ok(mut m) = LpmTrie::<_, [u8; N], RemoteInfo>::try_from(m) else {
+            return 0;
+        };
+        let mut n = 0;
+        for (k, v) in entries {
+            let key = Key::new(k.prefix_len(), k.data());
+            if m.get(&key, 0).is_ok() {
+                continue;
+            }
+            if m.insert(&key, RemoteInfo::new(v.identity), 0).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Removes every pin (maps and links) under `pin_dir`, and the clsact filters recorded there:
     /// programs detach when their last link goes. Used for uninstalling and by tests that
     /// simulate a reboot. Run it in the namespace of the interfaces.
@@ -624,6 +767,116 @@ impl KernelDatapath {
     }
 }
 
+/// The value of the `IPCACHE4` / `IPCACHE6` maps of the former layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct RemoteInfoV1 {
+    identity: u32,
+    _pad: u32,
+}
+
+/// The value of the `CT4` / `CT6` maps of the former layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct CtEntryV1 {
+    expires_ns: u64,
+    flags: u32,
+    rule: u32,
+}
+
+// SAFETY: #[repr(C)], Copy, no implicit padding.
+unsafe impl aya::Pod for RemoteInfoV1 {}
+// SAFETY: as above.
+unsafe impl aya::Pod for CtEntryV1 {}
+
+impl CtEntryV1 {
+    /// The current entry for this one, held by endpoint `ifindex` with `identity`. The old
+    /// closing flag becomes closing (its lifetime already counts down). The remote's interfaces
+    /// are not known: not checked for this entry.
+    fn upgrade(&self, ifindex: u32, identity: u32, remote: Option<RemoteInfoV1>) -> CtEntry {
+        let mut flags = self.flags & CtEntry::SEEN_REPLY;
+        if self.flags & 2 != 0 {
+            flags |= CtEntry::CLOSING;
+        }
+        CtEntry {
+            expires_ns: self.expires_ns,
+            flags,
+            rule: self.rule,
+            ifindex,
+            identity,
+            remote_identity: remote.map_or(netpol_common::identity::WORLD, |r| r.identity),
+            remote_ifindex: 0,
+            remote_bridge: 0,
+            _pad: 0,
+        }
+    }
+}
+
+/// What the copy of an old conntrack map needs of a key type.
+trait LegacyCtKey: aya::Pod {
+    type Addr: aya::Pod + PartialEq;
+    const FULL: u32;
+    const EST: &'static str;
+    const NEW: &'static str;
+    /// (local, remote) address.
+    fn local_remote(&self) -> (Self::Addr, Self::Addr);
+    /// Whether `a` is the endpoint's address of this family.
+    fn holds(ep: &Endpoint, a: &Self::Addr) -> bool;
+}
+
+fn local_remote<A: Copy>(dir: u8, saddr: A, daddr: A) -> (A, A) {
+    if dir == CtDir::Egress as u8 {
+        (saddr, daddr)
+    } else {
+        (daddr, saddr)
+    }
+}
+
+impl LegacyCtKey for CtKey4 {
+    type Addr = [u8; 4];
+    const FULL: u32 = 32;
+    const EST: &'static str = maps::CT4;
+    const NEW: &'static str = maps::CT4_NEW;
+    fn local_remote(&self) -> ([u8; 4], [u8; 4]) {
+        local_remote(self.dir, self.saddr, self.daddr)
+    }
+    fn holds(ep: &Endpoint, a: &[u8; 4]) -> bool {
+        ep.flags & Endpoint::HAS_IPV4 != 0 && ep.ipv4 == *a
+    }
+}
+
+impl LegacyCtKey for CtKey6 {
+    type Addr = [u8; 16];
+    const FULL: u32 = 128;
+    const EST: &'static str = maps::CT6;
+    const NEW: &'static str = maps::CT6_NEW;
+    fn local_remote(&self) -> ([u8; 16], [u8; 16]) {
+        local_remote(self.dir, self.saddr, self.daddr)
+    }
+    fn holds(ep: &Endpoint, a: &[u8; 16]) -> bool {
+        ep.flags & Endpoint::HAS_IPV6 != 0 && ep.ipv6 == *a
+    }
+}
+
+/// Removes the keys of the conntrack map `m` that `hit` selects; returns how many went.
+fn flush_map<K: aya::Pod + Copy>(
+    m: &mut Map,
+    name: &'static str,
+    hit: impl Fn(&K) -> bool,
+) -> Result<usize, DatapathError> {
+    let mut h: HashMap<_, K, CtEntry> = HashMap::try_from(m).map_err(map_err(name))?;
+    let keys: Vec<K> = h.keys().flatten().filter(|k| hit(k)).collect();
+    let mut n = 0;
+    for k in keys {
+        match h.remove(&k) {
+            Ok(()) => n += 1,
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(map_err(name)(e)),
+        }
+    }
+    Ok(n)
+}
+
 fn v4(addr: IpAddr) -> Option<[u8; 4]> {
     match addr {
         IpAddr::V4(a) => Some(a.octets()),
@@ -659,8 +912,7 @@ impl Datapath for KernelDatapath {
         }
     }
 
-    fn upsert_ipcache(&mut self, cidr: Cidr, identity: u32) -> Result<(), DatapathError> {
-        let value = RemoteInfo::new(identity);
+    fn upsert_ipcache(&mut self, cidr: Cidr, value: RemoteInfo) -> Result<(), DatapathError> {
         let r = if let Some(a) = v4(cidr.addr) {
             let mut m: LpmTrie<_, [u8; 4], RemoteInfo> =
                 LpmTrie::try_from(self.map_mut(maps::IPCACHE4)?)
@@ -788,6 +1040,27 @@ impl Datapath for KernelDatapath {
         Ok(out)
     }
 
+    fn flush_ct(&mut self, addrs: &BTreeSet<IpAddr>) -> Result<usize, DatapathError> {
+        let a4: BTreeSet<[u8; 4]> = addrs.iter().filter_map(|a| v4(*a)).collect();
+        let a6: BTreeSet<[u8; 16]> = addrs.iter().filter_map(|a| v6(*a)).collect();
+        let mut n = 0;
+        if !a4.is_empty() {
+            for name in [maps::CT4, maps::CT4_NEW] {
+                n += flush_map::<CtKey4>(self.map_mut(name)?, name, |k| {
+                    a4.contains(&k.saddr) || a4.contains(&k.daddr)
+                })?;
+            }
+        }
+        if !a6.is_empty() {
+            for name in [maps::CT6, maps::CT6_NEW] {
+                n += flush_map::<CtKey6>(self.map_mut(name)?, name, |k| {
+                    a6.contains(&k.saddr) || a6.contains(&k.daddr)
+                })?;
+            }
+        }
+        Ok(n)
+    }
+
     fn current(&self) -> Result<MapState, DatapathError> {
         let mut state = MapState::default();
         let eps: HashMap<_, u32, Endpoint> =
@@ -804,7 +1077,7 @@ impl Datapath for KernelDatapath {
                 addr: IpAddr::from(k.data()),
                 prefix_len: k.prefix_len() as u8,
             };
-            state.ipcache.insert(cidr, v.identity);
+            state.ipcache.insert(cidr, v);
         }
         let c6: LpmTrie<_, [u8; 16], RemoteInfo> =
             LpmTrie::try_from(self.map_ref(maps::IPCACHE6)?).map_err(map_err(maps::IPCACHE6))?;
@@ -814,7 +1087,7 @@ impl Datapath for KernelDatapath {
                 addr: IpAddr::from(k.data()),
                 prefix_len: k.prefix_len() as u8,
             };
-            state.ipcache.insert(cidr, v.identity);
+            state.ipcache.insert(cidr, v);
         }
         let pol: LpmTrie<_, PolicyKey, PolicyValue> =
             LpmTrie::try_from(self.map_ref(maps::POLICY)?).map_err(map_err(maps::POLICY))?;

@@ -6,12 +6,13 @@ pub mod kernel;
 pub mod masq6;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use netpol_common::{
     endpoint::Endpoint,
+    ipcache::RemoteInfo,
     policy::{PolicyKey, PolicyValue},
 };
 
@@ -104,7 +105,8 @@ pub struct PolicyEntryKey {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
     pub endpoints: BTreeMap<u32, Endpoint>,
-    pub ipcache: BTreeMap<Cidr, u32>,
+    /// Identity, and for a container's own address the interfaces its packets come through.
+    pub ipcache: BTreeMap<Cidr, RemoteInfo>,
     pub policy: BTreeMap<PolicyEntryKey, PolicyValue>,
 }
 
@@ -135,6 +137,18 @@ impl Default for MapSizes {
             snat6: 16384,
             frag: 4096,
         }
+    }
+}
+
+impl MapSizes {
+    /// `max_entries` of `CT4_NEW`, the flows not established yet: a quarter of `CT4`.
+    pub fn ct4_new(&self) -> u32 {
+        (self.ct4 / 4).max(1024)
+    }
+
+    /// `max_entries` of `CT6_NEW`: a quarter of `CT6`.
+    pub fn ct6_new(&self) -> u32 {
+        (self.ct6 / 4).max(1024)
     }
 }
 
@@ -175,7 +189,7 @@ pub trait Datapath: Send {
     fn upsert_endpoint(&mut self, ifindex: u32, ep: Endpoint) -> Result<(), DatapathError>;
     fn delete_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError>;
 
-    fn upsert_ipcache(&mut self, cidr: Cidr, identity: u32) -> Result<(), DatapathError>;
+    fn upsert_ipcache(&mut self, cidr: Cidr, info: RemoteInfo) -> Result<(), DatapathError>;
     fn delete_ipcache(&mut self, cidr: Cidr) -> Result<(), DatapathError>;
 
     fn upsert_policy(
@@ -193,6 +207,11 @@ pub trait Datapath: Send {
     fn detach(&mut self, ifindex: u32) -> Result<(), DatapathError>;
     /// Interfaces with pinned links.
     fn attached(&self) -> Result<Vec<u32>, DatapathError>;
+
+    /// Removes every conntrack entry (both tables, both families) with one of `addrs` as source
+    /// or destination: the flows of endpoints that went or changed identity, so that whoever gets
+    /// their address next starts from policy. Returns the number of entries removed.
+    fn flush_ct(&mut self, addrs: &BTreeSet<IpAddr>) -> Result<usize, DatapathError>;
 
     /// Reads back what the maps hold.
     fn current(&self) -> Result<MapState, DatapathError>;

@@ -707,7 +707,7 @@ fn capacity_check() {
     let e = c
         .check_fits(&sizes, sizes.ipcache4 as usize + 1, 0)
         .unwrap_err();
-    assert_eq!(e.map, "IPCACHE4");
+    assert_eq!(e.map, netpol_common::maps::IPCACHE4);
 }
 
 #[test]

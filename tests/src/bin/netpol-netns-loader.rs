@@ -14,6 +14,7 @@ use netpol_agent::datapath::{
 };
 use netpol_common::{
     endpoint::Endpoint,
+    ipcache::RemoteInfo,
     policy::{PolicyKey, PolicyValue},
     Direction,
 };
@@ -63,7 +64,12 @@ fn run() -> anyhow::Result<()> {
         dp.upsert_endpoint(e.ifindex, ep)?;
     }
     for (addr, len, id) in &plan.ipcache {
-        dp.upsert_ipcache(Cidr::new(*addr, *len)?, *id)?;
+        let full = *len == if addr.is_ipv4() { 32 } else { 128 };
+        let info = match plan.ifaces.iter().find(|(a, _, _)| a == addr) {
+            Some((_, veth, bridge)) if full => RemoteInfo::container(*id, *veth, *bridge),
+            _ => RemoteInfo::new(*id),
+        };
+        dp.upsert_ipcache(Cidr::new(*addr, *len)?, info)?;
     }
     // Allow entries go in before stale ones go out: an allowed flow never sees a gap.
     let wanted: std::collections::BTreeSet<PolicyEntryKey> = plan.policy.iter().map(key).collect();

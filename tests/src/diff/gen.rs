@@ -7,6 +7,7 @@ use netpol_common::{
     ct::{CtDir, CtEntry, CtKey4, CtKey6},
     endpoint::Endpoint,
     identity,
+    ipcache::RemoteInfo,
     model::{CtKey, World},
     policy::{self, PolicyKey, PolicyValue},
     proto, Direction,
@@ -324,31 +325,45 @@ impl Case {
             *slot = Some(i);
             ep_ids.push(id);
             if rng.chance(95) {
-                world.ipcache4.push((32, n.v4, id));
-                world.ipcache6.push((128, n.v6, id));
+                // A container's address comes in through its veth: `veth index + 1` here (0
+                // means no check), mapped to the ifindex by the runner. Sometimes the agent
+                // does not know the veth.
+                let info = if rng.chance(80) {
+                    RemoteInfo::container(id, i as u32 + 1, 0)
+                } else {
+                    RemoteInfo::new(id)
+                };
+                world.ipcache4.push((32, n.v4, info));
+                world.ipcache6.push((128, n.v6, info));
             }
         }
         // Other containers, the host, CIDR identities, managed subnets.
         for n in &NODES[3..5] {
             let id = rng.pick(&IDENTITIES);
-            world.ipcache4.push((32, n.v4, id));
-            world.ipcache6.push((128, n.v6, id));
+            world.ipcache4.push((32, n.v4, RemoteInfo::new(id)));
+            world.ipcache6.push((128, n.v6, RemoteInfo::new(id)));
         }
-        world.ipcache4.push((32, NODES[GATEWAY].v4, identity::HOST));
+        world
+            .ipcache4
+            .push((32, NODES[GATEWAY].v4, RemoteInfo::new(identity::HOST)));
         world
             .ipcache6
-            .push((128, NODES[GATEWAY].v6, identity::HOST));
+            .push((128, NODES[GATEWAY].v6, RemoteInfo::new(identity::HOST)));
         if rng.chance(50) {
             world
                 .ipcache4
-                .push((24, [10, 0, 0, 0], identity::UNMANAGED));
+                .push((24, [10, 0, 0, 0], RemoteInfo::new(identity::UNMANAGED)));
             world
                 .ipcache6
-                .push((64, v6(ULA, 0, 0), identity::UNMANAGED));
+                .push((64, v6(ULA, 0, 0), RemoteInfo::new(identity::UNMANAGED)));
         }
         if rng.chance(50) {
-            world.ipcache4.push((24, [198, 51, 100, 0], CIDR_V4));
-            world.ipcache6.push((48, v6(DOC, 1, 0), CIDR_V6));
+            world
+                .ipcache4
+                .push((24, [198, 51, 100, 0], RemoteInfo::new(CIDR_V4)));
+            world
+                .ipcache6
+                .push((48, v6(DOC, 1, 0), RemoteInfo::new(CIDR_V6)));
         }
         // Policy.
         let remotes = [
@@ -462,12 +477,23 @@ impl Case {
                 if ct.iter().any(|(x, _)| *x == k) {
                     continue;
                 }
+                // Held by one of the endpoints (veth index, mapped by the runner), mostly with
+                // its identity; sometimes by a departed one (another identity).
+                let (veth, ep) = world.endpoints[g.rng.below(world.endpoints.len())];
+                let identity = if g.rng.chance(80) {
+                    ep.identity
+                } else {
+                    g.rng.pick(&IDENTITIES)
+                };
                 ct.push((
                     k,
                     CtEntry {
                         expires_ns: 0,
                         flags,
                         rule: g.rng.below(4) as u32,
+                        ifindex: veth,
+                        identity,
+                        ..CtEntry::default()
                     },
                 ));
                 ct_offsets.push(secs * 1_000_000_000);

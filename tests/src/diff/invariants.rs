@@ -130,12 +130,18 @@ fn own_dst(ep: &Endpoint, ip: &Ip) -> bool {
 fn policy_allows(world: &World, ep: &Endpoint, ip: &Ip, ty: Option<u8>) -> bool {
     let remote = if ip.v6 {
         lpm(
-            world.ipcache6.iter().map(|(l, a, id)| (*l, &a[..], *id)),
+            world
+                .ipcache6
+                .iter()
+                .map(|(l, a, id)| (*l, &a[..], id.identity)),
             ip.dst,
         )
     } else {
         lpm(
-            world.ipcache4.iter().map(|(l, a, id)| (*l, &a[..], *id)),
+            world
+                .ipcache4
+                .iter()
+                .map(|(l, a, id)| (*l, &a[..], id.identity)),
             ip.dst,
         )
     }

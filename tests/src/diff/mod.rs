@@ -116,11 +116,11 @@ impl fmt::Display for Disagreement {
                 self.ifindexes[*veth as usize]
             )?;
         }
-        for (l, a, id) in &c.world.ipcache4 {
-            writeln!(f, "  ipcache4 {a:?}/{l} → {id}")?;
+        for (l, a, v) in &c.world.ipcache4 {
+            writeln!(f, "  ipcache4 {a:?}/{l} → {v:?}")?;
         }
-        for (l, a, id) in &c.world.ipcache6 {
-            writeln!(f, "  ipcache6 {}/{l} → {id}", std::net::Ipv6Addr::from(*a))?;
+        for (l, a, v) in &c.world.ipcache6 {
+            writeln!(f, "  ipcache6 {}/{l} → {v:?}", std::net::Ipv6Addr::from(*a))?;
         }
         for (l, k, v) in &c.world.policy {
             writeln!(
@@ -138,9 +138,11 @@ impl fmt::Display for Disagreement {
         for ((k, e), off) in c.world.ct.iter().zip(&c.ct_offsets) {
             writeln!(
                 f,
-                "  conntrack {k:?} flags {} rule {} expires start{:+} s",
+                "  conntrack {k:?} flags {} rule {} veth{} identity {} expires start{:+} s",
                 e.flags,
                 e.rule,
+                e.ifindex,
+                e.identity,
                 off / 1_000_000_000
             )?;
         }
@@ -254,8 +256,26 @@ impl Runner {
         for (veth, _) in model.endpoints.iter_mut() {
             *veth = self.ifindexes[*veth as usize];
         }
+        // ipcache interfaces are `veth index + 1` (0: none).
+        let iface = |v: u32| {
+            if v == 0 {
+                0
+            } else {
+                self.ifindexes[v as usize - 1]
+            }
+        };
+        for (_, _, info) in model.ipcache4.iter_mut() {
+            info.ifindex = iface(info.ifindex);
+            info.bridge_ifindex = iface(info.bridge_ifindex);
+        }
+        for (_, _, info) in model.ipcache6.iter_mut() {
+            info.ifindex = iface(info.ifindex);
+            info.bridge_ifindex = iface(info.bridge_ifindex);
+        }
         for ((_, e), off) in model.ct.iter_mut().zip(&case.ct_offsets) {
             e.expires_ns = start.saturating_add_signed(*off);
+            // Held by the endpoint of that veth index.
+            e.ifindex = self.ifindexes[e.ifindex as usize];
         }
         let dp = &mut self.dp;
         dp.clear();
@@ -271,10 +291,12 @@ impl Runner {
         for (l, k, v) in &model.policy {
             dp.policy(*l, *k, *v);
         }
-        for (k, e) in &model.ct {
-            match k {
-                CtKey::V4(k) => dp.set_ct4(*k, *e),
-                CtKey::V6(k) => dp.set_ct6(*k, *e),
+        for (est, table) in [(true, &model.ct), (false, &model.ct_new)] {
+            for (k, e) in table {
+                match k {
+                    CtKey::V4(k) => dp.set_ct4(*k, *e, est),
+                    CtKey::V6(k) => dp.set_ct6(*k, *e, est),
+                }
             }
         }
         stats.cases += 1;
@@ -282,7 +304,12 @@ impl Runner {
         for (i, s) in case.steps.iter().enumerate() {
             let ifindex = self.ifindexes[s.veth];
             let now = crate::progtest::now_ns();
-            let verdict = model.run(ifindex, s.dir, &s.frame, now);
+            let via = match s.via {
+                Via::Own => ifindex,
+                Via::Veth(v) => self.ifindexes[v],
+                Via::Uplink => self.uplink,
+            };
+            let verdict = model.run_via(ifindex, via, s.dir, &s.frame, now);
             if let Verdict::Pass(why) = verdict {
                 *stats.why.entry(why).or_default() += 1;
             }
@@ -290,11 +317,6 @@ impl Runner {
             let prog = match s.dir {
                 Direction::Egress => Prog::From,
                 Direction::Ingress => Prog::To,
-            };
-            let via = match s.via {
-                Via::Own => ifindex,
-                Via::Veth(v) => self.ifindexes[v],
-                Via::Uplink => self.uplink,
             };
             let ret = self.dp.run_via(prog, ifindex, via, &s.frame);
             let events = self
@@ -378,33 +400,48 @@ fn frag_differences(model: &World, dp: &Datapath) -> Vec<String> {
 }
 
 fn entry_differs(want: &CtEntry, got: &CtEntry) -> bool {
-    want.flags != got.flags
-        || want.rule != got.rule
-        || want.expires_ns.abs_diff(got.expires_ns) > EXPIRY_SLACK_NS
+    CtEntry {
+        expires_ns: 0,
+        ..*want
+    } != CtEntry {
+        expires_ns: 0,
+        ..*got
+    } || want.expires_ns.abs_diff(got.expires_ns) > EXPIRY_SLACK_NS
 }
 
-/// The differences between the model's conntrack and the kernel's maps.
+/// The differences between the model's conntrack and the kernel's maps (both tables).
 fn ct_differences(model: &World, dp: &Datapath) -> Vec<String> {
-    let mut kernel: Vec<(CtKey, CtEntry)> = dp
-        .ct4_all()
-        .into_iter()
-        .map(|(k, e)| (CtKey::V4(k), e))
-        .chain(dp.ct6_all().into_iter().map(|(k, e)| (CtKey::V6(k), e)))
-        .collect();
     let mut out = Vec::new();
-    for (k, want) in &model.ct {
-        match kernel.iter().position(|(x, _)| x == k) {
-            Some(i) => {
-                let (_, got) = kernel.swap_remove(i);
-                if entry_differs(want, &got) {
-                    out.push(format!("conntrack {k:?}: model {want:?}, kernel {got:?}"));
+    for (est, table, name) in [
+        (true, &model.ct, "established"),
+        (false, &model.ct_new, "new"),
+    ] {
+        let mut kernel: Vec<(CtKey, CtEntry)> = dp
+            .ct4_all(est)
+            .into_iter()
+            .map(|(k, e)| (CtKey::V4(k), e))
+            .chain(dp.ct6_all(est).into_iter().map(|(k, e)| (CtKey::V6(k), e)))
+            .collect();
+        for (k, want) in table {
+            match kernel.iter().position(|(x, _)| x == k) {
+                Some(i) => {
+                    let (_, got) = kernel.swap_remove(i);
+                    if entry_differs(want, &got) {
+                        out.push(format!(
+                            "conntrack {name} {k:?}: model {want:?}, kernel {got:?}"
+                        ));
+                    }
                 }
+                None => out.push(format!(
+                    "conntrack {name} {k:?}: model {want:?}, kernel has none"
+                )),
             }
-            None => out.push(format!("conntrack {k:?}: model {want:?}, kernel has none")),
         }
-    }
-    for (k, got) in kernel {
-        out.push(format!("conntrack {k:?}: model has none, kernel {got:?}"));
+        for (k, got) in kernel {
+            out.push(format!(
+                "conntrack {name} {k:?}: model has none, kernel {got:?}"
+            ));
+        }
     }
     out
 }
