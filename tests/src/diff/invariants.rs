@@ -20,8 +20,7 @@ pub struct Checks {
     /// Hole 5: to a container only unicast addressed to it (or multicast, broadcast,
     /// link-local).
     pub own_destination: bool,
-    /// Hole 3: an ICMP error leaving an enforcing container goes to the quoted packet's source
-    /// and is at most 576 (IPv4) / 1280 (IPv6) bytes.
+    /// Hole 3: see [`icmp_related`].
     pub icmp_error_to_peer: bool,
     /// Hole 2: no router advertisement or redirect from a container; ND with hop limit 255, MLD
     /// with hop limit 1, at most 1280 bytes; a container's NA names its own or a link-local
@@ -58,8 +57,6 @@ struct Ip<'a> {
     l4: usize,
     /// IPv6 hop limit.
     hop: u8,
-    /// The length the IP header claims (IPv4 total length, IPv6 40 + payload length).
-    claimed: usize,
 }
 
 fn ip(f: &[u8]) -> Option<Ip<'_>> {
@@ -79,7 +76,6 @@ fn ip(f: &[u8]) -> Option<Ip<'_>> {
                 proto: if later { 255 } else { h[9] },
                 l4: 14 + ihl,
                 hop: h[8],
-                claimed: be16(f, 16)? as usize,
             })
         }
         0x86dd => {
@@ -99,7 +95,6 @@ fn ip(f: &[u8]) -> Option<Ip<'_>> {
                 proto,
                 l4,
                 hop: h[7],
-                claimed: 40 + be16(f, 18)? as usize,
             })
         }
         _ => None,
@@ -127,14 +122,18 @@ fn own_dst(ep: &Endpoint, ip: &Ip) -> bool {
 }
 
 /// Whether policy alone allows the ICMP message (type `ty`) `ip` from `ep` to its destination.
-fn policy_allows(world: &World, ep: &Endpoint, ip: &Ip, ty: Option<u8>) -> bool {
+fn policy_allows(world: &World, ep: &Endpoint, dir: Direction, ip: &Ip, ty: Option<u8>) -> bool {
+    let peer = match dir {
+        Direction::Egress => ip.dst,
+        Direction::Ingress => ip.src,
+    };
     let remote = if ip.v6 {
         lpm(
             world
                 .ipcache6
                 .iter()
                 .map(|(l, a, id)| (*l, &a[..], id.identity)),
-            ip.dst,
+            peer,
         )
     } else {
         lpm(
@@ -142,14 +141,14 @@ fn policy_allows(world: &World, ep: &Endpoint, ip: &Ip, ty: Option<u8>) -> bool 
                 .ipcache4
                 .iter()
                 .map(|(l, a, id)| (*l, &a[..], id.identity)),
-            ip.dst,
+            peer,
         )
     }
     .unwrap_or(identity::WORLD);
     let [a, b] = policy::lookup_keys(
         ep.identity,
         remote,
-        Direction::Egress,
+        dir,
         ip.proto,
         u16::from(ty.unwrap_or(0)),
     );
@@ -157,6 +156,59 @@ fn policy_allows(world: &World, ep: &Endpoint, ip: &Ip, ty: Option<u8>) -> bool 
         policy::decide(policy_lpm(&world.policy, &a), policy_lpm(&world.policy, &b)),
         Verdict::Allow(_)
     )
+}
+
+/// Hole 3 on an enforced direction, for an ICMP message that policy alone would not let on
+/// (so it passed as related to a flow): an error goes back to the quoted packet's sender from
+/// the address it was sent to (to a container: quotes a packet the container sent; a port or
+/// IPv4 protocol unreachable only from that packet's destination), and is at most 576 / 1280
+/// bytes after the Ethernet header; IPv4 source quench (4) and redirect (5) are never related.
+fn icmp_related(dir: Direction, ip: &Ip, f: &[u8]) -> Option<String> {
+    let ty = *f.get(ip.l4)?;
+    let code = *f.get(ip.l4 + 1)?;
+    if !ip.v6 && (ty == 4 || ty == 5) {
+        return Some(format!("hole 3: IPv4 ICMP type {ty} passed without policy"));
+    }
+    let error = if ip.v6 {
+        (1..=4).contains(&ty)
+    } else {
+        matches!(ty, 3 | 11 | 12)
+    };
+    if !error {
+        return None;
+    }
+    let cap = if ip.v6 { 1280 } else { 576 };
+    if f.len() - 14 > cap {
+        return Some(format!(
+            "hole 3: an ICMP error of {} bytes passed",
+            f.len() - 14
+        ));
+    }
+    let q = ip.l4 + 8;
+    let (qs, qd) = if ip.v6 {
+        (f.get(q + 8..q + 24), f.get(q + 24..q + 40))
+    } else {
+        (f.get(q + 12..q + 16), f.get(q + 16..q + 20))
+    };
+    if qs != Some(ip.dst) {
+        return Some(format!(
+            "hole 3: an ICMP error {dir:?} not to the quoted packet's source"
+        ));
+    }
+    if dir == Direction::Egress && qd != Some(ip.src) {
+        return Some("hole 3: a container sent an ICMP error about a packet not sent to it".into());
+    }
+    let port_unreachable = if ip.v6 {
+        ty == 1 && code == 4
+    } else {
+        ty == 3 && (code == 2 || code == 3)
+    };
+    if dir == Direction::Ingress && port_unreachable && qd != Some(ip.src) {
+        return Some(
+            "hole 3: a port unreachable from another host than the quoted destination".into(),
+        );
+    }
+    None
 }
 
 /// The property a packet that the kernel passed on endpoint `ifindex` violates, if any.
@@ -205,34 +257,6 @@ pub fn violated(
                     return Some("hole 2: a container advertised another address (NA)".into());
                 }
             }
-            let error = matches!(
-                (ip.v6, ty),
-                (false, Some(3 | 11 | 12)) | (true, Some(1..=4))
-            );
-            // Policy may allow ICMP to that peer (a rule without ports): then it is not
-            // "related" traffic.
-            if c.icmp_error_to_peer
-                && error
-                && ep.enforces(dir)
-                && !policy_allows(world, ep, &ip, ty)
-            {
-                let q = ip.l4 + 8;
-                let quoted_src = if ip.v6 {
-                    f.get(q + 8..q + 24)
-                } else {
-                    f.get(q + 12..q + 16)
-                };
-                if quoted_src != Some(ip.dst) {
-                    return Some("hole 3: an ICMP error left for another host than the quoted packet's source".into());
-                }
-                let cap = if ip.v6 { 1280 } else { 576 };
-                if ip.claimed.min(f.len() - 14) > cap {
-                    return Some(format!(
-                        "hole 3: an ICMP error of {} bytes left",
-                        ip.claimed
-                    ));
-                }
-            }
         }
         Direction::Ingress => {
             if c.own_destination && !own_dst(ep, &ip) {
@@ -262,5 +286,52 @@ pub fn violated(
             }
         }
     }
+    let icmp_proto = (!ip.v6 && ip.proto == 1) || (ip.v6 && ip.proto == 58);
+    if c.icmp_error_to_peer
+        && icmp_proto
+        && ep.enforces(dir)
+        && !policy_allows(world, ep, dir, &ip, ty)
+    {
+        if let Some(v) = icmp_related(dir, &ip, f) {
+            return Some(v);
+        }
+    }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::*;
+
+    const C: [u8; 4] = [10, 0, 0, 2];
+    const PEER: [u8; 4] = [192, 0, 2, 10];
+    const THIRD: [u8; 4] = [198, 51, 100, 7];
+
+    fn error_from_container(to: [u8; 4], ty: u8, extra: usize) -> Vec<u8> {
+        let quoted = Ipv4::new(PEER, C, 17).build(&udp(53, 40000, b""));
+        let mut body = quoted;
+        body.extend(vec![0; extra]);
+        ipv4(C, to, 1, &icmp(ty, 3, [0; 4], &body))
+    }
+
+    fn check(f: &[u8], dir: Direction) -> Option<String> {
+        icmp_related(dir, &ip(f).unwrap(), f)
+    }
+
+    #[test]
+    fn icmp_errors_go_back_to_the_quoted_sender_and_are_capped() {
+        assert_eq!(
+            check(&error_from_container(PEER, 3, 0), Direction::Egress),
+            None
+        );
+        assert!(check(&error_from_container(THIRD, 3, 0), Direction::Egress).is_some());
+        assert!(check(&error_from_container(PEER, 3, 600), Direction::Egress).is_some());
+        assert!(check(&error_from_container(PEER, 4, 0), Direction::Egress).is_some());
+        // Inbound: a port unreachable about the container's packet to PEER, from PEER or not.
+        let quoted = Ipv4::new(C, PEER, 17).build(&udp(40000, 53, b""));
+        let from = |s| ipv4(s, C, 1, &icmp(3, 3, [0; 4], &quoted));
+        assert_eq!(check(&from(PEER), Direction::Ingress), None);
+        assert!(check(&from(THIRD), Direction::Ingress).is_some());
+    }
 }
