@@ -622,6 +622,24 @@ fn parse(f: &[u8], fam: Fam, ep: &Endpoint, dir: Direction) -> Result<Pkt, DropR
     Ok(p)
 }
 
+/// Step 1 for ARP: from a container, an Ethernet/IPv4 ARP message whose sender address is the
+/// endpoint's own or 0.0.0.0; to a container, anything.
+fn arp(ep: &Endpoint, dir: Direction, f: &[u8]) -> Result<(), DropReason> {
+    if dir == Direction::Ingress {
+        return Ok(());
+    }
+    let a = bytes(f, ETH_HLEN, 28)?;
+    if a[0..6] != [0, 1, 0x08, 0x00, 6, 4] {
+        return Err(DropReason::Malformed);
+    }
+    let sender = Addr::v4([a[14], a[15], a[16], a[17]]);
+    if sender.a4() == [0; 4] || is_local(ep, Fam::V4, &sender) {
+        Ok(())
+    } else {
+        Err(DropReason::Spoofed)
+    }
+}
+
 fn is_local(ep: &Endpoint, fam: Fam, a: &Addr) -> bool {
     match fam {
         Fam::V4 => ep.flags & Endpoint::HAS_IPV4 != 0 && a.a4() == ep.ipv4,
@@ -918,7 +936,7 @@ impl World {
         let fam = match be16(f, 12) {
             Some(ETH_P_IP) => Fam::V4,
             Some(ETH_P_IPV6) => Fam::V6,
-            Some(ETH_P_ARP) => return Ok(Why::Arp),
+            Some(ETH_P_ARP) => return arp(ep, dir, f).map(|()| Why::Arp),
             _ => return Err(DropReason::UnsupportedL3),
         };
         // 2–3. Addresses, parse.

@@ -2,7 +2,9 @@
 //! `to_container` (host veth egress, the container's ingress). Cilium's `bpf_lxc.c` in small.
 //!
 //! Order of checks for a packet on a managed veth:
-//! 1. ARP passes; other non-IP ethertypes pass on an unenforced endpoint and are dropped
+//! 1. ARP from a container must name the endpoint's own IPv4 address (or 0.0.0.0, a probe) as
+//!    sender (`Spoofed`; a truncated or non-Ethernet/IPv4 one is `Malformed`); ARP to a
+//!    container passes. Other non-IP ethertypes pass on an unenforced endpoint and are dropped
 //!    (`UnsupportedL3`) on an enforced one.
 //! 2. Addresses, read from the fixed IPv4/IPv6 header alone (before its options, lengths,
 //!    extension headers and L4), on every endpoint, enforced or not:
@@ -234,9 +236,33 @@ fn try_lxc(
             }
             decide::<V6>(ep, dir, &sc.p6, &mut sc.ev, iif)
         }
-        ETH_P_ARP => Ok(PASS),
+        ETH_P_ARP => parsed(arp(ctx, sc)).map(|_| PASS),
         _ => Err(DropReason::UnsupportedL3),
     }
+}
+
+/// ARP (Ethernet/IPv4, 28 bytes). From a container, the sender protocol address must be the
+/// endpoint's own IPv4 address or 0.0.0.0 (an RFC 5227 probe), or it is `Spoofed`: a container
+/// cannot claim another's address in the host's or its neighbours' ARP caches. Shorter, or not
+/// Ethernet/IPv4, is `Malformed`. ARP to a container passes (its sender's veth checked it).
+#[inline(never)]
+fn arp(ctx: &TcContext, sc: &mut Scratch) -> u32 {
+    if sc.ev.direction != Direction::Egress as u8 {
+        return PARSED_PASS;
+    }
+    let a: parse::ArpHead = match ctx.load(ETH_HLEN) {
+        Ok(a) => a,
+        Err(_) => return encode(Err(DropReason::Malformed)),
+    };
+    let b = &a.b;
+    if b[0] != 0 || b[1] != 1 || b[2] != 0x08 || b[3] != 0 || b[4] != 6 || b[5] != 4 {
+        return encode(Err(DropReason::Malformed));
+    }
+    let sender = A4([b[14], b[15], b[16], b[17]]);
+    if sender == A4([0; 4]) || V4::is_local(&sc.ep, &sender) {
+        return PARSED_PASS;
+    }
+    encode(Err(DropReason::Spoofed))
 }
 
 /// An IPv4 address, 4-byte aligned so that copies and compares are single words.

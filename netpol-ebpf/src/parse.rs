@@ -33,6 +33,14 @@ pub struct L4Head {
     pub b: [u8; 8],
 }
 
+/// An Ethernet/IPv4 ARP message: hardware and protocol types and lengths, operation, sender
+/// MAC and IPv4 address, target MAC and IPv4 address.
+#[repr(C, align(4))]
+#[derive(Clone, Copy)]
+pub struct ArpHead {
+    pub b: [u8; 28],
+}
+
 /// The fixed part of a TCP header.
 #[repr(C, align(4))]
 #[derive(Clone, Copy)]

@@ -2747,3 +2747,34 @@ fn container_address_from_elsewhere_is_spoofed_v6() {
         container_address_from_elsewhere_is_spoofed(V6);
     }
 }
+
+#[test]
+fn arp_from_a_container_claims_only_its_own_address() {
+    if !require_root("arp_from_a_container_claims_only_its_own_address") {
+        return;
+    }
+    for (ingress, egress) in [(true, true), (false, false)] {
+        let dp = Dp::db(ingress, egress);
+        let what = format!("enforced: {ingress}");
+        assert_eq!(dp.run(From, &arp_request(DB.v4, APP1.v4)), PASS, "{what}");
+        assert_eq!(
+            dp.run(From, &arp_request([0; 4], DB.v4)),
+            PASS,
+            "an address probe from 0.0.0.0 ({what})"
+        );
+        // Gratuitous ARP for app1's address (poisoning the host's and neighbours' caches).
+        assert_eq!(
+            dp.run(From, &arp_request(APP1.v4, APP1.v4)),
+            SHOT,
+            "claiming app1's address ({what})"
+        );
+        assert_eq!(dp.drops(DropReason::Spoofed), 1, "{what}");
+        // To the container: its neighbours' ARP passes.
+        assert_eq!(dp.run(To, &arp_request(APP1.v4, DB.v4)), PASS, "{what}");
+        // A truncated one is malformed: dropped only where policy applies.
+        let mut cut = arp_request(DB.v4, APP1.v4);
+        cut.truncate(14 + 20);
+        let want = if ingress { SHOT } else { PASS };
+        assert_eq!(dp.run(From, &cut), want, "truncated ARP ({what})");
+    }
+}
