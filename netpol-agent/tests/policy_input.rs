@@ -211,14 +211,17 @@ fn delete_by_file_checks_the_files_first() {
     let dir = TempDir::new("delete");
     let bad = dir.write("bad.yaml", "apiVersion: cilium.io/v2\nkind: Nope\n");
     let socket = dir.0.join("no-agent.sock");
-    let r = run(&[
-        "--socket",
-        socket.to_str().unwrap(),
-        "policy",
-        "delete",
-        "-f",
-        bad.to_str().unwrap(),
-    ]);
+    let delete_f = |file: &Path| {
+        run(&[
+            "--socket",
+            socket.to_str().unwrap(),
+            "policy",
+            "delete",
+            "-f",
+            file.to_str().unwrap(),
+        ])
+    };
+    let r = delete_f(&bad);
     assert_ne!(r.code, Some(0));
     assert!(
         r.stderr
@@ -232,14 +235,7 @@ fn delete_by_file_checks_the_files_first() {
         "good.yaml",
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: a}\nspec: {endpointSelector: {}}\n",
     );
-    let r = run(&[
-        "--socket",
-        socket.to_str().unwrap(),
-        "policy",
-        "delete",
-        "-f",
-        good.to_str().unwrap(),
-    ]);
+    let r = delete_f(&good);
     assert!(
         r.stderr.contains("cannot reach the netpol agent"),
         "{}",

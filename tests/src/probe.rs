@@ -240,6 +240,17 @@ pub struct OutsideNs {
     pub addr: std::net::Ipv4Addr,
 }
 
+/// Runs `ip ARGS`, panicking with its error output if it fails.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("spawn ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl OutsideNs {
     /// `octet` picks the /30 `10.250.<octet>.0/30`.
     pub fn create(octet: u8) -> Self {
@@ -288,13 +299,7 @@ impl OutsideNs {
                 &ns.host_addr.to_string(),
             ],
         ] {
-            let out = Command::new("ip").args(&args).output().expect("spawn ip");
-            assert!(
-                out.status.success(),
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            ip(&args);
         }
         ns
     }
@@ -334,13 +339,7 @@ impl OutsideNs {
             ],
             vec!["-n", n, "-6", "route", "add", "default", "via", &host],
         ] {
-            let out = Command::new("ip").args(&args).output().expect("spawn ip");
-            assert!(
-                out.status.success(),
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            ip(&args);
         }
         inside.parse().expect("IPv6 address")
     }
