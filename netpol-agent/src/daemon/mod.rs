@@ -186,6 +186,22 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
     let listener = server::bind(&socket)?;
     tokio::spawn(server::serve(listener, agent.clone(), monitor.clone()));
 
+    // The host's link events: a new container's veth is policed as soon as it joins a Docker
+    // bridge, before Docker reports the container.
+    let (link_tx, mut link_rx) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(crate::docker::watch_links(link_tx));
+    let agent_links = agent.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = link_rx.recv().await {
+            let mut a = agent_links.lock().await;
+            a.on_link(ev);
+            // Whatever else queued meanwhile, under the same lock.
+            while let Ok(ev) = link_rx.try_recv() {
+                a.on_link(ev);
+            }
+        }
+    });
+
     // Docker.
     let cfg = DockerConfig {
         socket: args.docker_socket.clone(),

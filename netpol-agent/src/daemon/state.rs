@@ -9,7 +9,7 @@ use tracing::{error, info, warn};
 use super::api::{EndpointRow, IdentityRow, PolicyRow, SourceFile};
 use crate::{
     datapath::{Cidr, Datapath},
-    docker::{Container, DockerEvent, Network},
+    docker::{Container, DockerEvent, LinkEvent, LinkInfo, Network},
     identity::{display_name, netpol_labels, IdentityAllocator, LabelFilter, Labels},
     policy::{
         self,
@@ -67,6 +67,11 @@ pub struct Agent {
     last_error: Option<String>,
     /// ifindex → (container name, identity), for the monitor.
     pub names: BTreeMap<u32, (String, u32)>,
+    /// The host namespace's links, from the kernel's link events.
+    host_links: BTreeMap<u32, LinkInfo>,
+    /// The last desired state built from Docker's world, without provisional endpoints: a link
+    /// event re-reconciles against it without recompiling policy.
+    last_base: Option<Desired>,
 }
 
 impl Agent {
@@ -103,6 +108,8 @@ impl Agent {
             masq: None,
             last_error: None,
             names: BTreeMap::new(),
+            host_links: BTreeMap::new(),
+            last_base: None,
         })
     }
 
@@ -268,10 +275,106 @@ impl Agent {
         self.refresh_labels();
         let policies = self.sources.policies();
         let (desired, compiled) = self.desired(&policies)?;
-        let n = self.reconciler.reconcile(self.dp.as_mut(), &desired)?;
+        let n = self.reconcile_base(desired)?;
         self.compiled = Some(compiled);
         self.save()?;
         Ok(n)
+    }
+
+    /// Reconciles `base` (the desired state from Docker's world) plus the provisional endpoints,
+    /// and remembers `base` for link events.
+    fn reconcile_base(&mut self, base: Desired) -> Result<usize, AgentError> {
+        let full = self.with_provisional(base.clone());
+        let n = self.reconciler.reconcile(self.dp.as_mut(), &full)?;
+        self.last_base = Some(base);
+        Ok(n)
+    }
+
+    /// The ifindexes of the Linux bridges of the bridge networks Docker reported.
+    fn docker_bridges(&self) -> std::collections::BTreeSet<u32> {
+        let names: std::collections::BTreeSet<&str> = self
+            .networks
+            .values()
+            .filter(|n| n.is_bridge())
+            .filter_map(|n| n.bridge.as_deref())
+            .collect();
+        self.host_links
+            .values()
+            .filter(|l| l.kind.as_deref() == Some("bridge") && names.contains(l.name.as_str()))
+            .map(|l| l.ifindex)
+            .collect()
+    }
+
+    /// Veths that are ports of a Docker bridge but not (yet) a known container's endpoint: a
+    /// container that is starting, whose host veth the kernel reported before Docker did. Only
+    /// veths whose master is the bridge of a network Docker reported are ever picked.
+    fn provisional_veths(&self, claimed: &BTreeMap<u32, Endpoint>) -> Vec<u32> {
+        if !self.docker_synced {
+            return Vec::new();
+        }
+        let bridges = self.docker_bridges();
+        self.host_links
+            .values()
+            .filter(|l| l.kind.as_deref() == Some("veth"))
+            .filter(|l| l.master.is_some_and(|m| bridges.contains(&m)))
+            .filter(|l| !claimed.contains_key(&l.ifindex))
+            .map(|l| l.ifindex)
+            .collect()
+    }
+
+    /// `base` plus a provisional endpoint on every unclaimed veth of a Docker bridge: identity
+    /// `unmanaged`, both directions enforced and no address, so everything it sends is dropped as
+    /// spoofed and nothing reaches it, until Docker identifies the container and its real endpoint
+    /// replaces this one. Fails closed: a veth that is never claimed stays closed.
+    fn with_provisional(&mut self, mut d: Desired) -> Desired {
+        for ifindex in self.provisional_veths(&d.maps.endpoints) {
+            d.maps.endpoints.insert(
+                ifindex,
+                Endpoint::new(reserved::UNMANAGED).enforce(true, true),
+            );
+            d.attached.insert(ifindex);
+            self.names
+                .insert(ifindex, ("(new container)".to_owned(), reserved::UNMANAGED));
+        }
+        d
+    }
+
+    /// Link events from the host namespace. A veth that joins a Docker bridge is policed at once
+    /// (see [`Self::with_provisional`]), without waiting for Docker's start event.
+    pub fn on_link(&mut self, ev: LinkEvent) {
+        let before = self
+            .last_base
+            .as_ref()
+            .map(|b| self.provisional_veths(&b.maps.endpoints));
+        match ev {
+            LinkEvent::Snapshot(links) => {
+                self.host_links = links.into_iter().map(|l| (l.ifindex, l)).collect();
+            }
+            LinkEvent::Changed(l) => {
+                self.host_links.insert(l.ifindex, l);
+            }
+            LinkEvent::Removed(ifindex) => {
+                self.host_links.remove(&ifindex);
+            }
+        }
+        let Some(base) = self.last_base.clone() else {
+            return;
+        };
+        let after = self.provisional_veths(&base.maps.endpoints);
+        if before.as_ref() == Some(&after) {
+            return;
+        }
+        match self.reconcile_base(base) {
+            Ok(n) => {
+                if n > 0 {
+                    info!(veths = ?after, operations = n, "new veths on Docker bridges policed (provisional)");
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "policing a new veth failed; the previous state stays in force");
+                self.last_error = Some(e.to_string());
+            }
+        }
     }
 
     pub fn sync_logged(&mut self, why: &str) {
@@ -357,14 +460,17 @@ impl Agent {
         self.refresh_labels();
         let policies = self.sources.policies_with(&candidate);
         let (desired, compiled) = self.desired(&policies)?;
-        reconcile::check_fit(&desired.maps, &self.dp.sizes())?;
+        reconcile::check_fit(
+            &self.with_provisional(desired.clone()).maps,
+            &self.dp.sizes(),
+        )?;
         // Persist first; undo the files if the maps cannot be written.
         let old = self.sources.imports.set().clone();
         imports::persist(&self.store, &old, &candidate)?;
         if self.docker_synced {
-            if let Err(e) = self.reconciler.reconcile(self.dp.as_mut(), &desired) {
+            if let Err(e) = self.reconcile_base(desired) {
                 imports::restore(&self.store, &old, &candidate);
-                return Err(e.into());
+                return Err(e);
             }
             self.compiled = Some(compiled);
         }

@@ -19,7 +19,7 @@ use super::Agent;
 use crate::policy::sources::labels::identity_labels;
 use crate::{
     datapath::{fake::FakeDatapath, Cidr, MapSizes, MapState, PolicyEntryKey},
-    docker::{Attachment, Container, DockerEvent, Network, NetworkMode},
+    docker::{Attachment, Container, DockerEvent, LinkEvent, LinkInfo, Network, NetworkMode},
     identity::LabelFilter,
     store::Store,
 };
@@ -756,4 +756,54 @@ fn netpol_labels_from_the_image_are_never_policy() {
         state.contains("ingress default deny") && state.contains("could not be inspected"),
         "{state}"
     );
+}
+
+fn link(ifindex: u32, name: &str, kind: &str, master: Option<u32>) -> LinkInfo {
+    LinkInfo {
+        ifindex,
+        name: name.to_owned(),
+        mac: None,
+        link: None,
+        kind: Some(kind.to_owned()),
+        master,
+    }
+}
+
+/// Issue 8 hole 6: a veth that joins a Docker bridge is policed from the kernel's link event on,
+/// closed (no address: everything it sends is dropped as spoofed; nothing is let in) until
+/// Docker identifies its container; veths elsewhere are never touched.
+#[test]
+fn a_veth_joining_a_docker_bridge_is_closed_until_docker_identifies_it() {
+    use netpol_common::{endpoint::Endpoint, identity::UNMANAGED};
+    let dirs = Dirs::new("provisional");
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[]);
+    a.on_link(LinkEvent::Snapshot(vec![
+        link(1, "lo", "", None),
+        link(5, "br-net", "bridge", None),
+        link(6, "br-other", "bridge", None),
+    ]));
+    // A veth on a bridge Docker does not know, and one on no bridge: never touched.
+    a.on_link(LinkEvent::Changed(link(20, "vethx", "veth", Some(6))));
+    a.on_link(LinkEvent::Changed(link(21, "vethy", "veth", None)));
+    assert!(a.dp.attached().unwrap().is_empty());
+    // A port joins Docker's bridge: policed at once, closed.
+    let web = container(2, "web", &[("app", "web")]);
+    let veth = ifindex(&web);
+    a.on_link(LinkEvent::Changed(link(veth, "veth2", "veth", Some(5))));
+    let closed = Endpoint::new(UNMANAGED).enforce(true, true);
+    assert_eq!(a.dp.attached().unwrap(), vec![veth]);
+    assert_eq!(maps(&a).endpoints[&veth], closed);
+    // Docker reports the container: its real endpoint replaces the provisional one.
+    a.on_docker(DockerEvent::ContainerUp(web.clone()));
+    let ep = maps(&a).endpoints[&veth];
+    assert_ne!(ep.identity, UNMANAGED);
+    assert_eq!(ep.ipv4, [172, 20, 0, 2]);
+    assert_eq!(a.dp.attached().unwrap(), vec![veth]);
+    // The container goes while its veth is still there: closed again; the veth goes: detached.
+    a.on_docker(DockerEvent::ContainerDown { id: web.id.clone() });
+    assert_eq!(maps(&a).endpoints[&veth], closed);
+    a.on_link(LinkEvent::Removed(veth));
+    assert!(a.dp.attached().unwrap().is_empty());
+    assert!(maps(&a).endpoints.is_empty());
 }

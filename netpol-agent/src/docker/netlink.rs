@@ -24,7 +24,7 @@ use netlink_packet_core::NetlinkPayload;
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
     link::{InfoKind, LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage},
-    RouteNetlinkMessage,
+    AddressFamily, RouteNetlinkMessage,
 };
 use netlink_sys::AsyncSocket;
 use tokio::sync::mpsc;
@@ -367,6 +367,15 @@ async fn link_session(tx: &mpsc::Sender<LinkEvent>) -> Result<(), NetlinkError> 
             )));
         };
         let ev = match msg.payload {
+            // The bridge also sends RTM_NEWLINK / RTM_DELLINK of family AF_BRIDGE about its
+            // ports (no IFLA_LINKINFO; a DELLINK when a port leaves the bridge, not when the
+            // link goes): those are not link changes.
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m))
+            | NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m))
+                if m.header.interface_family == AddressFamily::Bridge =>
+            {
+                continue
+            }
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
                 LinkEvent::Changed(LinkInfo::from_message(&m))
             }
