@@ -282,6 +282,101 @@ impl Topology {
         t
     }
 
+    /// Replaces container `old` by a new one, `new`: `old`'s namespace (and with it its veth)
+    /// goes, and `new` gets a namespace and host veth of its own with `old`'s addresses, as
+    /// Docker hands a freed address to the next container.
+    pub fn replace_container(&mut self, old: &str, new: &str) -> Container {
+        let pos = self
+            .containers
+            .iter()
+            .position(|c| c.name == old)
+            .unwrap_or_else(|| panic!("no container {old} in topology {}", self.tag));
+        let gone = self.containers.remove(pos);
+        ip(&["netns", "del", &gone.ns.name]);
+        self.namespaces.retain(|n| *n != gone.ns);
+        let ns = Netns {
+            name: format!("{}-{new}", self.tag),
+        };
+        self.add_netns(ns.clone());
+        let h = self.host.name.clone();
+        let c = &ns.name;
+        ns.run(&["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0"]);
+        ns.run(&["sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"]);
+        let host_veth = format!("v-{new}");
+        assert!(host_veth.len() <= 15, "container name {new} too long");
+        ip(&[
+            "-n", &h, "link", "add", &host_veth, "type", "veth", "peer", "name", "eth0", "netns", c,
+        ]);
+        ip(&["-n", &h, "link", "set", &host_veth, "master", "br0", "up"]);
+        ip(&["-n", c, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            c,
+            "addr",
+            "add",
+            &format!("{}/24", gone.ipv4),
+            "dev",
+            "eth0",
+        ]);
+        ip(&[
+            "-n",
+            c,
+            "addr",
+            "add",
+            &format!("{}/64", gone.ipv6),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        ip(&["-n", c, "link", "set", "eth0", "up"]);
+        ip(&["-n", c, "route", "add", "default", "via", "10.77.0.1"]);
+        ip(&["-n", c, "-6", "route", "add", "default", "via", "fd77::1"]);
+        let ifindex = self.host.ifindex(&host_veth);
+        let n = Container {
+            name: new.to_owned(),
+            ns,
+            host_veth,
+            ifindex,
+            bridge_ifindex: gone.bridge_ifindex,
+            ipv4: gone.ipv4,
+            ipv6: gone.ipv6,
+        };
+        self.containers.push(n.clone());
+        n
+    }
+
+    /// A namespace outside the bridge, routed through the host like a neighbour on the uplink:
+    /// `<tag>-<name>` with `eth0` 192.0.2.2/24 and a route to the containers' subnet via the
+    /// host's end `up-<name>` (192.0.2.1/24); the host forwards between the two (IPv4). Returns
+    /// the namespace and the ifindex of the host's end.
+    pub fn add_outside(&mut self, name: &str) -> (Netns, u32) {
+        let ns = Netns {
+            name: format!("{}-{name}", self.tag),
+        };
+        self.add_netns(ns.clone());
+        let h = self.host.name.clone();
+        let up = format!("up-{name}");
+        assert!(up.len() <= 15, "outside name {name} too long");
+        ip(&[
+            "-n", &h, "link", "add", &up, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ]);
+        ip(&["-n", &h, "addr", "add", "192.0.2.1/24", "dev", &up]);
+        ip(&["-n", &h, "link", "set", &up, "up"]);
+        self.host.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        // No reverse-path filter: as for IPv6, which has none, or a host with it off or loose.
+        self.host
+            .run(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"]);
+        self.host
+            .run(&["sysctl", "-qw", &format!("net.ipv4.conf.{up}.rp_filter=0")]);
+        let c = &ns.name;
+        ip(&["-n", c, "link", "set", "lo", "up"]);
+        ip(&["-n", c, "addr", "add", "192.0.2.2/24", "dev", "eth0"]);
+        ip(&["-n", c, "link", "set", "eth0", "up"]);
+        ip(&["-n", c, "route", "add", "10.77.0.0/24", "via", "192.0.2.1"]);
+        let ifindex = self.host.ifindex(&up);
+        (ns, ifindex)
+    }
+
     fn add_netns(&mut self, ns: Netns) {
         ip(&["netns", "add", &ns.name]);
         self.namespaces.push(ns);
@@ -582,6 +677,7 @@ impl Drop for PinDir {
 /// detach <ifindex>        (after the attaches)
 /// attach-mode <tcx|netlink>   (forces the attach mode; default: probed)
 /// replace-policy          (delete POLICY entries that the plan does not hold)
+/// ct <entries>            (max_entries of CT4 and CT6; the new-flow tables get a quarter)
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DatapathPlan {
@@ -595,6 +691,8 @@ pub struct DatapathPlan {
     /// `Some("tcx")` / `Some("netlink")` forces the attach mode.
     pub attach_mode: Option<String>,
     pub replace_policy: bool,
+    /// `max_entries` of the conntrack maps, when not the default.
+    pub ct_entries: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -718,6 +816,9 @@ impl DatapathPlan {
         if self.replace_policy {
             s.push_str("replace-policy\n");
         }
+        if let Some(n) = self.ct_entries {
+            let _ = writeln!(s, "ct {n}");
+        }
         s
     }
 
@@ -782,6 +883,7 @@ impl DatapathPlan {
                 Some("detach") if f.len() == 2 => plan.detach.push(num(1)?),
                 Some("attach-mode") if f.len() == 2 => plan.attach_mode = Some(f[1].to_owned()),
                 Some("replace-policy") if f.len() == 1 => plan.replace_policy = true,
+                Some("ct") if f.len() == 2 => plan.ct_entries = Some(num(1)?),
                 Some(_) => return Err(bad("unknown or malformed line")),
             }
         }

@@ -46,6 +46,10 @@ fn run() -> anyhow::Result<()> {
     .enter();
     let mut sizes = MapSizes::default();
     sizes.policy = sizes.policy.max(plan.policy.len() as u32 + 64);
+    if let Some(n) = plan.ct_entries {
+        sizes.ct4 = n;
+        sizes.ct6 = n;
+    }
     let mode = match plan.attach_mode.as_deref() {
         None => None,
         Some("tcx") => Some(AttachMode::Tcx),

@@ -1,0 +1,315 @@
+//! Namespace tier, issue 8 holes 1, 4 and 8, with real packets over a Docker-like bridge and the
+//! programs loaded by `netpol-netns-loader` (which exits: pinned programs enforce alone).
+//!
+//! - A container that gets a departed container's address does not inherit its flows.
+//! - A packet that claims a container's address but comes from elsewhere (here: a neighbour
+//!   routed in through the host, as from the uplink) is dropped; the real container still gets
+//!   through, bridged or routed by the host.
+//! - A flood of new flows does not evict an idle established connection, which then receives
+//!   server-push data; conntrack capacity does not depend on the number of CPUs.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use aya::maps::{HashMap, Map, MapData};
+use netpol_agent::datapath::{kernel::KernelDatapath, Datapath, MapSizes};
+use netpol_common::{
+    ct::{CtEntry, CtKey4},
+    maps, proto, DropReason,
+};
+use netpol_tests::{
+    netns::{unique_tag, DatapathPlan, Netns, PinDir, PlanPolicy, Topology},
+    require_root,
+};
+
+const APP1: u32 = 256;
+const APP2: u32 = 257;
+const DB: u32 = 258;
+const NEWCOMER: u32 = 300;
+const PG: u16 = 5432;
+const DNS: u16 = 5353;
+
+const WAIT: Duration = Duration::from_millis(800);
+
+/// Runs the loader as its own process, which exits.
+fn load(pins: &PinDir, t: &Topology, plan: &DatapathPlan) {
+    let name = pins
+        .path()
+        .file_name()
+        .expect("pin dir name")
+        .to_string_lossy();
+    let file = std::env::temp_dir().join(format!("{name}.plan"));
+    std::fs::write(&file, plan.to_text()).expect("writing the plan");
+    let out = Command::new(env!("CARGO_BIN_EXE_netpol-netns-loader"))
+        .arg(pins.path())
+        .arg(&t.host.name)
+        .arg(&file)
+        .output()
+        .expect("spawning netpol-netns-loader");
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "loader failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn adopt(t: &Topology, pins: &Path) -> KernelDatapath {
+    let _g = t.host.enter();
+    KernelDatapath::open(pins, MapSizes::default()).expect("adopting the datapath")
+}
+
+fn drops(dp: &KernelDatapath, reason: DropReason) -> u64 {
+    dp.drop_counters()
+        .expect("reading drop counters")
+        .get(&(reason as u8))
+        .copied()
+        .unwrap_or(0)
+}
+
+/// A UDP socket in `ns` bound to `addr`.
+fn udp(ns: &Netns, addr: SocketAddr) -> UdpSocket {
+    ns.run_in(move || {
+        let s = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("UDP bind {addr}: {e}"));
+        s.set_read_timeout(Some(WAIT)).expect("read timeout");
+        s
+    })
+}
+
+/// The next datagram on `s` within the read timeout, with its sender.
+fn recv(s: &UdpSocket) -> Option<(Vec<u8>, SocketAddr)> {
+    let mut buf = [0u8; 512];
+    s.recv_from(&mut buf)
+        .ok()
+        .map(|(n, a)| (buf[..n].to_vec(), a))
+}
+
+fn v4(t: &Topology, name: &str) -> Ipv4Addr {
+    t.container(name).ipv4
+}
+
+#[test]
+fn reused_address_does_not_inherit_flows() {
+    if !require_root("reused_address_does_not_inherit_flows") {
+        return;
+    }
+    let mut t = Topology::new(&unique_tag("nct-reuse"), &["app1", "db"]);
+    let pins = PinDir::unique("nct-reuse");
+    // db takes UDP 5353 from app1 and sends nothing of its own; app1 takes nothing in.
+    let mut p = DatapathPlan::default();
+    p.container(t.container("app1"), APP1, true, false);
+    p.container(t.container("db"), DB, true, true);
+    p.policy
+        .push(PlanPolicy::allow_in(DB, APP1, proto::UDP, DNS, 1));
+    load(&pins, &t, &p);
+
+    let db_addr = SocketAddr::new(IpAddr::V4(v4(&t, "db")), DNS);
+    let client = udp(&t.container("app1").ns, (v4(&t, "app1"), 0).into());
+    client.connect(db_addr).expect("connect");
+    let server = udp(&t.container("db").ns, db_addr);
+    // Two exchanges: the flow is established at both ends (answered, then the opener again).
+    for msg in [&b"query 1"[..], b"query 2"] {
+        client.send(msg).expect("send");
+        let (got, from) = recv(&server).expect("db receives app1's query");
+        assert_eq!(got, msg);
+        server.send_to(b"answer", from).expect("answer");
+        let mut buf = [0u8; 64];
+        let n = client.recv(&mut buf).expect("app1 receives db's answer");
+        assert_eq!(&buf[..n], b"answer");
+    }
+    let app1_addr = client.local_addr().expect("local addr");
+    drop(server);
+
+    // db goes; a newcomer with another identity, which may neither send nor receive, gets its
+    // address on a new veth at once.
+    let newcomer = t.replace_container("db", "newcomer");
+    let mut p = DatapathPlan::default();
+    p.container(t.container("app1"), APP1, true, false);
+    p.container(&newcomer, NEWCOMER, true, true);
+    p.policy
+        .push(PlanPolicy::allow_in(DB, APP1, proto::UDP, DNS, 1));
+    load(&pins, &t, &p);
+    let dp = adopt(&t, pins.path());
+    let denied = drops(&dp, DropReason::PolicyDenied);
+
+    // The newcomer answers on db's flow: app1 must not receive it.
+    let impostor = udp(&newcomer.ns, db_addr);
+    impostor.send_to(b"forged answer", app1_addr).expect("send");
+    let mut buf = [0u8; 64];
+    client.set_read_timeout(Some(WAIT)).expect("timeout");
+    assert!(
+        client.recv(&mut buf).is_err(),
+        "app1 received the newcomer's datagram on the departed db's flow"
+    );
+    // app1 goes on with the flow: the newcomer must not receive it.
+    client.send(b"query 3").expect("send");
+    assert_eq!(
+        recv(&impostor),
+        None,
+        "the newcomer received app1's datagram on the departed db's flow"
+    );
+    assert!(
+        drops(&dp, DropReason::PolicyDenied) >= denied + 2,
+        "both were decided by policy and denied"
+    );
+}
+
+#[test]
+fn container_address_from_elsewhere_is_dropped_as_spoofed() {
+    if !require_root("container_address_from_elsewhere_is_dropped_as_spoofed") {
+        return;
+    }
+    let mut t = Topology::new(&unique_tag("nct-spoof"), &["app1", "db"]);
+    let (outside, _uplink) = t.add_outside("nb");
+    let pins = PinDir::unique("nct-spoof");
+    // db takes UDP 5353 from app1 only.
+    let mut p = DatapathPlan::default();
+    p.container(t.container("app1"), APP1, false, false);
+    p.container(t.container("db"), DB, true, false);
+    p.policy
+        .push(PlanPolicy::allow_in(DB, APP1, proto::UDP, DNS, 1));
+    load(&pins, &t, &p);
+    let dp = adopt(&t, pins.path());
+
+    let db_addr = SocketAddr::new(IpAddr::V4(v4(&t, "db")), DNS);
+    let server = udp(&t.container("db").ns, db_addr);
+    let app1 = v4(&t, "app1");
+
+    // The real app1, bridged: db gets it.
+    let real = udp(&t.container("app1").ns, (app1, 0).into());
+    real.send_to(b"bridged", db_addr).expect("send");
+    let (got, from) = recv(&server).expect("db receives app1 over the bridge");
+    assert_eq!(
+        (got.as_slice(), from.ip()),
+        (&b"bridged"[..], IpAddr::V4(app1))
+    );
+
+    // A neighbour routed in through the host, claiming app1's address.
+    outside.run(&["ip", "addr", "add", &format!("{app1}/32"), "dev", "eth0"]);
+    let forged = udp(&outside, (app1, 0).into());
+    let spoofed = drops(&dp, DropReason::Spoofed);
+    forged.send_to(b"forged", db_addr).expect("send");
+    assert_eq!(
+        recv(&server),
+        None,
+        "db received a packet with app1's address from outside the bridge"
+    );
+    assert_eq!(
+        drops(&dp, DropReason::Spoofed),
+        spoofed + 1,
+        "dropped as spoofed"
+    );
+
+    // The real app1 routed by the host (through the gateway, in on the bridge): db gets it.
+    let db = v4(&t, "db");
+    t.container("app1").ns.run(&[
+        "ip",
+        "route",
+        "add",
+        &format!("{db}/32"),
+        "via",
+        "10.77.0.1",
+    ]);
+    real.send_to(b"routed", db_addr).expect("send");
+    let (got, _) = recv(&server).expect("db receives app1 routed by the host");
+    assert_eq!(got, b"routed");
+}
+
+/// A TCP server in `ns` that accepts one connection and keeps it, so a test can push data.
+fn push_server(ns: &Netns, addr: SocketAddr) -> TcpListener {
+    ns.run_in(move || TcpListener::bind(addr).unwrap_or_else(|e| panic!("listen {addr}: {e}")))
+}
+
+#[test]
+fn flood_of_new_flows_does_not_evict_an_idle_connection() {
+    if !require_root("flood_of_new_flows_does_not_evict_an_idle_connection") {
+        return;
+    }
+    let t = Topology::new(&unique_tag("nct-flood"), &["app1", "app2", "db"]);
+    let pins = PinDir::unique("nct-flood");
+    // Small conntrack: 1024 established, 1024 new. app1 takes nothing in (db's push passes only
+    // as a reply); db takes TCP 5432 from app1 and any UDP from app2; app2 is not policed.
+    const CT: u32 = 1024;
+    let mut p = DatapathPlan {
+        ct_entries: Some(CT),
+        ..DatapathPlan::default()
+    };
+    p.container(t.container("app1"), APP1, true, false);
+    p.container(t.container("app2"), APP2, false, false);
+    p.container(t.container("db"), DB, true, false);
+    p.policy
+        .push(PlanPolicy::allow_in(DB, APP1, proto::TCP, PG, 1));
+    p.policy.push(PlanPolicy {
+        prefix_len: netpol_common::policy::PREFIX_ANY_PORT,
+        ..PlanPolicy::allow_in(DB, APP2, proto::UDP, 0, 2)
+    });
+    load(&pins, &t, &p);
+    let dp = adopt(&t, pins.path());
+
+    // The maps have one LRU list each: capacity does not shrink with the number of CPUs.
+    for name in [maps::CT4, maps::CT4_NEW] {
+        let info = MapData::from_pin(pins.path().join(name))
+            .and_then(|m| m.info())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(info.map_flags(), 0, "{name} has no per-CPU LRU split");
+        assert_eq!(info.max_entries(), CT, "{name} size");
+    }
+
+    // An idle long-lived connection app1 → db.
+    let db_addr = SocketAddr::new(IpAddr::V4(v4(&t, "db")), PG);
+    let listener = push_server(&t.container("db").ns, db_addr);
+    let app1_ns = t.container("app1").ns.clone();
+    let mut client = app1_ns
+        .run_in(move || TcpStream::connect_timeout(&db_addr, Duration::from_secs(5)))
+        .expect("app1 connects to db");
+    let (mut server, _) = listener.accept().expect("accept");
+    client.write_all(b"hello").expect("write");
+    let mut buf = [0u8; 5];
+    server.read_exact(&mut buf).expect("db reads");
+
+    // A spray of new flows at db, 24 times the new-flow table, two packets each (so that their
+    // entries are referenced again, as the idle connection's were, and an LRU cannot tell them
+    // apart by use alone).
+    let flood = udp(&t.container("app2").ns, (v4(&t, "app2"), 0).into());
+    let n = 24 * CT;
+    for i in 0..n {
+        let port = 10_000 + (i % 50_000) as u16;
+        for _ in 0..2 {
+            let _ = flood.send_to(b"x", SocketAddr::new(IpAddr::V4(v4(&t, "db")), port));
+        }
+    }
+    // The flood really overflowed the new-flow table (the test is not vacuous) ...
+    let new_entries = {
+        let m = MapData::from_pin(pins.path().join(maps::CT4_NEW))
+            .and_then(Map::from_map_data)
+            .expect("CT4_NEW");
+        let h: HashMap<_, CtKey4, CtEntry> = HashMap::try_from(&m).expect("hash");
+        h.keys().count() as u32
+    };
+    assert!(
+        new_entries <= CT && n > 2 * CT,
+        "{n} new flows into {CT} entries ({new_entries} left)"
+    );
+
+    // ... and db's server push on the idle connection still reaches app1.
+    server.write_all(b"server push").expect("push");
+    client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let mut got = [0u8; 11];
+    client
+        .read_exact(&mut got)
+        .expect("app1 receives db's push after the flood");
+    assert_eq!(&got, b"server push");
+    assert_eq!(
+        drops(&dp, DropReason::PolicyDenied),
+        0,
+        "nothing of the connection was dropped"
+    );
+}
