@@ -182,6 +182,9 @@ fn solicited_node(a: &[u8; 16]) -> [u8; 16] {
 }
 
 const IDENTITIES: [u32; 4] = [256, 257, 258, 259];
+/// In a case's ipcache and conntrack, interfaces are `veth index + 1` (0: none) or this: the
+/// bridge. The runner maps them to ifindexes.
+pub const BRIDGE_SLOT: u32 = 100;
 const CIDR_V4: u32 = 1000;
 const CIDR_V6: u32 = 1001;
 const SPORTS: [u16; 6] = [40000, 40001, 5432, 53, 80, 1234];
@@ -216,6 +219,8 @@ pub enum Via {
     Veth(usize),
     /// The uplink (routed from outside, or sent by the host).
     Uplink,
+    /// The containers' bridge (a container's packet routed by the host, not bridged).
+    Bridge,
 }
 
 /// A generated case: the maps' contents before the first packet, and the packets.
@@ -328,8 +333,10 @@ impl Case {
                 // A container's address comes in through its veth: `veth index + 1` here (0
                 // means no check), mapped to the ifindex by the runner. Sometimes the agent
                 // does not know the veth.
-                let info = if rng.chance(80) {
+                let info = if rng.chance(40) {
                     RemoteInfo::container(id, i as u32 + 1, 0)
+                } else if rng.chance(70) {
+                    RemoteInfo::container(id, i as u32 + 1, BRIDGE_SLOT)
                 } else {
                     RemoteInfo::new(id)
                 };
@@ -493,6 +500,9 @@ impl Case {
                         rule: g.rng.below(4) as u32,
                         ifindex: veth,
                         identity,
+                        remote_identity: g.rng.pick(&[0, identity::WORLD, 256, 257, 258]),
+                        remote_ifindex: g.rng.pick(&[0, 0, 1, 2, 3]),
+                        remote_bridge: g.rng.pick(&[0, 1, BRIDGE_SLOT]),
                         ..CtEntry::default()
                     },
                 ));
@@ -750,7 +760,8 @@ impl Gen {
         let owner = (0..self.n_veths)
             .find(|&v| self.ep_node[v].is_some_and(|n| addr(&NODES[n], fam) == *src));
         match owner {
-            Some(v) if self.rng.chance(90) => Via::Veth(v),
+            Some(v) if self.rng.chance(80) => Via::Veth(v),
+            Some(_) if self.rng.chance(50) => Via::Bridge,
             _ if self.rng.chance(10) => Via::Veth(self.rng.below(self.n_veths)),
             _ => Via::Uplink,
         }

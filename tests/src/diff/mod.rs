@@ -86,6 +86,8 @@ pub struct Disagreement {
     /// Earlier steps' outcomes (they agreed).
     pub before: Vec<Outcome>,
     pub expected: Outcome,
+    /// Which check passed the packet in the model.
+    pub why: Option<Why>,
     pub actual: Outcome,
     /// A violated property (first) and conntrack differences after the step (empty when only
     /// the verdict differs).
@@ -162,7 +164,10 @@ impl fmt::Display for Disagreement {
                 hex(&s.frame)
             )?;
         }
-        writeln!(f, "  expected (model): {}", self.expected)?;
+        match self.why {
+            Some(w) => writeln!(f, "  expected (model): {} ({w:?})", self.expected)?,
+            None => writeln!(f, "  expected (model): {}", self.expected)?,
+        }
         writeln!(f, "  actual (kernel):  {}", self.actual)?;
         for d in &self.ct {
             writeln!(f, "  {d}")?;
@@ -219,6 +224,9 @@ pub struct Runner {
     pub ifindexes: Vec<u32>,
     /// A device standing for the uplink (`ingress_ifindex` of packets from outside).
     pub uplink: u32,
+    /// A device standing for the containers' bridge (`ingress_ifindex` of a container's packets
+    /// that the host routed).
+    pub bridge: u32,
     pub features: Features,
     /// Properties checked on every packet the kernel passes.
     pub checks: Checks,
@@ -228,8 +236,14 @@ impl Runner {
     /// Moves the calling thread into a new network namespace (see
     /// [`private_netns_with_veths`]) and loads the programs.
     pub fn new(features: Features) -> Self {
-        let mut ifindexes =
-            private_netns_with_veths(&["npd-veth0", "npd-veth1", "npd-veth2", "npd-uplink"]);
+        let mut ifindexes = private_netns_with_veths(&[
+            "npd-veth0",
+            "npd-veth1",
+            "npd-veth2",
+            "npd-uplink",
+            "npd-bridge",
+        ]);
+        let bridge = ifindexes.pop().unwrap();
         let uplink = ifindexes.pop().unwrap();
         let dp = Datapath::load(Sizes {
             ct: 4096,
@@ -239,6 +253,7 @@ impl Runner {
             dp,
             ifindexes,
             uplink,
+            bridge,
             features,
             checks: Checks::NOW,
         }
@@ -256,13 +271,11 @@ impl Runner {
         for (veth, _) in model.endpoints.iter_mut() {
             *veth = self.ifindexes[*veth as usize];
         }
-        // ipcache interfaces are `veth index + 1` (0: none).
-        let iface = |v: u32| {
-            if v == 0 {
-                0
-            } else {
-                self.ifindexes[v as usize - 1]
-            }
+        // ipcache and conntrack interfaces are `veth index + 1` (0: none) or the bridge.
+        let iface = |v: u32| match v {
+            0 => 0,
+            gen::BRIDGE_SLOT => self.bridge,
+            v => self.ifindexes[v as usize - 1],
         };
         for (_, _, info) in model.ipcache4.iter_mut() {
             info.ifindex = iface(info.ifindex);
@@ -276,6 +289,8 @@ impl Runner {
             e.expires_ns = start.saturating_add_signed(*off);
             // Held by the endpoint of that veth index.
             e.ifindex = self.ifindexes[e.ifindex as usize];
+            e.remote_ifindex = iface(e.remote_ifindex);
+            e.remote_bridge = iface(e.remote_bridge);
         }
         let dp = &mut self.dp;
         dp.clear();
@@ -308,6 +323,7 @@ impl Runner {
                 Via::Own => ifindex,
                 Via::Veth(v) => self.ifindexes[v],
                 Via::Uplink => self.uplink,
+                Via::Bridge => self.bridge,
             };
             let verdict = model.run_via(ifindex, via, s.dir, &s.frame, now);
             if let Verdict::Pass(why) = verdict {
@@ -340,9 +356,18 @@ impl Runner {
             let mut ct = ct_differences(&model, &self.dp);
             ct.extend(frag_differences(&model, &self.dp));
             if actual.ret == PASS {
-                if let Some(v) =
-                    invariants::violated(&self.checks, &model, ifindex, s.dir, &s.frame)
-                {
+                if let Some(v) = invariants::violated(
+                    &self.checks,
+                    &model,
+                    ifindex,
+                    via,
+                    s.dir,
+                    &s.frame,
+                    match verdict {
+                        Verdict::Pass(w) => Some(w),
+                        Verdict::Drop(_) => None,
+                    },
+                ) {
                     ct.insert(0, format!("violates {v}"));
                 }
             }
@@ -353,6 +378,10 @@ impl Runner {
                     step: i,
                     before,
                     expected,
+                    why: match verdict {
+                        Verdict::Pass(w) => Some(w),
+                        Verdict::Drop(_) => None,
+                    },
                     actual,
                     ct,
                 }));
