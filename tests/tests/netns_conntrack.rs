@@ -135,7 +135,7 @@ fn reused_address_does_not_inherit_flows() {
     p.policy
         .push(PlanPolicy::allow_in(DB, APP1, proto::UDP, DNS, 1));
     load(&pins, &t, &p);
-    let dp = adopt(&t, pins.path());
+    let mut dp = adopt(&t, pins.path());
     let denied = drops(&dp, DropReason::PolicyDenied);
 
     // The newcomer answers on db's flow: app1 must not receive it.
@@ -158,6 +158,30 @@ fn reused_address_does_not_inherit_flows() {
         drops(&dp, DropReason::PolicyDenied) >= denied + 2,
         "both were decided by policy and denied"
     );
+
+    // What the agent does when an endpoint goes: the entries with its address are removed
+    // (db's own, and app1's towards db), in both tables.
+    let db_ip = IpAddr::V4(v4(&t, "newcomer"));
+    let removed = dp.flush_ct(&[db_ip].into()).expect("flush_ct");
+    assert!(
+        removed >= 2,
+        "db's and app1's entries of the flow: {removed}"
+    );
+    for name in [maps::CT4, maps::CT4_NEW] {
+        let m = MapData::from_pin(pins.path().join(name))
+            .and_then(Map::from_map_data)
+            .expect(name);
+        let h: HashMap<_, CtKey4, CtEntry> = HashMap::try_from(&m).expect("hash");
+        let left = h
+            .keys()
+            .flatten()
+            .filter(|k| IpAddr::from(k.saddr) == db_ip || IpAddr::from(k.daddr) == db_ip)
+            .count();
+        assert_eq!(
+            left, 0,
+            "{name} still holds entries of the departed address"
+        );
+    }
 }
 
 #[test]
@@ -312,4 +336,114 @@ fn flood_of_new_flows_does_not_evict_an_idle_connection() {
         0,
         "nothing of the connection was dropped"
     );
+}
+
+/// `bpf(2)`, for maps of a former layout that no object of this build has.
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> i64 {
+    // SAFETY: attr is a zeroed, large enough `union bpf_attr` for the commands used here.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    }
+}
+
+/// Creates a map (`BPF_MAP_CREATE`) and pins it at `path`; returns its fd.
+fn legacy_map(path: &Path, ty: u32, key: u32, value: u32, max: u32, flags: u32) -> i32 {
+    let mut a = [0u64; 16];
+    a[0] = u64::from(ty) | u64::from(key) << 32;
+    a[1] = u64::from(value) | u64::from(max) << 32;
+    a[2] = u64::from(flags);
+    let fd = bpf(0, &mut a);
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    let mut a = [0u64; 16];
+    a[0] = c.as_ptr() as u64;
+    a[1] = fd as u64;
+    assert_eq!(
+        bpf(6, &mut a),
+        0,
+        "BPF_OBJ_PIN {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    fd as i32
+}
+
+fn legacy_put(fd: i32, key: &[u8], value: &[u8]) {
+    let mut a = [0u64; 16];
+    a[0] = fd as u64;
+    a[1] = key.as_ptr() as u64;
+    a[2] = value.as_ptr() as u64;
+    assert_eq!(
+        bpf(2, &mut a),
+        0,
+        "BPF_MAP_UPDATE_ELEM: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// An agent that finds the maps of the former conntrack and ipcache layouts pinned (`CT4`,
+/// `IPCACHE4`) copies them into the current ones before its programs take over, ties each
+/// conntrack entry to the endpoint holding its local address, and removes the old pins.
+#[test]
+fn an_old_layout_is_copied_on_upgrade() {
+    if !require_root("an_old_layout_is_copied_on_upgrade") {
+        return;
+    }
+    use netpol_common::{ct::CtDir, endpoint::Endpoint, ipcache::RemoteInfo};
+    let pins = PinDir::unique("nct-upgrade");
+    let (db, app1, ifindex) = ([10, 9, 0, 2], [10, 9, 0, 3], 4242);
+    {
+        let mut dp = KernelDatapath::open(pins.path(), MapSizes::default()).expect("open");
+        dp.upsert_endpoint(ifindex, Endpoint::new(DB).with_ipv4(db))
+            .expect("endpoint");
+    }
+    // The former layouts: CtEntry v1 { expires_ns, flags, rule }, RemoteInfo v1 { identity, _pad }.
+    let ct = legacy_map(&pins.path().join("CT4"), 9, 16, 16, 1024, 0);
+    let ipc = legacy_map(&pins.path().join("IPCACHE4"), 11, 8, 8, 64, 1);
+    let key = CtKey4::new(app1, db, 40000, PG, proto::TCP, CtDir::Ingress);
+    // SAFETY: CtKey4 is 16 bytes of plain data.
+    let kb: [u8; 16] = unsafe { std::mem::transmute(key) };
+    let mut v = Vec::new();
+    v.extend_from_slice(&u64::MAX.to_ne_bytes());
+    v.extend_from_slice(&1u32.to_ne_bytes()); // SEEN_REPLY
+    v.extend_from_slice(&7u32.to_ne_bytes());
+    legacy_put(ct, &kb, &v);
+    let mut lk = 32u32.to_ne_bytes().to_vec();
+    lk.extend_from_slice(&app1);
+    let mut lv = APP1.to_ne_bytes().to_vec();
+    lv.extend_from_slice(&[0; 4]);
+    legacy_put(ipc, &lk, &lv);
+    // SAFETY: our own fds; the pins keep the maps.
+    unsafe {
+        libc::close(ct);
+        libc::close(ipc);
+    }
+
+    let dp = KernelDatapath::open(pins.path(), MapSizes::default()).expect("reopen");
+    for old in ["CT4", "IPCACHE4"] {
+        assert!(!pins.path().join(old).exists(), "old pin {old} removed");
+    }
+    let m = MapData::from_pin(pins.path().join(maps::CT4))
+        .and_then(Map::from_map_data)
+        .expect("CT4_V2");
+    let h: HashMap<_, CtKey4, CtEntry> = HashMap::try_from(&m).expect("hash");
+    let e = h
+        .get(&key, 0)
+        .expect("the answered flow is in the established table");
+    assert_eq!(
+        (e.ifindex, e.identity, e.remote_identity, e.rule, e.flags),
+        (ifindex, DB, APP1, 7, CtEntry::SEEN_REPLY)
+    );
+    let state = dp.current().expect("current");
+    let cidr = "10.9.0.3/32".parse().expect("cidr");
+    assert_eq!(state.ipcache.get(&cidr), Some(&RemoteInfo::new(APP1)));
 }
