@@ -58,6 +58,9 @@ pub fn run(o: Opts) -> Result<()> {
     loop {
         if let Err(d) = runner.run_seed(seed, &mut stats) {
             println!("{d}");
+            if o.all_checks {
+                println!("  (found with --all-checks: add it to reproduce)\n");
+            }
             found += 1;
             if found >= o.max_disagreements {
                 break;

@@ -392,9 +392,35 @@ impl Runner {
     }
 }
 
+/// The differences between a table of the model and the same map in the kernel, one line each
+/// (`what` names the map); `differs` compares two values of one key.
+fn differences<K: PartialEq + fmt::Debug, V: fmt::Debug>(
+    what: &str,
+    model: &[(K, V)],
+    mut kernel: Vec<(K, V)>,
+    differs: impl Fn(&V, &V) -> bool,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, want) in model {
+        match kernel.iter().position(|(x, _)| x == k) {
+            Some(i) => {
+                let (_, got) = kernel.swap_remove(i);
+                if differs(want, &got) {
+                    out.push(format!("{what} {k:?}: model {want:?}, kernel {got:?}"));
+                }
+            }
+            None => out.push(format!("{what} {k:?}: model {want:?}, kernel has none")),
+        }
+    }
+    for (k, got) in kernel {
+        out.push(format!("{what} {k:?}: model has none, kernel {got:?}"));
+    }
+    out
+}
+
 /// The differences between the model's fragment records and `FRAG4` / `FRAG6`.
 fn frag_differences(model: &World, dp: &Datapath) -> Vec<String> {
-    let mut kernel: Vec<(FragKey, FragL4)> = dp
+    let kernel: Vec<(FragKey, FragL4)> = dp
         .dump::<Frag4Key, FragL4>(maps::FRAG4)
         .into_iter()
         .map(|(k, v)| (FragKey::V4(k), v))
@@ -404,30 +430,11 @@ fn frag_differences(model: &World, dp: &Datapath) -> Vec<String> {
                 .map(|(k, v)| (FragKey::V6(k), v)),
         )
         .collect();
-    let mut out = Vec::new();
-    for (k, want) in &model.frag {
-        match kernel.iter().position(|(x, _)| x == k) {
-            Some(i) => {
-                let (_, got) = kernel.swap_remove(i);
-                if got != *want {
-                    out.push(format!(
-                        "fragment record {k:?}: model {want:?}, kernel {got:?}"
-                    ));
-                }
-            }
-            None => out.push(format!(
-                "fragment record {k:?}: model {want:?}, kernel has none"
-            )),
-        }
-    }
-    for (k, got) in kernel {
-        out.push(format!(
-            "fragment record {k:?}: model has none, kernel {got:?}"
-        ));
-    }
-    out
+    differences("fragment record", &model.frag, kernel, |a, b| a != b)
 }
 
+/// Conntrack entries agree on everything but the expiry, which may be off by the time between
+/// the model's clock read and the program's.
 fn entry_differs(want: &CtEntry, got: &CtEntry) -> bool {
     CtEntry {
         expires_ns: 0,
@@ -442,35 +449,16 @@ fn entry_differs(want: &CtEntry, got: &CtEntry) -> bool {
 fn ct_differences(model: &World, dp: &Datapath) -> Vec<String> {
     let mut out = Vec::new();
     for (est, table, name) in [
-        (true, &model.ct, "established"),
-        (false, &model.ct_new, "new"),
+        (true, &model.ct, "conntrack established"),
+        (false, &model.ct_new, "conntrack new"),
     ] {
-        let mut kernel: Vec<(CtKey, CtEntry)> = dp
+        let kernel: Vec<(CtKey, CtEntry)> = dp
             .ct4_all(est)
             .into_iter()
             .map(|(k, e)| (CtKey::V4(k), e))
             .chain(dp.ct6_all(est).into_iter().map(|(k, e)| (CtKey::V6(k), e)))
             .collect();
-        for (k, want) in table {
-            match kernel.iter().position(|(x, _)| x == k) {
-                Some(i) => {
-                    let (_, got) = kernel.swap_remove(i);
-                    if entry_differs(want, &got) {
-                        out.push(format!(
-                            "conntrack {name} {k:?}: model {want:?}, kernel {got:?}"
-                        ));
-                    }
-                }
-                None => out.push(format!(
-                    "conntrack {name} {k:?}: model {want:?}, kernel has none"
-                )),
-            }
-        }
-        for (k, got) in kernel {
-            out.push(format!(
-                "conntrack {name} {k:?}: model has none, kernel {got:?}"
-            ));
-        }
+        out.extend(differences(name, table, kernel, entry_differs));
     }
     out
 }
