@@ -99,13 +99,18 @@ fn measure(obj: &[u8]) -> Result<(u128, u128), ProgramError> {
     }
     let v4 = packet::ipv4(a, b, 6, &packet::tcp(40000, 5432, 0x10));
     let v6 = packet::ipv6(a6, b6, 6, &packet::tcp(40000, 5432, 0x10));
+    let r4 = packet::ipv4(b, a, 6, &packet::tcp(5432, 40000, 0x10));
+    let r6 = packet::ipv6(b6, a6, 6, &packet::tcp(5432, 40000, 0x10));
     let prog: &SchedClassifier = bpf.program("from_container").unwrap().try_into()?;
+    let to: &SchedClassifier = bpf.program("to_container").unwrap().try_into()?;
     let mut ns = [0u128; 2];
-    for (j, (name, frame)) in [("ipv4 tcp", &v4), ("ipv6 tcp", &v6)]
+    for (j, (name, frame, reply)) in [("ipv4 tcp", &v4, &r4), ("ipv6 tcp", &v6, &r6)]
         .into_iter()
         .enumerate()
     {
-        // The first run admits the flow (policy); the rest hit conntrack.
+        // The first run admits the flow (policy), a reply answers it, the next packet of the
+        // opener establishes it (moves it to the established table); the rest hit conntrack
+        // there.
         let mut out = vec![0u8; frame.len() + 256];
         let r = prog.test_run(TestRunOptions {
             data_in: Some(frame),
@@ -113,6 +118,18 @@ fn measure(obj: &[u8]) -> Result<(u128, u128), ProgramError> {
             repeat: 1,
             ..Default::default()
         })?;
+        let mut out = vec![0u8; reply.len() + 256];
+        let rr = to.test_run(TestRunOptions {
+            data_in: Some(reply),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })?;
+        assert_eq!(
+            rr.return_value,
+            u32::MAX,
+            "{name}: the reply was not passed"
+        );
         let mut out = vec![0u8; frame.len() + 256];
         let n = 1_000_000;
         let r2 = prog.test_run(TestRunOptions {
