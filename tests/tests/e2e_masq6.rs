@@ -8,8 +8,11 @@
 //! The host end of the veth is the uplink given to the agent (`--masq6-uplink`); the host gets a
 //! route to the internet's prefix through it and nothing else of the host's routing changes. The
 //! internet namespace only has a route back to the uplink's address, so a container's ULA source
-//! gets no reply unless it is masqueraded. Docker 20.10 does not NAT IPv6, so the agent's automatic
-//! choice masquerades the Docker IPv6 networks.
+//! gets no reply unless it is masqueraded. Docker 20.10 does not NAT IPv6, nor does Docker 28 run
+//! with `--ip6tables=false`, so the agent, which reads the host's NAT rules rather than Docker's
+//! version, masquerades the Docker IPv6 networks on both. On Docker 28 with its defaults
+//! (`docker28_gateway_modes_...`) Docker NATs `nat` and `nat-unprotected` networks itself and
+//! routes `routed` ones: the agent translates none of them, and says why.
 //!
 //! The test proves, in order: the server is reachable from the host and a container's SYN reaches
 //! it, but the container gets no connection without the agent; with the agent, TCP and ping work
@@ -35,7 +38,7 @@ use std::{
 
 use netpol_tests::{
     agent::{Agent, AgentOptions},
-    docker::DockerDaemon,
+    docker::{DaemonConfig, DockerDaemon, DockerVersion},
     probe::in_netns,
     require_root,
 };
@@ -284,9 +287,18 @@ impl<'a> DockerNets<'a> {
     }
 
     fn network(&mut self, name: &str, subnet: &str) {
+        self.network_with(name, subnet, &[]);
+    }
+
+    /// A network with `-o` options (`gateway_mode_ipv6=routed`, …).
+    fn network_with(&mut self, name: &str, subnet: &str, options: &[&str]) {
         self.networks.push(name.to_owned());
-        self.docker
-            .docker_ok(&["network", "create", "--ipv6", "--subnet", subnet, name]);
+        let mut args = vec!["network", "create", "--ipv6", "--subnet", subnet];
+        for o in options {
+            args.extend(["-o", o]);
+        }
+        args.push(name);
+        self.docker.docker_ok(&args);
     }
 
     fn container(&mut self, name: &str, network: &str) -> Container {
@@ -465,6 +477,44 @@ fn wait_masq6(agent: &Agent, what: &str, ok: impl Fn(&str) -> bool) -> serde_jso
     }
 }
 
+/// The `MASQ6_STATS` counter `index` summed over CPUs (`bpftool`), 0 when it is not pinned.
+fn masq6_counter(pin_dir: &Path, index: u64) -> u64 {
+    let path = pin_dir.join("MASQ6_STATS");
+    if !path.exists() {
+        return 0;
+    }
+    let text = must(&[
+        "bpftool",
+        "-j",
+        "map",
+        "dump",
+        "pinned",
+        path.to_str().expect("utf-8"),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&text).expect("bpftool JSON");
+    // With BTF, bpftool puts the typed entry under "formatted"; without, keys and values are
+    // arrays of hex byte strings (little endian).
+    let num = |x: &serde_json::Value| -> Option<u64> {
+        x.as_u64().or_else(|| {
+            let bytes = x.as_array()?;
+            let mut n = 0u64;
+            for (i, b) in bytes.iter().enumerate().take(8) {
+                let b = u64::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok()?;
+                n |= b << (8 * i);
+            }
+            Some(n)
+        })
+    };
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| e.get("formatted").unwrap_or(e))
+        .filter(|e| num(&e["key"]) == Some(index))
+        .flat_map(|e| e["values"].as_array().cloned().unwrap_or_default())
+        .filter_map(|c| num(&c["value"]))
+        .sum()
+}
+
 fn pins(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .map(|d| {
@@ -484,13 +534,25 @@ fn ifindex(name: &str) -> u32 {
         .unwrap_or_else(|| panic!("no ifindex for {name}"))
 }
 
-#[test]
-fn docker_ipv6_network_reaches_the_internet_through_the_agents_masquerade() {
-    if !require_root("docker_ipv6_network_reaches_the_internet_through_the_agents_masquerade") {
+fn docker_ipv6_network_reaches_the_internet_through_the_agents_masquerade(version: DockerVersion) {
+    if !require_root(
+        &version
+            .test_name("docker_ipv6_network_reaches_the_internet_through_the_agents_masquerade"),
+    ) {
         return;
     }
     let started = Instant::now();
-    let docker = DockerDaemon::start();
+    // Docker 28 without ip6tables: no IPv6 NAT of its own, as on 20.10. The agent must see
+    // that from the host's rules (it used to infer "Docker NATs" from version >= 27).
+    let extra_args = match version {
+        DockerVersion::Docker20 => vec![],
+        DockerVersion::Docker28 => vec!["--ip6tables=false".to_owned()],
+    };
+    let docker = DockerDaemon::start_with(DaemonConfig {
+        version,
+        extra_args,
+        ..Default::default()
+    });
     docker.build_busybox_image(IMAGE);
     let internet = Internet::create();
     let uplink = internet.uplink.clone();
@@ -545,6 +607,10 @@ fn docker_ipv6_network_reaches_the_internet_through_the_agents_masquerade() {
         "the server saw {seen}, not the uplink's address"
     );
     ping_eventually(&a, "with the agent");
+    assert!(
+        masq6_counter(agent.pin_dir(), 0) > 0,
+        "MASQ6_STATS counts no translated packet after a masqueraded connection"
+    );
     let flows = agent.cli_json(&["status"])["masq6_flows"].as_u64();
     assert!(
         flows.is_some_and(|f| f >= 1),
@@ -663,3 +729,111 @@ fn docker_ipv6_network_reaches_the_internet_through_the_agents_masquerade() {
     drop(docker);
     eprintln!("e2e_masq6: {:.1} s", started.elapsed().as_secs_f64());
 }
+
+/// Docker 28 with its defaults (`ip6tables` on): a `nat` and a `nat-unprotected` network are
+/// masqueraded by Docker itself and a `routed` one is routed, so the agent translates none of
+/// them (never twice, and routed means routed) and `status` names each with the reason. The
+/// server sees the uplink's address from the NATed ones (Docker's MASQUERADE) and the
+/// container's own address from the routed one (the internet gets a route to it).
+#[test]
+fn docker28_gateway_modes_nat_routed_and_nat_unprotected_are_not_masqueraded_by_netpol() {
+    if !require_root(
+        "docker28_gateway_modes_nat_routed_and_nat_unprotected_are_not_masqueraded_by_netpol",
+    ) {
+        return;
+    }
+    let docker = DockerDaemon::start_version(DockerVersion::Docker28);
+    docker.build_busybox_image(IMAGE);
+    let internet = Internet::create();
+    let uplink = internet.uplink.clone();
+    let mut nets = DockerNets::new(&docker);
+    const ROUTED: &str = "fd00:e6:3::/64";
+    const UNPROTECTED: &str = "fd00:e6:4::/64";
+    nets.network(NET_A, SUBNET_A);
+    nets.network_with(
+        "npe2e6r",
+        ROUTED,
+        &["com.docker.network.bridge.gateway_mode_ipv6=routed"],
+    );
+    nets.network_with(
+        "npe2e6u",
+        UNPROTECTED,
+        &["com.docker.network.bridge.gateway_mode_ipv6=nat-unprotected"],
+    );
+    let nat = nets.container("npe2e6-nat", NET_A);
+    let routed = nets.container("npe2e6-routed", "npe2e6r");
+    let unprotected = nets.container("npe2e6-unprot", "npe2e6u");
+    let _forwarding = Sysctl::set("/proc/sys/net/ipv6/conf/all/forwarding", "1");
+    // Upstream routes the routed network to this host (the uplink's address).
+    must(&[
+        "ip",
+        "-n",
+        &internet.ns,
+        "-6",
+        "route",
+        "add",
+        ROUTED,
+        "via",
+        UPLINK_ADDR,
+        "dev",
+        "eth0",
+    ]);
+
+    let agent = Agent::start_with(
+        &docker,
+        AgentOptions {
+            extra_args: vec!["--masq6-uplink".into(), uplink.clone()],
+            ..AgentOptions::default()
+        },
+    );
+    let status = wait_masq6(&agent, "agent started", |m| {
+        m.contains(SUBNET_A) && m.contains(ROUTED) && m.contains(UNPROTECTED)
+    });
+    let line = status["masq6"].as_str().unwrap_or_default().to_owned();
+    eprintln!("masq6: {line}");
+    assert!(
+        line.starts_with("off: no Docker IPv6 network needs it")
+            || line.contains("no prefix to masquerade"),
+        "the agent masquerades something: {line}"
+    );
+    for (subnet, why) in [
+        (
+            SUBNET_A,
+            "masqueraded by the host already (ip6 nat POSTROUTING)",
+        ),
+        (
+            UNPROTECTED,
+            "masqueraded by the host already (ip6 nat POSTROUTING)",
+        ),
+        (ROUTED, "gateway_mode_ipv6=routed"),
+    ] {
+        assert!(
+            line.contains(&format!("({subnet}): {why}")),
+            "status does not say {subnet}: {why}: {line}"
+        );
+    }
+    for c in [&nat, &unprotected] {
+        let seen = reach_eventually(c, &agent, "Docker's own masquerade");
+        assert_eq!(
+            seen,
+            IpAddr::V6(v6(UPLINK_ADDR)),
+            "{}: the server saw {seen}, not the uplink's address",
+            c.name
+        );
+    }
+    let seen = reach_eventually(&routed, &agent, "routed");
+    assert_eq!(
+        seen,
+        IpAddr::V6(routed.addr),
+        "the routed container was translated: the server saw {seen}"
+    );
+    // Nothing was translated by netpol (the host's own flows, which these now look like after
+    // Docker's MASQUERADE, may be reserved in SNAT6, but no packet was rewritten).
+    let translated = masq6_counter(agent.pin_dir(), 0) + masq6_counter(agent.pin_dir(), 3);
+    assert_eq!(translated, 0, "netpol translated packets or made mappings");
+    drop(agent);
+    drop(nets);
+    drop(internet);
+}
+
+netpol_tests::docker_tests!(docker_ipv6_network_reaches_the_internet_through_the_agents_masquerade);

@@ -1,10 +1,16 @@
 //! The agent's side of IPv6 masquerade: which prefixes, which uplink, and the `status` line.
 //!
 //! By default (`--masq6 auto`) the masqueraded prefixes are the IPv6 subnets of Docker bridge
-//! networks that Docker does not NAT itself; where Docker already masquerades a subnet (its
-//! ip6tables support), netpol leaves it alone and says so: never translate twice. Every Docker
-//! IPv6 subnet and the host's own IPv6 addresses are `Local` (never translated as destinations).
-//! `--masq6-prefix` replaces the automatic choice. The uplink is `--masq6-uplink` or the interface
+//! networks that nothing on the host translates yet. What is translated is read from the
+//! kernel's NAT rules ([`super::nat6`]: Docker's `ip6tables` MASQUERADE rules, its nftables
+//! tables, anyone's source NAT), never inferred from Docker's version: a subnet, or a part of one,
+//! that a rule already masquerades is left alone (never translated twice). A network whose owner
+//! asked for no NAT is not masqueraded either: `gateway_mode_ipv6=routed` (routed means routed)
+//! or `isolated`, or `enable_ip_masquerade=false`. When the rules cannot be read (a legacy
+//! `ip6tables` nat table) nothing is masqueraded automatically. `status` names each subnet left
+//! alone and why. Every Docker IPv6 subnet and the host's own IPv6 addresses are `Local` (never
+//! translated as destinations). `--masq6-prefix` replaces the automatic choice, still minus what
+//! a rule already translates. The uplink is `--masq6-uplink` or the interface
 //! of the default IPv6 route, and its global address is the one containers get.
 //!
 //! The programs, links and `SNAT6` are pinned, so they outlive the agent; what a new agent finds
@@ -17,6 +23,7 @@ use std::{collections::BTreeMap, net::IpAddr, ops::RangeInclusive, path::PathBuf
 use clap::ValueEnum;
 use tracing::{info, warn};
 
+use super::nat6::{self, Nat6Rules};
 use crate::{
     datapath::{
         masq6::{self, Masq6, Masq6Options, Masq6Settings, PrefixKind, Uplink},
@@ -98,32 +105,109 @@ fn remove_pinned(cfg: &MasqConfig) -> Result<bool, masq6::Masq6Error> {
     }
 }
 
-/// The prefixes to masquerade and to leave local, and notes for `status`.
+/// Why netpol does not masquerade a Docker network's IPv6 subnet of its own accord; `None`: it
+/// does.
+fn left_alone(n: &Network, s: &Cidr, nat: &Result<Nat6Rules, String>) -> Option<String> {
+    match n.gateway_mode_ipv6.as_deref() {
+        Some("routed") => return Some("gateway_mode_ipv6=routed: routed, not masqueraded".into()),
+        Some("isolated") => return Some("gateway_mode_ipv6=isolated: no outside access".into()),
+        _ => {}
+    }
+    if !n.masquerade {
+        return Some("enable_ip_masquerade=false: not masqueraded".into());
+    }
+    match nat {
+        Err(e) => Some(format!(
+            "cannot tell whether the host NATs it ({e}): left alone (--masq6-prefix forces it)"
+        )),
+        Ok(rules) => rules.covering(s).map(|r| {
+            format!(
+                "masqueraded by the host already ({}), left alone",
+                r.place()
+            )
+        }),
+    }
+}
+
+/// The prefixes to masquerade and to leave local, and notes for `status`. `nat` is what the
+/// host's NAT rules already translate ([`nat6::masqueraded_sources`]).
 pub fn choose_prefixes(
     explicit: &[Cidr],
     networks: &[&Network],
     host_addrs: &[IpAddr],
+    nat: &Result<Nat6Rules, String>,
 ) -> (BTreeMap<Cidr, PrefixKind>, Vec<String>) {
     let mut want = BTreeMap::new();
     let mut notes = Vec::new();
-    for n in networks.iter().filter(|n| n.is_bridge()) {
-        for s in n.subnets.iter().filter(|s| s.addr.is_ipv6()) {
-            want.insert(*s, PrefixKind::Local);
-            if !explicit.is_empty() {
-                continue;
-            }
-            if n.docker_nats_ipv6 {
-                notes.push(format!(
-                    "{} ({s}): Docker NATs it itself, left alone",
-                    n.name
-                ));
+    let explicit: Vec<Cidr> = explicit
+        .iter()
+        .filter(|p| p.addr.is_ipv6())
+        .copied()
+        .collect();
+    let rules = nat.as_ref().ok();
+    for p in &explicit {
+        let covered = rules.and_then(|r| r.covering(p));
+        want.insert(
+            *p,
+            if covered.is_some() {
+                PrefixKind::Local
             } else {
-                want.insert(*s, PrefixKind::Masquerade);
-            }
+                PrefixKind::Masquerade
+            },
+        );
+        if let Some(r) = covered {
+            notes.push(format!(
+                "{p}: masqueraded by the host already ({}), left alone",
+                r.place()
+            ));
         }
     }
-    for p in explicit.iter().filter(|p| p.addr.is_ipv6()) {
-        want.insert(*p, PrefixKind::Masquerade);
+    for n in networks.iter().filter(|n| n.is_bridge()) {
+        for s in n.subnets.iter().filter(|s| s.addr.is_ipv6()) {
+            // A Docker subnet is `Local` unless it is to be masqueraded: as a longer prefix
+            // than an explicit one it must say so itself.
+            let kind = if explicit.is_empty() {
+                match left_alone(n, s, nat) {
+                    Some(why) => {
+                        notes.push(format!("{} ({s}): {why}", n.name));
+                        PrefixKind::Local
+                    }
+                    None => PrefixKind::Masquerade,
+                }
+            } else if explicit.iter().any(|p| nat6::contains(p, s))
+                && rules.is_none_or(|r| r.covering(s).is_none())
+            {
+                PrefixKind::Masquerade
+            } else {
+                PrefixKind::Local
+            };
+            want.insert(*s, kind);
+        }
+    }
+    // Parts of what is masqueraded that a rule already translates: never twice.
+    if let Some(rules) = rules {
+        let masq: Vec<Cidr> = want
+            .iter()
+            .filter(|(_, k)| **k == PrefixKind::Masquerade)
+            .map(|(c, _)| *c)
+            .collect();
+        for p in masq {
+            for r in rules.inside(&p) {
+                if want.insert(r.source, PrefixKind::Local) != Some(PrefixKind::Local) {
+                    notes.push(format!(
+                        "{} (inside {p}): masqueraded by the host already ({}), left alone",
+                        r.source,
+                        r.place()
+                    ));
+                }
+            }
+        }
+        if rules.unresolved > 0 {
+            notes.push(format!(
+                "{} IPv6 source NAT rule(s) without a source prefix not attributed",
+                rules.unresolved
+            ));
+        }
     }
     for a in host_addrs.iter().filter(|a| a.is_ipv6()) {
         want.entry(Cidr::host(*a)).or_insert(PrefixKind::Local);
@@ -180,7 +264,19 @@ impl Masq {
         if self.cfg.mode == Masq6Mode::Off {
             return;
         }
-        let (want, notes) = choose_prefixes(&self.cfg.prefixes, networks, host_addrs);
+        let before = self.status.clone();
+        self.sync_inner(networks, host_addrs);
+        if self.status != before {
+            info!(status = %self.status, "masq6");
+        }
+    }
+
+    fn sync_inner(&mut self, networks: &[&Network], host_addrs: &[IpAddr]) {
+        let nat = nat6::masqueraded_sources().map_err(|e| e.to_string());
+        if let Err(e) = &nat {
+            warn!(error = %e, "masq6: reading the host's IPv6 NAT rules");
+        }
+        let (want, notes) = choose_prefixes(&self.cfg.prefixes, networks, host_addrs, &nat);
         let masq: Vec<String> = want
             .iter()
             .filter(|(_, k)| **k == PrefixKind::Masquerade)
@@ -292,8 +388,9 @@ impl Masq {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::nat6::SnatRule;
 
-    fn net(name: &str, subnet: &str, docker_nats: bool) -> Network {
+    fn net(name: &str, subnet: &str) -> Network {
         Network {
             id: name.into(),
             name: name.into(),
@@ -302,35 +399,122 @@ mod tests {
             subnets: vec![subnet.parse().unwrap(), "172.20.0.0/16".parse().unwrap()],
             gateways: vec![],
             enable_ipv6: true,
-            docker_nats_ipv6: docker_nats,
+            masquerade: true,
+            gateway_mode_ipv6: None,
+        }
+    }
+
+    fn cidr(s: &str) -> Cidr {
+        s.parse().unwrap()
+    }
+
+    /// The host's NAT rules: each prefix masqueraded by a rule in `ip6 nat POSTROUTING`.
+    fn rules(sources: &[&str]) -> Result<Nat6Rules, String> {
+        Ok(Nat6Rules {
+            rules: sources
+                .iter()
+                .map(|s| SnatRule {
+                    table: "ip6 nat".into(),
+                    chain: "POSTROUTING".into(),
+                    source: cidr(s),
+                })
+                .collect(),
+            unresolved: 0,
+        })
+    }
+
+    #[test]
+    fn masquerades_only_what_no_rule_translates_yet() {
+        let a = net("a", "fd00:1::/64");
+        let b = net("b", "fd00:2::/64");
+        let (want, notes) = choose_prefixes(
+            &[],
+            &[&a, &b],
+            &["2001:db8::1".parse().unwrap()],
+            &rules(&["fd00:2::/64"]),
+        );
+        assert_eq!(want[&cidr("fd00:1::/64")], PrefixKind::Masquerade);
+        assert_eq!(want[&cidr("fd00:2::/64")], PrefixKind::Local);
+        assert_eq!(want[&cidr("2001:db8::1/128")], PrefixKind::Local);
+        assert!(!want.contains_key(&cidr("172.20.0.0/16")));
+        assert_eq!(notes.len(), 1);
+        assert!(
+            notes[0].contains("fd00:2::/64") && notes[0].contains("ip6 nat POSTROUTING"),
+            "{notes:?}"
+        );
+        // The same networks where no rule NATs anything (Docker 20.10, or 28 with
+        // --ip6tables=false): both masqueraded, whatever Docker's version.
+        let (want, notes) = choose_prefixes(&[], &[&a, &b], &[], &rules(&[]));
+        assert_eq!(want[&cidr("fd00:2::/64")], PrefixKind::Masquerade);
+        assert!(notes.is_empty(), "{notes:?}");
+    }
+
+    #[test]
+    fn a_part_already_masqueraded_is_never_translated_twice() {
+        let a = net("a", "fd00:1::/64");
+        let (want, notes) = choose_prefixes(&[], &[&a], &[], &rules(&["fd00:1:0:0:8000::/65"]));
+        assert_eq!(want[&cidr("fd00:1::/64")], PrefixKind::Masquerade);
+        assert_eq!(want[&cidr("fd00:1:0:0:8000::/65")], PrefixKind::Local);
+        assert!(notes[0].contains("inside fd00:1::/64"), "{notes:?}");
+        // Also inside an explicit prefix.
+        let (want, _) = choose_prefixes(&[cidr("fd00::/16")], &[&a], &[], &rules(&["fd00:9::/64"]));
+        assert_eq!(want[&cidr("fd00::/16")], PrefixKind::Masquerade);
+        assert_eq!(want[&cidr("fd00:9::/64")], PrefixKind::Local);
+        assert_eq!(
+            want[&cidr("fd00:1::/64")],
+            PrefixKind::Masquerade,
+            "a Docker subnet inside an explicit prefix is masqueraded with it"
+        );
+    }
+
+    #[test]
+    fn routed_isolated_and_unmasqueraded_networks_are_left_alone() {
+        let mut routed = net("routed", "fd00:1::/64");
+        routed.gateway_mode_ipv6 = Some("routed".into());
+        let mut isolated = net("isolated", "fd00:2::/64");
+        isolated.gateway_mode_ipv6 = Some("isolated".into());
+        let mut nomasq = net("nomasq", "fd00:3::/64");
+        nomasq.masquerade = false;
+        let mut unprotected = net("unprotected", "fd00:4::/64");
+        unprotected.gateway_mode_ipv6 = Some("nat-unprotected".into());
+        let (want, notes) = choose_prefixes(
+            &[],
+            &[&routed, &isolated, &nomasq, &unprotected],
+            &[],
+            &rules(&[]),
+        );
+        for s in ["fd00:1::/64", "fd00:2::/64", "fd00:3::/64"] {
+            assert_eq!(want[&cidr(s)], PrefixKind::Local, "{s}");
+        }
+        assert_eq!(want[&cidr("fd00:4::/64")], PrefixKind::Masquerade);
+        let text = notes.join("; ");
+        for want in [
+            "routed (fd00:1::/64): gateway_mode_ipv6=routed",
+            "isolated (fd00:2::/64): gateway_mode_ipv6=isolated",
+            "nomasq (fd00:3::/64): enable_ip_masquerade=false",
+        ] {
+            assert!(text.contains(want), "{text}");
         }
     }
 
     #[test]
-    fn masquerades_only_what_docker_does_not_nat() {
-        let a = net("a", "fd00:1::/64", false);
-        let b = net("b", "fd00:2::/64", true);
-        let (want, notes) = choose_prefixes(&[], &[&a, &b], &["2001:db8::1".parse().unwrap()]);
-        assert_eq!(
-            want[&"fd00:1::/64".parse().unwrap()],
-            PrefixKind::Masquerade
-        );
-        assert_eq!(want[&"fd00:2::/64".parse().unwrap()], PrefixKind::Local);
-        assert_eq!(want[&"2001:db8::1/128".parse().unwrap()], PrefixKind::Local);
-        assert!(!want.contains_key(&"172.20.0.0/16".parse().unwrap()));
-        assert_eq!(notes.len(), 1);
-        assert!(notes[0].contains("fd00:2::/64"));
+    fn unreadable_rules_masquerade_nothing_of_their_own_accord() {
+        let a = net("a", "fd00:1::/64");
+        let err = Err("a legacy ip6tables nat table is loaded".to_owned());
+        let (want, notes) = choose_prefixes(&[], &[&a], &[], &err);
+        assert_eq!(want[&cidr("fd00:1::/64")], PrefixKind::Local);
+        assert!(notes[0].contains("cannot tell"), "{notes:?}");
+        // --masq6-prefix forces it.
+        let (want, _) = choose_prefixes(&[cidr("fd00:1::/64")], &[&a], &[], &err);
+        assert_eq!(want[&cidr("fd00:1::/64")], PrefixKind::Masquerade);
     }
 
     #[test]
     fn explicit_prefixes_replace_the_automatic_choice() {
-        let a = net("a", "fd00:1::/64", false);
-        let (want, _) = choose_prefixes(&["fd00:9::/64".parse().unwrap()], &[&a], &[]);
-        assert_eq!(
-            want[&"fd00:9::/64".parse().unwrap()],
-            PrefixKind::Masquerade
-        );
-        assert_eq!(want[&"fd00:1::/64".parse().unwrap()], PrefixKind::Local);
+        let a = net("a", "fd00:1::/64");
+        let (want, _) = choose_prefixes(&[cidr("fd00:9::/64")], &[&a], &[], &rules(&[]));
+        assert_eq!(want[&cidr("fd00:9::/64")], PrefixKind::Masquerade);
+        assert_eq!(want[&cidr("fd00:1::/64")], PrefixKind::Local);
     }
 
     #[test]

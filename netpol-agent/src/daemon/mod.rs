@@ -9,6 +9,7 @@
 pub mod api;
 pub mod masq;
 mod monitor;
+pub mod nat6;
 mod server;
 pub mod state;
 

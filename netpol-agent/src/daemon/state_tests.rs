@@ -97,7 +97,8 @@ pub(super) fn network() -> Network {
         subnets: vec!["172.20.0.0/16".parse().unwrap()],
         gateways: vec!["172.20.0.1".parse().unwrap()],
         enable_ipv6: false,
-        docker_nats_ipv6: false,
+        masquerade: true,
+        gateway_mode_ipv6: None,
     }
 }
 

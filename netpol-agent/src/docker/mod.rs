@@ -19,9 +19,7 @@ mod privileged_tests;
 #[cfg(test)]
 mod tests;
 
-pub use model::{
-    Attachment, Container, DaemonNat, MacAddr, Network, NetworkMode, NotEnforceable, VethLookup,
-};
+pub use model::{Attachment, Container, MacAddr, Network, NetworkMode, NotEnforceable, VethLookup};
 pub use netlink::{
     discover_host_veths, host_addresses, watch_links, LinkEvent, LinkInfo, NetlinkError,
     WantedInterface,

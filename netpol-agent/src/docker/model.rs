@@ -243,9 +243,12 @@ pub struct Network {
     pub subnets: Vec<Cidr>,
     pub gateways: Vec<IpAddr>,
     pub enable_ipv6: bool,
-    /// Docker itself masquerades (NATs) this network's IPv6 subnets, so netpol's IPv6 masquerade
-    /// must stay off for it.
-    pub docker_nats_ipv6: bool,
+    /// The network's `enable_ip_masquerade` option (`true` when absent): `false` means its
+    /// owner wants its addresses routed, not translated, by Docker or by netpol.
+    pub masquerade: bool,
+    /// The network's `gateway_mode_ipv6` option (Docker ≥ 28: `nat`, `nat-unprotected`,
+    /// `routed`, `isolated`); `None` when absent (`nat`).
+    pub gateway_mode_ipv6: Option<String>,
 }
 
 impl Network {
@@ -272,16 +275,9 @@ mod cidr_list {
     }
 }
 
-/// What the daemon does with IPv6 NAT, from its version and configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct DaemonNat {
-    /// dockerd runs with `ip6tables` enabled (default since Docker 27; opt-in and experimental
-    /// before).
-    pub ip6tables: bool,
-}
-
-/// Maps a network from Docker's network list.
-pub fn network_from_docker(n: &BollardNetwork, nat: DaemonNat) -> Option<Network> {
+/// Maps a network from Docker's network list. Whether Docker NATs it is not decided here (nor
+/// from Docker's version): the masquerade reads the host's NAT rules (`daemon::nat6`).
+pub fn network_from_docker(n: &BollardNetwork) -> Option<Network> {
     let id = n.id.clone().filter(|s| !s.is_empty())?;
     let name = n.name.clone().unwrap_or_default();
     let driver = n.driver.clone().unwrap_or_default();
@@ -321,11 +317,10 @@ pub fn network_from_docker(n: &BollardNetwork, nat: DaemonNat) -> Option<Network
         .get(MASQUERADE_OPTION)
         .map(|v| v != "false")
         .unwrap_or(true);
-    let routed = options
+    let gateway_mode_ipv6 = options
         .get(GATEWAY_MODE_IPV6_OPTION)
-        .is_some_and(|v| v == "routed");
-    let docker_nats_ipv6 =
-        driver == "bridge" && enable_ipv6 && nat.ip6tables && masquerade && !routed;
+        .filter(|v| !v.is_empty())
+        .cloned();
     Some(Network {
         id,
         name,
@@ -334,7 +329,8 @@ pub fn network_from_docker(n: &BollardNetwork, nat: DaemonNat) -> Option<Network
         subnets,
         gateways,
         enable_ipv6,
-        docker_nats_ipv6,
+        masquerade,
+        gateway_mode_ipv6,
     })
 }
 

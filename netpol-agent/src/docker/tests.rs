@@ -30,10 +30,10 @@ fn raw_networks() -> Vec<BollardNetwork> {
     serde_json::from_str(include_str!("fixtures/networks.json")).expect("networks fixture")
 }
 
-fn networks(ip6tables: bool) -> BTreeMap<String, Network> {
+fn networks() -> BTreeMap<String, Network> {
     raw_networks()
         .iter()
-        .filter_map(|n| network_from_docker(n, DaemonNat { ip6tables }))
+        .filter_map(network_from_docker)
         .map(|n| (n.id.clone(), n))
         .collect()
 }
@@ -86,8 +86,8 @@ fn mac(s: &str) -> MacAddr {
 // Mapping
 
 #[test]
-fn networks_map_bridge_names_subnets_and_ipv6_nat() {
-    let nets = networks(true);
+fn networks_map_bridge_names_subnets_and_nat_options() {
+    let nets = networks();
     let default = by_name(&nets, "bridge");
     assert_eq!(default.bridge.as_deref(), Some("docker0"));
     assert_eq!(default.subnets, vec!["172.17.0.0/16".parse().unwrap()]);
@@ -95,7 +95,8 @@ fn networks_map_bridge_names_subnets_and_ipv6_nat() {
         default.gateways,
         vec!["172.17.0.1".parse::<IpAddr>().unwrap()]
     );
-    assert!(!default.enable_ipv6 && !default.docker_nats_ipv6);
+    assert!(!default.enable_ipv6 && default.masquerade);
+    assert_eq!(default.gateway_mode_ipv6, None);
 
     let backend = by_name(&nets, "shop_backend");
     assert_eq!(backend.bridge.as_deref(), Some("br-a1b2c3d4e5f6"));
@@ -108,23 +109,15 @@ fn networks_map_bridge_names_subnets_and_ipv6_nat() {
     );
     assert_eq!(backend.gateways.len(), 2);
     assert!(backend.enable_ipv6);
-    assert!(
-        backend.docker_nats_ipv6,
-        "ip6tables on and masquerade not disabled: Docker NATs"
-    );
+    assert!(backend.masquerade, "enable_ip_masquerade absent: true");
 
     let nonat = by_name(&nets, "nonat6");
     assert_eq!(nonat.bridge.as_deref(), Some("br-custom"));
-    assert!(
-        !nonat.docker_nats_ipv6,
-        "enable_ip_masquerade=false: Docker does not NAT"
-    );
+    assert!(!nonat.masquerade, "enable_ip_masquerade=false");
 
     assert_eq!(by_name(&nets, "lan").bridge, None);
     assert_eq!(by_name(&nets, "host").bridge, None);
 
-    // Docker 20.10 without ip6tables never NATs IPv6.
-    assert!(!by_name(&networks(false), "shop_backend").docker_nats_ipv6);
     // Serialises for `endpoint list -o json` / the control socket.
     let text = serde_json::to_string(&backend).unwrap();
     assert!(text.contains("\"fd00:20::/64\""), "{text}");
@@ -133,7 +126,7 @@ fn networks_map_bridge_names_subnets_and_ipv6_nat() {
 
 #[test]
 fn compose_container_maps_to_enforceable_bridge_attachments() {
-    let nets = networks(false);
+    let nets = networks();
     let veths = VethLookup::from([
         (BACKEND_ID.to_owned(), Ok(41)),
         (BRIDGE_ID.to_owned(), Ok(43)),
@@ -168,7 +161,7 @@ fn compose_container_maps_to_enforceable_bridge_attachments() {
 
 #[test]
 fn missing_veth_is_a_reason_not_a_silent_skip() {
-    let nets = networks(false);
+    let nets = networks();
     let veths = VethLookup::from([(BACKEND_ID.to_owned(), Err("no interface".to_owned()))]);
     let c = container_from_inspect(&db_inspect(), &nets, &veths).expect("container");
     let backend = c
@@ -200,7 +193,7 @@ fn missing_veth_is_a_reason_not_a_silent_skip() {
 
 #[test]
 fn host_none_container_and_macvlan_modes_are_not_enforceable_with_reasons() {
-    let nets = networks(false);
+    let nets = networks();
     let none = VethLookup::new();
     let host = inspect(
         "h".repeat(64).as_str(),
@@ -630,7 +623,7 @@ async fn connect_before_start_emits_one_container_up_after_start() {
         h.next().await,
         DockerEvent::Snapshot {
             containers: vec![],
-            networks: networks(false).into_values().collect()
+            networks: networks().into_values().collect()
         }
     );
 

@@ -32,8 +32,8 @@ use crate::identity::netpol_labels;
 
 use super::{
     model::{
-        container_from_inspect, image_id, network_from_docker, Container, DaemonNat, Network,
-        NetworkMode, VethLookup,
+        container_from_inspect, image_id, network_from_docker, Container, Network, NetworkMode,
+        VethLookup,
     },
     netlink::{discover_host_veths, NetlinkError, WantedInterface},
 };
@@ -91,9 +91,6 @@ pub enum DockerError {
 pub struct DockerConfig {
     /// The daemon's Unix socket; `None` = `DOCKER_HOST` or [`DEFAULT_SOCKET`].
     pub socket: Option<PathBuf>,
-    /// Whether dockerd runs with `ip6tables` (and so NATs IPv6 itself); `None` = decide from the
-    /// daemon's version (on by default since Docker 27).
-    pub ip6tables: Option<bool>,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
 }
@@ -102,7 +99,6 @@ impl Default for DockerConfig {
     fn default() -> Self {
         Self {
             socket: None,
-            ip6tables: None,
             backoff_min: Duration::from_millis(250),
             backoff_max: Duration::from_secs(15),
         }
@@ -413,7 +409,6 @@ pub struct DockerWatcher<A = BollardApi, V = NetlinkVeths> {
     tx: mpsc::Sender<DockerEvent>,
     containers: BTreeMap<String, Container>,
     networks: BTreeMap<String, Network>,
-    nat: DaemonNat,
     /// Image id → its `netpol.*` labels (an image id names immutable content).
     images: BTreeMap<String, BTreeMap<String, String>>,
 }
@@ -455,7 +450,6 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
             tx,
             containers: BTreeMap::new(),
             networks: BTreeMap::new(),
-            nat: DaemonNat::default(),
             images: BTreeMap::new(),
         };
         (watcher, rx)
@@ -510,12 +504,6 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
         let info = match self.api.connect().await {
             Ok(i) => i,
             Err(e) => return SessionEnd::Failed(e),
-        };
-        self.nat = DaemonNat {
-            ip6tables: self
-                .config
-                .ip6tables
-                .unwrap_or_else(|| default_ip6tables(info.server_version.as_deref())),
         };
         // Events from the daemon's "now" on: whatever happens while the snapshot is taken is
         // replayed afterwards, and handled idempotently.
@@ -621,7 +609,7 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
         let list = self.api.networks().await?;
         Ok(list
             .iter()
-            .filter_map(|n| network_from_docker(n, self.nat))
+            .filter_map(network_from_docker)
             .map(|n| (n.id.clone(), n))
             .collect())
     }
@@ -763,14 +751,6 @@ fn references_unknown_network(
         .flatten()
         .filter_map(|(_, ep)| ep.network_id.as_deref())
         .any(|id| !id.is_empty() && !known.contains(id))
-}
-
-/// Docker enables `ip6tables` by default from version 27 on.
-fn default_ip6tables(server_version: Option<&str>) -> bool {
-    server_version
-        .and_then(|v| v.split('.').next())
-        .and_then(|major| major.parse::<u32>().ok())
-        .is_some_and(|major| major >= 27)
 }
 
 /// Compile-time check: the production watcher can be `tokio::spawn`ed.
