@@ -338,6 +338,11 @@ impl DockerDaemon {
         self.config.version
     }
 
+    /// How it was started.
+    pub fn config(&self) -> &DaemonConfig {
+        &self.config
+    }
+
     /// `PATH` with this daemon's own binaries first (its `docker` CLI).
     pub fn path_env(&self) -> std::ffi::OsString {
         self.config.version.path_env()

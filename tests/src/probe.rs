@@ -238,6 +238,10 @@ pub struct OutsideNs {
     pub host_if: String,
     pub host_addr: std::net::Ipv4Addr,
     pub addr: std::net::Ipv4Addr,
+    /// The host's IPv6 address on the link (`fd00:250:<octet>::1/64`).
+    pub host_addr6: std::net::Ipv6Addr,
+    /// The namespace's IPv6 address (`fd00:250:<octet>::2/64`, default route to the host).
+    pub addr6: std::net::Ipv6Addr,
 }
 
 /// Runs `ip ARGS`, panicking with its error output if it fails.
@@ -262,6 +266,8 @@ impl OutsideNs {
             host_if,
             host_addr: std::net::Ipv4Addr::new(10, 250, octet, 1),
             addr: std::net::Ipv4Addr::new(10, 250, octet, 2),
+            host_addr6: std::net::Ipv6Addr::new(0xfd00, 0x250, octet.into(), 0, 0, 0, 0, 1),
+            addr6: std::net::Ipv6Addr::new(0xfd00, 0x250, octet.into(), 0, 0, 0, 0, 2),
         };
         let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
         let _ = Command::new("ip")
@@ -269,6 +275,9 @@ impl OutsideNs {
             .output();
         let host = format!("{}/30", ns.host_addr);
         let inside = format!("{}/30", ns.addr);
+        let host6 = format!("{}/64", ns.host_addr6);
+        let inside6 = format!("{}/64", ns.addr6);
+        let via6 = ns.host_addr6.to_string();
         let n = ns.name.as_str();
         for args in [
             vec!["netns", "add", n],
@@ -285,9 +294,13 @@ impl OutsideNs {
                 n,
             ],
             vec!["addr", "add", &host, "dev", &ns.host_if],
+            vec!["-6", "addr", "add", &host6, "dev", &ns.host_if, "nodad"],
             vec!["link", "set", &ns.host_if, "up"],
             vec!["-n", n, "link", "set", "lo", "up"],
             vec!["-n", n, "addr", "add", &inside, "dev", "eth0"],
+            vec![
+                "-n", n, "-6", "addr", "add", &inside6, "dev", "eth0", "nodad",
+            ],
             vec!["-n", n, "link", "set", "eth0", "up"],
             vec![
                 "-n",
@@ -298,6 +311,7 @@ impl OutsideNs {
                 "via",
                 &ns.host_addr.to_string(),
             ],
+            vec!["-n", n, "-6", "route", "add", "default", "via", &via6],
         ] {
             ip(&args);
         }

@@ -55,6 +55,14 @@ extern "C" fn stop_shared_daemon() {
 /// runs the tests one at a time. A daemon of the other version, or one that a failed test left
 /// unusable, is replaced.
 fn docker(version: DockerVersion) -> MutexGuard<'static, Option<DockerDaemon>> {
+    docker_with(version, false)
+}
+
+/// [`docker`], with `--userland-proxy=false` when `no_userland_proxy`.
+fn docker_with(
+    version: DockerVersion,
+    no_userland_proxy: bool,
+) -> MutexGuard<'static, Option<DockerDaemon>> {
     static AT_EXIT: Once = Once::new();
     AT_EXIT.call_once(|| {
         // SAFETY: registers a plain extern "C" function; runs when the test process exits.
@@ -62,11 +70,18 @@ fn docker(version: DockerVersion) -> MutexGuard<'static, Option<DockerDaemon>> {
     });
     let mut guard = SHARED.lock().unwrap_or_else(|e| e.into_inner());
     let healthy = guard.as_ref().is_some_and(|d| {
-        d.version() == version && d.pid().is_some() && d.docker(&["version"]).status.success()
+        d.version() == version
+            && d.config().no_userland_proxy == no_userland_proxy
+            && d.pid().is_some()
+            && d.docker(&["version"]).status.success()
     });
     if !healthy {
         drop(guard.take());
-        let d = DockerDaemon::start_version(version);
+        let d = DockerDaemon::start_with(netpol_tests::docker::DaemonConfig {
+            version,
+            no_userland_proxy,
+            ..Default::default()
+        });
         d.build_busybox_image(IMAGE);
         *guard = Some(d);
     }
@@ -564,6 +579,109 @@ fn published_port_reaches_world_and_host_but_not_other_containers(version: Docke
     timed("published port checks", || {
         assert_all("published port", &checks)
     });
+}
+
+/// How a client of a published port arrives at the container.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arrives {
+    /// With its own address (DNAT): `world`.
+    World,
+    /// From the host's or the bridge gateway's address (docker-proxy, or DNAT plus masquerade
+    /// without the proxy): `host`.
+    Host,
+    /// Not at all (nothing forwards it).
+    Nowhere,
+}
+
+/// Who a published-port client is, per Docker version and userland-proxy setting, as README's
+/// host/world section states it: web:80 is open to `world` only and web:81 to `host` only, so
+/// the port that answers says which one a client is.
+fn published_port_clients(version: DockerVersion, no_userland_proxy: bool) {
+    let mut guard = docker_with(version, no_userland_proxy);
+    let docker = guard.as_mut().expect("daemon");
+    let project = Project::up(docker, "compose-ports.yml");
+    let agent = Agent::start(docker);
+    let web = project.container("web");
+    wait_enforced(&agent, std::slice::from_ref(&web));
+    let outside = OutsideNs::create(8);
+    let proxy = !no_userland_proxy;
+    use Arrives::{Host, Nowhere, World};
+    let v28 = version == DockerVersion::Docker28;
+    let cases: Vec<(Client, &str, IpAddr, Arrives)> = vec![
+        (
+            Client::host(),
+            "127.0.0.1",
+            "127.0.0.1".parse().unwrap(),
+            Host,
+        ),
+        (
+            Client::host(),
+            "[::1]",
+            "::1".parse().unwrap(),
+            if proxy { Host } else { Nowhere },
+        ),
+        (
+            outside.client(),
+            "the host's IPv4 address",
+            outside.host_addr.into(),
+            World,
+        ),
+        (
+            outside.client(),
+            "the host's IPv6 address",
+            outside.host_addr6.into(),
+            match (v28, proxy) {
+                (true, _) => World,
+                (false, true) => Host,
+                (false, false) => Nowhere,
+            },
+        ),
+    ];
+    let mut checks = Vec::new();
+    for (from, what, ip, arrives) in cases {
+        for (port, opens) in [(18083, World), (18084, Host)] {
+            checks.push(Check {
+                from: from.clone(),
+                to_name: format!("web:{port} via {what} (arrives as {arrives:?})"),
+                to: SocketAddr::new(ip, port),
+                expect: if arrives == opens {
+                    Expect::Allowed
+                } else {
+                    Expect::Denied
+                },
+                http: true,
+            });
+        }
+    }
+    timed("published port identities", || {
+        assert_all(
+            &format!(
+                "published ports on {} with userland-proxy={proxy}",
+                version.name()
+            ),
+            &checks,
+        )
+    });
+}
+
+fn published_port_clients_are_world_or_host_as_documented(version: DockerVersion) {
+    if !netpol_tests::require_root(
+        &version.test_name("published_port_clients_are_world_or_host_as_documented"),
+    ) {
+        return;
+    }
+    published_port_clients(version, false);
+}
+
+/// The same without the userland proxy (`"userland-proxy": false`, common in production).
+/// Named to run after the others, so the shared daemon is restarted once.
+fn without_userland_proxy_published_port_clients_are_world_or_host(version: DockerVersion) {
+    if !netpol_tests::require_root(
+        &version.test_name("without_userland_proxy_published_port_clients_are_world_or_host"),
+    ) {
+        return;
+    }
+    published_port_clients(version, true);
 }
 
 /// What a probe loop saw: attempts per phase, and every violation.
@@ -1677,6 +1795,8 @@ fn netpol_labels_never_open_more_than_their_own_container(version: DockerVersion
 
 netpol_tests::docker_tests!(
     compose_labels_protect_the_database_scenario,
+    published_port_clients_are_world_or_host_as_documented,
+    without_userland_proxy_published_port_clients_are_world_or_host,
     a_broken_policy_file_keeps_its_last_valid_version_across_restarts,
     agent_with_only_the_units_privileges_enforces_the_scenario,
     cilium_policy_file_protects_the_database_scenario,
