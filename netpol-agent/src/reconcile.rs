@@ -275,6 +275,14 @@ impl Reconciler {
         Self::default()
     }
 
+    /// The state the maps hold: the one last written, or read from the kernel.
+    pub fn current(&mut self, dp: &mut dyn Datapath) -> Result<MapState, ReconcileError> {
+        match &self.last {
+            Some((m, _)) => Ok(m.clone()),
+            None => dp.current().map_err(ReconcileError::Read),
+        }
+    }
+
     /// Forgets the cached state: the next reconcile reads the maps.
     pub fn invalidate(&mut self) {
         self.last = None;

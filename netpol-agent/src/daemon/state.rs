@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
-use netpol_common::{endpoint::Endpoint, identity as reserved, ipcache::RemoteInfo};
+use netpol_common::{endpoint::Endpoint, identity as reserved, ipcache::RemoteInfo, Direction};
 use tracing::{error, info, warn};
 
 use super::api::{EndpointRow, IdentityRow, PolicyRow, SourceFile};
@@ -14,7 +14,7 @@ use crate::{
     policy::{
         self,
         sources::{imports, labels::identity_labels, ContainerLabels, ImportSet, Sources},
-        Compiled, Endpoints, Policy,
+        Compiled, Endpoints, Enforcement, Policy,
     },
     reconcile::{self, Desired},
     store::Store,
@@ -43,7 +43,7 @@ pub enum AgentError {
     Identity(#[from] crate::identity::IdentityError),
     #[error("no imported policy named {0} (nothing was changed)")]
     NotFound(String),
-    #[error("a stored policy no longer parses, so the maps are left as they are (containers started since are not policed): {}", .0.join("; "))]
+    #[error("a stored policy no longer parses, so the maps are left as they are (each container is enforced as its identity was; one of an identity they do not know is default deny both ways): {}", .0.join("; "))]
     Frozen(Vec<String>),
 }
 
@@ -64,6 +64,10 @@ pub struct Agent {
     compiled: Option<Compiled>,
     reconciler: reconcile::Reconciler,
     masq: Option<super::masq::Masq>,
+    /// While frozen (a stored policy no longer parses): the enforced directions of every
+    /// identity the maps have had an endpoint of since the freeze began (see
+    /// [`Agent::sync_frozen`]).
+    frozen: Option<BTreeMap<u32, Enforcement>>,
     last_error: Option<String>,
     /// ifindex → (container name, identity), for the monitor.
     pub names: BTreeMap<u32, (String, u32)>,
@@ -106,6 +110,7 @@ impl Agent {
             compiled: None,
             reconciler: reconcile::Reconciler::new(),
             masq: None,
+            frozen: None,
             last_error: None,
             names: BTreeMap::new(),
             host_links: BTreeMap::new(),
@@ -169,7 +174,6 @@ impl Agent {
     /// Builds the desired state from the world and the given policies.
     fn desired(&mut self, policies: &[Policy]) -> Result<(Desired, Compiled), AgentError> {
         let mut endpoints: Endpoints = BTreeMap::new();
-        let mut container_ids = BTreeMap::new();
         let containers: Vec<Container> = self
             .containers
             .values()
@@ -178,7 +182,6 @@ impl Agent {
             .collect();
         for c in &containers {
             let (id, labels) = self.identity_of(c)?;
-            container_ids.insert(c.id.clone(), id);
             endpoints.insert(id, labels);
         }
         let previous = self
@@ -187,7 +190,31 @@ impl Agent {
             .map(|c| c.cidr_identities.clone())
             .unwrap_or_default();
         let compiled = policy::compile_with_previous(policies, &endpoints, &previous)?;
+        let mut d = self.world(&compiled.cidr_identities, |id| {
+            compiled.enforcement.get(&id).copied().unwrap_or_default()
+        })?;
+        d.maps.policy = compiled.policy.clone();
+        Ok((d, compiled))
+    }
 
+    /// The desired ipcache, endpoints and attachments of the running containers (the policy map
+    /// left empty), with these CIDR identities and each identity's enforced directions.
+    fn world(
+        &mut self,
+        cidr_identities: &BTreeMap<Cidr, u32>,
+        enforcement_of: impl Fn(u32) -> Enforcement,
+    ) -> Result<Desired, AgentError> {
+        let mut container_ids = BTreeMap::new();
+        let containers: Vec<Container> = self
+            .containers
+            .values()
+            .filter(|c| c.running)
+            .cloned()
+            .collect();
+        for c in &containers {
+            let (id, _) = self.identity_of(c)?;
+            container_ids.insert(c.id.clone(), id);
+        }
         let mut d = Desired::default();
         // Subnets of managed networks: a container not identified yet is `unmanaged`, not `world`.
         for n in self.networks.values().filter(|n| n.is_bridge()) {
@@ -197,7 +224,7 @@ impl Agent {
                     .insert(*s, RemoteInfo::new(reserved::UNMANAGED));
             }
         }
-        for (cidr, id) in &compiled.cidr_identities {
+        for (cidr, id) in cidr_identities {
             d.maps.ipcache.entry(*cidr).or_insert(RemoteInfo::new(*id));
         }
         for n in self.networks.values() {
@@ -215,7 +242,7 @@ impl Agent {
         self.names.clear();
         for c in &containers {
             let id = container_ids[&c.id];
-            let enf = compiled.enforcement.get(&id).copied().unwrap_or_default();
+            let enf = enforcement_of(id);
             for a in &c.networks {
                 // A container's address names the interfaces its packets arrive through, so
                 // that the datapath drops the address forged from anywhere else.
@@ -242,8 +269,44 @@ impl Agent {
                 }
             }
         }
-        d.maps.policy = compiled.policy.clone();
-        Ok((d, compiled))
+        Ok(d)
+    }
+
+    /// While a stored policy no longer parses, what it allowed and denied is unknown, so the
+    /// policy entries and CIDR identities stay exactly as they are; but containers still come
+    /// and go, and none may end up more open than before: each running container is enforced
+    /// as its identity was in the maps (a restarted db keeps its protection, a restarted app its
+    /// allowances), one whose identity the maps do not know is default deny both ways, and
+    /// addresses follow their containers (a new holder of an address never inherits the
+    /// identity of its previous holder).
+    fn sync_frozen(&mut self) -> Result<usize, AgentError> {
+        let cur = self.reconciler.current(self.dp.as_mut())?;
+        // Remembered for the whole freeze: a container that stops and starts again (a new
+        // veth) is enforced as before, not as an identity never seen.
+        let known = self.frozen.get_or_insert_with(BTreeMap::new);
+        for ep in cur.endpoints.values() {
+            known.entry(ep.identity).or_insert(Enforcement {
+                ingress: ep.enforces(Direction::Ingress),
+                egress: ep.enforces(Direction::Egress),
+            });
+        }
+        let known = known.clone();
+        let cidrs: BTreeMap<Cidr, u32> = cur
+            .ipcache
+            .iter()
+            .filter(|(_, v)| v.identity >= reserved::FIRST_CIDR)
+            .map(|(c, v)| (*c, v.identity))
+            .collect();
+        let mut d = self.world(&cidrs, |id| {
+            known.get(&id).copied().unwrap_or(Enforcement {
+                ingress: true,
+                egress: true,
+            })
+        })?;
+        d.maps.policy = cur.policy;
+        let n = self.reconcile_base(d)?;
+        self.save()?;
+        Ok(n)
     }
 
     /// The ifindex of the Linux bridge of network `id` (0 when unknown: then only the container's
@@ -270,6 +333,10 @@ impl Agent {
         }
         let unparsable = self.sources.unparsable();
         if !unparsable.is_empty() {
+            let n = self.sync_frozen()?;
+            if n > 0 {
+                info!(operations = n, "frozen maps follow the containers");
+            }
             return Err(AgentError::Frozen(unparsable));
         }
         self.refresh_labels();
@@ -277,6 +344,7 @@ impl Agent {
         let (desired, compiled) = self.desired(&policies)?;
         let n = self.reconcile_base(desired)?;
         self.compiled = Some(compiled);
+        self.frozen = None;
         self.save()?;
         Ok(n)
     }
@@ -473,6 +541,7 @@ impl Agent {
                 return Err(e);
             }
             self.compiled = Some(compiled);
+            self.frozen = None;
         }
         self.sources.imports.replace(candidate);
         self.save()?;

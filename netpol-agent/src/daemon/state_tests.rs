@@ -361,7 +361,23 @@ fn a_stored_policy_that_no_longer_parses_leaves_the_maps_as_they_are() {
     let mut a = agent_on(&dirs, dp);
     let app3 = service(5, "app3", &[]);
     snapshot(&mut a, &[&db, &app1, &app2, &app3]);
-    assert_eq!(maps(&a), before, "the maps are left exactly as they were");
+    // The policy entries stay exactly as they were, and so do the containers that were there;
+    // app3, whose identity the maps never had, is default deny both ways (its policy is unknown).
+    let now = maps(&a);
+    assert_eq!(
+        now.policy, before.policy,
+        "policy entries left as they were"
+    );
+    for c in [&db, &app1, &app2] {
+        assert_eq!(
+            now.endpoints.get(&ifindex(c)),
+            before.endpoints.get(&ifindex(c))
+        );
+    }
+    let ep3 = now.endpoints.get(&ifindex(&app3)).expect("app3 attached");
+    assert!(ep3.enforces(Ingress) && ep3.enforces(Egress), "{ep3:?}");
+    assert!(!connects(&a, &app3, &db, 5432) && !connects(&a, &app1, &app3, 80));
+    let before = now;
     let status = a.status();
     assert!(
         status["policies_unparsable"][0]
@@ -807,4 +823,72 @@ fn a_veth_joining_a_docker_bridge_is_closed_until_docker_identifies_it() {
     a.on_link(LinkEvent::Removed(veth));
     assert!(a.dp.attached().unwrap().is_empty());
     assert!(maps(&a).endpoints.is_empty());
+}
+
+/// `container` moved to a new address and veth, as a restart or recreate does.
+fn restarted(c: &Container, n: u8) -> Container {
+    let mut c = c.clone();
+    c.id = format!("{n:064x}");
+    c.networks[0].ipv4 = Some(Ipv4Addr::new(172, 20, 0, n));
+    c.networks[0].host_veth = Some(100 + u32::from(n));
+    c
+}
+
+#[test]
+fn a_container_started_while_frozen_is_never_more_open_than_before() {
+    let dirs = Dirs::new("frozen-restart");
+    let (db, app1, app2) = (
+        service(2, "db", &[]),
+        service(3, "app1", &[]),
+        service(4, "app2", &[]),
+    );
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    import(&mut a, "db.yaml", &db_accepts("app1", "TCP")).expect("import");
+    assert!(connects(&a, &app1, &db, 5432));
+    assert!(!connects(&a, &app2, &db, 5432));
+    let before = maps(&a);
+    let links = a.dp.attached().expect("links");
+    let stored = dirs.state().join("policies/db.yaml");
+    let text = std::fs::read_to_string(&stored).expect("stored policy");
+    std::fs::write(&stored, text.replace("TCP", "TPC")).expect("break it");
+    drop(a);
+    let mut dp = FakeDatapath::new(MapSizes::default());
+    dp.state = before.clone();
+    dp.links = links.into_iter().collect();
+    let mut a = agent_on(&dirs, dp);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    assert_eq!(
+        maps(&a).policy,
+        before.policy,
+        "policy entries stay as they are"
+    );
+
+    // db and app1 restarted while frozen (new addresses, new veths): db keeps its protection,
+    // app1 its allowance.
+    let (db2, app1b) = (restarted(&db, 12), restarted(&app1, 13));
+    a.on_docker(DockerEvent::ContainerDown { id: db.id.clone() });
+    up(&mut a, &db2);
+    a.on_docker(DockerEvent::ContainerDown {
+        id: app1.id.clone(),
+    });
+    up(&mut a, &app1b);
+    assert!(!connects(&a, &app2, &db2, 5432), "restarted db unprotected");
+    assert!(connects(&a, &app1b, &db2, 5432), "restarted app1 cut off");
+    assert_eq!(maps(&a).policy, before.policy);
+    // A container with an identity the old maps never saw: its policy is unknown, so it gets
+    // none of the old allowances and is default deny both ways.
+    let evil = service(20, "evil", &[]);
+    up(&mut a, &evil);
+    assert!(!connects(&a, &evil, &app2, 80), "unknown identity egress");
+    assert!(!connects(&a, &app2, &evil, 80), "unknown identity ingress");
+    assert!(!connects(&a, &evil, &db2, 5432));
+    // A new container given db's old address is not db.
+    let squatter = restarted(&service(30, "squat", &[]), 2);
+    up(&mut a, &squatter);
+    assert_ne!(
+        identity_of(&maps(&a), addr(&squatter)),
+        identity_of(&before, addr(&db))
+    );
+    assert!(status_str(&a).contains("left as they are"));
 }
