@@ -919,6 +919,12 @@ impl<'a> Ctx<'a> {
                         let key = self.label_key(l.key, l.line, &lp);
                         let value = self.string(l.value, &lp);
                         if let (Some(k), Some(v)) = (key, value) {
+                            // `any:k` and `k` (or `container:k`) are one label: keeping either
+                            // would drop the other's condition and select more.
+                            if sel.match_labels.contains_key(&k) {
+                                self.err(l.line, &lp, ErrorKind::DuplicateKey);
+                                continue;
+                            }
                             sel.match_labels.insert(k, v);
                         }
                     }

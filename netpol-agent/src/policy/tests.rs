@@ -1511,3 +1511,35 @@ fn a_panic_while_parsing_is_an_error() {
         .to_string()
         .starts_with("test.yaml:0: internal error while parsing"));
 }
+
+/// `any:k`, `container:k` and `k` name one label: two of them in one `matchLabels` are a
+/// duplicate key, not the last one winning (that dropped the other's condition: a peer selector
+/// `{any:service: app1, service: app2}`, which selects nobody, let app2 in).
+#[test]
+fn a_label_key_with_and_without_its_source_prefix_is_a_duplicate() {
+    for keys in [
+        (
+            "any:com.docker.compose.service",
+            "com.docker.compose.service",
+        ),
+        (
+            "container:com.docker.compose.service",
+            "any:com.docker.compose.service",
+        ),
+    ] {
+        let peer = format!(
+            "{HEAD_DB}  ingress:\n  - fromEndpoints: [{{matchLabels: {{{}: app1, {}: app2}}}}]\n",
+            keys.0, keys.1
+        );
+        let e = parse_str("t.yaml", &peer).expect_err("peer").to_string();
+        assert!(
+            e.contains(&format!("matchLabels.{}: duplicate key", keys.1)),
+            "{e}"
+        );
+        let sel = format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p}}\nspec:\n  endpointSelector: {{matchLabels: {{{}: db, {}: app1}}}}\n  ingress: [{{}}]\n",
+            keys.0, keys.1
+        );
+        assert!(parse_str("t.yaml", &sel).is_err(), "endpointSelector");
+    }
+}
