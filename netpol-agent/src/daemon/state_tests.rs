@@ -892,3 +892,50 @@ fn a_container_started_while_frozen_is_never_more_open_than_before() {
     );
     assert!(status_str(&a).contains("left as they are"));
 }
+
+#[test]
+fn a_policy_moved_to_another_file_stays_in_force() {
+    let dirs = Dirs::new("file-move");
+    let (db, app1, app2) = (
+        service(2, "db", &[]),
+        service(3, "app1", &[]),
+        service(4, "app2", &[]),
+    );
+    let web = db_accepts("app1", "TCP")
+        .replace("name: db", "name: web")
+        .replace("service: db", "service: web");
+    let other = web.replace("name: web", "name: other");
+    let db_policy = db_accepts("app1", "TCP");
+    dirs.write_policy("a.yaml", &web);
+    dirs.write_policy("b.yaml", &db_policy);
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    assert!(!connects(&a, &app2, &db, 5432));
+
+    // Both files edited at once: db moves from b.yaml to a.yaml (read first).
+    dirs.write_policy("a.yaml", &format!("{web}---\n{db_policy}"));
+    dirs.write_policy("b.yaml", &other);
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(!connects(&a, &app2, &db, 5432), "db open after the move");
+    assert!(connects(&a, &app1, &db, 5432));
+    assert_eq!(a.status()["policy_files_rejected"], serde_json::json!({}));
+
+    // One after the other: added to b.yaml first (a duplicate: rejected, a.yaml keeps it), then
+    // removed from a.yaml; the next read accepts b.yaml.
+    dirs.write_policy("b.yaml", &format!("{other}---\n{db_policy}"));
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(!connects(&a, &app2, &db, 5432));
+    dirs.write_policy("a.yaml", &web);
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(
+        !connects(&a, &app2, &db, 5432),
+        "db open after the second move"
+    );
+    assert_eq!(a.status()["policy_files_rejected"], serde_json::json!({}));
+    assert!(a.policy_rows(Some("db")).expect("db")[0]
+        .source
+        .ends_with("b.yaml"));
+}

@@ -160,60 +160,109 @@ impl Files {
                 store_errors.push(e);
             }
         }
-        for (name, (path, stamp)) in listing {
-            if let Some(f) = self.files.get(&name) {
-                if f.modified == Some(stamp) && f.error.is_none() {
+        let mut changed = false;
+        for (name, (path, stamp)) in &listing {
+            if let Some(f) = self.files.get(name) {
+                if f.modified == Some(*stamp) && f.error.is_none() {
                     continue;
                 }
             }
-            let file = path.display().to_string();
-            // Bounded read; selectors checked against the agent's label filter.
-            let parsed = match policy::read_file(&path) {
-                Ok(text) => policy::parse_str_with(&file, &text, filter)
-                    .map(|policies| (text, policies))
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            let parsed = parsed.and_then(|(text, policies)| {
-                self.check_names(&name, &file, &policies, &imported)?;
-                Ok((text, policies))
-            });
-            let f = self.files.entry(name.clone()).or_insert(PolicyFile {
-                path: path.clone(),
-                modified: None,
-                in_force: None,
-                error: None,
-            });
-            f.modified = Some(stamp);
-            match parsed {
-                Ok((text, policies)) => {
-                    if f.in_force.as_ref().map(|v| &v.text) != Some(&text) {
-                        if let Err(e) = store.save_file_copy(&name, &text) {
-                            error!(file = %file, error = %e, "keeping the last valid version of a policy file");
-                            store_errors.push(e);
-                        }
-                    }
-                    if f.error.take().is_some() {
-                        info!(file = %file, "policy file accepted again");
-                    }
-                    f.in_force = Some(Version {
-                        text,
-                        policies: Ok(policies),
-                    });
-                }
-                Err(e) => {
-                    if f.error.as_ref() != Some(&e) {
-                        if f.in_force.is_some() {
-                            error!(file = %file, error = %e, "policy file rejected; its last valid version stays in force");
-                        } else {
-                            error!(file = %file, error = %e, "policy file rejected; it has no valid version, none of its policies apply");
-                        }
-                    }
-                    f.error = Some(e);
+            changed |= self.read_one(
+                name,
+                path,
+                *stamp,
+                store,
+                filter,
+                &imported,
+                &mut store_errors,
+            );
+        }
+        // A file rejected because another file's version in force used one of its names, which
+        // that file gave up in this same pass (a policy moved between files): read it again, or
+        // the policy would apply nowhere until the next change.
+        for _ in 0..listing.len() {
+            if !changed {
+                break;
+            }
+            changed = false;
+            for (name, (path, stamp)) in &listing {
+                if self.files.get(name).is_some_and(|f| f.error.is_some()) {
+                    changed |= self.read_one(
+                        name,
+                        path,
+                        *stamp,
+                        store,
+                        filter,
+                        &imported,
+                        &mut store_errors,
+                    );
                 }
             }
         }
         store_errors
+    }
+
+    /// Reads file `name` and makes its version in force the file as it is, when valid. Returns
+    /// whether the version in force changed.
+    #[allow(clippy::too_many_arguments)]
+    fn read_one(
+        &mut self,
+        name: &str,
+        path: &Path,
+        stamp: Stamp,
+        store: &Store,
+        filter: &LabelFilter,
+        imported: &impl Fn(&str) -> bool,
+        store_errors: &mut Vec<StoreError>,
+    ) -> bool {
+        let before = self.files.get(name).and_then(|f| f.in_force.clone());
+        let file = path.display().to_string();
+        // Bounded read; selectors checked against the agent's label filter.
+        let parsed = match policy::read_file(path) {
+            Ok(text) => policy::parse_str_with(&file, &text, filter)
+                .map(|policies| (text, policies))
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let parsed = parsed.and_then(|(text, policies)| {
+            self.check_names(name, &file, &policies, imported)?;
+            Ok((text, policies))
+        });
+        let f = self.files.entry(name.to_owned()).or_insert(PolicyFile {
+            path: path.to_owned(),
+            modified: None,
+            in_force: None,
+            error: None,
+        });
+        f.modified = Some(stamp);
+        match parsed {
+            Ok((text, policies)) => {
+                if f.in_force.as_ref().map(|v| &v.text) != Some(&text) {
+                    if let Err(e) = store.save_file_copy(name, &text) {
+                        error!(file = %file, error = %e, "keeping the last valid version of a policy file");
+                        store_errors.push(e);
+                    }
+                }
+                if f.error.take().is_some() {
+                    info!(file = %file, "policy file accepted again");
+                }
+                f.in_force = Some(Version {
+                    text,
+                    policies: Ok(policies),
+                });
+            }
+            Err(e) => {
+                if f.error.as_ref() != Some(&e) {
+                    if f.in_force.is_some() {
+                        error!(file = %file, error = %e, "policy file rejected; its last valid version stays in force");
+                    } else {
+                        error!(file = %file, error = %e, "policy file rejected; it has no valid version, none of its policies apply");
+                    }
+                }
+                f.error = Some(e);
+            }
+        }
+        self.files.get(name).and_then(|f| f.in_force.clone()) != before
     }
 
     /// An error if a policy of file `name` uses a name that an imported policy or another
