@@ -890,3 +890,53 @@ impl DatapathPlan {
         Ok(plan)
     }
 }
+
+/// A SCHED_CLS program `mov r0, 0 (TC_ACT_OK); exit`, loaded with raw bpf(2): a stand-in for
+/// another tool's program that passes everything and ends the TCX chain.
+pub fn load_pass_all() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let insns: [u64; 2] = [
+        // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm 0
+        0xb7, // BPF_JMP | BPF_EXIT
+        0x95,
+    ];
+    let license = c"GPL";
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&3u32.to_ne_bytes()); // BPF_PROG_TYPE_SCHED_CLS
+    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    attr[48..56].copy_from_slice(b"pass_all");
+    // SAFETY: a valid BPF_PROG_LOAD attribute block; the pointers outlive the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), attr.len()) };
+    assert!(fd >= 0, "BPF_PROG_LOAD: {}", io::Error::last_os_error());
+    // SAFETY: a new fd owned by nobody else.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// `BPF_TCX_INGRESS`, for [`tcx_link_first`].
+pub const TCX_INGRESS: u32 = 46;
+/// `BPF_TCX_EGRESS`, for [`tcx_link_first`].
+pub const TCX_EGRESS: u32 = 47;
+
+/// Creates a TCX link of `prog` first in the `attach_type` chain ([`TCX_INGRESS`] or
+/// [`TCX_EGRESS`]) of `ifindex`, in the calling thread's namespace. Closing the returned fd
+/// detaches it.
+pub fn tcx_link_first(
+    prog: &std::os::fd::OwnedFd,
+    ifindex: u32,
+    attach_type: u32,
+) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let mut attr = [0u8; 64];
+    attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+    attr[8..12].copy_from_slice(&attach_type.to_ne_bytes());
+    // BPF_F_BEFORE with no relative program: first.
+    attr[12..16].copy_from_slice(&(1u32 << 3).to_ne_bytes());
+    // SAFETY: a valid BPF_LINK_CREATE attribute block.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 28, attr.as_ptr(), attr.len()) };
+    assert!(fd >= 0, "BPF_LINK_CREATE: {}", io::Error::last_os_error());
+    // SAFETY: a new fd owned by nobody else.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}

@@ -9,20 +9,15 @@
 //!
 //! Policy as in `netns_policy.rs`: db accepts TCP 5432 from app1; everything else to db is denied.
 
-use std::{
-    net::SocketAddr,
-    os::fd::{FromRawFd, OwnedFd},
-    process::Command,
-    time::Duration,
-};
+use std::{net::SocketAddr, process::Command, time::Duration};
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use netpol_agent::datapath::kernel::KernelDatapath;
 use netpol_common::{identity, proto};
 use netpol_tests::{
     netns::{
-        tcp_connect, unique_tag, Connect, DatapathPlan, EchoServer, Family, PinDir, PlanPolicy,
-        Topology,
+        load_pass_all, tcp_connect, tcx_link_first, unique_tag, Connect, DatapathPlan, EchoServer,
+        Family, PinDir, PlanPolicy, Topology, TCX_EGRESS,
     },
     require_root,
 };
@@ -86,52 +81,6 @@ fn expect_enforced(t: &Topology, when: &str) {
     );
 }
 
-/// A SCHED_CLS program `mov r0, 0 (TC_ACT_OK); exit`, loaded with raw bpf(2): a stand-in for
-/// another tool's program that passes everything and ends the TCX chain.
-fn load_pass_all() -> OwnedFd {
-    let insns: [u64; 2] = [
-        // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm 0
-        0xb7, // BPF_JMP | BPF_EXIT
-        0x95,
-    ];
-    let license = c"GPL";
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&3u32.to_ne_bytes()); // BPF_PROG_TYPE_SCHED_CLS
-    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
-    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    attr[48..56].copy_from_slice(b"pass_all");
-    // SAFETY: a valid BPF_PROG_LOAD attribute block; the pointers outlive the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), attr.len()) };
-    assert!(
-        fd >= 0,
-        "BPF_PROG_LOAD: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a new fd owned by nobody else.
-    unsafe { OwnedFd::from_raw_fd(fd as i32) }
-}
-
-/// Creates a TCX link of `prog` first in the chain of `ifindex` (egress: the side that polices
-/// what is delivered to db). Closing the returned fd detaches it. Runs in the caller's namespace.
-fn tcx_link_first(prog: &OwnedFd, ifindex: u32) -> OwnedFd {
-    use std::os::fd::AsRawFd;
-    let mut attr = [0u8; 64];
-    attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
-    attr[4..8].copy_from_slice(&ifindex.to_ne_bytes());
-    attr[8..12].copy_from_slice(&47u32.to_ne_bytes()); // BPF_TCX_EGRESS
-    attr[12..16].copy_from_slice(&(1u32 << 3).to_ne_bytes()); // BPF_F_BEFORE, relative 0: first
-                                                              // SAFETY: a valid BPF_LINK_CREATE attribute block.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 28, attr.as_ptr(), attr.len()) };
-    assert!(
-        fd >= 0,
-        "BPF_LINK_CREATE: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a new fd owned by nobody else.
-    unsafe { OwnedFd::from_raw_fd(fd as i32) }
-}
-
 /// Names of the programs in the TCX egress chain of `ifname` in the host namespace, in order.
 fn tcx_chain(t: &Topology, ifname: &str) -> Vec<String> {
     let ifname = ifname.to_owned();
@@ -161,7 +110,7 @@ fn a_foreign_tcx_program_never_runs_before_netpols() {
     // Another tool was there first.
     let early = {
         let (p, i) = (pass.try_clone().unwrap(), db.ifindex);
-        t.host.run_in(move || tcx_link_first(&p, i))
+        t.host.run_in(move || tcx_link_first(&p, i, TCX_EGRESS))
     };
     assert_eq!(
         connect(&t, OTHER, ALLOWED_TIMEOUT),
@@ -179,7 +128,7 @@ fn a_foreign_tcx_program_never_runs_before_netpols() {
     // that) until the next agent start, which moves netpol's link first again.
     let late = {
         let (p, i) = (pass2.try_clone().unwrap(), db.ifindex);
-        t.host.run_in(move || tcx_link_first(&p, i))
+        t.host.run_in(move || tcx_link_first(&p, i, TCX_EGRESS))
     };
     assert_eq!(tcx_chain(&t, &db.host_veth)[0], "pass_all");
     let summary = load(&pins, &t, &plan(&t));

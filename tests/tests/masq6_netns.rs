@@ -25,11 +25,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::programs::{SchedClassifier, TcAttachType};
 use netpol_agent::datapath::{
-    masq6::{self, Masq6, Masq6Options, Masq6Settings, PrefixKind},
+    masq6::{self, AttachMode, Masq6, Masq6Options, Masq6Settings, PrefixKind},
     Cidr,
 };
-use netpol_tests::require_root;
+use netpol_tests::{
+    netns::{load_pass_all, tcx_link_first, TCX_EGRESS, TCX_INGRESS},
+    require_root,
+};
 
 const PREFIX: &str = "fd00:42::/64";
 const C1: &str = "fd00:42::2";
@@ -303,6 +307,11 @@ impl Topology {
 
     /// netpol's masquerade on `up0`, its maps pinned in this topology's own directory.
     fn netpol(&self) -> Masq6 {
+        self.netpol_with(None)
+    }
+
+    /// [`Self::netpol`] attached in `mode` (`None`: probed).
+    fn netpol_with(&self, mode: Option<AttachMode>) -> Masq6 {
         let opts = Masq6Options {
             pin_dir: self.pin_dir.clone(),
             snat6_entries: 4096,
@@ -313,7 +322,7 @@ impl Topology {
             assert_eq!(uplink.addr, Some(v6(UPLINK)));
             assert_eq!(uplink.l2_len, 14);
             let mut m = Masq6::load(&opts).unwrap_or_else(|e| panic!("load: {e}"));
-            m.attach(&uplink.name)
+            m.attach_with(&uplink.name, mode)
                 .unwrap_or_else(|e| panic!("attach: {e}"));
             let settings = Masq6Settings::new(&uplink, v6(UPLINK));
             m.configure(&settings)
@@ -407,10 +416,19 @@ impl Drop for Topology {
             return;
         }
         self.stop.store(true, Ordering::Relaxed);
+        // In the namespace of up0 (a clsact record names an interface by index), never the
+        // host's.
+        if std::path::Path::new("/run/netns")
+            .join(self.ns("host"))
+            .exists()
+        {
+            in_netns(&self.ns("host"), || {
+                let _ = masq6::remove_pins(&self.pin_dir);
+            });
+        }
         for role in ["c1", "c2", "srv", "rtr", "host"] {
             let _ = sh(&["ip", "netns", "del", &self.ns(role)]);
         }
-        let _ = masq6::remove_pins(&self.pin_dir);
         let _ = std::fs::remove_dir(&self.pin_dir);
     }
 }
@@ -838,4 +856,141 @@ fn netpol_and_ip6tables_masquerade_behave_alike() {
         bpf, ipt,
         "netpol's masquerade differs from ip6tables MASQUERADE"
     );
+}
+
+/// What c1's TCP connection to srv is seen from: the uplink's address when translated; `None`
+/// when it gets no answer.
+fn tcp_seen_as(t: &Topology) -> Option<IpAddr> {
+    in_netns(&t.ns("c1"), || {
+        let mut s = connect(0).ok()?;
+        peer_of(&ask(&mut s, "hello").ok()?).map(|p| p.ip())
+    })
+}
+
+/// Names of the programs in `up0`'s TCX chain on `ty`'s side, in order.
+fn uplink_chain(t: &Topology, ty: TcAttachType) -> Vec<String> {
+    in_netns(&t.ns("host"), || {
+        let (_, progs) = SchedClassifier::query_tcx("up0", ty).expect("query TCX chain");
+        progs
+            .iter()
+            .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+            .collect()
+    })
+}
+
+/// A program that passes everything and ends the TCX chain, put first on both sides of `up0`.
+fn pass_all_first(t: &Topology) -> Vec<std::os::fd::OwnedFd> {
+    let prog = load_pass_all();
+    in_netns(&t.ns("host"), || {
+        let idx = masq6::ifindex("up0").unwrap_or_else(|e| panic!("{e}"));
+        [TCX_EGRESS, TCX_INGRESS]
+            .into_iter()
+            .map(|ty| tcx_link_first(&prog, idx, ty))
+            .collect()
+    })
+}
+
+#[test]
+fn a_foreign_tcx_program_never_runs_before_the_masquerade() {
+    if !require_root("masq6_netns::a_foreign_tcx_program_never_runs_before_the_masquerade") {
+        return;
+    }
+    let t = Topology::build("o", false);
+    t.servers();
+    let up = Some(IpAddr::V6(v6(UPLINK)));
+    // Another tool was there first.
+    let early = pass_all_first(&t);
+    let m = t.netpol_with(Some(AttachMode::Tcx));
+    for ty in [TcAttachType::Egress, TcAttachType::Ingress] {
+        let name = if ty == TcAttachType::Egress {
+            "masq6_out"
+        } else {
+            "masq6_in"
+        };
+        assert_eq!(uplink_chain(&t, ty), [name, "pass_all"], "{ty:?}");
+    }
+    assert_eq!(
+        tcp_seen_as(&t),
+        up,
+        "translated behind an earlier pass-all program"
+    );
+
+    // Put first while the masquerade runs, then a restart moves the masquerade first again.
+    let late = pass_all_first(&t);
+    assert_eq!(uplink_chain(&t, TcAttachType::Egress)[0], "pass_all");
+    drop(m);
+    let _again = t.netpol_with(Some(AttachMode::Tcx));
+    for ty in [TcAttachType::Egress, TcAttachType::Ingress] {
+        let name = if ty == TcAttachType::Egress {
+            "masq6_out"
+        } else {
+            "masq6_in"
+        };
+        assert_eq!(
+            uplink_chain(&t, ty),
+            [name, "pass_all", "pass_all"],
+            "{ty:?}: the masquerade's link moved first, the old one gone"
+        );
+    }
+    assert_eq!(tcp_seen_as(&t), up, "translated after the restart");
+    drop((early, late));
+}
+
+/// `tc filter show` lines of the bpf filters on `up0`'s `dir` side.
+fn uplink_filters(t: &Topology, dir: &str) -> Vec<String> {
+    String::from_utf8_lossy(
+        &t.exec("host", &["tc", "filter", "show", "dev", "up0", dir])
+            .stdout,
+    )
+    .lines()
+    .filter(|l| l.contains(" bpf ") && l.contains(" handle "))
+    .map(str::to_owned)
+    .collect()
+}
+
+#[test]
+fn clsact_masquerade_restarts_keep_one_filter_and_detach_removes_it() {
+    if !require_root(
+        "masq6_netns::clsact_masquerade_restarts_keep_one_filter_and_detach_removes_it",
+    ) {
+        return;
+    }
+    let t = Topology::build("c", false);
+    t.servers();
+    let up = Some(IpAddr::V6(v6(UPLINK)));
+    for round in 0..3 {
+        let m = t.netpol_with(Some(AttachMode::Netlink));
+        for dir in ["ingress", "egress"] {
+            let f = uplink_filters(&t, dir);
+            assert_eq!(f.len(), 1, "start {round}: one filter on {dir}: {f:?}");
+            assert!(
+                f[0].contains("pref 1 ") && f[0].contains("handle 0x4e51 "),
+                "start {round}: {f:?}"
+            );
+        }
+        assert!(
+            uplink_chain(&t, TcAttachType::Egress).is_empty(),
+            "no TCX link"
+        );
+        assert_eq!(tcp_seen_as(&t), up, "start {round}: translated");
+        drop(m);
+    }
+    in_netns(&t.ns("host"), || {
+        masq6::detach(&t.pin_dir, "up0").unwrap_or_else(|e| panic!("detach: {e}"))
+    });
+    for dir in ["ingress", "egress"] {
+        let f = uplink_filters(&t, dir);
+        assert!(f.is_empty(), "detached: no filter left on {dir}: {f:?}");
+    }
+    assert_eq!(tcp_seen_as(&t), None, "still translated after detach");
+    // Attached again, then uninstalled: the filters go with the pins.
+    let _m = t.netpol_with(Some(AttachMode::Netlink));
+    assert_eq!(uplink_filters(&t, "egress").len(), 1);
+    in_netns(&t.ns("host"), || {
+        masq6::remove_pins(&t.pin_dir).unwrap_or_else(|e| panic!("remove pins: {e}"))
+    });
+    for dir in ["ingress", "egress"] {
+        let f = uplink_filters(&t, dir);
+        assert!(f.is_empty(), "uninstalled: no filter left on {dir}: {f:?}");
+    }
 }

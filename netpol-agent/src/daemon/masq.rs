@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use super::nat6::{self, Nat6Rules};
 use crate::{
     datapath::{
-        masq6::{self, Masq6, Masq6Options, Masq6Settings, PrefixKind, Uplink},
+        masq6::{self, AttachMode, Masq6, Masq6Options, Masq6Settings, PrefixKind, Uplink},
         Cidr,
     },
     docker::Network,
@@ -49,6 +49,8 @@ pub struct MasqConfig {
     pub ports: RangeInclusive<u16>,
     pub pin_dir: PathBuf,
     pub snat6_entries: u32,
+    /// How to attach to the uplink (`None`: probe), as the per-container programs are.
+    pub attach: Option<AttachMode>,
 }
 
 pub struct Masq {
@@ -339,7 +341,7 @@ impl Masq {
                     // Netlink filters (old kernels) are found by name; pinned links below.
                     let _ = masq6::detach(&self.cfg.pin_dir, &old);
                 }
-                m.attach(&uplink.name)?;
+                m.attach_with(&uplink.name, self.cfg.attach)?;
                 self.attached_to = Some(now);
                 info!(uplink = %uplink.name, %addr, "masq6 attached");
             }

@@ -172,6 +172,7 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
         ports: args.masq6_ports.clone(),
         pin_dir: args.pin_dir.clone(),
         snat6_entries: args.sizes().snat6,
+        attach: Some(dp.mode()),
     });
     let mut agent = state::Agent::new(Box::new(dp), store, filter, args.policy_dir.clone())?;
     agent.set_masq(masq);

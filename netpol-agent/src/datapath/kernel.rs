@@ -146,7 +146,7 @@ pub fn ensure_bpffs() -> Result<(), DatapathError> {
     Ok(())
 }
 
-fn ifname(ifindex: u32) -> Result<String, DatapathError> {
+pub(crate) fn ifname(ifindex: u32) -> Result<String, DatapathError> {
     let mut buf = [0u8; libc::IF_NAMESIZE];
     // SAFETY: buf has IF_NAMESIZE bytes as if_indextoname requires.
     let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
@@ -181,17 +181,159 @@ fn remove_tc_filter(ifindex: u32, prog: &str) -> Result<(), String> {
     let Ok(ifname) = ifname(ifindex) else {
         return Ok(());
     };
-    let gone =
-        SchedClassifierLink::attached(&ifname, attach_type(prog), NL_PRIORITY, NL_HANDLE, None)
-            .map_err(ProgramError::from)
-            .and_then(Link::detach);
+    tc_remove_fixed(&ifname, attach_type(prog), NL_HANDLE)
+}
+
+/// Deletes the clsact filter at [`NL_PRIORITY`] and `handle` on `ifname`'s `ty` side. A filter
+/// that is not there is not an error.
+pub(crate) fn tc_remove_fixed(
+    ifname: &str,
+    ty: TcAttachType,
+    handle: TcHandle,
+) -> Result<(), String> {
+    let gone = SchedClassifierLink::attached(ifname, ty, NL_PRIORITY, handle, None)
+        .map_err(ProgramError::from)
+        .and_then(Link::detach);
     match gone {
         Ok(()) => Ok(()),
-        Err(ProgramError::NetlinkError(e)) if matches!(e.raw_os_error(), Some(libc::ENOENT)) => {
+        Err(ProgramError::NetlinkError(e))
+            if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENODEV)) =>
+        {
             Ok(())
         }
-        Err(e) => Err(format!("clsact filter {prog} on {ifname}: {e}")),
+        Err(e) => Err(format!(
+            "clsact filter handle {:#x} ({ty:?}) on {ifname}: {e}",
+            u32::from(handle)
+        )),
     }
+}
+
+/// Puts `prog` into the clsact filter at [`NL_PRIORITY`] and `handle` on `ifname`'s `ty` side:
+/// replaces the program of an existing filter in place (cls_bpf swaps it atomically), or creates
+/// the filter. The filter outlives this process.
+pub(crate) fn tc_attach_fixed(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    ty: TcAttachType,
+    handle: TcHandle,
+) -> Result<(), String> {
+    // "Exclusivity flag on" means the qdisc is already there.
+    let _ = tc::qdisc_add_clsact(ifname);
+    let existing = SchedClassifierLink::attached(ifname, ty, NL_PRIORITY, handle, None)
+        .map_err(|e| e.to_string())?;
+    let id = match prog.attach_to_link(existing) {
+        Ok(id) => id,
+        // No such filter yet (or not replaceable): create it.
+        Err(replace_err) => prog
+            .attach_with_options(
+                ifname,
+                ty,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: NL_PRIORITY,
+                    handle,
+                    classid: None,
+                }),
+            )
+            .map_err(|e| format!("{e} (replacing: {replace_err})"))?,
+    };
+    // Keep the filter when this process exits (dropping the link would delete it).
+    std::mem::forget(prog.take_link(id).map_err(|e| e.to_string())?);
+    Ok(())
+}
+
+/// Creates a TCX link of `prog` first in the `ty` chain of `ifname` and pins it at `path`.
+pub(crate) fn tcx_attach_first_pinned(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    ty: TcAttachType,
+    path: &Path,
+) -> Result<(), String> {
+    let id = prog
+        .attach_with_options(ifname, ty, TcAttachOptions::TcxOrder(LinkOrder::first()))
+        .map_err(|e| e.to_string())?;
+    let link = prog.take_link(id).map_err(|e| e.to_string())?;
+    let fd: FdLink = link
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| e.to_string())?;
+    // Dropping `fd` without a pin would detach it again: the attach fails as a whole.
+    fd.pin(path)
+        .map_err(|e| format!("pinning at {}: {e}", path.display()))?;
+    Ok(())
+}
+
+/// Whether the program of the link pinned at `path` is the first of the `ty` TCX chain of
+/// `ifname`.
+fn tcx_pinned_first(path: &Path, ifname: &str, ty: TcAttachType) -> Result<bool, String> {
+    let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
+    let prog_id = FdLink::from(pinned)
+        .info()
+        .map_err(|e| e.to_string())?
+        .program_id();
+    let (_, chain) = SchedClassifier::query_tcx(ifname, ty)
+        .map_err(|e| format!("querying the TCX chain of {ifname}: {e}"))?;
+    Ok(chain.first().is_some_and(|p| p.id() == prog_id))
+}
+
+/// Switches the TCX link pinned at `path` to `prog` (atomically).
+fn tcx_update_pinned(prog: &mut SchedClassifier, path: &Path) -> Result<(), String> {
+    let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
+    let link: SchedClassifierLink = FdLink::from(pinned)
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| e.to_string())?;
+    let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+    // The pin keeps the link; our handle can go.
+    let owned = prog.take_link(id).map_err(|e| e.to_string())?;
+    drop(FdLink::try_from(owned).map_err(|e| e.to_string())?);
+    Ok(())
+}
+
+/// Why [`tcx_adopt_pinned`] failed.
+#[derive(Debug)]
+pub(crate) enum TcxAdoptError {
+    /// The pinned link, first in its chain, could not be switched to the new program.
+    Update(String),
+    /// The chain could not be read, or a new first link could not be made.
+    Other(String),
+}
+
+impl std::fmt::Display for TcxAdoptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Update(m) | Self::Other(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Adopts the TCX link pinned at `path` for `prog`: if its program is first in the chain, the
+/// link is switched to `prog`; otherwise a new link with `prog` is attached first and then
+/// replaces the old pin (the old link, still running the previous program, goes with it), so
+/// enforcement never stops. Returns whether the link was moved first. (A program can be in a
+/// TCX chain only once, so the old link cannot be updated first.)
+pub(crate) fn tcx_adopt_pinned(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    ty: TcAttachType,
+    path: &Path,
+) -> Result<bool, TcxAdoptError> {
+    if tcx_pinned_first(path, ifname, ty).map_err(TcxAdoptError::Other)? {
+        tcx_update_pinned(prog, path).map_err(TcxAdoptError::Update)?;
+        return Ok(false);
+    }
+    let file = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!("{file}_new"));
+    let _ = fs::remove_file(&tmp);
+    tcx_attach_first_pinned(prog, ifname, ty, &tmp).map_err(TcxAdoptError::Other)?;
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        TcxAdoptError::Other(format!(
+            "replacing {} with the new first link: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(true)
 }
 
 /// Whether TCX links can be created: attaches `prog` to the loopback device of a network
@@ -391,52 +533,25 @@ impl KernelDatapath {
         if !path.exists() {
             return Ok(());
         }
-        if self.pinned_link_first(&path, ifname, name)? {
-            if let Err(e) = self.update_link(&path, name) {
+        let perr = |message: String| DatapathError::Pin {
+            path: path.display().to_string(),
+            message,
+        };
+        let prog = self.prog(name)?;
+        match tcx_adopt_pinned(prog, ifname, attach_type(name), &path) {
+            Ok(false) => debug!(ifindex, name, "adopted pinned link"),
+            Ok(true) => warn!(
+                ifindex,
+                name, "another TCX program ran before netpol's; moved netpol's first"
+            ),
+            Err(TcxAdoptError::Update(e)) => {
                 warn!(ifindex, name, error = %e, "pinned link could not be updated; removing it");
                 let _ = fs::remove_file(&path);
-                return Err(e);
+                return Err(perr(e));
             }
-            debug!(ifindex, name, "adopted pinned link");
-            return Ok(());
+            Err(TcxAdoptError::Other(e)) => return Err(perr(e)),
         }
-        warn!(
-            ifindex,
-            name, "another TCX program runs before netpol's; moving netpol's first"
-        );
-        // A new link with the new program first, then the old link (still running the previous
-        // agent's program) goes when its pin is replaced: enforcement never stops. (A program
-        // can be in a TCX chain only once, so the old link cannot be updated first.)
-        let tmp = path.with_file_name(format!("{ifindex}_{}_new", side(name)));
-        let _ = fs::remove_file(&tmp);
-        self.attach_tcx_pinned(ifindex, ifname, name, &tmp)?;
-        fs::rename(&tmp, &path).map_err(|e| DatapathError::Pin {
-            path: path.display().to_string(),
-            message: format!("replacing with the new first link: {e}"),
-        })?;
         Ok(())
-    }
-
-    /// Whether the program of the link pinned at `path` is the first of the TCX chain of
-    /// `ifname` on `name`'s side.
-    fn pinned_link_first(
-        &self,
-        path: &Path,
-        ifname: &str,
-        name: &str,
-    ) -> Result<bool, DatapathError> {
-        let perr = |m: String| DatapathError::Pin {
-            path: path.display().to_string(),
-            message: m,
-        };
-        let pinned = PinnedLink::from_pin(path).map_err(|e| perr(e.to_string()))?;
-        let prog_id = FdLink::from(pinned)
-            .info()
-            .map_err(|e| perr(e.to_string()))?
-            .program_id();
-        let (_, chain) = SchedClassifier::query_tcx(ifname, attach_type(name))
-            .map_err(|e| perr(format!("querying the TCX chain of {ifname}: {e}")))?;
-        Ok(chain.first().is_some_and(|p| p.id() == prog_id))
     }
 
     fn adopt_tc(
@@ -453,23 +568,6 @@ impl KernelDatapath {
         Ok(())
     }
 
-    fn update_link(&mut self, path: &Path, name: &str) -> Result<(), DatapathError> {
-        let perr = |m: String| DatapathError::Pin {
-            path: path.display().to_string(),
-            message: m,
-        };
-        let pinned = PinnedLink::from_pin(path).map_err(|e| perr(e.to_string()))?;
-        let link: SchedClassifierLink = FdLink::from(pinned)
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| perr(e.to_string()))?;
-        let prog = self.prog(name)?;
-        let id = prog.attach_to_link(link).map_err(|e| perr(e.to_string()))?;
-        // The pin keeps the link; our handle can go.
-        let owned = prog.take_link(id).map_err(|e| perr(e.to_string()))?;
-        drop(FdLink::try_from(owned).map_err(|e| perr(e.to_string()))?);
-        Ok(())
-    }
-
     /// Creates a TCX link for `name` first in the chain of `ifname` and pins it at `path`.
     fn attach_tcx_pinned(
         &mut self,
@@ -478,28 +576,13 @@ impl KernelDatapath {
         name: &str,
         path: &Path,
     ) -> Result<(), DatapathError> {
-        let aerr = |m: String| DatapathError::Attach {
-            ifindex,
-            message: m,
-        };
         let prog = self.prog(name)?;
-        let id = prog
-            .attach_with_options(
-                ifname,
-                attach_type(name),
-                TcAttachOptions::TcxOrder(LinkOrder::first()),
-            )
-            .map_err(|e| aerr(format!("{name}: {e}")))?;
-        let link = prog.take_link(id).map_err(|e| aerr(e.to_string()))?;
-        let fd: FdLink = link
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| aerr(e.to_string()))?;
-        // Dropping `fd` without a pin would detach it again: the attach fails as a whole.
-        fd.pin(path).map_err(|e| DatapathError::Pin {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        Ok(())
+        tcx_attach_first_pinned(prog, ifname, attach_type(name), path).map_err(|e| {
+            DatapathError::Attach {
+                ifindex,
+                message: format!("{name}: {e}"),
+            }
+        })
     }
 
     /// Puts `name` into the fixed clsact filter of `ifname`: replaces the program of an existing
@@ -510,34 +593,13 @@ impl KernelDatapath {
         ifname: &str,
         name: &'static str,
     ) -> Result<(), DatapathError> {
-        let aerr = |m: String| DatapathError::Attach {
-            ifindex,
-            message: m,
-        };
-        let attach_type = attach_type(name);
-        // "Exclusivity flag on" means the qdisc is already there.
-        let _ = tc::qdisc_add_clsact(ifname);
-        let existing =
-            SchedClassifierLink::attached(ifname, attach_type, NL_PRIORITY, NL_HANDLE, None)
-                .map_err(|e| aerr(e.to_string()))?;
         let prog = self.prog(name)?;
-        let id = match prog.attach_to_link(existing) {
-            Ok(id) => id,
-            // No such filter yet (or not replaceable): create it.
-            Err(replace_err) => prog
-                .attach_with_options(
-                    ifname,
-                    attach_type,
-                    TcAttachOptions::Netlink(NlOptions {
-                        priority: NL_PRIORITY,
-                        handle: NL_HANDLE,
-                        classid: None,
-                    }),
-                )
-                .map_err(|e| aerr(format!("{name}: {e} (replacing: {replace_err})")))?,
-        };
-        // Keep the filter when this process exits (dropping the link would delete it).
-        std::mem::forget(prog.take_link(id).map_err(|e| aerr(e.to_string()))?);
+        tc_attach_fixed(prog, ifname, attach_type(name), NL_HANDLE).map_err(|e| {
+            DatapathError::Attach {
+                ifindex,
+                message: format!("{name}: {e}"),
+            }
+        })?;
         let record = self.tc_path(ifindex, name);
         fs::create_dir_all(&record).map_err(|e| DatapathError::Pin {
             path: record.display().to_string(),

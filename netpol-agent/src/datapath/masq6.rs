@@ -1,7 +1,13 @@
 //! IPv6 masquerade on the uplink: loads `masq6_out` / `masq6_in` from [`super::EBPF_OBJECT`],
-//! attaches them to an interface (TCX with links pinned under the pin directory, clsact through
-//! netlink where TCX is missing), and gives typed access to `MASQ6_CONFIG`, `MASQ6_PREFIX`,
+//! attaches them to an interface, and gives typed access to `MASQ6_CONFIG`, `MASQ6_PREFIX`,
 //! `SNAT6` and the `MASQ6_STATS` counters.
+//!
+//! Attachment follows the per-container programs ([`super::kernel`]): TCX links first in the
+//! chain, pinned as `<pin dir>/masq6_{out,in}_<ifindex>`, moved first again when adopted behind
+//! another program (so a foreign program that returns OK cannot skip translation); or, without
+//! TCX or with `--attach netlink`, one clsact filter per direction at [`kernel::NL_PRIORITY`] and
+//! [`NL_HANDLE`], recorded by the empty directory `<pin dir>/masq6_{out,in}_<ifindex>_tc`, whose
+//! program a restart replaces in place and which a detach deletes.
 //!
 //! Its maps are pinned by name (`<pin dir>/SNAT6`, …) so a restarted agent re-adopts the live
 //! translations and the pinned links keep the programs attached while no agent runs. Choosing the
@@ -22,9 +28,9 @@ use std::{
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
     programs::{
-        links::{FdLink, LinkError, PinnedLink},
-        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
-        LinkOrder, SchedClassifier, TcAttachType,
+        links::{LinkError, PinnedLink},
+        tc::{self, TcHandle},
+        SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -36,7 +42,12 @@ use netpol_common::{
     programs, proto, PIN_DIR,
 };
 
-use super::Cidr;
+pub use super::kernel::AttachMode;
+use super::{kernel, Cidr};
+
+/// Handle of the masquerade's clsact filters (the per-container filters use
+/// [`kernel::NL_HANDLE`]); `tc filter show` prints it as `handle 0x4e51`.
+pub const NL_HANDLE: TcHandle = TcHandle::new(0, 0x4e51);
 
 /// Maps of this module that are pinned (and so survive the agent).
 const PINNED: [&str; 5] = [
@@ -85,6 +96,12 @@ pub enum Masq6Error {
     Pin {
         path: String,
         source: aya::pin::PinError,
+    },
+    #[error("attaching {name} to {ifname}: {message}")]
+    Attach {
+        name: &'static str,
+        ifname: String,
+        message: String,
     },
     #[error("interface {name}: {source}")]
     Interface { name: String, source: io::Error },
@@ -197,15 +214,6 @@ pub struct Snat6Flow {
     pub complete: bool,
 }
 
-/// How the programs are attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttachMode {
-    /// TCX links, pinned under the pin directory.
-    Tcx,
-    /// clsact filters through netlink (kernels before 6.6); they stay until detached.
-    Netlink,
-}
-
 /// The interface of the default IPv6 route.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Uplink {
@@ -253,70 +261,60 @@ impl Masq6 {
         })
     }
 
-    /// Attaches `masq6_out` (egress) and `masq6_in` (ingress) to `ifname`. With TCX the links are
-    /// pinned as `<pin dir>/masq6_{out,in}_<ifindex>`; links already pinned there get this
-    /// program atomically (an agent restart or upgrade never leaves the uplink untranslated).
+    /// Attaches `masq6_out` (egress) and `masq6_in` (ingress) to `ifname`, TCX if a probe attach
+    /// succeeds, else clsact. See [`Self::attach_with`].
     pub fn attach(&mut self, ifname: &str) -> Result<AttachMode> {
+        self.attach_with(ifname, None)
+    }
+
+    /// Attaches `masq6_out` (egress) and `masq6_in` (ingress) to `ifname` in `mode` (`None`:
+    /// probed). What an earlier agent attached there, in either mode, gets this program without
+    /// a moment untranslated: a pinned TCX link is switched in place when first in its chain and
+    /// otherwise replaced by a new first one; a clsact filter of ours has its program replaced.
+    pub fn attach_with(&mut self, ifname: &str, mode: Option<AttachMode>) -> Result<AttachMode> {
         let ifindex = ifindex(ifname)?;
-        let mut mode = AttachMode::Tcx;
+        let mode = match mode {
+            Some(m) => m,
+            None => match kernel::probe_tcx(prog(&mut self.ebpf, programs::MASQ6_OUT)?) {
+                Ok(()) => AttachMode::Tcx,
+                Err(_) => AttachMode::Netlink,
+            },
+        };
         for (name, ty) in [
             (programs::MASQ6_OUT, TcAttachType::Egress),
             (programs::MASQ6_IN, TcAttachType::Ingress),
         ] {
+            let aerr = |message: String| Masq6Error::Attach {
+                name,
+                ifname: ifname.to_owned(),
+                message,
+            };
             let path = link_path(&self.pin_dir, name, ifindex);
+            let record = tc_record(&self.pin_dir, name, ifindex);
             let program = prog(&mut self.ebpf, name)?;
-            match PinnedLink::from_pin(&path) {
-                Ok(old) => {
-                    let link =
-                        SchedClassifierLink::try_from(FdLink::from(old)).map_err(|source| {
-                            Masq6Error::Link {
-                                path: path.display().to_string(),
-                                source,
-                            }
-                        })?;
-                    let id = program.attach_to_link(link).map_err(prog_err(name))?;
-                    // Still pinned: dropping our handle leaves it attached.
-                    drop(program.take_link(id).map_err(prog_err(name))?);
+            // Both kinds, whatever the mode: an agent started with another `--attach` still
+            // updates (and later detaches) what an earlier one attached.
+            if path.exists() {
+                kernel::tcx_adopt_pinned(program, ifname, ty, &path)
+                    .map_err(|e| aerr(e.to_string()))?;
+            }
+            if record.exists() {
+                kernel::tc_attach_fixed(program, ifname, ty, NL_HANDLE).map_err(aerr)?;
+            }
+            match mode {
+                AttachMode::Tcx if !path.exists() => {
+                    kernel::tcx_attach_first_pinned(program, ifname, ty, &path).map_err(aerr)?;
                 }
-                Err(_) => {
-                    let tcx = program.attach_with_options(
-                        ifname,
-                        ty,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    );
-                    match tcx {
-                        Ok(id) => {
-                            let link = program.take_link(id).map_err(prog_err(name))?;
-                            let fd = FdLink::try_from(link).map_err(|source| Masq6Error::Link {
-                                path: path.display().to_string(),
-                                source,
-                            })?;
-                            fd.pin(&path).map_err(|source| Masq6Error::Pin {
-                                path: path.display().to_string(),
-                                source,
-                            })?;
-                        }
-                        Err(_) => {
-                            // No TCX (kernel < 6.6): clsact through netlink. A previous
-                            // agent's filter of the same name is replaced, not doubled.
-                            mode = AttachMode::Netlink;
-                            // "Exclusivity flag on": the qdisc exists already.
-                            let _ = tc::qdisc_add_clsact(ifname);
-                            let _ = tc::qdisc_detach_program(ifname, ty, name);
-                            let id = program
-                                .attach_with_options(
-                                    ifname,
-                                    ty,
-                                    TcAttachOptions::Netlink(NlOptions::default()),
-                                )
-                                .map_err(prog_err(name))?;
-                            let link = program.take_link(id).map_err(prog_err(name))?;
-                            // A netlink filter stays until removed; dropping the link would
-                            // detach it.
-                            std::mem::forget(link);
-                        }
-                    }
+                AttachMode::Netlink if !record.exists() => {
+                    // A filter an older agent added at an automatic priority (found by name).
+                    let _ = tc::qdisc_detach_program(ifname, ty, name);
+                    kernel::tc_attach_fixed(program, ifname, ty, NL_HANDLE).map_err(aerr)?;
+                    fs::create_dir_all(&record).map_err(|source| Masq6Error::Read {
+                        path: record.display().to_string(),
+                        source,
+                    })?;
                 }
+                _ => {}
             }
         }
         Ok(mode)
@@ -514,6 +512,19 @@ fn link_path(pin_dir: &Path, program: &str, ifindex: u32) -> PathBuf {
     pin_dir.join(format!("{program}_{ifindex}"))
 }
 
+/// The record of a clsact filter: an empty directory (bpffs holds no plain files).
+fn tc_record(pin_dir: &Path, program: &str, ifindex: u32) -> PathBuf {
+    pin_dir.join(format!("{program}_{ifindex}_tc"))
+}
+
+fn attach_type(program: &str) -> TcAttachType {
+    if program == programs::MASQ6_OUT {
+        TcAttachType::Egress
+    } else {
+        TcAttachType::Ingress
+    }
+}
+
 fn prefix_key(prefix: Cidr) -> Result<Key<[u8; 16]>> {
     match prefix.addr {
         std::net::IpAddr::V6(a) => Ok(Key::new(u32::from(prefix.prefix_len), a.octets())),
@@ -553,9 +564,31 @@ pub fn detach_ifindex(pin_dir: &Path, ifindex: u32, ifname: Option<&str>) -> Res
                 }),
             }
         }
-        if let Some(ifname) = ifname {
-            // Netlink filters of the same name, if any (none with TCX).
+        // An interface known by index only is looked up; one that is gone took its filters.
+        let ifname = ifname
+            .map(str::to_owned)
+            .or_else(|| kernel::ifname(ifindex).ok());
+        let record = tc_record(pin_dir, name, ifindex);
+        if let Some(ifname) = &ifname {
+            if record.exists() {
+                if let Err(message) = kernel::tc_remove_fixed(ifname, ty, NL_HANDLE) {
+                    errors.push(Masq6Error::Attach {
+                        name,
+                        ifname: ifname.clone(),
+                        message,
+                    });
+                }
+            }
+            // Filters an older agent added at an automatic priority (found by name).
             let _ = tc::qdisc_detach_program(ifname, ty, name);
+        }
+        if record.exists() {
+            if let Err(source) = fs::remove_dir(&record) {
+                errors.push(Masq6Error::Read {
+                    path: record.display().to_string(),
+                    source,
+                });
+            }
         }
     }
     if errors.is_empty() {
@@ -574,7 +607,10 @@ pub fn pinned_ifindexes(pin_dir: &Path) -> Vec<u32> {
             let name = entry.file_name().to_string_lossy().into_owned();
             let idx = [programs::MASQ6_OUT, programs::MASQ6_IN]
                 .iter()
-                .find_map(|p| name.strip_prefix(p)?.strip_prefix('_')?.parse::<u32>().ok());
+                .find_map(|p| {
+                    let idx = name.strip_prefix(p)?.strip_prefix('_')?;
+                    idx.strip_suffix("_tc").unwrap_or(idx).parse::<u32>().ok()
+                });
             if let Some(idx) = idx.filter(|i| !out.contains(i)) {
                 out.push(idx);
             }
@@ -600,7 +636,32 @@ pub fn remove_pins(pin_dir: &Path) -> Result<()> {
                 || name.starts_with(programs::MASQ6_IN)
                 || PINNED.contains(&name.as_str());
             if ours {
-                if let Err(source) = fs::remove_file(entry.path()) {
+                // A clsact filter is not a pin: delete the filter its record stands for.
+                let record = [programs::MASQ6_OUT, programs::MASQ6_IN]
+                    .into_iter()
+                    .find_map(|p| {
+                        let rest = name.strip_prefix(p)?.strip_prefix('_')?;
+                        Some((p, rest.strip_suffix("_tc")?.parse::<u32>().ok()?))
+                    });
+                if let Some((p, idx)) = record {
+                    if let Ok(ifname) = kernel::ifname(idx) {
+                        if let Err(message) =
+                            kernel::tc_remove_fixed(&ifname, attach_type(p), NL_HANDLE)
+                        {
+                            errors.push(Masq6Error::Attach {
+                                name: p,
+                                ifname,
+                                message,
+                            });
+                        }
+                    }
+                }
+                let removed = if entry.path().is_dir() {
+                    fs::remove_dir(entry.path())
+                } else {
+                    fs::remove_file(entry.path())
+                };
+                if let Err(source) = removed {
                     errors.push(Masq6Error::Read {
                         path: entry.path().display().to_string(),
                         source,
