@@ -89,7 +89,7 @@ impl Agent {
             Some(state) => IdentityAllocator::load(state)?,
             None => IdentityAllocator::new(),
         };
-        let sources = Sources::load(&store, policy_dir)?;
+        let sources = Sources::load(&store, policy_dir, &filter)?;
         info!(
             identities = ids.len(),
             policies = sources.imports.len(),

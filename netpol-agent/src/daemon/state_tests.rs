@@ -939,3 +939,45 @@ fn a_policy_moved_to_another_file_stays_in_force() {
         .source
         .ends_with("b.yaml"));
 }
+
+/// A stored policy that selects by a label a later `--ignore-label` leaves out of identities
+/// selected nothing after the restart, silently: db ran unrestricted. It no longer parses now,
+/// so the agent says so and fails closed.
+#[test]
+fn a_stored_policy_on_a_label_ignored_since_fails_closed() {
+    let dirs = Dirs::new("ignore-since");
+    let db = service(2, "db", &[("team", "db")]);
+    let app2 = service(4, "app2", &[]);
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app2]);
+    let p = db_accepts("app1", "TCP").replace("com.docker.compose.service: db", "team: db");
+    import(&mut a, "db.yaml", &p).expect("import");
+    dirs.write_policy("web.yaml", &p.replace("name: db", "name: web"));
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(!connects(&a, &app2, &db, 5432));
+    let (before, links) = (maps(&a), a.dp.attached().expect("links"));
+    drop(a);
+    let mut dp = FakeDatapath::new(MapSizes::default());
+    dp.state = before;
+    dp.links = links.into_iter().collect();
+    let mut a = Agent::new(
+        Box::new(dp),
+        Store::new(dirs.state()),
+        LabelFilter::checked(["team"]).expect("filter"),
+        dirs.policy_dir(),
+    )
+    .expect("agent");
+    a.reload_policy_dir();
+    snapshot(&mut a, &[&db, &app2]);
+    assert!(
+        !connects(&a, &app2, &db, 5432),
+        "db opened by --ignore-label"
+    );
+    let status = status_str(&a);
+    assert!(
+        status.contains("imported policy db no longer parses") && status.contains("team"),
+        "{status}"
+    );
+    assert!(status.contains("web.yaml no longer parses"), "{status}");
+}

@@ -65,12 +65,14 @@ impl Files {
     }
 
     /// The last valid versions kept in `store`; [`Files::reload`] then reads the directory.
-    pub fn load(dir: PathBuf, store: &Store) -> Result<Self, StoreError> {
+    /// Kept versions are checked against `filter`, the agent's label filter (see
+    /// [`super::Imports::load`]).
+    pub fn load(dir: PathBuf, store: &Store, filter: &LabelFilter) -> Result<Self, StoreError> {
         let mut files = BTreeMap::new();
         for (name, text) in store.file_copies()? {
             let path = dir.join(&name);
-            let policies =
-                policy::parse_str(&path.display().to_string(), &text).map_err(|e| e.to_string());
+            let policies = policy::parse_str_with(&path.display().to_string(), &text, filter)
+                .map_err(|e| e.to_string());
             if let Err(e) = &policies {
                 error!(file = %path.display(), error = %e, "the stored last valid version of this policy file no longer parses");
             }

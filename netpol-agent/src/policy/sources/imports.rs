@@ -33,12 +33,14 @@ pub struct Imports {
 
 impl Imports {
     /// The policies stored in `store`. One that no longer parses is kept (as an error).
-    /// Selectors are checked against the built-in label filter only: a changed `--ignore-label`
-    /// must not turn a stored policy into an error.
-    pub fn load(store: &Store) -> Result<Self, StoreError> {
+    /// Selectors are checked against `filter`, the agent's label filter: a stored policy that
+    /// selects by a label a new `--ignore-label` leaves out of identities would select nothing
+    /// and silently open what it protected, so it does not parse either (the agent says so and
+    /// fails closed).
+    pub fn load(store: &Store, filter: &LabelFilter) -> Result<Self, StoreError> {
         let mut policies = ImportSet::new();
         for (name, text) in store.policies()? {
-            match policy::parse_str(&format!("imported policy {name}"), &text) {
+            match policy::parse_str_with(&format!("imported policy {name}"), &text, filter) {
                 Ok(ps) => {
                     for p in ps {
                         policies.insert(

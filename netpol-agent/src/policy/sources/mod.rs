@@ -33,11 +33,15 @@ pub struct Sources {
 
 impl Sources {
     /// Imported policies from `store`; the files of `policy_dir` are read by
-    /// [`Files::reload`].
-    pub fn load(store: &Store, policy_dir: PathBuf) -> Result<Self, StoreError> {
+    /// [`Files::reload`]. Stored policies are checked against `filter`, the agent's label filter.
+    pub fn load(
+        store: &Store,
+        policy_dir: PathBuf,
+        filter: &LabelFilter,
+    ) -> Result<Self, StoreError> {
         Ok(Self {
-            files: Files::load(policy_dir, store)?,
-            imports: Imports::load(store)?,
+            files: Files::load(policy_dir, store, filter)?,
+            imports: Imports::load(store, filter)?,
             labels: LabelPolicies::default(),
         })
     }
