@@ -237,47 +237,10 @@ impl Topology {
         ip(&["-n", &h, "link", "set", "br0", "up"]);
         let bridge_ifindex = t.host.ifindex("br0");
         for (i, name) in names.iter().enumerate() {
-            let ns = Netns {
-                name: format!("{tag}-{name}"),
-            };
-            t.add_netns(ns.clone());
-            let c = &ns.name;
-            ns.run(&["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0"]);
-            ns.run(&["sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"]);
-            let host_veth = format!("v-{name}");
-            assert!(host_veth.len() <= 15, "container name {name} too long");
-            ip(&[
-                "-n", &h, "link", "add", &host_veth, "type", "veth", "peer", "name", "eth0",
-                "netns", c,
-            ]);
-            ip(&["-n", &h, "link", "set", &host_veth, "master", "br0", "up"]);
             let ipv4 = Ipv4Addr::new(10, 77, 0, 10 + i as u8);
             let ipv6: Ipv6Addr = format!("fd77::{:x}", 0x10 + i).parse().expect("address");
-            ip(&["-n", c, "link", "set", "lo", "up"]);
-            ip(&["-n", c, "addr", "add", &format!("{ipv4}/24"), "dev", "eth0"]);
-            ip(&[
-                "-n",
-                c,
-                "addr",
-                "add",
-                &format!("{ipv6}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ]);
-            ip(&["-n", c, "link", "set", "eth0", "up"]);
-            ip(&["-n", c, "route", "add", "default", "via", "10.77.0.1"]);
-            ip(&["-n", c, "-6", "route", "add", "default", "via", "fd77::1"]);
-            let ifindex = t.host.ifindex(&host_veth);
-            t.containers.push(Container {
-                name: (*name).to_owned(),
-                ns,
-                host_veth,
-                ifindex,
-                bridge_ifindex,
-                ipv4,
-                ipv6,
-            });
+            let c = t.add_container(name, ipv4, ipv6, bridge_ifindex);
+            t.containers.push(c);
         }
         t
     }
@@ -294,53 +257,7 @@ impl Topology {
         let gone = self.containers.remove(pos);
         ip(&["netns", "del", &gone.ns.name]);
         self.namespaces.retain(|n| *n != gone.ns);
-        let ns = Netns {
-            name: format!("{}-{new}", self.tag),
-        };
-        self.add_netns(ns.clone());
-        let h = self.host.name.clone();
-        let c = &ns.name;
-        ns.run(&["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0"]);
-        ns.run(&["sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"]);
-        let host_veth = format!("v-{new}");
-        assert!(host_veth.len() <= 15, "container name {new} too long");
-        ip(&[
-            "-n", &h, "link", "add", &host_veth, "type", "veth", "peer", "name", "eth0", "netns", c,
-        ]);
-        ip(&["-n", &h, "link", "set", &host_veth, "master", "br0", "up"]);
-        ip(&["-n", c, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n",
-            c,
-            "addr",
-            "add",
-            &format!("{}/24", gone.ipv4),
-            "dev",
-            "eth0",
-        ]);
-        ip(&[
-            "-n",
-            c,
-            "addr",
-            "add",
-            &format!("{}/64", gone.ipv6),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-        ip(&["-n", c, "link", "set", "eth0", "up"]);
-        ip(&["-n", c, "route", "add", "default", "via", "10.77.0.1"]);
-        ip(&["-n", c, "-6", "route", "add", "default", "via", "fd77::1"]);
-        let ifindex = self.host.ifindex(&host_veth);
-        let n = Container {
-            name: new.to_owned(),
-            ns,
-            host_veth,
-            ifindex,
-            bridge_ifindex: gone.bridge_ifindex,
-            ipv4: gone.ipv4,
-            ipv6: gone.ipv6,
-        };
+        let n = self.add_container(new, gone.ipv4, gone.ipv6, gone.bridge_ifindex);
         self.containers.push(n.clone());
         n
     }
@@ -375,6 +292,55 @@ impl Topology {
         ip(&["-n", c, "route", "add", "10.77.0.0/24", "via", "192.0.2.1"]);
         let ifindex = self.host.ifindex(&up);
         (ns, ifindex)
+    }
+
+    /// Makes container `name`'s namespace and its veth on `br0`, addressed `ipv4` / `ipv6`.
+    fn add_container(
+        &mut self,
+        name: &str,
+        ipv4: Ipv4Addr,
+        ipv6: Ipv6Addr,
+        bridge_ifindex: u32,
+    ) -> Container {
+        let ns = Netns {
+            name: format!("{}-{name}", self.tag),
+        };
+        self.add_netns(ns.clone());
+        let h = self.host.name.clone();
+        let c = &ns.name;
+        ns.run(&["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0"]);
+        ns.run(&["sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"]);
+        let host_veth = format!("v-{name}");
+        assert!(host_veth.len() <= 15, "container name {name} too long");
+        ip(&[
+            "-n", &h, "link", "add", &host_veth, "type", "veth", "peer", "name", "eth0", "netns", c,
+        ]);
+        ip(&["-n", &h, "link", "set", &host_veth, "master", "br0", "up"]);
+        ip(&["-n", c, "link", "set", "lo", "up"]);
+        ip(&["-n", c, "addr", "add", &format!("{ipv4}/24"), "dev", "eth0"]);
+        ip(&[
+            "-n",
+            c,
+            "addr",
+            "add",
+            &format!("{ipv6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        ip(&["-n", c, "link", "set", "eth0", "up"]);
+        ip(&["-n", c, "route", "add", "default", "via", "10.77.0.1"]);
+        ip(&["-n", c, "-6", "route", "add", "default", "via", "fd77::1"]);
+        let ifindex = self.host.ifindex(&host_veth);
+        Container {
+            name: name.to_owned(),
+            ns,
+            host_veth,
+            ifindex,
+            bridge_ifindex,
+            ipv4,
+            ipv6,
+        }
     }
 
     fn add_netns(&mut self, ns: Netns) {
