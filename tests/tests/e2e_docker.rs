@@ -684,6 +684,112 @@ fn without_userland_proxy_published_port_clients_are_world_or_host(version: Dock
     published_port_clients(version, true);
 }
 
+/// Docker 28: an IPv6-only network (`--ipv4=false`; its containers have no IPv4 address) is
+/// enforced like the others. Open before the policy; with it, `client` reaches `db:5432` and
+/// `other` does not, and neither does the host.
+#[test]
+fn docker28_ipv6_only_network_is_enforced() {
+    if !netpol_tests::require_root("docker28_ipv6_only_network_is_enforced") {
+        return;
+    }
+    let mut guard = docker(DockerVersion::Docker28);
+    let docker = guard.as_mut().expect("daemon");
+    let net = "npe2e-v6only";
+    let names = ["npv6-db", "npv6-client", "npv6-other"];
+    let cleanup = || {
+        for n in names {
+            let _ = docker.docker(&["rm", "-f", n]);
+        }
+        let _ = docker.docker(&["network", "rm", net]);
+    };
+    cleanup();
+    docker.docker_ok(&[
+        "network",
+        "create",
+        "--ipv6",
+        "--ipv4=false",
+        "--subnet",
+        "fd00:6e70:4::/64",
+        net,
+    ]);
+    let _cleanup = Cleanup(cleanup);
+    let mut ns = Vec::new();
+    for n in names {
+        let label = format!("app={n}");
+        let cmd: &[&str] = if n == "npv6-db" {
+            &["nc", "-ll", "-p", "5432", "-e", "/bin/cat"]
+        } else {
+            &["sleep", "3600"]
+        };
+        let mut args = vec![
+            "run",
+            "-d",
+            "--name",
+            n,
+            "--network",
+            net,
+            "--stop-timeout",
+            "1",
+            "--label",
+            &label,
+            IMAGE,
+        ];
+        args.extend_from_slice(cmd);
+        let id = docker.docker_ok(&args);
+        let info = docker.inspect(
+            n,
+            "{{.State.Pid}} {{range .NetworkSettings.Networks}}{{.IPAddress}}|{{.GlobalIPv6Address}}{{end}}",
+        );
+        let (pid, addrs) = info.split_once(' ').expect("pid and addresses");
+        let (v4, v6) = addrs.split_once('|').expect("addresses");
+        assert!(
+            v4.is_empty(),
+            "{n} has an IPv4 address on an IPv6-only network: {v4}"
+        );
+        let v6: IpAddr = v6
+            .parse()
+            .unwrap_or_else(|e| panic!("{n}: IPv6 {v6:?}: {e}"));
+        ns.push((id, PathBuf::from(format!("/proc/{pid}/ns/net")), v6));
+    }
+    let db = SocketAddr::new(ns[0].2, 5432);
+    let check = |from: usize, expect| Check {
+        from: Client::netns(names[from], &ns[from].1),
+        to_name: names[0].to_owned(),
+        to: db,
+        expect,
+        http: false,
+    };
+    let agent = Agent::start(docker);
+    assert_all(
+        "IPv6-only, no policy",
+        &[check(1, Expect::Allowed), check(2, Expect::Allowed)],
+    );
+    let file = e2e_dir().join("policy-ipv6-only.yaml");
+    agent.cli_ok(&["policy", "import", file.to_str().expect("utf-8")]);
+    // db is the one a policy selects (the others are attached but restrict nothing).
+    agent.wait_enforced(&[ns[0].0.as_str()]);
+    assert_all(
+        "IPv6-only network with a policy",
+        &[
+            check(1, Expect::Allowed),
+            check(2, Expect::Denied),
+            Check {
+                from: Client::host(),
+                to_name: names[0].to_owned(),
+                to: db,
+                expect: Expect::Denied,
+                http: false,
+            },
+        ],
+    );
+    let rows = agent.endpoints();
+    let db_row = rows
+        .iter()
+        .find(|r| r["name"].as_str().is_some_and(|n| n.contains("npv6-db")))
+        .unwrap_or_else(|| panic!("npv6-db not listed: {rows:?}"));
+    eprintln!("endpoint: {db_row}");
+}
+
 /// What a probe loop saw: attempts per phase, and every violation.
 #[derive(Default)]
 struct ProbeLog {
