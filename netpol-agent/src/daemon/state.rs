@@ -671,11 +671,17 @@ impl Agent {
                 .lookup(&identity_labels(&self.filter, &labels_of(c)));
             let labels = id.and_then(|i| self.ids.labels(i));
             let identity_name = id.map(|i| display_name(i, labels)).unwrap_or_default();
+            // While frozen, what the maps enforce (see `sync_frozen`), not the last compile.
             let enf = id
-                .and_then(|i| {
-                    self.compiled
+                .and_then(|i| match &self.frozen {
+                    Some(known) => Some(known.get(&i).copied().unwrap_or(Enforcement {
+                        ingress: true,
+                        egress: true,
+                    })),
+                    None => self
+                        .compiled
                         .as_ref()
-                        .and_then(|cp| cp.enforcement.get(&i).copied())
+                        .and_then(|cp| cp.enforcement.get(&i).copied()),
                 })
                 .unwrap_or_default();
             let base = EndpointRow {

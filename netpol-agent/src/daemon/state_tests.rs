@@ -883,6 +883,10 @@ fn a_container_started_while_frozen_is_never_more_open_than_before() {
     assert!(!connects(&a, &evil, &app2, 80), "unknown identity egress");
     assert!(!connects(&a, &app2, &evil, 80), "unknown identity ingress");
     assert!(!connects(&a, &evil, &db2, 5432));
+    for c in [&evil, &db2] {
+        let state = endpoint_state(&mut a, c);
+        assert!(state.starts_with("enforced"), "{}: {state}", c.name);
+    }
     // A new container given db's old address is not db.
     let squatter = restarted(&service(30, "squat", &[]), 2);
     up(&mut a, &squatter);

@@ -1239,7 +1239,10 @@ fn hostile_yaml_is_an_error_with_a_line_in_bounded_time() {
         // A guard against unbounded work (an unchecked bomb runs for minutes and gigabytes),
         // not a speed target: the 1 s / 50 MB bar is checked against the binary
         // (tests/policy_input.rs); unit tests share two cores with everything else.
-        assert!(took < std::time::Duration::from_secs(10), "{what}: {took:?}");
+        assert!(
+            took < std::time::Duration::from_secs(10),
+            "{what}: {took:?}"
+        );
     }
     let e = parse_str("test.yaml", &bomb).unwrap_err();
     assert!(e.0[0].line >= 5, "the line where the limit is crossed: {e}");
