@@ -130,7 +130,8 @@ pub enum DropReason {
     Spoofed = 3,
     /// A header was truncated or inconsistent (bad IHL, short L4 header, …).
     Malformed = 4,
-    /// Not IPv4, IPv6, ARP: the enforced endpoint drops unknown L3 protocols.
+    /// Not IPv4, IPv6, ARP (nor VLAN-tagged: [`DropReason::VlanTagged`]): the enforced endpoint
+    /// drops unknown L3 protocols.
     UnsupportedL3 = 5,
     /// A later (non-initial) IP fragment on an enforced direction whose datagram has no record in
     /// `FRAG4` / `FRAG6` (its first fragment was dropped or not seen yet): no ports to decide by.
@@ -145,6 +146,11 @@ pub enum DropReason {
     /// `to_container`: a unicast packet addressed to an address that is not the endpoint's (a
     /// peer that poisoned an ARP/ND cache, or a flooded frame). Dropped on every managed endpoint.
     NotForEndpoint = 9,
+    /// A frame that still carries an 802.1Q / 802.1ad tag when the program sees it (the kernel
+    /// takes one tag off before TC: this one had two, e.g. a priority tag, VLAN 0, in front of
+    /// another). Its IP header is hidden from anti-spoofing and policy, yet a host stack strips
+    /// VLAN-0 tags and routes what is inside. Dropped on every managed endpoint, both ways.
+    VlanTagged = 10,
 }
 
 impl DropReason {
@@ -163,6 +169,7 @@ impl DropReason {
             7 => Self::ExtHeaders,
             8 => Self::NeighbourDiscovery,
             9 => Self::NotForEndpoint,
+            10 => Self::VlanTagged,
             _ => return None,
         })
     }
@@ -178,10 +185,11 @@ impl DropReason {
             Self::ExtHeaders => "ipv6-ext-headers",
             Self::NeighbourDiscovery => "bad-neighbour-discovery",
             Self::NotForEndpoint => "not-for-endpoint",
+            Self::VlanTagged => "vlan-tagged",
         }
     }
 
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         Self::PolicyDenied,
         Self::PolicyDeny,
         Self::Spoofed,
@@ -191,6 +199,7 @@ impl DropReason {
         Self::ExtHeaders,
         Self::NeighbourDiscovery,
         Self::NotForEndpoint,
+        Self::VlanTagged,
     ];
 }
 

@@ -30,6 +30,8 @@ pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
 
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
@@ -937,6 +939,8 @@ impl World {
             Some(ETH_P_IP) => Fam::V4,
             Some(ETH_P_IPV6) => Fam::V6,
             Some(ETH_P_ARP) => return arp(ep, dir, f).map(|()| Why::Arp),
+            // Still tagged: the IP header inside is out of the checks' sight.
+            Some(ETH_P_8021Q | ETH_P_8021AD) => return Err(DropReason::VlanTagged),
             _ => return Err(DropReason::UnsupportedL3),
         };
         // 2–3. Addresses, parse.

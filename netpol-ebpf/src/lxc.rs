@@ -4,7 +4,11 @@
 //! Order of checks for a packet on a managed veth:
 //! 1. ARP from a container must name the endpoint's own IPv4 address (or 0.0.0.0, a probe) as
 //!    sender (`Spoofed`; a truncated or non-Ethernet/IPv4 one is `Malformed`); ARP to a
-//!    container passes. Other non-IP ethertypes pass on an unenforced endpoint and are dropped
+//!    container passes. A frame that is still VLAN-tagged here (802.1Q / 802.1ad: the kernel
+//!    took one tag off before TC, so it had two) is dropped on every endpoint, both ways
+//!    (`VlanTagged`): its IP header is out of the checks' sight, yet the host's stack strips
+//!    VLAN-0 tags and routes what is inside (a forged source would reach any container through
+//!    the bridge). Other non-IP ethertypes pass on an unenforced endpoint and are dropped
 //!    (`UnsupportedL3`) on an enforced one.
 //! 2. Addresses, read from the fixed IPv4/IPv6 header alone (before its options, lengths,
 //!    extension headers and L4), on every endpoint, enforced or not:
@@ -81,8 +85,8 @@ use crate::{
         IPCACHE4_V2, IPCACHE6_V2, POLICY, SCRATCH,
     },
     parse::{
-        self, Frag, Kind, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, FRAG_FIRST, FRAG_LATER, L4,
-        TCP_ACK, TCP_SYN,
+        self, Frag, Kind, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6,
+        FRAG_FIRST, FRAG_LATER, L4, TCP_ACK, TCP_SYN,
     },
 };
 
@@ -237,6 +241,7 @@ fn try_lxc(
             decide::<V6>(ep, dir, &sc.p6, &mut sc.ev, iif)
         }
         ETH_P_ARP => parsed(arp(ctx, sc)).map(|_| PASS),
+        ETH_P_8021Q | ETH_P_8021AD => Err(DropReason::VlanTagged),
         _ => Err(DropReason::UnsupportedL3),
     }
 }

@@ -9,6 +9,9 @@ pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_ARP: u16 = 0x0806;
+/// 802.1Q and 802.1ad VLAN tags.
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
 
 /// 4-byte aligned so loads and copies are word-wise (the fields are bytes).
 #[repr(C, align(4))]

@@ -5,7 +5,7 @@
 //! Policy: "db accepts TCP 5432 from app1 and app2; app1 and app2 may not talk".
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr, UdpSocket},
     path::Path,
     process::Command,
     sync::{
@@ -22,7 +22,7 @@ use netpol_tests::{
         echo_roundtrip, tcp_connect, tcp_open, udp_exchange, unique_tag, wait_for, Connect,
         DatapathPlan, EchoServer, Family, PinDir, PlanPolicy, Topology, UdpEchoServer,
     },
-    require_root,
+    packet, require_root,
 };
 
 const APP1: u32 = 256;
@@ -509,6 +509,190 @@ fn large_udp_datagrams_arrive_whole_between_allowed_peers_only() {
         assert!(
             policy_denied(&dp) > denied_before && dropped >= 3,
             "app2 -> db:{DNS}/udp over {f:?}: {dropped} drops, want all three fragments"
+        );
+    }
+}
+
+/// A UDP datagram `src:5000 → dst:port` carrying `payload`, checksummed (IPv6 requires it),
+/// behind two VLAN-0 tags, as a container with `CAP_NET_RAW` can send it to `dst_mac`.
+fn double_tagged_udp(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: IpAddr,
+    dst: IpAddr,
+    port: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut l4 = packet::udp(5000, port, payload);
+    let len = l4.len() as u16;
+    // The pseudo-header: addresses, then IPv4's zero, protocol, length; IPv6's 32-bit length,
+    // three zeros, next header.
+    let (ethertype, mut pseudo, l3) = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut p = [s.octets(), d.octets()].concat();
+            p.extend_from_slice(&[0, proto::UDP]);
+            p.extend_from_slice(&len.to_be_bytes());
+            (packet::ETH_P_IP, p, None)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut p = [s.octets().to_vec(), d.octets().to_vec()].concat();
+            p.extend_from_slice(&u32::from(len).to_be_bytes());
+            p.extend_from_slice(&[0, 0, 0, proto::UDP]);
+            (packet::ETH_P_IPV6, p, Some((s.octets(), d.octets())))
+        }
+        _ => panic!("mixed families"),
+    };
+    pseudo.extend_from_slice(&l4);
+    let c = packet::checksum(&pseudo);
+    l4[6..8].copy_from_slice(&if c == 0 { 0xffff } else { c }.to_be_bytes());
+    let ip = match (l3, src, dst) {
+        (Some((s, d)), _, _) => packet::ipv6_raw(s, d, proto::UDP, 64, &l4),
+        (None, IpAddr::V4(s), IpAddr::V4(d)) => {
+            packet::Ipv4::new(s.octets(), d.octets(), proto::UDP).build(&l4)
+        }
+        _ => unreachable!(),
+    };
+    let mut f = [dst_mac, src_mac].concat();
+    for _ in 0..2 {
+        f.extend_from_slice(&[0x81, 0x00, 0x00, 0x00]);
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f
+}
+
+fn mac(ns: &netpol_tests::netns::Netns, ifname: &str) -> [u8; 6] {
+    let out = ns.run(&["cat", &format!("/sys/class/net/{ifname}/address")]);
+    let s = String::from_utf8_lossy(&out.stdout);
+    let b: Vec<u8> = s
+        .trim()
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16).expect("MAC"))
+        .collect();
+    b.try_into().expect("6-byte MAC")
+}
+
+/// Sends one raw Ethernet frame out of `eth0` inside `ns`, as a container with `CAP_NET_RAW`
+/// (Docker's default) can.
+fn send_frame(ns: &netpol_tests::netns::Netns, frame: Vec<u8>) {
+    ns.run_in(move || {
+        // SAFETY: plain syscalls on a socket this closure opens and closes; `sll` and `frame`
+        // outlive the calls that read them.
+        unsafe {
+            let idx = libc::if_nametoindex(c"eth0".as_ptr());
+            assert!(idx != 0, "no eth0");
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = idx as i32;
+            sll.sll_halen = 6;
+            sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let n = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert_eq!(n, frame.len() as isize, "sendto: {err}");
+        }
+    })
+}
+
+/// Waits up to `timeout` for a datagram on `sock`; its payload and source.
+fn recv_within(sock: &UdpSocket, timeout: Duration) -> Option<(Vec<u8>, SocketAddr)> {
+    sock.set_read_timeout(Some(timeout)).expect("read timeout");
+    let mut buf = [0u8; 2048];
+    let (n, from) = sock.recv_from(&mut buf).ok()?;
+    Some((buf[..n].to_vec(), from))
+}
+
+/// An unpoliced container (app2) sends, behind two VLAN-0 tags, a datagram claiming app1's
+/// address to the gateway's MAC. The host's stack strips both tags and routes it onto the
+/// bridge, where it enters db's veth through the bridge, as app1's own routed packets do: db
+/// would take it for app1's. The kernel hands `from_container` such a frame with one tag still
+/// in it, so anti-spoofing must not let it pass unread.
+#[test]
+fn double_vlan_tag_does_not_carry_a_forged_source() {
+    if !require_root("double_vlan_tag_does_not_carry_a_forged_source") {
+        return;
+    }
+    const PORT: u16 = 5355;
+    let t = topology("npv");
+    let h = &t.host;
+    h.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    h.run(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    let (app1, app2, db) = (t.container("app1"), t.container("app2"), t.container("db"));
+    let sock = db.ns.run_in(move || {
+        UdpSocket::bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, PORT)))
+            .expect("UDP bind in db")
+    });
+    let gw_mac = mac(h, "br0");
+    let app2_mac = mac(&app2.ns, "eth0");
+    let forged = |f: Family| {
+        double_tagged_udp(
+            gw_mac,
+            app2_mac,
+            app1.addr(f),
+            db.addr(f),
+            PORT,
+            b"forged by app2",
+        )
+    };
+    // Without netpol the frame is what it claims: db receives it from app1's address.
+    for f in Family::BOTH {
+        send_frame(&app2.ns, forged(f));
+        let got = recv_within(&sock, ALLOWED_TIMEOUT);
+        assert_eq!(
+            got.map(|(p, from)| (p, from.ip().to_canonical())),
+            Some((b"forged by app2".to_vec(), app1.addr(f))),
+            "over {f:?}, the host did not route the double-tagged frame: the test proves nothing"
+        );
+    }
+
+    // db accepts app1 on the port; app1 and app2 are policed by no rule (not enforced).
+    let pins = PinDir::unique("vlan");
+    let mut p = DatapathPlan::default();
+    p.container(app1, APP1, false, false);
+    p.container(app2, APP2, false, false);
+    p.container(db, DB, true, false);
+    p.ipcache.push((t.gateway(Family::V4), 32, identity::HOST));
+    p.ipcache.push((t.gateway(Family::V6), 128, identity::HOST));
+    p.policy
+        .push(PlanPolicy::allow_in(DB, APP1, proto::UDP, PORT, 1));
+    load(&pins, &t, &p);
+    let dp = adopt(&t, pins.path());
+    for f in Family::BOTH {
+        let before = drops(&dp, DropReason::VlanTagged);
+        send_frame(&app2.ns, forged(f));
+        let got = recv_within(&sock, DENIED_TIMEOUT);
+        assert_eq!(
+            got, None,
+            "over {f:?}, app2's double-tagged datagram reached db as app1's"
+        );
+        assert_eq!(drops(&dp, DropReason::VlanTagged), before + 1, "over {f:?}");
+        // app1's own datagram still passes: the drop was the tag, not the port.
+        let a1 = app1.ns.clone();
+        let to = SocketAddr::new(db.addr(f), PORT);
+        a1.run_in(move || {
+            let any: SocketAddr = if to.is_ipv4() {
+                (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            UdpSocket::bind(any)
+                .and_then(|s| s.send_to(b"from app1", to))
+                .expect("send from app1");
+        });
+        let got = recv_within(&sock, ALLOWED_TIMEOUT);
+        assert_eq!(
+            got.map(|(p, from)| (p, from.ip().to_canonical())),
+            Some((b"from app1".to_vec(), app1.addr(f))),
+            "over {f:?}, app1 -> db:{PORT}/udp should be allowed"
         );
     }
 }

@@ -2748,6 +2748,48 @@ fn container_address_from_elsewhere_is_spoofed_v6() {
     }
 }
 
+/// A frame that is still VLAN-tagged when the programs see it (it had two tags on the wire and
+/// the kernel took the outer one off before TC, as it does on every veth) is dropped on every
+/// endpoint, both ways, enforced or not. Behind the tag is an IP packet the checks never read:
+/// from an unpoliced container, one with VLAN-0 tags and a forged source reaches the host,
+/// whose stack strips them and routes the packet to any container as that source (see
+/// netns_policy's `double_vlan_tag_does_not_carry_a_forged_source`).
+#[test]
+fn vlan_tagged_frames_are_dropped_on_every_endpoint() {
+    if !require_root("vlan_tagged_frames_are_dropped_on_every_endpoint") {
+        return;
+    }
+    for (ingress, egress) in [(false, false), (true, false), (true, true)] {
+        let dp = Dp::db(ingress, egress);
+        let mut n = 0;
+        for fam in [V4, V6] {
+            let inner_type = match fam {
+                V4 => ETH_P_IP,
+                V6 => ETH_P_IPV6,
+            };
+            for tag in [0x8100u16, 0x88a8] {
+                for (prog, src, dst) in [(From, &APP1, &APP2), (To, &APP1, &DB)] {
+                    let mut tagged = vec![0, 0];
+                    tagged.extend_from_slice(&inner_type.to_be_bytes());
+                    tagged.extend(fam.ip_packet(src, dst, proto::UDP, &udp(5000, 53, b"x")));
+                    assert_eq!(
+                        dp.run(prog, &eth(tag, &tagged)),
+                        SHOT,
+                        "{fam:?} in a {tag:#06x} tag through {prog:?} (enforced: {ingress}, \
+                         {egress})"
+                    );
+                    n += 1;
+                }
+            }
+        }
+        assert_eq!(dp.drops(DropReason::VlanTagged), n);
+        // Untagged, the same packets are what they are: a forged source from the container is
+        // spoofed; one to the container from app1 is for policy.
+        assert_eq!(dp.run(From, &V4.udp(&APP1, &APP2, 5000, 53)), SHOT);
+        assert_eq!(dp.drops(DropReason::Spoofed), 1);
+    }
+}
+
 #[test]
 fn arp_from_a_container_claims_only_its_own_address() {
     if !require_root("arp_from_a_container_claims_only_its_own_address") {

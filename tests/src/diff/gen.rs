@@ -1111,8 +1111,16 @@ impl Gen {
             Direction::Ingress
         };
         let n = *self.node();
-        let (frame, what) = match self.rng.below(3) {
+        let (frame, what) = match self.rng.below(4) {
             0 => (arp_request(n.v4, NODES[0].v4), "arp".to_string()),
+            3 => {
+                // As `from_container` sees a double-tagged frame (the kernel took the outer
+                // tag off): a VLAN-0 tag, then IPv4 from any node to the first.
+                let et = self.rng.pick(&[0x8100u16, 0x88a8]);
+                let mut inner = vec![0, 0, 0x08, 0x00];
+                inner.extend(Ipv4::new(n.v4, NODES[0].v4, proto::UDP).build(&udp(1, 2, b"x")));
+                (eth(et, &inner), format!("VLAN {et:#06x} around IPv4"))
+            }
             1 => {
                 let et = self.rng.pick(&[0x88ccu16, 0x8100, 0x88a8, 0x0842, 0x0100]);
                 (eth(et, &[0u8; 46]), format!("ethertype {et:#06x}"))

@@ -245,6 +245,14 @@ pub fn violated(
     why: Option<Why>,
 ) -> Option<String> {
     let (_, ep) = world.endpoints.iter().find(|(i, _)| *i == ifindex)?;
+    // Hole 5: a frame still VLAN-tagged (a second tag behind the one the kernel took off) hides
+    // its addresses from both checks, and the host strips VLAN-0 tags and routes what is inside.
+    if matches!(be16(f, 12), Some(0x8100 | 0x88a8))
+        && ((dir == Direction::Egress && c.own_source)
+            || (dir == Direction::Ingress && c.own_destination))
+    {
+        return Some("hole 5: a VLAN-tagged frame passed (its IP header is not checked)".into());
+    }
     let ip = ip(f)?;
     let icmp = (!ip.v6 && ip.proto == 1) || (ip.v6 && ip.proto == 58);
     let ty = if icmp { f.get(ip.l4).copied() } else { None };
