@@ -335,40 +335,11 @@ impl OutsideNs {
         PathBuf::from("/run/netns").join(&self.name)
     }
 
-    /// Adds IPv6 on the same veth: `fd00:6e70:ff:<octet>::1/64` on the host side and `::2`
-    /// inside, default route via the host; returns the inside address. Routing to it from
-    /// containers needs the host's IPv6 forwarding on (removed with the namespace).
+    /// The namespace's IPv6 address ([`OutsideNs::addr6`]; `create` sets up IPv6 on the veth,
+    /// with a default route via the host). Routing to it from containers needs the host's IPv6
+    /// forwarding on.
     pub fn add_ipv6(&self) -> std::net::Ipv6Addr {
-        let octet = self.addr.octets()[2];
-        let host = format!("fd00:6e70:ff:{octet:x}::1");
-        let inside = format!("fd00:6e70:ff:{octet:x}::2");
-        let n = self.name.as_str();
-        for args in [
-            vec![
-                "-6",
-                "addr",
-                "add",
-                &format!("{host}/64"),
-                "dev",
-                &self.host_if,
-                "nodad",
-            ],
-            vec![
-                "-n",
-                n,
-                "-6",
-                "addr",
-                "add",
-                &format!("{inside}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ],
-            vec!["-n", n, "-6", "route", "add", "default", "via", &host],
-        ] {
-            ip(&args);
-        }
-        inside.parse().expect("IPv6 address")
+        self.addr6
     }
 
     pub fn client(&self) -> Client {
