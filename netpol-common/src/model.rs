@@ -943,7 +943,20 @@ impl World {
             Some(ETH_P_8021Q | ETH_P_8021AD) => return Err(DropReason::VlanTagged),
             _ => return Err(DropReason::UnsupportedL3),
         };
-        // 2–3. Addresses, parse.
+        // 2. Addresses; to a container, a container's address that came in through neither its
+        // veth nor its bridge is spoofed, before the rest is parsed (then 3).
+        if let Some(iif) = owner.from_remote {
+            let (s, d) = match fam {
+                Fam::V4 => ipv4_addrs(f, ETH_HLEN),
+                Fam::V6 => ipv6_fixed(f, ETH_HLEN).map(|(_, s, d)| (s, d)),
+            }?;
+            addresses(fam, &s, &d, ep, dir)?;
+            let info = self.remote(fam, &s);
+            if info.spoofed(iif) {
+                cause.src_identity = info.identity;
+                return Err(DropReason::Spoofed);
+            }
+        }
         let p = parse(f, fam, ep, dir)?;
         // 4. Neighbour discovery.
         if fam == Fam::V6 && p.kind == Kind::Neighbour {
@@ -1048,11 +1061,8 @@ impl World {
                 }
             }
         }
-        // 6. The remote: a container's address must come in through its veth or bridge.
+        // 6. The remote (to a container, its interfaces were checked in step 2).
         let info = self.remote_identity(ep, dir, p, cause);
-        if dir == Direction::Ingress && owner.from_remote.is_some_and(|i| info.spoofed(i)) {
-            return Err(DropReason::Spoofed);
-        }
         let remote = info.identity;
         // 7. Policy.
         let port = match p.kind {
@@ -1235,14 +1245,20 @@ mod tests {
     fn parse_errors_pass_only_where_nothing_is_enforced() {
         let mut bad = tcp4(APP, DB, 1, 2, TCP_SYN);
         bad[14] = 0x44; // IHL 16 bytes
+                        // From app's veth (2).
         let mut w = world(false, false);
         assert_eq!(
-            w.run(1, Direction::Ingress, &bad, NOW),
+            w.run_via(1, 2, Direction::Ingress, &bad, NOW),
             Verdict::Pass(Why::Unpoliced)
+        );
+        // From elsewhere, app's address is spoofed before the rest is parsed.
+        assert_eq!(
+            w.run_via(1, 5, Direction::Ingress, &bad, NOW),
+            denied(DropReason::Spoofed, 301, 300, 0)
         );
         let mut w = world(true, false);
         assert_eq!(
-            w.run(1, Direction::Ingress, &bad, NOW),
+            w.run_via(1, 2, Direction::Ingress, &bad, NOW),
             denied(DropReason::Malformed, 0, 300, 0)
         );
         // Not our ifindex: not ours to police.

@@ -20,7 +20,11 @@
 //!      multicast or 255.255.255.255, or IPv6 multicast or link-local (netpol-common's `addr`
 //!      module; the endpoint's link-local address and subnet broadcast are not known here);
 //!      other unicast is dropped (`NotForEndpoint`): a peer that poisoned an ARP/ND cache, or a
-//!      flooded frame, reaches nobody it was not addressed to.
+//!      flooded frame, reaches nobody it was not addressed to. Then the source is looked up
+//!      in the ipcache (once; step 7 reuses it): a container's address that came in through
+//!      neither that container's veth nor its bridge (`skb->ingress_ifindex`) is dropped
+//!      (`Spoofed`), before the packet is parsed further, so no later path (parse errors on an
+//!      unenforced endpoint, fragments, ICMP errors, conntrack) skips it.
 //! 3. The IP header (version, IHL of at least 5, total or payload length within the packet),
 //!    extension headers and L4 header are parsed. Bytes past the IP length are padding: they
 //!    pass, but no header is read from them (the L4 header must fit inside the IP length). A
@@ -49,10 +53,8 @@
 //!    (netpol-common `CtEntry::serves`); one that does not is skipped as if absent. A TCP SYN
 //!    without ACK never passes on conntrack: it opens a flow, which policy decides (also over
 //!    a closing entry). The tables and the life of an entry: netpol-common's `ct` module.
-//! 7. The remote identity comes from the ipcache. `to_container`: a source that is a
-//!    container's address but came in through neither that container's veth nor its bridge
-//!    (`skb->ingress_ifindex`) is dropped (`Spoofed`), on every managed endpoint: no legitimate
-//!    packet does that.
+//! 7. The remote identity comes from the ipcache (`to_container`: the source's entry that step 2
+//!    looked up and checked).
 //! 8. A new flow in an enforced direction is looked up in `POLICY` (see netpol-common's
 //!    `policy` module for the order); deny or no match drops it. An allowed flow, or any flow in
 //!    an unenforced direction, gets a conntrack entry so its replies pass the other side.
@@ -570,7 +572,8 @@ fn ct_live<F: Family>(k: &F::Key, now: u64, o: Owner) -> bool {
 /// Whether the packet `s → d` would belong to a flow admitted on this endpoint. Used for the
 /// packet embedded in an ICMP error: the error is related to that flow, but it is not a packet
 /// of it, so it neither refreshes the entry nor marks it answered. (The error comes from a router
-/// or the peer: the remote's interfaces are not checked.)
+/// or the peer: the flow's remote interfaces are not checked; the error's own source was, in
+/// step 2.)
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn related<F: Family>(
@@ -613,6 +616,9 @@ pub struct Pkt<F: Family> {
     hop_limit: u8,
     /// Where the packet sits in a fragmented datagram.
     frag: Frag,
+    /// `to_container`: the source's ipcache entry, looked up once right after the fixed header
+    /// (the `Spoofed` check) and reused as the remote identity.
+    remote: RemoteInfo,
     /// Valid when `l.kind == Kind::IcmpError`; zeroed otherwise (never an uninitialised
     /// `Option` payload: the verifier rejects copies of undefined stack bytes).
     inner: Inner<F>,
@@ -655,7 +661,7 @@ fn decide<F: Family>(
     if p.frag.pos == FRAG_LATER {
         let Some(r) = F::frag_get(&F::frag_key(p.s, p.d, &p.frag)) else {
             if ep.enforces(dir) {
-                remote_identity::<F>(ep, dir, p.s, p.d, ev);
+                remote_identity::<F>(ep, dir, p, ev);
                 return Err(DropReason::Fragment);
             }
             return Ok(PASS);
@@ -735,10 +741,7 @@ fn verdict<F: Family>(
         }
     }
 
-    let info = remote_identity::<F>(ep, dir, s, d, ev);
-    if dir == Direction::Ingress && info.spoofed(iif) {
-        return Err(DropReason::Spoofed);
-    }
+    let info = remote_identity::<F>(ep, dir, p, ev);
     let remote = info.identity;
 
     let port = match l.kind {
@@ -782,24 +785,25 @@ fn verdict<F: Family>(
     Ok(PASS)
 }
 
-/// Looks up the remote side of `s → d` in the ipcache and writes both identities into the event.
+/// The remote side of `p` (`from_container`: its destination, looked up in the ipcache;
+/// `to_container`: its source, looked up by the parser) with both identities written into the
+/// event.
 #[inline(always)]
 fn remote_identity<F: Family>(
     ep: &Endpoint,
     dir: Direction,
-    s: F::Addr,
-    d: F::Addr,
+    p: &Pkt<F>,
     ev: &mut FlowEvent,
 ) -> RemoteInfo {
     match dir {
         Direction::Egress => {
-            let remote = F::remote(d);
+            let remote = F::remote(p.d);
             ev.src_identity = ep.identity;
             ev.dst_identity = remote.identity;
             remote
         }
         Direction::Ingress => {
-            let remote = F::remote(s);
+            let remote = p.remote;
             ev.src_identity = remote.identity;
             ev.dst_identity = ep.identity;
             remote
@@ -889,6 +893,20 @@ fn event_ports(ev: &mut FlowEvent, l: &L4) {
     };
 }
 
+/// `to_container`: a container's address that came in through neither its veth nor its bridge
+/// (`skb->ingress_ifindex`) is `Spoofed`, before anything else about the packet is looked at:
+/// parsing, fragments, conntrack (established or related) and policy, on every managed endpoint.
+#[inline(always)]
+fn spoof_check(ctx: &TcContext, r: &RemoteInfo, ev: &mut FlowEvent) -> Result<(), DropReason> {
+    // SAFETY: the context pointer is valid for the program's lifetime.
+    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if r.spoofed(iif) {
+        ev.src_identity = r.identity;
+        return Err(DropReason::Spoofed);
+    }
+    Ok(())
+}
+
 /// Parses an IPv4 packet into `p`. `Ok(true)`: passes without policy (never, for IPv4).
 ///
 /// Order: the fixed header's addresses (anti-spoofing from a container; a unicast destination
@@ -919,6 +937,8 @@ fn parse_v4(
             if !V4::is_local(ep, &p.d) && !addr::v4_group(&p.d.0) {
                 return Err(DropReason::NotForEndpoint);
             }
+            p.remote = V4::remote(p.s);
+            spoof_check(ctx, &p.remote, ev)?;
         }
     }
     let (l4off, end, frag) = parse::ipv4_check(ctx, &ip, ETH_HLEN)?;
@@ -989,6 +1009,8 @@ fn parse_v6(
             if !V6::is_local(ep, &p.d) && !addr::v6_for_anyone(&p.d.0) {
                 return Err(DropReason::NotForEndpoint);
             }
+            p.remote = V6::remote(p.s);
+            spoof_check(ctx, &p.remote, ev)?;
         }
     }
     let end = match v6_l4(ctx, &head, p) {

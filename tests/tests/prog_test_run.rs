@@ -2692,8 +2692,9 @@ fn container_address_from_elsewhere_is_spoofed(fam: Fam) {
                     &APP1,
                     &DB,
                     proto::TCP,
-                    40000,
-                    5432,
+                    // Dropped right after the fixed header's addresses: no ports yet.
+                    0,
+                    0,
                     0
                 );
                 2
@@ -2730,7 +2731,16 @@ fn container_address_from_elsewhere_is_spoofed(fam: Fam) {
             PASS,
             "the real reply"
         );
-        assert_eq!(dp.drops(DropReason::Spoofed), 3);
+        // The check comes before the rest of the packet is parsed: a packet that does not
+        // parse is dropped as spoofed too, where an endpoint that enforces nothing would pass it.
+        let mut cut = fam.tcp(&APP1, &DB, 40002, 5432, TCP_ACK);
+        cut.truncate(cut.len() - 8);
+        assert_eq!(
+            dp.run_via(To, LO, UPLINK, &cut),
+            SHOT,
+            "a spoofed packet that does not parse (enforced: {enforced})"
+        );
+        assert_eq!(dp.drops(DropReason::Spoofed), 4);
     }
 }
 
