@@ -195,18 +195,35 @@ impl CtEntry {
     }
 
     /// Whether this entry may serve a packet seen on endpoint `ifindex` with `identity`.
-    /// `from_remote` is the packet's `ingress_ifindex` when it comes from the remote side
-    /// (`to_container`), `None` when the endpoint sent it (`from_container`). Expiry is checked
-    /// separately. Each check is one compare of values already loaded with the entry.
+    /// `from_remote` is, for a packet from the remote side (`to_container`), its
+    /// `ingress_ifindex` and the ipcache's entry for its source as it is now; `None` when the
+    /// endpoint sent it (`from_container`). Expiry is checked separately.
+    ///
+    /// When a container is the remote side, at admission or now, the packet must come from that
+    /// same container: the same identity and veth as recorded, arriving through that veth
+    /// (bridged) or its bridge (routed by the host). A container that got a departed one's
+    /// address therefore never rides its flows, not even through the bridge, which every
+    /// container on it can reach by the gateway's MAC. Between non-container peers (world, host,
+    /// CIDRs) nothing is compared, so an established connection survives a CIDR identity change.
     #[inline(always)]
-    pub const fn serves(&self, ifindex: u32, identity: u32, from_remote: Option<u32>) -> bool {
+    pub const fn serves(
+        &self,
+        ifindex: u32,
+        identity: u32,
+        from_remote: Option<(u32, &crate::ipcache::RemoteInfo)>,
+    ) -> bool {
         if self.ifindex != ifindex || self.identity != identity {
             return false;
         }
         match from_remote {
             None => true,
-            Some(i) => {
-                self.remote_ifindex == 0 || i == self.remote_ifindex || i == self.remote_bridge
+            Some((iif, now)) => {
+                if self.remote_ifindex == 0 && now.ifindex == 0 {
+                    return true;
+                }
+                self.remote_identity == now.identity
+                    && self.remote_ifindex == now.ifindex
+                    && (iif == self.remote_ifindex || iif == self.remote_bridge)
             }
         }
     }
@@ -347,23 +364,47 @@ mod tests {
     #[test]
     fn an_entry_serves_only_its_endpoint_and_its_remote_interfaces() {
         let e = entry(proto::TCP);
+        let app = RemoteInfo::container(301, 11, 2);
         assert!(e.serves(10, 300, None));
         assert!(
-            e.serves(10, 300, Some(11)),
+            e.serves(10, 300, Some((11, &app))),
             "bridged from the remote's veth"
         );
         assert!(
-            e.serves(10, 300, Some(2)),
+            e.serves(10, 300, Some((2, &app))),
             "routed from the remote's bridge"
         );
-        assert!(!e.serves(10, 300, Some(12)), "another interface");
+        assert!(!e.serves(10, 300, Some((12, &app))), "another interface");
         assert!(
             !e.serves(12, 300, None),
             "another endpoint with the address"
         );
         assert!(!e.serves(10, 301, None), "the endpoint changed identity");
-        let w = CtEntry::new(T, proto::TCP, 7, 10, 300, &RemoteInfo::new(2));
-        assert!(w.serves(10, 300, Some(99)), "not a container: no check");
+        let reused = RemoteInfo::container(310, 13, 2);
+        for iif in [13, 2, 11] {
+            assert!(
+                !e.serves(10, 300, Some((iif, &reused))),
+                "another container with the remote's address, via {iif}"
+            );
+        }
+        assert!(
+            !e.serves(10, 300, Some((2, &RemoteInfo::new(2)))),
+            "the address is no longer a container's"
+        );
+        let world = RemoteInfo::new(2);
+        let w = CtEntry::new(T, proto::TCP, 7, 10, 300, &world);
+        assert!(
+            w.serves(10, 300, Some((99, &world))),
+            "not a container: no check"
+        );
+        assert!(
+            w.serves(10, 300, Some((99, &RemoteInfo::new(1000)))),
+            "a CIDR identity change keeps a world flow"
+        );
+        assert!(
+            !w.serves(10, 300, Some((2, &app))),
+            "the address became a container's since"
+        );
     }
 
     #[test]

@@ -688,6 +688,8 @@ struct Owner {
     ifindex: u32,
     identity: u32,
     from_remote: Option<u32>,
+    /// `to_container`: the source's ipcache entry (set once the addresses are read).
+    remote: RemoteInfo,
 }
 
 impl World {
@@ -757,7 +759,9 @@ impl World {
         let Some(e) = self.ct_get_mut(k, est) else {
             return false;
         };
-        if e.expires_ns < now || !e.serves(o.ifindex, o.identity, o.from_remote) {
+        if e.expires_ns < now
+            || !e.serves(o.ifindex, o.identity, o.from_remote.map(|i| (i, &o.remote)))
+        {
             return false;
         }
         let u = ct::update(e, now, p.proto, p.tcp_flags, reply, est);
@@ -843,6 +847,7 @@ impl World {
                 Direction::Egress => None,
                 Direction::Ingress => Some(ingress_ifindex),
             },
+            remote: RemoteInfo::new(0),
         };
         match self.decide(&ep, dir, frame, now, owner, &mut cause) {
             Ok(why) => Verdict::Pass(why),
@@ -931,7 +936,7 @@ impl World {
         dir: Direction,
         f: &[u8],
         now: u64,
-        owner: Owner,
+        mut owner: Owner,
         cause: &mut Drop,
     ) -> Result<Why, DropReason> {
         // 1. L3.
@@ -956,6 +961,7 @@ impl World {
                 cause.src_identity = info.identity;
                 return Err(DropReason::Spoofed);
             }
+            owner.remote = info;
         }
         let p = parse(f, fam, ep, dir)?;
         // 4. Neighbour discovery.

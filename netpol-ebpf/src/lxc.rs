@@ -480,19 +480,20 @@ fn ct_dirs(dir: Direction) -> (CtDir, CtDir) {
 }
 
 /// Who may use an entry: the endpoint's veth and identity, and for a packet from the remote side
-/// (`to_container`) the interface it came in through.
+/// (`to_container`) the interface it came in through and its source's ipcache entry (in the
+/// per-CPU scratch, looked up once by the parser).
 #[derive(Clone, Copy)]
-struct Owner {
+struct Owner<'a> {
     ifindex: u32,
     identity: u32,
-    from_remote: Option<u32>,
+    from_remote: Option<(u32, &'a RemoteInfo)>,
 }
 
 /// Looks up `k` in one table; when a live entry serves `o`, applies the packet to it
 /// (`ct::update`: flags, lifetime, promotion to the established table). `reply` says whether `k`
 /// is the reversed tuple (the packet is a reply).
 #[inline(always)]
-fn ct_hit<F: Family>(k: &F::Key, now: u64, l: &L4, reply: bool, est: bool, o: Owner) -> bool {
+fn ct_hit<F: Family>(k: &F::Key, now: u64, l: &L4, reply: bool, est: bool, o: Owner<'_>) -> bool {
     let Some(e) = F::get(k, est) else {
         return false;
     };
@@ -533,7 +534,7 @@ fn established<F: Family>(
     l: &L4,
     dir: Direction,
     now: u64,
-    o: Owner,
+    o: Owner<'_>,
 ) -> bool {
     let (mine, other) = ct_dirs(dir);
     let k = F::key(s, d, sport, dport, l.proto, mine);
@@ -556,7 +557,7 @@ fn established<F: Family>(
 /// Whether an entry for `k` exists in either table, has not expired and belongs to this endpoint,
 /// without touching it.
 #[inline(always)]
-fn ct_live<F: Family>(k: &F::Key, now: u64, o: Owner) -> bool {
+fn ct_live<F: Family>(k: &F::Key, now: u64, o: Owner<'_>) -> bool {
     for est in [true, false] {
         if let Some(e) = F::get(k, est) {
             // SAFETY: pointer from a map lookup, valid while the program runs.
@@ -584,7 +585,7 @@ fn related<F: Family>(
     proto: u8,
     dir: Direction,
     now: u64,
-    o: Owner,
+    o: Owner<'_>,
 ) -> bool {
     let (mine, other) = ct_dirs(dir);
     let k = F::key(s, d, sport, dport, proto, mine);
@@ -716,7 +717,7 @@ fn verdict<F: Family>(
         identity: ep.identity,
         from_remote: match dir {
             Direction::Egress => None,
-            Direction::Ingress => Some(iif),
+            Direction::Ingress => Some((iif, &p.remote)),
         },
     };
     let opens = ct::opens_flow(l.proto, l.tcp_flags);

@@ -2641,6 +2641,73 @@ fn reused_address_does_not_inherit_flows_v6() {
     }
 }
 
+/// Issue 8 hole 1, the remote side: app1 has an established flow to db and goes; app3 gets its
+/// address (a new veth, another identity, same bridge). Its packets on app1's tuple are not
+/// app1's flow, whether bridged (its own veth) or routed by the host (through the bridge that
+/// app1's packets could also arrive by): they go to policy, which does not let app3 in.
+fn reused_remote_address_does_not_ride_the_flow(fam: Fam) {
+    const APP1_VETH: u32 = 7;
+    const APP3_VETH: u32 = 8;
+    const BRIDGE: u32 = 9;
+    let mut dp = Dp::db(true, true);
+    dp.ipcache_container(&APP1, APP1_VETH, BRIDGE);
+    dp.allow(
+        &DB,
+        APP1.id,
+        Direction::Ingress,
+        proto::TCP,
+        5432,
+        policy::FULL_PREFIX,
+        4,
+    );
+    let (c, s) = (40000, 5432);
+    for (p, iif, frame) in [
+        (To, APP1_VETH, fam.tcp(&APP1, &DB, c, s, TCP_SYN)),
+        (From, 0, fam.tcp(&DB, &APP1, s, c, TCP_SYN | TCP_ACK)),
+        (To, APP1_VETH, fam.tcp(&APP1, &DB, c, s, TCP_ACK)),
+    ] {
+        assert_eq!(dp.run_via(p, LO, iif, &frame), PASS, "app1's handshake");
+    }
+    // app1 goes; app3 (another identity) gets its address on another veth of the same bridge.
+    let app3 = Host { id: 310, ..APP1 };
+    dp.ipcache_container(&app3, APP3_VETH, BRIDGE);
+    let data = fam.tcp(&app3, &DB, c, s, TCP_ACK);
+    assert_eq!(
+        dp.run_via(To, LO, APP3_VETH, &data),
+        SHOT,
+        "bridged from app3's veth on app1's flow"
+    );
+    assert_eq!(
+        dp.run_via(To, LO, BRIDGE, &data),
+        SHOT,
+        "routed via the bridge on app1's flow"
+    );
+    assert_drops(&dp, Some(DropReason::PolicyDenied), 2);
+    // app1 back (its identity and veth): the flow is its own again, bridged or routed.
+    dp.ipcache_container(&APP1, APP1_VETH, BRIDGE);
+    for iif in [APP1_VETH, BRIDGE] {
+        assert_eq!(
+            dp.run_via(To, LO, iif, &fam.tcp(&APP1, &DB, c, s, TCP_ACK)),
+            PASS,
+            "app1's own flow via {iif}"
+        );
+    }
+}
+
+#[test]
+fn reused_remote_address_does_not_ride_the_flow_v4() {
+    if require_root("reused_remote_address_does_not_ride_the_flow_v4") {
+        reused_remote_address_does_not_ride_the_flow(V4);
+    }
+}
+
+#[test]
+fn reused_remote_address_does_not_ride_the_flow_v6() {
+    if require_root("reused_remote_address_does_not_ride_the_flow_v6") {
+        reused_remote_address_does_not_ride_the_flow(V6);
+    }
+}
+
 /// Issue 8 hole 4: a packet that claims a container's address must come in through that
 /// container's veth (bridged) or its bridge (routed by the host); from anywhere else it is
 /// spoofed, also on a flow that is established, and also where ingress is not enforced.
