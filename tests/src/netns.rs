@@ -16,7 +16,7 @@ use std::{
     io::{self, Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -110,7 +110,7 @@ impl Netns {
     }
 }
 
-fn setns(path: &std::path::Path) -> io::Result<()> {
+fn setns(path: &Path) -> io::Result<()> {
     let f = File::open(path)?;
     // SAFETY: a valid namespace file descriptor; only this thread changes namespace.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -732,6 +732,33 @@ impl DatapathPlan {
             self.ifaces.push((a, c.ifindex, c.bridge_ifindex));
         }
         self.attach.push(c.ifindex);
+    }
+
+    /// Runs `loader` (the `netpol-netns-loader` binary, which exits when done) on this plan for
+    /// topology `t`, pinning under `pins`; panics with its stderr when it fails. Returns its
+    /// summary line (stdout).
+    pub fn load(&self, loader: &Path, pins: &PinDir, t: &Topology) -> String {
+        let name = pins
+            .path()
+            .file_name()
+            .expect("pin dir name")
+            .to_string_lossy();
+        let file = std::env::temp_dir().join(format!("{name}.plan"));
+        std::fs::write(&file, self.to_text()).expect("writing the plan");
+        let out = Command::new(loader)
+            .arg(pins.path())
+            .arg(&t.host.name)
+            .arg(&file)
+            .output()
+            .expect("spawning netpol-netns-loader");
+        let _ = std::fs::remove_file(&file);
+        assert!(
+            out.status.success(),
+            "loader failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     pub fn to_text(&self) -> String {

@@ -9,7 +9,7 @@
 //!
 //! Policy as in `netns_policy.rs`: db accepts TCP 5432 from app1; everything else to db is denied.
 
-use std::{net::SocketAddr, process::Command, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use netpol_agent::datapath::kernel::KernelDatapath;
@@ -39,27 +39,13 @@ fn plan(t: &Topology) -> DatapathPlan {
     p
 }
 
+/// Runs the loader as its own process, which exits; returns its summary line.
 fn load(pins: &PinDir, t: &Topology, plan: &DatapathPlan) -> String {
-    let file = std::env::temp_dir().join(format!(
-        "{}.plan",
-        pins.path().file_name().expect("name").to_string_lossy()
-    ));
-    std::fs::write(&file, plan.to_text()).expect("writing the plan");
-    let out = Command::new(env!("CARGO_BIN_EXE_netpol-netns-loader"))
-        .arg(pins.path())
-        .arg(&t.host.name)
-        .arg(&file)
-        .output()
-        .expect("spawning netpol-netns-loader");
-    let _ = std::fs::remove_file(&file);
-    eprint!("{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success(),
-        "loader failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    plan.load(
+        Path::new(env!("CARGO_BIN_EXE_netpol-netns-loader")),
+        pins,
+        t,
+    )
 }
 
 fn connect(t: &Topology, port: u16, timeout: Duration) -> Connect {

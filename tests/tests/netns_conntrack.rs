@@ -12,7 +12,6 @@ use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::Path,
-    process::Command,
     time::Duration,
 };
 
@@ -37,28 +36,13 @@ const DNS: u16 = 5353;
 
 const WAIT: Duration = Duration::from_millis(800);
 
-/// Runs the loader as its own process, which exits.
-fn load(pins: &PinDir, t: &Topology, plan: &DatapathPlan) {
-    let name = pins
-        .path()
-        .file_name()
-        .expect("pin dir name")
-        .to_string_lossy();
-    let file = std::env::temp_dir().join(format!("{name}.plan"));
-    std::fs::write(&file, plan.to_text()).expect("writing the plan");
-    let out = Command::new(env!("CARGO_BIN_EXE_netpol-netns-loader"))
-        .arg(pins.path())
-        .arg(&t.host.name)
-        .arg(&file)
-        .output()
-        .expect("spawning netpol-netns-loader");
-    let _ = std::fs::remove_file(&file);
-    assert!(
-        out.status.success(),
-        "loader failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Runs the loader as its own process, which exits; returns its summary line.
+fn load(pins: &PinDir, t: &Topology, plan: &DatapathPlan) -> String {
+    plan.load(
+        Path::new(env!("CARGO_BIN_EXE_netpol-netns-loader")),
+        pins,
+        t,
+    )
 }
 
 fn adopt(t: &Topology, pins: &Path) -> KernelDatapath {

@@ -70,27 +70,11 @@ fn plan(t: &Topology) -> DatapathPlan {
 
 /// Runs the loader as its own process, which exits; returns its summary line.
 fn load(pins: &PinDir, t: &Topology, plan: &DatapathPlan) -> String {
-    let name = pins
-        .path()
-        .file_name()
-        .expect("pin dir name")
-        .to_string_lossy();
-    let file = std::env::temp_dir().join(format!("{name}.plan"));
-    std::fs::write(&file, plan.to_text()).expect("writing the plan");
-    let out = Command::new(env!("CARGO_BIN_EXE_netpol-netns-loader"))
-        .arg(pins.path())
-        .arg(&t.host.name)
-        .arg(&file)
-        .output()
-        .expect("spawning netpol-netns-loader");
-    let _ = std::fs::remove_file(&file);
-    assert!(
-        out.status.success(),
-        "loader failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    plan.load(
+        Path::new(env!("CARGO_BIN_EXE_netpol-netns-loader")),
+        pins,
+        t,
+    )
 }
 
 /// Opens (adopts) the pinned datapath in this process, from inside the host namespace.
