@@ -1,6 +1,7 @@
 //! The command line: `netpol-agent run` (the daemon) and the client subcommands, one file each.
 
 pub mod endpoint;
+pub mod export;
 pub mod identity;
 pub mod monitor;
 pub mod policy;

@@ -35,10 +35,14 @@ pub enum PolicyCmd {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// The policies in force as Kubernetes CiliumNetworkPolicies (compose labels mapped to pod
+    /// labels, the compose project to a namespace).
+    Export(super::export::ExportArgs),
 }
 
 pub fn run(cmd: PolicyCmd, socket: &Path) -> anyhow::Result<i32> {
     match cmd {
+        PolicyCmd::Export(args) => super::export::run(args, socket),
         PolicyCmd::Import { files } => {
             let mut sources = Vec::new();
             for f in &files {

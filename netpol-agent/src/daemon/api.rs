@@ -37,6 +37,11 @@ pub enum Request {
     IdentityList,
     Status,
     Monitor,
+    /// The policies in force as Kubernetes CiliumNetworkPolicies (YAML text).
+    PolicyExport {
+        namespace: String,
+        names: Vec<String>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -98,6 +98,10 @@ async fn handle(
                     Request::EndpointList => ok(a.endpoint_rows()),
                     Request::IdentityList => ok(a.identity_rows()),
                     Request::Status => ok(a.status()),
+                    Request::PolicyExport { namespace, names } => {
+                        crate::policy::export::export(&a.policies_in_force(), &namespace, &names)
+                            .map_or_else(err, ok)
+                    }
                     Request::Monitor => unreachable!("handled above"),
                 }
             }

@@ -808,6 +808,11 @@ impl Agent {
         })
     }
 
+    /// Every policy in force (imports, files, compose labels).
+    pub fn policies_in_force(&self) -> Vec<Policy> {
+        self.sources.policies()
+    }
+
     pub fn identity_name(&self, id: u32) -> String {
         display_name(id, self.ids.labels(id))
     }

@@ -34,8 +34,10 @@
 
 pub mod compile;
 pub mod compose;
+pub mod export;
 pub mod fuzz;
 mod parse;
+pub mod render;
 pub mod sources;
 mod yaml;
 
