@@ -8,6 +8,7 @@
 pub mod addr;
 pub mod ct;
 pub mod endpoint;
+pub mod epdrop;
 pub mod event;
 pub mod frag;
 pub mod icmp;
@@ -40,6 +41,8 @@ pub mod maps {
     /// Per-CPU drop counters, [`crate::DropReason::COUNT`] slots (`_V2`: 64 slots instead of
     /// one per reason, so that adding a reason needs no new layout).
     pub const DROPS: &str = "DROPS_V2";
+    /// Per-CPU drop counters by endpoint, reason and direction (see the `epdrop` module).
+    pub const EP_DROPS: &str = "EP_DROPS";
     pub const CONFIG: &str = "CONFIG";
     pub const SNAT6: &str = "SNAT6";
     pub const MASQ6_CONFIG: &str = "MASQ6_CONFIG";
@@ -60,6 +63,7 @@ pub mod maps {
         CT6_NEW,
         EVENTS,
         DROPS,
+        EP_DROPS,
         CONFIG,
         SNAT6,
         MASQ6_CONFIG,
@@ -229,6 +233,7 @@ mod pod {
     unsafe impl aya::Pod for super::ct::CtKey6 {}
     unsafe impl aya::Pod for super::ct::CtEntry {}
     unsafe impl aya::Pod for super::event::FlowEvent {}
+    unsafe impl aya::Pod for super::epdrop::EpDropKey {}
     unsafe impl aya::Pod for super::nat::Snat6Key {}
     unsafe impl aya::Pod for super::nat::Snat6Entry {}
     unsafe impl aya::Pod for super::nat::Masq6Config {}

@@ -72,6 +72,7 @@ use netpol_common::{
     addr,
     ct::{self, CtDir, CtEntry, CtKey4, CtKey6},
     endpoint::Endpoint,
+    epdrop::{self, EpDropKey},
     event::FlowEvent,
     frag::{Frag4Key, Frag6Key, FragL4},
     icmp, identity,
@@ -83,8 +84,8 @@ use netpol_common::{
 
 use crate::{
     maps::{
-        CONFIG, CT4_NEW, CT4_V2, CT6_NEW, CT6_V2, DROPS_V2, ENDPOINTS, EVENTS, FRAG4, FRAG6,
-        IPCACHE4_V2, IPCACHE6_V2, POLICY, SCRATCH,
+        CONFIG, CT4_NEW, CT4_V2, CT6_NEW, CT6_V2, DROPS_V2, ENDPOINTS, EP_DROPS, EVENTS, FRAG4,
+        FRAG6, IPCACHE4_V2, IPCACHE6_V2, POLICY, SCRATCH,
     },
     parse::{
         self, Frag, Kind, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6,
@@ -197,9 +198,27 @@ fn report_drop(reason: DropReason, ev: &mut FlowEvent) {
         // SAFETY: per-CPU slot, no concurrent writer.
         unsafe { *c += 1 };
     }
+    count_endpoint(epdrop::KIND_DROP, reason, ev);
     ev.kind = FlowEvent::KIND_DROP;
     ev.reason = reason as u8;
     let _ = EVENTS.output(*ev, 0);
+}
+
+/// Counts a drop (`kind`) in `EP_DROPS` under the endpoint, reason and direction of `ev`. Exact:
+/// the key's first count creates it with this CPU's slot at 1 and the others at 0 (an insert
+/// from a program touches only its own CPU's slot, also when another CPU created the key
+/// meanwhile). A full map counts nothing new.
+#[inline(never)]
+fn count_endpoint(kind: u8, reason: DropReason, ev: &FlowEvent) -> u32 {
+    let key = EpDropKey::new(ev.ifindex, reason as u8, ev.direction, kind);
+    match EP_DROPS.get_ptr_mut(&key) {
+        // SAFETY: this CPU's slot of the value, no concurrent writer.
+        Some(c) => unsafe { *c += 1 },
+        None => {
+            let _ = EP_DROPS.insert(&key, &1u64, 0);
+        }
+    }
+    0
 }
 
 /// Emits the `Flow` event of a newly admitted flow when a monitor asked for them.

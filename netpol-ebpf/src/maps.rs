@@ -1,7 +1,7 @@
 //! Every map of the object. Sizes here are the defaults; the agent overrides them at load time.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     macros::btf_map,
 };
 use netpol_common::{
@@ -57,6 +57,12 @@ pub static EVENTS: RingBuf<netpol_common::event::FlowEvent, { 256 * 1024 }> = Ri
 #[btf_map]
 pub static DROPS_V2: PerCpuArray<u64, { netpol_common::DropReason::COUNT as usize }> =
     PerCpuArray::new();
+
+/// Per-CPU drop counters by endpoint, reason and direction (`maps::EP_DROPS`); sized by the
+/// agent to `epdrop::PER_ENDPOINT` keys per endpoint.
+#[btf_map]
+pub static EP_DROPS: PerCpuHashMap<netpol_common::epdrop::EpDropKey, u64, 8192> =
+    PerCpuHashMap::new();
 
 #[btf_map]
 pub static CONFIG: Array<Config, 1> = Array::new();

@@ -9,7 +9,7 @@
 use std::process::Command;
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions},
     Ebpf, EbpfLoader,
 };
@@ -17,6 +17,7 @@ use netpol_agent::datapath::EBPF_OBJECT;
 use netpol_common::{
     ct::{CtEntry, CtKey4, CtKey6},
     endpoint::Endpoint,
+    epdrop::EpDropKey,
     event::FlowEvent,
     frag::{Frag4Key, Frag6Key, FragL4},
     ipcache::RemoteInfo,
@@ -307,6 +308,18 @@ impl Datapath {
             PerCpuArray::try_from(self.bpf.map(maps::DROPS).expect("DROPS")).unwrap();
         (0..DropReason::COUNT)
             .map(|i| m.get(&i, 0).expect("DROPS get").iter().sum())
+            .collect()
+    }
+
+    /// Every `EP_DROPS` counter (by endpoint, reason, direction), summed over CPUs.
+    pub fn ep_drops(&self) -> std::collections::BTreeMap<EpDropKey, u64> {
+        let m: PerCpuHashMap<_, EpDropKey, u64> =
+            PerCpuHashMap::try_from(self.bpf.map(maps::EP_DROPS).expect("EP_DROPS")).unwrap();
+        m.iter()
+            .map(|r| {
+                let (k, v) = r.expect("EP_DROPS entry");
+                (k, v.iter().sum())
+            })
             .collect()
     }
 

@@ -15,11 +15,14 @@
 //! to the programs here; the cases below cut IPv4 options, IPv6 extension headers and L4
 //! headers instead.
 
+use std::collections::BTreeMap;
+
 use aya::{programs::SchedClassifier, Ebpf};
 use netpol_agent::datapath::EBPF_OBJECT;
 use netpol_common::{
     ct::{self, CtDir, CtEntry, CtKey4, CtKey6},
     endpoint::Endpoint,
+    epdrop::{self, EpDropKey},
     event::FlowEvent,
     frag::{Frag4Key, Frag6Key, FragL4},
     identity,
@@ -528,6 +531,19 @@ fn denied_by_default(fam: Fam) {
         "db → world:53/udp"
     );
     assert_drops(&dp, Some(DropReason::PolicyDenied), 2);
+    let key = |dir: Direction| {
+        EpDropKey::new(
+            LO,
+            DropReason::PolicyDenied as u8,
+            dir as u8,
+            epdrop::KIND_DROP,
+        )
+    };
+    assert_eq!(
+        dp.dp.ep_drops(),
+        BTreeMap::from([(key(Direction::Ingress), 1), (key(Direction::Egress), 1)]),
+        "EP_DROPS: one drop per endpoint, reason and direction"
+    );
     assert_eq!(
         dp.events(),
         [
@@ -556,6 +572,12 @@ fn denied_by_default(fam: Fam) {
         ]
     );
     assert_eq!(dp.ct_len(), 0, "a denied packet leaves no conntrack entry");
+    // Counted again, exactly (EP_DROPS is a counter, not an event).
+    for _ in 0..3 {
+        dp.run(To, &fam.tcp(&APP1, &DB, 40000, 5432, TCP_SYN));
+    }
+    assert_eq!(dp.dp.ep_drops()[&key(Direction::Ingress)], 4);
+    assert_drops(&dp, Some(DropReason::PolicyDenied), 5);
 }
 
 #[test]

@@ -45,7 +45,7 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, Map, MapData, MapError, PerCpuArray,
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
     },
     programs::{
         links::{FdLink, PinnedLink},
@@ -57,6 +57,7 @@ use aya::{
 use netpol_common::{
     ct::{CtDir, CtEntry, CtKey4, CtKey6},
     endpoint::Endpoint,
+    epdrop::{self, EpDropKey},
     ipcache::RemoteInfo,
     maps,
     policy::{PolicyKey, PolicyValue},
@@ -409,6 +410,10 @@ impl KernelDatapath {
             .map_max_entries(maps::SNAT6, sizes.snat6)
             .map_max_entries(maps::FRAG4, sizes.frag)
             .map_max_entries(maps::FRAG6, sizes.frag)
+            .map_max_entries(
+                maps::EP_DROPS,
+                sizes.endpoints.saturating_mul(epdrop::PER_ENDPOINT),
+            )
             // The masquerade's own (loaded and pinned by `masq6`): not used by this object.
             .map_max_entries(netpol_common::nat::maps::MASQ6_FRAG, 1);
         let mut bpf = loader
@@ -649,6 +654,30 @@ impl KernelDatapath {
         self.bpf
             .map_mut(name)
             .ok_or_else(|| DatapathError::Load(format!("{name} missing")))
+    }
+
+    /// Removes the `EP_DROPS` counters of an endpoint that went, so that the map holds only live
+    /// endpoints' keys. Counters only: a failure is logged, never a reconcile error.
+    fn forget_drop_counters(&mut self, ifindex: u32) {
+        let result = self.map_mut(maps::EP_DROPS).and_then(|m| {
+            let mut m: PerCpuHashMap<_, EpDropKey, u64> =
+                PerCpuHashMap::try_from(m).map_err(map_err(maps::EP_DROPS))?;
+            let keys: Vec<EpDropKey> = m
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| k.ifindex == ifindex)
+                .collect();
+            for k in keys {
+                match m.remove(&k) {
+                    Err(e) if !is_not_found(&e) => return Err(map_err(maps::EP_DROPS)(e)),
+                    _ => {}
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            warn!(ifindex, error = %e, "removing the drop counters of a departed endpoint");
+        }
     }
 
     fn full(&self, e: DatapathError, map: &'static str, max: u32) -> DatapathError {
@@ -970,7 +999,10 @@ impl Datapath for KernelDatapath {
     fn delete_endpoint(&mut self, ifindex: u32) -> Result<(), DatapathError> {
         match self.endpoints()?.remove(&ifindex) {
             Err(e) if !is_not_found(&e) => Err(map_err(maps::ENDPOINTS)(e)),
-            _ => Ok(()),
+            _ => {
+                self.forget_drop_counters(ifindex);
+                Ok(())
+            }
         }
     }
 
