@@ -93,6 +93,9 @@ run_cargo() {
 }
 
 pkgs=(--workspace --exclude netpol-ebpf)   # netpol-ebpf is built for the BPF target by build.rs
+# netpol-agent/build.rs appends a line here each time it actually compiles the eBPF programs.
+bpf_log=target/bpf/compiles.log
+bpf_compiles_before=$(cat "$bpf_log" 2>/dev/null | wc -l)
 start=$(date +%s)
 failed_steps=()
 run_cargo test "${pkgs[@]}" --no-fail-fast --lib --bins -- "${filter[@]}" \
@@ -117,8 +120,25 @@ read -r passed failed < <(awk '
     /^error: test failed, to rerun pass/ { e++ }
     END { if (e > r) f += e - r; print p + 0, f + 0 }' < <(sed 's/\x1b\[[0-9;]*m//g' "$out"))
 
+# A quiet, single build: the eBPF programs are compiled at most once in a run (one shared target
+# dir for every feature set and profile of netpol-agent), and the build script forwards only
+# compiler diagnostics as warnings, never the nested cargo's progress lines.
+bpf_compiles=$(( $(cat "$bpf_log" 2>/dev/null | wc -l) - bpf_compiles_before ))
+if [ "$bpf_compiles" -gt 1 ]; then
+    echo "error: the eBPF programs were compiled $bpf_compiles times in this run (once expected):"
+    tail -n "$bpf_compiles" "$bpf_log"
+    failed_steps+=("single eBPF build")
+fi
+noise=$(sed 's/\x1b\[[0-9;]*m//g' "$out" \
+    | grep -cE '^warning: netpol-agent@[^:]*: +(Compiling|Finished|Fresh|Blocking|Updating|Downloading|Downloaded|Locking|Adding) ' || true)
+if [ "$noise" -gt 0 ]; then
+    echo "error: the build forwarded $noise progress lines of the eBPF build as warnings"
+    failed_steps+=("quiet build")
+fi
+
 echo
 echo "test run took $(( $(date +%s) - start )) s"
+echo "eBPF programs compiled $bpf_compiles time(s) in this run"
 if [ "${#failed_steps[@]}" -gt 0 ]; then
     echo "FAILED: ${failed_steps[*]} (cargo's errors are above; a build error runs no tests)"
 fi
