@@ -25,6 +25,16 @@ pub struct RemoteInfo {
     pub _pad: u32,
 }
 
+/// What an ipcache lookup gives: the entry found, or on a miss `world`. The datapath and
+/// `policy trace` both resolve addresses with this.
+#[inline(always)]
+pub const fn resolve(hit: Option<RemoteInfo>) -> RemoteInfo {
+    match hit {
+        Some(v) => v,
+        None => RemoteInfo::new(crate::identity::WORLD),
+    }
+}
+
 impl RemoteInfo {
     /// An entry that is not a container's own address: no interface check.
     pub const fn new(identity: u32) -> Self {

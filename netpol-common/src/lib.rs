@@ -14,6 +14,7 @@ pub mod frag;
 pub mod icmp;
 pub mod identity;
 pub mod ipcache;
+pub mod lpm;
 #[cfg(any(test, feature = "model"))]
 pub mod model;
 pub mod nat;

@@ -5,7 +5,7 @@
 //! documents, not from its code: it parses the frame itself, keeps the ipcache, the policy map
 //! and conntrack as plain lists, and returns the verdict, the drop event's cause and the
 //! conntrack state after the packet. Only the decision functions that the kernel shares with user
-//! space and that have host tests of their own ([`crate::policy::lookup_keys`],
+//! space and that have host tests of their own ([`crate::policy::lookup`], [`crate::ipcache::resolve`],
 //! [`crate::policy::decide`], the key constructors) are the kernel's.
 //!
 //! Time is the caller's: `now` is `bpf_ktime_get_ns()`'s clock (`CLOCK_MONOTONIC`).
@@ -87,56 +87,14 @@ pub enum CtKey {
     V6(CtKey6),
 }
 
-/// Longest-prefix match over `(prefix_len, key bits, value)` entries, as the kernel's LPM trie
-/// does it: `bits` are the key's bytes (big-endian, as the trie compares them).
-pub fn lpm<'a, V>(entries: impl Iterator<Item = (u32, &'a [u8], V)>, want: &[u8]) -> Option<V> {
-    let mut best: Option<(u32, V)> = None;
-    for (len, bits, v) in entries {
-        if prefix_matches(bits, want, len) && best.as_ref().is_none_or(|(l, _)| len > *l) {
-            best = Some((len, v));
-        }
-    }
-    best.map(|(_, v)| v)
-}
-
-fn prefix_matches(a: &[u8], b: &[u8], len: u32) -> bool {
-    let full = (len / 8) as usize;
-    if a.len() < full || b.len() < full || a[..full] != b[..full] {
-        return false;
-    }
-    let rest = len % 8;
-    if rest == 0 {
-        return true;
-    }
-    let mask = 0xffu8 << (8 - rest);
-    a.len() > full && b.len() > full && (a[full] & mask) == (b[full] & mask)
-}
-
-/// The bytes of a [`PolicyKey`] as the trie compares them (after its 32-bit prefix length).
-pub fn policy_key_bits(k: &PolicyKey) -> [u8; 12] {
-    let mut b = [0u8; 12];
-    b[0..4].copy_from_slice(&k.local.to_ne_bytes());
-    b[4..8].copy_from_slice(&k.remote.to_ne_bytes());
-    b[8] = k.direction;
-    b[9] = k.proto;
-    b[10..12].copy_from_slice(&k.dport().to_be_bytes());
-    b
-}
+pub use crate::lpm::{lpm, policy_key_bits};
 
 /// Longest match of `key` in a list of `POLICY` entries `(prefix_len, key, value)`.
 pub fn policy_lpm(
     entries: &[(u32, PolicyKey, PolicyValue)],
     key: &PolicyKey,
 ) -> Option<PolicyValue> {
-    let want = policy_key_bits(key);
-    let bits: Vec<[u8; 12]> = entries.iter().map(|(_, k, _)| policy_key_bits(k)).collect();
-    lpm(
-        entries
-            .iter()
-            .zip(bits.iter())
-            .map(|((len, _, v), b)| (*len, &b[..], *v)),
-        &want,
-    )
+    crate::lpm::policy(entries.iter().map(|(len, k, v)| (*len, k, *v)), key)
 }
 
 /// The state the programs read and write, as plain lists.
@@ -750,7 +708,7 @@ impl World {
             ),
             Fam::V6 => lpm(self.ipcache6.iter().map(|(l, b, v)| (*l, &b[..], *v)), &a.0),
         };
-        hit.unwrap_or(RemoteInfo::new(identity::WORLD))
+        crate::ipcache::resolve(hit)
     }
 
     /// A live entry for `k` in one table that serves `o` is hit by a packet of its flow:
@@ -1078,8 +1036,9 @@ impl World {
         };
         let mut rule = 0;
         if enforced {
-            let [a, b] = policy::lookup_keys(ep.identity, remote, dir, p.proto, port);
-            match policy::decide(policy_lpm(&self.policy, &a), policy_lpm(&self.policy, &b)) {
+            match policy::lookup(ep.identity, remote, dir, p.proto, port, |k| {
+                policy_lpm(&self.policy, k)
+            }) {
                 PolicyVerdict::Allow(r) => rule = r,
                 PolicyVerdict::Deny(r) => {
                     cause.rule = r;

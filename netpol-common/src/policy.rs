@@ -163,6 +163,26 @@ pub const fn lookup_keys(
     ]
 }
 
+/// The policy verdict of a new flow of `local` with `remote` in `dir`: the two lookups of
+/// [`lookup_keys`], each the longest stored match that `get` returns for a full-prefix key (the
+/// kernel: `POLICY.get`; user space: [`crate::lpm::policy`] over the entries), decided by
+/// [`decide`]. `port` is the destination port, for ICMP / ICMPv6 the message type, 0 for other
+/// protocols. The datapath and `policy trace` both decide with this function.
+#[inline(always)]
+pub fn lookup(
+    local: u32,
+    remote: u32,
+    direction: Direction,
+    proto: u8,
+    port: u16,
+    mut get: impl FnMut(&PolicyKey) -> Option<PolicyValue>,
+) -> Verdict {
+    let [a, b] = lookup_keys(local, remote, direction, proto, port);
+    let exact = get(&a);
+    let wildcard = get(&b);
+    decide(exact, wildcard)
+}
+
 /// An aligned block of ports: `port` with its low `16 - bits` bits zero; the trie prefix of the
 /// entry is `PREFIX_ANY_PORT + bits`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,8 +269,9 @@ mod tests {
         proto: u8,
         port: u16,
     ) -> Verdict {
-        let [a, b] = lookup_keys(local, remote, Direction::Ingress, proto, port);
-        decide(lpm(entries, &a), lpm(entries, &b))
+        lookup(local, remote, Direction::Ingress, proto, port, |k| {
+            lpm(entries, k)
+        })
     }
 
     const DB: u32 = 300;

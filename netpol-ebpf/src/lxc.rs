@@ -76,7 +76,7 @@ use netpol_common::{
     event::FlowEvent,
     frag::{Frag4Key, Frag6Key, FragL4},
     icmp, identity,
-    ipcache::RemoteInfo,
+    ipcache::{self, RemoteInfo},
     nd,
     policy::{self, Verdict},
     proto, Config, Direction, DropReason,
@@ -414,10 +414,7 @@ impl Family for V4 {
     #[inline(always)]
     fn remote(a: A4) -> RemoteInfo {
         let key = aya_ebpf::maps::lpm_trie::Key::new(32, a.0);
-        match IPCACHE4_V2.get(&key) {
-            Some(v) => *v,
-            None => RemoteInfo::new(identity::WORLD),
-        }
+        ipcache::resolve(IPCACHE4_V2.get(&key).copied())
     }
     #[inline(always)]
     fn is_local(ep: &Endpoint, a: &A4) -> bool {
@@ -477,10 +474,7 @@ impl Family for V6 {
     #[inline(always)]
     fn remote(a: A16) -> RemoteInfo {
         let key = aya_ebpf::maps::lpm_trie::Key::new(128, a.0);
-        match IPCACHE6_V2.get(&key) {
-            Some(v) => *v,
-            None => RemoteInfo::new(identity::WORLD),
-        }
+        ipcache::resolve(IPCACHE6_V2.get(&key).copied())
     }
     #[inline(always)]
     fn is_local(ep: &Endpoint, a: &A16) -> bool {
@@ -771,12 +765,7 @@ fn verdict<F: Family>(
     };
     let mut rule = 0;
     if enforced {
-        let [a, b] = policy::lookup_keys(ep.identity, remote, dir, l.proto, port);
-        let ka = aya_ebpf::maps::lpm_trie::Key::new(policy::FULL_PREFIX, a);
-        let kb = aya_ebpf::maps::lpm_trie::Key::new(policy::FULL_PREFIX, b);
-        let va = POLICY.get(&ka).copied();
-        let vb = POLICY.get(&kb).copied();
-        match policy::decide(va, vb) {
+        match policy::lookup(ep.identity, remote, dir, l.proto, port, policy_get) {
             Verdict::Allow(r) => rule = r,
             Verdict::Deny(r) => {
                 ev.rule = r;
@@ -803,6 +792,14 @@ fn verdict<F: Family>(
     // A new flow was admitted: `run` emits its event if flows are traced.
     ev.kind = FlowEvent::KIND_FLOW;
     Ok(PASS)
+}
+
+/// The longest `POLICY` match of a full-prefix key.
+#[inline(always)]
+fn policy_get(k: &policy::PolicyKey) -> Option<policy::PolicyValue> {
+    POLICY
+        .get(&aya_ebpf::maps::lpm_trie::Key::new(policy::FULL_PREFIX, *k))
+        .copied()
 }
 
 /// The remote side of `p` (`from_container`: its destination, looked up in the ipcache;
