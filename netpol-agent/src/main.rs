@@ -1,7 +1,12 @@
-use clap::Parser;
-
 fn main() {
-    let cli = netpol_agent::cli::Cli::parse();
+    // The command line, after the settings file (`run`, `teardown`; see cli::config).
+    let cli = match netpol_agent::cli::config::parse_args() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
     let is_daemon = matches!(cli.command, netpol_agent::cli::Command::Run(_));
     if !is_daemon {
         // The client commands log only warnings; the daemon configures its own logging.

@@ -339,6 +339,8 @@ impl Agent {
             .args(["--policy-poll-ms", "200"])
             .args(&self.options.extra_args)
             .env("DOCKER_HOST", &self.docker_host)
+            // The host's settings file (an installed package's) is not this agent's.
+            .env("NETPOL_CONFIG", "/dev/null")
             .env(
                 "NETPOL_LOG",
                 std::env::var("NETPOL_LOG").unwrap_or_else(|_| "info".into()),

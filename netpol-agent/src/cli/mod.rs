@@ -1,5 +1,6 @@
 //! The command line: `netpol-agent run` (the daemon) and the client subcommands, one file each.
 
+pub mod config;
 pub mod endpoint;
 pub mod export;
 pub mod identity;
@@ -7,6 +8,7 @@ pub mod monitor;
 pub mod policy;
 pub mod status;
 pub mod table;
+pub mod teardown;
 
 use std::path::PathBuf;
 
@@ -24,6 +26,9 @@ pub struct Cli {
     /// The agent's control socket.
     #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// The agent's settings file, read by `run` and `teardown` (see `packaging/agent.conf`).
+    #[arg(long, global = true, env = "NETPOL_CONFIG", default_value = config::DEFAULT_CONFIG)]
+    pub config: PathBuf,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -55,6 +60,8 @@ pub enum Command {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Stop enforcing: detach every program netpol attached and remove its pins.
+    Teardown(teardown::TeardownArgs),
 }
 
 /// Runs a parsed command line; returns the process exit code.
@@ -66,6 +73,7 @@ pub fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Identity(cmd) => identity::run(cmd, &cli.socket),
         Command::Monitor(args) => monitor::run(args, &cli.socket),
         Command::Status { output } => status::run(output, &cli.socket),
+        Command::Teardown(args) => teardown::run(args, &cli.socket),
     }
 }
 
