@@ -315,6 +315,7 @@ impl Topology {
         let opts = Masq6Options {
             pin_dir: self.pin_dir.clone(),
             snat6_entries: 4096,
+            ..Masq6Options::default()
         };
         in_netns(&self.ns("host"), || {
             let uplink = masq6::detect_uplink().unwrap_or_else(|e| panic!("uplink: {e}"));

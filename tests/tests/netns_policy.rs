@@ -318,16 +318,26 @@ fn enforcement_outlives_loader_and_adoption_has_no_gap() {
             .then_some(())
     });
 
-    // The new process: adopts, and additionally lets app2 reach app1 on 8080.
+    // The new process: adopts, and additionally lets app2 reach app1 on 8080. It asks for
+    // other conntrack sizes: the pinned maps keep theirs (and their entries), no gap.
     let mut changed = plan(&t);
     changed
         .policy
         .push(PlanPolicy::allow_in(APP1, APP2, proto::TCP, WEB, 3));
     changed.replace_policy = true;
+    changed.ct_entries = Some(8192);
     let summary = load(&pins, &t, &changed);
     assert!(
         summary.starts_with("adopted=true"),
         "second loader did not adopt: {summary}"
+    );
+    let defaults = MapSizes::default();
+    assert!(
+        summary.contains(&format!(
+            "ct4_max={} ct6_new_max={}",
+            defaults.ct4, defaults.ct6_new
+        )),
+        "the pinned conntrack maps keep their sizes: {summary}"
     );
 
     // Keep probing a little after the switch, then stop.

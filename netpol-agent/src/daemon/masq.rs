@@ -49,6 +49,7 @@ pub struct MasqConfig {
     pub ports: RangeInclusive<u16>,
     pub pin_dir: PathBuf,
     pub snat6_entries: u32,
+    pub frag_entries: u32,
     /// How to attach to the uplink (`None`: probe), as the per-container programs are.
     pub attach: Option<AttachMode>,
 }
@@ -317,6 +318,7 @@ impl Masq {
             let opts = Masq6Options {
                 pin_dir: self.cfg.pin_dir.clone(),
                 snat6_entries: self.cfg.snat6_entries,
+                frag_entries: self.cfg.frag_entries,
             };
             match Masq6::load(&opts) {
                 Ok(m) => self.loaded = Some(m),

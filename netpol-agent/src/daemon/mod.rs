@@ -46,21 +46,49 @@ pub struct RunArgs {
     /// Extra label keys to ignore when deriving identities (`*` at the end matches a prefix).
     #[arg(long = "ignore-label")]
     pub ignore_labels: Vec<String>,
-    /// `max_entries` of POLICY.
+    // Map sizes (`max_entries`), one flag per map (README, Command line). A map found pinned keeps
+    // its size (warned): see `MapSizes::adopt_pinned`.
+    /// `max_entries` of POLICY (compiled policy entries).
     #[arg(long, default_value_t = MapSizes::default().policy)]
     pub policy_entries: u32,
-    /// `max_entries` of ENDPOINTS.
+    /// `max_entries` of ENDPOINTS (container interfaces).
     #[arg(long, default_value_t = MapSizes::default().endpoints)]
     pub endpoint_entries: u32,
-    /// `max_entries` of each of IPCACHE4 and IPCACHE6.
+    /// `max_entries` of IPCACHE4 (and of IPCACHE6 unless --ipcache6-entries).
     #[arg(long, default_value_t = MapSizes::default().ipcache4)]
     pub ipcache_entries: u32,
-    /// `max_entries` of CT4 (CT6 gets a quarter).
+    /// `max_entries` of IPCACHE6 [default: --ipcache-entries].
+    #[arg(long)]
+    pub ipcache6_entries: Option<u32>,
+    /// `max_entries` of CT4, the established IPv4 flows.
     #[arg(long, default_value_t = MapSizes::default().ct4)]
     pub ct_entries: u32,
-    /// `max_entries` of each of FRAG4 and FRAG6 (fragmented datagrams in flight).
-    #[arg(long, default_value_t = MapSizes::default().frag)]
+    /// `max_entries` of CT6 [default: a quarter of --ct-entries, at least 1024].
+    #[arg(long)]
+    pub ct6_entries: Option<u32>,
+    /// `max_entries` of CT4_NEW, IPv4 flows not established yet [default: a quarter of
+    /// --ct-entries, at least 1024].
+    #[arg(long)]
+    pub ct_new_entries: Option<u32>,
+    /// `max_entries` of CT6_NEW [default: a quarter of CT6's, at least 1024].
+    #[arg(long)]
+    pub ct6_new_entries: Option<u32>,
+    /// `max_entries` of FRAG4 (and of FRAG6 unless --frag6-entries): fragmented datagrams in flight.
+    #[arg(long, default_value_t = MapSizes::default().frag4)]
     pub frag_entries: u32,
+    /// `max_entries` of FRAG6 [default: --frag-entries].
+    #[arg(long)]
+    pub frag6_entries: Option<u32>,
+    /// Size of the EVENTS ring buffer (drops and flows for `monitor`), in bytes: a power of two,
+    /// at least 4096.
+    #[arg(long, default_value_t = MapSizes::default().events, value_parser = parse_ring_bytes)]
+    pub events_bytes: u32,
+    /// `max_entries` of SNAT6, the masquerade's flows (two entries each).
+    #[arg(long, default_value_t = MapSizes::default().snat6)]
+    pub snat6_entries: u32,
+    /// `max_entries` of MASQ6_FRAG [default: a quarter of --snat6-entries, at least 1024].
+    #[arg(long)]
+    pub masq6_frag_entries: Option<u32>,
     /// IPv6 masquerade of Docker's IPv6 networks on the uplink.
     #[arg(long, value_enum, default_value_t)]
     pub masq6: masq::Masq6Mode,
@@ -103,17 +131,35 @@ impl AttachArg {
 
 impl RunArgs {
     pub fn sizes(&self) -> MapSizes {
+        let quarter = |n: u32| (n / 4).max(1024);
+        let ct6 = self.ct6_entries.unwrap_or(quarter(self.ct_entries));
         MapSizes {
             endpoints: self.endpoint_entries,
             ipcache4: self.ipcache_entries,
-            ipcache6: self.ipcache_entries,
+            ipcache6: self.ipcache6_entries.unwrap_or(self.ipcache_entries),
             policy: self.policy_entries,
             ct4: self.ct_entries,
-            ct6: (self.ct_entries / 4).max(1024),
-            frag: self.frag_entries,
-            ..MapSizes::default()
+            ct6,
+            ct4_new: self.ct_new_entries.unwrap_or(quarter(self.ct_entries)),
+            ct6_new: self.ct6_new_entries.unwrap_or(quarter(ct6)),
+            frag4: self.frag_entries,
+            frag6: self.frag6_entries.unwrap_or(self.frag_entries),
+            events: self.events_bytes,
+            snat6: self.snat6_entries,
+            masq6_frag: self
+                .masq6_frag_entries
+                .unwrap_or(quarter(self.snat6_entries)),
         }
     }
+}
+
+/// `--events-bytes`: the kernel takes only a power of two that is a multiple of the page size.
+fn parse_ring_bytes(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two of at least 4096"));
+    }
+    Ok(n)
 }
 
 fn init_logging() {
@@ -172,6 +218,7 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
         ports: args.masq6_ports.clone(),
         pin_dir: args.pin_dir.clone(),
         snat6_entries: args.sizes().snat6,
+        frag_entries: args.sizes().masq6_frag,
         attach: Some(dp.mode()),
     });
     let mut agent = state::Agent::new(Box::new(dp), store, filter, args.policy_dir.clone())?;
@@ -248,4 +295,65 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
         error!(error = %e, "saving state");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::{
+        cli::{Cli, Command},
+        datapath::MapSizes,
+    };
+
+    fn sizes(args: &[&str]) -> Result<MapSizes, clap::Error> {
+        let cli = Cli::try_parse_from(["netpol-agent", "run"].iter().chain(args))?;
+        match cli.command {
+            Command::Run(a) => Ok(a.sizes()),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn map_size_flags_default_to_the_defaults_and_derive_the_rest() {
+        assert_eq!(sizes(&[]).unwrap(), MapSizes::default());
+        let s = sizes(&["--ct-entries", "8192", "--ipcache-entries", "512"]).unwrap();
+        assert_eq!(
+            (s.ct4, s.ct6, s.ct4_new, s.ct6_new),
+            (8192, 2048, 2048, 1024)
+        );
+        assert_eq!((s.ipcache4, s.ipcache6), (512, 512));
+        let s = sizes(&[
+            "--ct6-entries",
+            "40000",
+            "--ct-new-entries",
+            "3000",
+            "--ipcache6-entries",
+            "64",
+            "--frag6-entries",
+            "99",
+            "--events-bytes",
+            "65536",
+            "--snat6-entries",
+            "8000",
+            "--masq6-frag-entries",
+            "50",
+            "--policy-entries",
+            "10",
+            "--endpoint-entries",
+            "11",
+        ])
+        .unwrap();
+        assert_eq!((s.ct6, s.ct6_new, s.ct4_new), (40000, 10000, 3000));
+        assert_eq!((s.ipcache6, s.frag4, s.frag6), (64, 4096, 99));
+        assert_eq!((s.events, s.snat6, s.masq6_frag), (65536, 8000, 50));
+        assert_eq!((s.policy, s.endpoints), (10, 11));
+    }
+
+    #[test]
+    fn the_ring_buffer_size_must_be_a_power_of_two_of_a_page_or_more() {
+        assert!(sizes(&["--events-bytes", "100000"]).is_err());
+        assert!(sizes(&["--events-bytes", "2048"]).is_err());
+        assert_eq!(sizes(&["--events-bytes", "4096"]).unwrap().events, 4096);
+    }
 }

@@ -65,7 +65,49 @@ use netpol_common::{
 };
 use tracing::{debug, info, warn};
 
-use super::{Cidr, Datapath, DatapathError, DropCounters, MapSizes, MapState, PolicyEntryKey};
+use super::{
+    Cidr, Datapath, DatapathError, DropCounters, MapSizes, MapState, PolicyEntryKey, LXC_SIZED,
+};
+
+/// The masquerade's maps in the shared object (loaded, sized and pinned by `masq6`).
+const MASQ6_MAPS: [&str; 5] = [
+    maps::SNAT6,
+    maps::MASQ6_CONFIG,
+    maps::MASQ6_PREFIXES,
+    netpol_common::nat::maps::MASQ6_STATS,
+    netpol_common::nat::maps::MASQ6_FRAG,
+];
+
+/// `sizes` with the size of every map of `names` already pinned under `pin_dir` as it is
+/// pinned ([`MapSizes::adopt_pinned`]); a difference from the configured size is logged.
+pub(crate) fn adopt_pinned_sizes(
+    pin_dir: &Path,
+    sizes: MapSizes,
+    names: &[&'static str],
+) -> MapSizes {
+    let (sizes, mismatches) = sizes.adopt_pinned(names, |name| {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            return None;
+        }
+        match aya::maps::MapInfo::from_pin(&path) {
+            Ok(info) => Some(info.max_entries()),
+            Err(e) => {
+                warn!(map = name, error = %e, "reading the size of a pinned map");
+                None
+            }
+        }
+    });
+    for m in mismatches {
+        warn!(
+            map = m.map,
+            pinned = m.pinned,
+            configured = m.configured,
+            "a pinned map keeps its size (its entries keep enforcing); the configured size applies once the map is created anew (after a reboot)"
+        );
+    }
+    sizes
+}
 
 /// How the programs are attached to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -392,30 +434,30 @@ impl KernelDatapath {
             .copied()
             .filter(|m| pin_dir.join(m).exists())
             .collect();
-        let pins: Vec<(&'static str, PathBuf)> =
-            maps::ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
+        // Only the per-container programs' maps: the masquerade's (`SNAT6`, `MASQ6_*`, in the
+        // same object but unused by these programs) are created and pinned by `masq6`, at one
+        // entry here so that this copy costs nothing.
+        let pins: Vec<(&'static str, PathBuf)> = maps::ALL
+            .iter()
+            .filter(|m| !MASQ6_MAPS.contains(m))
+            .map(|m| (*m, pin_dir.join(m)))
+            .collect();
+        let sizes = adopt_pinned_sizes(&pin_dir, sizes, &LXC_SIZED);
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
-        loader
-            .map_max_entries(maps::ENDPOINTS, sizes.endpoints)
-            .map_max_entries(maps::IPCACHE4, sizes.ipcache4)
-            .map_max_entries(maps::IPCACHE6, sizes.ipcache6)
-            .map_max_entries(maps::POLICY, sizes.policy)
-            .map_max_entries(maps::CT4, sizes.ct4)
-            .map_max_entries(maps::CT6, sizes.ct6)
-            .map_max_entries(maps::CT4_NEW, sizes.ct4_new())
-            .map_max_entries(maps::CT6_NEW, sizes.ct6_new())
-            .map_max_entries(maps::SNAT6, sizes.snat6)
-            .map_max_entries(maps::FRAG4, sizes.frag)
-            .map_max_entries(maps::FRAG6, sizes.frag)
-            .map_max_entries(
-                maps::EP_DROPS,
-                sizes.endpoints.saturating_mul(epdrop::PER_ENDPOINT),
-            )
-            // The masquerade's own (loaded and pinned by `masq6`): not used by this object.
-            .map_max_entries(netpol_common::nat::maps::MASQ6_FRAG, 1);
+        for (name, n) in sizes.of(&LXC_SIZED) {
+            loader.map_max_entries(name, n);
+        }
+        // Follows ENDPOINTS (a pinned one keeps its size too: the kernel keeps the pinned map).
+        loader.map_max_entries(
+            maps::EP_DROPS,
+            sizes.endpoints.saturating_mul(epdrop::PER_ENDPOINT),
+        );
+        for name in MASQ6_MAPS {
+            loader.map_max_entries(name, 1);
+        }
         let mut bpf = loader
             .load(super::EBPF_OBJECT)
             .map_err(|e| DatapathError::Load(e.to_string()))?;

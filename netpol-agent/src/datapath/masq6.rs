@@ -136,15 +136,19 @@ fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> M
 pub struct Masq6Options {
     /// Directory under bpffs for the pinned maps and links (`netpol_common::PIN_DIR`).
     pub pin_dir: PathBuf,
-    /// `max_entries` of `SNAT6` (two entries per flow). Only used when the map is created.
+    /// `max_entries` of `SNAT6` (two entries per flow). Only used when the map is created (a
+    /// pinned map keeps its size).
     pub snat6_entries: u32,
+    /// `max_entries` of `MASQ6_FRAG` (fragmented datagrams in flight). As `snat6_entries`.
+    pub frag_entries: u32,
 }
 
 impl Default for Masq6Options {
     fn default() -> Self {
         Self {
             pin_dir: PathBuf::from(PIN_DIR),
-            snat6_entries: 16384,
+            snat6_entries: super::MapSizes::default().snat6,
+            frag_entries: super::MapSizes::default().masq6_frag,
         }
     }
 }
@@ -248,9 +252,15 @@ impl Masq6 {
         for (name, size) in UNUSED {
             loader.map_max_entries(name, size);
         }
-        loader.map_max_entries(names::SNAT6, opts.snat6_entries);
-        // Fragmented datagrams in flight, far fewer than flows.
-        loader.map_max_entries(nat::maps::MASQ6_FRAG, (opts.snat6_entries / 4).max(1024));
+        let wanted = super::MapSizes {
+            snat6: opts.snat6_entries,
+            masq6_frag: opts.frag_entries,
+            ..super::MapSizes::default()
+        };
+        let sizes = kernel::adopt_pinned_sizes(&opts.pin_dir, wanted, &super::MASQ6_SIZED);
+        for (name, n) in sizes.of(&super::MASQ6_SIZED) {
+            loader.map_max_entries(name, n);
+        }
         let mut ebpf = loader.load(super::EBPF_OBJECT)?;
         for name in [programs::MASQ6_OUT, programs::MASQ6_IN] {
             prog(&mut ebpf, name)?.load().map_err(prog_err(name))?;

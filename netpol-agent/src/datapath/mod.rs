@@ -14,6 +14,7 @@ use std::{
 use netpol_common::{
     endpoint::Endpoint,
     ipcache::RemoteInfo,
+    maps,
     policy::{PolicyKey, PolicyValue},
 };
 
@@ -111,7 +112,10 @@ pub struct MapState {
     pub policy: BTreeMap<PolicyEntryKey, PolicyValue>,
 }
 
-/// Configured map sizes (`max_entries`). Small by default: fit for a 2 GB host.
+/// Configured map sizes (`max_entries`): one field per map whose capacity is a choice, each set
+/// by a `run` flag (see `daemon::RunArgs`). Small by default: every map together, full, takes
+/// well under 32 MB of kernel memory (fit for a 2 GB host). Maps of fixed size (`CONFIG`, the
+/// per-CPU counters and scratch space, `MASQ6_CONFIG`, `MASQ6_PREFIX`) are not here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct MapSizes {
@@ -119,11 +123,21 @@ pub struct MapSizes {
     pub ipcache4: u32,
     pub ipcache6: u32,
     pub policy: u32,
+    /// Established flows.
     pub ct4: u32,
     pub ct6: u32,
+    /// Flows not established yet.
+    pub ct4_new: u32,
+    pub ct6_new: u32,
+    /// Fragmented datagrams in flight.
+    pub frag4: u32,
+    pub frag6: u32,
+    /// The ring buffer of drop and flow events, in bytes (a power of two, at least a page).
+    pub events: u32,
+    /// The masquerade's flows (two entries per flow).
     pub snat6: u32,
-    /// Each of FRAG4 and FRAG6 (fragmented datagrams in flight).
-    pub frag: u32,
+    /// The masquerade's fragmented datagrams in flight.
+    pub masq6_frag: u32,
 }
 
 impl Default for MapSizes {
@@ -135,21 +149,111 @@ impl Default for MapSizes {
             policy: 16384,
             ct4: 65536,
             ct6: 16384,
+            ct4_new: 16384,
+            ct6_new: 4096,
+            frag4: 4096,
+            frag6: 4096,
+            events: 256 * 1024,
             snat6: 16384,
-            frag: 4096,
+            masq6_frag: 4096,
         }
     }
 }
 
+/// The sized maps of the per-container programs.
+pub const LXC_SIZED: [&str; 11] = [
+    maps::ENDPOINTS,
+    maps::IPCACHE4,
+    maps::IPCACHE6,
+    maps::POLICY,
+    maps::CT4,
+    maps::CT6,
+    maps::CT4_NEW,
+    maps::CT6_NEW,
+    maps::FRAG4,
+    maps::FRAG6,
+    maps::EVENTS,
+];
+
+/// The sized maps of the masquerade.
+pub const MASQ6_SIZED: [&str; 2] = [maps::SNAT6, netpol_common::nat::maps::MASQ6_FRAG];
+
+/// A pinned map whose size is not the configured one (see [`MapSizes::adopt_pinned`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SizeMismatch {
+    pub map: &'static str,
+    pub configured: u32,
+    pub pinned: u32,
+}
+
 impl MapSizes {
-    /// `max_entries` of `CT4_NEW`, the flows not established yet: a quarter of `CT4`.
-    pub fn ct4_new(&self) -> u32 {
-        (self.ct4 / 4).max(1024)
+    /// Map name → size field: the one table every loader, check and message goes through.
+    fn fields_mut(&mut self) -> [(&'static str, &mut u32); 13] {
+        [
+            (maps::ENDPOINTS, &mut self.endpoints),
+            (maps::IPCACHE4, &mut self.ipcache4),
+            (maps::IPCACHE6, &mut self.ipcache6),
+            (maps::POLICY, &mut self.policy),
+            (maps::CT4, &mut self.ct4),
+            (maps::CT6, &mut self.ct6),
+            (maps::CT4_NEW, &mut self.ct4_new),
+            (maps::CT6_NEW, &mut self.ct6_new),
+            (maps::FRAG4, &mut self.frag4),
+            (maps::FRAG6, &mut self.frag6),
+            (maps::EVENTS, &mut self.events),
+            (maps::SNAT6, &mut self.snat6),
+            (netpol_common::nat::maps::MASQ6_FRAG, &mut self.masq6_frag),
+        ]
     }
 
-    /// `max_entries` of `CT6_NEW`: a quarter of `CT6`.
-    pub fn ct6_new(&self) -> u32 {
-        (self.ct6 / 4).max(1024)
+    /// The configured `max_entries` of map `name` (`None`: not a sized map).
+    pub fn get(&self, name: &str) -> Option<u32> {
+        let mut s = *self;
+        let found = s
+            .fields_mut()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v);
+        found
+    }
+
+    /// `(name, max_entries)` of each of `names` that is a sized map.
+    pub fn of(&self, names: &[&'static str]) -> Vec<(&'static str, u32)> {
+        names
+            .iter()
+            .filter_map(|n| self.get(n).map(|v| (*n, v)))
+            .collect()
+    }
+
+    /// The sizes in force once maps already pinned are adopted: a pinned map keeps its size
+    /// (`pinned(name)`), because it holds the entries that enforce right now and the kernel
+    /// cannot resize a map; replacing it would need a copy that a full new map could not take
+    /// and a moment in which programs and maps disagree. A new size takes effect when the map is
+    /// created next (after a reboot, or once its pin is gone). Returns the sizes in force and
+    /// the maps whose pinned size differs from the configured one.
+    pub fn adopt_pinned(
+        &self,
+        names: &[&'static str],
+        pinned: impl Fn(&str) -> Option<u32>,
+    ) -> (MapSizes, Vec<SizeMismatch>) {
+        let mut out = *self;
+        let mut mismatches = Vec::new();
+        for (name, size) in out.fields_mut() {
+            if !names.contains(&name) {
+                continue;
+            }
+            if let Some(p) = pinned(name) {
+                if p != *size {
+                    mismatches.push(SizeMismatch {
+                        map: name,
+                        configured: *size,
+                        pinned: p,
+                    });
+                    *size = p;
+                }
+            }
+        }
+        (out, mismatches)
     }
 }
 
@@ -222,4 +326,61 @@ pub trait Datapath: Send {
 
     /// Turns `Flow` events for new allowed flows on or off (the monitor).
     fn set_trace_flows(&mut self, on: bool) -> Result<(), DatapathError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sized_map_has_a_size_and_the_table_names_real_maps() {
+        let d = MapSizes::default();
+        for name in LXC_SIZED.iter().chain(MASQ6_SIZED.iter()) {
+            assert!(d.get(name).is_some_and(|n| n > 0), "{name} has no size");
+        }
+        for name in LXC_SIZED {
+            assert!(
+                maps::ALL.contains(&name),
+                "{name} is not a map of the object"
+            );
+        }
+        assert_eq!(
+            d.get(maps::CONFIG),
+            None,
+            "fixed-size maps are not configurable"
+        );
+        assert_eq!(
+            d.of(&[maps::POLICY, maps::DROPS]),
+            vec![(maps::POLICY, d.policy)]
+        );
+    }
+
+    #[test]
+    fn a_pinned_map_keeps_its_size_and_the_difference_is_reported() {
+        let want = MapSizes {
+            policy: 100,
+            ct4: 2048,
+            ..MapSizes::default()
+        };
+        let pinned = |name: &str| match name {
+            n if n == maps::POLICY => Some(16384),
+            n if n == maps::CT4 => Some(2048),
+            // SNAT6 is not among the names asked about: left as configured.
+            n if n == maps::SNAT6 => Some(7),
+            _ => None,
+        };
+        let (got, mismatches) = want.adopt_pinned(&LXC_SIZED, pinned);
+        assert_eq!(got.policy, 16384, "the pinned POLICY keeps its size");
+        assert_eq!(got.ct4, 2048);
+        assert_eq!(got.snat6, want.snat6);
+        assert_eq!(got.endpoints, want.endpoints, "not pinned: as configured");
+        assert_eq!(
+            mismatches,
+            vec![SizeMismatch {
+                map: maps::POLICY,
+                configured: 100,
+                pinned: 16384
+            }]
+        );
+    }
 }

@@ -49,6 +49,8 @@ fn run() -> anyhow::Result<()> {
     if let Some(n) = plan.ct_entries {
         sizes.ct4 = n;
         sizes.ct6 = n;
+        sizes.ct4_new = (n / 4).max(1024);
+        sizes.ct6_new = (n / 4).max(1024);
     }
     let mode = match plan.attach_mode.as_deref() {
         None => None,
@@ -101,14 +103,16 @@ fn run() -> anyhow::Result<()> {
         dp.detach(*i)?;
     }
     println!(
-        "adopted={} mode={:?} endpoints={} ipcache={} policy={} removed={} attached={}",
+        "adopted={} mode={:?} endpoints={} ipcache={} policy={} removed={} attached={} ct4_max={} ct6_new_max={}",
         dp.adopted(),
         dp.mode(),
         plan.endpoints.len(),
         plan.ipcache.len(),
         plan.policy.len(),
         removed,
-        plan.attach.len()
+        plan.attach.len(),
+        dp.sizes().ct4,
+        dp.sizes().ct6_new
     );
     Ok(())
 }
