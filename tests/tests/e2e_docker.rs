@@ -1886,6 +1886,134 @@ fn netpol_labels_never_open_more_than_their_own_container(version: DockerVersion
     assert_all("labels that must not open anything", &checks);
 }
 
+/// Polls `endpoint list` until each container has its identity and programs (enforced or not).
+fn wait_attached(agent: &Agent, containers: &[Container]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = agent.endpoints();
+        let attached = |c: &Container| {
+            rows.iter().any(|r| {
+                r["container"]
+                    .as_str()
+                    .is_some_and(|id| !id.is_empty() && c.id.starts_with(id))
+                    && r["identity"].is_u64()
+                    && r["state"]
+                        .as_str()
+                        .is_some_and(|s| s == "enforced" || s.starts_with("unrestricted"))
+            })
+        };
+        if containers.iter().all(attached) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not attached after 20 s: {rows:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 10, from observed traffic to policy: the agent records the flows of a compose project
+/// (`run --record-flows`, nothing enforced), `policy suggest` turns them into policies, and once
+/// they are imported the same traffic passes while what was never seen (another port of db,
+/// another pair, the host to db) is denied. The suggestion also exports for Kubernetes.
+fn suggested_policy_allows_what_was_seen_and_denies_the_rest(version: DockerVersion) {
+    if !netpol_tests::require_root(
+        &version.test_name("suggested_policy_allows_what_was_seen_and_denies_the_rest"),
+    ) {
+        return;
+    }
+    let mut guard = docker(version);
+    let docker = guard.as_mut().expect("daemon");
+    let project = Project::up(docker, "compose-plain.yml");
+    let agent = Agent::start_with(
+        docker,
+        AgentOptions {
+            extra_args: vec!["--record-flows".into()],
+            ..AgentOptions::default()
+        },
+    );
+    let (db, app1, app2) = (
+        project.container("db"),
+        project.container("app1"),
+        project.container("app2"),
+    );
+    // A second port on db, never used while recording.
+    project.docker_ok(&[
+        "exec", "-d", &db.name, "nc", "-ll", "-p", "5433", "-e", "/bin/cat",
+    ]);
+    wait_attached(&agent, &[db.clone(), app1.clone(), app2.clone()]);
+    use Expect::{Allowed, Denied};
+    let seen = [
+        check(app1.client(), &db, db.ipv4, 5432, Allowed),
+        check(Client::host(), &app1, app1.ipv4, 8080, Allowed),
+    ];
+    assert_all("recorded traffic", &seen);
+    assert_all(
+        "db:5433 listens",
+        &[check(db.client(), &db, db.ipv4, 5433, Allowed)],
+    );
+
+    // The events reach the recorder asynchronously: poll until both flows are in.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let suggested = loop {
+        let s = agent.cli_ok(&["policy", "suggest", "--project", PROJECT]);
+        if s.contains("port: \"5432\"") && s.contains("port: \"8080\"") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "flows not recorded after 10 s:\n{s}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("$ netpol-agent policy suggest --project {PROJECT}\n{suggested}");
+    assert!(
+        suggested.contains("no events were suppressed"),
+        "{suggested}"
+    );
+    // Only server ports: no client's ephemeral port, no flow that was not seen.
+    assert_eq!(suggested.matches("port: \"").count(), 3, "{suggested}");
+    let labels = agent.cli_ok(&["policy", "suggest", "--project", PROJECT, "-o", "labels"]);
+    eprintln!("$ netpol-agent policy suggest --project {PROJECT} -o labels\n{labels}");
+    for want in [
+        "netpol.egress: \"db:5432/tcp\"",
+        "netpol.ingress: \"host:8080/tcp\"",
+    ] {
+        assert!(labels.contains(want), "{want}:\n{labels}");
+    }
+
+    let file = agent.state_dir().join("../suggested.yaml");
+    std::fs::write(&file, &suggested).expect("write the suggestion");
+    agent.cli_ok(&["policy", "import", file.to_str().expect("utf-8 path")]);
+    wait_enforced(&agent, &[db.clone(), app1.clone(), app2.clone()]);
+    let (db6, app16) = (db.ipv6.expect("ipv6"), app1.ipv6.expect("ipv6"));
+    assert_all(
+        "suggested policy",
+        &[
+            check(app1.client(), &db, db.ipv4, 5432, Allowed),
+            check(app1.client(), &db, db6, 5432, Allowed),
+            check(Client::host(), &app1, app1.ipv4, 8080, Allowed),
+            check(Client::host(), &app1, app16, 8080, Allowed),
+            check(app1.client(), &db, db.ipv4, 5433, Denied),
+            check(app2.client(), &db, db.ipv4, 5432, Denied),
+            check(Client::host(), &db, db.ipv4, 5432, Denied),
+            check(app2.client(), &app1, app1.ipv4, 8080, Denied),
+            check(db.client(), &app1, app1.ipv4, 8080, Denied),
+        ],
+    );
+
+    let k8s = agent.cli_ok(&["policy", "export", "--namespace", "shop"]);
+    eprintln!("$ netpol-agent policy export --namespace shop\n{k8s}");
+    for want in [
+        "name: \"npe2e-db\"",
+        "namespace: \"shop\"",
+        "app.kubernetes.io/name: \"app1\"",
+    ] {
+        assert!(k8s.contains(want), "{want}:\n{k8s}");
+    }
+}
+
 netpol_tests::docker_tests!(
     compose_labels_protect_the_database_scenario,
     published_port_clients_are_world_or_host_as_documented,
@@ -1901,4 +2029,5 @@ netpol_tests::docker_tests!(
     sidecar_image_enforces_the_scenario,
     empty_peer_lists_and_cidr_families_fail_closed,
     netpol_labels_never_open_more_than_their_own_container,
+    suggested_policy_allows_what_was_seen_and_denies_the_rest,
 );

@@ -7,6 +7,7 @@ pub mod identity;
 pub mod monitor;
 pub mod policy;
 pub mod status;
+pub mod suggest;
 pub mod table;
 pub mod teardown;
 

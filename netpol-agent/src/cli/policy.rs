@@ -38,11 +38,14 @@ pub enum PolicyCmd {
     /// The policies in force as Kubernetes CiliumNetworkPolicies (compose labels mapped to pod
     /// labels, the compose project to a namespace).
     Export(super::export::ExportArgs),
+    /// Policies (or compose labels) that allow exactly the flows the agent recorded.
+    Suggest(super::suggest::SuggestArgs),
 }
 
 pub fn run(cmd: PolicyCmd, socket: &Path) -> anyhow::Result<i32> {
     match cmd {
         PolicyCmd::Export(args) => super::export::run(args, socket),
+        PolicyCmd::Suggest(args) => super::suggest::run(args, socket),
         PolicyCmd::Import { files } => {
             let mut sources = Vec::new();
             for f in &files {

@@ -42,6 +42,12 @@ pub enum Request {
         namespace: String,
         names: Vec<String>,
     },
+    /// Policies for the recorded flows (YAML text).
+    PolicySuggest {
+        project: Option<String>,
+        since_secs: Option<u64>,
+        format: crate::policy::suggest::SuggestFormat,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

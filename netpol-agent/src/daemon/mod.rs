@@ -7,6 +7,7 @@
 //! Stopping the agent never detaches anything: pinned programs keep enforcing without it.
 
 pub mod api;
+pub mod flows;
 pub mod masq;
 mod monitor;
 pub mod nat6;
@@ -104,6 +105,10 @@ pub struct RunArgs {
     /// How often the policy directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub policy_poll_ms: u64,
+    /// Record every new flow for `policy suggest` (flow events stay on; see README "Suggesting
+    /// policies"). Audited flows are recorded without it.
+    #[arg(long)]
+    pub record_flows: bool,
     /// How programs are attached to veths: `tcx` links, `netlink` (clsact filters), or `auto`
     /// (TCX if a probe attach succeeds).
     #[arg(long, value_enum, default_value_t)]
@@ -227,6 +232,9 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
     let agent = Arc::new(Mutex::new(agent));
 
     let monitor = monitor::Monitor::new(agent.clone());
+    if args.record_flows {
+        monitor.record_flows().await;
+    }
     match events {
         Ok(ring) => monitor.spawn_reader(ring),
         Err(e) => warn!(error = %e, "monitor unavailable"),

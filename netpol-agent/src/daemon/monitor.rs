@@ -1,6 +1,7 @@
 //! `monitor`: reads `EVENTS` from the ring buffer and streams them, labelled with container and
-//! identity names, to every connected client. Flow events are switched on in the datapath only
-//! while at least one client listens.
+//! identity names, to every connected client, and records flows for `policy suggest`
+//! ([`super::flows`]). Flow events are switched on in the datapath while at least one client
+//! listens, and while flows are recorded (`run --record-flows`).
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -20,7 +21,11 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::{api::MonitorEvent, state::Agent};
+use super::{
+    api::MonitorEvent,
+    flows::{self, FlowTable, FLOW_TABLE_ENTRIES},
+    state::Agent,
+};
 use crate::datapath::kernel::KernelDatapath;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +49,7 @@ pub struct Monitor {
     tx: broadcast::Sender<FlowEvent>,
     listeners: Arc<AtomicUsize>,
     agent: Arc<Mutex<Agent>>,
+    flows: Arc<std::sync::Mutex<FlowTable>>,
 }
 
 fn proto_name(p: u8) -> String {
@@ -72,11 +78,33 @@ impl Monitor {
             tx,
             listeners: Arc::new(AtomicUsize::new(0)),
             agent,
+            flows: Arc::new(std::sync::Mutex::new(FlowTable::new(
+                FLOW_TABLE_ENTRIES,
+                flows::now(),
+            ))),
         }
+    }
+
+    /// `run --record-flows`: flow events stay on whether or not a client listens.
+    pub async fn record_flows(&self) {
+        if let Ok(mut t) = self.flows.lock() {
+            t.always = true;
+        }
+        self.agent.lock().await.set_trace_flows(true);
+    }
+
+    fn recording(&self) -> bool {
+        self.flows.lock().is_ok_and(|t| t.always)
+    }
+
+    pub fn with_flows<T>(&self, f: impl FnOnce(&FlowTable) -> T) -> T {
+        let t = self.flows.lock().unwrap_or_else(|e| e.into_inner());
+        f(&t)
     }
 
     pub fn spawn_reader(&self, ring: RingBuf<MapData>) {
         let tx = self.tx.clone();
+        let table = self.flows.clone();
         tokio::spawn(async move {
             // The ring buffer owns its map fd for as long as the AsyncFd lives.
             #[allow(deprecated)]
@@ -102,6 +130,9 @@ impl Monitor {
                         // SAFETY: FlowEvent is plain old data; the length was checked.
                         let ev: FlowEvent =
                             unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                        if let Ok(mut t) = table.lock() {
+                            t.record(&ev, flows::now());
+                        }
                         let _ = tx.send(ev);
                     }
                 }
@@ -173,7 +204,7 @@ impl Monitor {
             }
         }
         .await;
-        if self.listeners.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.listeners.fetch_sub(1, Ordering::SeqCst) == 1 && !self.recording() {
             self.agent.lock().await.set_trace_flows(false);
         }
         result

@@ -102,6 +102,13 @@ async fn handle(
                         crate::policy::export::export(&a.policies_in_force(), &namespace, &names)
                             .map_or_else(err, ok)
                     }
+                    Request::PolicySuggest {
+                        project,
+                        since_secs,
+                        format,
+                    } => ok(monitor.with_flows(|t| {
+                        super::flows::answer(&a, t, project.as_deref(), since_secs, format)
+                    })),
                     Request::Monitor => unreachable!("handled above"),
                 }
             }

@@ -808,6 +808,21 @@ impl Agent {
         })
     }
 
+    /// The label identities of the running containers, with their labels.
+    pub fn local_identities(&self) -> BTreeMap<u32, Labels> {
+        let ids = self
+            .compiled
+            .iter()
+            .flat_map(|c| c.enforcement.keys().copied());
+        ids.chain(self.names.values().map(|(_, id)| *id))
+            .filter_map(|id| self.ids.labels(id).map(|l| (id, l.clone())))
+            .collect()
+    }
+
+    pub fn labels_of_identity(&self, id: u32) -> Option<&Labels> {
+        self.ids.labels(id)
+    }
+
     /// Every policy in force (imports, files, compose labels).
     pub fn policies_in_force(&self) -> Vec<Policy> {
         self.sources.policies()

@@ -39,6 +39,7 @@ pub mod fuzz;
 mod parse;
 pub mod render;
 pub mod sources;
+pub mod suggest;
 mod yaml;
 
 #[cfg(test)]

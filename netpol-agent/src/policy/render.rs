@@ -31,7 +31,7 @@ pub(crate) fn quote(s: &str) -> String {
 }
 
 /// A mapping key: plain when it is a label-key-like string, else quoted.
-fn key(s: &str) -> String {
+pub(crate) fn key(s: &str) -> String {
     let plain = !s.is_empty()
         && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
         && s.bytes()
