@@ -14,6 +14,9 @@
 //!    datapath already refuses such entries to another endpoint (`CtEntry::serves`); this
 //!    also frees them, and ends flows towards the departed address that other endpoints
 //!    opened. It is not undone, and a failure is logged, not fatal: the kernel check stands.
+//! 7. removal of the conntrack entries that audit mode admitted on every endpoint direction
+//!    that leaves audit mode (its endpoint entry no longer has the `AUDIT_*` bit, written in 3),
+//!    so a flow that policy denies does not outlive audit mode. Not undone; a failure is logged.
 //!
 //! When old and new entries together do not fit a map, stale entries of that map are removed
 //! before new ones are written. If a write fails half-way, the operations already done are undone
@@ -24,7 +27,7 @@ use std::{
     net::IpAddr,
 };
 
-use netpol_common::{endpoint::Endpoint, ipcache::RemoteInfo, policy::PolicyValue};
+use netpol_common::{endpoint::Endpoint, ipcache::RemoteInfo, policy::PolicyValue, Direction};
 use tracing::{error, info, warn};
 
 use crate::datapath::{Cidr, Datapath, DatapathError, MapSizes, MapState, PolicyEntryKey};
@@ -47,6 +50,7 @@ enum Op {
     Attach(u32),
     Detach(u32),
     FlushCt(BTreeSet<IpAddr>),
+    FlushAuditCt(BTreeSet<(u32, Direction)>),
 }
 
 /// The operations that turn the current state into the desired one.
@@ -210,6 +214,10 @@ pub fn plan(
             push(Op::DeleteEndpoint(*i), Some(Op::UpsertEndpoint(*i, *e)));
         }
     }
+    let leaving = leaving_audit(&cur.endpoints, &want.maps.endpoints);
+    if !leaving.is_empty() {
+        push(Op::FlushAuditCt(leaving), None);
+    }
     let departed = departed_addresses(&cur.ipcache, &want.maps.ipcache);
     if !departed.is_empty() {
         push(Op::FlushCt(departed), None);
@@ -229,6 +237,24 @@ fn departed_addresses(
         .collect()
 }
 
+/// Endpoint directions that are in audit mode in `cur` and stay, without it, in `want` (an
+/// endpoint that goes takes its flows with its address: [`departed_addresses`]).
+fn leaving_audit(
+    cur: &BTreeMap<u32, Endpoint>,
+    want: &BTreeMap<u32, Endpoint>,
+) -> BTreeSet<(u32, Direction)> {
+    let mut out = BTreeSet::new();
+    for (i, old) in cur {
+        let Some(new) = want.get(i) else { continue };
+        for dir in [Direction::Ingress, Direction::Egress] {
+            if old.audits(dir) && !new.audits(dir) {
+                out.insert((*i, dir));
+            }
+        }
+    }
+    out
+}
+
 fn run(dp: &mut dyn Datapath, op: &Op) -> Result<(), DatapathError> {
     match op {
         Op::UpsertIpcache(c, id) => dp.upsert_ipcache(*c, *id),
@@ -242,6 +268,17 @@ fn run(dp: &mut dyn Datapath, op: &Op) -> Result<(), DatapathError> {
             Err(DatapathError::NoSuchInterface(_)) => Ok(()),
             r => r,
         },
+        Op::FlushAuditCt(dirs) => {
+            match dp.flush_audit_ct(dirs) {
+                Ok(n) => {
+                    info!(endpoints = ?dirs, entries = n, "conntrack admitted by audit mode removed")
+                }
+                Err(e) => {
+                    error!(endpoints = ?dirs, error = %e, "removing conntrack admitted by audit mode failed")
+                }
+            }
+            Ok(())
+        }
         Op::FlushCt(addrs) => {
             match dp.flush_ct(addrs) {
                 Ok(n) => {

@@ -170,6 +170,10 @@ impl CtEntry {
     pub const FIN_ORIG: u32 = 1 << 2;
     /// TCP: a FIN from the other side.
     pub const FIN_REPLY: u32 = 1 << 3;
+    /// Admitted by audit mode: policy would have dropped the flow. The agent removes these
+    /// entries when the endpoint's direction leaves audit mode, so that such a flow does not
+    /// outlive it.
+    pub const AUDIT: u32 = 1 << 4;
 
     /// A new entry for a flow admitted on endpoint `ifindex` / `identity` with `remote`.
     #[inline(always)]

@@ -20,6 +20,13 @@ impl Endpoint {
     pub const ENFORCE_EGRESS: u32 = 1 << 1;
     pub const HAS_IPV4: u32 = 1 << 2;
     pub const HAS_IPV6: u32 = 1 << 3;
+    /// Audit mode for the container's ingress / egress: a new flow that policy would drop
+    /// (`PolicyDenied`, `PolicyDeny`) passes, is tracked, reported (`FlowEvent::KIND_AUDIT`) and
+    /// counted (`AUDITS`). Only those two reasons: anti-spoofing, malformed packets, ND,
+    /// fragments, VLAN tags and packets for another address are dropped as always. Meaningless
+    /// without the matching `ENFORCE_*` bit.
+    pub const AUDIT_INGRESS: u32 = 1 << 4;
+    pub const AUDIT_EGRESS: u32 = 1 << 5;
 
     pub const fn new(identity: u32) -> Self {
         Self {
@@ -58,6 +65,27 @@ impl Endpoint {
         let bit = match dir {
             crate::Direction::Ingress => Self::ENFORCE_INGRESS,
             crate::Direction::Egress => Self::ENFORCE_EGRESS,
+        };
+        self.flags & bit != 0
+    }
+
+    pub const fn audit(mut self, ingress: bool, egress: bool) -> Self {
+        self.flags &= !(Self::AUDIT_INGRESS | Self::AUDIT_EGRESS);
+        if ingress {
+            self.flags |= Self::AUDIT_INGRESS;
+        }
+        if egress {
+            self.flags |= Self::AUDIT_EGRESS;
+        }
+        self
+    }
+
+    /// Whether policy drops in `dir` are only reported (audit mode).
+    #[inline(always)]
+    pub const fn audits(&self, dir: crate::Direction) -> bool {
+        let bit = match dir {
+            crate::Direction::Ingress => Self::AUDIT_INGRESS,
+            crate::Direction::Egress => Self::AUDIT_EGRESS,
         };
         self.flags & bit != 0
     }

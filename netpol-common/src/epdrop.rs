@@ -11,6 +11,8 @@ pub const PER_ENDPOINT: u32 = 8;
 
 /// What `kind` counts.
 pub const KIND_DROP: u8 = 1;
+/// A flow that audit mode let through, by the reason a drop would have had.
+pub const KIND_AUDIT: u8 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -21,8 +23,7 @@ pub struct EpDropKey {
     pub reason: u8,
     /// [`crate::Direction`] of the endpoint.
     pub direction: u8,
-    /// [`KIND_DROP`]; other values are left for verdicts that are counted the same way (audit
-    /// mode's would-be drops).
+    /// [`KIND_DROP`] or [`KIND_AUDIT`] (audit mode's would-be drops).
     pub kind: u8,
     pub _pad: u8,
 }

@@ -6,7 +6,8 @@
 pub struct FlowEvent {
     /// `FlowEvent::KIND_*`.
     pub kind: u8,
-    /// [`crate::DropReason`] for drops, 0 otherwise.
+    /// [`crate::DropReason`] for drops, and for audits the reason a drop would have had; 0
+    /// otherwise.
     pub reason: u8,
     pub proto: u8,
     /// 4 or 6.
@@ -18,7 +19,9 @@ pub struct FlowEvent {
     pub ifindex: u32,
     pub src_identity: u32,
     pub dst_identity: u32,
-    /// The rule that decided, 0 for none.
+    /// The rule that decided, 0 for none: a drop or audit of `PolicyDeny` names its deny rule,
+    /// one of `PolicyDenied` has 0 (the default deny of the local identity's direction: the
+    /// agent knows which policies put it there); a flow names the allow rule.
     pub rule: u32,
     /// Host order. ICMP: sport = identifier (echo) and dport = type.
     pub sport: u16,
@@ -31,4 +34,8 @@ impl FlowEvent {
     pub const KIND_DROP: u8 = 1;
     /// A new flow allowed by policy (only with `Config::TRACE_FLOWS`).
     pub const KIND_FLOW: u8 = 2;
+    /// A new flow that policy would have dropped (`reason`, `rule` as a drop), let through
+    /// because the endpoint's direction is in audit mode (`Endpoint::AUDIT_*`). Always emitted
+    /// (rate limited like drops), and counted in `AUDITS`.
+    pub const KIND_AUDIT: u8 = 3;
 }

@@ -20,6 +20,7 @@ pub mod model;
 pub mod nat;
 pub mod nd;
 pub mod policy;
+pub mod stats;
 
 /// Directory under bpffs holding every pinned netpol map, program and link.
 pub const PIN_DIR: &str = "/sys/fs/bpf/netpol";
@@ -51,6 +52,16 @@ pub mod maps {
     /// Ports of fragmented datagrams (see the `frag` module).
     pub const FRAG4: &str = "FRAG4";
     pub const FRAG6: &str = "FRAG6";
+    /// Per-CPU counters of connections that audit mode let through, [`crate::DropReason::COUNT`]
+    /// slots by the reason a drop would have had (`policy-denied`, `policy-deny-rule`).
+    pub const AUDITS: &str = "AUDITS";
+    /// Per-CPU LRU hash: [`crate::stats::RuleStatsKey`] (rule, local identity, direction) →
+    /// [`crate::stats::RuleStats`] (new flows allowed, denied, audited). Rule 0 is the default
+    /// deny (denied, audited) or the implicit allow of an opted-out direction (allowed).
+    pub const RULE_STATS: &str = "RULE_STATS";
+    /// Per-CPU [`crate::stats::EventStats`]: the `EVENTS` rate limit's state and what it
+    /// suppressed.
+    pub const EVENT_STATS: &str = "EVENT_STATS";
 
     /// Every map of the object, for pinning and for the test that the object holds each one.
     pub const ALL: &[&str] = &[
@@ -71,6 +82,9 @@ pub mod maps {
         MASQ6_PREFIXES,
         FRAG4,
         FRAG6,
+        AUDITS,
+        RULE_STATS,
+        EVENT_STATS,
     ];
 
     /// Names of earlier layouts. An agent that finds them pinned moves what it can into the
@@ -214,12 +228,26 @@ impl DropReason {
 pub struct Config {
     /// Bit set of `Config::*` flags.
     pub flags: u32,
-    pub _pad: u32,
+    /// Events per second and CPU that `EVENTS` gets at most (a burst of as many, then that
+    /// rate); 0 means [`Config::EVENT_RATE_DEFAULT`]. The rest are counted in `EVENT_STATS`.
+    pub event_rate: u32,
 }
 
 impl Config {
     /// Emit a `Flow` event for every new allowed flow (set while a monitor is connected).
     pub const TRACE_FLOWS: u32 = 1;
+    /// Events per second and CPU when `event_rate` is 0.
+    pub const EVENT_RATE_DEFAULT: u32 = 1000;
+
+    /// The rate in force.
+    #[inline(always)]
+    pub const fn events_per_sec(&self) -> u32 {
+        if self.event_rate == 0 {
+            Self::EVENT_RATE_DEFAULT
+        } else {
+            self.event_rate
+        }
+    }
 }
 
 #[cfg(feature = "user")]
@@ -243,6 +271,9 @@ mod pod {
     unsafe impl aya::Pod for super::frag::Frag6Key {}
     unsafe impl aya::Pod for super::frag::FragL4 {}
     unsafe impl aya::Pod for super::frag::Masq6Frag {}
+    unsafe impl aya::Pod for super::stats::RuleStatsKey {}
+    unsafe impl aya::Pod for super::stats::RuleStats {}
+    unsafe impl aya::Pod for super::stats::EventStats {}
 }
 
 #[cfg(test)]

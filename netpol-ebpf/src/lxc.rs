@@ -56,8 +56,14 @@
 //! 7. The remote identity comes from the ipcache (`to_container`: the source's entry that step 2
 //!    looked up and checked).
 //! 8. A new flow in an enforced direction is looked up in `POLICY` (see netpol-common's
-//!    `policy` module for the order); deny or no match drops it. An allowed flow, or any flow in
-//!    an unenforced direction, gets a conntrack entry so its replies pass the other side.
+//!    `policy` module for the order); deny or no match drops it (`PolicyDeny` with the deny
+//!    rule, `PolicyDenied` for the default deny), and is counted in `RULE_STATS` by rule, local
+//!    identity and direction. In audit mode (`Endpoint::AUDIT_*`) such a flow passes instead, is
+//!    reported as `KIND_AUDIT` with the same cause and counted in `AUDITS`; only these two
+//!    reasons are audited. An allowed (or audited) flow, or any flow in an unenforced
+//!    direction, gets a conntrack entry so its replies pass the other side (an audited one
+//!    flagged `CtEntry::AUDIT`). Events (drops, audits, traced flows) go through a per-CPU rate
+//!    limit (`EVENT_STATS`); `DROPS` and `AUDITS` count every one.
 //! 9. Fragments (netpol-common's `frag` module): a first fragment that passes records its L4
 //!    view in `FRAG4` / `FRAG6`; a later fragment takes the ports of its datagram's record and
 //!    goes through 6–8 as a packet of that flow. One without a record (its first fragment was
@@ -79,13 +85,15 @@ use netpol_common::{
     ipcache::{self, RemoteInfo},
     nd,
     policy::{self, Verdict},
-    proto, Config, Direction, DropReason,
+    proto,
+    stats::{RuleStats, RuleStatsKey},
+    Config, Direction, DropReason,
 };
 
 use crate::{
     maps::{
-        CONFIG, CT4_NEW, CT4_V2, CT6_NEW, CT6_V2, DROPS_V2, ENDPOINTS, EP_DROPS, EVENTS, FRAG4,
-        FRAG6, IPCACHE4_V2, IPCACHE6_V2, POLICY, SCRATCH,
+        AUDITS, CONFIG, CT4_NEW, CT4_V2, CT6_NEW, CT6_V2, DROPS_V2, ENDPOINTS, EP_DROPS, EVENTS,
+        EVENT_STATS, FRAG4, FRAG6, IPCACHE4_V2, IPCACHE6_V2, POLICY, RULE_STATS, SCRATCH,
     },
     parse::{
         self, Frag, Kind, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6,
@@ -151,6 +159,8 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
         Ok(action) => {
             if sc.ev.kind == FlowEvent::KIND_FLOW {
                 trace_flow(sc);
+            } else if sc.ev.kind == FlowEvent::KIND_AUDIT {
+                report_audit(sc);
             }
             action
         }
@@ -201,7 +211,47 @@ fn report_drop(reason: DropReason, ev: &mut FlowEvent) {
     count_endpoint(epdrop::KIND_DROP, reason, ev);
     ev.kind = FlowEvent::KIND_DROP;
     ev.reason = reason as u8;
-    let _ = EVENTS.output(*ev, 0);
+    emit(ev, CONFIG.get(0).map_or(0, |c| c.event_rate));
+}
+
+/// Counts and reports a flow that audit mode let through (`ev.reason`: the drop it would have
+/// been).
+#[inline(never)]
+fn report_audit(sc: &mut Scratch) -> u32 {
+    if let Some(c) = AUDITS.get_ptr_mut(sc.ev.reason as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { *c += 1 };
+    }
+    let reason = DropReason::from_u8(sc.ev.reason).unwrap_or(DropReason::PolicyDenied);
+    count_endpoint(epdrop::KIND_AUDIT, reason, &sc.ev);
+    finish_event(sc);
+    emit(&sc.ev, CONFIG.get(0).map_or(0, |c| c.event_rate));
+    0
+}
+
+/// Writes `ev` to `EVENTS` if this CPU's rate limit (`Config::event_rate`) lets it, and counts
+/// what it does not let through or what the ring has no room for.
+#[inline(always)]
+fn emit(ev: &FlowEvent, rate: u32) {
+    let Some(st) = EVENT_STATS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; TC programs do not nest on one CPU.
+    let st = unsafe { &mut *st };
+    let rate = Config {
+        flags: 0,
+        event_rate: rate,
+    }
+    .events_per_sec();
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !st.admit(now, rate) {
+        st.suppress(ev.kind);
+        return;
+    }
+    if EVENTS.output(*ev, 0).is_err() {
+        st.ring_full += 1;
+    }
 }
 
 /// Counts a drop (`kind`) in `EP_DROPS` under the endpoint, reason and direction of `ev`. Exact:
@@ -226,11 +276,42 @@ fn count_endpoint(kind: u8, reason: DropReason, ev: &FlowEvent) -> u32 {
 fn trace_flow(sc: &mut Scratch) {
     if let Some(c) = CONFIG.get(0) {
         if c.flags & Config::TRACE_FLOWS != 0 {
+            let rate = c.event_rate;
             finish_event(sc);
             sc.ev.kind = FlowEvent::KIND_FLOW;
-            let _ = EVENTS.output(sc.ev, 0);
+            emit(&sc.ev, rate);
         }
     }
+}
+
+/// Counts a policy decision of a new flow in `RULE_STATS` (`outcome`: 0 allowed, 1 denied,
+/// 2 audited). A BPF function of its own: its key and value stay off the caller's stack.
+#[inline(never)]
+fn count_rule(rule: u32, identity: u32, dir: u32, outcome: u32) -> u32 {
+    let dir = if dir == Direction::Egress as u32 {
+        Direction::Egress
+    } else {
+        Direction::Ingress
+    };
+    let k = RuleStatsKey::new(rule, identity, dir);
+    if let Some(v) = RULE_STATS.get_ptr_mut(&k) {
+        // SAFETY: this CPU's value of a per-CPU map, valid while the program runs.
+        let v = unsafe { &mut *v };
+        match outcome {
+            0 => v.allowed += 1,
+            1 => v.denied += 1,
+            _ => v.audited += 1,
+        }
+        return 0;
+    }
+    let v = RuleStats {
+        allowed: (outcome == 0) as u64,
+        denied: (outcome == 1) as u64,
+        audited: (outcome >= 2) as u64,
+    };
+    // A new key: this CPU's value; the other CPUs' start at zero.
+    let _ = RULE_STATS.insert(&k, &v, 0);
+    0
 }
 
 #[inline(always)]
@@ -764,14 +845,28 @@ fn verdict<F: Family>(
         _ => l.icmp_type as u16,
     };
     let mut rule = 0;
+    // The drop that audit mode turned into a report (0: none).
+    let mut audited = 0u8;
     if enforced {
-        match policy::lookup(ep.identity, remote, dir, l.proto, port, policy_get) {
-            Verdict::Allow(r) => rule = r,
-            Verdict::Deny(r) => {
-                ev.rule = r;
-                return Err(DropReason::PolicyDeny);
+        let (r, drop) = match policy::lookup(ep.identity, remote, dir, l.proto, port, policy_get) {
+            Verdict::Allow(r) => (r, None),
+            Verdict::Deny(r) => (r, Some(DropReason::PolicyDeny)),
+            Verdict::NoMatch => (0, Some(DropReason::PolicyDenied)),
+        };
+        rule = r;
+        match drop {
+            None => {
+                count_rule(r, ep.identity, dir as u32, 0);
             }
-            Verdict::NoMatch => return Err(DropReason::PolicyDenied),
+            Some(reason) => {
+                if !ep.audits(dir) {
+                    count_rule(r, ep.identity, dir as u32, 1);
+                    ev.rule = r;
+                    return Err(reason);
+                }
+                count_rule(r, ep.identity, dir as u32, 2);
+                audited = reason as u8;
+            }
         }
     }
     ev.rule = rule;
@@ -786,8 +881,17 @@ fn verdict<F: Family>(
         if opens {
             F::del(&k, true);
         }
-        let e = CtEntry::new(now, l.proto, rule, ev.ifindex, ep.identity, &info);
+        let mut e = CtEntry::new(now, l.proto, rule, ev.ifindex, ep.identity, &info);
+        if audited != 0 {
+            e.flags = CtEntry::AUDIT;
+        }
         F::put(&k, &e, false);
+    }
+    if audited != 0 {
+        // `run` counts and reports it, whether or not flows are traced.
+        ev.kind = FlowEvent::KIND_AUDIT;
+        ev.reason = audited;
+        return Ok(PASS);
     }
     // A new flow was admitted: `run` emits its event if flows are traced.
     ev.kind = FlowEvent::KIND_FLOW;

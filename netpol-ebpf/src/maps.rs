@@ -1,7 +1,9 @@
 //! Every map of the object. Sizes here are the defaults; the agent overrides them at load time.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    btf_maps::{
+        Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
+    },
     macros::btf_map,
 };
 use netpol_common::{
@@ -10,6 +12,7 @@ use netpol_common::{
     frag::{Frag4Key, Frag6Key, FragL4, Masq6Frag},
     ipcache::RemoteInfo,
     policy::{PolicyKey, PolicyValue},
+    stats::{EventStats, RuleStats, RuleStatsKey},
     Config,
 };
 
@@ -63,6 +66,20 @@ pub static DROPS_V2: PerCpuArray<u64, { netpol_common::DropReason::COUNT as usiz
 #[btf_map]
 pub static EP_DROPS: PerCpuHashMap<netpol_common::epdrop::EpDropKey, u64, 8192> =
     PerCpuHashMap::new();
+
+/// Per-CPU audit counters, indexed by the `DropReason` a drop would have had (`maps::AUDITS`).
+#[btf_map]
+pub static AUDITS: PerCpuArray<u64, { netpol_common::DropReason::COUNT as usize }> =
+    PerCpuArray::new();
+
+/// New flows by the rule that decided them (`maps::RULE_STATS`). LRU: a rule table larger than
+/// the map loses the counts of its least used rules, never a verdict.
+#[btf_map]
+pub static RULE_STATS: LruPerCpuHashMap<RuleStatsKey, RuleStats, 4096> = LruPerCpuHashMap::new();
+
+/// The `EVENTS` rate limit of each CPU and what it suppressed (`maps::EVENT_STATS`).
+#[btf_map]
+pub static EVENT_STATS: PerCpuArray<EventStats, 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static CONFIG: Array<Config, 1> = Array::new();

@@ -294,7 +294,15 @@ impl Datapath {
     pub fn config(&mut self, flags: u32) {
         let mut m: Array<_, Config> =
             Array::try_from(self.bpf.map_mut(maps::CONFIG).expect("CONFIG")).unwrap();
-        m.set(0, Config { flags, _pad: 0 }, 0).expect("CONFIG set");
+        m.set(
+            0,
+            Config {
+                flags,
+                event_rate: 0,
+            },
+            0,
+        )
+        .expect("CONFIG set");
     }
 
     /// The `DROPS` counter of `reason`, summed over CPUs.

@@ -61,12 +61,15 @@ use netpol_common::{
     ipcache::RemoteInfo,
     maps,
     policy::{PolicyKey, PolicyValue},
-    programs, Config, DropReason,
+    programs,
+    stats::{EventStats, RuleStats, RuleStatsKey},
+    Config, Direction, DropReason,
 };
 use tracing::{debug, info, warn};
 
 use super::{
-    Cidr, Datapath, DatapathError, DropCounters, MapSizes, MapState, PolicyEntryKey, LXC_SIZED,
+    Cidr, Datapath, DatapathError, DropCounters, MapSizes, MapState, PolicyEntryKey, RuleCounters,
+    LXC_SIZED,
 };
 
 /// The masquerade's maps in the shared object (loaded, sized and pinned by `masq6`).
@@ -995,10 +998,15 @@ impl LegacyCtKey for CtKey6 {
 fn flush_map<K: aya::Pod + Copy>(
     m: &mut Map,
     name: &'static str,
-    hit: impl Fn(&K) -> bool,
+    hit: impl Fn(&K, &CtEntry) -> bool,
 ) -> Result<usize, DatapathError> {
     let mut h: HashMap<_, K, CtEntry> = HashMap::try_from(m).map_err(map_err(name))?;
-    let keys: Vec<K> = h.keys().flatten().filter(|k| hit(k)).collect();
+    let keys: Vec<K> = h
+        .iter()
+        .flatten()
+        .filter(|(k, v)| hit(k, v))
+        .map(|(k, _)| k)
+        .collect();
     let mut n = 0;
     for k in keys {
         match h.remove(&k) {
@@ -1182,14 +1190,14 @@ impl Datapath for KernelDatapath {
         let mut n = 0;
         if !a4.is_empty() {
             for name in [maps::CT4, maps::CT4_NEW] {
-                n += flush_map::<CtKey4>(self.map_mut(name)?, name, |k| {
+                n += flush_map::<CtKey4>(self.map_mut(name)?, name, |k, _| {
                     a4.contains(&k.saddr) || a4.contains(&k.daddr)
                 })?;
             }
         }
         if !a6.is_empty() {
             for name in [maps::CT6, maps::CT6_NEW] {
-                n += flush_map::<CtKey6>(self.map_mut(name)?, name, |k| {
+                n += flush_map::<CtKey6>(self.map_mut(name)?, name, |k, _| {
                     a6.contains(&k.saddr) || a6.contains(&k.daddr)
                 })?;
             }
@@ -1249,6 +1257,70 @@ impl Datapath for KernelDatapath {
             out.insert(r as u8, values.iter().sum());
         }
         Ok(out)
+    }
+
+    fn audit_counters(&self) -> Result<DropCounters, DatapathError> {
+        let arr: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map_ref(maps::AUDITS)?).map_err(map_err(maps::AUDITS))?;
+        let mut out = DropCounters::new();
+        for r in [DropReason::PolicyDenied, DropReason::PolicyDeny] {
+            let values = arr.get(&(r as u32), 0).map_err(map_err(maps::AUDITS))?;
+            out.insert(r as u8, values.iter().sum());
+        }
+        Ok(out)
+    }
+
+    fn rule_counters(&self) -> Result<RuleCounters, DatapathError> {
+        let m: PerCpuHashMap<_, RuleStatsKey, RuleStats> =
+            PerCpuHashMap::try_from(self.map_ref(maps::RULE_STATS)?)
+                .map_err(map_err(maps::RULE_STATS))?;
+        let mut out = RuleCounters::new();
+        for item in m.iter() {
+            let (k, per_cpu) = item.map_err(map_err(maps::RULE_STATS))?;
+            let sum = out.entry(k).or_default();
+            for v in per_cpu.iter() {
+                sum.allowed += v.allowed;
+                sum.denied += v.denied;
+                sum.audited += v.audited;
+            }
+        }
+        Ok(out)
+    }
+
+    fn event_stats(&self) -> Result<EventStats, DatapathError> {
+        let arr: PerCpuArray<_, EventStats> =
+            PerCpuArray::try_from(self.map_ref(maps::EVENT_STATS)?)
+                .map_err(map_err(maps::EVENT_STATS))?;
+        let mut out = EventStats::default();
+        for v in arr.get(&0, 0).map_err(map_err(maps::EVENT_STATS))?.iter() {
+            out.tat_ns = out.tat_ns.max(v.tat_ns);
+            out.suppressed_drops += v.suppressed_drops;
+            out.suppressed_flows += v.suppressed_flows;
+            out.suppressed_audits += v.suppressed_audits;
+            out.ring_full += v.ring_full;
+        }
+        Ok(out)
+    }
+
+    fn flush_audit_ct(
+        &mut self,
+        dirs: &BTreeSet<(u32, Direction)>,
+    ) -> Result<usize, DatapathError> {
+        let hit = |dir: u8, e: &CtEntry| {
+            let d = match dir {
+                x if x == CtDir::Egress as u8 => Direction::Egress,
+                _ => Direction::Ingress,
+            };
+            e.flags & CtEntry::AUDIT != 0 && dirs.contains(&(e.ifindex, d))
+        };
+        let mut n = 0;
+        for name in [maps::CT4, maps::CT4_NEW] {
+            n += flush_map::<CtKey4>(self.map_mut(name)?, name, |k, e| hit(k.dir, e))?;
+        }
+        for name in [maps::CT6, maps::CT6_NEW] {
+            n += flush_map::<CtKey6>(self.map_mut(name)?, name, |k, e| hit(k.dir, e))?;
+        }
+        Ok(n)
     }
 
     fn set_trace_flows(&mut self, on: bool) -> Result<(), DatapathError> {

@@ -16,6 +16,8 @@ use netpol_common::{
     ipcache::RemoteInfo,
     maps,
     policy::{PolicyKey, PolicyValue},
+    stats::{EventStats, RuleStats, RuleStatsKey},
+    Direction,
 };
 
 /// The object file built from netpol-ebpf.
@@ -260,6 +262,10 @@ impl MapSizes {
 /// Drop counters summed over CPUs, by reason number.
 pub type DropCounters = BTreeMap<u8, u64>;
 
+/// `RULE_STATS` summed over CPUs: (rule, local identity, direction) → new flows allowed,
+/// denied, audited.
+pub type RuleCounters = BTreeMap<RuleStatsKey, RuleStats>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("invalid prefix {0}")]
@@ -326,6 +332,33 @@ pub trait Datapath: Send {
 
     /// Turns `Flow` events for new allowed flows on or off (the monitor).
     fn set_trace_flows(&mut self, on: bool) -> Result<(), DatapathError>;
+
+    /// Per-reason audit counters (`AUDITS`: flows audit mode let through, by the reason a drop
+    /// would have had), summed over CPUs.
+    fn audit_counters(&self) -> Result<DropCounters, DatapathError> {
+        Ok(DropCounters::new())
+    }
+
+    /// Per-rule new-flow counters (`RULE_STATS`), summed over CPUs.
+    fn rule_counters(&self) -> Result<RuleCounters, DatapathError> {
+        Ok(RuleCounters::new())
+    }
+
+    /// The `EVENTS` rate limit's counters (`EVENT_STATS`), summed over CPUs (`tat_ns`: the
+    /// latest of them).
+    fn event_stats(&self) -> Result<EventStats, DatapathError> {
+        Ok(EventStats::default())
+    }
+
+    /// Removes the conntrack entries that audit mode admitted (`CtEntry::AUDIT`) on these
+    /// (endpoint ifindex, direction)s: they leave audit mode, and a flow that policy denies must
+    /// not outlive it. Returns the number of entries removed.
+    fn flush_audit_ct(
+        &mut self,
+        _dirs: &BTreeSet<(u32, Direction)>,
+    ) -> Result<usize, DatapathError> {
+        Ok(0)
+    }
 }
 
 #[cfg(test)]
