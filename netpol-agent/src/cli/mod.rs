@@ -4,12 +4,14 @@ pub mod config;
 pub mod endpoint;
 pub mod export;
 pub mod identity;
+pub mod matrix;
 pub mod monitor;
 pub mod policy;
 pub mod status;
 pub mod suggest;
 pub mod table;
 pub mod teardown;
+pub mod trace;
 
 use std::path::PathBuf;
 

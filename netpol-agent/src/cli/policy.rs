@@ -40,12 +40,19 @@ pub enum PolicyCmd {
     Export(super::export::ExportArgs),
     /// Policies (or compose labels) that allow exactly the flows the agent recorded.
     Suggest(super::suggest::SuggestArgs),
+    /// Can FROM connect to TO[:PORT[/PROTO]]? The verdict of both halves and the rules that
+    /// decide them, from the maps as they are now (or `--offline` from files).
+    Trace(super::trace::TraceArgs),
+    /// Who may talk to whom: containers (by compose service), host and world, ports in the cells.
+    Matrix(super::matrix::MatrixArgs),
 }
 
 pub fn run(cmd: PolicyCmd, socket: &Path) -> anyhow::Result<i32> {
     match cmd {
         PolicyCmd::Export(args) => super::export::run(args, socket),
         PolicyCmd::Suggest(args) => super::suggest::run(args, socket),
+        PolicyCmd::Trace(args) => super::trace::run(args, socket),
+        PolicyCmd::Matrix(args) => super::matrix::run(args, socket),
         PolicyCmd::Import { files } => {
             let mut sources = Vec::new();
             for f in &files {

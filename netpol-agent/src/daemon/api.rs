@@ -48,6 +48,15 @@ pub enum Request {
         since_secs: Option<u64>,
         format: crate::policy::suggest::SuggestFormat,
     },
+    /// `policy trace FROM TO[:PORT[/PROTO]]` over the maps as they are now.
+    PolicyTrace {
+        from: String,
+        to: String,
+    },
+    /// `policy matrix [--project P]` of the running containers.
+    PolicyMatrix {
+        project: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

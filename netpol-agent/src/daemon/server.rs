@@ -109,6 +109,10 @@ async fn handle(
                     } => ok(monitor.with_flows(|t| {
                         super::flows::answer(&a, t, project.as_deref(), since_secs, format)
                     })),
+                    Request::PolicyTrace { from, to } => a.trace(&from, &to).map_or_else(err, ok),
+                    Request::PolicyMatrix { project } => {
+                        a.matrix(project.as_deref()).map_or_else(err, ok)
+                    }
                     Request::Monitor => unreachable!("handled above"),
                 }
             }

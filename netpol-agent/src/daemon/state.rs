@@ -41,6 +41,8 @@ pub enum AgentError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Identity(#[from] crate::identity::IdentityError),
+    #[error(transparent)]
+    Trace(#[from] crate::policy::trace::TraceError),
     #[error("no imported policy named {0} (nothing was changed)")]
     NotFound(String),
     #[error("a stored policy no longer parses, so the maps are left as they are (each container is enforced as its identity was; one of an identity they do not know is default deny both ways): {}", .0.join("; "))]
@@ -845,6 +847,9 @@ impl Agent {
         }
     }
 }
+
+#[path = "state_trace.rs"]
+mod trace;
 
 #[cfg(test)]
 #[path = "state_tests.rs"]

@@ -114,6 +114,19 @@ pub struct Compiled {
     pub cidr_identities: BTreeMap<Cidr, u32>,
     /// Rule id (from 1) → origin.
     pub rules: BTreeMap<u32, RuleInfo>,
+    /// (local identity, direction) → the policies that select it with rules or
+    /// `enableDefaultDeny` in that direction, in compile order: why a direction is enforced
+    /// (`policy trace`, drop causes).
+    pub selections: BTreeMap<(u32, Direction), Vec<Selection>>,
+}
+
+/// A policy that selects a local identity in one direction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selection {
+    pub policy: String,
+    /// The spec makes the direction default deny; otherwise it only brings deny rules (it
+    /// opted out with `enableDefaultDeny: false`).
+    pub default_deny: bool,
 }
 
 /// Map entries a [`Compiled`] needs.
@@ -250,9 +263,26 @@ pub fn compile_with_previous(
                 .map(|&(id, _)| id)
                 .collect();
             for dir in [Direction::Ingress, Direction::Egress] {
-                if spec.default_deny(dir) {
+                let default_deny = spec.default_deny(dir);
+                if default_deny {
                     for &l in &locals {
                         state.entry((l, dir)).or_default().0 = true;
+                    }
+                }
+                let has_rules = sections(spec, dir).iter().any(|(_, r, _)| !r.is_empty());
+                if default_deny || has_rules {
+                    for &l in &locals {
+                        let sel = c.selections.entry((l, dir)).or_default();
+                        if !sel
+                            .iter()
+                            .any(|s| s.policy == policy.name && s.default_deny)
+                        {
+                            sel.retain(|s| s.policy != policy.name);
+                            sel.push(Selection {
+                                policy: policy.name.clone(),
+                                default_deny,
+                            });
+                        }
                     }
                 }
                 for (name, rules, deny) in sections(spec, dir) {

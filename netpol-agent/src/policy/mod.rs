@@ -22,6 +22,8 @@
 //!   identity the enforced directions, the `POLICY` entries, the CIDR identities for the ipcache and
 //!   the rule table for events. [`Compiled::needed`] / [`Compiled::check_fits`] size the result
 //!   against `MapSizes`.
+//! - [`trace`]: `policy trace` / `policy matrix`, the datapath's decision for a new connection
+//!   over map entries (the kernel's, or [`trace::offline`]'s for described containers).
 //!
 //! # Semantics (Cilium's default mode)
 //!
@@ -40,6 +42,7 @@ mod parse;
 pub mod render;
 pub mod sources;
 pub mod suggest;
+pub mod trace;
 mod yaml;
 
 #[cfg(test)]
@@ -49,7 +52,7 @@ use std::collections::BTreeMap;
 
 pub use compile::{
     compile, compile_with_previous, CapacityError, CompileError, Compiled, Enforcement, Needed,
-    RuleInfo, IMPLICIT_ALLOW_RULE,
+    RuleInfo, Selection, IMPLICIT_ALLOW_RULE,
 };
 pub use compose::ComposeError;
 pub use parse::{
