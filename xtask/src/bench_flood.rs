@@ -488,6 +488,49 @@ fn setup(protect: Protect, bin: &Path, agent_bin: &Path, pair_cpu: Option<usize>
     Ok(s)
 }
 
+/// Packets the protector dropped so far: netpol's drop counters (all reasons, all CPUs), or the
+/// packet counter of the iptables chain's final DROP rule.
+fn dropped(s: &Setup) -> Result<u64> {
+    match s.protect {
+        Protect::Netpol => {
+            let pins = s._pins.as_ref().context("netpol without pins")?;
+            let out = Command::new("bpftool")
+                .args(["-j", "map", "dump", "pinned"])
+                .arg(pins.path().join("DROPS_V2"))
+                .output()
+                .context("running bpftool")?;
+            ensure!(out.status.success(), "bpftool map dump DROPS_V2 failed");
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            let mut total = 0;
+            for e in v.as_array().context("DROPS_V2 dump")? {
+                for c in e["formatted"]["values"]
+                    .as_array()
+                    .context("per-CPU values")?
+                {
+                    total += c["value"].as_u64().unwrap_or(0);
+                }
+            }
+            Ok(total)
+        }
+        Protect::Iptables => {
+            let out = dp::output_in(
+                &s.topo.host,
+                &["iptables-nft", "-w", "-nvxL", "NETPOL-BENCH"],
+            )?;
+            let last = out
+                .lines()
+                .filter(|l| l.contains("DROP"))
+                .next_back()
+                .context("no DROP rule in NETPOL-BENCH")?;
+            Ok(last
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0))
+        }
+    }
+}
+
 fn cpu_ticks(pid: u32) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let rest = s.rsplit_once(')').context("stat")?.1;
@@ -573,7 +616,9 @@ pub fn run(o: Opts) -> Result<()> {
         unsafe { libc::geteuid() } == 0,
         "the benchmark needs root (namespaces, BPF, raw sockets)"
     );
-    for tool in ["ip", "iperf3", "sockperf", "wrk", "ss", "taskset"] {
+    for tool in [
+        "ip", "iperf3", "sockperf", "wrk", "ss", "taskset", "bpftool",
+    ] {
         dp::need(tool)?;
     }
     if o.protect.contains(&Protect::Iptables) {
@@ -608,6 +653,7 @@ pub fn run(o: Opts) -> Result<()> {
     let floods = [Flood::None, Flood::Syn, Flood::Udp];
     let mut results: BTreeMap<(Protect, Flood, Metric), Vec<f64>> = BTreeMap::new();
     let mut pps: BTreeMap<(Protect, Flood), Vec<f64>> = BTreeMap::new();
+    let mut drops: BTreeMap<(Protect, Flood), Vec<f64>> = BTreeMap::new();
     let mut agent: BTreeMap<Flood, AgentFigures> = BTreeMap::new();
     for round in 0..o.rounds {
         for k in 0..setups.len() * floods.len() {
@@ -617,6 +663,7 @@ pub fn run(o: Opts) -> Result<()> {
             let victim = s.topo.container("victim").ipv4;
             let macs = (mac_of(&s.out, "eth0")?, mac_of(&s.topo.host, "up-out")?);
             let watch = s.agent.as_ref().map(AgentWatch::start).transpose()?;
+            let (drops0, t0) = (dropped(s)?, Instant::now());
             let thread = match flood {
                 Flood::None => None,
                 kind => Some(FloodThread::start(&s.out, kind, macs, victim, flood_cpu)?),
@@ -637,8 +684,10 @@ pub fn run(o: Opts) -> Result<()> {
             }
             if let Some(t) = thread {
                 let rate = t.finish()?;
-                eprintln!("  flood: {:.0} frames/s", rate);
+                let drop_rate = (dropped(s)? - drops0) as f64 / t0.elapsed().as_secs_f64();
+                eprintln!("  flood: {rate:.0} frames/s sent, {drop_rate:.0}/s dropped");
                 pps.entry((s.protect, flood)).or_default().push(rate);
+                drops.entry((s.protect, flood)).or_default().push(drop_rate);
             }
             if let Some(w) = watch {
                 w.finish(agent.entry(flood).or_default())?;
@@ -665,10 +714,12 @@ pub fn run(o: Opts) -> Result<()> {
                 get(*p, f, Metric::ConnRate),
                 get(*p, f, Metric::Latency),
             );
-            let rate = pps
-                .get(&(*p, f))
-                .map(|v| dp::thousands(med(v)))
-                .unwrap_or_else(|| "—".into());
+            let rate = |m: &BTreeMap<(Protect, Flood), Vec<f64>>| {
+                m.get(&(*p, f))
+                    .map(|v| dp::thousands(med(v)))
+                    .unwrap_or_else(|| "—".into())
+            };
+            let rate = format!("{} sent, {} dropped", rate(&pps), rate(&drops));
             if f == Flood::None {
                 let _ = writeln!(
                     table,
