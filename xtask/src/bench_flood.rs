@@ -519,8 +519,7 @@ fn dropped(s: &Setup) -> Result<u64> {
             )?;
             let last = out
                 .lines()
-                .filter(|l| l.contains("DROP"))
-                .next_back()
+                .rfind(|l| l.contains("DROP"))
                 .context("no DROP rule in NETPOL-BENCH")?;
             Ok(last
                 .split_whitespace()
