@@ -25,9 +25,10 @@ pub fn run(args: MonitorArgs, socket: &Path) -> anyhow::Result<i32> {
         let Ok(e) = serde_json::from_str::<MonitorEvent>(&line) else {
             continue;
         };
-        let what = match &e.reason {
-            Some(r) => format!("DROP ({r})"),
-            None => "FLOW".to_owned(),
+        let what = match (&e.reason, e.kind.as_str()) {
+            (Some(r), "audit") => format!("AUDIT ({r})"),
+            (Some(r), _) => format!("DROP ({r})"),
+            (None, _) => "FLOW".to_owned(),
         };
         let port = |p: u16| {
             if p == 0 {
@@ -47,12 +48,58 @@ pub fn run(args: MonitorArgs, socket: &Path) -> anyhow::Result<i32> {
             dn = e.dst_name,
             ep = e.endpoint,
             dir = e.direction,
-            rule = e
-                .rule
-                .as_deref()
-                .map(|r| format!(" rule {r}"))
-                .unwrap_or_default(),
+            rule = cause(&e),
         );
     }
     Ok(0)
+}
+
+/// What decided: ` policy=P rule=SECTION` for a rule (allow or deny), ` default-deny by=P1,P2`
+/// for a default deny, nothing for other drops.
+fn cause(e: &MonitorEvent) -> String {
+    if let (Some(p), Some(s)) = (&e.policy, &e.section) {
+        return format!(" policy={p} rule={s}");
+    }
+    if e.reason.as_deref() == Some(netpol_common::DropReason::PolicyDenied.as_str()) {
+        let by = if e.default_deny_by.is_empty() {
+            "?".to_owned()
+        } else {
+            e.default_deny_by.join(",")
+        };
+        return format!(" default-deny by={by}");
+    }
+    String::new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_name_the_policy_and_rule_or_the_default_deny() {
+        let flow = MonitorEvent {
+            kind: "flow".into(),
+            policy: Some("db-ingress".into()),
+            section: Some("ingress[0]".into()),
+            ..MonitorEvent::default()
+        };
+        assert_eq!(cause(&flow), " policy=db-ingress rule=ingress[0]");
+        let denied = MonitorEvent {
+            kind: "drop".into(),
+            reason: Some("policy-denied".into()),
+            default_deny_by: vec!["db-ingress".into(), "app-egress".into()],
+            ..MonitorEvent::default()
+        };
+        assert_eq!(cause(&denied), " default-deny by=db-ingress,app-egress");
+        let unknown = MonitorEvent {
+            reason: Some("policy-denied".into()),
+            ..MonitorEvent::default()
+        };
+        assert_eq!(cause(&unknown), " default-deny by=?");
+        let spoofed = MonitorEvent {
+            reason: Some("spoofed-source".into()),
+            ..MonitorEvent::default()
+        };
+        assert_eq!(cause(&spoofed), "");
+    }
 }

@@ -105,8 +105,11 @@ pub struct PolicyRow {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct MonitorEvent {
-    /// `drop` or `flow`.
+    /// `drop`, `flow` (a new flow policy allowed, or one in an unenforced direction) or `audit`
+    /// (a new flow that policy would have dropped, let through by audit mode).
     pub kind: String,
+    /// Drops and audits: the drop reason (`policy-denied`, `policy-deny-rule`, `spoofed-source`,
+    /// …).
     pub reason: Option<String>,
     pub ifindex: u32,
     pub direction: String,
@@ -121,7 +124,19 @@ pub struct MonitorEvent {
     pub dst_name: String,
     /// The container owning `ifindex`.
     pub endpoint: String,
+    /// The rule that decided: the allow rule of a flow, the deny rule of a `policy-deny-rule`
+    /// drop or audit, as `POLICY SECTION (SOURCE)` (`db ingress[0] (/etc/netpol/policies.d/db.yaml)`).
     pub rule: Option<String>,
+    /// That rule's policy and section (`ingress[0]`, `specs[1].egressDeny[0]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section: Option<String>,
+    /// A `policy-denied` drop or audit: the policies that make the endpoint's direction default
+    /// deny (empty when none is known: an endpoint not identified yet, or policy the agent
+    /// could not read).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub default_deny_by: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

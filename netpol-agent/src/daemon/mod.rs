@@ -9,7 +9,6 @@
 pub mod api;
 pub mod flows;
 pub mod masq;
-pub mod metrics_server;
 mod monitor;
 pub mod nat6;
 mod server;
@@ -110,14 +109,15 @@ pub struct RunArgs {
     /// policies"). Audited flows are recorded without it.
     #[arg(long)]
     pub record_flows: bool,
+    /// Audit mode for every container: policy is computed and reported as usual, but nothing
+    /// is dropped for policy reasons (each would-be drop is an AUDIT event, counted); spoofed,
+    /// malformed and other non-policy drops stay on (README "Audit mode").
+    #[arg(long)]
+    pub audit: bool,
     /// How programs are attached to veths: `tcx` links, `netlink` (clsact filters), or `auto`
     /// (TCX if a probe attach succeeds).
     #[arg(long, value_enum, default_value_t)]
     pub attach: AttachArg,
-    /// Serve Prometheus metrics at http://ADDR/metrics: a loopback `IP:PORT`
-    /// (`127.0.0.1:9962`, `[::1]:9962`) or `unix:PATH`. Off by default.
-    #[arg(long, value_name = "ADDR", value_parser = metrics_server::MetricsAddr::parse)]
-    pub metrics: Option<metrics_server::MetricsAddr>,
 }
 
 /// `run --attach`.
@@ -232,9 +232,11 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
         attach: Some(dp.mode()),
     });
     let mut agent = state::Agent::new(Box::new(dp), store, filter, args.policy_dir.clone())?;
-    let metrics = crate::metrics::Metrics::default();
-    agent.set_metrics(metrics.clone());
     agent.set_masq(masq);
+    agent.set_audit_all(args.audit);
+    if args.audit {
+        warn!("audit mode (--audit): policy drops are reported, not enforced, on every container");
+    }
     agent.reload_policy_dir();
     let agent = Arc::new(Mutex::new(agent));
 
@@ -249,15 +251,6 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
 
     let listener = server::bind(&socket)?;
     tokio::spawn(server::serve(listener, agent.clone(), monitor.clone()));
-    metrics_server::start(
-        args.metrics.as_ref(),
-        metrics_server::Scraper {
-            agent: agent.clone(),
-            stats: Arc::new(crate::datapath::stats::PinnedStats::new(&args.pin_dir)),
-            metrics,
-        },
-    )
-    .await?;
 
     // The host's link events: a new container's veth is policed as soon as it joins a Docker
     // bridge, before Docker reports the container.
@@ -281,7 +274,7 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
         ..DockerConfig::default()
     };
     let (watcher, mut rx) = DockerWatcher::new(cfg, 256);
-    tokio::spawn(watcher.with_event_times().run());
+    tokio::spawn(watcher.run());
 
     let agent_docker = agent.clone();
     tokio::spawn(async move {

@@ -148,20 +148,39 @@ impl Monitor {
             .get(&e.ifindex)
             .map(|(n, _)| n.clone())
             .unwrap_or_else(|| format!("if{}", e.ifindex));
+        let dir = match Direction::from_u8(e.direction) {
+            Some(Direction::Ingress) => Direction::Ingress,
+            _ => Direction::Egress,
+        };
+        let dropped = e.kind == FlowEvent::KIND_DROP || e.kind == FlowEvent::KIND_AUDIT;
+        let reason = DropReason::from_u8(e.reason);
+        let info = if e.rule == 0 {
+            None
+        } else {
+            a.rule_info(e.rule)
+        };
+        // A default deny has no rule: its cause is the policies that put the local identity's
+        // direction into default deny.
+        let default_deny_by = if dropped && reason == Some(DropReason::PolicyDenied) {
+            let local = match dir {
+                Direction::Ingress => e.dst_identity,
+                Direction::Egress => e.src_identity,
+            };
+            a.default_deny_by(local, dir)
+        } else {
+            Vec::new()
+        };
         MonitorEvent {
-            kind: if e.kind == FlowEvent::KIND_DROP {
-                "drop".into()
-            } else {
-                "flow".into()
+            kind: match e.kind {
+                FlowEvent::KIND_DROP => "drop".into(),
+                FlowEvent::KIND_AUDIT => "audit".into(),
+                _ => "flow".into(),
             },
-            reason: (e.kind == FlowEvent::KIND_DROP).then(|| {
-                DropReason::from_u8(e.reason)
-                    .map_or(e.reason.to_string(), |r| r.as_str().to_owned())
-            }),
+            reason: dropped.then(|| reason.map_or(e.reason.to_string(), |r| r.as_str().to_owned())),
             ifindex: e.ifindex,
-            direction: match Direction::from_u8(e.direction) {
-                Some(Direction::Ingress) => "ingress".into(),
-                _ => "egress".into(),
+            direction: match dir {
+                Direction::Ingress => "ingress".into(),
+                Direction::Egress => "egress".into(),
             },
             protocol: proto_name(e.proto),
             src: addr(e.family, e.saddr).to_string(),
@@ -173,11 +192,10 @@ impl Monitor {
             src_name: a.identity_name(e.src_identity),
             dst_name: a.identity_name(e.dst_identity),
             endpoint,
-            rule: if e.rule == 0 {
-                None
-            } else {
-                a.rule_name(e.rule)
-            },
+            rule: info.as_ref().map(|r| r.to_string()),
+            policy: info.as_ref().map(|r| r.policy.clone()),
+            section: info.map(|r| r.section),
+            default_deny_by,
         }
     }
 

@@ -73,13 +73,13 @@ pub struct Agent {
     last_error: Option<String>,
     /// ifindex → (container name, identity), for the monitor.
     pub names: BTreeMap<u32, (String, u32)>,
+    /// `run --audit`: every endpoint's enforced directions are in audit mode.
+    audit_all: bool,
     /// The host namespace's links, from the kernel's link events.
     host_links: BTreeMap<u32, LinkInfo>,
     /// The last desired state built from Docker's world, without provisional endpoints: a link
     /// event re-reconciles against it without recompiling policy.
     last_base: Option<Desired>,
-    /// Durations for `run --metrics`.
-    metrics: crate::metrics::Metrics,
 }
 
 impl Agent {
@@ -117,34 +117,16 @@ impl Agent {
             frozen: None,
             last_error: None,
             names: BTreeMap::new(),
+            audit_all: false,
             host_links: BTreeMap::new(),
             last_base: None,
-            metrics: crate::metrics::Metrics::default(),
         })
     }
 
-    pub fn set_metrics(&mut self, metrics: crate::metrics::Metrics) {
-        self.metrics = metrics;
-    }
-
-    /// The endpoint names and Docker's state, for one metrics scrape.
-    pub fn metrics_view(&self) -> crate::metrics::AgentView {
-        crate::metrics::AgentView {
-            endpoints: self
-                .names
-                .iter()
-                .map(|(&ifindex, (container, id))| {
-                    (
-                        ifindex,
-                        crate::metrics::EndpointName {
-                            container: container.clone(),
-                            identity: self.identity_name(*id),
-                        },
-                    )
-                })
-                .collect(),
-            docker_connected: self.docker_synced && self.docker_status.starts_with("connected"),
-        }
+    /// `run --audit`: every container's enforced directions report what policy would drop
+    /// instead of dropping it (set before the first sync).
+    pub fn set_audit_all(&mut self, on: bool) {
+        self.audit_all = on;
     }
 
     pub fn set_masq(&mut self, masq: super::masq::Masq) {
@@ -219,9 +201,28 @@ impl Agent {
             .map(|c| c.cidr_identities.clone())
             .unwrap_or_default();
         let compiled = policy::compile_with_previous(policies, &endpoints, &previous)?;
-        let mut d = self.world(&compiled.cidr_identities, |id| {
-            compiled.enforcement.get(&id).copied().unwrap_or_default()
-        })?;
+        let audit_all = self.audit_all;
+        let labels = &self.sources.labels;
+        let label_audit: std::collections::BTreeSet<String> = self
+            .containers
+            .values()
+            .filter(|c| c.running && labels.audited(&c.name))
+            .map(|c| c.name.clone())
+            .collect();
+        let mut d = self.world(
+            &compiled.cidr_identities,
+            |id| compiled.enforcement.get(&id).copied().unwrap_or_default(),
+            |id, name| {
+                if audit_all || label_audit.contains(name) {
+                    Enforcement {
+                        ingress: true,
+                        egress: true,
+                    }
+                } else {
+                    compiled.audit_of(id)
+                }
+            },
+        )?;
         d.maps.policy = compiled.policy.clone();
         Ok((d, compiled))
     }
@@ -232,6 +233,7 @@ impl Agent {
         &mut self,
         cidr_identities: &BTreeMap<Cidr, u32>,
         enforcement_of: impl Fn(u32) -> Enforcement,
+        audit_of: impl Fn(u32, &str) -> Enforcement,
     ) -> Result<Desired, AgentError> {
         let mut container_ids = BTreeMap::new();
         let containers: Vec<Container> = self
@@ -272,6 +274,7 @@ impl Agent {
         for c in &containers {
             let id = container_ids[&c.id];
             let enf = enforcement_of(id);
+            let aud = audit_of(id, &c.name);
             for a in &c.networks {
                 // A container's address names the interfaces its packets arrive through, so
                 // that the datapath drops the address forged from anywhere else.
@@ -285,7 +288,9 @@ impl Agent {
                     d.maps.ipcache.insert(Cidr::host(addr), info);
                 }
                 if let (Ok(()), Some(ifindex)) = (&a.enforceable, a.host_veth) {
-                    let mut ep = Endpoint::new(id).enforce(enf.ingress, enf.egress);
+                    let mut ep = Endpoint::new(id)
+                        .enforce(enf.ingress, enf.egress)
+                        .audit(enf.ingress && aud.ingress, enf.egress && aud.egress);
                     if let Some(v4) = a.ipv4 {
                         ep = ep.with_ipv4(v4.octets());
                     }
@@ -326,12 +331,22 @@ impl Agent {
             .filter(|(_, v)| v.identity >= reserved::FIRST_CIDR)
             .map(|(c, v)| (*c, v.identity))
             .collect();
-        let mut d = self.world(&cidrs, |id| {
-            known.get(&id).copied().unwrap_or(Enforcement {
-                ingress: true,
-                egress: true,
-            })
-        })?;
+        // Audit mode while frozen: only the host-wide `run --audit` (the policies' annotations
+        // and the labels are what cannot be read now).
+        let all = Enforcement {
+            ingress: self.audit_all,
+            egress: self.audit_all,
+        };
+        let mut d = self.world(
+            &cidrs,
+            |id| {
+                known.get(&id).copied().unwrap_or(Enforcement {
+                    ingress: true,
+                    egress: true,
+                })
+            },
+            |_, _| all,
+        )?;
         d.maps.policy = cur.policy;
         let n = self.reconcile_base(d)?;
         self.save()?;
@@ -382,10 +397,7 @@ impl Agent {
     /// and remembers `base` for link events.
     fn reconcile_base(&mut self, base: Desired) -> Result<usize, AgentError> {
         let full = self.with_provisional(base.clone());
-        let started = std::time::Instant::now();
-        let n = self.reconciler.reconcile(self.dp.as_mut(), &full);
-        self.metrics.observe_reconcile(started.elapsed());
-        let n = n?;
+        let n = self.reconciler.reconcile(self.dp.as_mut(), &full)?;
         self.last_base = Some(base);
         Ok(n)
     }
@@ -494,10 +506,6 @@ impl Agent {
 
     pub fn on_docker(&mut self, ev: DockerEvent) {
         match ev {
-            DockerEvent::At { time, event } => {
-                self.on_docker(*event);
-                self.metrics.observe_docker_lag(time);
-            }
             DockerEvent::Snapshot {
                 containers,
                 networks,
@@ -821,6 +829,20 @@ impl Agent {
                 )
             })
             .collect();
+        let audits: BTreeMap<String, u64> = self
+            .dp
+            .audit_counters()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(r, n)| {
+                (
+                    netpol_common::DropReason::from_u8(r)
+                        .map_or(r.to_string(), |d| d.as_str().to_owned()),
+                    n,
+                )
+            })
+            .collect();
+        let ev = self.dp.event_stats().unwrap_or_default();
         let rejected = self.sources.files.rejected();
         let attached = self.dp.attached().map(|a| a.len()).unwrap_or(0);
         serde_json::json!({
@@ -838,6 +860,14 @@ impl Agent {
             "policy_entries": self.compiled.as_ref().map_or(0, |c| c.policy.len()),
             "map_sizes": self.dp.sizes(),
             "drops": drops,
+            "audit_all": self.audit_all,
+            "audits": audits,
+            "events_suppressed": {
+                "drops": ev.suppressed_drops,
+                "flows": ev.suppressed_flows,
+                "audits": ev.suppressed_audits,
+                "ring_full": ev.ring_full,
+            },
             "masq6": self.masq.as_ref().map_or("off", |m| m.status()),
             "masq6_flows": self.masq.as_ref().map_or(0, |m| m.flows()),
             "last_error": self.last_error,
@@ -866,6 +896,27 @@ impl Agent {
 
     pub fn identity_name(&self, id: u32) -> String {
         display_name(id, self.ids.labels(id))
+    }
+
+    /// Where rule `rule` comes from (the last compile's rule table).
+    pub fn rule_info(&self, rule: u32) -> Option<policy::RuleInfo> {
+        self.compiled
+            .as_ref()
+            .and_then(|c| c.rules.get(&rule))
+            .cloned()
+    }
+
+    /// The policies that make `identity`'s `dir` default deny (the last compile).
+    pub fn default_deny_by(&self, identity: u32, dir: Direction) -> Vec<String> {
+        self.compiled
+            .as_ref()
+            .map(|c| {
+                c.default_deny_of(identity, dir)
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn rule_name(&self, rule: u32) -> Option<String> {

@@ -985,3 +985,81 @@ fn a_stored_policy_on_a_label_ignored_since_fails_closed() {
     );
     assert!(status.contains("web.yaml no longer parses"), "{status}");
 }
+
+/// Audit mode is switched on only by the operator: the container's own `netpol.audit` label,
+/// a policy annotation, or `run --audit`; never by an image's label, nor by one the agent cannot
+/// tell from an image's. It marks only enforced directions, and policy stays computed as usual.
+#[test]
+fn audit_mode_comes_from_the_containers_own_label_or_the_host_flag_never_the_image() {
+    let dirs = Dirs::new("audit-label");
+    let app1 = service(3, "app1", &[]);
+    let audits = |a: &Agent, c: &Container| {
+        let ep = maps(a).endpoints[&ifindex(c)];
+        (
+            ep.enforces(Direction::Ingress),
+            ep.audits(Direction::Ingress),
+            ep.audits(Direction::Egress),
+        )
+    };
+    let own = service(
+        2,
+        "db",
+        &[("netpol.ingress", "app1:5432"), ("netpol.audit", "true")],
+    );
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&own, &app1]);
+    // Enforced and audited in the direction the label enforces; egress is not enforced.
+    assert_eq!(audits(&a, &own), (true, true, false));
+    assert!(connects(&a, &app1, &own, 5432), "policy computed as usual");
+    assert!(a.status()["label_errors"].as_object().unwrap().is_empty());
+
+    // The same label from the image: ignored (warned), the container is enforced.
+    let image = BTreeMap::from([("netpol.audit".to_owned(), "true".to_owned())]);
+    let mut inherited = service(
+        2,
+        "db",
+        &[("netpol.ingress", "app1:5432"), ("netpol.audit", "true")],
+    );
+    inherited.image_netpol_labels = Ok(image);
+    up(&mut a, &inherited);
+    assert_eq!(audits(&a, &inherited), (true, false, false));
+    assert!(endpoint_state(&mut a, &inherited).contains("netpol.audit come from the image"));
+
+    // The image could not be inspected: not applied either (and no direction is closed for it
+    // alone: egress stays open).
+    let mut unverified = service(
+        2,
+        "db",
+        &[("netpol.ingress", "app1:5432"), ("netpol.audit", "true")],
+    );
+    unverified.image_netpol_labels = Err("Docker API inspect image: timeout".into());
+    up(&mut a, &unverified);
+    let (_, ing, eg) = audits(&a, &unverified);
+    assert!(!ing && !eg);
+    assert!(connects(&a, &unverified, &app1, 8080));
+
+    // A value that is not "true" or "false" is an error and leaves the container enforced.
+    let typo = service(
+        2,
+        "db",
+        &[("netpol.ingress", "app1:5432"), ("netpol.audit", "yes")],
+    );
+    up(&mut a, &typo);
+    assert_eq!(audits(&a, &typo), (true, false, false));
+    assert!(a.status()["label_errors"][&typo.name]
+        .as_str()
+        .unwrap_or_default()
+        .contains("netpol.audit"));
+
+    // run --audit: every enforced direction of every container.
+    let plain = service(2, "db", &[("netpol.ingress", "app1:5432")]);
+    a.set_audit_all(true);
+    up(&mut a, &plain);
+    assert_eq!(audits(&a, &plain), (true, true, false));
+    assert_eq!(
+        audits(&a, &app1),
+        (false, false, false),
+        "nothing enforced, nothing audited"
+    );
+    assert_eq!(a.status()["audit_all"], true);
+}

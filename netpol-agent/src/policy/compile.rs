@@ -44,6 +44,14 @@
 //! and they carry deny rules, the direction is enforced too, with an implicit allow-all entry
 //! (remote ANY, prefix 72, rule [`IMPLICIT_ALLOW_RULE`]) under the denies, so the denies apply and
 //! everything else passes. Entries of a direction that is not enforced are dropped.
+//!
+//! # Causes and audit mode
+//! [`Compiled::default_deny_of`] names, for every (local identity, direction) that is default
+//! deny, the policies that made it so (for drop events without a rule). A direction is in audit
+//! mode ([`Compiled::audit`]) when every spec that enforces it there (default deny or deny
+//! rules) is an audit spec ([`Spec::audit`]): an audit policy never weakens a direction that an
+//! enforcing policy also protects. The agent adds the audit of container labels and `run
+//! --audit` on top.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -118,6 +126,8 @@ pub struct Compiled {
     /// `enableDefaultDeny` in that direction, in compile order: why a direction is enforced
     /// (`policy trace`, drop causes).
     pub selections: BTreeMap<(u32, Direction), Vec<Selection>>,
+    /// Local identities whose directions are in audit mode by policy annotation.
+    pub audit: BTreeMap<u32, Enforcement>,
 }
 
 /// A policy that selects a local identity in one direction.
@@ -207,6 +217,25 @@ impl Compiled {
         self.enforcement.get(&identity).copied().unwrap_or_default()
     }
 
+    /// Directions of `identity` in audit mode by policy annotation (none if unknown).
+    pub fn audit_of(&self, identity: u32) -> Enforcement {
+        self.audit.get(&identity).copied().unwrap_or_default()
+    }
+
+    /// The policies that make `identity`'s `dir` default deny (empty if none), in compile
+    /// order: the cause of a drop without a rule.
+    pub fn default_deny_of(&self, identity: u32, dir: Direction) -> Vec<&str> {
+        self.selections
+            .get(&(identity, dir))
+            .map(|v| {
+                v.iter()
+                    .filter(|s| s.default_deny)
+                    .map(|s| s.policy.as_str())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The prefix of a CIDR identity, for display.
     pub fn cidr_of(&self, identity: u32) -> Option<Cidr> {
         self.cidr_identities
@@ -248,6 +277,8 @@ pub fn compile_with_previous(
     };
     // (local, direction) → (default deny, has a deny entry)
     let mut state: BTreeMap<(u32, Direction), (bool, bool)> = BTreeMap::new();
+    // (local, direction) → a spec without audit enforces it.
+    let mut enforcing: BTreeMap<(u32, Direction), bool> = BTreeMap::new();
     let mut next_rule = 1u32;
     for policy in order {
         let several = policy.specs.len() > 1;
@@ -267,6 +298,7 @@ pub fn compile_with_previous(
                 if default_deny {
                     for &l in &locals {
                         state.entry((l, dir)).or_default().0 = true;
+                        *enforcing.entry((l, dir)).or_default() |= !spec.audit;
                     }
                 }
                 let has_rules = sections(spec, dir).iter().any(|(_, r, _)| !r.is_empty());
@@ -313,6 +345,7 @@ pub fn compile_with_previous(
                         for &l in &locals {
                             if deny {
                                 state.entry((l, dir)).or_default().1 = true;
+                                *enforcing.entry((l, dir)).or_default() |= !spec.audit;
                             }
                             for &r in &remotes {
                                 for &(p, port, len) in &l4 {
@@ -342,6 +375,12 @@ pub fn compile_with_previous(
             c.policy
                 .entry(entry_key(l, ANY, dir, 0, 0, PREFIX_ANY_PROTO))
                 .or_insert(PolicyValue::allow(IMPLICIT_ALLOW_RULE));
+        }
+    }
+    for ((l, dir), strict) in enforcing {
+        let on = !strict && c.enforcement_of(l).get(dir);
+        if on {
+            c.audit.entry(l).or_default().set(dir, true);
         }
     }
     let enforcement = c.enforcement.clone();

@@ -25,6 +25,9 @@ use crate::{
 pub const INGRESS_LABEL: &str = "netpol.ingress";
 /// Label holding the egress shorthand.
 pub const EGRESS_LABEL: &str = "netpol.egress";
+/// Label that puts the container in audit mode (`"true"`): the label source handles it; it
+/// holds no rules.
+pub const AUDIT_LABEL: &str = "netpol.audit";
 
 #[derive(Debug, thiserror::Error)]
 #[error("container {container}: label {label}: {kind}")]
@@ -36,7 +39,7 @@ pub struct ComposeError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ComposeErrorKind {
-    #[error("unknown netpol label (supported: netpol.ingress, netpol.egress)")]
+    #[error("unknown netpol label (supported: netpol.ingress, netpol.egress, netpol.audit)")]
     UnknownLabel,
     #[error("the container is not part of a compose service (no {0} label)")]
     NotCompose(&'static str),
@@ -64,7 +67,11 @@ pub fn from_labels(container: &str, labels: &Labels) -> Result<Option<Policy>, C
         kind,
     };
     for key in labels.keys() {
-        if key.starts_with("netpol.") && key != INGRESS_LABEL && key != EGRESS_LABEL {
+        if key.starts_with("netpol.")
+            && key != INGRESS_LABEL
+            && key != EGRESS_LABEL
+            && key != AUDIT_LABEL
+        {
             return Err(err(key, ComposeErrorKind::UnknownLabel));
         }
     }

@@ -211,6 +211,7 @@ fn map_spec(s: &Spec, projects: &mut BTreeSet<String>) -> Result<Spec, String> {
         egress: rules(&s.egress, projects)?,
         egress_deny: rules(&s.egress_deny, projects)?,
         default_deny: s.default_deny,
+        audit: s.audit,
     })
 }
 

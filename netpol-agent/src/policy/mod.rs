@@ -123,6 +123,11 @@ pub struct Spec {
     pub egress: Vec<Rule>,
     pub egress_deny: Vec<Rule>,
     pub default_deny: DefaultDeny,
+    /// Audit mode, from the policy's `metadata.annotations` (`netpol.io/audit: "true"`): the
+    /// directions this spec enforces on the endpoints it selects report what policy would drop
+    /// instead of dropping it, unless a spec without audit enforces them too (see
+    /// `compile`'s module documentation).
+    pub audit: bool,
 }
 
 /// `enableDefaultDeny`; `None` = Cilium's default (on when the direction has a section).
@@ -420,6 +425,8 @@ pub enum ErrorKind {
     MixedPeers { first: String, second: String },
     #[error("there are no namespaces on a Docker host: remove metadata.namespace")]
     Namespace,
+    #[error("unknown netpol annotation (supported: netpol.io/audit)")]
+    UnknownAnnotation,
     #[error("label {0:?} is left out of identities (a volatile label, or --ignore-label), so no container can match it")]
     FilteredLabel(String),
     #[error("internal error while parsing (a bug; nothing was applied): {0}")]

@@ -15,6 +15,10 @@ use crate::{
 
 /// Stack of the thread a parse runs on: far more than the bounded depth needs.
 const PARSE_STACK: usize = 4 << 20;
+/// The policy annotation that puts a policy in audit mode (`"true"`).
+pub const AUDIT_ANNOTATION: &str = "netpol.io/audit";
+/// Annotations under this prefix are netpol's own: unknown ones are errors.
+const AUDIT_ANNOTATION_PREFIX: &str = "netpol.io/";
 
 /// Reads and parses every document of `path`. The file name in errors is `path` as given.
 pub fn parse_file(path: &Path) -> Result<Vec<Policy>, PolicyErrors> {
@@ -351,13 +355,13 @@ impl<'a> Ctx<'a> {
     fn document(&mut self, doc: &Node) -> Option<Policy> {
         let fields = self.map(doc, "")?;
         let before = self.errors.len();
-        let (mut api, mut kind, mut name) = (None, None, None);
+        let (mut api, mut kind, mut meta) = (None, None, None);
         let (mut spec, mut specs) = (None, None);
         for f in &fields {
             match f.key {
                 "apiVersion" => api = self.string(f.value, "apiVersion").map(|s| (s, f.line)),
                 "kind" => kind = self.string(f.value, "kind").map(|s| (s, f.line)),
-                "metadata" => name = self.metadata(f.value),
+                "metadata" => meta = self.metadata(f.value),
                 "spec" => spec = Some(f),
                 "specs" => specs = Some(f),
                 // Written by the cluster, never policy.
@@ -397,20 +401,30 @@ impl<'a> Ctx<'a> {
         if self.errors.len() > before {
             return None;
         }
+        let (name, audit) = meta?;
+        for s in &mut out {
+            s.audit = audit;
+        }
         Some(Policy {
-            name: name?,
+            name,
             source: Source::File(self.file.to_owned()),
             specs: out,
         })
     }
 
     /// `metadata`: `name` is required, `namespace` is an error (it would suggest a scope that
-    /// does not exist here); everything else is Kubernetes bookkeeping, ignored.
-    fn metadata(&mut self, node: &Node) -> Option<String> {
+    /// does not exist here); `annotations` may hold netpol's own `netpol.io/audit` (below);
+    /// everything else is Kubernetes bookkeeping, ignored. Returns the name and whether the
+    /// policy is in audit mode.
+    fn metadata(&mut self, node: &Node) -> Option<(String, bool)> {
         let fields = self.map(node, "metadata")?;
         if let Some(f) = fields.iter().find(|f| f.key == "namespace") {
             self.err(f.line, "metadata.namespace", ErrorKind::Namespace);
         }
+        let audit = match fields.iter().find(|f| f.key == "annotations") {
+            Some(f) => self.annotations(f.value)?,
+            None => false,
+        };
         let Some(f) = fields.iter().find(|f| f.key == "name") else {
             self.err(node.line, "metadata", ErrorKind::Missing("name"));
             return None;
@@ -420,7 +434,45 @@ impl<'a> Ctx<'a> {
             self.err(f.line, "metadata.name", ErrorKind::Name(name));
             return None;
         }
-        Some(name)
+        Some((name, audit))
+    }
+
+    /// `metadata.annotations`: string values (as Kubernetes has them). Keys under `netpol.io/`
+    /// are netpol's and checked: `netpol.io/audit` is `"true"` or `"false"`, any other is an
+    /// error (a typo must not pass for a setting). Other annotations change nothing, ignored.
+    fn annotations(&mut self, node: &Node) -> Option<bool> {
+        if node.is_null() {
+            return Some(false);
+        }
+        let fields = self.map(node, "metadata.annotations")?;
+        let mut audit = false;
+        let mut ok = true;
+        for f in &fields {
+            if !f.key.starts_with(AUDIT_ANNOTATION_PREFIX) {
+                continue;
+            }
+            let path = format!("metadata.annotations.{}", f.key);
+            if f.key != AUDIT_ANNOTATION {
+                self.err(f.line, &path, ErrorKind::UnknownAnnotation);
+                ok = false;
+                continue;
+            }
+            match &f.value.value {
+                Value::Scalar { text, plain: false } if text == "true" => audit = true,
+                Value::Scalar { text, plain: false } if text == "false" => {}
+                _ => {
+                    self.err(
+                        f.line,
+                        &path,
+                        ErrorKind::Expected(
+                            "\"true\" or \"false\" (quoted: annotations are strings)",
+                        ),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(audit)
     }
 
     fn spec(&mut self, node: &Node, path: &str) -> Option<Spec> {

@@ -1551,3 +1551,87 @@ fn a_label_key_with_and_without_its_source_prefix_is_a_duplicate() {
         assert!(parse_str("t.yaml", &sel).is_err(), "endpointSelector");
     }
 }
+
+const AUDIT_DB: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: db-audit
+  annotations:
+    netpol.io/audit: "true"
+    kubectl.kubernetes.io/last-applied-configuration: "{}"
+spec:
+  endpointSelector: { matchLabels: { com.docker.compose.service: db } }
+  ingress:
+    - fromEndpoints: [{ matchLabels: { com.docker.compose.service: app1 } }]
+      toPorts: [{ ports: [{ port: "5432", protocol: TCP }] }]
+"#;
+
+const ENFORCE_DB: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: db-strict
+spec:
+  endpointSelector: { matchLabels: { com.docker.compose.service: db } }
+  ingress:
+    - {}
+"#;
+
+#[test]
+fn audit_annotation_audits_only_what_no_enforcing_policy_covers() {
+    let c = compiled(AUDIT_DB);
+    // Computed as usual: enforced, the allow is there, app2 would be denied...
+    assert!(c.enforcement_of(DB).ingress);
+    assert!(passes(&c, DB, APP1, Ingress, TCP, 5432));
+    assert!(!passes(&c, DB, APP2, Ingress, TCP, 5432));
+    // ...but db's ingress is audited, and the cause of a default deny is named.
+    assert_eq!(
+        c.audit_of(DB),
+        Enforcement {
+            ingress: true,
+            egress: false
+        }
+    );
+    assert_eq!(c.default_deny_of(DB, Ingress), ["db-audit"]);
+    assert!(c.default_deny_of(DB, Egress).is_empty());
+    assert_eq!(c.audit_of(APP1), Enforcement::default());
+    // An enforcing policy on the same direction wins: fail closed.
+    let both = compile(&[parse(AUDIT_DB), parse(ENFORCE_DB)].concat(), &shop()).unwrap();
+    assert_eq!(both.audit_of(DB), Enforcement::default());
+    assert_eq!(both.default_deny_of(DB, Ingress), ["db-audit", "db-strict"]);
+    assert!(passes(&both, DB, APP1, Ingress, TCP, 5432));
+}
+
+#[test]
+fn audit_annotation_is_strict_where_it_is_ours() {
+    for (text, want) in [
+        ("netpol.io/audit: \"false\"", Ok(false)),
+        ("netpol.io/audit: \"true\"", Ok(true)),
+        ("other.io/x: anything", Ok(false)),
+        (
+            "netpol.io/audit: true",
+            Err("metadata.annotations.netpol.io/audit"),
+        ),
+        (
+            "netpol.io/audit: \"yes\"",
+            Err("metadata.annotations.netpol.io/audit"),
+        ),
+        (
+            "netpol.io/adit: \"true\"",
+            Err("metadata.annotations.netpol.io/adit"),
+        ),
+    ] {
+        let doc = format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: p\n  annotations:\n    {text}\nspec:\n  endpointSelector: {{}}\n  ingress: [{{}}]\n"
+        );
+        match (parse_str("a.yaml", &doc), want) {
+            (Ok(p), Ok(audit)) => assert_eq!(p[0].specs[0].audit, audit, "{text}"),
+            (Err(e), Err(path)) => {
+                let e = e.to_string();
+                assert!(e.contains(path) && e.contains("a.yaml:6"), "{text}: {e}");
+            }
+            (got, want) => panic!("{text}: got {got:?}, want {want:?}"),
+        }
+    }
+}

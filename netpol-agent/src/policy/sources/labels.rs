@@ -28,7 +28,7 @@ use crate::{
         netpol_labels, LabelFilter, Labels, COMPOSE_PROJECT, COMPOSE_SERVICE, NETPOL_LABEL_PREFIX,
     },
     policy::{
-        compose::{self, EGRESS_LABEL, INGRESS_LABEL},
+        compose::{self, AUDIT_LABEL, EGRESS_LABEL, INGRESS_LABEL},
         DefaultDeny, Operator, Policy, Requirement, Selector, Source, Spec,
     },
 };
@@ -113,6 +113,9 @@ pub struct Notes {
     /// Directions made default deny by an error or by unverified labels.
     pub deny_ingress: bool,
     pub deny_egress: bool,
+    /// The container's own `netpol.audit: "true"` (never the image's, never unverified): the
+    /// container is in audit mode.
+    pub audit: bool,
 }
 
 impl Notes {
@@ -166,6 +169,12 @@ impl LabelPolicies {
         &self.policies
     }
 
+    /// Whether the running container `name` put itself in audit mode with its own
+    /// `netpol.audit: "true"`.
+    pub fn audited(&self, name: &str) -> bool {
+        self.notes.get(name).is_some_and(|n| n.audit)
+    }
+
     /// Container name → its notes.
     pub fn notes(&self) -> &BTreeMap<String, Notes> {
         &self.notes
@@ -200,7 +209,7 @@ fn direction_of(label: &str) -> Option<Direction> {
 
 /// The policy of one container's labels, and its notes.
 pub fn container_policy(c: &ContainerLabels) -> (Option<Policy>, Notes) {
-    let origins = Origins::of(c);
+    let mut origins = Origins::of(c);
     let mut notes = Notes::default();
     if !origins.inherited.is_empty() {
         let keys: Vec<&str> = origins.inherited.keys().map(String::as_str).collect();
@@ -212,6 +221,18 @@ pub fn container_policy(c: &ContainerLabels) -> (Option<Policy>, Notes) {
     let in_identity = origins.in_identity();
     if in_identity.is_empty() {
         return (None, notes);
+    }
+    // `netpol.audit` names no direction and holds no rules: only the container's own switches
+    // it on (an image's is inherited, an unverified one may be the image's: neither counts).
+    if let Some(v) = origins.own.remove(AUDIT_LABEL) {
+        match v.as_str() {
+            "true" => notes.audit = true,
+            "false" => {}
+            other => notes.errors.push(format!(
+                "container {}: label {AUDIT_LABEL}: {other:?} is not \"true\" or \"false\": not in audit mode (policy is enforced)",
+                c.name
+            )),
+        }
     }
     let deny = |dir: Option<Direction>, notes: &mut Notes| match dir {
         Some(Direction::Ingress) => notes.deny_ingress = true,
@@ -227,7 +248,7 @@ pub fn container_policy(c: &ContainerLabels) -> (Option<Policy>, Notes) {
         ..Spec::default()
     };
     if let Some((why, labels)) = &origins.unverified {
-        for k in labels.keys() {
+        for k in labels.keys().filter(|k| *k != AUDIT_LABEL) {
             deny(direction_of(k), &mut notes);
         }
         let keys: Vec<&str> = labels.keys().map(String::as_str).collect();
