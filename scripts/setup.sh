@@ -116,6 +116,7 @@ pkgs=("llvm-$llvm-dev" "libpolly-$llvm-dev" zlib1g-dev libzstd-dev)
 if ! $build_only; then
     pkgs+=(bpftool iperf3 sockperf iputils-ping iproute2 nftables iptables wrk netcat-openbsd
            busybox-static jq strace systemd)
+    pkgs+=(lintian)   # cargo xtask dist checks the .deb with it (the package test runs dist)
     # Docker's own packages (docker-ce) conflict with docker.io: keep whichever is installed.
     command -v dockerd >/dev/null 2>&1 || pkgs+=(docker.io)
     command -v docker-compose >/dev/null 2>&1 || pkgs+=(docker-compose)
@@ -139,6 +140,13 @@ if ! bpf-linker --version >/dev/null 2>&1; then
     PATH="/usr/lib/llvm-$llvm/bin:$PATH" \
         cargo install bpf-linker --no-default-features --features "llvm-$llvm"
     bpf-linker --version >/dev/null || die "bpf-linker was installed but does not run"
+fi
+
+# 3b. cargo-deb, which makes the .deb (cargo xtask dist, scripts/install.sh), pinned.
+CARGO_DEB_VERSION=3.8.0
+if ! cargo deb --version 2>/dev/null | grep -qw "$CARGO_DEB_VERSION"; then
+    log "installing cargo-deb $CARGO_DEB_VERSION (about two minutes)"
+    cargo install --locked cargo-deb --version "$CARGO_DEB_VERSION"
 fi
 
 # 4. Docker 28 for the end-to-end tests, beside the system's Docker (20.10 on bookworm), which

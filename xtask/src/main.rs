@@ -3,6 +3,7 @@
 mod bench_agent;
 mod bench_datapath;
 mod bench_masq6;
+mod dist;
 mod fuzz_datapath;
 mod fuzz_policy;
 mod stats;
@@ -32,6 +33,8 @@ enum Cmd {
         /// Only tests whose names contain this.
         filter: Option<String>,
     },
+    /// Release artifacts: the .deb (cargo-deb, lintian-checked) and the sidecar image archive.
+    Dist(dist::Opts),
     /// Fuzzers, run longer than the test suite runs them (datapath needs root).
     Fuzz {
         #[command(subcommand)]
@@ -66,6 +69,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup { build } => script("setup.sh", build.then_some("--build")),
         Cmd::Test { filter } => script("test.sh", filter.as_deref()),
+        Cmd::Dist(o) => dist::run_dist(o),
         Cmd::Fuzz { which } => match which {
             Fuzz::Datapath(o) => fuzz_datapath::run(o),
             Fuzz::Policy(o) => fuzz_policy::run(o),
@@ -76,6 +80,14 @@ fn main() -> Result<()> {
             Bench::Agent(o) => bench_agent::run(o),
         },
     }
+}
+
+/// The workspace's root directory.
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
 }
 
 /// Runs `scripts/NAME [ARG]` and exits with its status when it fails.
