@@ -2014,6 +2014,227 @@ fn suggested_policy_allows_what_was_seen_and_denies_the_rest(version: DockerVers
     }
 }
 
+/// `policy matrix -o json` against real connections: every cell between the scenario's
+/// containers, the host and the world is probed (IPv4: the service's listener and a closed port,
+/// port 9), and what the matrix allows connects (or is refused by the peer: the SYN got there)
+/// while what it denies times out. `policy trace` agrees with the matrix, names the deny rule,
+/// and takes addresses (IPv6 too).
+fn trace_and_matrix_agree_with_real_connections(version: DockerVersion) {
+    if !netpol_tests::require_root(
+        &version.test_name("trace_and_matrix_agree_with_real_connections"),
+    ) {
+        return;
+    }
+    const LISTEN: u16 = 18444;
+    let mut guard = docker(version);
+    let docker = guard.as_mut().expect("daemon");
+    let project = Project::up(docker, "compose-plain.yml");
+    let agent = Agent::start(docker);
+    let containers = scenario_containers(&project);
+    for f in ["policy-scenario.yaml", "policy-trace.yaml"] {
+        let f = e2e_dir().join(f);
+        agent.cli_ok(&["policy", "import", f.to_str().expect("utf-8")]);
+    }
+    wait_enforced(&agent, &containers);
+    let (db, app1, app2) = (&containers[0], &containers[1], &containers[2]);
+
+    // The world: a namespace outside Docker with a listener; the host: a listener here, reached
+    // at the network's gateway.
+    let outside = OutsideNs::create(10);
+    let _world = probe::in_netns(&outside.path(), || {
+        std::net::TcpListener::bind(("0.0.0.0", LISTEN)).expect("listen in the outside namespace")
+    });
+    let _host = std::net::TcpListener::bind(("0.0.0.0", LISTEN)).expect("listen on the host");
+    let gateway: IpAddr = project
+        .docker_ok(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{range .IPAM.Config}}{{.Gateway}} {{end}}",
+            &format!("{PROJECT}_backend"),
+        ])
+        .split_whitespace()
+        .find_map(|a| a.parse::<std::net::Ipv4Addr>().ok())
+        .map(IpAddr::V4)
+        .expect("an IPv4 gateway");
+
+    let m = agent.cli_json(&["policy", "matrix", "--project", PROJECT]);
+    let cell = |from: &str, to: &str| -> &serde_json::Value {
+        m["cells"]
+            .as_array()
+            .expect("cells")
+            .iter()
+            .find(|c| c["from"] == from && c["to"] == to)
+            .unwrap_or_else(|| panic!("no cell {from} -> {to}: {m}"))
+    };
+    // What the scenario means (so that the probes below cannot agree with an empty matrix).
+    for (from, to, text) in [
+        ("app1", "db", "5432/tcp"),
+        ("app2", "db", "-"),
+        ("db", "app1", "-"),
+        ("app1", "app2", "-"),
+        ("host", "app1", "8080/tcp"),
+        ("host", "db", "-"),
+        ("app1", "world", "-"),
+        ("app1", "host", "*"),
+        ("app2", "world", "*"),
+    ] {
+        assert_eq!(cell(from, to)["text"], text, "{from} -> {to}: {m}");
+    }
+    let allows = |c: &serde_json::Value, port: u16| {
+        c["ports"]["tcp"]
+            .as_array()
+            .expect("tcp ranges")
+            .iter()
+            .any(|r| r[0].as_u64() <= Some(port.into()) && Some(u64::from(port)) <= r[1].as_u64())
+    };
+    struct Probe {
+        what: String,
+        from: Option<PathBuf>,
+        to: SocketAddr,
+        allowed: bool,
+    }
+    let by_service = [
+        ("db", db, 5432u16),
+        ("app1", app1, 8080),
+        ("app2", app2, 8080),
+    ];
+    let sources: Vec<(&str, Option<PathBuf>)> = by_service
+        .iter()
+        .map(|(s, c, _)| (*s, Some(c.netns.clone())))
+        .chain([("host", None)])
+        .collect();
+    let mut probes = Vec::new();
+    for (from, netns) in &sources {
+        let mut targets: Vec<(&str, SocketAddr)> = Vec::new();
+        for (to, c, port) in &by_service {
+            // A container's connection to itself never crosses its veth.
+            if to != from {
+                targets.push((to, SocketAddr::new(c.ipv4, *port)));
+                targets.push((to, SocketAddr::new(c.ipv4, 9)));
+            }
+        }
+        if *from != "host" {
+            targets.push(("host", SocketAddr::new(gateway, LISTEN)));
+            targets.push(("world", SocketAddr::new(IpAddr::V4(outside.addr), LISTEN)));
+        }
+        for (to, addr) in targets {
+            let c = cell(from, to);
+            assert_eq!(
+                c["to_addr"].as_str(),
+                (to != "host" && to != "world")
+                    .then(|| addr.ip().to_string())
+                    .as_deref(),
+                "{c}"
+            );
+            probes.push(Probe {
+                what: format!("{from} -> {to} {addr} (matrix: {})", c["text"]),
+                from: netns.clone(),
+                to: addr,
+                allowed: allows(c, addr.port()),
+            });
+        }
+    }
+    assert_eq!(probes.len(), 3 * (4 + 2) + 6);
+    // Probes of one listener one after the other (nc's backlog is small), listeners at once.
+    let mut groups: Vec<Vec<&Probe>> = Vec::new();
+    for p in &probes {
+        match groups.iter_mut().find(|g| g[0].to == p.to) {
+            Some(g) => g.push(p),
+            None => groups.push(vec![p]),
+        }
+    }
+    let run = |p: &Probe| -> Option<String> {
+        if !p.allowed {
+            return match probe::connect_from(p.from.as_deref(), p.to, probe::DENY_TIMEOUT) {
+                Outcome::Timeout => None,
+                other => Some(format!("{}: denied, but {other:?}", p.what)),
+            };
+        }
+        let deadline = Instant::now() + probe::ALLOW_DEADLINE;
+        loop {
+            match probe::connect_from(p.from.as_deref(), p.to, Duration::from_secs(2)) {
+                Outcome::Open | Outcome::Refused => return None,
+                other if Instant::now() > deadline => {
+                    return Some(format!("{}: allowed, but {other:?}", p.what))
+                }
+                _ => thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    };
+    let errors: Vec<String> = timed("matrix probes", || {
+        thread::scope(|s| {
+            let hs: Vec<_> = groups
+                .iter()
+                .map(|g| s.spawn(move || g.iter().filter_map(|p| run(p)).collect::<Vec<_>>()))
+                .collect();
+            hs.into_iter()
+                .flat_map(|h| h.join().expect("probe thread"))
+                .collect()
+        })
+    });
+    assert!(
+        errors.is_empty(),
+        "matrix vs connections:\n  {}\n{m}",
+        errors.join("\n  ")
+    );
+
+    // trace agrees with the matrix, and says why.
+    let t = agent.cli_json(&["policy", "trace", "npe2e/app2", "npe2e/db:5432"]);
+    assert_eq!(t["verdict"], "denied", "{t}");
+    assert_eq!(t["ingress"]["outcome"], "denied", "{t}");
+    assert!(
+        t["ingress"]["rule_name"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("trace-deny ingressDeny[0]")),
+        "{t}"
+    );
+    let t = agent.cli_json(&["policy", "trace", "app1", "db:5432"]);
+    assert_eq!(t["verdict"], "allowed", "{t}");
+    assert!(
+        t["egress"]["rule_name"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("app1-egress egress[0]")),
+        "{t}"
+    );
+    assert!(
+        t["ingress"]["rule_name"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("db ingress[0]")),
+        "{t}"
+    );
+    let text = agent.cli_ok(&["policy", "trace", &app1.name, "world:443"]);
+    assert!(
+        text.contains(": DENIED") && text.contains("default deny because app1-egress selects it"),
+        "{text}"
+    );
+    // Addresses, IPv6 included, with a real connection each.
+    let (db6, app16) = (db.ipv6.expect("db IPv6"), app1.ipv6.expect("app1 IPv6"));
+    let t = agent.cli_json(&[
+        "policy",
+        "trace",
+        &app16.to_string(),
+        &format!("[{db6}]:5432"),
+    ]);
+    assert_eq!(
+        (&t["from"], &t["to"], &t["verdict"]),
+        (&"npe2e/app1".into(), &"npe2e/db".into(), &"allowed".into()),
+        "{t}"
+    );
+    let t = agent.cli_json(&["policy", "trace", "host", &format!("{}:5432", db.ipv4)]);
+    assert_eq!(t["verdict"], "denied", "{t}");
+    let t = agent.cli_json(&["policy", "trace", "app2", &format!("[{db6}]:5432")]);
+    assert_eq!(t["verdict"], "denied", "{t}");
+    assert_all(
+        "trace by address",
+        &[
+            check(app1.client(), db, db6, 5432, Expect::Allowed),
+            check(app2.client(), db, db6, 5432, Expect::Denied),
+            check(Client::host(), db, db.ipv4, 5432, Expect::Denied),
+        ],
+    );
+}
+
 netpol_tests::docker_tests!(
     compose_labels_protect_the_database_scenario,
     published_port_clients_are_world_or_host_as_documented,
@@ -2030,4 +2251,5 @@ netpol_tests::docker_tests!(
     empty_peer_lists_and_cidr_families_fail_closed,
     netpol_labels_never_open_more_than_their_own_container,
     suggested_policy_allows_what_was_seen_and_denies_the_rest,
+    trace_and_matrix_agree_with_real_connections,
 );
