@@ -156,6 +156,22 @@ if ! $build_only; then
     install_docker28
 fi
 
+# 4b. promtool, which the metrics test lints the agent's output with (tests/src/metrics.rs looks
+#     for it here): Debian's prometheus package, unpacked rather than installed, since
+#     installing it would also start a Prometheus server.
+PROMTOOL_DIR="${NETPOL_PROMTOOL_DIR:-/var/cache/netpol/prometheus}"
+if ! $build_only && ! "$PROMTOOL_DIR/usr/bin/promtool" --version >/dev/null 2>&1; then
+    log "unpacking promtool (Debian's prometheus package) into $PROMTOOL_DIR"
+    ptmp="$(mktemp -d)"
+    pdl() { (cd "$ptmp" && as_root apt-get -q -o APT::Sandbox::User=root download prometheus) >/dev/null 2>&1; }
+    pdl || { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q && pdl; } \
+        || die "promtool: apt-get download prometheus failed"
+    as_root mkdir -p "$PROMTOOL_DIR"
+    as_root dpkg-deb -x "$ptmp"/prometheus_*.deb "$PROMTOOL_DIR" || die "promtool: dpkg-deb -x failed"
+    rm -rf "$ptmp"
+    "$PROMTOOL_DIR/usr/bin/promtool" --version >/dev/null 2>&1 || die "promtool was unpacked but does not run"
+fi
+
 # 5. The BPF filesystem, where the agent pins its maps and links. Shared propagation lets the
 #    sidecar container mount it with rshared.
 if ! grep -qs '^[^ ]* /sys/fs/bpf bpf ' /proc/mounts; then

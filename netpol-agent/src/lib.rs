@@ -7,7 +7,8 @@
 //! - `policy`: CiliumNetworkPolicy subset and compose-label shorthand: parse, validate, compile.
 //! - `store`: atomic persistence under `/var/lib/netpol/`.
 //! - `reconcile`: desired state vs the maps, as a diff, applied whole or not at all.
-//! - `daemon`: the `run` loop and the control socket.
+//! - `metrics`: the Prometheus metrics (names, labels, one scrape's encoding).
+//! - `daemon`: the `run` loop, the control socket and the metrics endpoint.
 //! - `cli`: one file per subcommand.
 
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod docker;
 pub mod identity;
+pub mod metrics;
 pub mod policy;
 pub mod reconcile;
 pub mod store;

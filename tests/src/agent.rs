@@ -112,6 +112,8 @@ pub struct AgentOptions {
     /// `["setpriv", "--bounding-set", "-all,+bpf"]`. It must exec the agent (or, like
     /// `strace -D`, leave it the direct child), so that the pid stopped at the end is the agent's.
     pub wrapper: Vec<String>,
+    /// Serve metrics on a Unix socket ([`Agent::metrics_socket`], [`Agent::scrape`]).
+    pub metrics: bool,
 }
 
 /// The CLI of one agent (its control socket); [`Agent`] dereferences to it, and a test of an
@@ -300,6 +302,20 @@ impl Agent {
         &self.pin_dir
     }
 
+    /// `run --metrics unix:…` of an agent started with [`AgentOptions::metrics`].
+    pub fn metrics_socket(&self) -> PathBuf {
+        self.run_dir.join("metrics.sock")
+    }
+
+    /// One scrape of the metrics endpoint (the Prometheus text format).
+    pub fn scrape(&self) -> String {
+        assert!(
+            self.options.metrics,
+            "the agent was started without metrics"
+        );
+        crate::metrics::scrape_unix(&self.metrics_socket())
+    }
+
     /// The agent's pid while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -337,8 +353,12 @@ impl Agent {
             .arg("--docker-socket")
             .arg(&self.docker_socket)
             .args(["--policy-poll-ms", "200"])
-            .args(&self.options.extra_args)
-            .env("DOCKER_HOST", &self.docker_host)
+            .args(&self.options.extra_args);
+        if self.options.metrics {
+            cmd.arg("--metrics")
+                .arg(format!("unix:{}", self.metrics_socket().display()));
+        }
+        cmd.env("DOCKER_HOST", &self.docker_host)
             // The host's settings file (an installed package's) is not this agent's.
             .env("NETPOL_CONFIG", "/dev/null")
             .env(

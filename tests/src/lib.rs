@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod diff;
 pub mod docker;
+pub mod metrics;
 pub mod netns;
 pub mod packet;
 pub mod probe;

@@ -29,6 +29,7 @@ use std::{
 use netpol_tests::{
     agent::{agent_binary, Agent, AgentOptions},
     docker::{DockerDaemon, DockerVersion},
+    metrics,
     probe::{self, assert_all, Check, Client, Expect, Outcome, OutsideNs},
 };
 
@@ -299,7 +300,8 @@ fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
 // ---------------------------------------------------------------------------------------------
 // Tests.
 
-/// The MISSION.md scenario with compose labels; the monitor names the dropped flow.
+/// The MISSION.md scenario with compose labels; the monitor names the dropped flow, and the
+/// metrics endpoint counts the drops by container (its output passes `promtool check metrics`).
 fn compose_labels_protect_the_database_scenario(version: DockerVersion) {
     if !netpol_tests::require_root(
         &version.test_name("compose_labels_protect_the_database_scenario"),
@@ -309,13 +311,53 @@ fn compose_labels_protect_the_database_scenario(version: DockerVersion) {
     let mut guard = docker(version);
     let docker = guard.as_mut().expect("daemon");
     let project = timed("compose up", || Project::up(docker, "compose-labels.yml"));
-    let agent = timed("agent start", || Agent::start(docker));
+    let agent = timed("agent start", || {
+        Agent::start_with(
+            docker,
+            AgentOptions {
+                metrics: true,
+                ..AgentOptions::default()
+            },
+        )
+    });
     timed("enforced", || {
         wait_enforced(&agent, &scenario_containers(&project))
     });
     timed("scenario checks", || {
         assert_all("labels scenario", &scenario_checks(&project))
     });
+    let app1_denied = |scrape: &str| {
+        metrics::sum(
+            scrape,
+            "netpol_endpoint_drops_total",
+            &[
+                ("container", project.container("app1").name.as_str()),
+                ("identity", "npe2e/app1"),
+                ("direction", "ingress"),
+                ("reason", "policy-denied"),
+            ],
+        )
+    };
+    let before = timed("scrape", || agent.scrape());
+    metrics::promtool_check(&before);
+    assert!(
+        app1_denied(&before) > 0.0,
+        "the scenario's denied connections to app1 are not counted on app1:\n{before}"
+    );
+    assert!(
+        metrics::sum(
+            &before,
+            "netpol_drops_total",
+            &[("reason", "policy-denied")]
+        ) >= app1_denied(&before),
+        "the per-reason total is below one endpoint's count:\n{before}"
+    );
+    assert!(
+        metrics::sum(&before, "netpol_map_entries", &[("map", "ENDPOINTS")]) >= 3.0,
+        "ENDPOINTS holds the three containers:\n{before}"
+    );
+    assert!(metrics::sum(&before, "netpol_reconcile_duration_seconds_count", &[]) >= 1.0);
+    assert_eq!(metrics::sum(&before, "netpol_docker_connected", &[]), 1.0);
 
     // The monitor reports the drop of app2 -> app1, with names.
     let app1 = project.container("app1");
@@ -372,6 +414,14 @@ fn compose_labels_protect_the_database_scenario(version: DockerVersion) {
         !found.is_empty(),
         "monitor --json showed no drop of {} -> {target}",
         app2.name
+    );
+    // The monitor's denied connections went up app1's counter (counters, not events: exact).
+    let after = agent.scrape();
+    assert!(
+        app1_denied(&after) > app1_denied(&before),
+        "app1's policy-denied count did not go up ({} -> {}):\n{after}",
+        app1_denied(&before),
+        app1_denied(&after)
     );
     let ev: serde_json::Value = serde_json::from_str(&found).expect("monitor JSON");
     let text = ev.to_string();

@@ -1,5 +1,5 @@
-//! `cargo xtask bench datapath`: what the per-container programs cost, against no filter and
-//! against an iptables FORWARD chain of the same size.
+//! `cargo xtask bench datapath`: what the per-container programs cost, against no filter, an
+//! iptables FORWARD chain of the same size and an nftables set of the same size.
 //!
 //! Every configuration gets its own copy of the topology (tests/src/netns.rs: a namespace playing
 //! the host with a bridge, two containers `c1` and `c2`, `bridge-nf-call-iptables=1` everywhere),
@@ -13,6 +13,10 @@
 //! - **iptables-nft N**: FORWARD jumps to a chain of N non-matching
 //!   `-s A -d B -p tcp --dport P -j ACCEPT` rules, then the rules that match (c1 → c2 on the
 //!   benchmark ports and the replies), then DROP; no conntrack shortcut.
+//! - **nft set N**: an `inet` table whose forward chain (policy drop) accepts
+//!   `ip saddr . ip daddr . tcp dport @allowed` and the replies (`ip daddr . ip saddr . tcp sport
+//!   @allowed`), with the IPv6 twins on `@allowed6`; each set holds N elements that never match
+//!   plus the benchmark ports. One hash lookup per packet: the strongest rule-based peer.
 //!
 //! Measurements: single-stream TCP throughput (`iperf3 -J`), request/response latency
 //! (`sockperf ping-pong --tcp`, 64 bytes, p50 of RTT/2, with `/dev/cpu_dma_latency` held at 0 for
@@ -21,7 +25,7 @@
 
 #[allow(dead_code)]
 #[path = "../../tests/src/netns.rs"]
-mod netns;
+pub(crate) mod netns;
 
 use std::{
     collections::BTreeMap,
@@ -44,31 +48,50 @@ use netns::{
 const IPERF_PORT: u16 = 5201;
 const SOCKPERF_PORT: u16 = 11111;
 const HTTP_PORT: u16 = 8080;
-const PORTS: [u16; 3] = [IPERF_PORT, SOCKPERF_PORT, HTTP_PORT];
+pub(crate) const PORTS: [u16; 3] = [IPERF_PORT, SOCKPERF_PORT, HTTP_PORT];
 const C1: u32 = 256;
 const C2: u32 = 257;
 const TCP: u8 = 6;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Opts {
-    /// Rounds; every configuration is measured once per round.
-    #[arg(long, default_value_t = 3)]
+    /// Rounds per run; every configuration is measured once per round.
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+    /// Consecutive runs on the same setups, each with its own table (the targets must hold in
+    /// every one).
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
     /// Seconds per measurement.
     #[arg(long, default_value_t = 4)]
     pub seconds: u32,
-    /// Policy entry / rule counts.
-    #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
+    /// Policy entry / rule / set element counts.
+    #[arg(long, value_delimiter = ',', default_value = "10,1000,10000,50000")]
     pub entries: Vec<usize>,
-    /// Leave out the iptables configurations.
+    /// Filters to compare with no filter (always measured): netpol, iptables, nft.
+    #[arg(long, value_delimiter = ',', default_value = "netpol,iptables,nft")]
+    pub peers: Vec<Peer>,
+    /// The entry count the targets are checked at (default: 10,000 if measured, else the
+    /// largest).
     #[arg(long)]
-    pub no_iptables: bool,
+    pub target_entries: Option<usize>,
+    /// Skip the pass that reads the kernel's run-time statistics of the programs.
+    #[arg(long)]
+    pub no_stats: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    Netpol,
+    Iptables,
+    Nft,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Filter {
     None,
     Netpol(usize),
+    Nft(usize),
     Iptables(usize),
 }
 
@@ -77,13 +100,14 @@ impl Filter {
         match self {
             Filter::None => "none".into(),
             Filter::Netpol(n) => format!("netpol, {} entries", thousands(*n as f64)),
+            Filter::Nft(n) => format!("nft set, {} elements", thousands(*n as f64)),
             Filter::Iptables(n) => format!("iptables-nft, {} rules", thousands(*n as f64)),
         }
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Metric {
+pub(crate) enum Metric {
     Throughput,
     Latency,
     ConnRate,
@@ -100,7 +124,7 @@ struct Setup {
     topo: Topology,
 }
 
-fn thousands(v: f64) -> String {
+pub(crate) fn thousands(v: f64) -> String {
     let s = format!("{:.0}", v);
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
@@ -112,7 +136,7 @@ fn thousands(v: f64) -> String {
     out
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
@@ -120,7 +144,7 @@ fn workspace_root() -> PathBuf {
 }
 
 /// Builds the release helpers; returns the directory holding them.
-fn build_helpers() -> Result<PathBuf> {
+pub(crate) fn build_helpers() -> Result<PathBuf> {
     let root = workspace_root();
     eprintln!("building release helpers (netpol-netns-loader, netpol-bench-http)…");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -144,7 +168,7 @@ fn build_helpers() -> Result<PathBuf> {
     Ok(target.join("release"))
 }
 
-fn need(tool: &str) -> Result<()> {
+pub(crate) fn need(tool: &str) -> Result<()> {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false);
@@ -156,35 +180,84 @@ fn need(tool: &str) -> Result<()> {
 }
 
 /// Removes namespaces left by an earlier run that was killed (their pid is gone).
-fn remove_stale() {
-    let Ok(rd) = std::fs::read_dir("/run/netns") else {
-        return;
+/// Removes what an earlier run that was killed left behind (its pid is gone): namespaces
+/// `npbench<pid>x…`, pin directories `/sys/fs/bpf/netpol-test-bench-npbench<pid>x…` and the flood
+/// bench's agent directories `netpol-bench-flood-npbench<pid>x…` in the temp dir.
+pub(crate) fn remove_stale() {
+    let dead = |name: &str, prefix: &str| {
+        name.strip_prefix(prefix)
+            .and_then(|rest| rest.split('x').next())
+            .is_some_and(|pid| !pid.is_empty() && !Path::new("/proc").join(pid).exists())
     };
-    for e in rd.flatten() {
+    for e in std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("npbench") else {
-            continue;
-        };
-        let pid = rest.split('x').next().unwrap_or("");
-        if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+        if dead(&name, "npbench") {
             let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+    for (dir, prefix) in [
+        (PathBuf::from("/sys/fs/bpf"), "netpol-test-bench-npbench"),
+        (std::env::temp_dir(), "netpol-bench-flood-npbench"),
+    ] {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if dead(&name, prefix) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
         }
     }
 }
 
-fn spawn_in(ns: &netns::Netns, args: &[&str]) -> Result<KillOnDrop> {
-    let child = ns
-        .command(args[0])
-        .args(&args[1..])
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Catches SIGINT and SIGTERM so that a run stopped with Ctrl-C unwinds and removes what it
+/// made (the measuring tools, which get the signal too, fail, and the loop checks
+/// [`interrupted`]).
+pub(crate) fn catch_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_interrupt as *const () as libc::sighandler_t) };
+    }
+}
+
+pub(crate) fn interrupted() -> Result<()> {
+    ensure!(
+        !INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed),
+        "interrupted"
+    );
+    Ok(())
+}
+
+/// Spawns `args` in `ns`, killed by the kernel if this process dies without cleaning up.
+pub(crate) fn spawn_in(ns: &netns::Netns, args: &[&str]) -> Result<KillOnDrop> {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = ns.command(args[0]);
+    cmd.args(&args[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    };
+    let child = cmd
         .spawn()
         .with_context(|| format!("spawning {args:?} in {}", ns.name))?;
     Ok(KillOnDrop(child))
 }
 
-fn wait_listening(ns: &netns::Netns, port: u16) {
+pub(crate) fn wait_listening(ns: &netns::Netns, port: u16) {
     let filter = format!("sport = :{port}");
     wait_for(
         &format!("a listener on port {port} in {}", ns.name),
@@ -196,7 +269,7 @@ fn wait_listening(ns: &netns::Netns, port: u16) {
     );
 }
 
-fn netpol_plan(t: &Topology, n: usize) -> DatapathPlan {
+pub(crate) fn netpol_plan(t: &Topology, n: usize) -> DatapathPlan {
     let c1 = t.container("c1");
     let c2 = t.container("c2");
     let mut p = DatapathPlan::default();
@@ -233,7 +306,7 @@ fn netpol_plan(t: &Topology, n: usize) -> DatapathPlan {
     p
 }
 
-fn iptables_rules(t: &Topology, n: usize) -> String {
+pub(crate) fn iptables_rules(t: &Topology, n: usize) -> String {
     let c1 = t.container("c1").ipv4;
     let c2 = t.container("c2").ipv4;
     let ports = PORTS.map(|p| p.to_string()).join(",");
@@ -262,19 +335,85 @@ fn iptables_rules(t: &Topology, n: usize) -> String {
     s
 }
 
-fn setup(filter: Filter, bin: &Path) -> Result<Setup> {
-    let tag = unique_tag("npbench");
-    let topo = Topology::new(&tag, &["c1", "c2"]);
-    topo.host
-        .run(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
-    let c1 = topo.container("c1").clone();
-    let c2 = topo.container("c2").clone();
-    c1.ns
-        .run(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"]);
-    c2.ns.run(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
+/// The nftables peer: one `inet` table, the forward chain accepting what the sets hold (and the
+/// replies, by swapping the fields), dropping the rest.
+fn nft_rules(t: &Topology, n: usize) -> String {
+    let c1 = t.container("c1");
+    let c2 = t.container("c2");
+    let mut v4 = Vec::with_capacity(n + PORTS.len());
+    let mut v6 = Vec::with_capacity(n + PORTS.len());
+    for i in 0..n {
+        let port = 1024 + i % 60000;
+        v4.push(format!(
+            "172.16.{}.{} . 172.17.{}.{} . {port}",
+            i / 250,
+            i % 250 + 1,
+            (i / 7) % 250,
+            i % 7 + 1
+        ));
+        v6.push(format!(
+            "fd16::{:x} . fd17::{:x} . {port}",
+            i + 1,
+            i % 7 + 1
+        ));
+    }
+    for p in PORTS {
+        v4.push(format!("{} . {} . {p}", c1.ipv4, c2.ipv4));
+        v6.push(format!("{} . {} . {p}", c1.ipv6, c2.ipv6));
+    }
+    format!(
+        "table inet netpol_bench {{\n\
+         \tset allowed {{ type ipv4_addr . ipv4_addr . inet_service; elements = {{ {} }} }}\n\
+         \tset allowed6 {{ type ipv6_addr . ipv6_addr . inet_service; elements = {{ {} }} }}\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority 0; policy drop;\n\
+         \t\tip saddr . ip daddr . tcp dport @allowed accept\n\
+         \t\tip daddr . ip saddr . tcp sport @allowed accept\n\
+         \t\tip6 saddr . ip6 daddr . tcp dport @allowed6 accept\n\
+         \t\tip6 daddr . ip6 saddr . tcp sport @allowed6 accept\n\
+         \t}}\n\
+         }}\n",
+        v4.join(", "),
+        v6.join(", ")
+    )
+}
+
+/// Feeds `input` to `args` (run in `ns`) on stdin.
+pub(crate) fn pipe_in(ns: &netns::Netns, args: &[&str], input: &str) -> Result<()> {
+    let mut child = ns
+        .command(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {args:?}"))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
+    ensure!(child.wait()?.success(), "{args:?} failed");
+    Ok(())
+}
+
+/// Starts iperf3, sockperf and the HTTP server in `c2`, bound to its IPv4 address, and waits
+/// for them to listen.
+pub(crate) fn start_servers(
+    c2: &netns::Container,
+    bin: &Path,
+    cpu: Option<usize>,
+) -> Result<Vec<KillOnDrop>> {
     let c2ip = c2.ipv4.to_string();
     let http = format!("{c2ip}:{HTTP_PORT}");
     let http_bin = bin.join("netpol-bench-http");
+    let cpu = cpu.map(|c| c.to_string());
+    let spawn_in = |ns: &netns::Netns, args: &[&str]| match &cpu {
+        Some(c) => {
+            let mut full = vec!["taskset", "-c", c.as_str()];
+            full.extend_from_slice(args);
+            spawn_in(ns, &full)
+        }
+        None => spawn_in(ns, args),
+    };
     let servers = vec![
         spawn_in(&c2.ns, &["iperf3", "-s", "-B", &c2ip, "-p", "5201"])?,
         spawn_in(
@@ -286,6 +425,20 @@ fn setup(filter: Filter, bin: &Path) -> Result<Setup> {
     for port in PORTS {
         wait_listening(&c2.ns, port);
     }
+    Ok(servers)
+}
+
+fn setup(filter: Filter, bin: &Path) -> Result<Setup> {
+    let tag = unique_tag("npbench");
+    let topo = Topology::new(&tag, &["c1", "c2"]);
+    topo.host
+        .run(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
+    let c1 = topo.container("c1").clone();
+    let c2 = topo.container("c2").clone();
+    c1.ns
+        .run(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"]);
+    c2.ns.run(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
+    let servers = start_servers(&c2, bin, None)?;
     let mut pins = None;
     match filter {
         Filter::None => {}
@@ -308,19 +461,13 @@ fn setup(filter: Filter, bin: &Path) -> Result<Setup> {
             );
         }
         Filter::Iptables(n) => {
-            let mut child = topo
-                .host
-                .command("iptables-nft-restore")
-                .stdin(Stdio::piped())
-                .spawn()
-                .context("spawning iptables-nft-restore")?;
-            child
-                .stdin
-                .take()
-                .context("iptables-nft-restore stdin")?
-                .write_all(iptables_rules(&topo, n).as_bytes())?;
-            ensure!(child.wait()?.success(), "iptables-nft-restore failed");
+            pipe_in(
+                &topo.host,
+                &["iptables-nft-restore"],
+                &iptables_rules(&topo, n),
+            )?;
         }
+        Filter::Nft(n) => pipe_in(&topo.host, &["nft", "-f", "-"], &nft_rules(&topo, n))?,
     }
     // The filter is in the path: a port nobody allows is dropped (refused with no filter).
     let probe = SocketAddr::new(IpAddr::V4(c2.ipv4), 9);
@@ -343,7 +490,7 @@ fn setup(filter: Filter, bin: &Path) -> Result<Setup> {
     })
 }
 
-fn output_in(ns: &netns::Netns, args: &[&str]) -> Result<String> {
+pub(crate) fn output_in(ns: &netns::Netns, args: &[&str]) -> Result<String> {
     let out = ns
         .command(args[0])
         .args(&args[1..])
@@ -363,7 +510,7 @@ fn output_in(ns: &netns::Netns, args: &[&str]) -> Result<String> {
 }
 
 /// The number after `"key":` following `after` in iperf3's JSON.
-fn json_number_after(json: &str, after: &str, key: &str) -> Option<f64> {
+pub(crate) fn json_number_after(json: &str, after: &str, key: &str) -> Option<f64> {
     let rest = &json[json.find(after)?..];
     let rest = &rest[rest.find(&format!("\"{key}\""))? + key.len() + 2..];
     let rest = rest.trim_start().strip_prefix(':')?.trim_start();
@@ -374,8 +521,29 @@ fn json_number_after(json: &str, after: &str, key: &str) -> Option<f64> {
 }
 
 fn measure(s: &Setup, m: Metric, secs: u32) -> Result<f64> {
-    let c1 = &s.topo.container("c1").ns;
-    let c2ip = s.topo.container("c2").ipv4.to_string();
+    measure_pair(&s.topo, &s.filter.label(), m, secs, None)
+}
+
+/// One measurement from `c1` to the servers in `c2` ([`start_servers`]); `cpu` pins the client
+/// to one CPU (`taskset`).
+pub(crate) fn measure_pair(
+    topo: &Topology,
+    label: &str,
+    m: Metric,
+    secs: u32,
+    cpu: Option<usize>,
+) -> Result<f64> {
+    let c1 = &topo.container("c1").ns;
+    let c2ip = topo.container("c2").ipv4.to_string();
+    let cpu = cpu.map(|c| c.to_string());
+    let output_in = |ns: &netns::Netns, args: &[&str]| match &cpu {
+        Some(c) => {
+            let mut full = vec!["taskset", "-c", c.as_str()];
+            full.extend_from_slice(args);
+            output_in(ns, &full)
+        }
+        None => output_in(ns, args),
+    };
     let t = secs.to_string();
     match m {
         Metric::Throughput => {
@@ -425,7 +593,7 @@ fn measure(s: &Setup, m: Metric, secs: u32) -> Result<f64> {
                 ],
             )?;
             if let Some(l) = out.lines().find(|l| l.contains("Socket errors")) {
-                eprintln!("  {}: wrk {}", s.filter.label(), l.trim());
+                eprintln!("  {label}: wrk {}", l.trim());
             }
             out.lines()
                 .find_map(|l| {
@@ -439,7 +607,7 @@ fn measure(s: &Setup, m: Metric, secs: u32) -> Result<f64> {
 
 /// Holds `/dev/cpu_dma_latency` at 0 while open: idle CPUs poll instead of sleeping, so latency
 /// measures the datapath, not wake-ups.
-fn hold_dma_latency() -> Option<File> {
+pub(crate) fn hold_dma_latency() -> Option<File> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/cpu_dma_latency")
@@ -457,60 +625,122 @@ pub fn run(o: Opts) -> Result<()> {
         unsafe { libc::geteuid() } == 0,
         "the benchmark needs root (namespaces, BPF)"
     );
-    for tool in [
-        "ip",
-        "iperf3",
-        "sockperf",
-        "wrk",
-        "iptables-nft-restore",
-        "ss",
-    ] {
+    let mut tools = vec!["ip", "iperf3", "sockperf", "wrk", "ss"];
+    if o.peers.contains(&Peer::Iptables) {
+        tools.push("iptables-nft-restore");
+    }
+    if o.peers.contains(&Peer::Nft) {
+        tools.push("nft");
+    }
+    if !o.no_stats && o.peers.contains(&Peer::Netpol) {
+        tools.push("bpftool");
+    }
+    for tool in tools {
         need(tool)?;
     }
     ensure!(
-        o.rounds > 0 && o.seconds > 0,
-        "rounds and seconds must be positive"
+        o.rounds > 0 && o.seconds > 0 && o.runs > 0,
+        "rounds, runs and seconds must be positive"
     );
     remove_stale();
     let bin = build_helpers()?;
+    catch_interrupts();
 
     let mut filters = vec![Filter::None];
-    filters.extend(o.entries.iter().map(|n| Filter::Netpol(*n)));
-    if !o.no_iptables {
-        filters.extend(o.entries.iter().map(|n| Filter::Iptables(*n)));
+    for (peer, make) in [
+        (Peer::Netpol, Filter::Netpol as fn(usize) -> Filter),
+        (Peer::Nft, Filter::Nft),
+        (Peer::Iptables, Filter::Iptables),
+    ] {
+        if o.peers.contains(&peer) {
+            filters.extend(o.entries.iter().map(|n| make(*n)));
+        }
     }
+    let target_n = o.target_entries.unwrap_or_else(|| {
+        if o.entries.contains(&10_000) {
+            10_000
+        } else {
+            o.entries.iter().copied().max().unwrap_or(0)
+        }
+    });
     let started = Instant::now();
     let mut setups = Vec::new();
     for f in &filters {
-        eprintln!("setting up: {}", f.label());
+        interrupted()?;
+        let t0 = Instant::now();
         setups.push(setup(*f, &bin)?);
+        eprintln!(
+            "set up: {} ({:.1} s)",
+            f.label(),
+            t0.elapsed().as_secs_f64()
+        );
     }
-    let _dma = hold_dma_latency();
+    let dma = hold_dma_latency();
 
-    let mut results: BTreeMap<(Filter, Metric), Vec<f64>> = BTreeMap::new();
-    for round in 0..o.rounds {
-        for m in METRICS {
-            for k in 0..setups.len() {
-                let s = &setups[(k + round) % setups.len()];
-                let v = measure(s, m, o.seconds)
-                    .with_context(|| format!("{} {m:?}", s.filter.label()))?;
-                eprintln!(
-                    "round {}/{} {:<28} {m:?}: {v:.2}",
-                    round + 1,
-                    o.rounds,
-                    s.filter.label()
-                );
-                results.entry((s.filter, m)).or_default().push(v);
+    let mut verdicts = Vec::new();
+    for run in 0..o.runs {
+        let mut results: BTreeMap<(Filter, Metric), Vec<f64>> = BTreeMap::new();
+        let run_started = Instant::now();
+        for round in 0..o.rounds {
+            for m in METRICS {
+                for k in 0..setups.len() {
+                    interrupted()?;
+                    let s = &setups[(k + round) % setups.len()];
+                    let v = measure(s, m, o.seconds)
+                        .with_context(|| format!("{} {m:?}", s.filter.label()))?;
+                    eprintln!(
+                        "run {}/{} round {}/{} {:<28} {m:?}: {v:.2}",
+                        run + 1,
+                        o.runs,
+                        round + 1,
+                        o.rounds,
+                        s.filter.label()
+                    );
+                    results.entry((s.filter, m)).or_default().push(v);
+                }
             }
         }
+        let med: BTreeMap<(Filter, Metric), f64> = results
+            .into_iter()
+            .map(|(k, mut v)| (k, median(&mut v)))
+            .collect();
+        println!(
+            "\nnetpol datapath benchmark, run {}/{}: {} rounds × {} s, medians; (×) = ratio to \
+             no filter (latency: higher is worse). {} s.\n",
+            run + 1,
+            o.runs,
+            o.rounds,
+            o.seconds,
+            run_started.elapsed().as_secs()
+        );
+        println!("{}", table(&filters, &med));
+        let v = targets(&med, target_n, &o.peers);
+        println!("{}", v.line());
+        verdicts.push(v);
     }
-    let costs = program_costs(&setups, o.seconds);
+    drop(dma);
+    if !o.no_stats {
+        match program_costs(&setups, o.seconds) {
+            Ok(c) if !c.is_empty() => print_costs(&c),
+            Ok(_) => {}
+            Err(e) => eprintln!("warning: program cost pass failed: {e:#}"),
+        }
+    }
     drop(setups);
+    if o.runs > 1 {
+        println!(
+            "\ntargets at {} entries, every run:",
+            thousands(target_n as f64)
+        );
+        for (i, v) in verdicts.iter().enumerate() {
+            println!("  run {}: {}", i + 1, v.line());
+        }
+    }
+    eprintln!("took {} s", started.elapsed().as_secs());
+    Ok(())
+}
 
-    let med: BTreeMap<(Filter, Metric), f64> = results
-        .into_iter()
-        .map(|(k, mut v)| (k, median(&mut v)))
-        .collect();
+fn table(filters: &[Filter], med: &BTreeMap<(Filter, Metric), f64>) -> String {
     let get = |f: Filter, m: Metric| med.get(&(f, m)).copied().unwrap_or(f64::NAN);
     let mut table = String::new();
     let _ = writeln!(
@@ -518,16 +748,16 @@ pub fn run(o: Opts) -> Result<()> {
         "| filter | TCP Gbit/s (× none) | new conn/s (× none) | TCP RR p50 µs (× none) |"
     );
     let _ = writeln!(table, "|---|---|---|---|");
-    for f in &filters {
+    let (tp0, cr0, lat0) = (
+        get(Filter::None, Metric::Throughput),
+        get(Filter::None, Metric::ConnRate),
+        get(Filter::None, Metric::Latency),
+    );
+    for f in filters {
         let (tp, cr, lat) = (
             get(*f, Metric::Throughput),
             get(*f, Metric::ConnRate),
             get(*f, Metric::Latency),
-        );
-        let (tp0, cr0, lat0) = (
-            get(Filter::None, Metric::Throughput),
-            get(Filter::None, Metric::ConnRate),
-            get(Filter::None, Metric::Latency),
         );
         if *f == Filter::None {
             let _ = writeln!(table, "| none | {tp:.2} | {} | {lat:.1} |", thousands(cr));
@@ -543,52 +773,88 @@ pub fn run(o: Opts) -> Result<()> {
             );
         }
     }
-    println!(
-        "\nnetpol datapath benchmark: {} rounds × {} s, medians; × none = ratio to no filter \
-         (latency: higher is worse). Took {} s.\n",
-        o.rounds,
-        o.seconds,
-        started.elapsed().as_secs()
-    );
-    println!("{table}");
-    match costs {
-        Ok(c) if !c.is_empty() => {
-            println!(
-                "\nnetpol program cost per packet (BPF run-time statistics, a separate pass after \
-                 the rounds; statistics add ~20-40 ns per run themselves). Each request/response \
-                 crosses 4 program runs (c1 from, c2 to, c2 from, c1 to).\n"
-            );
-            println!("| entries | workload | from_container ns/run | to_container ns/run | runs |");
-            println!("|---|---|---|---|---|");
-            for (f, m, from, to, runs) in c {
-                let n = match f {
-                    Filter::Netpol(n) => thousands(n as f64),
-                    _ => String::new(),
-                };
-                println!(
-                    "| {n} | {m:?} | {from:.0} | {to:.0} | {} |",
-                    thousands(runs as f64)
-                );
-            }
-            println!();
-        }
-        Ok(_) => {}
-        Err(e) => eprintln!("warning: program cost pass failed: {e:#}"),
+    table
+}
+
+/// The issue's targets at one entry count: netpol ≥ 0.95 × no filter (throughput, conn/s, and
+/// request/response rate, i.e. none's latency / netpol's), ≥ the nft set on all three, ≥ 10 ×
+/// iptables-nft in conn/s. `None` where a peer was not measured.
+struct Verdict {
+    n: usize,
+    /// netpol / none: throughput, conn/s, RR rate.
+    vs_none: [f64; 3],
+    vs_nft: Option<[f64; 3]>,
+    conn_vs_iptables: Option<f64>,
+}
+
+impl Verdict {
+    fn met(&self) -> bool {
+        self.vs_none.iter().all(|r| *r >= 0.95)
+            && self.vs_nft.is_none_or(|r| r.iter().all(|r| *r >= 1.0))
+            && self.conn_vs_iptables.is_none_or(|r| r >= 10.0)
     }
-    if let Some(n) = o.entries.iter().max() {
-        let f = Filter::Netpol(*n);
-        let tp = get(f, Metric::Throughput) / get(Filter::None, Metric::Throughput);
-        let cr = get(f, Metric::ConnRate) / get(Filter::None, Metric::ConnRate);
-        let lat = get(Filter::None, Metric::Latency) / get(f, Metric::Latency);
-        let ok = tp >= 0.95 && cr >= 0.95 && lat >= 0.95;
+
+    fn line(&self) -> String {
+        let f = |r: [f64; 3]| format!("throughput {:.2}, conn/s {:.2}, RR {:.2}", r[0], r[1], r[2]);
+        let mut s = format!(
+            "targets at {} entries: × none (≥ 0.95) {}",
+            thousands(self.n as f64),
+            f(self.vs_none)
+        );
+        if let Some(r) = self.vs_nft {
+            let _ = write!(s, "; × nft set (≥ 1.00) {}", f(r));
+        }
+        if let Some(r) = self.conn_vs_iptables {
+            let _ = write!(s, "; conn/s × iptables-nft (≥ 10) {r:.1}");
+        }
+        let _ = write!(s, ": {}", if self.met() { "met" } else { "NOT MET" });
+        s
+    }
+}
+
+fn targets(med: &BTreeMap<(Filter, Metric), f64>, n: usize, peers: &[Peer]) -> Verdict {
+    let get = |f: Filter, m: Metric| med.get(&(f, m)).copied().unwrap_or(f64::NAN);
+    // Higher is better in all three: latency enters as its inverse (the request rate).
+    let ratios = |a: Filter, b: Filter| {
+        [
+            get(a, Metric::Throughput) / get(b, Metric::Throughput),
+            get(a, Metric::ConnRate) / get(b, Metric::ConnRate),
+            get(b, Metric::Latency) / get(a, Metric::Latency),
+        ]
+    };
+    let np = Filter::Netpol(n);
+    Verdict {
+        n,
+        vs_none: ratios(np, Filter::None),
+        vs_nft: peers
+            .contains(&Peer::Nft)
+            .then(|| ratios(np, Filter::Nft(n))),
+        conn_vs_iptables: peers
+            .contains(&Peer::Iptables)
+            .then(|| get(np, Metric::ConnRate) / get(Filter::Iptables(n), Metric::ConnRate)),
+    }
+}
+
+fn print_costs(c: &[Cost]) {
+    println!(
+        "\nnetpol program cost per run (the kernel's BPF run-time statistics, run_time_ns / \
+         run_cnt, in a separate pass after the rounds; the statistics add ~20-40 ns per run \
+         themselves). Each request/response crosses 4 program runs (c1 from, c2 to, c2 from, \
+         c1 to).\n"
+    );
+    println!("| entries | workload | from_container ns/run | to_container ns/run | runs |");
+    println!("|---|---|---|---|---|");
+    for (f, m, from, to, runs) in c {
+        let n = match f {
+            Filter::Netpol(n) => thousands(*n as f64),
+            _ => String::new(),
+        };
         println!(
-            "target at {} entries (≥ 0.95 of no filter): throughput {tp:.2}, conn/s {cr:.2}, \
-             latency {lat:.2} (none/netpol): {}",
-            thousands(*n as f64),
-            if ok { "met" } else { "MISSED" }
+            "| {n} | {m:?} | {from:.0} | {to:.0} | {} |",
+            thousands(*runs as f64)
         );
     }
-    Ok(())
+    println!();
 }
 
 /// `bpf(BPF_ENABLE_STATS, BPF_STATS_RUN_TIME)`: run-time statistics on while the fd is open.

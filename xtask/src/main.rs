@@ -2,6 +2,7 @@
 
 mod bench_agent;
 mod bench_datapath;
+mod bench_flood;
 mod bench_masq6;
 mod dist;
 mod fuzz_datapath;
@@ -57,8 +58,10 @@ enum Fuzz {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// Per-container programs vs no filter vs an iptables FORWARD chain.
+    /// Per-container programs vs no filter, an iptables FORWARD chain and an nftables set.
     Datapath(bench_datapath::Opts),
+    /// Flood isolation: a SYN and a UDP flood at a deny-all container, the other pair measured.
+    Flood(bench_flood::Opts),
     /// IPv6 masquerade: netpol vs ip6tables MASQUERADE vs plain routing.
     Masq6(bench_masq6::Opts),
     /// The agent: reaction time, memory.
@@ -76,6 +79,7 @@ fn main() -> Result<()> {
         },
         Cmd::Bench { which } => match which {
             Bench::Datapath(o) => bench_datapath::run(o),
+            Bench::Flood(o) => bench_flood::run(o),
             Bench::Masq6(o) => bench_masq6::run(o),
             Bench::Agent(o) => bench_agent::run(o),
         },

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod flows;
 pub mod masq;
+pub mod metrics_server;
 mod monitor;
 pub mod nat6;
 mod server;
@@ -118,6 +119,10 @@ pub struct RunArgs {
     /// (TCX if a probe attach succeeds).
     #[arg(long, value_enum, default_value_t)]
     pub attach: AttachArg,
+    /// Serve Prometheus metrics at http://ADDR/metrics: a loopback `IP:PORT`
+    /// (`127.0.0.1:9962`, `[::1]:9962`) or `unix:PATH`. Off by default.
+    #[arg(long, value_name = "ADDR", value_parser = metrics_server::MetricsAddr::parse)]
+    pub metrics: Option<metrics_server::MetricsAddr>,
 }
 
 /// `run --attach`.
@@ -232,6 +237,8 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
         attach: Some(dp.mode()),
     });
     let mut agent = state::Agent::new(Box::new(dp), store, filter, args.policy_dir.clone())?;
+    let metrics = crate::metrics::Metrics::default();
+    agent.set_metrics(metrics.clone());
     agent.set_masq(masq);
     agent.set_audit_all(args.audit);
     if args.audit {
@@ -251,6 +258,15 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
 
     let listener = server::bind(&socket)?;
     tokio::spawn(server::serve(listener, agent.clone(), monitor.clone()));
+    metrics_server::start(
+        args.metrics.as_ref(),
+        metrics_server::Scraper {
+            agent: agent.clone(),
+            stats: Arc::new(crate::datapath::stats::PinnedStats::new(&args.pin_dir)),
+            metrics,
+        },
+    )
+    .await?;
 
     // The host's link events: a new container's veth is policed as soon as it joins a Docker
     // bridge, before Docker reports the container.
@@ -274,7 +290,7 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
         ..DockerConfig::default()
     };
     let (watcher, mut rx) = DockerWatcher::new(cfg, 256);
-    tokio::spawn(watcher.run());
+    tokio::spawn(watcher.with_event_times().run());
 
     let agent_docker = agent.clone();
     tokio::spawn(async move {

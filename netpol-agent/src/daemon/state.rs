@@ -80,6 +80,8 @@ pub struct Agent {
     /// The last desired state built from Docker's world, without provisional endpoints: a link
     /// event re-reconciles against it without recompiling policy.
     last_base: Option<Desired>,
+    /// Durations for `run --metrics`.
+    metrics: crate::metrics::Metrics,
 }
 
 impl Agent {
@@ -120,7 +122,32 @@ impl Agent {
             audit_all: false,
             host_links: BTreeMap::new(),
             last_base: None,
+            metrics: crate::metrics::Metrics::default(),
         })
+    }
+
+    pub fn set_metrics(&mut self, metrics: crate::metrics::Metrics) {
+        self.metrics = metrics;
+    }
+
+    /// The endpoint names and Docker's state, for one metrics scrape.
+    pub fn metrics_view(&self) -> crate::metrics::AgentView {
+        crate::metrics::AgentView {
+            endpoints: self
+                .names
+                .iter()
+                .map(|(&ifindex, (container, id))| {
+                    (
+                        ifindex,
+                        crate::metrics::EndpointName {
+                            container: container.clone(),
+                            identity: self.identity_name(*id),
+                        },
+                    )
+                })
+                .collect(),
+            docker_connected: self.docker_synced && self.docker_status.starts_with("connected"),
+        }
     }
 
     /// `run --audit`: every container's enforced directions report what policy would drop
@@ -397,7 +424,10 @@ impl Agent {
     /// and remembers `base` for link events.
     fn reconcile_base(&mut self, base: Desired) -> Result<usize, AgentError> {
         let full = self.with_provisional(base.clone());
-        let n = self.reconciler.reconcile(self.dp.as_mut(), &full)?;
+        let started = std::time::Instant::now();
+        let n = self.reconciler.reconcile(self.dp.as_mut(), &full);
+        self.metrics.observe_reconcile(started.elapsed());
+        let n = n?;
         self.last_base = Some(base);
         Ok(n)
     }
@@ -506,6 +536,10 @@ impl Agent {
 
     pub fn on_docker(&mut self, ev: DockerEvent) {
         match ev {
+            DockerEvent::At { time, event } => {
+                self.on_docker(*event);
+                self.metrics.observe_docker_lag(time);
+            }
             DockerEvent::Snapshot {
                 containers,
                 networks,

@@ -4,6 +4,7 @@
 pub mod fake;
 pub mod kernel;
 pub mod masq6;
+pub mod stats;
 pub mod teardown;
 
 use std::{

@@ -567,12 +567,19 @@ struct Harness {
 
 impl Harness {
     fn start(docker: FakeDocker) -> Self {
+        Self::start_with(docker, false)
+    }
+
+    fn start_with(docker: FakeDocker, event_times: bool) -> Self {
         let config = DockerConfig {
             backoff_min: Duration::from_millis(5),
             backoff_max: Duration::from_millis(20),
             ..DockerConfig::default()
         };
-        let (watcher, rx) = DockerWatcher::with_api(docker.clone(), FakeVeths, config, 16);
+        let (mut watcher, rx) = DockerWatcher::with_api(docker.clone(), FakeVeths, config, 16);
+        if event_times {
+            watcher = watcher.with_event_times();
+        }
         let task = tokio::spawn(watcher.run());
         Self { docker, rx, task }
     }
@@ -914,4 +921,30 @@ fn since_is_sent_as_unix_time() {
         fallback.parse::<u64>().is_ok_and(|s| s > 1_700_000_000),
         "{fallback}"
     );
+}
+
+#[tokio::test]
+async fn with_event_times_what_an_event_causes_carries_its_time() {
+    let docker = daemon_with(vec![]);
+    let mut h = Harness::start_with(docker.clone(), true);
+    // The snapshot comes from no event: not wrapped.
+    assert!(matches!(h.next().await, DockerEvent::Snapshot { .. }));
+    let a = app(
+        'a',
+        true,
+        &[(BACKEND.0, BACKEND.1, "172.20.0.5", "02:42:ac:14:00:05")],
+    );
+    let id = a.id.clone().unwrap();
+    docker.put(a);
+    docker.emit(container_event("start", &id));
+    let DockerEvent::At { time, event } = h.next().await else {
+        panic!("expected At")
+    };
+    // The fixture's timeNano.
+    assert_eq!(
+        time,
+        std::time::UNIX_EPOCH + Duration::from_nanos(1_714_557_600_000_000_000)
+    );
+    assert!(matches!(*event, DockerEvent::ContainerUp(ref c) if c.id == id));
+    h.quiet().await;
 }

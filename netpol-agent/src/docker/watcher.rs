@@ -66,6 +66,12 @@ pub enum DockerEvent {
     NetworksChanged(Vec<Network>),
     /// Docker is unreachable or its event stream broke; a `Snapshot` follows on reconnect.
     Disconnected(String),
+    /// `event`, caused by a Docker event of this time (only from a watcher made
+    /// [`DockerWatcher::with_event_times`]): the agent measures how long it took to apply it.
+    At {
+        time: std::time::SystemTime,
+        event: Box<DockerEvent>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -376,6 +382,16 @@ pub enum Action {
 
 /// Maps one Docker event to what the watcher must do; `None` for events that change nothing
 /// netpol cares about.
+/// When Docker says an event happened (`timeNano`, else `time`).
+fn event_time(ev: &EventMessage) -> Option<std::time::SystemTime> {
+    let ns = match (ev.time_nano, ev.time) {
+        (Some(ns), _) if ns > 0 => u64::try_from(ns).ok()?,
+        (_, Some(s)) if s > 0 => u64::try_from(s).ok()?.checked_mul(1_000_000_000)?,
+        _ => return None,
+    };
+    std::time::UNIX_EPOCH.checked_add(Duration::from_nanos(ns))
+}
+
 pub fn classify(ev: &EventMessage) -> Option<Action> {
     let action = ev.action.as_deref()?;
     // Some actions carry a suffix ("exec_start: sh", "health_status: healthy").
@@ -411,6 +427,10 @@ pub struct DockerWatcher<A = BollardApi, V = NetlinkVeths> {
     networks: BTreeMap<String, Network>,
     /// Image id → its `netpol.*` labels (an image id names immutable content).
     images: BTreeMap<String, BTreeMap<String, String>>,
+    /// Wrap what a Docker event causes in [`DockerEvent::At`].
+    event_times: bool,
+    /// The time of the Docker event being applied.
+    event_time: Option<std::time::SystemTime>,
 }
 
 /// Why a session ended.
@@ -451,8 +471,16 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
             containers: BTreeMap::new(),
             networks: BTreeMap::new(),
             images: BTreeMap::new(),
+            event_times: false,
+            event_time: None,
         };
         (watcher, rx)
+    }
+
+    /// Sends what each Docker event causes as [`DockerEvent::At`] its time.
+    pub fn with_event_times(mut self) -> Self {
+        self.event_times = true;
+        self
     }
 
     /// Watches until the receiver is dropped.
@@ -534,7 +562,10 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
                 continue;
             };
             tracing::debug!(?action, "Docker event");
-            match self.apply(action).await {
+            self.event_time = event_time(&ev);
+            let applied = self.apply(action).await;
+            self.event_time = None;
+            match applied {
                 Ok(Ok(())) => {}
                 Ok(Err(Closed)) => return SessionEnd::Closed,
                 Err(e) => return SessionEnd::Failed(e),
@@ -602,6 +633,13 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
     }
 
     async fn send(&self, ev: DockerEvent) -> Result<(), Closed> {
+        let ev = match self.event_time {
+            Some(time) if self.event_times => DockerEvent::At {
+                time,
+                event: Box::new(ev),
+            },
+            _ => ev,
+        };
         self.tx.send(ev).await.map_err(|_| Closed)
     }
 

@@ -218,6 +218,9 @@ pub enum Outcome {
     NotEnforced,
     Allowed,
     Denied,
+    /// Policy denies it, but the endpoint is in audit mode in this direction: it passes and is
+    /// reported as AUDIT.
+    Audited,
 }
 
 /// One half of a trace.
@@ -257,15 +260,16 @@ pub struct Trace {
     pub protocol: String,
     /// The destination port, or the ICMP type.
     pub port: u16,
-    /// `allowed` or `denied`.
+    /// `allowed`, `denied`, or `audited` (policy denies it, audit mode lets it pass).
     pub verdict: String,
     pub egress: Half,
     pub ingress: Half,
 }
 
 impl Trace {
+    /// Whether the connection gets through now (allowed, or denied but audited).
     pub fn allowed(&self) -> bool {
-        self.verdict == "allowed"
+        self.verdict != "denied"
     }
 
     /// The text for people.
@@ -757,6 +761,11 @@ impl World {
                 );
             }
         }
+        if h.outcome == Outcome::Denied && ep.audits(dir) {
+            h.outcome = Outcome::Audited;
+            h.why
+                .push_str(" — audit mode: it passes and is reported as AUDIT");
+        }
         h
     }
 
@@ -776,7 +785,13 @@ impl World {
         };
         let egress = self.half(Direction::Egress, &a, &b, proto, port);
         let ingress = self.half(Direction::Ingress, &b, &a, proto, port);
-        let allowed = egress.passes() && ingress.passes();
+        let verdict = if !egress.passes() || !ingress.passes() {
+            "denied"
+        } else if egress.outcome == Outcome::Audited || ingress.outcome == Outcome::Audited {
+            "audited"
+        } else {
+            "allowed"
+        };
         Ok(Trace {
             from: a.name,
             to: b.name,
@@ -786,7 +801,7 @@ impl World {
             to_identity: b.identity,
             protocol: proto_name(proto).into(),
             port,
-            verdict: if allowed { "allowed" } else { "denied" }.into(),
+            verdict: verdict.into(),
             egress,
             ingress,
         })
@@ -850,6 +865,12 @@ impl World {
         }
     }
 
+    /// Whether a half of `a` to `b` is enforced in audit mode.
+    fn audited(a: &Side, b: &Side) -> bool {
+        let on = |s: &Side, d: Direction| s.endpoint.is_some_and(|e| e.enforces(d) && e.audits(d));
+        on(a, Direction::Egress) || on(b, Direction::Ingress)
+    }
+
     /// What may go from `a` to `b`: both halves' port sets intersected.
     fn cell(&self, a: &Side, b: &Side, v6: bool) -> PortSet {
         self.half_ports(Direction::Egress, a, b, v6)
@@ -866,6 +887,7 @@ impl World {
             from_addr: a.addr.map(|x| x.to_string()),
             to_addr: b.addr.map(|x| x.to_string()),
             text: String::new(),
+            audit: Self::audited(&a, &b),
         }
         .rendered())
     }
@@ -943,6 +965,7 @@ impl World {
                         from_addr: a.addr.map(|x| x.to_string()),
                         to_addr: b.addr.map(|x| x.to_string()),
                         text: String::new(),
+                        audit: Self::audited(&a, &b),
                     },
                     // No common address family: nothing can connect.
                     Err(TraceError::NoCommonFamily { .. }) => Cell {
@@ -952,6 +975,7 @@ impl World {
                         from_addr: None,
                         to_addr: None,
                         text: String::new(),
+                        audit: false,
                     },
                     Err(e) => return Err(e),
                 };
@@ -991,14 +1015,21 @@ pub struct Cell {
     /// The addresses the cell was computed for.
     pub from_addr: Option<String>,
     pub to_addr: Option<String>,
+    /// What policy allows (in audit mode more passes: see `audit`).
     pub ports: PortSet,
-    /// [`PortSet::render`].
+    /// A half is in audit mode: what policy denies passes for now (and is reported).
+    #[serde(default)]
+    pub audit: bool,
+    /// [`PortSet::render`], with ` (audit)` when `audit`.
     pub text: String,
 }
 
 impl Cell {
     fn rendered(mut self) -> Self {
         self.text = self.ports.render();
+        if self.audit && !self.ports.is_all() {
+            self.text.push_str(" (audit)");
+        }
         self
     }
 }

@@ -519,3 +519,32 @@ fn an_ipv6_only_peer_is_traced_over_ipv6() {
     let m = w.matrix(Some("shop")).expect("matrix");
     assert_eq!(m.get("app2", "db").expect("cell").text, "-");
 }
+
+#[test]
+fn audit_mode_passes_what_policy_denies_and_says_so() {
+    let mut w = world(DB_POLICY, &shop());
+    let db = w.containers[0].attachments[0].ifindex.expect("veth");
+    let ep = w.maps.endpoints[&db];
+    w.maps.endpoints.insert(db, ep.audit(true, false));
+    let t = trace(&w, "app2", "db:5432");
+    assert_eq!(t.verdict, "audited");
+    assert!(t.allowed());
+    assert_eq!(t.ingress.outcome, Outcome::Audited);
+    assert!(
+        t.ingress
+            .why
+            .contains("denied by db-ingress ingressDeny[0]"),
+        "{}",
+        t.ingress.why
+    );
+    assert!(t
+        .ingress
+        .why
+        .ends_with("audit mode: it passes and is reported as AUDIT"));
+    assert_eq!(trace(&w, "app1", "db:5432").verdict, "allowed");
+    let m = w.matrix(Some("shop")).expect("matrix");
+    let cell = m.get("app1", "db").expect("cell");
+    assert!(cell.audit);
+    assert_eq!(cell.text, "5432/tcp (audit)");
+    assert_eq!(m.get("app1", "app2").expect("cell").text, "*");
+}

@@ -1,0 +1,166 @@
+//! The datapath's counters and fill levels, read from the pinned maps for the metrics
+//! (`run --metrics`). Opened from the pins by path, apart from [`super::kernel::KernelDatapath`],
+//! so that a scrape never holds the agent: the reads run on a blocking thread while the agent
+//! goes on reconciling. Read only: nothing here writes a map.
+
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Map, MapData, PerCpuArray, PerCpuHashMap};
+use netpol_common::{epdrop::EpDropKey, maps, DropReason};
+
+use super::DatapathError;
+
+/// Maps whose fill level is reported: everything the agent or the programs add entries to.
+pub const FILL_MAPS: &[&str] = &[
+    maps::ENDPOINTS,
+    maps::IPCACHE4,
+    maps::IPCACHE6,
+    maps::POLICY,
+    maps::CT4,
+    maps::CT6,
+    maps::CT4_NEW,
+    maps::CT6_NEW,
+    maps::FRAG4,
+    maps::FRAG6,
+    maps::SNAT6,
+    maps::EP_DROPS,
+];
+
+/// One map's fill level.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fill {
+    pub map: &'static str,
+    pub entries: u64,
+    pub max_entries: u64,
+}
+
+/// What one read of the pinned maps found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    /// `DROPS`, summed over CPUs, by reason number (every reason, zeros included).
+    pub drops: BTreeMap<u8, u64>,
+    /// `EP_DROPS`, summed over CPUs.
+    pub ep_drops: BTreeMap<EpDropKey, u64>,
+    /// Maps of [`FILL_MAPS`] that are pinned (the masquerade's only exist while it runs).
+    pub fill: Vec<Fill>,
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+/// Reads the pinned maps under one pin directory.
+pub struct PinnedStats {
+    pin_dir: PathBuf,
+}
+
+impl PinnedStats {
+    pub fn new(pin_dir: impl AsRef<Path>) -> Self {
+        Self {
+            pin_dir: pin_dir.as_ref().to_path_buf(),
+        }
+    }
+
+    fn open(&self, name: &'static str) -> Result<MapData, DatapathError> {
+        MapData::from_pin(self.pin_dir.join(name)).map_err(map_err(name))
+    }
+
+    /// Reads every counter and fill level. Blocking (one system call per map entry for the fill
+    /// levels): run it off the async threads.
+    pub fn read(&self) -> Result<KernelStats, DatapathError> {
+        let mut out = KernelStats::default();
+        let drops = Map::from_map_data(self.open(maps::DROPS)?).map_err(map_err(maps::DROPS))?;
+        let drops: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(drops).map_err(map_err(maps::DROPS))?;
+        for r in DropReason::ALL {
+            let v = drops.get(&(r as u32), 0).map_err(map_err(maps::DROPS))?;
+            out.drops.insert(r as u8, v.iter().sum());
+        }
+        let ep = Map::from_map_data(self.open(maps::EP_DROPS)?).map_err(map_err(maps::EP_DROPS))?;
+        let ep: PerCpuHashMap<_, EpDropKey, u64> =
+            PerCpuHashMap::try_from(ep).map_err(map_err(maps::EP_DROPS))?;
+        for item in ep.iter() {
+            match item {
+                Ok((k, v)) => {
+                    out.ep_drops.insert(k, v.iter().sum());
+                }
+                // A key removed between listing and reading it: its endpoint went.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::EP_DROPS)(e)),
+            }
+        }
+        for name in FILL_MAPS {
+            let path = self.pin_dir.join(name);
+            if !path.exists() {
+                continue;
+            }
+            let map = MapData::from_pin(&path).map_err(map_err(name))?;
+            let info = map.info().map_err(map_err(name))?;
+            let max_entries = u64::from(info.max_entries());
+            let entries = count_keys(map.fd().as_fd(), info.key_size() as usize, max_entries)
+                .map_err(DatapathError::Io)?;
+            out.fill.push(Fill {
+                map: name,
+                entries,
+                max_entries,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// `bpf_attr` for `BPF_MAP_GET_NEXT_KEY`.
+#[repr(C)]
+struct NextKeyAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    next_key: u64,
+    flags: u64,
+}
+
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// Counts a map's keys with `BPF_MAP_GET_NEXT_KEY`, whatever their type (hash, LRU, LPM trie),
+/// at most `max` (a key deleted under the walk restarts it from the first key, so a map that
+/// changes meanwhile gives an approximate count, never more than its size).
+fn count_keys(fd: std::os::fd::BorrowedFd<'_>, key_size: usize, max: u64) -> std::io::Result<u64> {
+    let mut cur = vec![0u8; key_size.max(1)];
+    let mut next = vec![0u8; key_size.max(1)];
+    let mut n: u64 = 0;
+    let mut first = true;
+    while n < max {
+        let attr = NextKeyAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: if first { 0 } else { cur.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: `attr` is a valid bpf_attr prefix for this command; both key buffers are
+        // `key_size` bytes and live across the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                &attr as *const NextKeyAttr,
+                size_of::<NextKeyAttr>() as libc::c_uint,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                return Ok(n);
+            }
+            return Err(e);
+        }
+        n += 1;
+        first = false;
+        std::mem::swap(&mut cur, &mut next);
+    }
+    Ok(n)
+}
