@@ -1,15 +1,18 @@
-//! Connection tracking: `CT4_NEW` / `CT6_NEW` (flows not yet established) and `CT4_V2` /
-//! `CT6_V2` (established flows), LRU hashes with the same key and value.
+//! Connection tracking: `CT4_NEW_V3` / `CT6_NEW_V3` (flows not yet established) and `CT4_V3` /
+//! `CT6_V3` (established flows), LRU hashes with the same key and value.
 //!
-//! An entry is keyed by the tuple of the packet that opened the flow, as seen at the endpoint that
-//! admitted it, plus the side that admitted it: [`CtDir::Egress`] when the container opened it
-//! (`from_container`), [`CtDir::Ingress`] when it was delivered to the container
-//! (`to_container`). A packet is part of an established flow when its own tuple is in the map with
-//! the direction of the program that sees it, or when its reversed tuple is there with the other
-//! direction (a reply). ICMP echo uses the identifier as source port of the request and
-//! destination port of the reply, so a reply reverses onto its request.
+//! One entry per flow and endpoint, for both directions: the key is the flow's tuple as the
+//! endpoint sees it, its own side first — (local address, remote address, local port, remote
+//! port, protocol) — so a packet the container sends (`from_container`: local = source) and one
+//! delivered to it (`to_container`: local = destination) of the same flow find the same entry
+//! with one lookup. The entry says which side opened the flow ([`CtEntry::dir`]:
+//! [`CtDir::Egress`] when the container opened it, [`CtDir::Ingress`] when it was delivered to
+//! it); a packet going the other way is a reply. ICMP echo uses the identifier as source port of
+//! the request and destination port of the reply, so a reply keys onto its request.
 
-/// Which program admitted a flow.
+use crate::Direction;
+
+/// Which program admitted a flow (the side that opened it).
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CtDir {
@@ -17,115 +20,114 @@ pub enum CtDir {
     Egress = 1,
 }
 
+impl CtDir {
+    #[inline(always)]
+    pub const fn of(dir: Direction) -> Self {
+        match dir {
+            Direction::Egress => Self::Egress,
+            Direction::Ingress => Self::Ingress,
+        }
+    }
+}
+
 /// 4-byte aligned (same layout): the datapath builds keys with word stores, not byte copies.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey4 {
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
-    sport: [u8; 2],
-    dport: [u8; 2],
+    /// The endpoint's own address.
+    pub local: [u8; 4],
+    pub remote: [u8; 4],
+    lport: [u8; 2],
+    rport: [u8; 2],
     pub proto: u8,
-    pub dir: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 3],
 }
 
 impl CtKey4 {
     #[inline(always)]
-    pub const fn new(
-        saddr: [u8; 4],
-        daddr: [u8; 4],
+    pub const fn new(local: [u8; 4], remote: [u8; 4], lport: u16, rport: u16, proto: u8) -> Self {
+        Self {
+            local,
+            remote,
+            lport: lport.to_be_bytes(),
+            rport: rport.to_be_bytes(),
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The key of a packet `s → d` that the endpoint sends (`Egress`) or receives (`Ingress`).
+    #[inline(always)]
+    pub const fn of_packet(
+        s: [u8; 4],
+        d: [u8; 4],
         sport: u16,
         dport: u16,
         proto: u8,
-        dir: CtDir,
+        dir: Direction,
     ) -> Self {
-        Self {
-            saddr,
-            daddr,
-            sport: sport.to_be_bytes(),
-            dport: dport.to_be_bytes(),
-            proto,
-            dir: dir as u8,
-            _pad: [0; 2],
+        match dir {
+            Direction::Egress => Self::new(s, d, sport, dport, proto),
+            Direction::Ingress => Self::new(d, s, dport, sport, proto),
         }
     }
 
-    /// The tuple of a reply, admitted by the other side.
-    #[inline(always)]
-    pub const fn reversed(&self, dir: CtDir) -> Self {
-        Self {
-            saddr: self.daddr,
-            daddr: self.saddr,
-            sport: self.dport,
-            dport: self.sport,
-            proto: self.proto,
-            dir: dir as u8,
-            _pad: [0; 2],
-        }
+    pub const fn lport(&self) -> u16 {
+        u16::from_be_bytes(self.lport)
     }
 
-    pub const fn sport(&self) -> u16 {
-        u16::from_be_bytes(self.sport)
-    }
-
-    pub const fn dport(&self) -> u16 {
-        u16::from_be_bytes(self.dport)
+    pub const fn rport(&self) -> u16 {
+        u16::from_be_bytes(self.rport)
     }
 }
 
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey6 {
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    sport: [u8; 2],
-    dport: [u8; 2],
+    /// The endpoint's own address.
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    lport: [u8; 2],
+    rport: [u8; 2],
     pub proto: u8,
-    pub dir: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 3],
 }
 
 impl CtKey6 {
     #[inline(always)]
-    pub const fn new(
-        saddr: [u8; 16],
-        daddr: [u8; 16],
+    pub const fn new(local: [u8; 16], remote: [u8; 16], lport: u16, rport: u16, proto: u8) -> Self {
+        Self {
+            local,
+            remote,
+            lport: lport.to_be_bytes(),
+            rport: rport.to_be_bytes(),
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The key of a packet `s → d` that the endpoint sends (`Egress`) or receives (`Ingress`).
+    #[inline(always)]
+    pub const fn of_packet(
+        s: [u8; 16],
+        d: [u8; 16],
         sport: u16,
         dport: u16,
         proto: u8,
-        dir: CtDir,
+        dir: Direction,
     ) -> Self {
-        Self {
-            saddr,
-            daddr,
-            sport: sport.to_be_bytes(),
-            dport: dport.to_be_bytes(),
-            proto,
-            dir: dir as u8,
-            _pad: [0; 2],
+        match dir {
+            Direction::Egress => Self::new(s, d, sport, dport, proto),
+            Direction::Ingress => Self::new(d, s, dport, sport, proto),
         }
     }
 
-    #[inline(always)]
-    pub const fn reversed(&self, dir: CtDir) -> Self {
-        Self {
-            saddr: self.daddr,
-            daddr: self.saddr,
-            sport: self.dport,
-            dport: self.sport,
-            proto: self.proto,
-            dir: dir as u8,
-            _pad: [0; 2],
-        }
+    pub const fn lport(&self) -> u16 {
+        u16::from_be_bytes(self.lport)
     }
 
-    pub const fn sport(&self) -> u16 {
-        u16::from_be_bytes(self.sport)
-    }
-
-    pub const fn dport(&self) -> u16 {
-        u16::from_be_bytes(self.dport)
+    pub const fn rport(&self) -> u16 {
+        u16::from_be_bytes(self.rport)
     }
 }
 
@@ -158,7 +160,9 @@ pub struct CtEntry {
     /// no check.
     pub remote_ifindex: u32,
     pub remote_bridge: u32,
-    pub _pad: u32,
+    /// The side that opened the flow ([`CtDir`] as a byte): a packet the other way is a reply.
+    pub dir: u8,
+    pub _pad: [u8; 3],
 }
 
 impl CtEntry {
@@ -175,7 +179,8 @@ impl CtEntry {
     /// outlive it.
     pub const AUDIT: u32 = 1 << 4;
 
-    /// A new entry for a flow admitted on endpoint `ifindex` / `identity` with `remote`.
+    /// A new entry for a flow opened from side `dir` and admitted on endpoint `ifindex` /
+    /// `identity` with `remote`.
     #[inline(always)]
     pub const fn new(
         now: u64,
@@ -184,6 +189,7 @@ impl CtEntry {
         ifindex: u32,
         identity: u32,
         remote: &crate::ipcache::RemoteInfo,
+        dir: CtDir,
     ) -> Self {
         Self {
             expires_ns: now + lifetime(proto, 0, false) * NS,
@@ -194,8 +200,15 @@ impl CtEntry {
             remote_identity: remote.identity,
             remote_ifindex: remote.ifindex,
             remote_bridge: remote.bridge_ifindex,
-            _pad: 0,
+            dir: dir as u8,
+            _pad: [0; 3],
         }
+    }
+
+    /// Whether a packet seen in `dir` goes against the flow's opening direction.
+    #[inline(always)]
+    pub const fn is_reply(&self, dir: Direction) -> bool {
+        self.dir != CtDir::of(dir) as u8
     }
 
     /// Whether this entry may serve a packet seen on endpoint `ifindex` with `identity`.
@@ -357,12 +370,20 @@ pub const fn update(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ipcache::RemoteInfo, proto};
+    use crate::{ipcache::RemoteInfo, proto, Direction};
 
     const T: u64 = 1_000 * NS;
 
     fn entry(p: u8) -> CtEntry {
-        CtEntry::new(T, p, 7, 10, 300, &RemoteInfo::container(301, 11, 2))
+        CtEntry::new(
+            T,
+            p,
+            7,
+            10,
+            300,
+            &RemoteInfo::container(301, 11, 2),
+            CtDir::Ingress,
+        )
     }
 
     #[test]
@@ -396,7 +417,7 @@ mod tests {
             "the address is no longer a container's"
         );
         let world = RemoteInfo::new(2);
-        let w = CtEntry::new(T, proto::TCP, 7, 10, 300, &world);
+        let w = CtEntry::new(T, proto::TCP, 7, 10, 300, &world, CtDir::Ingress);
         assert!(
             w.serves(10, 300, Some((99, &world))),
             "not a container: no check"
@@ -409,6 +430,23 @@ mod tests {
             !w.serves(10, 300, Some((2, &app))),
             "the address became a container's since"
         );
+    }
+
+    #[test]
+    fn both_directions_of_a_flow_share_one_key() {
+        let (e, p) = ([10, 0, 0, 2], [10, 0, 0, 3]);
+        let out = CtKey4::of_packet(e, p, 40000, 80, proto::TCP, Direction::Egress);
+        let back = CtKey4::of_packet(p, e, 80, 40000, proto::TCP, Direction::Ingress);
+        assert_eq!(out, back);
+        assert_eq!((out.local, out.lport(), out.rport()), (e, 40000, 80));
+        let (e6, p6) = ([1; 16], [2; 16]);
+        assert_eq!(
+            CtKey6::of_packet(e6, p6, 1, 2, proto::UDP, Direction::Egress),
+            CtKey6::of_packet(p6, e6, 2, 1, proto::UDP, Direction::Ingress)
+        );
+        let opened_out = CtEntry::new(T, proto::TCP, 0, 1, 2, &RemoteInfo::new(2), CtDir::Egress);
+        assert!(!opened_out.is_reply(Direction::Egress));
+        assert!(opened_out.is_reply(Direction::Ingress));
     }
 
     #[test]

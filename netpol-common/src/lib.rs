@@ -33,12 +33,13 @@ pub mod maps {
     pub const IPCACHE4: &str = "IPCACHE4_V2";
     pub const IPCACHE6: &str = "IPCACHE6_V2";
     pub const POLICY: &str = "POLICY";
-    /// Established flows (`CtEntry` v2, with the endpoint and remote it was made for).
-    pub const CT4: &str = "CT4_V2";
-    pub const CT6: &str = "CT6_V2";
+    /// Established flows (v3: one entry per flow for both directions, keyed from the
+    /// endpoint's side, the opening side in the entry).
+    pub const CT4: &str = "CT4_V3";
+    pub const CT6: &str = "CT6_V3";
     /// Flows not established yet (same layout as `CT4` / `CT6`).
-    pub const CT4_NEW: &str = "CT4_NEW";
-    pub const CT6_NEW: &str = "CT6_NEW";
+    pub const CT4_NEW: &str = "CT4_NEW_V3";
+    pub const CT6_NEW: &str = "CT6_NEW_V3";
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU drop counters, [`crate::DropReason::COUNT`] slots (`_V2`: 64 slots instead of
     /// one per reason, so that adding a reason needs no new layout).
@@ -96,7 +97,16 @@ pub mod maps {
         /// `CtEntry` v1: `{ expires_ns: u64, flags: u32, rule: u32 }`.
         pub const CT4: &str = "CT4";
         pub const CT6: &str = "CT6";
-        pub const ALL: &[&str] = &[IPCACHE4, IPCACHE6, CT4, CT6];
+        /// Conntrack v2: keyed by the opening packet's tuple and the side that admitted it
+        /// (`{ saddr, daddr, sport, dport, proto, dir, _pad: [u8; 2] }`), `CtEntry` without
+        /// its `dir`; established (`CT4_V2`) and new (`CT4_NEW`) tables.
+        pub const CT4_V2: &str = "CT4_V2";
+        pub const CT6_V2: &str = "CT6_V2";
+        pub const CT4_NEW_V2: &str = "CT4_NEW";
+        pub const CT6_NEW_V2: &str = "CT6_NEW";
+        pub const ALL: &[&str] = &[
+            IPCACHE4, IPCACHE6, CT4, CT6, CT4_V2, CT6_V2, CT4_NEW_V2, CT6_NEW_V2,
+        ];
     }
 }
 

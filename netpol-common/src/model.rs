@@ -607,17 +607,16 @@ fn is_local(ep: &Endpoint, fam: Fam, a: &Addr) -> bool {
     }
 }
 
-fn ct_dirs(dir: Direction) -> (CtDir, CtDir) {
-    match dir {
-        Direction::Egress => (CtDir::Egress, CtDir::Ingress),
-        Direction::Ingress => (CtDir::Ingress, CtDir::Egress),
-    }
-}
-
-fn key(fam: Fam, s: Addr, d: Addr, sport: u16, dport: u16, proto: u8, dir: CtDir) -> CtKey {
+/// The conntrack key of a packet `s → d` the endpoint sends (`Egress`) or receives: its own
+/// address and port first, so both directions of a flow have one key.
+fn key(fam: Fam, s: Addr, d: Addr, sport: u16, dport: u16, proto: u8, dir: Direction) -> CtKey {
+    let (l, r, lp, rp) = match dir {
+        Direction::Egress => (s, d, sport, dport),
+        Direction::Ingress => (d, s, dport, sport),
+    };
     match fam {
-        Fam::V4 => CtKey::V4(CtKey4::new(s.a4(), d.a4(), sport, dport, proto, dir)),
-        Fam::V6 => CtKey::V6(CtKey6::new(s.0, d.0, sport, dport, proto, dir)),
+        Fam::V4 => CtKey::V4(CtKey4::new(l.a4(), r.a4(), lp, rp, proto)),
+        Fam::V6 => CtKey::V6(CtKey6::new(l.0, r.0, lp, rp, proto)),
     }
 }
 
@@ -630,13 +629,6 @@ fn frag_key(p: &Pkt) -> FragKey {
             p.frag.proto,
         )),
         Fam::V6 => FragKey::V6(Frag6Key::new(p.s.0, p.d.0, p.frag.id, p.frag.proto)),
-    }
-}
-
-fn reversed(k: &CtKey, dir: CtDir) -> CtKey {
-    match k {
-        CtKey::V4(k) => CtKey::V4(k.reversed(dir)),
-        CtKey::V6(k) => CtKey::V6(k.reversed(dir)),
     }
 }
 
@@ -711,15 +703,31 @@ impl World {
         crate::ipcache::resolve(hit)
     }
 
-    /// A live entry for `k` in one table that serves `o` is hit by a packet of its flow:
+    /// A live entry for `k` in one table that serves `o` is hit by a packet of its flow (a
+    /// reply when it goes against the entry's opening side; a SYN-ACK only as a reply):
     /// `ct::update` applies (flags, lifetime, promotion to the established table).
-    fn ct_hit(&mut self, k: &CtKey, p: &Pkt, reply: bool, est: bool, o: Owner, now: u64) -> bool {
+    fn ct_hit(
+        &mut self,
+        k: &CtKey,
+        p: &Pkt,
+        dir: Direction,
+        est: bool,
+        o: Owner,
+        now: u64,
+    ) -> bool {
         let Some(e) = self.ct_get_mut(k, est) else {
             return false;
         };
         if e.expires_ns < now
             || !e.serves(o.ifindex, o.identity, o.from_remote.map(|i| (i, &o.remote)))
         {
+            return false;
+        }
+        let reply = e.is_reply(dir);
+        // A SYN-ACK answers a flow: it never passes in the direction that opened it.
+        let syn_ack =
+            p.proto == proto::TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+        if syn_ack && !reply {
             return false;
         }
         let u = ct::update(e, now, p.proto, p.tcp_flags, reply, est);
@@ -749,24 +757,11 @@ impl World {
         })
     }
 
-    /// Step 5 for a packet of a flow (not a bare SYN): its own entry, or the reversed one (a
-    /// reply), established table first.
+    /// Step 5 for a packet of a flow (not a bare SYN): the flow's entry (one for both
+    /// directions), established table first.
     fn established(&mut self, p: &Pkt, dir: Direction, o: Owner, now: u64) -> bool {
-        let (mine, other) = ct_dirs(dir);
-        let k = key(p.fam, p.s, p.d, p.sport, p.dport, p.proto, mine);
-        let r = reversed(&k, other);
-        // A SYN-ACK answers a flow: only the reversed entry matches.
-        let syn_ack =
-            p.proto == proto::TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
-        for est in [true, false] {
-            if !syn_ack && self.ct_hit(&k, p, false, est, o, now) {
-                return true;
-            }
-            if self.ct_hit(&r, p, true, est, o, now) {
-                return true;
-            }
-        }
-        false
+        let k = key(p.fam, p.s, p.d, p.sport, p.dport, p.proto, dir);
+        self.ct_hit(&k, p, dir, true, o, now) || self.ct_hit(&k, p, dir, false, o, now)
     }
 
     /// Runs `frame` through `from_container` (`Direction::Egress`) or `to_container`
@@ -1014,13 +1009,10 @@ impl World {
                     Direction::Egress => i.d == p.s,
                     Direction::Ingress => i.s == p.d,
                 };
-                // The quoted packet travelled the other way: its reverse is the flow's.
-                let (mine, other) = ct_dirs(dir);
-                let k = key(fam, i.d, i.s, i.dport, i.sport, i.proto, mine);
-                if ours
-                    && (self.ct_live(&k, owner, now)
-                        || self.ct_live(&reversed(&k, other), owner, now))
-                {
+                // The quoted packet travelled the other way: its reverse is a packet of the flow
+                // in this direction.
+                let k = key(fam, i.d, i.s, i.dport, i.sport, i.proto, dir);
+                if ours && self.ct_live(&k, owner, now) {
                     return Ok(Why::Related);
                 }
             }
@@ -1048,17 +1040,21 @@ impl World {
             }
         }
         if local && matches!(p.kind, Kind::Ports | Kind::EchoRequest | Kind::Other) {
-            let (mine, _) = ct_dirs(dir);
-            let k = key(fam, p.s, p.d, p.sport, p.dport, p.proto, mine);
+            let k = key(fam, p.s, p.d, p.sport, p.dport, p.proto, dir);
             // A SYN that reopens a tuple replaces the established entry it may have left.
             if opens {
                 self.ct_del(&k, true);
             }
-            self.ct_put(
-                k,
-                CtEntry::new(now, p.proto, rule, owner.ifindex, ep.identity, &info),
-                false,
+            let e = CtEntry::new(
+                now,
+                p.proto,
+                rule,
+                owner.ifindex,
+                ep.identity,
+                &info,
+                CtDir::of(dir),
             );
+            self.ct_put(k, e, false);
         }
         Ok(if enforced {
             Why::Allowed
@@ -1131,16 +1127,12 @@ mod tests {
             w.run_via(1, 2, Direction::Ingress, &syn, NOW),
             Verdict::Pass(Why::Allowed)
         );
-        let k = CtKey::V4(CtKey4::new(
-            APP,
-            DB,
-            40000,
-            5432,
-            proto::TCP,
-            CtDir::Ingress,
-        ));
+        let k = CtKey::V4(CtKey4::new(DB, APP, 5432, 40000, proto::TCP));
         let e = *w.ct_get(&k, false).expect("entry");
-        assert_eq!((e.flags, e.rule, e.ifindex, e.remote_ifindex), (0, 7, 1, 2));
+        assert_eq!(
+            (e.flags, e.rule, e.ifindex, e.remote_ifindex, e.dir),
+            (0, 7, 1, 2, CtDir::Ingress as u8)
+        );
         assert_eq!(e.expires_ns, NOW + ct::LIFETIME_TCP_SYN * SEC);
         // The reply passes egress enforcement and marks the entry answered.
         let synack = tcp4(DB, APP, 5432, 40000, TCP_SYN | TCP_ACK);

@@ -92,8 +92,8 @@ use netpol_common::{
 
 use crate::{
     maps::{
-        AUDITS, CONFIG, CT4_NEW, CT4_V2, CT6_NEW, CT6_V2, DROPS_V2, ENDPOINTS, EP_DROPS, EVENTS,
-        EVENT_STATS, FRAG4, FRAG6, IPCACHE4_V2, IPCACHE6_V2, POLICY, RULE_STATS, SCRATCH,
+        AUDITS, CONFIG, CT4_NEW_V3, CT4_V3, CT6_NEW_V3, CT6_V3, DROPS_V2, ENDPOINTS, EP_DROPS,
+        EVENTS, EVENT_STATS, FRAG4, FRAG6, IPCACHE4_V2, IPCACHE6_V2, POLICY, RULE_STATS, SCRATCH,
     },
     parse::{
         self, Frag, Kind, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6,
@@ -418,15 +418,16 @@ pub trait Family {
     type Addr: Copy + PartialEq;
     type Key: Copy;
     type FragKey: Copy;
+    /// The conntrack key of a packet `s → d` the endpoint sends (`Egress`) or receives: the
+    /// same for both directions of a flow.
     fn key(
         s: Self::Addr,
         d: Self::Addr,
         sport: u16,
         dport: u16,
         proto: u8,
-        dir: CtDir,
+        dir: Direction,
     ) -> Self::Key;
-    fn rev(k: &Self::Key, dir: CtDir) -> Self::Key;
     /// A lookup in the established (`est`) or the new table.
     fn get(k: &Self::Key, est: bool) -> Option<*mut CtEntry>;
     fn put(k: &Self::Key, v: &CtEntry, est: bool);
@@ -461,35 +462,31 @@ impl Family for V4 {
         let _ = FRAG4.insert(k, v, 0);
     }
     #[inline(always)]
-    fn key(s: A4, d: A4, sport: u16, dport: u16, proto: u8, dir: CtDir) -> CtKey4 {
-        CtKey4::new(s.0, d.0, sport, dport, proto, dir)
-    }
-    #[inline(always)]
-    fn rev(k: &CtKey4, dir: CtDir) -> CtKey4 {
-        k.reversed(dir)
+    fn key(s: A4, d: A4, sport: u16, dport: u16, proto: u8, dir: Direction) -> CtKey4 {
+        CtKey4::of_packet(s.0, d.0, sport, dport, proto, dir)
     }
     #[inline(always)]
     fn get(k: &CtKey4, est: bool) -> Option<*mut CtEntry> {
         if est {
-            CT4_V2.get_ptr_mut(k)
+            CT4_V3.get_ptr_mut(k)
         } else {
-            CT4_NEW.get_ptr_mut(k)
+            CT4_NEW_V3.get_ptr_mut(k)
         }
     }
     #[inline(always)]
     fn put(k: &CtKey4, v: &CtEntry, est: bool) {
         let _ = if est {
-            CT4_V2.insert(k, v, 0)
+            CT4_V3.insert(k, v, 0)
         } else {
-            CT4_NEW.insert(k, v, 0)
+            CT4_NEW_V3.insert(k, v, 0)
         };
     }
     #[inline(always)]
     fn del(k: &CtKey4, est: bool) {
         let _ = if est {
-            CT4_V2.remove(k)
+            CT4_V3.remove(k)
         } else {
-            CT4_NEW.remove(k)
+            CT4_NEW_V3.remove(k)
         };
     }
     #[inline(always)]
@@ -521,35 +518,31 @@ impl Family for V6 {
         let _ = FRAG6.insert(k, v, 0);
     }
     #[inline(always)]
-    fn key(s: A16, d: A16, sport: u16, dport: u16, proto: u8, dir: CtDir) -> CtKey6 {
-        CtKey6::new(s.0, d.0, sport, dport, proto, dir)
-    }
-    #[inline(always)]
-    fn rev(k: &CtKey6, dir: CtDir) -> CtKey6 {
-        k.reversed(dir)
+    fn key(s: A16, d: A16, sport: u16, dport: u16, proto: u8, dir: Direction) -> CtKey6 {
+        CtKey6::of_packet(s.0, d.0, sport, dport, proto, dir)
     }
     #[inline(always)]
     fn get(k: &CtKey6, est: bool) -> Option<*mut CtEntry> {
         if est {
-            CT6_V2.get_ptr_mut(k)
+            CT6_V3.get_ptr_mut(k)
         } else {
-            CT6_NEW.get_ptr_mut(k)
+            CT6_NEW_V3.get_ptr_mut(k)
         }
     }
     #[inline(always)]
     fn put(k: &CtKey6, v: &CtEntry, est: bool) {
         let _ = if est {
-            CT6_V2.insert(k, v, 0)
+            CT6_V3.insert(k, v, 0)
         } else {
-            CT6_NEW.insert(k, v, 0)
+            CT6_NEW_V3.insert(k, v, 0)
         };
     }
     #[inline(always)]
     fn del(k: &CtKey6, est: bool) {
         let _ = if est {
-            CT6_V2.remove(k)
+            CT6_V3.remove(k)
         } else {
-            CT6_NEW.remove(k)
+            CT6_NEW_V3.remove(k)
         };
     }
     #[inline(always)]
@@ -565,14 +558,6 @@ impl Family for V6 {
     }
 }
 
-#[inline(always)]
-fn ct_dirs(dir: Direction) -> (CtDir, CtDir) {
-    match dir {
-        Direction::Egress => (CtDir::Egress, CtDir::Ingress),
-        Direction::Ingress => (CtDir::Ingress, CtDir::Egress),
-    }
-}
-
 /// Who may use an entry: the endpoint's veth and identity, and for a packet from the remote side
 /// (`to_container`) the interface it came in through and its source's ipcache entry (in the
 /// per-CPU scratch, looked up once by the parser).
@@ -584,16 +569,28 @@ struct Owner<'a> {
 }
 
 /// Looks up `k` in one table; when a live entry serves `o`, applies the packet to it
-/// (`ct::update`: flags, lifetime, promotion to the established table). `reply` says whether `k`
-/// is the reversed tuple (the packet is a reply).
+/// (`ct::update`: flags, lifetime, promotion to the established table). The packet is a reply
+/// when `dir` is not the entry's opening side; a SYN-ACK passes only as a reply.
 #[inline(always)]
-fn ct_hit<F: Family>(k: &F::Key, now: u64, l: &L4, reply: bool, est: bool, o: Owner<'_>) -> bool {
+fn ct_hit<F: Family>(
+    k: &F::Key,
+    now: u64,
+    l: &L4,
+    dir: Direction,
+    est: bool,
+    o: Owner<'_>,
+) -> bool {
     let Some(e) = F::get(k, est) else {
         return false;
     };
     // SAFETY: pointer from a map lookup, valid while the program runs.
     let e = unsafe { &mut *e };
     if e.expires_ns < now || !e.serves(o.ifindex, o.identity, o.from_remote) {
+        return false;
+    }
+    let reply = e.is_reply(dir);
+    let syn_ack = l.proto == proto::TCP && l.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+    if syn_ack && !reply {
         return false;
     }
     let u = ct::update(e, now, l.proto, l.tcp_flags, reply, est);
@@ -630,22 +627,10 @@ fn established<F: Family>(
     now: u64,
     o: Owner<'_>,
 ) -> bool {
-    let (mine, other) = ct_dirs(dir);
-    let k = F::key(s, d, sport, dport, l.proto, mine);
-    let r = F::rev(&k, other);
-    // A SYN-ACK answers a flow: only the reversed entry can match.
-    let syn_ack = l.proto == proto::TCP && l.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
-    // Established flows first: their packets cost one or two lookups, as with one table.
-    if !syn_ack && ct_hit::<F>(&k, now, l, false, true, o) {
-        return true;
-    }
-    if ct_hit::<F>(&r, now, l, true, true, o) {
-        return true;
-    }
-    if !syn_ack && ct_hit::<F>(&k, now, l, false, false, o) {
-        return true;
-    }
-    ct_hit::<F>(&r, now, l, true, false, o)
+    // One key for both directions; established flows first: their packets, replies included,
+    // cost one lookup.
+    let k = F::key(s, d, sport, dport, l.proto, dir);
+    ct_hit::<F>(&k, now, l, dir, true, o) || ct_hit::<F>(&k, now, l, dir, false, o)
 }
 
 /// Whether an entry for `k` exists in either table, has not expired and belongs to this endpoint,
@@ -681,9 +666,7 @@ fn related<F: Family>(
     now: u64,
     o: Owner<'_>,
 ) -> bool {
-    let (mine, other) = ct_dirs(dir);
-    let k = F::key(s, d, sport, dport, proto, mine);
-    ct_live::<F>(&k, now, o) || ct_live::<F>(&F::rev(&k, other), now, o)
+    ct_live::<F>(&F::key(s, d, sport, dport, proto, dir), now, o)
 }
 
 /// Per-CPU working memory: the event being built and the parsed packet. Kept out of the 512-byte
@@ -874,14 +857,21 @@ fn verdict<F: Family>(
     // Track what can have replies, so they pass the other direction's enforcement.
     let track = local && matches!(l.kind, Kind::Ports | Kind::EchoRequest | Kind::Other);
     if track {
-        let (mine, _) = ct_dirs(dir);
-        let k = F::key(s, d, l.sport, l.dport, l.proto, mine);
+        let k = F::key(s, d, l.sport, l.dport, l.proto, dir);
         // A new flow starts in the new table; a SYN that reopens a tuple replaces the
         // established entry it may have left.
         if opens {
             F::del(&k, true);
         }
-        let mut e = CtEntry::new(now, l.proto, rule, ev.ifindex, ep.identity, &info);
+        let mut e = CtEntry::new(
+            now,
+            l.proto,
+            rule,
+            ev.ifindex,
+            ep.identity,
+            &info,
+            CtDir::of(dir),
+        );
         if audited != 0 {
             e.flags = CtEntry::AUDIT;
         }

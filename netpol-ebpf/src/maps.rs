@@ -28,21 +28,21 @@ pub static IPCACHE6_V2: LpmTrie<[u8; 16], RemoteInfo, 4096> = LpmTrie::new();
 #[btf_map]
 pub static POLICY: LpmTrie<PolicyKey, PolicyValue, 16384> = LpmTrie::new();
 
-/// Conntrack, two tables per family (see netpol-common's `ct` module): flows enter `CT*_NEW` and
-/// move to `CT*_V2` once established, so a spray of new flows evicts only flows that are not
+/// Conntrack, two tables per family (see netpol-common's `ct` module): flows enter `CT*_NEW_V3`
+/// and move to `CT*_V3` once established, so a spray of new flows evicts only flows that are not
 /// established yet. One LRU list per map (no `BPF_F_NO_COMMON_LRU`, which splits `max_entries`
 /// over every possible CPU: 128 possible CPUs would leave 512 entries each).
 #[btf_map]
-pub static CT4_V2: LruHashMap<CtKey4, CtEntry, 65536> = LruHashMap::new();
+pub static CT4_V3: LruHashMap<CtKey4, CtEntry, 65536> = LruHashMap::new();
 
 #[btf_map]
-pub static CT6_V2: LruHashMap<CtKey6, CtEntry, 16384> = LruHashMap::new();
+pub static CT6_V3: LruHashMap<CtKey6, CtEntry, 16384> = LruHashMap::new();
 
 #[btf_map]
-pub static CT4_NEW: LruHashMap<CtKey4, CtEntry, 16384> = LruHashMap::new();
+pub static CT4_NEW_V3: LruHashMap<CtKey4, CtEntry, 16384> = LruHashMap::new();
 
 #[btf_map]
-pub static CT6_NEW: LruHashMap<CtKey6, CtEntry, 4096> = LruHashMap::new();
+pub static CT6_NEW_V3: LruHashMap<CtKey6, CtEntry, 4096> = LruHashMap::new();
 
 /// The L4 view of fragmented datagrams, recorded from their first fragment for the later ones
 /// (netpol-common's `frag` module). One LRU list shared by all CPUs.

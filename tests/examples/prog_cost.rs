@@ -1,5 +1,5 @@
 //! Average cost of one program run through BPF_PROG_TEST_RUN (`repeat`), for the common cases:
-//! a packet of an established IPv4 / IPv6 TCP flow, and a new flow decided by policy.
+//! a packet of an established IPv4 / IPv6 TCP flow both ways, and a new flow decided by policy.
 //! Run as root: `cargo run --release -p netpol-tests --example prog_cost`.
 
 use aya::{
@@ -9,6 +9,18 @@ use aya::{
 };
 use netpol_common::{endpoint::Endpoint, ipcache::RemoteInfo, policy::*, Direction};
 use netpol_tests::packet;
+
+/// What is measured, in this order: an established TCP packet of the side that opened the flow
+/// (`from_container`) and its reply (`to_container`), IPv4 and IPv6, and a SYN that policy
+/// admits (a new flow: the ipcache, two policy lookups and the conntrack insert).
+const CASES: [&str; 6] = [
+    "ipv4 tcp established, from_container",
+    "ipv4 tcp established reply, to_container",
+    "ipv6 tcp established, from_container",
+    "ipv6 tcp established reply, to_container",
+    "ipv4 tcp new flow (SYN), from_container",
+    "ipv6 tcp new flow (SYN), from_container",
+];
 
 /// With object files as arguments, measures each of them in interleaved rounds and prints
 /// medians (to compare two builds on a noisy machine); without, measures the built-in object.
@@ -25,28 +37,44 @@ fn main() -> Result<(), ProgramError> {
             .map(|p| (p.clone(), std::fs::read(p).expect("read object")))
             .collect()
     };
-    let rounds = if paths.is_empty() { 1 } else { 7 };
-    let mut results: Vec<Vec<(u128, u128)>> = vec![Vec::new(); objects.len()];
+    let rounds = if paths.is_empty() { 3 } else { 7 };
+    let mut results: Vec<Vec<[u128; 6]>> = vec![Vec::new(); objects.len()];
     for _ in 0..rounds {
         for (i, (_, obj)) in objects.iter().enumerate() {
             results[i].push(measure(obj)?);
         }
     }
     for (i, (name, _)) in objects.iter().enumerate() {
-        let mut v4: Vec<u128> = results[i].iter().map(|r| r.0).collect();
-        let mut v6: Vec<u128> = results[i].iter().map(|r| r.1).collect();
-        v4.sort_unstable();
-        v6.sort_unstable();
-        println!(
-            "{name}: established ipv4 tcp {} ns/run, ipv6 tcp {} ns/run (median of {rounds})",
-            v4[v4.len() / 2],
-            v6[v6.len() / 2]
-        );
+        println!("{name} (ns per run, median of {rounds} rounds):");
+        for (c, case) in CASES.iter().enumerate() {
+            let mut v: Vec<u128> = results[i].iter().map(|r| r[c]).collect();
+            v.sort_unstable();
+            println!("  {case}: {}", v[v.len() / 2]);
+        }
     }
     Ok(())
 }
 
-fn measure(obj: &[u8]) -> Result<(u128, u128), ProgramError> {
+/// One run of `prog` over `frame`, `repeat` times; its average duration (ns). Panics unless the
+/// program passed the packet (TC_ACT_UNSPEC): a drop would measure the wrong path.
+fn run(
+    prog: &SchedClassifier,
+    frame: &[u8],
+    repeat: u32,
+    what: &str,
+) -> Result<u128, ProgramError> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..Default::default()
+    })?;
+    assert_eq!(r.return_value, u32::MAX, "{what} was not passed");
+    Ok(r.duration.as_nanos())
+}
+
+fn measure(obj: &[u8]) -> Result<[u128; 6], ProgramError> {
     // The object's buffer may be unaligned; aya copies what it needs.
     let mut bpf = EbpfLoader::new().load(obj).expect("load");
     for n in ["from_container", "to_container"] {
@@ -101,9 +129,12 @@ fn measure(obj: &[u8]) -> Result<(u128, u128), ProgramError> {
     let v6 = packet::ipv6(a6, b6, 6, &packet::tcp(40000, 5432, 0x10));
     let r4 = packet::ipv4(b, a, 6, &packet::tcp(5432, 40000, 0x10));
     let r6 = packet::ipv6(b6, a6, 6, &packet::tcp(5432, 40000, 0x10));
-    let prog: &SchedClassifier = bpf.program("from_container").unwrap().try_into()?;
+    let s4 = packet::ipv4(a, b, 6, &packet::tcp(40001, 5432, 0x02));
+    let s6 = packet::ipv6(a6, b6, 6, &packet::tcp(40001, 5432, 0x02));
+    let from: &SchedClassifier = bpf.program("from_container").unwrap().try_into()?;
     let to: &SchedClassifier = bpf.program("to_container").unwrap().try_into()?;
-    let mut ns = [0u128; 2];
+    let n = 500_000;
+    let mut ns = [0u128; 6];
     for (j, (name, frame, reply)) in [("ipv4 tcp", &v4, &r4), ("ipv6 tcp", &v6, &r6)]
         .into_iter()
         .enumerate()
@@ -111,40 +142,12 @@ fn measure(obj: &[u8]) -> Result<(u128, u128), ProgramError> {
         // The first run admits the flow (policy), a reply answers it, the next packet of the
         // opener establishes it (moves it to the established table); the rest hit conntrack
         // there.
-        let mut out = vec![0u8; frame.len() + 256];
-        let r = prog.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..Default::default()
-        })?;
-        let mut out = vec![0u8; reply.len() + 256];
-        let rr = to.test_run(TestRunOptions {
-            data_in: Some(reply),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..Default::default()
-        })?;
-        assert_eq!(
-            rr.return_value,
-            u32::MAX,
-            "{name}: the reply was not passed"
-        );
-        let mut out = vec![0u8; frame.len() + 256];
-        let n = 1_000_000;
-        let r2 = prog.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat: n,
-            ..Default::default()
-        })?;
-        // Both runs must pass (TC_ACT_UNSPEC): a drop would measure the wrong path.
-        assert_eq!(
-            (r.return_value, r2.return_value),
-            (u32::MAX, u32::MAX),
-            "{name} was not passed"
-        );
-        ns[j] = r2.duration.as_nanos();
+        run(from, frame, 1, name)?;
+        run(to, reply, 1, name)?;
+        ns[2 * j] = run(from, frame, n, name)?;
+        ns[2 * j + 1] = run(to, reply, n, name)?;
     }
-    Ok((ns[0], ns[1]))
+    ns[4] = run(from, &s4, n, "ipv4 syn")?;
+    ns[5] = run(from, &s6, n, "ipv6 syn")?;
+    Ok(ns)
 }

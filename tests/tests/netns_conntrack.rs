@@ -160,7 +160,7 @@ fn reused_address_does_not_inherit_flows() {
         let left = h
             .keys()
             .flatten()
-            .filter(|k| IpAddr::from(k.saddr) == db_ip || IpAddr::from(k.daddr) == db_ip)
+            .filter(|k| IpAddr::from(k.local) == db_ip || IpAddr::from(k.remote) == db_ip)
             .count();
         assert_eq!(
             left, 0,
@@ -394,14 +394,27 @@ fn legacy_put(fd: i32, key: &[u8], value: &[u8]) {
 }
 
 /// An agent that finds the maps of the former conntrack and ipcache layouts pinned (`CT4`,
-/// `IPCACHE4`) copies them into the current ones before its programs take over, ties each
-/// conntrack entry to the endpoint holding its local address, and removes the old pins.
+/// `IPCACHE4`; conntrack v2 `CT4_V2`) copies them into the current ones before its programs take
+/// over, ties each v1 conntrack entry to the endpoint holding its local address, keys every
+/// flow from its endpoint's side with the opening side in the entry (v3), and removes the old
+/// pins.
 #[test]
 fn an_old_layout_is_copied_on_upgrade() {
     if !require_root("an_old_layout_is_copied_on_upgrade") {
         return;
     }
     use netpol_common::{ct::CtDir, endpoint::Endpoint, ipcache::RemoteInfo};
+    /// A key of layouts v1 and v2: the opening packet's tuple and the side that admitted it.
+    fn old_key(s: [u8; 4], d: [u8; 4], sport: u16, dport: u16, dir: CtDir) -> [u8; 16] {
+        let mut k = [0u8; 16];
+        k[0..4].copy_from_slice(&s);
+        k[4..8].copy_from_slice(&d);
+        k[8..10].copy_from_slice(&sport.to_be_bytes());
+        k[10..12].copy_from_slice(&dport.to_be_bytes());
+        k[12] = proto::TCP;
+        k[13] = dir as u8;
+        k
+    }
     let pins = PinDir::unique("nct-upgrade");
     let (db, app1, ifindex) = ([10, 9, 0, 2], [10, 9, 0, 3], 4242);
     {
@@ -412,9 +425,8 @@ fn an_old_layout_is_copied_on_upgrade() {
     // The former layouts: CtEntry v1 { expires_ns, flags, rule }, RemoteInfo v1 { identity, _pad }.
     let ct = legacy_map(&pins.path().join("CT4"), 9, 16, 16, 1024, 0);
     let ipc = legacy_map(&pins.path().join("IPCACHE4"), 11, 8, 8, 64, 1);
-    let key = CtKey4::new(app1, db, 40000, PG, proto::TCP, CtDir::Ingress);
-    // SAFETY: CtKey4 is 16 bytes of plain data.
-    let kb: [u8; 16] = unsafe { std::mem::transmute(key) };
+    let kb = old_key(app1, db, 40000, PG, CtDir::Ingress);
+    let key = CtKey4::new(db, app1, PG, 40000, proto::TCP);
     let mut v = Vec::new();
     v.extend_from_slice(&u64::MAX.to_ne_bytes());
     v.extend_from_slice(&1u32.to_ne_bytes()); // SEEN_REPLY
@@ -425,26 +437,65 @@ fn an_old_layout_is_copied_on_upgrade() {
     let mut lv = APP1.to_ne_bytes().to_vec();
     lv.extend_from_slice(&[0; 4]);
     legacy_put(ipc, &lk, &lv);
+    // Conntrack v2 (the current `CtEntry` without `dir`): db's own flow out to app1:80.
+    let ct2 = legacy_map(&pins.path().join("CT4_V2"), 9, 16, 40, 1024, 0);
+    let v2 = CtEntry {
+        expires_ns: u64::MAX,
+        flags: CtEntry::SEEN_REPLY,
+        rule: 3,
+        ifindex,
+        identity: DB,
+        remote_identity: APP1,
+        ..CtEntry::default()
+    };
+    // SAFETY: CtEntry is 40 bytes of plain data.
+    let vb: [u8; 40] = unsafe { std::mem::transmute(v2) };
+    legacy_put(ct2, &old_key(db, app1, 41000, 80, CtDir::Egress), &vb);
     // SAFETY: our own fds; the pins keep the maps.
     unsafe {
         libc::close(ct);
         libc::close(ipc);
+        libc::close(ct2);
     }
 
     let dp = KernelDatapath::open(pins.path(), MapSizes::default()).expect("reopen");
-    for old in ["CT4", "IPCACHE4"] {
+    for old in ["CT4", "IPCACHE4", "CT4_V2"] {
         assert!(!pins.path().join(old).exists(), "old pin {old} removed");
     }
     let m = MapData::from_pin(pins.path().join(maps::CT4))
         .and_then(Map::from_map_data)
-        .expect("CT4_V2");
+        .expect("CT4_V3");
     let h: HashMap<_, CtKey4, CtEntry> = HashMap::try_from(&m).expect("hash");
     let e = h
         .get(&key, 0)
         .expect("the answered flow is in the established table");
     assert_eq!(
-        (e.ifindex, e.identity, e.remote_identity, e.rule, e.flags),
-        (ifindex, DB, APP1, 7, CtEntry::SEEN_REPLY)
+        (
+            e.ifindex,
+            e.identity,
+            e.remote_identity,
+            e.rule,
+            e.flags,
+            e.dir
+        ),
+        (
+            ifindex,
+            DB,
+            APP1,
+            7,
+            CtEntry::SEEN_REPLY,
+            CtDir::Ingress as u8
+        )
+    );
+    let e2 = h
+        .get(&CtKey4::new(db, app1, 41000, 80, proto::TCP), 0)
+        .expect("the v2 flow, keyed from db's side");
+    assert_eq!(
+        e2,
+        CtEntry {
+            dir: CtDir::Egress as u8,
+            ..v2
+        }
     );
     let state = dp.current().expect("current");
     let cidr = "10.9.0.3/32".parse().expect("cidr");

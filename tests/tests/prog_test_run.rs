@@ -183,10 +183,16 @@ enum AnyCtKey {
     V6(CtKey6),
 }
 
+/// The conntrack key of the flow whose packet `s → d` the endpoint sent (`CtDir::Egress`) or
+/// received (`CtDir::Ingress`): the same key for both directions of the flow.
 fn ct_key(fam: Fam, s: &Host, d: &Host, sport: u16, dport: u16, proto: u8, dir: CtDir) -> AnyCtKey {
+    let side = match dir {
+        CtDir::Egress => Direction::Egress,
+        CtDir::Ingress => Direction::Ingress,
+    };
     match fam {
-        V4 => AnyCtKey::V4(CtKey4::new(s.v4, d.v4, sport, dport, proto, dir)),
-        V6 => AnyCtKey::V6(CtKey6::new(s.v6, d.v6, sport, dport, proto, dir)),
+        V4 => AnyCtKey::V4(CtKey4::of_packet(s.v4, d.v4, sport, dport, proto, side)),
+        V6 => AnyCtKey::V6(CtKey6::of_packet(s.v6, d.v6, sport, dport, proto, side)),
     }
 }
 
@@ -379,7 +385,8 @@ fn assert_drops(dp: &Dp, reason: Option<DropReason>, n: u64) {
     assert_eq!(dp.all_drops(), want, "DROPS counters (index = DropReason)");
 }
 
-/// An entry held by db on `lo`, with a remote that is not a container.
+/// An entry held by db on `lo`, with a remote that is not a container, of a flow opened towards
+/// db (`CtDir::Ingress`).
 fn db_entry(expires_ns: u64, flags: u32, rule: u32) -> CtEntry {
     CtEntry {
         expires_ns,
@@ -975,6 +982,7 @@ fn syn_over_a_closing_entry_is_decided_by_policy(fam: Fam) {
     let k = ct_key(fam, &DB, &APP1, 40000, 22, proto::TCP, CtDir::Egress);
     let closing = CtEntry {
         remote_identity: APP1.id,
+        dir: CtDir::Egress as u8,
         ..db_entry(
             now_ns() + 5 * SEC,
             CtEntry::SEEN_REPLY | CtEntry::FIN_ORIG | CtEntry::FIN_REPLY | CtEntry::CLOSING,
@@ -1000,7 +1008,10 @@ fn syn_over_a_closing_entry_is_decided_by_policy(fam: Fam) {
     // Also over an established (not closing) entry, and for a retransmitted SYN.
     dp.set_ct_in(
         k,
-        db_entry(now_ns() + 100 * SEC, CtEntry::SEEN_REPLY, 9),
+        CtEntry {
+            dir: CtDir::Egress as u8,
+            ..db_entry(now_ns() + 100 * SEC, CtEntry::SEEN_REPLY, 9)
+        },
         true,
     );
     assert_eq!(

@@ -755,6 +755,15 @@ impl KernelDatapath {
         let old_c6 = open(maps::legacy::IPCACHE6);
         let old_ct4 = open(maps::legacy::CT4);
         let old_ct6 = open(maps::legacy::CT6);
+        let v2: Vec<(Map, &'static str, bool)> = [
+            (maps::legacy::CT4_V2, maps::CT4, false),
+            (maps::legacy::CT4_NEW_V2, maps::CT4_NEW, false),
+            (maps::legacy::CT6_V2, maps::CT6, true),
+            (maps::legacy::CT6_NEW_V2, maps::CT6_NEW, true),
+        ]
+        .into_iter()
+        .filter_map(|(old, new, v6)| open(old).map(|m| (m, new, v6)))
+        .collect();
         let eps: Vec<(u32, Endpoint)> = self
             .endpoints()
             .map(|m| m.iter().flatten().collect())
@@ -772,10 +781,47 @@ impl KernelDatapath {
             .as_ref()
             .and_then(|m| LpmTrie::<_, [u8; 16], RemoteInfoV1>::try_from(m).ok());
         if let Some(m) = &old_ct4 {
-            n += self.copy_ct::<CtKey4>(m, c4.as_ref(), &eps);
+            n += self.copy_ct::<OldCtKey4>(m, c4.as_ref(), &eps);
         }
         if let Some(m) = &old_ct6 {
-            n += self.copy_ct::<CtKey6>(m, c6.as_ref(), &eps);
+            n += self.copy_ct::<OldCtKey6>(m, c6.as_ref(), &eps);
+        }
+        for (m, new, v6) in &v2 {
+            n += if *v6 {
+                self.copy_ct_v2::<OldCtKey6>(m, new)
+            } else {
+                self.copy_ct_v2::<OldCtKey4>(m, new)
+            };
+        }
+        n
+    }
+
+    /// Copies a conntrack table of layout v2 (`CT4_V2`, `CT4_NEW`, …: keyed by the opening
+    /// packet's tuple and the side that admitted it; the entries already name their endpoint)
+    /// into its v3 table `new`: one key for both directions, the opening side in the entry.
+    fn copy_ct_v2<K: LegacyCtKey>(&mut self, old: &Map, new: &'static str) -> usize {
+        let entries: Vec<(K, CtEntry)> = match HashMap::<_, K, CtEntry>::try_from(old) {
+            Ok(m) => m.iter().flatten().collect(),
+            Err(e) => {
+                warn!(map = new, error = %e, "old conntrack map not copied");
+                return 0;
+            }
+        };
+        let Some(mut m) = self
+            .map_mut(new)
+            .ok()
+            .and_then(|m| HashMap::<_, K::Current, CtEntry>::try_from(m).ok())
+        else {
+            return 0;
+        };
+        let mut n = 0;
+        for (k, mut e) in entries {
+            let (key, dir) = k.current();
+            e.dir = dir as u8;
+            e._pad = [0; 3];
+            if m.insert(key, e, 0).is_ok() {
+                n += 1;
+            }
         }
         n
     }
@@ -802,7 +848,8 @@ impl KernelDatapath {
                 continue;
             };
             let rid = ipcache.and_then(|c| c.get(&Key::new(K::FULL, remote), 0).ok());
-            let e = v.upgrade(*ifindex, ep.identity, rid);
+            let (key, dir) = k.current();
+            let e = v.upgrade(*ifindex, ep.identity, rid, dir);
             let name = if e.flags & CtEntry::SEEN_REPLY != 0 {
                 K::EST
             } else {
@@ -811,8 +858,8 @@ impl KernelDatapath {
             let ok = self
                 .map_mut(name)
                 .ok()
-                .and_then(|m| HashMap::<_, K, CtEntry>::try_from(m).ok())
-                .is_some_and(|mut m| m.insert(k, e, 0).is_ok());
+                .and_then(|m| HashMap::<_, K::Current, CtEntry>::try_from(m).ok())
+                .is_some_and(|mut m| m.insert(key, e, 0).is_ok());
             if ok {
                 n += 1;
             }
@@ -929,7 +976,13 @@ impl CtEntryV1 {
     /// The current entry for this one, held by endpoint `ifindex` with `identity`. The old
     /// closing flag becomes closing (its lifetime already counts down). The remote's interfaces
     /// are not known: not checked for this entry.
-    fn upgrade(&self, ifindex: u32, identity: u32, remote: Option<RemoteInfoV1>) -> CtEntry {
+    fn upgrade(
+        &self,
+        ifindex: u32,
+        identity: u32,
+        remote: Option<RemoteInfoV1>,
+        dir: CtDir,
+    ) -> CtEntry {
         let mut flags = self.flags & CtEntry::SEEN_REPLY;
         if self.flags & 2 != 0 {
             flags |= CtEntry::CLOSING;
@@ -943,7 +996,40 @@ impl CtEntryV1 {
             remote_identity: remote.map_or(netpol_common::identity::WORLD, |r| r.identity),
             remote_ifindex: 0,
             remote_bridge: 0,
-            _pad: 0,
+            dir: dir as u8,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// The conntrack key of layouts v1 and v2: the tuple of the packet that opened the flow and the
+/// side that admitted it (`CtDir` as a byte).
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug)]
+struct OldCtKey<A> {
+    saddr: A,
+    daddr: A,
+    sport: [u8; 2],
+    dport: [u8; 2],
+    proto: u8,
+    dir: u8,
+    _pad: [u8; 2],
+}
+
+type OldCtKey4 = OldCtKey<[u8; 4]>;
+type OldCtKey6 = OldCtKey<[u8; 16]>;
+
+// SAFETY: #[repr(C)], Copy, no implicit padding (16 and 40 bytes).
+unsafe impl aya::Pod for OldCtKey4 {}
+// SAFETY: as above.
+unsafe impl aya::Pod for OldCtKey6 {}
+
+impl<A> OldCtKey<A> {
+    fn opener(&self) -> (CtDir, netpol_common::Direction) {
+        if self.dir == CtDir::Egress as u8 {
+            (CtDir::Egress, netpol_common::Direction::Egress)
+        } else {
+            (CtDir::Ingress, netpol_common::Direction::Ingress)
         }
     }
 }
@@ -951,6 +1037,8 @@ impl CtEntryV1 {
 /// What the copy of an old conntrack map needs of a key type.
 trait LegacyCtKey: aya::Pod {
     type Addr: aya::Pod + PartialEq;
+    /// The current key type.
+    type Current: aya::Pod;
     const FULL: u32;
     const EST: &'static str;
     const NEW: &'static str;
@@ -958,6 +1046,8 @@ trait LegacyCtKey: aya::Pod {
     fn local_remote(&self) -> (Self::Addr, Self::Addr);
     /// Whether `a` is the endpoint's address of this family.
     fn holds(ep: &Endpoint, a: &Self::Addr) -> bool;
+    /// The flow's current key and the side that opened it.
+    fn current(&self) -> (Self::Current, CtDir);
 }
 
 fn local_remote<A: Copy>(dir: u8, saddr: A, daddr: A) -> (A, A) {
@@ -968,8 +1058,9 @@ fn local_remote<A: Copy>(dir: u8, saddr: A, daddr: A) -> (A, A) {
     }
 }
 
-impl LegacyCtKey for CtKey4 {
+impl LegacyCtKey for OldCtKey4 {
     type Addr = [u8; 4];
+    type Current = CtKey4;
     const FULL: u32 = 32;
     const EST: &'static str = maps::CT4;
     const NEW: &'static str = maps::CT4_NEW;
@@ -979,10 +1070,20 @@ impl LegacyCtKey for CtKey4 {
     fn holds(ep: &Endpoint, a: &[u8; 4]) -> bool {
         ep.flags & Endpoint::HAS_IPV4 != 0 && ep.ipv4 == *a
     }
+    fn current(&self) -> (CtKey4, CtDir) {
+        let (opener, side) = self.opener();
+        let (sp, dp) = (
+            u16::from_be_bytes(self.sport),
+            u16::from_be_bytes(self.dport),
+        );
+        let k = CtKey4::of_packet(self.saddr, self.daddr, sp, dp, self.proto, side);
+        (k, opener)
+    }
 }
 
-impl LegacyCtKey for CtKey6 {
+impl LegacyCtKey for OldCtKey6 {
     type Addr = [u8; 16];
+    type Current = CtKey6;
     const FULL: u32 = 128;
     const EST: &'static str = maps::CT6;
     const NEW: &'static str = maps::CT6_NEW;
@@ -991,6 +1092,15 @@ impl LegacyCtKey for CtKey6 {
     }
     fn holds(ep: &Endpoint, a: &[u8; 16]) -> bool {
         ep.flags & Endpoint::HAS_IPV6 != 0 && ep.ipv6 == *a
+    }
+    fn current(&self) -> (CtKey6, CtDir) {
+        let (opener, side) = self.opener();
+        let (sp, dp) = (
+            u16::from_be_bytes(self.sport),
+            u16::from_be_bytes(self.dport),
+        );
+        let k = CtKey6::of_packet(self.saddr, self.daddr, sp, dp, self.proto, side);
+        (k, opener)
     }
 }
 
@@ -1191,14 +1301,14 @@ impl Datapath for KernelDatapath {
         if !a4.is_empty() {
             for name in [maps::CT4, maps::CT4_NEW] {
                 n += flush_map::<CtKey4>(self.map_mut(name)?, name, |k, _| {
-                    a4.contains(&k.saddr) || a4.contains(&k.daddr)
+                    a4.contains(&k.local) || a4.contains(&k.remote)
                 })?;
             }
         }
         if !a6.is_empty() {
             for name in [maps::CT6, maps::CT6_NEW] {
                 n += flush_map::<CtKey6>(self.map_mut(name)?, name, |k, _| {
-                    a6.contains(&k.saddr) || a6.contains(&k.daddr)
+                    a6.contains(&k.local) || a6.contains(&k.remote)
                 })?;
             }
         }
@@ -1315,10 +1425,10 @@ impl Datapath for KernelDatapath {
         };
         let mut n = 0;
         for name in [maps::CT4, maps::CT4_NEW] {
-            n += flush_map::<CtKey4>(self.map_mut(name)?, name, |k, e| hit(k.dir, e))?;
+            n += flush_map::<CtKey4>(self.map_mut(name)?, name, |_, e| hit(e.dir, e))?;
         }
         for name in [maps::CT6, maps::CT6_NEW] {
-            n += flush_map::<CtKey6>(self.map_mut(name)?, name, |k, e| hit(k.dir, e))?;
+            n += flush_map::<CtKey6>(self.map_mut(name)?, name, |_, e| hit(e.dir, e))?;
         }
         Ok(n)
     }

@@ -470,9 +470,30 @@ impl Case {
                 } else {
                     CtDir::Egress
                 };
+                // Keyed from the side of the endpoint that sends (`Egress`) or receives the packet.
+                let side = if cdir == CtDir::Egress {
+                    Direction::Egress
+                } else {
+                    Direction::Ingress
+                };
                 let k = match fam {
-                    Fam::V4 => CtKey::V4(CtKey4::new(a4(&p.s), a4(&p.d), sport, dport, pr, cdir)),
-                    Fam::V6 => CtKey::V6(CtKey6::new(p.s, p.d, sport, dport, pr, cdir)),
+                    Fam::V4 => CtKey::V4(CtKey4::of_packet(
+                        a4(&p.s),
+                        a4(&p.d),
+                        sport,
+                        dport,
+                        pr,
+                        side,
+                    )),
+                    Fam::V6 => CtKey::V6(CtKey6::of_packet(p.s, p.d, sport, dport, pr, side)),
+                };
+                // Opened from that side or, sometimes, from the other one.
+                let opener = if g.rng.chance(80) {
+                    cdir
+                } else if cdir == CtDir::Egress {
+                    CtDir::Ingress
+                } else {
+                    CtDir::Egress
                 };
                 let flags = g.rng.pick(&[
                     0,
@@ -503,6 +524,7 @@ impl Case {
                         remote_identity: g.rng.pick(&[0, identity::WORLD, 256, 257, 258]),
                         remote_ifindex: g.rng.pick(&[0, 0, 1, 2, 3]),
                         remote_bridge: g.rng.pick(&[0, 1, BRIDGE_SLOT]),
+                        dir: opener as u8,
                         ..CtEntry::default()
                     },
                 ));
