@@ -60,13 +60,15 @@ const PINNED: [&str; 5] = [
 
 /// Maps of the object the masquerade programs never touch: created as small as the kernel
 /// allows, so loading the masquerade does not allocate a second set of per-container maps.
-const UNUSED: [(&str, u32); 9] = [
+const UNUSED: [(&str, u32); 11] = [
     (names::ENDPOINTS, 1),
     (names::IPCACHE4, 1),
     (names::IPCACHE6, 1),
     (names::POLICY, 1),
     (names::CT4, 1),
     (names::CT6, 1),
+    (names::CT4_NEW, 1),
+    (names::CT6_NEW, 1),
     (names::FRAG4, 1),
     (names::FRAG6, 1),
     (names::EVENTS, 4096),
