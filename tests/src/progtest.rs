@@ -292,17 +292,16 @@ impl Datapath {
     }
 
     pub fn config(&mut self, flags: u32) {
+        self.config_with_rate(flags, 0);
+    }
+
+    /// `CONFIG` with an event rate limit (`Config::event_rate`, events per second and CPU; 0:
+    /// the default).
+    pub fn config_with_rate(&mut self, flags: u32, event_rate: u32) {
         let mut m: Array<_, Config> =
             Array::try_from(self.bpf.map_mut(maps::CONFIG).expect("CONFIG")).unwrap();
-        m.set(
-            0,
-            Config {
-                flags,
-                event_rate: 0,
-            },
-            0,
-        )
-        .expect("CONFIG set");
+        m.set(0, Config { flags, event_rate }, 0)
+            .expect("CONFIG set");
     }
 
     /// The `DROPS` counter of `reason`, summed over CPUs.
