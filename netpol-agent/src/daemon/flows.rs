@@ -23,11 +23,10 @@ use crate::policy::{
     suggest::{self, FlowKey, FlowStats, Party, SuggestFormat},
 };
 
-/// `FlowEvent::KIND_AUDIT` (issue 10's audit mode; the same number in netpol-common).
-const KIND_AUDIT: u8 = 3;
-
 /// Flow classes the table holds.
 pub const FLOW_TABLE_ENTRIES: usize = 4096;
+/// How often the datapath's lost-event counters are read.
+pub const SAMPLE_SECS: u64 = 10;
 /// Minutes of missed/suppressed counts kept (a day).
 pub const WINDOW_MINUTES: usize = 1440;
 
@@ -93,7 +92,7 @@ impl FlowTable {
 
     /// Records one event (flows and audits; anything else is ignored).
     pub fn record(&mut self, ev: &FlowEvent, now: u64) {
-        let audit = ev.kind == KIND_AUDIT;
+        let audit = ev.kind == FlowEvent::KIND_AUDIT;
         if ev.kind != FlowEvent::KIND_FLOW && !audit {
             return;
         }
@@ -123,6 +122,16 @@ impl FlowTable {
                 );
             }
         }
+    }
+
+    /// Takes a sample of the datapath's counters of flow and audit events it could not report
+    /// (rate limited, or the ring buffer was full).
+    pub fn note_lost(&mut self, stats: &netpol_common::stats::EventStats, now: u64) {
+        let total = stats
+            .suppressed_flows
+            .saturating_add(stats.suppressed_audits)
+            .saturating_add(stats.ring_full);
+        self.note_suppressed(total, now);
     }
 
     /// Takes a sample of the datapath's (monotonic) suppressed-events counter.
@@ -170,6 +179,24 @@ impl FlowTable {
     }
 }
 
+/// Samples the datapath's lost-event counters every [`SAMPLE_SECS`], so that a suggestion can
+/// say whether events were lost in its window.
+pub fn spawn_sampler(
+    table: std::sync::Arc<std::sync::Mutex<FlowTable>>,
+    agent: std::sync::Arc<tokio::sync::Mutex<Agent>>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(SAMPLE_SECS));
+        loop {
+            tick.tick().await;
+            let stats = agent.lock().await.event_stats();
+            if let (Some(s), Ok(mut t)) = (stats, table.lock()) {
+                t.note_lost(&s, now());
+            }
+        }
+    });
+}
+
 /// `policy suggest`: the suggestion for the flows of the last `since_secs` (all recorded when
 /// `None`), with a header of comments saying what it is made of and what it lacks.
 pub fn answer(
@@ -181,7 +208,15 @@ pub fn answer(
 ) -> String {
     let now = now();
     let since = since_secs.map_or(0, |s| now.saturating_sub(s));
-    let w = table.window(since);
+    let mut w = table.window(since);
+    // Events lost since the last sample count too.
+    if let (Some(s), Some(seen)) = (agent.event_stats(), table.suppressed_seen) {
+        let total = s
+            .suppressed_flows
+            .saturating_add(s.suppressed_audits)
+            .saturating_add(s.ring_full);
+        w.suppressed += total.saturating_sub(seen);
+    }
     let locals = agent.local_identities();
     let party = |id| Party::of(id, agent.labels_of_identity(id));
     let s = suggest::suggest(&w.flows, &locals, &party, project);
@@ -201,7 +236,7 @@ pub fn answer(
     }
     if w.suppressed > 0 {
         head.push_str(&format!(
-            "# INCOMPLETE: the datapath's event rate limit suppressed {} events in this window: flows may be missing\n",
+            "# INCOMPLETE: {} flow or audit events were not reported in this window (the datapath's event rate limit, or a full ring buffer): flows may be missing\n",
             w.suppressed
         ));
     } else {
@@ -272,9 +307,9 @@ mod tests {
     fn flows_and_audits_are_counted_per_class_drops_never() {
         let mut t = FlowTable::new(16, 1000);
         t.record(&ev(FlowEvent::KIND_FLOW, 300, 301, 5432), 1000);
-        t.record(&ev(KIND_AUDIT, 300, 301, 5432), 1010);
+        t.record(&ev(FlowEvent::KIND_AUDIT, 300, 301, 5432), 1010);
         t.record(&ev(FlowEvent::KIND_DROP, 300, 301, 22), 1010);
-        t.record(&ev(KIND_AUDIT, 1, 301, 80), 1020);
+        t.record(&ev(FlowEvent::KIND_AUDIT, 1, 301, 80), 1020);
         let w = t.window(0);
         assert_eq!(w.flows.len(), 2);
         let (k, s) = w.flows[1];
@@ -299,11 +334,11 @@ mod tests {
     fn a_flood_of_new_classes_costs_no_memory_and_is_reported() {
         let mut t = FlowTable::new(64, 6000);
         for port in 1..=10_000u16 {
-            t.record(&ev(KIND_AUDIT, 2, 301, port), 6000);
+            t.record(&ev(FlowEvent::KIND_AUDIT, 2, 301, port), 6000);
         }
         assert_eq!(t.len(), 64);
         // Known classes still count.
-        t.record(&ev(KIND_AUDIT, 2, 301, 1), 6001);
+        t.record(&ev(FlowEvent::KIND_AUDIT, 2, 301, 1), 6001);
         let w = t.window(6000);
         assert_eq!(w.missed, 10_000 - 64);
         assert_eq!(
@@ -315,7 +350,7 @@ mod tests {
         );
         // Minutes are bounded too.
         for m in 0..(WINDOW_MINUTES as u64 + 10) {
-            t.record(&ev(KIND_AUDIT, 2, 301, 9999), 6000 + m * 60);
+            t.record(&ev(FlowEvent::KIND_AUDIT, 2, 301, 9999), 6000 + m * 60);
         }
         assert_eq!(t.minutes.len(), WINDOW_MINUTES);
     }

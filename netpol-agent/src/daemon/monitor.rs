@@ -105,6 +105,7 @@ impl Monitor {
     pub fn spawn_reader(&self, ring: RingBuf<MapData>) {
         let tx = self.tx.clone();
         let table = self.flows.clone();
+        flows::spawn_sampler(self.flows.clone(), self.agent.clone());
         tokio::spawn(async move {
             // The ring buffer owns its map fd for as long as the AsyncFd lives.
             #[allow(deprecated)]

@@ -919,6 +919,11 @@ impl Agent {
             .collect()
     }
 
+    /// The datapath's event counters (rate limit, full ring buffer), if it can read them.
+    pub fn event_stats(&self) -> Option<netpol_common::stats::EventStats> {
+        self.dp.event_stats().ok()
+    }
+
     pub fn labels_of_identity(&self, id: u32) -> Option<&Labels> {
         self.ids.labels(id)
     }

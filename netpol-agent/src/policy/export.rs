@@ -362,6 +362,7 @@ apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata:
   name: Isolate_Apps
+  annotations: { netpol.io/audit: "true", other: x }
 specs:
   - endpointSelector:
       matchExpressions:
@@ -434,8 +435,16 @@ specs:
         let yaml = export(&policies, "shop", &[]).expect("export");
         assert_eq!(yaml.matches("namespace: \"shop\"").count(), 5, "{yaml}");
         assert!(!yaml.contains("com.docker.compose"), "{yaml}");
-        assert!(!yaml.contains("netpol."), "{yaml}");
+        assert!(
+            !yaml.contains("netpol.ingress") && !yaml.contains("netpol.egress"),
+            "{yaml}"
+        );
         assert!(yaml.contains("app.kubernetes.io/name: \"db\""), "{yaml}");
+        assert_eq!(
+            yaml.matches("netpol.io/audit: \"true\"").count(),
+            1,
+            "{yaml}"
+        );
         for name in [
             "db",
             "isolate-apps",
@@ -464,6 +473,8 @@ specs:
         assert!(!before.policy.is_empty());
         assert_eq!(entries(&before), entries(&after));
         assert_eq!(before.enforcement, after.enforcement);
+        assert_eq!(before.audit, after.audit);
+        assert!(!before.audit.is_empty());
         assert_eq!(before.cidr_identities, after.cidr_identities);
         // And exporting the reparsed set again gives the same text (a fixed point), but for
         // the label policies' source, which is now a file.

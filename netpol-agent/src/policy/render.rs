@@ -49,6 +49,14 @@ fn policy(out: &mut String, p: &Policy, namespace: Option<&str>) {
     if let Some(ns) = namespace {
         let _ = writeln!(out, "  namespace: {}", quote(ns));
     }
+    // Audit mode is the policy's (one annotation for every spec).
+    if !p.specs.is_empty() && p.specs.iter().all(|s| s.audit) {
+        let _ = writeln!(
+            out,
+            "  annotations:\n    {}: \"true\"",
+            super::parse::AUDIT_ANNOTATION
+        );
+    }
     match p.specs.as_slice() {
         [one] => {
             out.push_str("spec:\n");
