@@ -46,6 +46,10 @@ pub enum Verdict {
     Pass(Why),
     /// `TC_ACT_SHOT`, with the drop event's cause.
     Drop(Drop),
+    /// `TC_ACT_UNSPEC` in audit mode (`Endpoint::AUDIT_*`) for a new flow that policy would
+    /// have dropped: tracked (`CtEntry::AUDIT`) and reported with the cause the drop would have
+    /// had (`FlowEvent::KIND_AUDIT`).
+    Audit(Drop),
 }
 
 /// Which check passed a packet.
@@ -68,6 +72,8 @@ pub enum Why {
     Unenforced,
     /// A new flow that policy allows.
     Allowed,
+    /// A new flow that policy would drop, passed by audit mode ([`Verdict::Audit`]).
+    Audited,
 }
 
 /// The cause a drop event names.
@@ -803,6 +809,8 @@ impl World {
             remote: RemoteInfo::new(0),
         };
         match self.decide(&ep, dir, frame, now, owner, &mut cause) {
+            // `verdict` wrote the would-be drop's reason into the cause.
+            Ok(Why::Audited) => Verdict::Audit(cause),
             Ok(why) => Verdict::Pass(why),
             Err(reason) => {
                 let parse_error = matches!(
@@ -1027,16 +1035,24 @@ impl World {
             _ => p.icmp_type as u16,
         };
         let mut rule = 0;
+        // Audit mode turns a policy drop (only those) into a pass that is tracked and reported.
+        let mut audited = false;
         if enforced {
-            match policy::lookup(ep.identity, remote, dir, p.proto, port, |k| {
+            let (r, drop) = match policy::lookup(ep.identity, remote, dir, p.proto, port, |k| {
                 policy_lpm(&self.policy, k)
             }) {
-                PolicyVerdict::Allow(r) => rule = r,
-                PolicyVerdict::Deny(r) => {
-                    cause.rule = r;
-                    return Err(DropReason::PolicyDeny);
+                PolicyVerdict::Allow(r) => (r, None),
+                PolicyVerdict::Deny(r) => (r, Some(DropReason::PolicyDeny)),
+                PolicyVerdict::NoMatch => (0, Some(DropReason::PolicyDenied)),
+            };
+            rule = r;
+            if let Some(reason) = drop {
+                cause.rule = r;
+                if !ep.audits(dir) {
+                    return Err(reason);
                 }
-                PolicyVerdict::NoMatch => return Err(DropReason::PolicyDenied),
+                cause.reason = reason;
+                audited = true;
             }
         }
         if local && matches!(p.kind, Kind::Ports | Kind::EchoRequest | Kind::Other) {
@@ -1045,7 +1061,7 @@ impl World {
             if opens {
                 self.ct_del(&k, true);
             }
-            let e = CtEntry::new(
+            let mut e = CtEntry::new(
                 now,
                 p.proto,
                 rule,
@@ -1054,7 +1070,13 @@ impl World {
                 &info,
                 CtDir::of(dir),
             );
+            if audited {
+                e.flags = CtEntry::AUDIT;
+            }
             self.ct_put(k, e, false);
+        }
+        if audited {
+            return Ok(Why::Audited);
         }
         Ok(if enforced {
             Why::Allowed

@@ -23,7 +23,9 @@ use netpol_common::{
     ipcache::RemoteInfo,
     maps,
     policy::{PolicyKey, PolicyValue},
-    programs, Config, DropReason,
+    programs,
+    stats::{EventStats, RuleStats, RuleStatsKey},
+    Config, DropReason,
 };
 
 /// `TC_ACT_UNSPEC` (-1) as the kernel reports the return value.
@@ -101,7 +103,10 @@ impl Datapath {
             p.load()
                 .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
         }
-        Self { bpf }
+        let mut dp = Self { bpf };
+        // No rate limit on events unless a test sets one: tests count every event.
+        dp.config(0);
+        dp
     }
 
     fn hash<K: aya::Pod, V: aya::Pod>(&mut self, name: &str) -> HashMap<&mut MapData, K, V> {
@@ -291,8 +296,9 @@ impl Datapath {
         r.return_value
     }
 
+    /// Sets `CONFIG`'s flags, with no rate limit on events (tests count every event).
     pub fn config(&mut self, flags: u32) {
-        self.config_with_rate(flags, 0);
+        self.config_with_rate(flags, u32::MAX);
     }
 
     /// `CONFIG` with an event rate limit (`Config::event_rate`, events per second and CPU; 0:
@@ -302,6 +308,45 @@ impl Datapath {
             Array::try_from(self.bpf.map_mut(maps::CONFIG).expect("CONFIG")).unwrap();
         m.set(0, Config { flags, event_rate }, 0)
             .expect("CONFIG set");
+    }
+
+    /// `EVENT_STATS` summed over CPUs.
+    pub fn event_stats(&self) -> EventStats {
+        let m: PerCpuArray<_, EventStats> =
+            PerCpuArray::try_from(self.bpf.map(maps::EVENT_STATS).expect("EVENT_STATS")).unwrap();
+        let mut out = EventStats::default();
+        for v in m.get(&0, 0).expect("EVENT_STATS get").iter() {
+            out.suppressed_drops += v.suppressed_drops;
+            out.suppressed_flows += v.suppressed_flows;
+            out.suppressed_audits += v.suppressed_audits;
+            out.ring_full += v.ring_full;
+        }
+        out
+    }
+
+    /// The `AUDITS` counter of `reason`, summed over CPUs.
+    pub fn audits(&self, reason: DropReason) -> u64 {
+        let m: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.bpf.map(maps::AUDITS).expect("AUDITS")).unwrap();
+        m.get(&(reason as u32), 0).expect("AUDITS get").iter().sum()
+    }
+
+    /// `RULE_STATS` summed over CPUs.
+    pub fn rule_stats(&self) -> std::collections::BTreeMap<RuleStatsKey, RuleStats> {
+        let m: aya::maps::PerCpuHashMap<_, RuleStatsKey, RuleStats> =
+            aya::maps::PerCpuHashMap::try_from(self.bpf.map(maps::RULE_STATS).expect("RULE_STATS"))
+                .unwrap();
+        let mut out = std::collections::BTreeMap::new();
+        for item in m.iter() {
+            let (k, vs) = item.expect("RULE_STATS iter");
+            let s: &mut RuleStats = out.entry(k).or_default();
+            for v in vs.iter() {
+                s.allowed += v.allowed;
+                s.denied += v.denied;
+                s.audited += v.audited;
+            }
+        }
+        out
     }
 
     /// The `DROPS` counter of `reason`, summed over CPUs.

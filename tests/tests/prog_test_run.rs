@@ -2930,3 +2930,179 @@ fn arp_from_a_container_claims_only_its_own_address() {
         assert_eq!(dp.run(From, &cut), want, "truncated ARP ({what})");
     }
 }
+
+/// Issue 10: every drop and flow names its cause, audit mode passes, tracks and reports the
+/// flows that policy would drop (and only those), and the per-rule counters count each decision.
+fn audit_mode(fam: Fam) {
+    use netpol_common::stats::{RuleStats, RuleStatsKey};
+    let ing = Direction::Ingress;
+    let mut dp = Dp::db(true, true);
+    let audited = |on: bool| {
+        Endpoint::new(DB.id)
+            .with_ipv4(DB.v4)
+            .with_ipv6(DB.v6)
+            .enforce(true, true)
+            .audit(on, on)
+    };
+    dp.dp.endpoint(LO, audited(true));
+    dp.allow(&DB, APP1.id, ing, proto::TCP, 5432, policy::FULL_PREFIX, 11);
+    dp.deny(&DB, APP2.id, ing, proto::TCP, 5432, policy::FULL_PREFIX, 12);
+    dp.config(Config::TRACE_FLOWS);
+
+    // Allowed: a flow event naming the allow rule.
+    assert_eq!(dp.run(To, &fam.tcp(&APP1, &DB, 40000, 5432, TCP_SYN)), PASS);
+    let mut flow = drop_event(
+        fam,
+        DropReason::PolicyDenied,
+        ing,
+        &APP1,
+        &DB,
+        proto::TCP,
+        40000,
+        5432,
+        11,
+    );
+    flow.kind = FlowEvent::KIND_FLOW;
+    flow.reason = 0;
+    assert_eq!(dp.events(), [flow]);
+
+    // An explicit deny in audit mode: passes, is reported once with its rule, and is tracked
+    // so that the connection works.
+    assert_eq!(dp.run(To, &fam.tcp(&APP2, &DB, 40001, 5432, TCP_SYN)), PASS);
+    let mut deny = drop_event(
+        fam,
+        DropReason::PolicyDeny,
+        ing,
+        &APP2,
+        &DB,
+        proto::TCP,
+        40001,
+        5432,
+        12,
+    );
+    deny.kind = FlowEvent::KIND_AUDIT;
+    assert_eq!(dp.events(), [deny]);
+    let k = ct_key(fam, &APP2, &DB, 40001, 5432, proto::TCP, CtDir::Ingress);
+    let e = dp.ct(k).expect("an audited flow is tracked");
+    assert_eq!((e.flags, e.rule), (CtEntry::AUDIT, 12));
+    assert_eq!(
+        dp.run(From, &fam.tcp(&DB, &APP2, 5432, 40001, TCP_SYN | TCP_ACK)),
+        PASS,
+        "reply"
+    );
+    assert_eq!(
+        dp.run(To, &fam.tcp(&APP2, &DB, 40001, 5432, TCP_ACK)),
+        PASS,
+        "rest of the flow"
+    );
+    assert_eq!(dp.events(), [], "reported once, not per packet");
+
+    // The default deny in audit mode: reason policy-denied, no rule.
+    assert_eq!(dp.run(To, &fam.tcp(&WORLD, &DB, 40002, 22, TCP_SYN)), PASS);
+    let mut dd = drop_event(
+        fam,
+        DropReason::PolicyDenied,
+        ing,
+        &WORLD,
+        &DB,
+        proto::TCP,
+        40002,
+        22,
+        0,
+    );
+    dd.kind = FlowEvent::KIND_AUDIT;
+    assert_eq!(dp.events(), [dd]);
+    assert_drops(&dp, None, 0);
+    assert_eq!(dp.dp.audits(DropReason::PolicyDeny), 1);
+    assert_eq!(dp.dp.audits(DropReason::PolicyDenied), 1);
+
+    // Anti-spoofing and malformed packets stay dropped in audit mode.
+    let fake = Host {
+        v4: [10, 0, 0, 99],
+        v6: v6(0x99, ULA),
+        id: identity::WORLD,
+    };
+    assert_eq!(
+        dp.run(From, &fam.tcp(&fake, &WORLD, 40000, 443, TCP_SYN)),
+        SHOT,
+        "spoofed"
+    );
+    let mut short = fam.tcp(&APP2, &DB, 40003, 5432, TCP_SYN);
+    short.truncate(short.len() - 10);
+    assert_eq!(dp.run(To, &short), SHOT, "malformed");
+    assert_eq!(dp.drops(DropReason::Spoofed), 1);
+    assert_eq!(dp.drops(DropReason::Malformed), 1);
+    let kinds: Vec<(u8, u8)> = dp.events().iter().map(|e| (e.kind, e.reason)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (FlowEvent::KIND_DROP, DropReason::Spoofed as u8),
+            (FlowEvent::KIND_DROP, DropReason::Malformed as u8)
+        ]
+    );
+
+    // Leaving audit mode: the same matrix is enforced.
+    dp.dp.endpoint(LO, audited(false));
+    assert_eq!(dp.run(To, &fam.tcp(&APP2, &DB, 40004, 5432, TCP_SYN)), SHOT);
+    assert_eq!(dp.run(To, &fam.tcp(&WORLD, &DB, 40005, 22, TCP_SYN)), SHOT);
+    assert_eq!(dp.run(To, &fam.tcp(&APP1, &DB, 40006, 5432, TCP_SYN)), PASS);
+    assert_eq!(dp.drops(DropReason::PolicyDeny), 1);
+    assert_eq!(dp.drops(DropReason::PolicyDenied), 1);
+
+    let key = |rule| RuleStatsKey::new(rule, DB.id, ing);
+    let stats = |allowed, denied, audited| RuleStats {
+        allowed,
+        denied,
+        audited,
+    };
+    assert_eq!(
+        dp.dp.rule_stats(),
+        BTreeMap::from([
+            (key(11), stats(2, 0, 0)),
+            (key(12), stats(0, 1, 1)),
+            (key(0), stats(0, 1, 1)),
+        ]),
+        "RULE_STATS: every policy decision of a new flow, by rule"
+    );
+}
+
+#[test]
+fn audit_mode_v4() {
+    if require_root("audit_mode_v4") {
+        audit_mode(V4);
+    }
+}
+
+#[test]
+fn audit_mode_v6() {
+    if require_root("audit_mode_v6") {
+        audit_mode(V6);
+    }
+}
+
+/// A flood of drops does not become a flood of events: a per-CPU rate limit, with every
+/// suppressed event counted, while `DROPS` still counts every drop.
+#[test]
+fn drop_events_are_rate_limited_and_suppressed_ones_counted() {
+    if !require_root("drop_events_are_rate_limited_and_suppressed_ones_counted") {
+        return;
+    }
+    let mut dp = Dp::db(true, false);
+    dp.dp.config_with_rate(0, 5);
+    for port in 0..40 {
+        assert_eq!(
+            dp.run(To, &V4.tcp(&APP1, &DB, 40000 + port, 5432, TCP_SYN)),
+            SHOT
+        );
+    }
+    assert_drops(&dp, Some(DropReason::PolicyDenied), 40);
+    let events = dp.events().len() as u64;
+    let st = dp.dp.event_stats();
+    // One second's worth (5) per CPU that ran the program; the runs take far less than a second.
+    assert!((5..=10).contains(&events), "{events} events");
+    assert_eq!(events + st.suppressed_drops, 40, "{st:?}");
+    assert_eq!(
+        (st.suppressed_flows, st.suppressed_audits, st.ring_full),
+        (0, 0, 0)
+    );
+}

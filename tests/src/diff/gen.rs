@@ -326,6 +326,8 @@ impl Case {
                 ep = ep.with_ipv6(n.v6);
             }
             ep = ep.enforce(rng.chance(60), rng.chance(50));
+            // Audit mode on some directions (it only matters on enforced ones).
+            ep = ep.audit(rng.chance(20), rng.chance(20));
             world.endpoints.push((i as u32, ep));
             *slot = Some(i);
             ep_ids.push(id);

@@ -351,9 +351,12 @@ pub fn violated(
         }
     }
     let icmp_proto = (!ip.v6 && ip.proto == 1) || (ip.v6 && ip.proto == 58);
+    // Audit mode passes what policy would drop, by the operator's choice: that is policy's
+    // decision, not a hole.
     if c.icmp_error_to_peer
         && icmp_proto
         && ep.enforces(dir)
+        && why != Some(Why::Audited)
         && !policy_allows(world, ep, dir, &ip, ty)
     {
         if let Some(v) = icmp_related(dir, &ip, f) {

@@ -54,6 +54,16 @@ impl Outcome {
                     d.rule,
                 )],
             },
+            Verdict::Audit(d) => Self {
+                ret: PASS,
+                events: vec![(
+                    FlowEvent::KIND_AUDIT,
+                    d.reason as u8,
+                    d.src_identity,
+                    d.dst_identity,
+                    d.rule,
+                )],
+            },
         }
     }
 }
@@ -369,6 +379,7 @@ impl Runner {
                     match verdict {
                         Verdict::Pass(w) => Some(w),
                         Verdict::Drop(_) => None,
+                        Verdict::Audit(_) => Some(Why::Audited),
                     },
                 ) {
                     ct.insert(0, format!("violates {v}"));
@@ -384,6 +395,7 @@ impl Runner {
                     why: match verdict {
                         Verdict::Pass(w) => Some(w),
                         Verdict::Drop(_) => None,
+                        Verdict::Audit(_) => Some(Why::Audited),
                     },
                     actual,
                     ct,
