@@ -357,7 +357,7 @@ fn arp(ctx: &TcContext, sc: &mut Scratch) -> u32 {
     if sc.ev.direction != Direction::Egress as u8 {
         return PARSED_PASS;
     }
-    let a: parse::ArpHead = match ctx.load(ETH_HLEN) {
+    let a: parse::ArpHead = match parse::read(ctx, ETH_HLEN) {
         Ok(a) => a,
         Err(_) => return encode(Err(DropReason::Malformed)),
     };

@@ -1,6 +1,7 @@
-//! Header parsing. Every read goes through `bpf_skb_load_bytes` (`TcContext::load`), so a header
-//! that runs past the end of the packet is an error, never an out-of-bounds read, and non-linear
-//! skbs parse like linear ones.
+//! Header parsing. Headers are read straight from the packet (direct packet access, bounds
+//! checked against `data_end`, see [`read`]), and through `bpf_skb_load_bytes` where they lie
+//! beyond its linear part (a non-linear skb), so such skbs parse like linear ones: a header that
+//! runs past the end of the packet is an error, never an out-of-bounds read.
 
 use aya_ebpf::programs::TcContext;
 use netpol_common::{icmp, nd, proto, DropReason};
@@ -93,6 +94,36 @@ pub struct L4 {
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 
+/// The last offset read straight from the packet (headers end well before: IPv4 options, IPv6
+/// extension headers, an ICMP error's quoted packet); a bound the verifier can see on offsets
+/// computed from packet bytes. Later ones go through `bpf_skb_load_bytes`.
+const MAX_OFF: usize = 0x3fff;
+
+/// A `T` (plain bytes) read from the packet at `off`; `Malformed` when the packet ends first.
+///
+/// Straight from the packet (direct packet access: a bounds check against `data_end` and a load)
+/// when the bytes lie in its linear part, which holds the headers of almost every packet; through
+/// `bpf_skb_load_bytes` otherwise (a header beyond the linear part of a non-linear skb, or far
+/// into the packet), which reads any part of the packet and fails only past its end. So both give
+/// the same answer; the helper call is the exception. (Not `bpf_skb_pull_data`: it would copy
+/// payload into the linear part of large GSO packets and make every packet pointer stale.)
+///
+/// The load uses `T`'s alignment: header structs are 4-byte aligned for word loads, and a packet
+/// header may sit at any address. BPF on the hosts netpol runs on (x86-64, arm64: efficient
+/// unaligned access, no strict-alignment verifier flag) loads words from any packet address.
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, DropReason> {
+    if off <= MAX_OFF {
+        let p = ctx.data() + off;
+        if p + core::mem::size_of::<T>() <= ctx.data_end() {
+            // SAFETY: `size_of::<T>()` bytes of the linear part, bounds-checked against
+            // `data_end` (see above for the alignment); `T` is plain bytes.
+            return Ok(unsafe { core::ptr::read(p as *const T) });
+        }
+    }
+    ctx.load(off).map_err(|_| DropReason::Malformed)
+}
+
 #[inline(always)]
 pub fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
@@ -111,7 +142,7 @@ pub fn eth_proto(ctx: &TcContext) -> Result<u16, DropReason> {
 /// else ([`ipv4_check`] then validates it).
 #[inline(always)]
 pub fn ipv4_load(ctx: &TcContext, off: usize) -> Result<Ipv4Hdr, DropReason> {
-    ctx.load(off).map_err(|_| DropReason::Malformed)
+    read(ctx, off)
 }
 
 /// Bytes of the packet from `off` to its end (`skb->len`).
@@ -178,7 +209,7 @@ pub fn ipv4_quoted(
     off: usize,
     end: usize,
 ) -> Result<(Ipv4Hdr, usize), DropReason> {
-    let ip: Ipv4Hdr = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+    let ip: Ipv4Hdr = read(ctx, off)?;
     if ip.vihl >> 4 != 4 {
         return Err(DropReason::Malformed);
     }
@@ -245,11 +276,28 @@ pub fn ipv6_frag(h: &[u8; 8]) -> Frag {
     }
 }
 
-/// Copies 16 bytes at `off` straight into `dst` (which may be map memory): no stack temporary.
-/// (`TcContext::load_bytes` clamps its length, which the verifier rejects as maybe zero.)
+/// Copies 16 bytes at `off` straight into `dst` (which may be map memory), four words, without a
+/// stack temporary; outside the linear part (see [`read`]) through `bpf_skb_load_bytes`.
 #[inline(always)]
 pub fn load16(ctx: &TcContext, off: usize, dst: &mut [u8; 16]) -> Result<(), DropReason> {
-    // SAFETY: `dst` is 16 writable bytes; the helper checks the packet bounds.
+    if off <= MAX_OFF {
+        let p = ctx.data() + off;
+        if p + 16 <= ctx.data_end() {
+            let src = p as *const u32;
+            let d = dst.as_mut_ptr().cast::<u32>();
+            // SAFETY: 16 bytes of the linear part, bounds-checked against `data_end` (word loads
+            // from any packet address: see [`read`]); `dst` is 16 writable bytes, written
+            // unaligned (it may be a byte array).
+            unsafe {
+                for i in 0..4 {
+                    core::ptr::write_unaligned(d.add(i), core::ptr::read(src.add(i)));
+                }
+            }
+            return Ok(());
+        }
+    }
+    // SAFETY: `dst` is 16 writable bytes; the helper checks the packet bounds. (Not
+    // `TcContext::load_bytes`: it clamps its length, which the verifier rejects as maybe zero.)
     let ret = unsafe {
         aya_ebpf::helpers::bpf_skb_load_bytes(
             ctx.skb.skb as *const _,
@@ -274,7 +322,7 @@ pub fn ipv6_load(
     saddr: &mut [u8; 16],
     daddr: &mut [u8; 16],
 ) -> Result<[u8; 8], DropReason> {
-    let head: [u8; 8] = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+    let head: [u8; 8] = read(ctx, off)?;
     load16(ctx, off + 8, saddr)?;
     load16(ctx, off + 24, daddr)?;
     Ok(head)
@@ -326,12 +374,12 @@ pub fn ipv6_ext(ctx: &TcContext, next: u8, off: usize) -> Result<(u8, usize, Fra
     for _ in 0..4 {
         match next {
             0 | 43 | 60 => {
-                let h: [u8; 2] = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+                let h: [u8; 2] = read(ctx, off)?;
                 next = h[0];
                 off += (h[1] as usize + 1) * 8;
             }
             44 => {
-                let h: [u8; 8] = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+                let h: [u8; 8] = read(ctx, off)?;
                 next = h[0];
                 off += 8;
                 frag = ipv6_frag(&h);
@@ -340,7 +388,7 @@ pub fn ipv6_ext(ctx: &TcContext, next: u8, off: usize) -> Result<(u8, usize, Fra
                 }
             }
             51 => {
-                let h: [u8; 2] = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+                let h: [u8; 2] = read(ctx, off)?;
                 next = h[0];
                 off += (h[1] as usize + 2) * 4;
             }
@@ -384,7 +432,7 @@ pub fn l4(
         proto::TCP => {
             // The fixed 20-byte header must be there (one load) and its data offset sane, all
             // within the IP length.
-            let t: TcpHead = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+            let t: TcpHead = read(ctx, off)?;
             let h = &t.b;
             let doff = (h[12] >> 4) as usize * 4;
             if doff < 20 || off + doff > end {
@@ -396,7 +444,7 @@ pub fn l4(
             l.kind = Kind::Ports;
         }
         proto::UDP | proto::SCTP => {
-            let h: L4Head = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+            let h: L4Head = read(ctx, off)?;
             if off + 8 > end {
                 return Err(DropReason::Malformed);
             }
@@ -405,7 +453,7 @@ pub fn l4(
             l.kind = Kind::Ports;
         }
         proto::ICMP => {
-            let h: L4Head = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+            let h: L4Head = read(ctx, off)?;
             if off + 8 > end {
                 return Err(DropReason::Malformed);
             }
@@ -427,7 +475,7 @@ pub fn l4(
             }
         }
         proto::ICMPV6 => {
-            let h: L4Head = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+            let h: L4Head = read(ctx, off)?;
             if off + 8 > end {
                 return Err(DropReason::Malformed);
             }
@@ -462,7 +510,7 @@ pub fn inner_ports(
     off: usize,
     end: usize,
 ) -> Result<(u16, u16), DropReason> {
-    let h: L4Head = ctx.load(off).map_err(|_| DropReason::Malformed)?;
+    let h: L4Head = read(ctx, off)?;
     // The quoted ports must lie within the outer packet's IP length.
     if off + 8 > end {
         return Err(DropReason::Malformed);
