@@ -1070,7 +1070,8 @@ impl Matrix {
         (header, rows)
     }
 
-    /// A Graphviz digraph: one edge per pair that may connect, labelled with the ports.
+    /// A Graphviz digraph: one edge per pair with a container that may connect, labelled with
+    /// the ports.
     pub fn render_dot(&self) -> String {
         let q = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
         let mut out = String::from("digraph netpol {\n  rankdir=LR;\n  node [shape=box];\n");
@@ -1082,8 +1083,15 @@ impl Matrix {
             };
             out.push_str(&format!("  {}{shape};\n", q(&p.name)));
         }
+        let container = |name: &str| {
+            self.peers
+                .iter()
+                .any(|p| p.name == name && !p.containers.is_empty())
+        };
         for c in &self.cells {
-            if c.ports.is_empty() {
+            // Nothing to draw where nothing is allowed, or where no container is involved
+            // (host and world among themselves: netpol polices neither).
+            if c.ports.is_empty() || !(container(&c.from) || container(&c.to)) {
                 continue;
             }
             out.push_str(&format!(

@@ -397,6 +397,7 @@ fn matrix_renders_as_a_table_json_and_dot() {
     );
     assert!(!dot.contains("\"app2\" -> \"db\""), "{dot}");
     assert!(dot.contains("\"world\" [shape=ellipse];"), "{dot}");
+    assert!(!dot.contains("\"host\" -> \"world\""), "{dot}");
 }
 
 #[test]
