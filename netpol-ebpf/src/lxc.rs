@@ -860,7 +860,9 @@ fn verdict<F: Family>(
         let k = F::key(s, d, l.sport, l.dport, l.proto, dir);
         // A new flow starts in the new table; a SYN that reopens a tuple replaces the
         // established entry it may have left.
-        if opens {
+        // (A lookup first: most SYNs open a tuple that has no entry, and a lookup that misses
+        // costs less than a delete, which takes the bucket's lock.)
+        if opens && F::get(&k, true).is_some() {
             F::del(&k, true);
         }
         let mut e = CtEntry::new(
