@@ -296,7 +296,12 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
     tokio::spawn(async move {
         while let Some(ev) = rx.recv().await {
             let mut a = agent_docker.lock().await;
-            a.on_docker(ev);
+            // Whatever else queued meanwhile (a burst of starts), in one reconcile.
+            let mut batch = vec![ev];
+            while let Ok(ev) = rx.try_recv() {
+                batch.push(ev);
+            }
+            a.on_docker_batch(batch);
         }
     });
 

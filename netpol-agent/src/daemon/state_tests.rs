@@ -1063,3 +1063,52 @@ fn audit_mode_comes_from_the_containers_own_label_or_the_host_flag_never_the_ima
     );
     assert_eq!(a.status()["audit_all"], true);
 }
+
+/// A burst of Docker events applied in one reconcile enforces what one reconcile per event does,
+/// a container that came and went within the burst included (identity numbers may differ: the
+/// one that went never needed one).
+#[test]
+fn a_batch_of_docker_events_gives_the_maps_of_one_reconcile_each() {
+    let db = service(2, "db", &[("netpol.ingress", "app1:5432/tcp")]);
+    let (app1, app2, gone) = (
+        service(3, "app1", &[]),
+        service(4, "app2", &[]),
+        service(5, "gone", &[("netpol.ingress", "app1:80/tcp")]),
+    );
+    let events = || {
+        vec![
+            DockerEvent::ContainerUp(db.clone()),
+            DockerEvent::ContainerUp(app1.clone()),
+            DockerEvent::ContainerUp(gone.clone()),
+            DockerEvent::ContainerUp(app2.clone()),
+            DockerEvent::ContainerDown {
+                id: gone.id.clone(),
+            },
+        ]
+    };
+    let (d1, d2) = (Dirs::new("batch-one"), Dirs::new("batch-all"));
+    let (mut one, mut all) = (agent(&d1), agent(&d2));
+    snapshot(&mut one, &[]);
+    snapshot(&mut all, &[]);
+    for ev in events() {
+        one.on_docker(ev);
+    }
+    all.on_docker_batch(events());
+    let flags = |a: &Agent| -> Vec<(u32, u32)> {
+        maps(a)
+            .endpoints
+            .iter()
+            .map(|(i, e)| (*i, e.flags))
+            .collect()
+    };
+    assert_eq!(flags(&all), flags(&one));
+    assert_eq!(maps(&all).policy.len(), maps(&one).policy.len());
+    for a in [&all, &one] {
+        assert!(connects(a, &app1, &db, 5432));
+        assert!(!connects(a, &app2, &db, 5432), "db stays protected");
+    }
+    assert!(
+        !maps(&all).endpoints.contains_key(&ifindex(&gone)),
+        "the container that went is not enforced as present"
+    );
+}

@@ -237,12 +237,77 @@ async fn dump_current() -> Result<NamespaceView, NetlinkError> {
 
 /// Finds the host veth of each wanted interface of the namespace at `netns`. An interface that is
 /// missing or not a veth with a peer in the host namespace gets an `Err` with the reason.
+///
+/// Only the container's own namespace is dumped; of the host's links only the peers its
+/// interfaces name are asked for, by index (a dump of every host link, once per started
+/// container, made discovery grow with the number of containers).
 pub fn discover_host_veths(
     netns: &Path,
     wanted: &[WantedInterface],
 ) -> Result<VethLookup, NetlinkError> {
-    let (host_links, inside) = dump_namespace(netns)?;
-    Ok(match_host_veths(&host_links, &inside, wanted))
+    let (netns, wanted) = (netns.to_path_buf(), wanted.to_vec());
+    let handle = std::thread::Builder::new()
+        .name("netpol-netlink".to_owned())
+        .spawn(move || -> Result<VethLookup, NetlinkError> {
+            let file = File::open(&netns).map_err(|source| NetlinkError::OpenNetns {
+                path: netns.clone(),
+                source,
+            })?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .enable_time()
+                .build()
+                .map_err(NetlinkError::Thread)?;
+            // Opened before the switch: this socket keeps speaking to the host's namespace.
+            let (conn, host, _) = rt
+                .block_on(async { rtnetlink::new_connection() })
+                .map_err(NetlinkError::Socket)?;
+            let conn = rt.spawn(conn);
+            // SAFETY: `file` is an open namespace file; setns only changes this thread, which
+            // runs nothing else and exits when this closure returns. The dump below opens its
+            // socket after the switch, so it speaks to the container's namespace.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                conn.abort();
+                return Err(NetlinkError::EnterNetns {
+                    path: netns,
+                    source: io::Error::last_os_error(),
+                });
+            }
+            let result = rt.block_on(async {
+                let inside = dump_current().await?;
+                let peers: std::collections::BTreeSet<u32> = inside
+                    .links
+                    .iter()
+                    .filter_map(|l| l.link.filter(|p| *p != 0 && *p != l.ifindex))
+                    .collect();
+                let lookup = async {
+                    let mut host_links = Vec::new();
+                    for peer in peers {
+                        // A peer that is not a host link (gone, or in another namespace) is
+                        // simply not found: `match_host_veths` says why.
+                        if let Ok(Some(m)) = host
+                            .link()
+                            .get()
+                            .match_index(peer)
+                            .execute()
+                            .try_next()
+                            .await
+                        {
+                            host_links.push(LinkInfo::from_message(&m));
+                        }
+                    }
+                    host_links
+                };
+                let host_links = tokio::time::timeout(DUMP_TIMEOUT, lookup)
+                    .await
+                    .map_err(|_| NetlinkError::Timeout(DUMP_TIMEOUT))?;
+                Ok(match_host_veths(&host_links, &inside, &wanted))
+            });
+            conn.abort();
+            result
+        })
+        .map_err(NetlinkError::Thread)?;
+    handle.join().map_err(|_| NetlinkError::ThreadPanicked)?
 }
 
 /// The matching half of [`discover_host_veths`], without system calls.

@@ -344,7 +344,7 @@ fn events_classify_into_actions() {
     for a in ["connect", "disconnect"] {
         assert_eq!(
             classify(&network_event(a, BACKEND_ID, Some(DB_ID))),
-            Some(Action::Refresh(DB_ID.into())),
+            Some(Action::RefreshIfRunning(DB_ID.into())),
             "{a}"
         );
     }
@@ -387,16 +387,17 @@ fn recorded_docker28_and_docker29_events_classify_alike() {
     let v29 = parse(v29_text);
     let refresh = || Some(Action::Refresh(CONTAINER.into()));
     let down = || Some(Action::Down(CONTAINER.into()));
+    let net = || Some(Action::RefreshIfRunning(CONTAINER.into()));
     let want = vec![
         Some(Action::RefreshNetworks), // network create
         None,                          // container create
-        refresh(),                     // network connect (first network)
+        net(),                         // network connect (first network)
         refresh(),                     // container start
-        refresh(),                     // network connect (second network)
-        refresh(),                     // network disconnect
+        net(),                         // network connect (second network)
+        net(),                         // network disconnect
         None,                          // container kill
         None,                          // container kill
-        refresh(),                     // network disconnect
+        net(),                         // network disconnect
         down(),                        // container stop
         down(),                        // container die
         down(),                        // container destroy
@@ -418,6 +419,8 @@ struct FakeState {
     images: BTreeMap<String, BTreeMap<String, String>>,
     image_inspects: usize,
     events: Option<mpsc::UnboundedSender<Result<EventMessage, DockerError>>>,
+    /// Container inspects answered.
+    inspects: usize,
     sessions: u32,
     since: Vec<Option<String>>,
 }
@@ -484,6 +487,7 @@ impl DockerApi for FakeDocker {
     async fn inspect(&self, id: &str) -> Result<Option<ContainerInspectResponse>, DockerError> {
         self.with(|s| {
             if s.up {
+                s.inspects += 1;
                 Ok(s.containers.get(id).cloned())
             } else {
                 Err(Self::down_err())
@@ -638,9 +642,12 @@ async fn connect_before_start_emits_one_container_up_after_start() {
     let a = app('a', false, &[(BACKEND.0, BACKEND.1, "", "")]);
     let id = a.id.clone().unwrap();
     docker.put(a);
+    let inspects = docker.with(|s| s.inspects);
     docker.emit(container_event("create", &id));
     docker.emit(network_event("connect", BACKEND_ID, Some(&id)));
     h.quiet().await;
+    // Not running yet: not inspected (that would wait for its start in a real Docker).
+    assert_eq!(docker.with(|s| s.inspects), inspects);
     docker.put(app(
         'a',
         true,

@@ -374,6 +374,11 @@ fn rfc3339_to_unix(s: &str) -> Option<(i64, u32)> {
 pub enum Action {
     /// Inspect the container again and emit what changed.
     Refresh(String),
+    /// A network connect or disconnect: inspect again only a container known to be running. One
+    /// that is not running yet gets a start event of its own, and inspecting it now would wait
+    /// for its start to finish (Docker holds the container's lock meanwhile), holding up every
+    /// event behind it, other containers' starts included.
+    RefreshIfRunning(String),
     /// The container stopped running.
     Down(String),
     /// Re-read the network list.
@@ -409,7 +414,7 @@ pub fn classify(ev: &EventMessage) -> Option<Action> {
                 .and_then(|a| a.attributes.as_ref())
                 .and_then(|attrs| attrs.get("container"))
                 .filter(|s| !s.is_empty())
-                .map(|c| Action::Refresh(c.clone())),
+                .map(|c| Action::RefreshIfRunning(c.clone())),
             "create" | "destroy" | "remove" | "update" => Some(Action::RefreshNetworks),
             _ => None,
         },
@@ -605,6 +610,12 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
                     .await)
             }
             Action::Down(id) => Ok(self.down(&id).await),
+            Action::RefreshIfRunning(id) => {
+                if self.known(&id).is_none() {
+                    return Ok(Ok(()));
+                }
+                Box::pin(self.apply(Action::Refresh(id))).await
+            }
             Action::Refresh(id) => match self.load_container(&id).await? {
                 Some(c) if c.running => {
                     if self.containers.get(&c.id) == Some(&c) {
@@ -619,14 +630,16 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
         }
     }
 
-    async fn down(&mut self, id: &str) -> Result<(), Closed> {
-        // Events may name a container by a short id or name; match what we hold.
-        let key = self
-            .containers
+    /// The id of the running container `id` names (events may name it by a short id or name).
+    fn known(&self, id: &str) -> Option<String> {
+        self.containers
             .values()
             .find(|c| c.id == id || c.name == id || (id.len() >= 12 && c.id.starts_with(id)))
-            .map(|c| c.id.clone());
-        match key.and_then(|k| self.containers.remove(&k)) {
+            .map(|c| c.id.clone())
+    }
+
+    async fn down(&mut self, id: &str) -> Result<(), Closed> {
+        match self.known(id).and_then(|k| self.containers.remove(&k)) {
             Some(c) => self.send(DockerEvent::ContainerDown { id: c.id }).await,
             None => Ok(()),
         }
@@ -655,7 +668,9 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
     /// Inspects a container and looks up its host veths. `None` if it no longer exists.
     async fn load_container(&mut self, id: &str) -> Result<Option<Container>, DockerError> {
         let mut attempt = 0;
+        let t0 = std::time::Instant::now();
         loop {
+            let t_inspect = std::time::Instant::now();
             let Some(raw) = self.api.inspect(id).await? else {
                 return Ok(None);
             };
@@ -667,7 +682,10 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
                 return Ok(None);
             };
             let pid = raw.state.as_ref().and_then(|s| s.pid).filter(|p| *p > 0);
+            let inspect_ms = t_inspect.elapsed().as_secs_f64() * 1000.0;
+            let t_veth = std::time::Instant::now();
             let lookup = self.lookup_veths(&bare, pid).await;
+            let veth_ms = t_veth.elapsed().as_secs_f64() * 1000.0;
             let Some(mut c) = container_from_inspect(&raw, &self.networks, &lookup) else {
                 return Ok(None);
             };
@@ -680,6 +698,15 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
                     )
                 });
             attempt += 1;
+            tracing::debug!(
+                container = %c.name,
+                attempt,
+                inspect_ms,
+                veth_ms,
+                total_ms = t0.elapsed().as_secs_f64() * 1000.0,
+                missing,
+                "container inspected"
+            );
             if !missing || attempt > VETH_RETRIES {
                 if missing {
                     tracing::warn!(container = %c.name, "host veth not found");
