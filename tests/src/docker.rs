@@ -210,6 +210,9 @@ pub struct DaemonConfig {
     pub ipv6: bool,
     /// Further dockerd arguments, e.g. `--live-restore`.
     pub extra_args: Vec<String>,
+    /// How long dockerd may take to answer `_ping` after a start or restart (default
+    /// 60 s); a daemon restoring hundreds of containers needs minutes.
+    pub ready_timeout: Option<Duration>,
 }
 
 /// A private dockerd, stopped and cleaned up on drop. See the module documentation.
@@ -501,7 +504,8 @@ impl DockerDaemon {
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn dockerd: {e}"));
         self.child = Some(child);
 
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let ready_timeout = self.config.ready_timeout.unwrap_or(READY_TIMEOUT);
+        let deadline = Instant::now() + ready_timeout;
         loop {
             if let Some(status) = self
                 .child
@@ -520,7 +524,7 @@ impl DockerDaemon {
             if Instant::now() > deadline {
                 let _ = self.stop_process();
                 panic!(
-                    "dockerd did not answer _ping within {READY_TIMEOUT:?}; its log:\n{}",
+                    "dockerd did not answer _ping within {ready_timeout:?}; its log:\n{}",
                     self.log()
                 );
             }
