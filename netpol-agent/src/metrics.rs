@@ -78,11 +78,22 @@ pub struct EndpointName {
     pub identity: String,
 }
 
+/// A rule as the metrics name it: its policy and section (`ingress[0]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleName {
+    pub policy: String,
+    pub section: String,
+}
+
 /// What the agent knows at scrape time, taken under its lock.
 #[derive(Clone, Debug, Default)]
 pub struct AgentView {
     /// Host veth ifindex → endpoint.
     pub endpoints: BTreeMap<u32, EndpointName>,
+    /// Rule id (the compiled rule table in force) → rule.
+    pub rules: BTreeMap<u32, RuleName>,
+    /// Identity number → display name.
+    pub identities: BTreeMap<u32, String>,
     pub docker_connected: bool,
 }
 
@@ -102,6 +113,20 @@ struct EndpointLabels {
     identity: String,
     direction: String,
     reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    policy: String,
+    rule: String,
+    identity: String,
+    direction: String,
+    verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -176,11 +201,28 @@ pub fn registry(metrics: &Metrics, view: &AgentView, kernel: Option<&KernelStats
         drops,
     );
 
+    let audits: Family<ReasonLabels, Counter> = Family::default();
+    for (&r, &n) in &k.audits {
+        audits
+            .get_or_create(&ReasonLabels {
+                reason: reason_label(r),
+            })
+            .inc_by(n);
+    }
+    reg.register(
+        "audits",
+        "New flows audit mode let through that policy would have dropped, by the drop reason they would have had (AUDITS)",
+        audits,
+    );
+
     let ep_drops: Family<EndpointLabels, Counter> = Family::default();
+    let ep_audits: Family<EndpointLabels, Counter> = Family::default();
     for (key, &n) in &k.ep_drops {
-        if key.kind != epdrop::KIND_DROP {
-            continue;
-        }
+        let family = match key.kind {
+            epdrop::KIND_DROP => &ep_drops,
+            epdrop::KIND_AUDIT => &ep_audits,
+            _ => continue,
+        };
         // A key of an endpoint the agent does not name (one that went a moment ago, or a
         // veth not claimed yet) is still counted, under its interface.
         let name = view.endpoints.get(&key.ifindex);
@@ -192,12 +234,80 @@ pub fn registry(metrics: &Metrics, view: &AgentView, kernel: Option<&KernelStats
         };
         // Two interfaces without a name cannot collide (the ifindex is in the label); two keys
         // of one endpoint differ in direction or reason.
-        ep_drops.get_or_create(&labels).inc_by(n);
+        family.get_or_create(&labels).inc_by(n);
     }
     reg.register(
         "endpoint_drops",
         "Packets dropped, by endpoint (container and identity), direction and drop reason (EP_DROPS)",
         ep_drops,
+    );
+    reg.register(
+        "endpoint_audits",
+        "New flows audit mode let through, by endpoint, direction and the drop reason they would have had (EP_DROPS)",
+        ep_audits,
+    );
+
+    let flows: Family<RuleLabels, Counter> = Family::default();
+    for (key, v) in &k.rules {
+        for (verdict, n) in [
+            ("allowed", v.allowed),
+            ("denied", v.denied),
+            ("audited", v.audited),
+        ] {
+            if n == 0 {
+                continue;
+            }
+            let (policy, rule) = match (key.rule, view.rules.get(&key.rule)) {
+                (0, _) if verdict == "allowed" => (String::new(), "default-allow".to_owned()),
+                (0, _) => (String::new(), "default-deny".to_owned()),
+                (_, Some(r)) => (r.policy.clone(), r.section.clone()),
+                // A rule of a table that is no longer in force.
+                (_, None) => (String::new(), "unknown".to_owned()),
+            };
+            flows
+                .get_or_create(&RuleLabels {
+                    policy,
+                    rule,
+                    identity: view
+                        .identities
+                        .get(&key.identity)
+                        .cloned()
+                        .unwrap_or_else(|| format!("id:{}", key.identity)),
+                    direction: direction_label(key.direction).to_owned(),
+                    verdict: verdict.to_owned(),
+                })
+                .inc_by(n);
+        }
+    }
+    reg.register(
+        "policy_flows",
+        "New flows decided by policy, by the policy and rule that decided (rule default-deny / default-allow: no rule matched), the local identity, direction and verdict (allowed, denied, audited; RULE_STATS)",
+        flows,
+    );
+
+    let suppressed: Family<KindLabels, Counter> = Family::default();
+    for (kind, n) in [
+        ("drop", k.events.suppressed_drops),
+        ("flow", k.events.suppressed_flows),
+        ("audit", k.events.suppressed_audits),
+    ] {
+        suppressed
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc_by(n);
+    }
+    reg.register(
+        "events_suppressed",
+        "Monitor events the per-CPU rate limit kept out, by kind (the counters above still count them; EVENT_STATS)",
+        suppressed,
+    );
+    let lost: Counter = Counter::default();
+    lost.inc_by(k.events.ring_full);
+    reg.register(
+        "events_lost",
+        "Monitor events the EVENTS ring buffer had no room for (no reader, or one too slow)",
+        lost,
     );
 
     let entries: Family<MapLabels, Gauge> = Family::default();
@@ -240,7 +350,10 @@ pub fn wants_openmetrics(accept: Option<&str>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use netpol_common::epdrop::EpDropKey;
+    use netpol_common::{
+        epdrop::EpDropKey,
+        stats::{RuleStats, RuleStatsKey},
+    };
 
     use super::*;
     use crate::datapath::stats::Fill;
@@ -269,6 +382,33 @@ mod tests {
             ),
             2,
         );
+        k.audits.insert(DropReason::PolicyDenied as u8, 4);
+        k.ep_drops.insert(
+            EpDropKey::new(
+                12,
+                DropReason::PolicyDenied as u8,
+                Direction::Egress as u8,
+                epdrop::KIND_AUDIT,
+            ),
+            4,
+        );
+        k.rules.insert(
+            RuleStatsKey::new(3, 300, Direction::Ingress),
+            RuleStats {
+                allowed: 9,
+                ..RuleStats::default()
+            },
+        );
+        k.rules.insert(
+            RuleStatsKey::new(0, 300, Direction::Ingress),
+            RuleStats {
+                denied: 2,
+                audited: 1,
+                ..RuleStats::default()
+            },
+        );
+        k.events.suppressed_drops = 11;
+        k.events.ring_full = 1;
         k.fill.push(Fill {
             map: "POLICY",
             entries: 3,
@@ -286,6 +426,14 @@ mod tests {
                     identity: "demo/db".into(),
                 },
             )]),
+            rules: BTreeMap::from([(
+                3,
+                RuleName {
+                    policy: "compose:demo/db".into(),
+                    section: "ingress[0]".into(),
+                },
+            )]),
+            identities: BTreeMap::from([(300, "demo/db".to_owned())]),
             docker_connected: true,
         }
     }
@@ -353,6 +501,11 @@ mod tests {
             "netpol_docker_connected",
             "netpol_drops_total",
             "netpol_endpoint_drops_total",
+            "netpol_audits_total",
+            "netpol_endpoint_audits_total",
+            "netpol_policy_flows_total",
+            "netpol_events_suppressed_total",
+            "netpol_events_lost_total",
             "netpol_map_entries",
             "netpol_map_max_entries",
             "netpol_reconcile_duration_seconds",
@@ -401,6 +554,47 @@ mod tests {
             2.0
         );
         assert_eq!(find("netpol_drops_total", r#"reason="policy-denied""#), 7.0);
+        assert_eq!(
+            find("netpol_audits_total", r#"reason="policy-denied""#),
+            4.0
+        );
+        assert_eq!(
+            find(
+                "netpol_endpoint_audits_total",
+                r#"container="demo_db_1",identity="demo/db",direction="egress",reason="policy-denied""#
+            ),
+            4.0
+        );
+        assert_eq!(
+            find(
+                "netpol_policy_flows_total",
+                r#"policy="compose:demo/db",rule="ingress[0]",identity="demo/db",direction="ingress",verdict="allowed""#
+            ),
+            9.0
+        );
+        assert_eq!(
+            find(
+                "netpol_policy_flows_total",
+                r#"policy="",rule="default-deny",identity="demo/db",direction="ingress",verdict="denied""#
+            ),
+            2.0
+        );
+        assert_eq!(
+            find(
+                "netpol_policy_flows_total",
+                r#"policy="",rule="default-deny",identity="demo/db",direction="ingress",verdict="audited""#
+            ),
+            1.0
+        );
+        assert_eq!(
+            find("netpol_events_suppressed_total", r#"kind="drop""#),
+            11.0
+        );
+        assert_eq!(
+            find("netpol_events_suppressed_total", r#"kind="flow""#),
+            0.0
+        );
+        assert_eq!(find("netpol_events_lost_total", ""), 1.0);
         assert_eq!(find("netpol_drops_total", r#"reason="malformed""#), 0.0);
         assert_eq!(find("netpol_map_entries", r#"map="POLICY""#), 3.0);
         assert_eq!(find("netpol_map_max_entries", r#"map="POLICY""#), 16384.0);

@@ -338,11 +338,29 @@ fn compose_labels_protect_the_database_scenario(version: DockerVersion) {
             ],
         )
     };
+    // New flows that db's label policy allowed (app1 and app2 -> db:5432).
+    let db_allowed = |scrape: &str| {
+        metrics::sum(
+            scrape,
+            "netpol_policy_flows_total",
+            &[
+                ("policy", "compose:npe2e/db"),
+                ("rule", "ingress[0]"),
+                ("identity", "npe2e/db"),
+                ("direction", "ingress"),
+                ("verdict", "allowed"),
+            ],
+        )
+    };
     let before = timed("scrape", || agent.scrape());
     metrics::promtool_check(&before);
     assert!(
         app1_denied(&before) > 0.0,
         "the scenario's denied connections to app1 are not counted on app1:\n{before}"
+    );
+    assert!(
+        db_allowed(&before) > 0.0,
+        "the scenario's allowed connections to db are not counted on db's policy:\n{before}"
     );
     assert!(
         metrics::sum(
@@ -415,8 +433,26 @@ fn compose_labels_protect_the_database_scenario(version: DockerVersion) {
         "monitor --json showed no drop of {} -> {target}",
         app2.name
     );
-    // The monitor's denied connections went up app1's counter (counters, not events: exact).
+    // One more allowed connection, app1 -> db:5432.
+    let db = project.container("db");
+    assert_eq!(
+        probe::connect_from(
+            Some(&app1.netns),
+            SocketAddr::new(db.ipv4, 5432),
+            probe::ALLOW_DEADLINE
+        ),
+        Outcome::Open
+    );
+    // The monitor's denied connections went up app1's counter (counters, not events: exact),
+    // the allowed one db's policy's.
     let after = agent.scrape();
+    metrics::promtool_check(&after);
+    assert!(
+        db_allowed(&after) > db_allowed(&before),
+        "db's policy's allowed-flow count did not go up ({} -> {}):\n{after}",
+        db_allowed(&before),
+        db_allowed(&after)
+    );
     assert!(
         app1_denied(&after) > app1_denied(&before),
         "app1's policy-denied count did not go up ({} -> {}):\n{after}",

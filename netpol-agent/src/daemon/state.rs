@@ -146,6 +146,33 @@ impl Agent {
                     )
                 })
                 .collect(),
+            rules: self
+                .compiled
+                .as_ref()
+                .map(|c| {
+                    c.rules
+                        .iter()
+                        .map(|(&id, r)| {
+                            (
+                                id,
+                                crate::metrics::RuleName {
+                                    policy: r.policy.clone(),
+                                    section: r.section.clone(),
+                                },
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            identities: self
+                .ids
+                .iter()
+                .map(|(id, labels)| (id, display_name(id, Some(labels))))
+                .chain(
+                    [reserved::HOST, reserved::WORLD, reserved::UNMANAGED]
+                        .map(|id| (id, display_name(id, None))),
+                )
+                .collect(),
             docker_connected: self.docker_synced && self.docker_status.starts_with("connected"),
         }
     }

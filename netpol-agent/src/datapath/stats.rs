@@ -10,9 +10,14 @@ use std::{
 };
 
 use aya::maps::{Map, MapData, PerCpuArray, PerCpuHashMap};
-use netpol_common::{epdrop::EpDropKey, maps, DropReason};
+use netpol_common::{
+    epdrop::EpDropKey,
+    maps,
+    stats::{EventStats, RuleStats, RuleStatsKey},
+    DropReason,
+};
 
-use super::DatapathError;
+use super::{DatapathError, RuleCounters};
 
 /// Maps whose fill level is reported: everything the agent or the programs add entries to.
 pub const FILL_MAPS: &[&str] = &[
@@ -28,6 +33,7 @@ pub const FILL_MAPS: &[&str] = &[
     maps::FRAG6,
     maps::SNAT6,
     maps::EP_DROPS,
+    maps::RULE_STATS,
 ];
 
 /// One map's fill level.
@@ -43,8 +49,14 @@ pub struct Fill {
 pub struct KernelStats {
     /// `DROPS`, summed over CPUs, by reason number (every reason, zeros included).
     pub drops: BTreeMap<u8, u64>,
+    /// `AUDITS` (audit mode's would-be drops), summed over CPUs, by reason number.
+    pub audits: BTreeMap<u8, u64>,
     /// `EP_DROPS`, summed over CPUs.
     pub ep_drops: BTreeMap<EpDropKey, u64>,
+    /// `RULE_STATS`, summed over CPUs.
+    pub rules: RuleCounters,
+    /// `EVENT_STATS`, summed over CPUs (`tat_ns`: the latest).
+    pub events: EventStats,
     /// Maps of [`FILL_MAPS`] that are pinned (the masquerade's only exist while it runs).
     pub fill: Vec<Fill>,
 }
@@ -79,6 +91,48 @@ impl PinnedStats {
         for r in DropReason::ALL {
             let v = drops.get(&(r as u32), 0).map_err(map_err(maps::DROPS))?;
             out.drops.insert(r as u8, v.iter().sum());
+        }
+        let audits = Map::from_map_data(self.open(maps::AUDITS)?).map_err(map_err(maps::AUDITS))?;
+        let audits: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(audits).map_err(map_err(maps::AUDITS))?;
+        for r in [DropReason::PolicyDenied, DropReason::PolicyDeny] {
+            let v = audits.get(&(r as u32), 0).map_err(map_err(maps::AUDITS))?;
+            out.audits.insert(r as u8, v.iter().sum());
+        }
+        let rules =
+            Map::from_map_data(self.open(maps::RULE_STATS)?).map_err(map_err(maps::RULE_STATS))?;
+        let rules: PerCpuHashMap<_, RuleStatsKey, RuleStats> =
+            PerCpuHashMap::try_from(rules).map_err(map_err(maps::RULE_STATS))?;
+        for item in rules.iter() {
+            match item {
+                Ok((k, per_cpu)) => {
+                    let sum = out.rules.entry(k).or_default();
+                    for v in per_cpu.iter() {
+                        sum.allowed += v.allowed;
+                        sum.denied += v.denied;
+                        sum.audited += v.audited;
+                    }
+                }
+                // Evicted (LRU) between listing and reading it.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::RULE_STATS)(e)),
+            }
+        }
+        let events = Map::from_map_data(self.open(maps::EVENT_STATS)?)
+            .map_err(map_err(maps::EVENT_STATS))?;
+        let events: PerCpuArray<_, EventStats> =
+            PerCpuArray::try_from(events).map_err(map_err(maps::EVENT_STATS))?;
+        for v in events
+            .get(&0, 0)
+            .map_err(map_err(maps::EVENT_STATS))?
+            .iter()
+        {
+            let e = &mut out.events;
+            e.tat_ns = e.tat_ns.max(v.tat_ns);
+            e.suppressed_drops += v.suppressed_drops;
+            e.suppressed_flows += v.suppressed_flows;
+            e.suppressed_audits += v.suppressed_audits;
+            e.ring_full += v.ring_full;
         }
         let ep = Map::from_map_data(self.open(maps::EP_DROPS)?).map_err(map_err(maps::EP_DROPS))?;
         let ep: PerCpuHashMap<_, EpDropKey, u64> =
