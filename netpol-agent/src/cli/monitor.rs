@@ -9,10 +9,17 @@ pub struct MonitorArgs {
     /// One JSON object per event.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub filter: crate::daemon::monitor_filter::MonitorFilter,
 }
 
 pub fn run(args: MonitorArgs, socket: &Path) -> anyhow::Result<i32> {
-    let reader = connect(socket, &Request::Monitor)?;
+    let reader = connect(
+        socket,
+        &Request::Monitor {
+            filter: args.filter,
+        },
+    )?;
     for line in reader.lines() {
         let line = line?;
         if let Ok(Response::Error { message }) = serde_json::from_str::<Response>(&line) {

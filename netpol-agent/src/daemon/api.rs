@@ -36,7 +36,11 @@ pub enum Request {
     EndpointList,
     IdentityList,
     Status,
-    Monitor,
+    /// Events that pass `filter` (empty: all); see `monitor_filter`.
+    Monitor {
+        #[serde(default)]
+        filter: super::monitor_filter::MonitorFilter,
+    },
     /// The policies in force as Kubernetes CiliumNetworkPolicies (YAML text).
     PolicyExport {
         namespace: String,

@@ -11,6 +11,7 @@ pub mod flows;
 pub mod masq;
 pub mod metrics_server;
 mod monitor;
+pub mod monitor_filter;
 pub mod nat6;
 mod server;
 pub mod state;

@@ -201,7 +201,11 @@ impl Monitor {
     }
 
     /// Streams events to one client until it goes away.
-    pub async fn stream(&self, mut w: OwnedWriteHalf) -> std::io::Result<()> {
+    pub async fn stream(
+        &self,
+        mut w: OwnedWriteHalf,
+        filter: super::monitor_filter::MonitorFilter,
+    ) -> std::io::Result<()> {
         let mut rx = self.tx.subscribe();
         if self.listeners.fetch_add(1, Ordering::SeqCst) == 0 {
             self.agent.lock().await.set_trace_flows(true);
@@ -217,6 +221,9 @@ impl Monitor {
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 };
                 let m = self.describe(&ev).await;
+                if !filter.is_empty() && !filter.matches(&m, &*self.agent.lock().await) {
+                    continue;
+                }
                 let mut line = serde_json::to_vec(&m).unwrap_or_default();
                 line.push(b'\n');
                 w.write_all(&line).await?;

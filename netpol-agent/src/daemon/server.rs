@@ -84,7 +84,10 @@ async fn handle(
     } else {
         match serde_json::from_str::<Request>(&line) {
             Err(e) => err(format!("bad request: {e}")),
-            Ok(Request::Monitor) => return monitor.stream(w).await,
+            Ok(Request::Monitor { filter }) => match filter.validate() {
+                Ok(()) => return monitor.stream(w, filter).await,
+                Err(e) => err(format!("monitor: {e}")),
+            },
             Ok(req) => {
                 let mut a = agent.lock().await;
                 match req {
@@ -113,7 +116,7 @@ async fn handle(
                     Request::PolicyMatrix { project } => {
                         a.matrix(project.as_deref()).map_or_else(err, ok)
                     }
-                    Request::Monitor => unreachable!("handled above"),
+                    Request::Monitor { .. } => unreachable!("handled above"),
                 }
             }
         }

@@ -1035,6 +1035,22 @@ impl Agent {
 #[path = "state_trace.rs"]
 mod trace;
 
+impl super::monitor_filter::Lookup for Agent {
+    fn container_is(&self, pattern: &str, ifindex: Option<u32>, addr: Option<IpAddr>) -> bool {
+        self.containers.values().any(|c| {
+            super::monitor_filter::names_container(pattern, &c.id, &c.name)
+                && c.networks.iter().any(|a| {
+                    ifindex.is_some_and(|i| a.host_veth == Some(i))
+                        || addr.is_some_and(|ip| a.addresses().any(|x| x == ip))
+                })
+        })
+    }
+
+    fn identity_labels(&self, id: u32) -> Option<&BTreeMap<String, String>> {
+        self.ids.labels(id)
+    }
+}
+
 #[cfg(test)]
 #[path = "state_tests.rs"]
 mod tests;
