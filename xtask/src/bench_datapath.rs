@@ -143,10 +143,13 @@ pub(crate) fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds the release helpers; returns the directory holding them.
+/// Builds the release helpers and the agent; returns the directory holding them. One cargo
+/// invocation for all three (the datapath and flood benchmarks use the same one): building
+/// the agent alone resolves other features, and the two builds would undo each other's
+/// `netpol-agent` (its build script and the eBPF object) every time.
 pub(crate) fn build_helpers() -> Result<PathBuf> {
     let root = workspace_root();
-    eprintln!("building release helpers (netpol-netns-loader, netpol-bench-http)…");
+    eprintln!("building release helpers (netpol-netns-loader, netpol-bench-http, netpol-agent)…");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(&root)
         .args([
@@ -158,6 +161,10 @@ pub(crate) fn build_helpers() -> Result<PathBuf> {
             "netpol-netns-loader",
             "--bin",
             "netpol-bench-http",
+            "-p",
+            "netpol-agent",
+            "--bin",
+            "netpol-agent",
         ])
         .status()
         .context("running cargo build")?;

@@ -637,7 +637,7 @@ pub fn run(o: Opts) -> Result<()> {
     };
     dp::remove_stale();
     let bin = dp::build_helpers()?;
-    let agent_bin = build_agent()?;
+    let agent_bin = bin.join("netpol-agent");
     dp::catch_interrupts();
 
     let started = Instant::now();
@@ -793,27 +793,6 @@ pub fn run(o: Opts) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn build_agent() -> Result<PathBuf> {
-    let root = dp::workspace_root();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "netpol-agent",
-            "--bin",
-            "netpol-agent",
-        ])
-        .status()
-        .context("running cargo build")?;
-    ensure!(status.success(), "building the agent failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    Ok(target.join("release/netpol-agent"))
 }
 
 #[cfg(test)]
