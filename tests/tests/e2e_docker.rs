@@ -1972,37 +1972,12 @@ fn netpol_labels_never_open_more_than_their_own_container(version: DockerVersion
     assert_all("labels that must not open anything", &checks);
 }
 
-/// Polls `endpoint list` until each container has its identity and programs (enforced or not).
-fn wait_attached(agent: &Agent, containers: &[Container]) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let rows = agent.endpoints();
-        let attached = |c: &Container| {
-            rows.iter().any(|r| {
-                r["container"]
-                    .as_str()
-                    .is_some_and(|id| !id.is_empty() && c.id.starts_with(id))
-                    && r["identity"].is_u64()
-                    && r["state"]
-                        .as_str()
-                        .is_some_and(|s| s == "enforced" || s.starts_with("unrestricted"))
-            })
-        };
-        if containers.iter().all(attached) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not attached after 20 s: {rows:?}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Issue 10, from observed traffic to policy: the agent records the flows of a compose project
-/// (`run --record-flows`, nothing enforced), `policy suggest` turns them into policies, and once
-/// they are imported the same traffic passes while what was never seen (another port of db,
-/// another pair, the host to db) is denied. The suggestion also exports for Kubernetes.
+/// Issue 10, from observed traffic to policy: a compose project runs in audit mode under a
+/// default-deny policy (`netpol.io/audit`), so its traffic passes and is recorded as audited
+/// would-be drops; `policy suggest` turns that into policies; with the audit policy gone and the
+/// suggestion imported (enforcing), the same traffic passes while what was never seen (another
+/// port of db, another pair, the host to db) is denied. The suggestion also exports for
+/// Kubernetes.
 fn suggested_policy_allows_what_was_seen_and_denies_the_rest(version: DockerVersion) {
     if !netpol_tests::require_root(
         &version.test_name("suggested_policy_allows_what_was_seen_and_denies_the_rest"),
@@ -2012,13 +1987,16 @@ fn suggested_policy_allows_what_was_seen_and_denies_the_rest(version: DockerVers
     let mut guard = docker(version);
     let docker = guard.as_mut().expect("daemon");
     let project = Project::up(docker, "compose-plain.yml");
-    let agent = Agent::start_with(
-        docker,
-        AgentOptions {
-            extra_args: vec!["--record-flows".into()],
-            ..AgentOptions::default()
-        },
-    );
+    let agent = Agent::start(docker);
+    let audit = agent.state_dir().join("../deny-all-audit.yaml");
+    std::fs::write(
+        &audit,
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: deny-all\n  annotations: {{ netpol.io/audit: \"true\" }}\nspec:\n  endpointSelector: {{ matchLabels: {{ com.docker.compose.project: {PROJECT} }} }}\n  ingress: [{{}}]\n  egress: [{{}}]\n"
+        ),
+    )
+    .expect("write the audit policy");
+    agent.cli_ok(&["policy", "import", audit.to_str().expect("utf-8 path")]);
     let (db, app1, app2) = (
         project.container("db"),
         project.container("app1"),
@@ -2028,13 +2006,13 @@ fn suggested_policy_allows_what_was_seen_and_denies_the_rest(version: DockerVers
     project.docker_ok(&[
         "exec", "-d", &db.name, "nc", "-ll", "-p", "5433", "-e", "/bin/cat",
     ]);
-    wait_attached(&agent, &[db.clone(), app1.clone(), app2.clone()]);
+    wait_enforced(&agent, &[db.clone(), app1.clone(), app2.clone()]);
     use Expect::{Allowed, Denied};
     let seen = [
         check(app1.client(), &db, db.ipv4, 5432, Allowed),
         check(Client::host(), &app1, app1.ipv4, 8080, Allowed),
     ];
-    assert_all("recorded traffic", &seen);
+    assert_all("traffic in audit mode", &seen);
     assert_all(
         "db:5433 listens",
         &[check(db.client(), &db, db.ipv4, 5433, Allowed)],
@@ -2054,6 +2032,21 @@ fn suggested_policy_allows_what_was_seen_and_denies_the_rest(version: DockerVers
         thread::sleep(Duration::from_millis(100));
     };
     eprintln!("$ netpol-agent policy suggest --project {PROJECT}\n{suggested}");
+    // Recorded as audits (no `--record-flows`): every event of the window is one, at least
+    // one per flow and side that policy would have dropped.
+    let counts: Vec<u64> = suggested
+        .split_once(" flow classes (")
+        .and_then(|(_, rest)| rest.split_once(" audited"))
+        .map(|(head, _)| {
+            head.split(|c: char| !c.is_ascii_digit())
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        matches!(counts[..], [events, audited] if events == audited && events >= 3),
+        "{counts:?}: {suggested}"
+    );
     assert!(
         suggested.contains("no events were suppressed"),
         "{suggested}"
@@ -2071,6 +2064,7 @@ fn suggested_policy_allows_what_was_seen_and_denies_the_rest(version: DockerVers
 
     let file = agent.state_dir().join("../suggested.yaml");
     std::fs::write(&file, &suggested).expect("write the suggestion");
+    agent.cli_ok(&["policy", "delete", "deny-all"]);
     agent.cli_ok(&["policy", "import", file.to_str().expect("utf-8 path")]);
     wait_enforced(&agent, &[db.clone(), app1.clone(), app2.clone()]);
     let (db6, app16) = (db.ipv6.expect("ipv6"), app1.ipv6.expect("ipv6"));

@@ -231,8 +231,8 @@ pub fn answer(
         utc(now),
         project.map_or(String::new(), |p| format!(", project {p}")),
     ));
-    if !table.always && w.flows.is_empty() {
-        head.push_str("# nothing recorded: flows are recorded while endpoints are in audit mode, with `run --record-flows`, or while `monitor` runs\n");
+    if !table.always {
+        head.push_str("# without `run --record-flows`, flows that policy allowed are recorded only while `monitor` runs: keep the policies that allow traffic now beside this suggestion\n");
     }
     if w.suppressed > 0 {
         head.push_str(&format!(
