@@ -2333,3 +2333,384 @@ netpol_tests::docker_tests!(
     suggested_policy_allows_what_was_seen_and_denies_the_rest,
     trace_and_matrix_agree_with_real_connections,
 );
+
+// ---------------------------------------------------------------------------------------------
+// The Debian package's lifecycle, on this machine (one test, Docker 20.10 only: it is about the
+// package, not Docker).
+
+/// Where the package test points the installed agent (through its own `/etc/netpol/agent.conf`):
+/// never the real `/sys/fs/bpf/netpol`.
+fn package_pin_dir() -> PathBuf {
+    PathBuf::from(format!(
+        "{}package-{}",
+        netpol_tests::agent::PIN_PREFIX,
+        std::process::id()
+    ))
+}
+
+/// Stops the installed agent the test started and purges the package, whatever happened: the
+/// machine is left as before (no package, no /etc/netpol, /var/lib/netpol or pins).
+struct InstalledPackage {
+    agent: Option<std::process::Child>,
+    log: PathBuf,
+}
+
+impl InstalledPackage {
+    /// Starts `/usr/sbin/netpol-agent run` (no systemd here: as the service would, with no
+    /// flags, so everything comes from agent.conf) and waits until it is connected to Docker.
+    fn start_agent(&mut self, cli: &netpol_tests::agent::AgentCli) {
+        assert!(self.agent.is_none(), "installed agent already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open the package agent's log");
+        let child = Command::new("/usr/sbin/netpol-agent")
+            .arg("run")
+            .env_remove("NETPOL_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn /usr/sbin/netpol-agent run");
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Err(e) = cli.docker_connected() {
+            assert!(
+                Instant::now() < deadline,
+                "the installed agent is not ready: {e}\n{}",
+                cli.log_tail(30)
+            );
+            if let Some(status) = self
+                .agent
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.agent = None;
+                panic!(
+                    "the installed agent exited ({status}):\n{}",
+                    cli.log_tail(30)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM by pid and wait, as `systemctl stop` would.
+    fn stop_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            // SAFETY: our own unreaped child: its pid cannot have been reused.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && !matches!(child.try_wait(), Ok(Some(_))) {
+                thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for InstalledPackage {
+    fn drop(&mut self) {
+        self.stop_agent();
+        let mut errors = Vec::new();
+        let installed = Command::new("dpkg-query")
+            .args(["-W", "-f=${db:Status-Status}", "netpol-agent"])
+            .output()
+            .map(|o| !o.stdout.is_empty() && o.stdout != b"not-installed")
+            .unwrap_or(false);
+        if installed {
+            match Command::new("dpkg")
+                .args(["--purge", "netpol-agent"])
+                .env("NETPOL_PIN_DIR", package_pin_dir())
+                .output()
+            {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => errors.push(format!(
+                    "dpkg --purge netpol-agent: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                )),
+                Err(e) => errors.push(format!("dpkg --purge: {e}")),
+            }
+        }
+        for dir in [
+            package_pin_dir(),
+            "/etc/netpol".into(),
+            "/var/lib/netpol".into(),
+        ] {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    errors.push(format!("remove {}: {e}", dir.display()));
+                }
+            }
+        }
+        let _ = std::fs::remove_file("/run/netpol/agent.sock");
+        if !errors.is_empty() && !thread::panicking() {
+            panic!("package test cleanup: {}", errors.join("; "));
+        }
+    }
+}
+
+fn dpkg(args: &[&str], deb: Option<&Path>) -> String {
+    let mut cmd = Command::new("dpkg");
+    cmd.args(args).args(deb);
+    let out = run(&mut cmd);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "dpkg {args:?} failed:\n{text}");
+    text
+}
+
+/// `cargo xtask dist` of the test build's agent (no release build in the suite), as version
+/// `version`, into `out`; returns the .deb.
+fn dist(out: &Path, version: &str, lintian: bool) -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace)
+        .args([
+            "run",
+            "-q",
+            "-p",
+            "xtask",
+            "--",
+            "dist",
+            "--fast",
+            "--no-image",
+        ])
+        .arg("--binary")
+        .arg(agent_binary())
+        .arg("--out")
+        .arg(out)
+        .args(["--deb-version", version]);
+    if !lintian {
+        cmd.arg("--no-lintian");
+    }
+    let printed = ok("cargo xtask dist", run(&mut cmd));
+    eprintln!("{printed}");
+    let deb = out.join(format!("netpol-agent_{version}_amd64.deb"));
+    assert!(deb.is_file(), "{} missing:\n{printed}", deb.display());
+    deb
+}
+
+/// Installs the package built by `cargo xtask dist`, runs its agent (from its agent.conf),
+/// upgrades to a newer package while enforcement is probed without a pause, then `dpkg -r`
+/// (policies, settings and state kept; programs detached, containers reachable as without
+/// netpol) and `dpkg --purge` (nothing left).
+#[test]
+fn package_install_upgrade_remove_and_purge() {
+    if !netpol_tests::require_root("package_install_upgrade_remove_and_purge") {
+        return;
+    }
+    let installed_before = Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Status}", "netpol-agent"])
+        .output()
+        .map(|o| o.stdout == b"installed")
+        .unwrap_or(false);
+    if installed_before
+        || Path::new("/etc/netpol").exists()
+        || Path::new("/var/lib/netpol").exists()
+    {
+        let msg = "package_install_upgrade_remove_and_purge: netpol-agent is installed here (or \
+                   /etc/netpol or /var/lib/netpol exist); this test installs and purges the \
+                   package, so it does not run on such a machine (dpkg --purge netpol-agent first)";
+        assert!(
+            !matches!(std::env::var("CI").as_deref(), Ok("true" | "1")),
+            "{msg}"
+        );
+        eprintln!("SKIPPED: {msg}");
+        return;
+    }
+    let work = PathBuf::from(format!(
+        "{}/package-{}",
+        netpol_tests::agent::RUN_PREFIX,
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&work).expect("create the work dir");
+    let _work = Cleanup(|| {
+        let _ = std::fs::remove_dir_all(&work);
+    });
+    let deb1 = timed("cargo xtask dist 0.1.0-1 (lintian)", || {
+        dist(&work, "0.1.0-1", true)
+    });
+    let deb2 = timed("cargo xtask dist 0.1.0-2", || dist(&work, "0.1.0-2", false));
+
+    let mut guard = docker(DockerVersion::Docker20);
+    let docker = guard.as_mut().expect("daemon");
+    let project = Project::up(docker, "compose-labels.yml");
+    let mut pkg = InstalledPackage {
+        agent: None,
+        log: work.join("agent.log"),
+    };
+    let cli = netpol_tests::agent::AgentCli::new("/run/netpol/agent.sock", Some(pkg.log.clone()));
+
+    // Install; the package's directories and files.
+    let out = timed("dpkg -i 0.1.0-1", || dpkg(&["-i"], Some(&deb1)));
+    assert!(
+        out.contains("systemd is not running here"),
+        "postinst says the service was not started:\n{out}"
+    );
+    for (path, mode) in [
+        ("/usr/sbin/netpol-agent", 0o755),
+        ("/etc/netpol/agent.conf", 0o644),
+        ("/etc/netpol/policies.d", 0o755),
+        ("/var/lib/netpol", 0o700),
+        ("/usr/lib/systemd/system/netpol-agent.service", 0o644),
+    ] {
+        use std::os::unix::fs::PermissionsExt as _;
+        let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(m.permissions().mode() & 0o7777, mode, "{path}");
+    }
+    let conffiles = ok(
+        "dpkg-query conffiles",
+        run(Command::new("dpkg-query").args(["-W", "-f=${Conffiles}", "netpol-agent"])),
+    );
+    assert!(conffiles.contains("/etc/netpol/agent.conf"), "{conffiles}");
+
+    // Local settings (kept by the upgrade: a conffile), a policy file and an imported policy
+    // (kept by dpkg -r).
+    let conf_lines = format!(
+        "\n# package test\nNETPOL_PIN_DIR={}\nNETPOL_DOCKER_SOCKET={}\nNETPOL_POLICY_POLL_MS=200\n",
+        package_pin_dir().display(),
+        docker.socket_path().display()
+    );
+    let mut conf = std::fs::read_to_string("/etc/netpol/agent.conf").expect("read agent.conf");
+    conf.push_str(&conf_lines);
+    std::fs::write("/etc/netpol/agent.conf", &conf).expect("write agent.conf");
+    let keep = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: keep\n\
+                spec:\n  endpointSelector:\n    matchLabels:\n      netpol-test: nobody\n  ingress:\n    - {}\n";
+    std::fs::write("/etc/netpol/policies.d/keep.yaml", keep).expect("write a policy file");
+
+    pkg.start_agent(&cli);
+    let imported = work.join("imported.yaml");
+    std::fs::write(&imported, keep.replace("name: keep", "name: imported")).expect("write");
+    cli.cli_ok(&["policy", "import", imported.to_str().expect("utf-8")]);
+    let containers = scenario_containers(&project);
+    let ids: Vec<&str> = containers.iter().map(|c| c.id.as_str()).collect();
+    cli.wait_enforced(&ids);
+    let checks = scenario_checks(&project);
+    assert_all("installed 0.1.0-1", &checks);
+
+    // Upgrade while the agent runs, then restart it on the new binary (what the package's
+    // postinst does through systemd), probing a denied and an allowed pair all the while.
+    let pair: Vec<Check> = checks
+        .iter()
+        .filter(|c| c.to.is_ipv4())
+        .filter(|c| {
+            (c.to_name.ends_with("_app2_1") && c.from.name.ends_with("_app1_1"))
+                || (c.to_name.ends_with("_db_1") && c.from.name.ends_with("_app1_1"))
+        })
+        .cloned()
+        .collect();
+    assert_eq!(
+        pair.len(),
+        2,
+        "app1 -> app2 (denied) and app1 -> db (allowed)"
+    );
+    let stop = AtomicBool::new(false);
+    let rounds = AtomicUsize::new(0);
+    let violations = thread::scope(|s| {
+        let prober = s.spawn(|| {
+            let mut bad = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                for c in &pair {
+                    let out = match c.expect {
+                        Expect::Denied => c.attempt(probe::DENY_TIMEOUT),
+                        Expect::Allowed => c.attempt(Duration::from_secs(2)),
+                    };
+                    let fine = match c.expect {
+                        Expect::Denied => matches!(out, Outcome::Timeout | Outcome::NoReply),
+                        Expect::Allowed => out == Outcome::Open,
+                    };
+                    if !fine {
+                        bad.push(format!("{c}: {out:?}"));
+                    }
+                }
+                rounds.fetch_add(1, Ordering::Relaxed);
+            }
+            bad
+        });
+        let wait_round = || {
+            let r = rounds.load(Ordering::Relaxed);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while rounds.load(Ordering::Relaxed) < r + 1 && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+        };
+        wait_round();
+        let out = timed("dpkg -i 0.1.0-2 (agent running)", || {
+            dpkg(&["-i"], Some(&deb2))
+        });
+        assert!(out.contains("restart it to run this version"), "{out}");
+        wait_round();
+        timed("agent restart on the new binary", || {
+            pkg.stop_agent();
+            pkg.start_agent(&cli);
+            cli.wait_enforced(&ids);
+        });
+        wait_round();
+        stop.store(true, Ordering::Relaxed);
+        prober.join().expect("prober")
+    });
+    assert!(
+        violations.is_empty(),
+        "enforcement broke during the upgrade: {violations:?}"
+    );
+    assert!(rounds.load(Ordering::Relaxed) >= 3, "probed throughout");
+    let version = ok(
+        "dpkg-query",
+        run(Command::new("dpkg-query").args(["-W", "-f=${Version}", "netpol-agent"])),
+    );
+    assert_eq!(version, "0.1.0-2");
+    let conf_after = std::fs::read_to_string("/etc/netpol/agent.conf").expect("agent.conf");
+    assert!(
+        conf_after.contains(&conf_lines),
+        "the upgrade kept the local settings:\n{conf_after}"
+    );
+    assert_all("upgraded to 0.1.0-2", &checks);
+
+    // dpkg -r: the service stops (here: the test stops the agent, as systemd would), prerm
+    // tears down; policies, settings and state stay.
+    pkg.stop_agent();
+    let out = timed("dpkg -r", || dpkg(&["-r", "netpol-agent"], None));
+    assert!(
+        out.contains("detached ") && out.contains("removed the pins"),
+        "prerm ran teardown:\n{out}"
+    );
+    assert!(
+        !package_pin_dir().exists(),
+        "dpkg -r removed the pins:\n{out}"
+    );
+    assert!(!Path::new("/usr/sbin/netpol-agent").exists());
+    for kept in [
+        "/etc/netpol/agent.conf",
+        "/etc/netpol/policies.d/keep.yaml",
+        "/var/lib/netpol/policies",
+    ] {
+        assert!(Path::new(kept).exists(), "dpkg -r kept {kept}");
+    }
+    // Not enforced any more: what was denied connects, as without netpol.
+    let reachable: Vec<Check> = checks
+        .iter()
+        .map(|c| Check {
+            expect: Expect::Allowed,
+            ..c.clone()
+        })
+        .collect();
+    assert_all("after dpkg -r (nothing enforced)", &reachable);
+
+    let out = timed("dpkg --purge", || dpkg(&["--purge", "netpol-agent"], None));
+    for gone in ["/etc/netpol", "/var/lib/netpol"] {
+        assert!(
+            !Path::new(gone).exists(),
+            "dpkg --purge removed {gone}:\n{out}"
+        );
+    }
+    assert!(!package_pin_dir().exists());
+}
