@@ -2315,6 +2315,132 @@ fn trace_and_matrix_agree_with_real_connections(version: DockerVersion) {
     );
 }
 
+/// Audit mode (issue 10): with the scenario's policies annotated `netpol.io/audit: "true"`,
+/// every connection of the matrix succeeds, and each one that the policy would drop is reported
+/// by `monitor --json` as an audit with its cause (policy-denied, and the policy whose default
+/// deny it is). The same policies without the annotation then enforce the same matrix: those
+/// connections fail, the allowed ones still connect.
+fn audit_mode_reports_what_it_would_drop_then_enforcing_drops_it(version: DockerVersion) {
+    if !netpol_tests::require_root(
+        &version.test_name("audit_mode_reports_what_it_would_drop_then_enforcing_drops_it"),
+    ) {
+        return;
+    }
+    let mut guard = docker(version);
+    let docker = guard.as_mut().expect("daemon");
+    let project = Project::up(docker, "compose-plain.yml");
+    let agent = Agent::start(docker);
+    let text = std::fs::read_to_string(e2e_dir().join("policy-scenario.yaml")).expect("policy");
+    let audited = text.replace(
+        "metadata:\n",
+        "metadata:\n  annotations:\n    netpol.io/audit: \"true\"\n",
+    );
+    let file = agent.state_dir().join("audit-scenario.yaml");
+    std::fs::write(&file, audited).expect("write the audit policy");
+    let file = file.to_str().expect("utf-8 path").to_owned();
+
+    let mut monitor = ChildGuard(
+        Command::new(agent_binary())
+            .arg("--socket")
+            .arg(agent.socket())
+            .args(["monitor", "--json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn monitor"),
+    );
+    let stdout = monitor.0.stdout.take().expect("monitor stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str(&line) {
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+
+    agent.cli_ok(&["policy", "import", &file]);
+    wait_enforced(&agent, &scenario_containers(&project));
+    let eps = agent.endpoints();
+    assert!(
+        eps.iter().any(|e| e["ingress_enforced"] == true),
+        "the audit policy is computed as usual (enforced): {eps:?}"
+    );
+    let enforcing = scenario_checks(&project);
+    let would_drop: Vec<&Check> = enforcing
+        .iter()
+        .filter(|c| matches!(c.expect, Expect::Denied))
+        .collect();
+    assert!(!would_drop.is_empty());
+    let all_connect: Vec<Check> = enforcing
+        .iter()
+        .cloned()
+        .map(|mut c| {
+            c.expect = Expect::Allowed;
+            c
+        })
+        .collect();
+    timed("audit mode: every connection succeeds", || {
+        assert_all("audit mode", &all_connect)
+    });
+    // Each would-be drop was reported, with its cause. (The monitor may still be catching up.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen: Vec<serde_json::Value> = Vec::new();
+    let missing = loop {
+        seen.extend(rx.try_iter().filter(|e| e["kind"] == "audit"));
+        let missing: Vec<String> = would_drop
+            .iter()
+            .filter(|c| {
+                !seen.iter().any(|e| {
+                    e["dst"] == c.to.ip().to_string()
+                        && e["dport"] == c.to.port()
+                        && e["reason"] == "policy-denied"
+                        && e["default_deny_by"]
+                            .as_array()
+                            .is_some_and(|by| !by.is_empty())
+                })
+            })
+            .map(|c| c.to_string())
+            .collect();
+        if missing.is_empty() || Instant::now() > deadline {
+            break missing;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        missing.is_empty(),
+        "audit events missing for {missing:?}; seen: {seen:?}"
+    );
+    let host_to_db = seen
+        .iter()
+        .find(|e| e["dport"] == 5432 && e["src_name"] == "host")
+        .expect("an audit of host -> db:5432");
+    assert_eq!(host_to_db["default_deny_by"], serde_json::json!(["db"]));
+    let status = agent.cli_json(&["status"]);
+    assert!(
+        status["audits"]["policy-denied"].as_u64().unwrap_or(0) >= would_drop.len() as u64,
+        "{status}"
+    );
+    drop(monitor);
+
+    // Leaving audit mode: the same policies, enforcing.
+    agent.cli_ok(&[
+        "policy",
+        "import",
+        e2e_dir().join("policy-scenario.yaml").to_str().unwrap(),
+    ]);
+    timed("enforcing again: the same matrix", || {
+        assert_all("audit mode left", &enforcing)
+    });
+}
+
 netpol_tests::docker_tests!(
     compose_labels_protect_the_database_scenario,
     published_port_clients_are_world_or_host_as_documented,
@@ -2332,6 +2458,7 @@ netpol_tests::docker_tests!(
     netpol_labels_never_open_more_than_their_own_container,
     suggested_policy_allows_what_was_seen_and_denies_the_rest,
     trace_and_matrix_agree_with_real_connections,
+    audit_mode_reports_what_it_would_drop_then_enforcing_drops_it,
 );
 
 // ---------------------------------------------------------------------------------------------
