@@ -279,6 +279,10 @@ pub fn compile_with_previous(
     let mut state: BTreeMap<(u32, Direction), (bool, bool)> = BTreeMap::new();
     // (local, direction) → a spec without audit enforces it.
     let mut enforcing: BTreeMap<(u32, Direction), bool> = BTreeMap::new();
+    // Entries of audit policies, merged once it is known where they audit (below).
+    let mut audit_entries: Vec<(PolicyEntryKey, PolicyValue)> = Vec::new();
+    let mut audit_default_deny: Vec<(u32, Direction)> = Vec::new();
+    let mut audit_has_deny: Vec<(u32, Direction)> = Vec::new();
     let mut next_rule = 1u32;
     for policy in order {
         let several = policy.specs.len() > 1;
@@ -297,7 +301,11 @@ pub fn compile_with_previous(
                 let default_deny = spec.default_deny(dir);
                 if default_deny {
                     for &l in &locals {
-                        state.entry((l, dir)).or_default().0 = true;
+                        if spec.audit {
+                            audit_default_deny.push((l, dir));
+                        } else {
+                            state.entry((l, dir)).or_default().0 = true;
+                        }
                         *enforcing.entry((l, dir)).or_default() |= !spec.audit;
                     }
                 }
@@ -344,14 +352,23 @@ pub fn compile_with_previous(
                         let l4 = l4_keys(&rule.l4);
                         for &l in &locals {
                             if deny {
-                                state.entry((l, dir)).or_default().1 = true;
+                                if spec.audit {
+                                    audit_has_deny.push((l, dir));
+                                } else {
+                                    state.entry((l, dir)).or_default().1 = true;
+                                }
                                 *enforcing.entry((l, dir)).or_default() |= !spec.audit;
                             }
                             for &r in &remotes {
                                 for &(p, port, len) in &l4 {
-                                    merge(&mut c.policy, entry_key(l, r, dir, p, port, len), value);
+                                    let key = entry_key(l, r, dir, p, port, len);
+                                    if spec.audit {
+                                        audit_entries.push((key, value));
+                                    } else {
+                                        merge(&mut c.policy, key, value);
+                                    }
                                 }
-                                if c.policy.len() > MAX_ENTRIES {
+                                if c.policy.len() + audit_entries.len() > MAX_ENTRIES {
                                     return Err(CompileError::TooManyEntries {
                                         policy: policy.name.clone(),
                                         section: format!("{prefix}{name}[{ri}]"),
@@ -365,6 +382,26 @@ pub fn compile_with_previous(
         }
     }
 
+    // An audit policy's rules apply only where it audits: in a direction that an enforcing policy
+    // also covers (strict), they are left out, so an audit policy never opens what an enforcing
+    // one denies (its allows would pass unreported) and never adds real drops there either.
+    for (key, value) in audit_entries {
+        let dir = Direction::from_u8(key.key.direction).unwrap_or(Direction::Ingress);
+        if enforcing.get(&(key.key.local, dir)) == Some(&true) {
+            continue;
+        }
+        merge(&mut c.policy, key, value);
+    }
+    for (l, dir) in audit_default_deny {
+        if enforcing.get(&(l, dir)) != Some(&true) {
+            state.entry((l, dir)).or_default().0 = true;
+        }
+    }
+    for (l, dir) in audit_has_deny {
+        if enforcing.get(&(l, dir)) != Some(&true) {
+            state.entry((l, dir)).or_default().1 = true;
+        }
+    }
     for ((l, dir), (default_deny, has_deny)) in state {
         if default_deny || has_deny {
             if let Some(e) = c.enforcement.get_mut(&l) {

@@ -1600,7 +1600,50 @@ fn audit_annotation_audits_only_what_no_enforcing_policy_covers() {
     let both = compile(&[parse(AUDIT_DB), parse(ENFORCE_DB)].concat(), &shop()).unwrap();
     assert_eq!(both.audit_of(DB), Enforcement::default());
     assert_eq!(both.default_deny_of(DB, Ingress), ["db-audit", "db-strict"]);
-    assert!(passes(&both, DB, APP1, Ingress, TCP, 5432));
+    // ...and the audit policy's allow does not open what the enforcing one denies (it would pass
+    // unreported): in an enforced direction only enforcing policies' rules apply.
+    assert!(!passes(&both, DB, APP1, Ingress, TCP, 5432));
+    let wide = AUDIT_DB
+        .replace("db-audit", "db-audit-world")
+        .replace("ingress:", "ingress:\n    - fromEntities: [world]");
+    let open = compile(&[parse(&wide), parse(ENFORCE_DB)].concat(), &shop()).unwrap();
+    assert_eq!(open.audit_of(DB), Enforcement::default());
+    assert!(!passes(
+        &open,
+        DB,
+        netpol_common::identity::WORLD,
+        Ingress,
+        TCP,
+        5432
+    ));
+    // Nor does its default deny add real drops where an enforcing deny-only policy keeps the
+    // rest allowed.
+    let deny_only = ENFORCE_DB.replace("db-strict", "db-no-app2").replace(
+        "  ingress:\n    - {}",
+        "  enableDefaultDeny: { ingress: false }\n  ingressDeny:\n    - fromEndpoints: [{ matchLabels: { com.docker.compose.service: app2 } }]",
+    );
+    let mixed = compile(&[parse(AUDIT_DB), parse(&deny_only)].concat(), &shop()).unwrap();
+    assert_eq!(mixed.audit_of(DB), Enforcement::default());
+    assert!(!passes(&mixed, DB, APP2, Ingress, TCP, 5432));
+    assert!(passes(
+        &mixed,
+        DB,
+        netpol_common::identity::WORLD,
+        Ingress,
+        TCP,
+        80
+    ));
+    // Alone, the audit policy's rules are in force where it audits.
+    let alone = compiled(&wide);
+    assert!(alone.audit_of(DB).ingress);
+    assert!(passes(
+        &alone,
+        DB,
+        netpol_common::identity::WORLD,
+        Ingress,
+        TCP,
+        5432
+    ));
 }
 
 #[test]
