@@ -385,20 +385,20 @@ pub fn compile_with_previous(
     // An audit policy's rules apply only where it audits: in a direction that an enforcing policy
     // also covers (strict), they are left out, so an audit policy never opens what an enforcing
     // one denies (its allows would pass unreported) and never adds real drops there either.
+    let enforced_strictly = |l: u32, dir: Direction| enforcing.get(&(l, dir)) == Some(&true);
     for (key, value) in audit_entries {
         let dir = Direction::from_u8(key.key.direction).unwrap_or(Direction::Ingress);
-        if enforcing.get(&(key.key.local, dir)) == Some(&true) {
-            continue;
+        if !enforced_strictly(key.key.local, dir) {
+            merge(&mut c.policy, key, value);
         }
-        merge(&mut c.policy, key, value);
     }
     for (l, dir) in audit_default_deny {
-        if enforcing.get(&(l, dir)) != Some(&true) {
+        if !enforced_strictly(l, dir) {
             state.entry((l, dir)).or_default().0 = true;
         }
     }
     for (l, dir) in audit_has_deny {
-        if enforcing.get(&(l, dir)) != Some(&true) {
+        if !enforced_strictly(l, dir) {
             state.entry((l, dir)).or_default().1 = true;
         }
     }
