@@ -95,7 +95,9 @@ run_cargo() {
 pkgs=(--workspace --exclude netpol-ebpf)   # netpol-ebpf is built for the BPF target by build.rs
 # netpol-agent/build.rs appends a line here each time it actually compiles the eBPF programs.
 bpf_log=target/bpf/compiles.log
-bpf_compiles_before=$(cat "$bpf_log" 2>/dev/null | wc -l)
+# Lines in that log; 0 while it does not exist (a fresh clone: no bare `cat | wc` under pipefail).
+bpf_log_lines() { if [ -f "$bpf_log" ]; then wc -l <"$bpf_log"; else echo 0; fi; }
+bpf_compiles_before=$(bpf_log_lines)
 start=$(date +%s)
 failed_steps=()
 run_cargo test "${pkgs[@]}" --no-fail-fast --lib --bins -- "${filter[@]}" \
@@ -123,7 +125,7 @@ read -r passed failed < <(awk '
 # A quiet, single build: the eBPF programs are compiled at most once in a run (one shared target
 # dir for every feature set and profile of netpol-agent), and the build script forwards only
 # compiler diagnostics as warnings, never the nested cargo's progress lines.
-bpf_compiles=$(( $(cat "$bpf_log" 2>/dev/null | wc -l) - bpf_compiles_before ))
+bpf_compiles=$(( $(bpf_log_lines) - bpf_compiles_before ))
 if [ "$bpf_compiles" -gt 1 ]; then
     echo "error: the eBPF programs were compiled $bpf_compiles times in this run (once expected):"
     tail -n "$bpf_compiles" "$bpf_log"
