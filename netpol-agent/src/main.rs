@@ -9,6 +9,13 @@ fn main() {
     };
     let is_daemon = matches!(cli.command, netpol_agent::cli::Command::Run(_));
     if !is_daemon {
+        // A client command writing into a closed pipe (`netpol-agent status | head -1`) ends
+        // quietly, as other Unix tools do, instead of panicking in println!. Only the client:
+        // the daemon keeps ignoring SIGPIPE, so a client that goes away cannot kill it.
+        // SAFETY: restoring a signal's default disposition before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
         // The client commands log only warnings; the daemon configures its own logging.
         let _ = tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
