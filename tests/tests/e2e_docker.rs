@@ -302,6 +302,8 @@ fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
 
 /// The MISSION.md scenario with compose labels; the monitor names the dropped flow, and the
 /// metrics endpoint counts the drops by container (its output passes `promtool check metrics`).
+/// `monitor --json` with filters (`--service app1 --verdict drop --port 8080/tcp`,
+/// `--container db --verdict flow`) reports exactly the unfiltered monitor's events that match.
 fn compose_labels_protect_the_database_scenario(version: DockerVersion) {
     if !netpol_tests::require_root(
         &version.test_name("compose_labels_protect_the_database_scenario"),
@@ -377,64 +379,176 @@ fn compose_labels_protect_the_database_scenario(version: DockerVersion) {
     assert!(metrics::sum(&before, "netpol_reconcile_duration_seconds_count", &[]) >= 1.0);
     assert_eq!(metrics::sum(&before, "netpol_docker_connected", &[]), 1.0);
 
-    // The monitor reports the drop of app2 -> app1, with names.
-    let app1 = project.container("app1");
-    let app2 = project.container("app2");
-    let mut monitor = ChildGuard(
-        Command::new(agent_binary())
-            .arg("--socket")
-            .arg(agent.socket())
-            .args(["monitor", "--json"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn monitor"),
+    // `monitor --json`, unfiltered and with filters (the daemon applies them): each filtered
+    // monitor reports exactly the unfiltered one's events that match its filter.
+    let (db, app1, app2) = (
+        project.container("db"),
+        project.container("app1"),
+        project.container("app2"),
     );
-    let stdout = monitor.0.stdout.take().expect("monitor stdout");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let all = MonitorStream::start(&agent, &[]);
+    let app1_drops_8080 = MonitorStream::start(
+        &agent,
+        &[
+            "--service",
+            "app1",
+            "--verdict",
+            "drop",
+            "--port",
+            "8080/tcp",
+        ],
+    );
+    let db_flows = MonitorStream::start(&agent, &["--container", &db.name, "--verdict", "flow"]);
+    let is_app1_drop_8080 = |e: &serde_json::Value| {
+        e["kind"] == "drop"
+            && e["dport"] == 8080
+            && e["protocol"] == "TCP"
+            && (e["src_name"] == "npe2e/app1" || e["dst_name"] == "npe2e/app1")
+    };
+    let db_addrs: Vec<String> = db.addrs().iter().map(|a| a.to_string()).collect();
+    let is_db_flow = |e: &serde_json::Value| {
+        e["kind"] == "flow"
+            && (e["endpoint"] == db.name.as_str()
+                || db_addrs
+                    .iter()
+                    .any(|a| e["src"] == a.as_str() || e["dst"] == a.as_str()))
+    };
+    // Until every monitor is subscribed (has had an event): over IPv6, so that the IPv4
+    // connections below are all made while all three listen.
+    let v6 = |c: &Container| c.ipv6.expect("IPv6 address");
     let deadline = Instant::now() + Duration::from_secs(15);
-    let target = SocketAddr::new(app1.ipv4, 8080);
-    let found = loop {
+    while all.count(|_| true) == 0
+        || app1_drops_8080.count(|_| true) == 0
+        || db_flows.count(|_| true) == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "monitors silent after 15 s: all {:?}, filtered {:?} / {:?}",
+            all.events(),
+            app1_drops_8080.events(),
+            db_flows.events()
+        );
         assert_eq!(
-            probe::connect_from(Some(&app2.netns), target, probe::DENY_TIMEOUT),
+            probe::connect_from(
+                Some(&app2.netns),
+                SocketAddr::new(v6(&app1), 8080),
+                probe::DENY_TIMEOUT
+            ),
             Outcome::Timeout
         );
-        let hit = rx.try_iter().find(|l| {
-            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|e| {
-                e["kind"] == "drop"
-                    && e["dst"]
-                        .as_str()
-                        .is_some_and(|d| d.starts_with(&app1.ipv4.to_string()))
-                    && e["dport"] == 8080
-            })
-        });
-        if let Some(l) = hit {
-            break l;
-        }
-        if Instant::now() > deadline {
-            break String::new();
-        }
+        assert_eq!(
+            probe::connect_from(
+                Some(&app1.netns),
+                SocketAddr::new(v6(&db), 5432),
+                probe::ALLOW_DEADLINE
+            ),
+            Outcome::Open
+        );
+    }
+    // IPv4: drops and flows that match either filter, one or the other, or neither.
+    use Expect::{Allowed, Denied};
+    let v4_checks = [
+        check(app2.client(), &app1, app1.ipv4, 8080, Denied), // app1 drop 8080
+        check(db.client(), &app1, app1.ipv4, 8080, Denied),   // app1 drop 8080
+        check(app1.client(), &app2, app2.ipv4, 8080, Denied), // app1 drop 8080 (app1 sends)
+        check(app2.client(), &app1, app1.ipv4, 9999, Denied), // another port
+        check(Client::host(), &db, db.ipv4, 5432, Denied),    // a drop at db
+        check(app1.client(), &db, db.ipv4, 5432, Allowed),    // db flow
+        check(app2.client(), &db, db.ipv4, 5432, Allowed),    // db flow
+        check(Client::host(), &app1, app1.ipv4, 8080, Allowed), // app1 flow
+    ];
+    timed("monitor filter traffic", || {
+        assert_all("monitor filter traffic", &v4_checks)
+    });
+    let is_v4 = |e: &serde_json::Value| {
+        e["dst"]
+            .as_str()
+            .is_some_and(|d| d.parse::<std::net::Ipv4Addr>().is_ok())
     };
-    drop(monitor);
+    let src_of = |c: &Check| -> Option<String> {
+        [&db, &app1, &app2]
+            .iter()
+            .find(|x| x.name == c.from.name)
+            .map(|x| x.ipv4.to_string())
+    };
+    let reported = |c: &Check, e: &serde_json::Value| {
+        e["dst"] == c.to.ip().to_string().as_str()
+            && e["dport"] == c.to.port()
+            && e["kind"]
+                == if matches!(c.expect, Denied) {
+                    "drop"
+                } else {
+                    "flow"
+                }
+            && match src_of(c) {
+                Some(src) => e["src"] == src.as_str(),
+                None => e["src_name"] == "host",
+            }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let missing: Vec<String> = v4_checks
+            .iter()
+            .filter(|c| all.count(|e| reported(c, e)) == 0)
+            .map(|c| c.to_string())
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "unfiltered monitor --json has no event of {missing:?}: {:?}",
+            all.events()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let unmatched = all.count(|e| is_v4(e) && !is_app1_drop_8080(e) && !is_db_flow(e));
     assert!(
-        !found.is_empty(),
-        "monitor --json showed no drop of {} -> {target}",
-        app2.name
+        all.count(|e| is_v4(e) && is_app1_drop_8080(e)) >= 3
+            && all.count(|e| is_v4(e) && is_db_flow(e)) >= 2
+            && unmatched >= 3,
+        "the traffic gave each filter something to keep and something to leave out: {:?}",
+        all.events()
     );
+    for (filtered, keep, what) in [
+        (
+            &app1_drops_8080,
+            &is_app1_drop_8080 as &dyn Fn(&serde_json::Value) -> bool,
+            "--service app1 --verdict drop --port 8080/tcp",
+        ),
+        (&db_flows, &is_db_flow, "--container db --verdict flow"),
+    ] {
+        let wrong: Vec<_> = filtered.events().into_iter().filter(|e| !keep(e)).collect();
+        assert!(
+            wrong.is_empty(),
+            "monitor {what} reported events that do not match: {wrong:?}"
+        );
+        let want = MonitorStream::keys(all.events().iter().filter(|e| is_v4(e) && keep(e)));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = MonitorStream::keys(filtered.events().iter().filter(|e| is_v4(e)));
+            if got == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "monitor {what}: not exactly the matching events of the unfiltered monitor\n\
+                 missing: {:?}\nextra: {:?}",
+                want.difference(&got).collect::<Vec<_>>(),
+                got.difference(&want).collect::<Vec<_>>()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let found = all
+        .events()
+        .into_iter()
+        .find(|e| {
+            e["kind"] == "drop" && e["dst"] == app1.ipv4.to_string().as_str() && e["dport"] == 8080
+        })
+        .expect("a drop of a connection to app1:8080");
+    drop((all, app1_drops_8080, db_flows));
     // One more allowed connection, app1 -> db:5432.
-    let db = project.container("db");
     assert_eq!(
         probe::connect_from(
             Some(&app1.netns),
@@ -459,8 +573,7 @@ fn compose_labels_protect_the_database_scenario(version: DockerVersion) {
         app1_denied(&before),
         app1_denied(&after)
     );
-    let ev: serde_json::Value = serde_json::from_str(&found).expect("monitor JSON");
-    let text = ev.to_string();
+    let text = found.to_string();
     assert!(
         text.contains("app1") && text.contains("app2"),
         "the drop is not labelled with the containers' names: {text}"
@@ -1144,6 +1257,70 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// A `netpol-agent monitor --json ARGS` client; its events are collected as they come.
+struct MonitorStream {
+    _child: ChildGuard,
+    events: std::sync::Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl MonitorStream {
+    fn start(agent: &Agent, args: &[&str]) -> Self {
+        let mut child = ChildGuard(
+            Command::new(agent_binary())
+                .arg("--socket")
+                .arg(agent.socket())
+                .args(["monitor", "--json"])
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn monitor"),
+        );
+        let stdout = child.0.stdout.take().expect("monitor stdout");
+        let events = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let v = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("monitor --json printed {line:?}: {e}"));
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(v);
+            }
+        });
+        MonitorStream {
+            _child: child,
+            events,
+        }
+    }
+
+    fn events(&self) -> Vec<serde_json::Value> {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn count(&self, f: impl Fn(&serde_json::Value) -> bool) -> usize {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|e| f(e))
+            .count()
+    }
+
+    /// Distinct events (a retransmitted SYN's drop repeats its event).
+    fn keys<'a>(
+        events: impl Iterator<Item = &'a serde_json::Value>,
+    ) -> std::collections::BTreeSet<String> {
+        events.map(|e| e.to_string()).collect()
     }
 }
 
