@@ -174,9 +174,10 @@ impl CtEntry {
     pub const FIN_ORIG: u32 = 1 << 2;
     /// TCP: a FIN from the other side.
     pub const FIN_REPLY: u32 = 1 << 3;
-    /// Admitted by audit mode: policy would have dropped the flow. The agent removes these
-    /// entries when the endpoint's direction leaves audit mode, so that such a flow does not
-    /// outlive it.
+    /// Admitted by audit mode: policy would have dropped the flow. It serves packets only
+    /// while the endpoint audits the direction that opened the flow ([`CtEntry::audit_lapsed`]);
+    /// after that the datapath decides the flow again by that direction's policy, for every
+    /// packet of it either way, so a flow that policy denies does not outlive audit mode.
     pub const AUDIT: u32 = 1 << 4;
 
     /// A new entry for a flow opened from side `dir` and admitted on endpoint `ifindex` /
@@ -245,6 +246,33 @@ impl CtEntry {
         }
     }
 
+    /// The direction whose policy decides the flow: the side that opened it.
+    #[inline(always)]
+    pub const fn opened(&self) -> Direction {
+        if self.dir == CtDir::Egress as u8 {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        }
+    }
+
+    /// Whether audit mode admitted this flow ([`CtEntry::AUDIT`]) and the endpoint, whose
+    /// `Endpoint::flags` are `ep_flags`, no longer audits the direction that opened it (audit
+    /// mode left, or only the other direction audited now). Such an entry passes nothing on its
+    /// own: the flow is decided again by the opening direction's policy ([`revisit`]).
+    #[inline(always)]
+    pub const fn audit_lapsed(&self, ep_flags: u32) -> bool {
+        if self.flags & Self::AUDIT == 0 {
+            return false;
+        }
+        let bit = if self.dir == CtDir::Egress as u8 {
+            crate::endpoint::Endpoint::AUDIT_EGRESS
+        } else {
+            crate::endpoint::Endpoint::AUDIT_INGRESS
+        };
+        ep_flags & bit == 0
+    }
+
     /// Whether the entry is closing or closed: a TCP SYN over it opens a new flow.
     #[inline(always)]
     pub const fn is_closing(&self) -> bool {
@@ -253,6 +281,75 @@ impl CtEntry {
 }
 
 const NS: u64 = 1_000_000_000;
+
+/// The port a flow is decided on in `POLICY` (`policy::lookup`'s `port`), from one of its
+/// packets (`reply`: it goes against the flow's opening direction): the opening packet's
+/// destination port (TCP, UDP, SCTP), the echo request's type (ICMP, ICMPv6: only echo is
+/// tracked), 0 for other protocols.
+#[inline(always)]
+pub const fn flow_port(proto: u8, sport: u16, dport: u16, reply: bool) -> u16 {
+    match proto {
+        crate::proto::ICMP => 8,
+        crate::proto::ICMPV6 => 128,
+        crate::proto::TCP | crate::proto::UDP | crate::proto::SCTP => {
+            if reply {
+                sport
+            } else {
+                dport
+            }
+        }
+        _ => 0,
+    }
+}
+
+/// What deciding a lapsed audit entry again ([`CtEntry::audit_lapsed`]) does to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Revisit {
+    /// Policy allows the flow now (or its opening direction is no longer enforced): the entry
+    /// becomes an ordinary one (no `AUDIT`, this rule) and the packet goes on as a packet of
+    /// the flow.
+    Allow(u32),
+    /// Policy denies it: the packet is dropped with this reason and rule. The entry stays, with
+    /// its lifetime renewed ([`revoked_expiry`]) but nothing else changed, so that every later
+    /// packet of the flow, either way, is dropped too: gone, it would let a packet of the other
+    /// side through an unenforced direction as a new flow, whose replies would then pass.
+    Deny(crate::DropReason, u32),
+}
+
+/// Decides a lapsed audit entry `e` again, on an endpoint with `Endpoint::flags` `ep_flags`:
+/// the policy of the direction that opened the flow, for the identities the entry recorded,
+/// its protocol and [`flow_port`]. `get` reads `POLICY` (as for `policy::lookup`).
+#[inline(always)]
+pub fn revisit(
+    e: &CtEntry,
+    ep_flags: u32,
+    proto: u8,
+    port: u16,
+    get: impl FnMut(&crate::policy::PolicyKey) -> Option<crate::policy::PolicyValue>,
+) -> Revisit {
+    let dir = e.opened();
+    let bit = match dir {
+        Direction::Egress => crate::endpoint::Endpoint::ENFORCE_EGRESS,
+        Direction::Ingress => crate::endpoint::Endpoint::ENFORCE_INGRESS,
+    };
+    if ep_flags & bit == 0 {
+        return Revisit::Allow(0);
+    }
+    match crate::policy::lookup(e.identity, e.remote_identity, dir, proto, port, get) {
+        crate::policy::Verdict::Allow(r) => Revisit::Allow(r),
+        crate::policy::Verdict::Deny(r) => Revisit::Deny(crate::DropReason::PolicyDeny, r),
+        crate::policy::Verdict::NoMatch => Revisit::Deny(crate::DropReason::PolicyDenied, 0),
+    }
+}
+
+/// The expiry of a revoked entry ([`Revisit::Deny`]) after a packet of its flow was dropped at
+/// `now`: the lifetime the flow would get in its table, renewed by every dropped packet, so it
+/// outlives the flow's retransmissions. (Its flags no longer move: a forged RST or FIN does not
+/// shorten it.)
+#[inline(always)]
+pub const fn revoked_expiry(now: u64, proto: u8, flags: u32, established: bool) -> u64 {
+    now + lifetime(proto, flags, established) * NS
+}
 
 /// Lifetimes (seconds), as Cilium's defaults.
 pub const LIFETIME_TCP_SYN: u64 = 60;
@@ -447,6 +544,88 @@ mod tests {
         let opened_out = CtEntry::new(T, proto::TCP, 0, 1, 2, &RemoteInfo::new(2), CtDir::Egress);
         assert!(!opened_out.is_reply(Direction::Egress));
         assert!(opened_out.is_reply(Direction::Ingress));
+    }
+
+    #[test]
+    fn an_audit_entry_lapses_when_its_opening_direction_is_no_longer_audited() {
+        use crate::endpoint::Endpoint;
+        let ep = |i: bool, o: bool| Endpoint::new(300).enforce(true, true).audit(i, o).flags;
+        let mut e = entry(proto::TCP);
+        assert!(
+            !e.audit_lapsed(ep(false, false)),
+            "not admitted by audit mode"
+        );
+        e.flags = CtEntry::AUDIT | CtEntry::SEEN_REPLY;
+        assert_eq!(e.opened(), Direction::Ingress);
+        assert!(!e.audit_lapsed(ep(true, false)));
+        assert!(!e.audit_lapsed(ep(true, true)));
+        assert!(e.audit_lapsed(ep(false, false)), "audit mode left");
+        assert!(
+            e.audit_lapsed(ep(false, true)),
+            "only the other direction audited"
+        );
+        e.dir = CtDir::Egress as u8;
+        assert!(e.audit_lapsed(ep(true, false)));
+        assert!(!e.audit_lapsed(ep(false, true)));
+    }
+
+    #[test]
+    fn a_lapsed_flow_is_decided_by_its_opening_direction_on_its_server_port() {
+        use crate::{
+            endpoint::Endpoint,
+            policy::{PolicyKey, PolicyValue},
+        };
+        assert_eq!(flow_port(proto::TCP, 40000, 5432, false), 5432);
+        assert_eq!(flow_port(proto::UDP, 53, 40000, true), 53, "a reply");
+        assert_eq!(flow_port(proto::ICMP, 7, 0, false), 8, "echo request");
+        assert_eq!(flow_port(proto::ICMPV6, 0, 7, true), 128, "echo reply");
+        assert_eq!(flow_port(47, 0, 0, false), 0);
+        let mut e = entry(proto::TCP);
+        e.flags = CtEntry::AUDIT;
+        let (allow, deny) = (
+            PolicyKey::new(300, 301, Direction::Ingress, proto::TCP, 5432),
+            PolicyKey::new(300, 301, Direction::Ingress, proto::TCP, 22),
+        );
+        let get = |k: &PolicyKey| {
+            if *k == allow {
+                Some(PolicyValue::allow(4))
+            } else if *k == deny {
+                Some(PolicyValue::deny(9))
+            } else {
+                None
+            }
+        };
+        let ingress = Endpoint::new(300).enforce(true, false).flags;
+        assert_eq!(
+            revisit(&e, ingress, proto::TCP, 5432, get),
+            Revisit::Allow(4)
+        );
+        assert_eq!(
+            revisit(&e, ingress, proto::TCP, 22, get),
+            Revisit::Deny(crate::DropReason::PolicyDeny, 9)
+        );
+        assert_eq!(
+            revisit(&e, ingress, proto::TCP, 80, get),
+            Revisit::Deny(crate::DropReason::PolicyDenied, 0)
+        );
+        // The opening direction is what counts, not the packet's.
+        let egress = Endpoint::new(300).enforce(false, true).flags;
+        assert_eq!(revisit(&e, egress, proto::TCP, 80, get), Revisit::Allow(0));
+        e.dir = CtDir::Egress as u8;
+        assert_eq!(
+            revisit(&e, egress, proto::TCP, 5432, get),
+            Revisit::Deny(crate::DropReason::PolicyDenied, 0),
+            "an egress flow is looked up as egress"
+        );
+        // A revoked entry lives on while its flow keeps trying.
+        assert_eq!(
+            revoked_expiry(T, proto::TCP, CtEntry::AUDIT | CtEntry::SEEN_REPLY, true),
+            T + LIFETIME_TCP * NS
+        );
+        assert_eq!(
+            revoked_expiry(T, proto::UDP, CtEntry::AUDIT, false),
+            T + LIFETIME_NON_TCP * NS
+        );
     }
 
     #[test]

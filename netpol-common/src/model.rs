@@ -643,6 +643,8 @@ fn frag_key(p: &Pkt) -> FragKey {
 struct Owner {
     ifindex: u32,
     identity: u32,
+    /// The endpoint's flags (whether it still audits an entry's opening direction).
+    ep_flags: u32,
     from_remote: Option<u32>,
     /// `to_container`: the source's ipcache entry (set once the addresses are read).
     remote: RemoteInfo,
@@ -711,7 +713,11 @@ impl World {
 
     /// A live entry for `k` in one table that serves `o` is hit by a packet of its flow (a
     /// reply when it goes against the entry's opening side; a SYN-ACK only as a reply):
-    /// `ct::update` applies (flags, lifetime, promotion to the established table).
+    /// `ct::update` applies (flags, lifetime, promotion to the established table). An entry
+    /// that audit mode admitted, on an opening direction the endpoint no longer audits, has its
+    /// flow decided again by that direction's policy first (`ct::revisit`): allowed, it becomes
+    /// an ordinary entry; denied, the packet is dropped (`Err`, the cause's reason, rule and the
+    /// remote identity the entry recorded) and the entry stays, only its lifetime renewed.
     fn ct_hit(
         &mut self,
         k: &CtKey,
@@ -720,21 +726,43 @@ impl World {
         est: bool,
         o: Owner,
         now: u64,
-    ) -> bool {
-        let Some(e) = self.ct_get_mut(k, est) else {
-            return false;
+    ) -> Result<bool, (DropReason, u32, u32)> {
+        let Some(found) = self.ct_get(k, est).copied() else {
+            return Ok(false);
         };
-        if e.expires_ns < now
-            || !e.serves(o.ifindex, o.identity, o.from_remote.map(|i| (i, &o.remote)))
+        if found.expires_ns < now
+            || !found.serves(o.ifindex, o.identity, o.from_remote.map(|i| (i, &o.remote)))
         {
-            return false;
+            return Ok(false);
         }
-        let reply = e.is_reply(dir);
+        let reply = found.is_reply(dir);
+        if found.audit_lapsed(o.ep_flags) {
+            let port = ct::flow_port(p.proto, p.sport, p.dport, reply);
+            let again = ct::revisit(&found, o.ep_flags, p.proto, port, |key| {
+                policy_lpm(&self.policy, key)
+            });
+            let Some(e) = self.ct_get_mut(k, est) else {
+                return Ok(false);
+            };
+            match again {
+                ct::Revisit::Allow(rule) => {
+                    e.flags &= !CtEntry::AUDIT;
+                    e.rule = rule;
+                }
+                ct::Revisit::Deny(reason, rule) => {
+                    e.expires_ns = ct::revoked_expiry(now, p.proto, e.flags, est);
+                    return Err((reason, rule, e.remote_identity));
+                }
+            }
+        }
+        let Some(e) = self.ct_get_mut(k, est) else {
+            return Ok(false);
+        };
         // A SYN-ACK answers a flow: it never passes in the direction that opened it.
         let syn_ack =
             p.proto == proto::TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
         if syn_ack && !reply {
-            return false;
+            return Ok(false);
         }
         let u = ct::update(e, now, p.proto, p.tcp_flags, reply, est);
         if u.promote {
@@ -743,7 +771,7 @@ impl World {
             n.expires_ns = u.expires_ns;
             self.ct_put(*k, n, true);
             self.ct_del(k, false);
-            return true;
+            return Ok(true);
         }
         e.flags = u.flags;
         // The datapath writes the expiry only when it moves back, or forward by more than a
@@ -751,23 +779,36 @@ impl World {
         if u.expires_ns < e.expires_ns || u.expires_ns > e.expires_ns + SEC {
             e.expires_ns = u.expires_ns;
         }
-        true
+        Ok(true)
     }
 
     /// A live entry of this endpoint for `k` in either table (the remote's interfaces are not
-    /// checked: an ICMP error comes from a router or the peer).
+    /// checked: an ICMP error comes from a router or the peer), not a lapsed audit entry.
     fn ct_live(&self, k: &CtKey, o: Owner, now: u64) -> bool {
         [true, false].iter().any(|est| {
-            self.ct_get(k, *est)
-                .is_some_and(|e| e.expires_ns >= now && e.serves(o.ifindex, o.identity, None))
+            self.ct_get(k, *est).is_some_and(|e| {
+                e.expires_ns >= now
+                    && e.serves(o.ifindex, o.identity, None)
+                    && !e.audit_lapsed(o.ep_flags)
+            })
         })
     }
 
     /// Step 5 for a packet of a flow (not a bare SYN): the flow's entry (one for both
-    /// directions), established table first.
-    fn established(&mut self, p: &Pkt, dir: Direction, o: Owner, now: u64) -> bool {
+    /// directions), established table first. `Err`: a flow that audit mode admitted and policy
+    /// denies now.
+    fn established(
+        &mut self,
+        p: &Pkt,
+        dir: Direction,
+        o: Owner,
+        now: u64,
+    ) -> Result<bool, (DropReason, u32, u32)> {
         let k = key(p.fam, p.s, p.d, p.sport, p.dport, p.proto, dir);
-        self.ct_hit(&k, p, dir, true, o, now) || self.ct_hit(&k, p, dir, false, o, now)
+        if self.ct_hit(&k, p, dir, true, o, now)? {
+            return Ok(true);
+        }
+        self.ct_hit(&k, p, dir, false, o, now)
     }
 
     /// Runs `frame` through `from_container` (`Direction::Egress`) or `to_container`
@@ -802,6 +843,7 @@ impl World {
         let owner = Owner {
             ifindex,
             identity: ep.identity,
+            ep_flags: ep.flags,
             from_remote: match dir {
                 Direction::Egress => None,
                 Direction::Ingress => Some(ingress_ifindex),
@@ -1004,12 +1046,19 @@ impl World {
         };
         // A bare TCP SYN opens a flow: policy decides it, whatever conntrack holds.
         let opens = ct::opens_flow(p.proto, p.tcp_flags);
-        if local
-            && !opens
-            && !matches!(p.kind, Kind::IcmpError | Kind::IcmpOther)
-            && self.established(p, dir, owner, now)
-        {
-            return Ok(Why::Conntrack);
+        if local && !opens && !matches!(p.kind, Kind::IcmpError | Kind::IcmpOther) {
+            match self.established(p, dir, owner, now) {
+                Ok(true) => return Ok(Why::Conntrack),
+                Ok(false) => {}
+                Err((reason, rule, remote)) => {
+                    (cause.src_identity, cause.dst_identity) = match dir {
+                        Direction::Egress => (ep.identity, remote),
+                        Direction::Ingress => (remote, ep.identity),
+                    };
+                    cause.rule = rule;
+                    return Err(reason);
+                }
+            }
         }
         if local {
             if let Some(i) = p.inner {

@@ -52,7 +52,16 @@
 //!    `to_container` only packets that come in through the remote container's veth or bridge
 //!    (netpol-common `CtEntry::serves`); one that does not is skipped as if absent. A TCP SYN
 //!    without ACK never passes on conntrack: it opens a flow, which policy decides (also over
-//!    a closing entry). The tables and the life of an entry: netpol-common's `ct` module.
+//!    a closing entry). An entry that audit mode admitted (`CtEntry::AUDIT`) serves only while
+//!    the endpoint audits the direction that opened the flow; after that (audit mode left, for
+//!    that direction or the whole host, or only the other direction audited) a packet of the
+//!    flow, either way and a reply included, has the flow decided again by the opening
+//!    direction's policy (netpol-common `ct::revisit`): allowed, the entry becomes an ordinary
+//!    one; denied, the packet is dropped with the policy's cause (`PolicyDeny` with its rule,
+//!    `PolicyDenied`) and the entry stays, renewed, so that no later packet of the flow opens it
+//!    again as a new flow of the other side. Only entries with the flag take that branch. An ICMP
+//!    error is not related to such an entry. The tables and the life of an entry: netpol-common's
+//!    `ct` module.
 //! 7. The remote identity comes from the ipcache (`to_container`: the source's entry that step 2
 //!    looked up and checked).
 //! 8. A new flow in an enforced direction is looked up in `POLICY` (see netpol-common's
@@ -565,12 +574,41 @@ impl Family for V6 {
 struct Owner<'a> {
     ifindex: u32,
     identity: u32,
+    /// The endpoint's `Endpoint::flags` (whether it still audits: `CtEntry::audit_lapsed`).
+    ep_flags: u32,
     from_remote: Option<(u32, &'a RemoteInfo)>,
+}
+
+/// A packet of a flow that audit mode admitted and policy denies now (`ct::Revisit::Deny`):
+/// dropped with this reason and rule; `remote`: the remote identity the entry recorded.
+#[derive(Clone, Copy)]
+struct Revoked {
+    reason: DropReason,
+    rule: u32,
+    remote: u32,
+}
+
+/// Decides a lapsed audit entry again (`ct::revisit`; `port`: `ct::flow_port`). Allowed: the
+/// entry becomes an ordinary one, returns 0. Denied: the reason (bits 32–39) and the rule
+/// (bits 0–31); the entry is left as it is. A BPF function of its own: only packets of entries
+/// flagged `CtEntry::AUDIT` call it, and its policy lookups stay off the hot path's code.
+#[inline(never)]
+fn revisit_audit(e: &mut CtEntry, ep_flags: u32, proto: u32, port: u32) -> u64 {
+    match ct::revisit(e, ep_flags, proto as u8, port as u16, policy_get) {
+        ct::Revisit::Allow(rule) => {
+            e.flags &= !CtEntry::AUDIT;
+            e.rule = rule;
+            0
+        }
+        ct::Revisit::Deny(reason, rule) => ((reason as u64) << 32) | rule as u64,
+    }
 }
 
 /// Looks up `k` in one table; when a live entry serves `o`, applies the packet to it
 /// (`ct::update`: flags, lifetime, promotion to the established table). The packet is a reply
-/// when `dir` is not the entry's opening side; a SYN-ACK passes only as a reply.
+/// when `dir` is not the entry's opening side; a SYN-ACK passes only as a reply. An entry whose
+/// audit mode lapsed is decided again first ([`revisit_audit`]): `Err` when policy denies the
+/// flow now.
 #[inline(always)]
 fn ct_hit<F: Family>(
     k: &F::Key,
@@ -579,19 +617,32 @@ fn ct_hit<F: Family>(
     dir: Direction,
     est: bool,
     o: Owner<'_>,
-) -> bool {
+) -> Result<bool, Revoked> {
     let Some(e) = F::get(k, est) else {
-        return false;
+        return Ok(false);
     };
     // SAFETY: pointer from a map lookup, valid while the program runs.
     let e = unsafe { &mut *e };
     if e.expires_ns < now || !e.serves(o.ifindex, o.identity, o.from_remote) {
-        return false;
+        return Ok(false);
     }
     let reply = e.is_reply(dir);
+    // Only entries flagged AUDIT take this branch (the flags are read for `ct::update` anyway).
+    if e.audit_lapsed(o.ep_flags) {
+        let port = ct::flow_port(l.proto, l.sport, l.dport, reply);
+        let code = revisit_audit(e, o.ep_flags, l.proto as u32, port as u32);
+        if code != 0 {
+            e.expires_ns = ct::revoked_expiry(now, l.proto, e.flags, est);
+            return Err(Revoked {
+                reason: DropReason::from_u8((code >> 32) as u8).unwrap_or(DropReason::PolicyDenied),
+                rule: code as u32,
+                remote: e.remote_identity,
+            });
+        }
+    }
     let syn_ack = l.proto == proto::TCP && l.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
     if syn_ack && !reply {
-        return false;
+        return Ok(false);
     }
     let u = ct::update(e, now, l.proto, l.tcp_flags, reply, est);
     if u.promote {
@@ -600,7 +651,7 @@ fn ct_hit<F: Family>(
         e.expires_ns = u.expires_ns;
         F::put(k, e, true);
         F::del(k, false);
-        return true;
+        return Ok(true);
     }
     if u.flags != e.flags {
         e.flags = u.flags;
@@ -610,11 +661,12 @@ fn ct_hit<F: Family>(
     if u.expires_ns < e.expires_ns || u.expires_ns > e.expires_ns + 1_000_000_000 {
         e.expires_ns = u.expires_ns;
     }
-    true
+    Ok(true)
 }
 
-/// Whether the packet `s → d` belongs to a flow already admitted on this endpoint. The caller
-/// has ruled out a bare SYN (it opens a flow).
+/// Whether the packet `s → d` belongs to a flow already admitted on this endpoint (`Err`: to one
+/// that audit mode admitted and policy denies now). The caller has ruled out a bare SYN (it
+/// opens a flow).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn established<F: Family>(
@@ -626,22 +678,28 @@ fn established<F: Family>(
     dir: Direction,
     now: u64,
     o: Owner<'_>,
-) -> bool {
+) -> Result<bool, Revoked> {
     // One key for both directions; established flows first: their packets, replies included,
     // cost one lookup.
     let k = F::key(s, d, sport, dport, l.proto, dir);
-    ct_hit::<F>(&k, now, l, dir, true, o) || ct_hit::<F>(&k, now, l, dir, false, o)
+    if ct_hit::<F>(&k, now, l, dir, true, o)? {
+        return Ok(true);
+    }
+    ct_hit::<F>(&k, now, l, dir, false, o)
 }
 
-/// Whether an entry for `k` exists in either table, has not expired and belongs to this endpoint,
-/// without touching it.
+/// Whether an entry for `k` exists in either table, has not expired, belongs to this endpoint and
+/// is not a lapsed audit entry, without touching it.
 #[inline(always)]
 fn ct_live<F: Family>(k: &F::Key, now: u64, o: Owner<'_>) -> bool {
     for est in [true, false] {
         if let Some(e) = F::get(k, est) {
             // SAFETY: pointer from a map lookup, valid while the program runs.
             let e = unsafe { &*e };
-            if e.expires_ns >= now && e.serves(o.ifindex, o.identity, None) {
+            if e.expires_ns >= now
+                && e.serves(o.ifindex, o.identity, None)
+                && !e.audit_lapsed(o.ep_flags)
+            {
                 return true;
             }
         }
@@ -792,19 +850,29 @@ fn verdict<F: Family>(
     let owner = Owner {
         ifindex: ev.ifindex,
         identity: ep.identity,
+        ep_flags: ep.flags,
         from_remote: match dir {
             Direction::Egress => None,
             Direction::Ingress => Some((iif, &p.remote)),
         },
     };
     let opens = ct::opens_flow(l.proto, l.tcp_flags);
-    if local
-        && !opens
-        && l.kind != Kind::IcmpError
-        && l.kind != Kind::IcmpOther
-        && established::<F>(s, d, l.sport, l.dport, l, dir, now, owner)
-    {
-        return Ok(PASS);
+    if local && !opens && l.kind != Kind::IcmpError && l.kind != Kind::IcmpOther {
+        match established::<F>(s, d, l.sport, l.dport, l, dir, now, owner) {
+            Ok(true) => return Ok(PASS),
+            Ok(false) => {}
+            Err(r) => {
+                // A flow that audit mode admitted and policy now denies.
+                let (src, dst) = match dir {
+                    Direction::Egress => (ep.identity, r.remote),
+                    Direction::Ingress => (r.remote, ep.identity),
+                };
+                ev.src_identity = src;
+                ev.dst_identity = dst;
+                ev.rule = r.rule;
+                return Err(r.reason);
+            }
+        }
     }
     if local && l.kind == Kind::IcmpError {
         // An error about the embedded packet, which travelled the other way between the same

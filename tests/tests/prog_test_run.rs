@@ -3080,6 +3080,138 @@ fn audit_mode_v6() {
     }
 }
 
+/// Issue 10, leaving audit mode: a flow that audit mode admitted (`CtEntry::AUDIT`) is not
+/// carried on by its conntrack entry once the endpoint no longer audits the direction that opened
+/// it. Every packet of it, either way, has the flow decided again by that direction's policy:
+/// denied, it is dropped with the policy's cause (also a reply through an unenforced direction,
+/// which would otherwise open the flow again from the other side); allowed by then, the entry
+/// becomes an ordinary one. Whatever the agent does with the entries, and whether audit mode
+/// ended for that direction, for the other one only, or for the host (`run --audit` off: the
+/// endpoints' flags are all the datapath reads).
+fn audit_flows_end_with_audit_mode(fam: Fam) {
+    let (ing, egr) = (Direction::Ingress, Direction::Egress);
+    let mut dp = Dp::db(true, false);
+    // db enforces ingress only: its egress (replies included) is not policed on its own.
+    let db = |audit_in: bool, audit_out: bool| {
+        Endpoint::new(DB.id)
+            .with_ipv4(DB.v4)
+            .with_ipv6(DB.v6)
+            .enforce(true, false)
+            .audit(audit_in, audit_out)
+    };
+    dp.dp.endpoint(LO, db(true, false));
+    dp.allow(&DB, APP1.id, ing, proto::TCP, 5432, policy::FULL_PREFIX, 11);
+    dp.deny(&DB, APP2.id, ing, proto::TCP, 5432, policy::FULL_PREFIX, 12);
+
+    // In audit mode app2 -> db:5432 passes, is reported as AUDIT and gets established.
+    assert_eq!(dp.run(To, &fam.tcp(&APP2, &DB, 40001, 5432, TCP_SYN)), PASS);
+    let kinds: Vec<(u8, u8)> = dp.events().iter().map(|e| (e.kind, e.reason)).collect();
+    assert_eq!(
+        kinds,
+        [(FlowEvent::KIND_AUDIT, DropReason::PolicyDeny as u8)]
+    );
+    let reply = fam.tcp(&DB, &APP2, 5432, 40001, TCP_ACK);
+    let data = fam.tcp(&APP2, &DB, 40001, 5432, TCP_ACK);
+    assert_eq!(
+        dp.run(From, &fam.tcp(&DB, &APP2, 5432, 40001, TCP_SYN | TCP_ACK)),
+        PASS
+    );
+    assert_eq!(dp.run(To, &data), PASS);
+    let k = ct_key(fam, &APP2, &DB, 40001, 5432, proto::TCP, CtDir::Ingress);
+    let e = dp.ct_in(k, true).expect("established in audit mode");
+    assert_eq!(
+        (e.flags & CtEntry::AUDIT, e.rule),
+        (CtEntry::AUDIT, 12),
+        "{e:?}"
+    );
+    // Still in audit mode: the established flow passes both ways, not reported per packet.
+    assert_eq!(dp.run(To, &data), PASS, "audit mode: data");
+    assert_eq!(dp.run(From, &reply), PASS, "audit mode: reply");
+    assert_eq!(dp.events(), []);
+    assert_drops(&dp, None, 0);
+
+    let dropped = |dir: Direction| {
+        let (s, d, sp, dport) = match dir {
+            Direction::Ingress => (&APP2, &DB, 40001, 5432),
+            Direction::Egress => (&DB, &APP2, 5432, 40001),
+        };
+        drop_event(
+            fam,
+            DropReason::PolicyDeny,
+            dir,
+            s,
+            d,
+            proto::TCP,
+            sp,
+            dport,
+            12,
+        )
+    };
+    // Audit mode left for ingress (here: only egress audited, the other direction): the flow's
+    // data is dropped with the deny rule's cause, and so is db's side of it, although db's
+    // egress is not enforced and is audited.
+    for (step, (audit_in, audit_out)) in [
+        ("only egress audited", (false, true)),
+        ("audit off", (false, false)),
+    ] {
+        dp.dp.endpoint(LO, db(audit_in, audit_out));
+        assert_eq!(dp.run(To, &data), SHOT, "{step}: app2's data");
+        assert_eq!(dp.run(From, &reply), SHOT, "{step}: db's reply");
+        assert_eq!(dp.run(To, &data), SHOT, "{step}: app2 after db's packet");
+        assert_eq!(
+            dp.events(),
+            [dropped(ing), dropped(egr), dropped(ing)],
+            "{step}: dropped with the policy's cause"
+        );
+    }
+    assert_drops(&dp, Some(DropReason::PolicyDeny), 6);
+    let e = dp
+        .ct_in(k, true)
+        .expect("the entry stays, and keeps refusing the flow");
+    assert_eq!(e.flags & CtEntry::AUDIT, CtEntry::AUDIT);
+    assert_eq!(dp.ct_len(), 1, "no entry opened from db's side");
+    // Back in audit mode (ingress), the flow passes again.
+    dp.dp.endpoint(LO, db(true, false));
+    assert_eq!(dp.run(To, &data), PASS, "audit mode again");
+    assert_eq!(dp.run(From, &reply), PASS, "audit mode again: reply");
+
+    // A flow audit mode admitted that policy allows by the time audit mode ends (the allow
+    // rule came with it): it goes on, and its entry becomes an ordinary one.
+    let k1 = ct_key(fam, &APP1, &DB, 40002, 5432, proto::TCP, CtDir::Ingress);
+    let now = netpol_tests::progtest::now_ns();
+    let mut e1 = db_entry(
+        now + 3600 * 1_000_000_000,
+        CtEntry::AUDIT | CtEntry::SEEN_REPLY,
+        0,
+    );
+    e1.remote_identity = APP1.id;
+    dp.set_ct_in(k1, e1, true);
+    dp.dp.endpoint(LO, db(false, false));
+    assert_eq!(
+        dp.run(From, &fam.tcp(&DB, &APP1, 5432, 40002, TCP_ACK)),
+        PASS,
+        "an allowed flow outlives audit mode"
+    );
+    let e1 = dp.ct_in(k1, true).expect("entry kept");
+    assert_eq!((e1.flags, e1.rule), (CtEntry::SEEN_REPLY, 11), "{e1:?}");
+    assert_eq!(dp.run(To, &fam.tcp(&APP1, &DB, 40002, 5432, TCP_ACK)), PASS);
+    assert_drops(&dp, Some(DropReason::PolicyDeny), 6);
+}
+
+#[test]
+fn audit_flows_end_with_audit_mode_v4() {
+    if require_root("audit_flows_end_with_audit_mode_v4") {
+        audit_flows_end_with_audit_mode(V4);
+    }
+}
+
+#[test]
+fn audit_flows_end_with_audit_mode_v6() {
+    if require_root("audit_flows_end_with_audit_mode_v6") {
+        audit_flows_end_with_audit_mode(V6);
+    }
+}
+
 /// A flood of drops does not become a flood of events: a per-CPU rate limit, with every
 /// suppressed event counted, while `DROPS` still counts every drop.
 #[test]

@@ -497,11 +497,15 @@ impl Case {
                 } else {
                     CtDir::Egress
                 };
+                // Some admitted by audit mode: the endpoint may audit that direction or not
+                // (any more).
                 let flags = g.rng.pick(&[
                     0,
                     CtEntry::SEEN_REPLY,
                     CtEntry::CLOSING,
                     CtEntry::SEEN_REPLY | CtEntry::CLOSING,
+                    CtEntry::AUDIT,
+                    CtEntry::AUDIT | CtEntry::SEEN_REPLY,
                 ]);
                 let secs: i64 = g.rng.pick(&[-100, -2, 5, 30, 3600]);
                 if ct.iter().any(|(x, _)| *x == k) {
