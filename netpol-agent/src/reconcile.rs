@@ -14,9 +14,15 @@
 //!    datapath already refuses such entries to another endpoint (`CtEntry::serves`); this
 //!    also frees them, and ends flows towards the departed address that other endpoints
 //!    opened. It is not undone, and a failure is logged, not fatal: the kernel check stands.
-//! 7. removal of the conntrack entries that audit mode admitted on every endpoint direction
-//!    that leaves audit mode (its endpoint entry no longer has the `AUDIT_*` bit, written in 3),
-//!    so a flow that policy denies does not outlive audit mode. Not undone; a failure is logged.
+//!
+//! The conntrack entries that audit mode admitted (`CtEntry::AUDIT`) are left alone when an
+//! endpoint direction leaves audit mode (its endpoint entry loses the `AUDIT_*` bit in 3; a
+//! restart without `--audit` is the same diff against the pinned maps): from then on the
+//! datapath decides such a flow again by policy on its next packet, either way, and keeps a
+//! denied flow's entry to drop the rest of it (netpol-common `ct::revisit`). Removing the entry
+//! would undo that: the next packet from the container's side, through a direction it does not
+//! enforce (a retransmission is enough), would open the flow as a new one, and the peer's
+//! packets would pass as its replies.
 //!
 //! When old and new entries together do not fit a map, stale entries of that map are removed
 //! before new ones are written. If a write fails half-way, the operations already done are undone
@@ -27,7 +33,7 @@ use std::{
     net::IpAddr,
 };
 
-use netpol_common::{endpoint::Endpoint, ipcache::RemoteInfo, policy::PolicyValue, Direction};
+use netpol_common::{endpoint::Endpoint, ipcache::RemoteInfo, policy::PolicyValue};
 use tracing::{error, info, warn};
 
 use crate::datapath::{Cidr, Datapath, DatapathError, MapSizes, MapState, PolicyEntryKey};
@@ -50,7 +56,6 @@ enum Op {
     Attach(u32),
     Detach(u32),
     FlushCt(BTreeSet<IpAddr>),
-    FlushAuditCt(BTreeSet<(u32, Direction)>),
 }
 
 /// The operations that turn the current state into the desired one.
@@ -214,10 +219,6 @@ pub fn plan(
             push(Op::DeleteEndpoint(*i), Some(Op::UpsertEndpoint(*i, *e)));
         }
     }
-    let leaving = leaving_audit(&cur.endpoints, &want.maps.endpoints);
-    if !leaving.is_empty() {
-        push(Op::FlushAuditCt(leaving), None);
-    }
     let departed = departed_addresses(&cur.ipcache, &want.maps.ipcache);
     if !departed.is_empty() {
         push(Op::FlushCt(departed), None);
@@ -237,24 +238,6 @@ fn departed_addresses(
         .collect()
 }
 
-/// Endpoint directions that are in audit mode in `cur` and stay, without it, in `want` (an
-/// endpoint that goes takes its flows with its address: [`departed_addresses`]).
-fn leaving_audit(
-    cur: &BTreeMap<u32, Endpoint>,
-    want: &BTreeMap<u32, Endpoint>,
-) -> BTreeSet<(u32, Direction)> {
-    let mut out = BTreeSet::new();
-    for (i, old) in cur {
-        let Some(new) = want.get(i) else { continue };
-        for dir in [Direction::Ingress, Direction::Egress] {
-            if old.audits(dir) && !new.audits(dir) {
-                out.insert((*i, dir));
-            }
-        }
-    }
-    out
-}
-
 fn run(dp: &mut dyn Datapath, op: &Op) -> Result<(), DatapathError> {
     match op {
         Op::UpsertIpcache(c, id) => dp.upsert_ipcache(*c, *id),
@@ -268,17 +251,6 @@ fn run(dp: &mut dyn Datapath, op: &Op) -> Result<(), DatapathError> {
             Err(DatapathError::NoSuchInterface(_)) => Ok(()),
             r => r,
         },
-        Op::FlushAuditCt(dirs) => {
-            match dp.flush_audit_ct(dirs) {
-                Ok(n) => {
-                    info!(endpoints = ?dirs, entries = n, "conntrack admitted by audit mode removed")
-                }
-                Err(e) => {
-                    error!(endpoints = ?dirs, error = %e, "removing conntrack admitted by audit mode failed")
-                }
-            }
-            Ok(())
-        }
         Op::FlushCt(addrs) => {
             match dp.flush_ct(addrs) {
                 Ok(n) => {
@@ -438,6 +410,32 @@ mod tests {
         assert_eq!(reconcile(&mut dp, &want2).unwrap(), 1);
         assert_eq!(dp.writes - before, 1);
         assert_eq!(dp.state, want2.maps);
+    }
+
+    /// Leaving audit mode (a policy's annotation gone, or the agent restarted without
+    /// `--audit` over the pinned maps) is the endpoint write alone: the conntrack entries that
+    /// audit mode admitted stay, for the datapath to decide those flows again and to drop the
+    /// denied ones to their end (removing them would let such a flow open again from the
+    /// container's side).
+    #[test]
+    fn leaving_audit_mode_writes_the_endpoint_and_keeps_its_audit_conntrack() {
+        let mut dp = FakeDatapath::new(MapSizes::default());
+        let mut audited = desired(&[1]);
+        for e in audited.maps.endpoints.values_mut() {
+            *e = e.audit(true, true);
+        }
+        reconcile(&mut dp, &audited).unwrap();
+        let enforcing = desired(&[1]);
+        let p = plan(&dp.state, &dp.links, &enforcing, &MapSizes::default());
+        assert_eq!(
+            p.ops,
+            [Op::UpsertEndpoint(10, enforcing.maps.endpoints[&10])],
+            "{:?}",
+            p.ops
+        );
+        assert_eq!(reconcile(&mut dp, &enforcing).unwrap(), 1);
+        assert!(dp.flushed.is_empty(), "no conntrack removed");
+        assert_eq!(dp.state, enforcing.maps);
     }
 
     #[test]

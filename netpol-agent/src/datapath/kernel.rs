@@ -63,7 +63,7 @@ use netpol_common::{
     policy::{PolicyKey, PolicyValue},
     programs,
     stats::{EventStats, RuleStats, RuleStatsKey},
-    Config, Direction, DropReason,
+    Config, DropReason,
 };
 use tracing::{debug, info, warn};
 
@@ -1410,27 +1410,6 @@ impl Datapath for KernelDatapath {
             out.ring_full += v.ring_full;
         }
         Ok(out)
-    }
-
-    fn flush_audit_ct(
-        &mut self,
-        dirs: &BTreeSet<(u32, Direction)>,
-    ) -> Result<usize, DatapathError> {
-        let hit = |dir: u8, e: &CtEntry| {
-            let d = match dir {
-                x if x == CtDir::Egress as u8 => Direction::Egress,
-                _ => Direction::Ingress,
-            };
-            e.flags & CtEntry::AUDIT != 0 && dirs.contains(&(e.ifindex, d))
-        };
-        let mut n = 0;
-        for name in [maps::CT4, maps::CT4_NEW] {
-            n += flush_map::<CtKey4>(self.map_mut(name)?, name, |_, e| hit(e.dir, e))?;
-        }
-        for name in [maps::CT6, maps::CT6_NEW] {
-            n += flush_map::<CtKey6>(self.map_mut(name)?, name, |_, e| hit(e.dir, e))?;
-        }
-        Ok(n)
     }
 
     fn set_trace_flows(&mut self, on: bool) -> Result<(), DatapathError> {

@@ -18,7 +18,6 @@ use netpol_common::{
     maps,
     policy::{PolicyKey, PolicyValue},
     stats::{EventStats, RuleStats, RuleStatsKey},
-    Direction,
 };
 
 /// The object file built from netpol-ebpf.
@@ -349,16 +348,6 @@ pub trait Datapath: Send {
     /// latest of them).
     fn event_stats(&self) -> Result<EventStats, DatapathError> {
         Ok(EventStats::default())
-    }
-
-    /// Removes the conntrack entries that audit mode admitted (`CtEntry::AUDIT`) on these
-    /// (endpoint ifindex, direction)s: they leave audit mode, and a flow that policy denies must
-    /// not outlive it. Returns the number of entries removed.
-    fn flush_audit_ct(
-        &mut self,
-        _dirs: &BTreeSet<(u32, Direction)>,
-    ) -> Result<usize, DatapathError> {
-        Ok(0)
     }
 }
 
