@@ -24,6 +24,14 @@
 //! matched. Because a longest match hides a shorter one, the agent folds every deny entry into the
 //! more specific allow entries it covers within the same (local, remote, direction) before writing
 //! the map (see the agent's policy compiler), so that deny always wins.
+//!
+//! The second lookup is skipped when the first one alone decides ([`lookup`]): its longest match
+//! is a deny (deny wins whatever the wildcard holds), or an allow flagged
+//! [`PolicyValue::FINAL`]. The compiler sets that flag on an allow of a specific remote only when
+//! no wildcard deny of the same (local, direction) overlaps it ([`overlaps`]): every packet the
+//! allow matches then finds, under the wildcard, an allow or nothing, and the verdict is the
+//! allow's either way. An allow without the flag (a wildcard deny overlaps it, or an older agent
+//! wrote it) takes both lookups, as before.
 
 use crate::Direction;
 
@@ -76,16 +84,25 @@ pub enum Action {
 pub struct PolicyValue {
     /// [`Action`] as `u8`.
     pub action: u8,
-    pub _pad: [u8; 3],
+    /// Bit set of `PolicyValue::*` flags.
+    pub flags: u8,
+    pub _pad: [u8; 2],
     /// Which rule the entry came from (the agent's rule table), reported in events.
     pub rule: u32,
 }
 
 impl PolicyValue {
+    /// On an allow of a specific remote identity: no deny under the wildcard remote of the same
+    /// (local, direction) overlaps it, so when it is the first lookup's longest match the second
+    /// lookup cannot change the verdict ([`lookup`] skips it). Meaningless on a deny and on a
+    /// wildcard entry.
+    pub const FINAL: u8 = 1 << 0;
+
     pub const fn allow(rule: u32) -> Self {
         Self {
             action: Action::Allow as u8,
-            _pad: [0; 3],
+            flags: 0,
+            _pad: [0; 2],
             rule,
         }
     }
@@ -93,9 +110,23 @@ impl PolicyValue {
     pub const fn deny(rule: u32) -> Self {
         Self {
             action: Action::Deny as u8,
-            _pad: [0; 3],
+            flags: 0,
+            _pad: [0; 2],
             rule,
         }
+    }
+
+    /// An allow that decides without the wildcard lookup (see [`PolicyValue::FINAL`]).
+    pub const fn final_allow(rule: u32) -> Self {
+        let mut v = Self::allow(rule);
+        v.flags = Self::FINAL;
+        v
+    }
+
+    /// Whether this is an allow flagged [`PolicyValue::FINAL`].
+    #[inline(always)]
+    pub const fn is_final(&self) -> bool {
+        self.is_allow() && self.flags & Self::FINAL != 0
     }
 
     #[inline(always)]
@@ -168,6 +199,10 @@ pub const fn lookup_keys(
 /// kernel: `POLICY.get`; user space: [`crate::lpm::policy`] over the entries), decided by
 /// [`decide`]. `port` is the destination port, for ICMP / ICMPv6 the message type, 0 for other
 /// protocols. The datapath and `policy trace` both decide with this function.
+///
+/// The wildcard lookup is skipped when the first one decides alone: a deny, or an allow flagged
+/// [`PolicyValue::FINAL`] (the verdict is the same as with both lookups when the flag is set as
+/// the compiler sets it: see the module documentation).
 #[inline(always)]
 pub fn lookup(
     local: u32,
@@ -179,8 +214,41 @@ pub fn lookup(
 ) -> Verdict {
     let [a, b] = lookup_keys(local, remote, direction, proto, port);
     let exact = get(&a);
+    if let Some(v) = exact {
+        if v.is_deny() {
+            return Verdict::Deny(v.rule);
+        }
+        if v.is_final() {
+            return Verdict::Allow(v.rule);
+        }
+    }
     let wildcard = get(&b);
     decide(exact, wildcard)
+}
+
+/// The protocol and port bits of a key below the 72 fixed bits, as a 24-bit number, and how many
+/// of them an entry of `prefix_len` matches.
+#[inline(always)]
+const fn tail(k: &PolicyKey, prefix_len: u32) -> (u32, u32) {
+    let t = ((k.proto as u32) << 16) | k.dport() as u32;
+    let n = if prefix_len <= PREFIX_ANY_PROTO {
+        0
+    } else if prefix_len >= FULL_PREFIX {
+        24
+    } else {
+        prefix_len - PREFIX_ANY_PROTO
+    };
+    (t, n)
+}
+
+/// Whether some packet can match both entries' protocol and port parts (`a` of `a_len` bits, `b`
+/// of `b_len`): one's range contains the other's. Local, remote and direction are not compared.
+#[inline(always)]
+pub const fn overlaps(a: &PolicyKey, a_len: u32, b: &PolicyKey, b_len: u32) -> bool {
+    let (ta, na) = tail(a, a_len);
+    let (tb, nb) = tail(b, b_len);
+    let n = if na < nb { na } else { nb };
+    n == 0 || (ta ^ tb) >> (24 - n) == 0
 }
 
 /// An aligned block of ports: `port` with its low `16 - bits` bits zero; the trie prefix of the
@@ -320,6 +388,100 @@ mod tests {
         ];
         assert_eq!(verdict(&e, DB, APP1, 6, 5432), Verdict::Deny(7));
         assert_eq!(verdict(&e, DB, APP2, 6, 5432), Verdict::Allow(1));
+    }
+
+    /// The lookups `lookup` made: (verdict, how many).
+    fn counted(
+        entries: &[(PolicyKey, u32, PolicyValue)],
+        remote: u32,
+        port: u16,
+    ) -> (Verdict, u32) {
+        let mut n = 0;
+        let v = lookup(DB, remote, Direction::Ingress, 6, port, |k| {
+            n += 1;
+            lpm(entries, k)
+        });
+        (v, n)
+    }
+
+    #[test]
+    fn a_deny_or_a_final_allow_decides_with_one_lookup() {
+        let exact_deny = [
+            (k(APP1, 6, 5432), FULL_PREFIX, PolicyValue::deny(3)),
+            (k(ANY, 6, 0), PREFIX_ANY_PORT, PolicyValue::allow(4)),
+        ];
+        assert_eq!(counted(&exact_deny, APP1, 5432), (Verdict::Deny(3), 1));
+        let fin = [
+            (k(APP1, 6, 5432), FULL_PREFIX, PolicyValue::final_allow(1)),
+            (k(ANY, 6, 80), FULL_PREFIX, PolicyValue::deny(2)),
+        ];
+        assert_eq!(counted(&fin, APP1, 5432), (Verdict::Allow(1), 1));
+        // Without the flag, the same allow takes both lookups; so does a miss.
+        let plain = [(k(APP1, 6, 5432), FULL_PREFIX, PolicyValue::allow(1))];
+        assert_eq!(counted(&plain, APP1, 5432), (Verdict::Allow(1), 2));
+        assert_eq!(counted(&plain, APP2, 5432), (Verdict::NoMatch, 2));
+        // The flag is trusted: set where a wildcard deny overlaps the allow, that deny is
+        // skipped. This is why only the compiler's proof may set it (the agent's `mark_final`).
+        let wrong = [
+            (k(APP1, 6, 5432), FULL_PREFIX, PolicyValue::final_allow(1)),
+            (k(ANY, 6, 0), PREFIX_ANY_PORT, PolicyValue::deny(2)),
+        ];
+        assert_eq!(counted(&wrong, APP1, 5432), (Verdict::Allow(1), 1));
+        let right = [
+            (k(APP1, 6, 5432), FULL_PREFIX, PolicyValue::allow(1)),
+            (k(ANY, 6, 0), PREFIX_ANY_PORT, PolicyValue::deny(2)),
+        ];
+        assert_eq!(counted(&right, APP1, 5432), (Verdict::Deny(2), 2));
+        // A flag on a deny or a wildcard entry means nothing.
+        let mut d = PolicyValue::deny(5);
+        d.flags = PolicyValue::FINAL;
+        assert!(!d.is_final());
+    }
+
+    #[test]
+    fn overlaps_is_whether_one_range_contains_the_other() {
+        let e = |p: u8, port: u16| k(APP1, p, port);
+        let tcp5432 = (e(6, 5432), FULL_PREFIX);
+        let tcp_all = (e(6, 0), PREFIX_ANY_PORT);
+        let udp_all = (e(17, 0), PREFIX_ANY_PORT);
+        let all = (e(0, 0), PREFIX_ANY_PROTO);
+        let ov = |a: (PolicyKey, u32), b: (PolicyKey, u32)| {
+            let r = overlaps(&a.0, a.1, &b.0, b.1);
+            assert_eq!(r, overlaps(&b.0, b.1, &a.0, a.1), "symmetric");
+            r
+        };
+        assert!(ov(tcp5432, tcp5432));
+        assert!(ov(tcp5432, tcp_all));
+        assert!(ov(tcp5432, all));
+        assert!(ov(udp_all, all));
+        assert!(!ov(tcp5432, udp_all));
+        assert!(!ov(tcp5432, (e(6, 5433), FULL_PREFIX)));
+        assert!(!ov(tcp_all, udp_all));
+        // Port blocks: 5000-5999 overlaps 5432 and 5000-5007, not 6000 or UDP 5432.
+        for b in port_range_blocks(5000, 5999) {
+            let blk = (e(6, b.port), b.prefix_len());
+            assert_eq!(ov(blk, tcp5432), b.contains(5432), "{b:?}");
+            assert!(!ov(blk, (e(6, 6000), FULL_PREFIX)));
+            assert!(!ov(blk, (e(17, 5432), FULL_PREFIX)));
+        }
+        // Exhaustively over small blocks: overlap iff some port is in both.
+        let blocks: Vec<PortBlock> = [(0u16, 7u16), (4, 5), (6, 6), (8, 15), (3, 12)]
+            .iter()
+            .flat_map(|&(a, b)| port_range_blocks(a, b))
+            .collect();
+        for x in &blocks {
+            for y in &blocks {
+                let both = (0..=20u16).any(|p| x.contains(p) && y.contains(p));
+                assert_eq!(
+                    ov(
+                        (e(6, x.port), x.prefix_len()),
+                        (e(6, y.port), y.prefix_len())
+                    ),
+                    both,
+                    "{x:?} {y:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -1,6 +1,12 @@
-//! Average cost of one program run through BPF_PROG_TEST_RUN (`repeat`), for the common cases:
-//! a packet of an established IPv4 / IPv6 TCP flow both ways, and a new flow decided by policy.
-//! Run as root: `cargo run --release -p netpol-tests --example prog_cost`.
+//! Average cost of one program run through BPF_PROG_TEST_RUN, for the common cases: a packet of
+//! an established IPv4 / IPv6 TCP flow both ways (`repeat`), and the packets that open a flow,
+//! each on a tuple of its own (one run each, the median): the SYN decided by policy, the SYN-ACK
+//! answered from the new table, the handshake's last ACK (promotion to the established table);
+//! on an endpoint that enforces both directions, on one that enforces neither, and a SYN that
+//! policy drops (what a flood costs).
+//! Run as root: `cargo run --release -p netpol-tests --example prog_cost [OBJ…]`. A single run is
+//! timed by the kernel around the program alone, like `repeat`, but with cold caches between
+//! runs (the syscall and the next packet's setup in between), as on a real new flow.
 
 use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie},
@@ -8,19 +14,30 @@ use aya::{
     EbpfLoader,
 };
 use netpol_common::{endpoint::Endpoint, ipcache::RemoteInfo, policy::*, Direction};
-use netpol_tests::packet;
+use netpol_tests::packet::{self, TCP_ACK, TCP_SYN};
 
-/// What is measured, in this order: an established TCP packet of the side that opened the flow
-/// (`from_container`) and its reply (`to_container`), IPv4 and IPv6, and a SYN that policy
-/// admits (a new flow: the ipcache, two policy lookups and the conntrack insert).
-const CASES: [&str; 6] = [
+/// What is measured, in this order.
+const CASES: [&str; 16] = [
     "ipv4 tcp established, from_container",
     "ipv4 tcp established reply, to_container",
     "ipv6 tcp established, from_container",
     "ipv6 tcp established reply, to_container",
-    "ipv4 tcp new flow (SYN), from_container",
-    "ipv6 tcp new flow (SYN), from_container",
+    "ipv4 tcp SYN again (same tuple), from_container",
+    "ipv6 tcp SYN again (same tuple), from_container",
+    "ipv4 new flow: SYN, from_container",
+    "ipv4 new flow: SYN-ACK, to_container",
+    "ipv4 new flow: last ACK (promotion), from_container",
+    "ipv4 new flow: SYN, to_container",
+    "ipv6 new flow: SYN, from_container",
+    "ipv6 new flow: last ACK (promotion), from_container",
+    "ipv4 SYN denied by default deny, to_container",
+    "unenforced: ipv4 tcp established, from_container",
+    "unenforced: ipv4 tcp established reply, to_container",
+    "unenforced: ipv4 new flow: SYN, from_container",
 ];
+
+/// Fresh tuples per new-flow case and round.
+const FRESH: u16 = 2000;
 
 /// With object files as arguments, measures each of them in interleaved rounds and prints
 /// medians (to compare two builds on a noisy machine); without, measures the built-in object.
@@ -38,30 +55,47 @@ fn main() -> Result<(), ProgramError> {
             .collect()
     };
     let rounds = if paths.is_empty() { 3 } else { 7 };
-    let mut results: Vec<Vec<[u128; 6]>> = vec![Vec::new(); objects.len()];
+    let mut results: Vec<Vec<[u128; CASES.len()]>> = vec![Vec::new(); objects.len()];
     for _ in 0..rounds {
         for (i, (_, obj)) in objects.iter().enumerate() {
             results[i].push(measure(obj)?);
         }
     }
-    for (i, (name, _)) in objects.iter().enumerate() {
-        println!("{name} (ns per run, median of {rounds} rounds):");
+    let median = |i: usize, c: usize| {
+        let mut v: Vec<u128> = results[i].iter().map(|r| r[c]).collect();
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    if objects.len() == 1 {
+        println!("{} (ns per run, median of {rounds} rounds):", objects[0].0);
         for (c, case) in CASES.iter().enumerate() {
-            let mut v: Vec<u128> = results[i].iter().map(|r| r[c]).collect();
-            v.sort_unstable();
-            println!("  {case}: {}", v[v.len() / 2]);
+            println!("  {case}: {}", median(0, c));
         }
+        return Ok(());
+    }
+    println!("ns per run, median of {rounds} interleaved rounds:");
+    for (i, (name, _)) in objects.iter().enumerate() {
+        println!("  [{i}] {name}");
+    }
+    for (c, case) in CASES.iter().enumerate() {
+        let v: Vec<String> = (0..objects.len())
+            .map(|i| format!("{:>5}", median(i, c)))
+            .collect();
+        println!("  {case:<52} {}", v.join(" "));
     }
     Ok(())
 }
 
 /// One run of `prog` over `frame`, `repeat` times; its average duration (ns). Panics unless the
-/// program passed the packet (TC_ACT_UNSPEC): a drop would measure the wrong path.
-fn run(
+/// program returned `expect` (a pass is TC_ACT_UNSPEC, a drop TC_ACT_SHOT): another verdict
+/// would measure the wrong path. `LOOSE=1` in the environment turns the check off (to time an
+/// experimental object with a piece cut out, which may drop what it should pass).
+fn run_expect(
     prog: &SchedClassifier,
     frame: &[u8],
     repeat: u32,
     what: &str,
+    expect: u32,
 ) -> Result<u128, ProgramError> {
     let mut out = vec![0u8; frame.len() + 256];
     let r = prog.test_run(TestRunOptions {
@@ -70,84 +104,192 @@ fn run(
         repeat,
         ..Default::default()
     })?;
-    assert_eq!(r.return_value, u32::MAX, "{what} was not passed");
+    if std::env::var_os("LOOSE").is_none() {
+        assert_eq!(r.return_value, expect, "{what}: unexpected verdict");
+    }
     Ok(r.duration.as_nanos())
 }
 
-fn measure(obj: &[u8]) -> Result<[u128; 6], ProgramError> {
+fn run(
+    prog: &SchedClassifier,
+    frame: &[u8],
+    repeat: u32,
+    what: &str,
+) -> Result<u128, ProgramError> {
+    run_expect(prog, frame, repeat, what, u32::MAX)
+}
+
+fn median(mut v: Vec<u128>) -> u128 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+const A: [u8; 4] = [10, 0, 0, 1];
+const B: [u8; 4] = [10, 0, 0, 2];
+const A6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const B6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+/// The endpoint's identity, the allowed peer's, a peer that nothing allows.
+const LOCAL: u32 = 256;
+const PEER: u32 = 257;
+const STRANGER: u32 = 258;
+const C: [u8; 4] = [10, 0, 0, 3];
+
+fn set_endpoint(bpf: &mut aya::Ebpf, enforce: bool) {
+    let mut eps: HashMap<_, u32, Endpoint> =
+        HashMap::try_from(bpf.map_mut("ENDPOINTS").unwrap()).unwrap();
+    // test_run runs the program on the loopback device: ifindex 1.
+    eps.insert(
+        1,
+        Endpoint::new(LOCAL)
+            .with_ipv4(A)
+            .with_ipv6(A6)
+            .enforce(enforce, enforce),
+        0,
+    )
+    .unwrap();
+}
+
+fn measure(obj: &[u8]) -> Result<[u128; CASES.len()], ProgramError> {
     // The object's buffer may be unaligned; aya copies what it needs.
     let mut bpf = EbpfLoader::new().load(obj).expect("load");
     for n in ["from_container", "to_container"] {
         let p: &mut SchedClassifier = bpf.program_mut(n).unwrap().try_into()?;
         p.load()?;
     }
-    let (a, b) = ([10, 0, 0, 1], [10, 0, 0, 2]);
-    let a6 = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-    let b6 = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-    {
-        let mut eps: HashMap<_, u32, Endpoint> =
-            HashMap::try_from(bpf.map_mut("ENDPOINTS").unwrap()).unwrap();
-        eps.insert(
-            1,
-            Endpoint::new(256)
-                .with_ipv4(a)
-                .with_ipv6(a6)
-                .enforce(true, true),
-            0,
-        )
-        .unwrap();
-    }
+    set_endpoint(&mut bpf, true);
     {
         let mut c4: LpmTrie<_, [u8; 4], RemoteInfo> =
             LpmTrie::try_from(bpf.map_mut(netpol_common::maps::IPCACHE4).unwrap()).unwrap();
-        c4.insert(&Key::new(32, b), RemoteInfo::new(257), 0)
+        c4.insert(&Key::new(32, B), RemoteInfo::new(PEER), 0)
+            .unwrap();
+        c4.insert(&Key::new(32, C), RemoteInfo::new(STRANGER), 0)
             .unwrap();
         let mut c6: LpmTrie<_, [u8; 16], RemoteInfo> =
             LpmTrie::try_from(bpf.map_mut(netpol_common::maps::IPCACHE6).unwrap()).unwrap();
-        c6.insert(&Key::new(128, b6), RemoteInfo::new(257), 0)
+        c6.insert(&Key::new(128, B6), RemoteInfo::new(PEER), 0)
             .unwrap();
     }
     {
+        // 10,000 entries that match nothing measured, and the allows of the measured flows, as
+        // the agent's compiler writes them: no wildcard deny covers them.
         let mut pol: LpmTrie<_, PolicyKey, PolicyValue> =
             LpmTrie::try_from(bpf.map_mut("POLICY").unwrap()).unwrap();
         for i in 0..10_000u32 {
-            let k = PolicyKey::new(256, 1000 + i, Direction::Egress, 6, (i % 60000) as u16 + 1);
+            let k = PolicyKey::new(
+                LOCAL,
+                1000 + i,
+                Direction::Egress,
+                6,
+                (i % 60000) as u16 + 1,
+            );
             pol.insert(&Key::new(FULL_PREFIX, k), PolicyValue::allow(i + 2), 0)
                 .unwrap();
         }
-        pol.insert(
-            &Key::new(
-                FULL_PREFIX,
-                PolicyKey::new(256, 257, Direction::Egress, 6, 5432),
-            ),
-            PolicyValue::allow(1),
-            0,
-        )
-        .unwrap();
+        for dir in [Direction::Egress, Direction::Ingress] {
+            let k = PolicyKey::new(LOCAL, PEER, dir, 6, 5432);
+            pol.insert(&Key::new(FULL_PREFIX, k), final_allow(1), 0)
+                .unwrap();
+        }
     }
-    let v4 = packet::ipv4(a, b, 6, &packet::tcp(40000, 5432, 0x10));
-    let v6 = packet::ipv6(a6, b6, 6, &packet::tcp(40000, 5432, 0x10));
-    let r4 = packet::ipv4(b, a, 6, &packet::tcp(5432, 40000, 0x10));
-    let r6 = packet::ipv6(b6, a6, 6, &packet::tcp(5432, 40000, 0x10));
-    let s4 = packet::ipv4(a, b, 6, &packet::tcp(40001, 5432, 0x02));
-    let s6 = packet::ipv6(a6, b6, 6, &packet::tcp(40001, 5432, 0x02));
-    let from: &SchedClassifier = bpf.program("from_container").unwrap().try_into()?;
-    let to: &SchedClassifier = bpf.program("to_container").unwrap().try_into()?;
+    let v4 = packet::ipv4(A, B, 6, &packet::tcp(40000, 5432, TCP_ACK));
+    let v6 = packet::ipv6(A6, B6, 6, &packet::tcp(40000, 5432, TCP_ACK));
+    let r4 = packet::ipv4(B, A, 6, &packet::tcp(5432, 40000, TCP_ACK));
+    let r6 = packet::ipv6(B6, A6, 6, &packet::tcp(5432, 40000, TCP_ACK));
+    let s4 = packet::ipv4(A, B, 6, &packet::tcp(40001, 5432, TCP_SYN));
+    let s6 = packet::ipv6(A6, B6, 6, &packet::tcp(40001, 5432, TCP_SYN));
     let n = 500_000;
-    let mut ns = [0u128; 6];
-    for (j, (name, frame, reply)) in [("ipv4 tcp", &v4, &r4), ("ipv6 tcp", &v6, &r6)]
-        .into_iter()
-        .enumerate()
+    let mut ns = [0u128; CASES.len()];
     {
-        // The first run admits the flow (policy), a reply answers it, the next packet of the
-        // opener establishes it (moves it to the established table); the rest hit conntrack
-        // there.
-        run(from, frame, 1, name)?;
-        run(to, reply, 1, name)?;
-        ns[2 * j] = run(from, frame, n, name)?;
-        ns[2 * j + 1] = run(to, reply, n, name)?;
+        let from: &SchedClassifier = bpf.program("from_container").unwrap().try_into()?;
+        let to: &SchedClassifier = bpf.program("to_container").unwrap().try_into()?;
+        for (j, (name, frame, reply)) in [("ipv4 tcp", &v4, &r4), ("ipv6 tcp", &v6, &r6)]
+            .into_iter()
+            .enumerate()
+        {
+            // The first run admits the flow (policy), a reply answers it, the next packet of
+            // the opener establishes it (moves it to the established table); the rest hit
+            // conntrack there.
+            run(from, frame, 1, name)?;
+            run(to, reply, 1, name)?;
+            ns[2 * j] = run(from, frame, n, name)?;
+            ns[2 * j + 1] = run(to, reply, n, name)?;
+        }
+        ns[4] = run(from, &s4, n, "ipv4 syn")?;
+        ns[5] = run(from, &s6, n, "ipv6 syn")?;
+        let [syn, syn_ack, ack] = handshakes4(from, to, 10_000)?;
+        ns[6] = syn;
+        ns[7] = syn_ack;
+        ns[8] = ack;
+        let mut v = Vec::new();
+        for i in 0..FRESH {
+            let f = packet::ipv4(B, A, 6, &packet::tcp(10_000 + i, 5432, TCP_SYN));
+            v.push(run(to, &f, 1, "ipv4 syn to_container")?);
+        }
+        ns[9] = median(v);
+        let (mut syn, mut ack) = (Vec::new(), Vec::new());
+        for i in 0..FRESH {
+            let sp = 10_000 + i;
+            let f = packet::ipv6(A6, B6, 6, &packet::tcp(sp, 5432, TCP_SYN));
+            syn.push(run(from, &f, 1, "ipv6 syn")?);
+            let f = packet::ipv6(B6, A6, 6, &packet::tcp(5432, sp, TCP_SYN | TCP_ACK));
+            run(to, &f, 1, "ipv6 syn-ack")?;
+            let f = packet::ipv6(A6, B6, 6, &packet::tcp(sp, 5432, TCP_ACK));
+            ack.push(run(from, &f, 1, "ipv6 ack")?);
+        }
+        ns[10] = median(syn);
+        ns[11] = median(ack);
+        let mut v = Vec::new();
+        for i in 0..FRESH {
+            let f = packet::ipv4(C, A, 6, &packet::tcp(10_000 + i, 5432, TCP_SYN));
+            v.push(run_expect(to, &f, 1, "denied syn", 2)?);
+        }
+        ns[12] = median(v);
     }
-    ns[4] = run(from, &s4, n, "ipv4 syn")?;
-    ns[5] = run(from, &s6, n, "ipv6 syn")?;
+    set_endpoint(&mut bpf, false);
+    {
+        let from: &SchedClassifier = bpf.program("from_container").unwrap().try_into()?;
+        let to: &SchedClassifier = bpf.program("to_container").unwrap().try_into()?;
+        let v = packet::ipv4(A, B, 6, &packet::tcp(30000, 80, TCP_ACK));
+        let r = packet::ipv4(B, A, 6, &packet::tcp(80, 30000, TCP_ACK));
+        let s = packet::ipv4(A, B, 6, &packet::tcp(30000, 80, TCP_SYN));
+        let sa = packet::ipv4(B, A, 6, &packet::tcp(80, 30000, TCP_SYN | TCP_ACK));
+        run(from, &s, 1, "unenforced syn")?;
+        run(to, &sa, 1, "unenforced syn-ack")?;
+        run(from, &v, 1, "unenforced ack")?;
+        ns[13] = run(from, &v, n, "unenforced established")?;
+        ns[14] = run(to, &r, n, "unenforced established reply")?;
+        let mut syn = Vec::new();
+        for i in 0..FRESH {
+            let f = packet::ipv4(A, B, 6, &packet::tcp(20_000 + i, 80, TCP_SYN));
+            syn.push(run(from, &f, 1, "unenforced syn")?);
+        }
+        ns[15] = median(syn);
+    }
     Ok(ns)
+}
+
+/// `FRESH` IPv4 handshakes from the endpoint, each on a source port of its own from `first`: the
+/// median of each step's single run.
+fn handshakes4(
+    from: &SchedClassifier,
+    to: &SchedClassifier,
+    first: u16,
+) -> Result<[u128; 3], ProgramError> {
+    let (mut syn, mut syn_ack, mut ack) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..FRESH {
+        let sp = first + i;
+        let f = packet::ipv4(A, B, 6, &packet::tcp(sp, 5432, TCP_SYN));
+        syn.push(run(from, &f, 1, "ipv4 syn")?);
+        let f = packet::ipv4(B, A, 6, &packet::tcp(5432, sp, TCP_SYN | TCP_ACK));
+        syn_ack.push(run(to, &f, 1, "ipv4 syn-ack")?);
+        let f = packet::ipv4(A, B, 6, &packet::tcp(sp, 5432, TCP_ACK));
+        ack.push(run(from, &f, 1, "ipv4 ack")?);
+    }
+    Ok([median(syn), median(syn_ack), median(ack)])
+}
+
+/// An allow entry as the compiler writes one that no wildcard deny can override (an object from
+/// before the flag ignores it).
+fn final_allow(rule: u32) -> PolicyValue {
+    PolicyValue::final_allow(rule)
 }

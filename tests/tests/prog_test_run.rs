@@ -846,6 +846,90 @@ fn deny_wins_v6() {
     }
 }
 
+/// The compiler's `FINAL` allows (decided by the first lookup alone) never skip a deny: a policy
+/// whose allows a wildcard deny overlaps, compiled by the agent and written as it writes it,
+/// keeps every deny in the kernel; and the kernel does skip the wildcard lookup for a flagged
+/// allow (so a wrongly flagged one would open the port: the last check).
+fn compiled_final_allows(fam: Fam) {
+    let policies = netpol_agent::policy::parse_str(
+        "final.yaml",
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: db}
+spec:
+  endpointSelector: {matchLabels: {svc: db}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {svc: app1}}]
+    toPorts: [{ports: [{port: "5432", protocol: TCP}, {port: "6000", endPort: 6100, protocol: TCP}]}]
+  - fromEndpoints: [{matchLabels: {svc: app2}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+  ingressDeny:
+  - toPorts: [{ports: [{port: "5432", protocol: TCP}, {port: "6050", protocol: TCP}]}]
+"#,
+    )
+    .expect("policy");
+    let mut eps = netpol_agent::policy::Endpoints::new();
+    for (h, svc) in [(&DB, "db"), (&APP1, "app1"), (&APP2, "app2")] {
+        eps.insert(h.id, [("svc".to_string(), svc.to_string())].into());
+    }
+    let c = netpol_agent::policy::compile(&policies, &eps).expect("compile");
+    assert!(
+        c.policy.values().any(|v| v.is_final()),
+        "some allows decide alone"
+    );
+    let write = |c: &netpol_agent::policy::Compiled| {
+        let mut dp = Dp::db(true, false);
+        for (k, v) in &c.policy {
+            dp.dp.policy(k.prefix_len, k.key, *v);
+        }
+        dp
+    };
+    let dp = write(&c);
+    let syn = |from: &Host, sport: u16, port: u16| fam.tcp(from, &DB, sport, port, TCP_SYN);
+    assert_eq!(
+        dp.run(To, &syn(&APP1, 40000, 5432)),
+        SHOT,
+        "app1:5432 denied"
+    );
+    assert_eq!(
+        dp.run(To, &syn(&APP1, 40001, 6050)),
+        SHOT,
+        "app1:6050 denied"
+    );
+    assert_eq!(dp.run(To, &syn(&APP1, 40002, 6051)), PASS, "app1:6051");
+    assert_eq!(dp.run(To, &syn(&APP1, 40003, 6000)), PASS, "app1:6000");
+    assert_eq!(dp.run(To, &syn(&APP2, 40004, 8080)), PASS, "app2:8080");
+    assert_eq!(dp.run(To, &syn(&APP2, 40005, 5432)), SHOT, "app2:5432");
+    assert_drops(&dp, Some(DropReason::PolicyDeny), 3);
+
+    // The same entries with app1's 5432 allow flagged against the proof: the wildcard deny is
+    // skipped. The compiler must never write this.
+    let mut wrong = c.clone();
+    for (k, v) in wrong.policy.iter_mut() {
+        if k.key.remote == APP1.id && k.key.dport() == 5432 {
+            assert!(!v.is_final());
+            v.flags |= PolicyValue::FINAL;
+        }
+    }
+    let dp = write(&wrong);
+    assert_eq!(dp.run(To, &syn(&APP1, 40000, 5432)), PASS);
+}
+
+#[test]
+fn compiled_final_allows_v4() {
+    if require_root("compiled_final_allows_v4") {
+        compiled_final_allows(V4);
+    }
+}
+
+#[test]
+fn compiled_final_allows_v6() {
+    if require_root("compiled_final_allows_v6") {
+        compiled_final_allows(V6);
+    }
+}
+
 fn reply_passes_by_conntrack(fam: Fam) {
     // db enforces both directions and allows only app1 → db:5432 in.
     let mut dp = Dp::db(true, true);

@@ -25,6 +25,13 @@
 //! drop event names the deny rule that caused it). A deny under ANY against an allow under a
 //! specific remote needs no folding: the two lookups see both.
 //!
+//! # Final allows
+//! After folding, an allow of a specific remote that no deny under ANY of the same (local,
+//! direction) overlaps ([`overlaps`](netpol_common::policy::overlaps): some packet matches both)
+//! is flagged [`PolicyValue::FINAL`]: the kernel then decides it with the first lookup alone, since
+//! the wildcard lookup can only find an allow or nothing for the packets it matches. An allow
+//! that such a deny overlaps is not flagged and takes both lookups ([`mark_final`]).
+//!
 //! # CIDR identities
 //! Every prefix of a CIDR rule or `except` in any policy (whether or not it selects a local
 //! endpoint) gets an identity from [`FIRST_CIDR`] upward, in prefix order, so one prefix set always
@@ -58,7 +65,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use netpol_common::{
     identity::{ANY, FIRST_LABEL, HOST, WORLD},
     policy::{
-        port_range_blocks, PolicyKey, PolicyValue, FULL_PREFIX, PREFIX_ANY_PORT, PREFIX_ANY_PROTO,
+        overlaps, port_range_blocks, PolicyKey, PolicyValue, FULL_PREFIX, PREFIX_ANY_PORT,
+        PREFIX_ANY_PROTO,
     },
     proto, Direction,
 };
@@ -426,6 +434,7 @@ pub fn compile_with_previous(
         enforcement.get(&k.key.local).is_some_and(|e| e.get(dir))
     });
     fold_denies(&mut c.policy);
+    mark_final(&mut c.policy);
     Ok(c)
 }
 
@@ -641,6 +650,36 @@ fn fold_denies(map: &mut BTreeMap<PolicyEntryKey, PolicyValue>) {
             .max_by_key(|&&(_, dlen, _)| dlen);
         if let Some(&(_, _, rule)) = covering {
             *v = PolicyValue::deny(rule);
+        }
+    }
+}
+
+/// Flags [`PolicyValue::FINAL`] every allow of a specific remote that no deny under ANY of the
+/// same (local, direction) overlaps, and clears it everywhere else (see the module documentation).
+pub fn mark_final(map: &mut BTreeMap<PolicyEntryKey, PolicyValue>) {
+    // (local, direction) → its wildcard denies.
+    let mut wildcard_denies: BTreeMap<(u32, u8), Vec<PolicyEntryKey>> = BTreeMap::new();
+    for (k, v) in map.iter() {
+        if k.key.remote == ANY && v.is_deny() {
+            wildcard_denies
+                .entry((k.key.local, k.key.direction))
+                .or_default()
+                .push(*k);
+        }
+    }
+    for (k, v) in map.iter_mut() {
+        let covered = || {
+            wildcard_denies
+                .get(&(k.key.local, k.key.direction))
+                .is_some_and(|ds| {
+                    ds.iter()
+                        .any(|d| overlaps(&k.key, k.prefix_len, &d.key, d.prefix_len))
+                })
+        };
+        if v.is_allow() && k.key.remote != ANY && !covered() {
+            v.flags |= PolicyValue::FINAL;
+        } else {
+            v.flags &= !PolicyValue::FINAL;
         }
     }
 }

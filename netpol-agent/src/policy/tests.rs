@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use netpol_common::{
     identity::{ANY, HOST, UNMANAGED, WORLD},
-    policy::{decide, lookup_keys, PolicyValue, Verdict},
+    policy::{decide, lookup, lookup_keys, PolicyValue, Verdict},
     proto::{ICMP, ICMPV6, SCTP, TCP, UDP},
     Direction::{self, Egress, Ingress},
 };
@@ -70,9 +70,17 @@ fn lpm(
         .map(|(_, v)| *v)
 }
 
+/// The verdict of both lookups. The kernel's `lookup`, which skips the wildcard lookup after a
+/// deny or a `FINAL` allow, must give the same one: every compile test checks the flags.
 fn verdict(c: &Compiled, local: u32, remote: u32, dir: Direction, p: u8, port: u16) -> Verdict {
     let [a, b] = lookup_keys(local, remote, dir, p, port);
-    decide(lpm(&c.policy, &a), lpm(&c.policy, &b))
+    let both = decide(lpm(&c.policy, &a), lpm(&c.policy, &b));
+    let fast = lookup(local, remote, dir, p, port, |k| lpm(&c.policy, k));
+    assert_eq!(
+        fast, both,
+        "the one-lookup fast path changed the verdict of {local} <- {remote} {dir:?} {p}/{port}"
+    );
+    both
 }
 
 /// What the datapath does with a new flow.
@@ -1677,4 +1685,59 @@ fn audit_annotation_is_strict_where_it_is_ours() {
             (got, want) => panic!("{text}: got {got:?}, want {want:?}"),
         }
     }
+}
+
+#[test]
+fn an_allow_is_final_only_when_no_wildcard_deny_overlaps_it() {
+    let c = compiled(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {matchLabels: {com.docker.compose.service: db}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {com.docker.compose.service: app1}}]
+    toPorts: [{ports: [{port: "5432", protocol: TCP}, {port: "6000", endPort: 6100, protocol: TCP}]}]
+  - fromEndpoints: [{matchLabels: {com.docker.compose.service: app2}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+  - fromEndpoints: [{matchLabels: {com.docker.compose.service: app2}}]
+  ingressDeny:
+  - toPorts: [{ports: [{port: "5432", protocol: TCP}, {port: "6050", protocol: TCP}]}]
+  egress:
+  - toEntities: [world]
+"#,
+    );
+    let flag = |remote: u32, dir: Direction, proto: u8, port: u16, len: u32| {
+        let k = PolicyEntryKey {
+            key: netpol_common::policy::PolicyKey::new(DB, remote, dir, proto, port),
+            prefix_len: len,
+        };
+        let v = c.policy.get(&k).unwrap_or_else(|| panic!("no entry {k:?}"));
+        assert!(v.is_allow(), "{k:?}");
+        v.is_final()
+    };
+    // The wildcard deny of 5432 overlaps app1's 5432 and the 6050 deny one block of 6000-6100,
+    // and app2's every-port allow: those take both lookups (and are denied there).
+    assert!(!flag(APP1, Ingress, TCP, 5432, 96));
+    let blocks: Vec<_> = netpol_common::policy::port_range_blocks(6000, 6100).collect();
+    for b in &blocks {
+        let fin = flag(APP1, Ingress, TCP, b.port, b.prefix_len());
+        assert_eq!(fin, !b.contains(6050), "{b:?}");
+    }
+    assert!(!flag(APP2, Ingress, 0, 0, 72));
+    assert_eq!(verdict(&c, DB, APP1, Ingress, TCP, 5432), Verdict::Deny(4));
+    assert_eq!(verdict(&c, DB, APP1, Ingress, TCP, 6050), Verdict::Deny(4));
+    assert_eq!(verdict(&c, DB, APP2, Ingress, TCP, 5432), Verdict::Deny(4));
+    // The other blocks, app2's 8080 and egress (no wildcard deny there) decide alone.
+    assert!(flag(APP2, Ingress, TCP, 8080, 96));
+    assert!(flag(WORLD, Egress, 0, 0, 72));
+    assert_eq!(verdict(&c, DB, APP1, Ingress, TCP, 6051), Verdict::Allow(1));
+    assert_eq!(verdict(&c, DB, APP2, Ingress, TCP, 8080), Verdict::Allow(2));
+    // Denies and wildcard entries never carry the flag.
+    assert!(c
+        .policy
+        .iter()
+        .filter(|(k, v)| v.is_deny() || k.key.remote == ANY)
+        .all(|(_, v)| v.flags & PolicyValue::FINAL == 0));
 }

@@ -451,6 +451,22 @@ impl Case {
                 .retain(|(l, k, _)| !(*l == prefix && *k == key));
             world.policy.push((prefix, key, value));
         }
+        // The compiler's one-lookup flag, where its proof holds (no wildcard deny of the same
+        // local and direction overlaps the allow), on every other such allow (by rule id, so the
+        // random draws stay as they were): the kernel and the model must agree with and without.
+        let snapshot = world.policy.clone();
+        for (len, k, v) in world.policy.iter_mut() {
+            let overlapped = snapshot.iter().any(|(dl, dk, dv)| {
+                dk.remote == identity::ANY
+                    && dv.is_deny()
+                    && dk.local == k.local
+                    && dk.direction == k.direction
+                    && policy::overlaps(k, *len, dk, *dl)
+            });
+            if v.is_allow() && k.remote != identity::ANY && !overlapped && v.rule % 2 == 0 {
+                v.flags |= PolicyValue::FINAL;
+            }
+        }
         let mut g = Gen {
             rng,
             f,
