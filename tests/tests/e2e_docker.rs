@@ -549,14 +549,17 @@ fn compose_labels_protect_the_database_scenario(version: DockerVersion) {
         .expect("a drop of a connection to app1:8080");
     drop((all, app1_drops_8080, db_flows));
     // One more allowed connection, app1 -> db:5432.
-    assert_eq!(
-        probe::connect_from(
-            Some(&app1.netns),
-            SocketAddr::new(db.ipv4, 5432),
-            probe::ALLOW_DEADLINE
-        ),
-        Outcome::Open
-    );
+    let app1_to_db = || {
+        assert_eq!(
+            probe::connect_from(
+                Some(&app1.netns),
+                SocketAddr::new(db.ipv4, 5432),
+                probe::ALLOW_DEADLINE
+            ),
+            Outcome::Open
+        )
+    };
+    app1_to_db();
     // The monitor's denied connections went up app1's counter (counters, not events: exact),
     // the allowed one db's policy's.
     let after = agent.scrape();
@@ -577,6 +580,33 @@ fn compose_labels_protect_the_database_scenario(version: DockerVersion) {
     assert!(
         text.contains("app1") && text.contains("app2"),
         "the drop is not labelled with the containers' names: {text}"
+    );
+
+    // A policy compiled before db's (by name), selecting nobody: rule ids numbered afresh would
+    // shift, and db's counter would then be shown as this policy's rule while db's rule starts
+    // again from zero. With stable ids db's counter goes on counting under db's policy.
+    let first = agent.state_dir().join("../aaa-first.yaml");
+    std::fs::write(
+        &first,
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: aaa-first\nspec:\n  endpointSelector: { matchLabels: { netpol-test: nobody } }\n  ingress: [{ fromEntities: [host] }]\n",
+    )
+    .expect("write the policy");
+    agent.cli_ok(&["policy", "import", first.to_str().expect("utf-8 path")]);
+    app1_to_db();
+    let edited = agent.scrape();
+    assert_eq!(
+        db_allowed(&edited),
+        db_allowed(&after) + 1.0,
+        "db's policy's allowed-flow count did not go on by one after a policy was added before it:\n{edited}"
+    );
+    assert_eq!(
+        metrics::sum(
+            &edited,
+            "netpol_policy_flows_total",
+            &[("policy", "aaa-first")]
+        ),
+        0.0,
+        "a policy that selects nobody has counted flows:\n{edited}"
     );
 }
 

@@ -13,12 +13,53 @@ use crate::{
     identity::{display_name, netpol_labels, IdentityAllocator, LabelFilter, Labels},
     policy::{
         self,
+        rule_ids::RuleIds,
         sources::{imports, labels::identity_labels, ContainerLabels, ImportSet, Sources},
         Compiled, Endpoints, Enforcement, Policy,
     },
     reconcile::{self, Desired},
     store::Store,
 };
+
+/// The persisted rule id table, its next number raised above every rule id in the maps
+/// (`POLICY` values, `RULE_STATS` keys): a table that is stale, lost or unreadable never hands
+/// out a number the kernel still counts under. An unreadable table is logged and replaced (rule
+/// ids only name counters and events; enforcement does not depend on them).
+fn load_rule_ids(store: &Store, dp: &dyn Datapath) -> RuleIds {
+    let mut floor = 0u32;
+    match dp.current() {
+        Ok(cur) => {
+            for v in cur.policy.values() {
+                floor = floor.max(v.rule.saturating_add(1));
+            }
+        }
+        Err(e) => warn!(error = %e, "reading POLICY for the rule ids in use"),
+    }
+    match dp.rule_counters() {
+        Ok(c) => {
+            for k in c.keys() {
+                floor = floor.max(k.rule.saturating_add(1));
+            }
+        }
+        Err(e) => warn!(error = %e, "reading RULE_STATS for the rule ids in use"),
+    }
+    let fresh = || {
+        let mut t = RuleIds::default();
+        t.raise_next(floor);
+        t
+    };
+    match store.load_rule_ids::<policy::rule_ids::RuleIdsState>() {
+        Ok(Some(state)) => RuleIds::load(state, floor).unwrap_or_else(|e| {
+            warn!(error = %e, "the rule id table is invalid: rules get new ids, their counters start again");
+            fresh()
+        }),
+        Ok(None) => fresh(),
+        Err(e) => {
+            warn!(error = %e, "the rule id table cannot be read: rules get new ids, their counters start again");
+            fresh()
+        }
+    }
+}
 
 /// What the label source reads of a container.
 fn labels_of(c: &Container) -> ContainerLabels<'_> {
@@ -82,6 +123,13 @@ pub struct Agent {
     last_base: Option<Desired>,
     /// Durations for `run --metrics`.
     metrics: crate::metrics::Metrics,
+    /// The rule ids of the policies in force (persisted), and whether they changed since the
+    /// last save.
+    rule_ids: RuleIds,
+    rule_ids_dirty: bool,
+    /// `RULE_STATS` holds counters of the rules in force only (checked once after start, then
+    /// whenever rules go).
+    rule_stats_clean: bool,
 }
 
 impl Agent {
@@ -96,6 +144,7 @@ impl Agent {
             None => IdentityAllocator::new(),
         };
         let sources = Sources::load(&store, policy_dir, &filter)?;
+        let rule_ids = load_rule_ids(&store, dp.as_ref());
         info!(
             identities = ids.len(),
             policies = sources.imports.len(),
@@ -123,6 +172,9 @@ impl Agent {
             host_links: BTreeMap::new(),
             last_base: None,
             metrics: crate::metrics::Metrics::default(),
+            rule_ids,
+            rule_ids_dirty: false,
+            rule_stats_clean: false,
         })
     }
 
@@ -199,7 +251,54 @@ impl Agent {
             self.store.save_identities(&self.ids.state())?;
             self.ids_dirty = false;
         }
+        if self.rule_ids_dirty {
+            // Counters' names only: a failure is logged, never a reason to stop enforcing (a
+            // table lost this way is made safe at start, from the ids in the maps).
+            match self.store.save_rule_ids(&self.rule_ids.state()) {
+                Ok(()) => self.rule_ids_dirty = false,
+                Err(e) => warn!(error = %e, "saving the rule id table"),
+            }
+        }
         Ok(())
+    }
+
+    /// Before the maps get a compile's entries: numbers it gives out again (only once the id
+    /// range is used up) start from zero counters.
+    fn prepare_rule_ids(&mut self, compiled: &Compiled) {
+        let reused = compiled.rule_ids.reused();
+        if reused.is_empty() {
+            return;
+        }
+        if let Err(e) = self.dp.prune_rule_counters(&|r| !reused.contains(&r)) {
+            warn!(error = %e, "zeroing the counters of reused rule ids");
+        }
+    }
+
+    /// A compile is in force: its rule table becomes the agent's, and the counters of rules that
+    /// are gone are removed (their numbers are never given out again).
+    fn commit_rule_ids(&mut self, compiled: &Compiled) {
+        let mut table = compiled.rule_ids.clone().settled();
+        table.raise_next(self.rule_ids.next());
+        let kept = table.ids();
+        let removed = self.rule_ids.ids().difference(&kept).next().is_some();
+        if table != self.rule_ids {
+            self.rule_ids = table;
+            self.rule_ids_dirty = true;
+        }
+        if removed || !self.rule_stats_clean {
+            match self.dp.prune_rule_counters(&|r| kept.contains(&r)) {
+                Ok(n) => {
+                    if n > 0 {
+                        info!(entries = n, "removed the counters of rules that are gone");
+                    }
+                    self.rule_stats_clean = true;
+                }
+                Err(e) => {
+                    warn!(error = %e, "removing the counters of rules that are gone");
+                    self.rule_stats_clean = false;
+                }
+            }
+        }
     }
 
     pub fn policy_dir_changed(&self) -> bool {
@@ -254,7 +353,10 @@ impl Agent {
             .as_ref()
             .map(|c| c.cidr_identities.clone())
             .unwrap_or_default();
-        let compiled = policy::compile_with_previous(policies, &endpoints, &previous)?;
+        let compiled = policy::compile_stable(policies, &endpoints, &previous, &self.rule_ids)?;
+        // Whatever becomes of this compile, its new numbers are never handed out again: a failed
+        // reconcile may have written some of them.
+        self.rule_ids.raise_next(compiled.rule_ids.next());
         let audit_all = self.audit_all;
         let labels = &self.sources.labels;
         let label_audit: std::collections::BTreeSet<String> = self
@@ -440,7 +542,9 @@ impl Agent {
         self.refresh_labels();
         let policies = self.sources.policies();
         let (desired, compiled) = self.desired(&policies)?;
+        self.prepare_rule_ids(&compiled);
         let n = self.reconcile_base(desired)?;
+        self.commit_rule_ids(&compiled);
         self.compiled = Some(compiled);
         self.frozen = None;
         self.save()?;
@@ -674,10 +778,12 @@ impl Agent {
         let old = self.sources.imports.set().clone();
         imports::persist(&self.store, &old, &candidate)?;
         if self.docker_synced {
+            self.prepare_rule_ids(&compiled);
             if let Err(e) = self.reconcile_base(desired) {
                 imports::restore(&self.store, &old, &candidate);
                 return Err(e);
             }
+            self.commit_rule_ids(&compiled);
             self.compiled = Some(compiled);
             self.frozen = None;
         }

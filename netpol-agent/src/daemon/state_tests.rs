@@ -1112,3 +1112,107 @@ fn a_batch_of_docker_events_gives_the_maps_of_one_reconcile_each() {
         "the container that went is not enforced as present"
     );
 }
+
+/// Issue 10: a rule's counters keep naming it when a policy is added before its own, an edited
+/// rule starts from zero and the counters of the rule it replaced are removed, and a restart
+/// from the state directory (or without the table) keeps every counter on its own rule.
+#[test]
+fn rule_counters_keep_naming_their_rule_across_edits_and_restarts() {
+    use netpol_common::stats::{RuleStats, RuleStatsKey};
+    let dirs = Dirs::new("rule-ids");
+    let (db, app1) = (service(2, "db", &[]), service(3, "app1", &[]));
+    let dp = FakeDatapath::new(MapSizes::default());
+    let stats = dp.rule_stats.clone();
+    let mut a = agent_on(&dirs, dp);
+    snapshot(&mut a, &[&db, &app1]);
+    import(&mut a, "db.yaml", &db_accepts("app1", "TCP")).expect("import");
+    // The rule of `policy`/`section` that the POLICY entries carry, named as metrics name it.
+    let rule = |a: &Agent, policy: &str, section: &str| -> u32 {
+        let names = a.metrics_view().rules;
+        let ids: std::collections::BTreeSet<u32> =
+            maps(a).policy.values().map(|v| v.rule).collect();
+        let found: Vec<u32> = ids
+            .into_iter()
+            .filter(|id| {
+                names
+                    .get(id)
+                    .is_some_and(|r| r.policy == policy && r.section == section)
+            })
+            .collect();
+        assert_eq!(found.len(), 1, "{policy} {section}: {found:?} in {names:?}");
+        found[0]
+    };
+    let db_rule = rule(&a, "db", "ingress[0]");
+    let db_id = maps(&a).endpoints[&ifindex(&db)].identity;
+    let count = |rule: u32, id: u32| {
+        stats.lock().unwrap().insert(
+            RuleStatsKey::new(rule, id, Ingress),
+            RuleStats {
+                allowed: 7,
+                ..RuleStats::default()
+            },
+        );
+    };
+    // What the kernel counted for db's rule.
+    count(db_rule, db_id);
+
+    // A policy named before "db" (compile order is by name): numbers given afresh would shift.
+    let first = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: aaa}\nspec:\n  endpointSelector: {matchLabels: {com.docker.compose.service: app1}}\n  ingress: [{fromEntities: [host]}]\n";
+    import(&mut a, "aaa.yaml", first).expect("import");
+    assert_eq!(
+        rule(&a, "db", "ingress[0]"),
+        db_rule,
+        "db's rule kept its id"
+    );
+    let aaa_rule = rule(&a, "aaa", "ingress[0]");
+    assert_ne!(aaa_rule, db_rule);
+    assert_eq!(
+        stats
+            .lock()
+            .unwrap()
+            .get(&RuleStatsKey::new(db_rule, db_id, Ingress)),
+        Some(&RuleStats {
+            allowed: 7,
+            ..RuleStats::default()
+        }),
+        "db's counter stays, and still names db"
+    );
+    let app1_id = maps(&a).endpoints[&ifindex(&app1)].identity;
+    count(aaa_rule, app1_id);
+
+    // db's rule edited: a new rule, and the old one's counter goes with it.
+    import(&mut a, "db.yaml", &db_accepts("app1", "UDP")).expect("import");
+    let edited = rule(&a, "db", "ingress[0]");
+    assert!(edited > aaa_rule, "an edit is a new number: {edited}");
+    let keys: Vec<u32> = stats.lock().unwrap().keys().map(|k| k.rule).collect();
+    assert_eq!(
+        keys,
+        [aaa_rule],
+        "only the counters of rules in force remain"
+    );
+
+    // A restart from the state directory: the same ids.
+    let before = maps(&a);
+    drop(a);
+    let restart = |stats: &std::sync::Arc<std::sync::Mutex<crate::datapath::RuleCounters>>| {
+        let mut dp = FakeDatapath::new(MapSizes::default());
+        dp.state = before.clone();
+        dp.rule_stats = stats.clone();
+        let mut a = agent_on(&dirs, dp);
+        snapshot(&mut a, &[&db, &app1]);
+        a
+    };
+    let a = restart(&stats);
+    assert_eq!(rule(&a, "db", "ingress[0]"), edited);
+    assert_eq!(rule(&a, "aaa", "ingress[0]"), aaa_rule);
+    assert_eq!(stats.lock().unwrap().len(), 1, "the counter survived");
+    drop(a);
+
+    // Without the table (lost): new numbers above every one in the maps, and the old counters
+    // go, so that none of them is read as another rule's.
+    std::fs::remove_file(dirs.state().join("rule-ids.json")).expect("the table was saved");
+    let a = restart(&stats);
+    let (d, f) = (rule(&a, "db", "ingress[0]"), rule(&a, "aaa", "ingress[0]"));
+    assert!(d > edited && f > edited, "{d} {f} above {edited}");
+    assert!(stats.lock().unwrap().is_empty());
+}

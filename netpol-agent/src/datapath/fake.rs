@@ -4,7 +4,9 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use netpol_common::{endpoint::Endpoint, ipcache::RemoteInfo, policy::PolicyValue};
 
-use super::{Cidr, Datapath, DatapathError, DropCounters, MapSizes, MapState, PolicyEntryKey};
+use super::{
+    Cidr, Datapath, DatapathError, DropCounters, MapSizes, MapState, PolicyEntryKey, RuleCounters,
+};
 
 #[derive(Debug, Default)]
 pub struct FakeDatapath {
@@ -18,6 +20,8 @@ pub struct FakeDatapath {
     pub fail_after: Option<usize>,
     /// Every `flush_ct` call, in order.
     pub flushed: Vec<BTreeSet<IpAddr>>,
+    /// `RULE_STATS`, shared with the test that made the datapath.
+    pub rule_stats: std::sync::Arc<std::sync::Mutex<RuleCounters>>,
 }
 
 impl FakeDatapath {
@@ -160,5 +164,23 @@ impl Datapath for FakeDatapath {
     fn set_trace_flows(&mut self, on: bool) -> Result<(), DatapathError> {
         self.trace_flows = on;
         Ok(())
+    }
+
+    fn rule_counters(&self) -> Result<RuleCounters, DatapathError> {
+        Ok(self
+            .rule_stats
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default())
+    }
+
+    fn prune_rule_counters(&mut self, keep: &dyn Fn(u32) -> bool) -> Result<usize, DatapathError> {
+        let mut m = self
+            .rule_stats
+            .lock()
+            .map_err(|_| DatapathError::Io(std::io::Error::other("poisoned")))?;
+        let before = m.len();
+        m.retain(|k, _| k.rule == 0 || keep(k.rule));
+        Ok(before - m.len())
     }
 }

@@ -1397,6 +1397,27 @@ impl Datapath for KernelDatapath {
         Ok(out)
     }
 
+    fn prune_rule_counters(&mut self, keep: &dyn Fn(u32) -> bool) -> Result<usize, DatapathError> {
+        let mut m: PerCpuHashMap<_, RuleStatsKey, RuleStats> =
+            PerCpuHashMap::try_from(self.map_mut(maps::RULE_STATS)?)
+                .map_err(map_err(maps::RULE_STATS))?;
+        let gone: Vec<RuleStatsKey> = m
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.rule != 0 && !keep(k.rule))
+            .collect();
+        let mut n = 0;
+        for k in gone {
+            match m.remove(&k) {
+                Ok(()) => n += 1,
+                // Evicted (LRU) meanwhile.
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err(maps::RULE_STATS)(e)),
+            }
+        }
+        Ok(n)
+    }
+
     fn event_stats(&self) -> Result<EventStats, DatapathError> {
         let arr: PerCpuArray<_, EventStats> =
             PerCpuArray::try_from(self.map_ref(maps::EVENT_STATS)?)

@@ -344,6 +344,13 @@ pub trait Datapath: Send {
         Ok(RuleCounters::new())
     }
 
+    /// Removes the `RULE_STATS` entries of every rule `keep` says no to (rule 0, the default
+    /// deny and implicit allow, is always kept): the counters of rules that are gone, so that
+    /// their numbers count nothing else. Returns the number of entries removed.
+    fn prune_rule_counters(&mut self, _keep: &dyn Fn(u32) -> bool) -> Result<usize, DatapathError> {
+        Ok(0)
+    }
+
     /// The `EVENTS` rate limit's counters (`EVENT_STATS`), summed over CPUs (`tat_ns`: the
     /// latest of them).
     fn event_stats(&self) -> Result<EventStats, DatapathError> {

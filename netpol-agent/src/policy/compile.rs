@@ -17,6 +17,14 @@
 //!
 //! When two rules give the same key, deny beats allow, then the lower rule id is kept.
 //!
+//! # Rule ids
+//! Every rule gets the id [`super::rule_ids`] gives it: the same rule keeps its number across
+//! compiles (other policies, specs or rules added, edited or removed around it) and restarts
+//! ([`compile_stable`] with the last result's [`Compiled::rule_ids`]); a new or edited rule gets a
+//! number never used before. Ids are allocated in compile order (policies by name and source,
+//! specs, ingress then egress, allow then deny sections, rules), so a compile from an empty table
+//! numbers the rules 1, 2, 3, … in that order.
+//!
 //! # Deny folding
 //! The kernel takes the longest match per (local, remote, direction) in two lookups (remote, then
 //! ANY) and a deny from either wins. Within one (local, remote, direction) a longer allow would
@@ -71,7 +79,10 @@ use netpol_common::{
     proto, Direction,
 };
 
-use super::{Endpoints, Entity, IcmpFamily, Peer, Peers, Policy, PortRule, Rule, Spec, L4};
+use super::{
+    rule_ids::{Allocator, RuleIds, RuleKey},
+    Endpoints, Entity, IcmpFamily, Peer, Peers, Policy, PortRule, Rule, Spec, L4,
+};
 use crate::{
     datapath::{Cidr, MapSizes, PolicyEntryKey},
     identity::FIRST_CIDR,
@@ -136,6 +147,8 @@ pub struct Compiled {
     pub selections: BTreeMap<(u32, Direction), Vec<Selection>>,
     /// Local identities whose directions are in audit mode by policy annotation.
     pub audit: BTreeMap<u32, Enforcement>,
+    /// The rule id table of this result: give it to the next compile ([`compile_stable`]).
+    pub rule_ids: RuleIds,
 }
 
 /// A policy that selects a local identity in one direction.
@@ -174,6 +187,8 @@ pub enum CompileError {
     TooManyCidrs(usize),
     #[error("the policies need more than {MAX_ENTRIES} POLICY entries (at {policy} {section}): nothing was applied")]
     TooManyEntries { policy: String, section: String },
+    #[error("no rule id is free (at {policy} {section}): nothing was applied")]
+    TooManyRules { policy: String, section: String },
 }
 
 impl Compiled {
@@ -259,11 +274,23 @@ pub fn compile(policies: &[Policy], endpoints: &Endpoints) -> Result<Compiled, C
 }
 
 /// Compiles, keeping the CIDR identities of `previous` (the last result's `cidr_identities`) for
-/// prefixes that are still used.
+/// prefixes that are still used; rule ids from an empty table.
 pub fn compile_with_previous(
     policies: &[Policy],
     endpoints: &Endpoints,
     previous: &BTreeMap<Cidr, u32>,
+) -> Result<Compiled, CompileError> {
+    compile_stable(policies, endpoints, previous, &RuleIds::default())
+}
+
+/// Compiles, keeping the CIDR identities of `previous` for prefixes that are still used and the
+/// ids of `rule_ids` (the last result's [`Compiled::rule_ids`], or the persisted table) for rules
+/// that are still there.
+pub fn compile_stable(
+    policies: &[Policy],
+    endpoints: &Endpoints,
+    previous: &BTreeMap<Cidr, u32>,
+    rule_ids: &RuleIds,
 ) -> Result<Compiled, CompileError> {
     let mut order: Vec<&Policy> = policies.iter().collect();
     order.sort_by(|a, b| (&a.name, &a.source).cmp(&(&b.name, &b.source)));
@@ -291,7 +318,7 @@ pub fn compile_with_previous(
     let mut audit_entries: Vec<(PolicyEntryKey, PolicyValue)> = Vec::new();
     let mut audit_default_deny: Vec<(u32, Direction)> = Vec::new();
     let mut audit_has_deny: Vec<(u32, Direction)> = Vec::new();
-    let mut next_rule = 1u32;
+    let mut ids = Allocator::new(rule_ids);
     for policy in order {
         let several = policy.specs.len() > 1;
         for (si, spec) in policy.specs.iter().enumerate() {
@@ -335,8 +362,13 @@ pub fn compile_with_previous(
                 }
                 for (name, rules, deny) in sections(spec, dir) {
                     for (ri, rule) in rules.iter().enumerate() {
-                        let id = next_rule;
-                        next_rule += 1;
+                        let Some(id) = ids.id(RuleKey::new(policy, &spec.selector, name, rule, 0))
+                        else {
+                            return Err(CompileError::TooManyRules {
+                                policy: policy.name.clone(),
+                                section: format!("{prefix}{name}[{ri}]"),
+                            });
+                        };
                         c.rules.insert(
                             id,
                             RuleInfo {
@@ -435,6 +467,7 @@ pub fn compile_with_previous(
     });
     fold_denies(&mut c.policy);
     mark_final(&mut c.policy);
+    c.rule_ids = ids.finish();
     Ok(c)
 }
 

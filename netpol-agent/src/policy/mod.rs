@@ -18,7 +18,8 @@
 //! - [`sources`]: where policies come from (policy files, imports, compose labels), each with its
 //!   parse, the version in force and its errors; [`sources::Sources`] gives the compiler its set.
 //! - [`compile`]`(&[Policy], &Endpoints) -> Result<Compiled, CompileError>` (and
-//!   [`compile_with_previous`] to keep CIDR identity numbers from the previous compile): per local
+//!   [`compile_with_previous`] to keep CIDR identity numbers from the previous compile, and
+//!   [`compile_stable`] to keep rule ids too, see [`rule_ids`]): per local
 //!   identity the enforced directions, the `POLICY` entries, the CIDR identities for the ipcache and
 //!   the rule table for events. [`Compiled::needed`] / [`Compiled::check_fits`] size the result
 //!   against `MapSizes`.
@@ -40,6 +41,7 @@ pub mod export;
 pub mod fuzz;
 mod parse;
 pub mod render;
+pub mod rule_ids;
 pub mod sources;
 pub mod suggest;
 pub mod trace;
@@ -51,8 +53,8 @@ mod tests;
 use std::collections::BTreeMap;
 
 pub use compile::{
-    compile, compile_with_previous, CapacityError, CompileError, Compiled, Enforcement, Needed,
-    RuleInfo, Selection, IMPLICIT_ALLOW_RULE,
+    compile, compile_stable, compile_with_previous, CapacityError, CompileError, Compiled,
+    Enforcement, Needed, RuleInfo, Selection, IMPLICIT_ALLOW_RULE,
 };
 pub use compose::ComposeError;
 pub use parse::{

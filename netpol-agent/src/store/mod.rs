@@ -4,6 +4,8 @@
 //!
 //! Layout:
 //! - `identities.json`: the identity allocator's state (numbers stable across restarts/reboots).
+//! - `rule-ids.json`: the rule id table (`policy::rule_ids`: a rule's counters keep their number
+//!   across compiles and restarts).
 //! - `policies/<name>.yaml`: each imported policy, as the YAML document it was imported from.
 //! - `files/<file name>`: the last valid version of each file of the policy directory, kept in
 //!   force while the file itself does not parse (also across restarts).
@@ -115,6 +117,15 @@ impl Store {
 
     pub fn save_identities<T: Serialize>(&self, state: &T) -> Result<(), StoreError> {
         self.write_json("identities.json", state)
+    }
+
+    /// The rule id table (`policy::rule_ids`).
+    pub fn load_rule_ids<T: DeserializeOwned>(&self) -> Result<Option<T>, StoreError> {
+        self.read_json("rule-ids.json")
+    }
+
+    pub fn save_rule_ids<T: Serialize>(&self, state: &T) -> Result<(), StoreError> {
+        self.write_json("rule-ids.json", state)
     }
 
     fn files_dir(&self) -> PathBuf {
