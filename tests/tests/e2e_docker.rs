@@ -144,10 +144,15 @@ struct Project {
 
 impl Project {
     fn up(docker: &DockerDaemon, file: &str) -> Self {
+        Self::up_as(docker, file, PROJECT)
+    }
+
+    /// [`Project::up`] as compose project `name`.
+    fn up_as(docker: &DockerDaemon, file: &str, name: &str) -> Self {
         let p = Project {
             cli: Cli::of(docker),
             file: e2e_dir().join(file),
-            name: PROJECT.to_owned(),
+            name: name.to_owned(),
         };
         p.compose(&["down", "--remove-orphans", "--timeout", "1"]);
         p.compose_ok(&["up", "-d"]);
@@ -1290,19 +1295,27 @@ impl Drop for ChildGuard {
     }
 }
 
-/// A `netpol-agent monitor --json ARGS` client; its events are collected as they come.
+/// A `netpol-agent monitor [--json] ARGS` client; its lines are collected as they come.
 struct MonitorStream {
     _child: ChildGuard,
-    events: std::sync::Arc<Mutex<Vec<serde_json::Value>>>,
+    lines: std::sync::Arc<Mutex<Vec<String>>>,
 }
 
 impl MonitorStream {
+    /// `monitor --json ARGS`.
     fn start(agent: &Agent, args: &[&str]) -> Self {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        Self::start_text(agent, &a)
+    }
+
+    /// `monitor ARGS`.
+    fn start_text(agent: &Agent, args: &[&str]) -> Self {
         let mut child = ChildGuard(
             Command::new(agent_binary())
                 .arg("--socket")
                 .arg(agent.socket())
-                .args(["monitor", "--json"])
+                .arg("monitor")
                 .args(args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -1311,39 +1324,40 @@ impl MonitorStream {
                 .expect("spawn monitor"),
         );
         let stdout = child.0.stdout.take().expect("monitor stdout");
-        let events = std::sync::Arc::new(Mutex::new(Vec::new()));
-        let sink = events.clone();
+        let lines = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
         thread::spawn(move || {
             use std::io::BufRead as _;
             for line in std::io::BufReader::new(stdout)
                 .lines()
                 .map_while(Result::ok)
             {
-                let v = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("monitor --json printed {line:?}: {e}"));
-                sink.lock().unwrap_or_else(|e| e.into_inner()).push(v);
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
         });
         MonitorStream {
             _child: child,
-            events,
+            lines,
         }
     }
 
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The lines of `monitor --json` as JSON.
     fn events(&self) -> Vec<serde_json::Value> {
-        self.events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.lines()
+            .iter()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("monitor --json printed {l:?}: {e}"))
+            })
+            .collect()
     }
 
     fn count(&self, f: impl Fn(&serde_json::Value) -> bool) -> usize {
-        self.events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|e| f(e))
-            .count()
+        self.events().iter().filter(|e| f(e)).count()
     }
 
     /// Distinct events (a retransmitted SYN's drop repeats its event).
@@ -2667,6 +2681,187 @@ netpol_tests::docker_tests!(
     trace_and_matrix_agree_with_real_connections,
     audit_mode_reports_what_it_would_drop_then_enforcing_drops_it,
 );
+
+// ---------------------------------------------------------------------------------------------
+// README's example outputs.
+
+/// Prints README's example outputs; not a check (`#[ignore]`d, run by hand under the docker
+/// lock with `--ignored --nocapture readme_examples`). README's two-apps example
+/// (`tests/e2e/demo/docker-compose.yml`, project `demo`, Docker 28), an agent with
+/// `--record-flows` and metrics, real connections, then each command as README shows it, with
+/// its real output; also written to `target/readme-examples.txt`.
+#[test]
+#[ignore = "prints README's example outputs; run by hand"]
+fn readme_examples() {
+    if !netpol_tests::require_root("readme_examples") {
+        return;
+    }
+    let mut guard = docker(DockerVersion::Docker28);
+    let docker = guard.as_mut().expect("daemon");
+    let project = Project::up_as(docker, "demo/docker-compose.yml", "demo");
+    let agent = Agent::start_with(
+        docker,
+        AgentOptions {
+            metrics: true,
+            extra_args: vec!["--record-flows".into()],
+            ..AgentOptions::default()
+        },
+    );
+    let (db, app1, app2) = (
+        project.container("db"),
+        project.container("app1"),
+        project.container("app2"),
+    );
+    wait_enforced(&agent, &[db.clone(), app1.clone(), app2.clone()]);
+    let mut out = String::new();
+    let mut show = |cmd: &str, text: &str| {
+        out.push_str(&format!("$ {cmd}\n{text}"));
+        if !text.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push('\n');
+    };
+
+    let text = MonitorStream::start_text(&agent, &[]);
+    let json = MonitorStream::start(&agent, &[]);
+    let db_drops = MonitorStream::start_text(
+        &agent,
+        &["--service", "db", "--verdict", "drop", "--port", "5432/tcp"],
+    );
+    // Until the monitors listen (an event each).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while text.lines().is_empty() || json.lines().is_empty() || db_drops.lines().is_empty() {
+        assert!(Instant::now() < deadline, "monitors silent");
+        let _ = probe::connect_from(None, SocketAddr::new(db.ipv4, 5432), probe::DENY_TIMEOUT);
+    }
+    let (text_0, json_0, db_drops_0) = (
+        text.lines().len(),
+        json.lines().len(),
+        db_drops.lines().len(),
+    );
+    use Expect::{Allowed, Denied};
+    let checks = [
+        check(app1.client(), &db, db.ipv4, 5432, Allowed),
+        check(app2.client(), &db, db.ipv4, 5432, Allowed),
+        check(app2.client(), &app1, app1.ipv4, 8080, Denied),
+        check(app1.client(), &app2, app2.ipv4, 8080, Denied),
+        check(Client::host(), &app1, app1.ipv4, 8080, Allowed),
+        check(Client::host(), &db, db.ipv4, 5432, Denied),
+    ];
+    assert_all("README traffic", &checks);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let lines = text.lines();
+        let all_in = checks
+            .iter()
+            .all(|c| lines.iter().any(|l| l.contains(&format!("-> {} (", c.to))));
+        if all_in {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "monitor lines missing: {lines:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    show(
+        "sudo netpol-agent monitor",
+        &text.lines()[text_0..].join("\n"),
+    );
+    show(
+        "sudo netpol-agent monitor --json",
+        &json.lines()[json_0..].join("\n"),
+    );
+    show(
+        "sudo netpol-agent monitor --service db --verdict drop --port 5432/tcp",
+        &db_drops.lines()[db_drops_0..].join("\n"),
+    );
+    drop((text, json, db_drops));
+
+    for args in [
+        &["policy", "trace", "app1", "db:5432"][..],
+        &["policy", "trace", "app2", "app1:8080"],
+        &["policy", "trace", "host", "db:5432"],
+        &["policy", "trace", "app2", "db"],
+        &["policy", "matrix", "--project", "demo"],
+        &["policy", "matrix", "--project", "demo", "-o", "dot"],
+        &["policy", "matrix", "--project", "demo", "-o", "json"],
+    ] {
+        show(
+            &format!("sudo netpol-agent {}", args.join(" ")),
+            &agent.cli_ok(args),
+        );
+    }
+    let offline = ok(
+        "offline trace",
+        run(Command::new(agent_binary()).current_dir(e2e_dir()).args([
+            "policy",
+            "trace",
+            "--offline",
+            "--compose",
+            "demo/docker-compose.yml",
+            "app2",
+            "app1:8080",
+        ])),
+    );
+    show(
+        "netpol-agent policy trace --offline --compose demo/docker-compose.yml app2 app1:8080",
+        &offline,
+    );
+    let scrape = ok(
+        "curl",
+        run(Command::new("curl").args([
+            "-s",
+            "--unix-socket",
+            agent.metrics_socket().to_str().expect("utf-8 path"),
+            "http://localhost/metrics",
+        ])),
+    );
+    show(
+        "curl -s --unix-socket /run/netpol/metrics.sock http://localhost/metrics",
+        &scrape,
+    );
+    let refused = ok(
+        "curl",
+        run(Command::new("curl").args([
+            "-s",
+            "-H",
+            "Host: evil.example",
+            "--unix-socket",
+            agent.metrics_socket().to_str().expect("utf-8 path"),
+            "http://localhost/metrics",
+        ])),
+    );
+    show(
+        "curl -s -H 'Host: evil.example' --unix-socket /run/netpol/metrics.sock http://localhost/metrics",
+        &refused,
+    );
+    let suggestion = agent.cli_ok(&["policy", "suggest", "--project", "demo"]);
+    show(
+        "sudo netpol-agent policy suggest --project demo",
+        &suggestion,
+    );
+    show(
+        "sudo netpol-agent policy suggest --project demo -o labels",
+        &agent.cli_ok(&["policy", "suggest", "--project", "demo", "-o", "labels"]),
+    );
+    show(
+        "sudo netpol-agent policy export --namespace shop",
+        &agent.cli_ok(&["policy", "export", "--namespace", "shop"]),
+    );
+    let file = agent.state_dir().join("../demo.yaml");
+    std::fs::write(&file, &suggestion).expect("write the suggestion");
+    agent.cli_ok(&["policy", "import", file.to_str().expect("utf-8 path")]);
+    show(
+        "sudo netpol-agent policy export --namespace shop demo-db",
+        &agent.cli_ok(&["policy", "export", "--namespace", "shop", "demo-db"]),
+    );
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/readme-examples.txt");
+    std::fs::write(&path, &out).expect("write readme-examples.txt");
+    println!("{out}");
+    eprintln!("written to {}", path.display());
+}
 
 // ---------------------------------------------------------------------------------------------
 // The Debian package's lifecycle, on this machine (one test, Docker 20.10 only: it is about the
