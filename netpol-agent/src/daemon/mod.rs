@@ -242,6 +242,7 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
     agent.set_metrics(metrics.clone());
     agent.set_masq(masq);
     agent.set_audit_all(args.audit);
+    agent.set_background_saves(true);
     if args.audit {
         warn!("audit mode (--audit): policy drops are reported, not enforced, on every container");
     }

@@ -1,7 +1,15 @@
 //! The agent's world: containers and networks from Docker, policies from disk, the socket and
 //! labels, identities; and how it becomes the desired map state.
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+};
 
 use netpol_common::{endpoint::Endpoint, identity as reserved, ipcache::RemoteInfo, Direction};
 use tracing::{error, info, warn};
@@ -90,12 +98,32 @@ pub enum AgentError {
     Frozen(Vec<String>),
 }
 
+/// Identity writes of [`Agent::save_soon`] in flight.
+#[derive(Clone, Debug, Default)]
+struct BackgroundSaves {
+    /// The generation of the state last written; held while writing, so that writes never go
+    /// back in time.
+    written: Arc<Mutex<u64>>,
+    /// A background write failed: the next save writes again.
+    failed: Arc<AtomicBool>,
+}
+
+impl BackgroundSaves {
+    fn lock(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.written.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 pub struct Agent {
     dp: Box<dyn Datapath>,
     store: Store,
     filter: LabelFilter,
     ids: IdentityAllocator,
     ids_dirty: bool,
+    /// `Some` in `run`: see [`Self::save_soon`].
+    background_saves: Option<BackgroundSaves>,
+    /// Identity states handed to a write so far.
+    save_generation: u64,
     /// Policy files, imported policies and compose labels.
     sources: Sources,
     containers: BTreeMap<String, Container>,
@@ -105,6 +133,9 @@ pub struct Agent {
     docker_synced: bool,
     docker_status: String,
     compiled: Option<Compiled>,
+    /// The policies and endpoints `compiled` was compiled from: when only the endpoints changed
+    /// since, only what they change is compiled again ([`policy::recompile_endpoints`]).
+    compiled_from: Option<(Vec<Policy>, Endpoints)>,
     reconciler: reconcile::Reconciler,
     masq: Option<super::masq::Masq>,
     /// While frozen (a stored policy no longer parses): the enforced directions of every
@@ -156,6 +187,8 @@ impl Agent {
             filter,
             ids,
             ids_dirty: false,
+            background_saves: None,
+            save_generation: 0,
             sources,
             containers: BTreeMap::new(),
             networks: BTreeMap::new(),
@@ -163,6 +196,7 @@ impl Agent {
             docker_synced: false,
             docker_status: "connecting".into(),
             compiled: None,
+            compiled_from: None,
             reconciler: reconcile::Reconciler::new(),
             masq: None,
             frozen: None,
@@ -246,11 +280,41 @@ impl Agent {
         }
     }
 
+    /// `run`: identities allocated by a Docker event are written to disk by a blocking task (see
+    /// [`Self::save_soon`]) instead of on the thread that handles the next events.
+    pub fn set_background_saves(&mut self, on: bool) {
+        self.background_saves = on.then(BackgroundSaves::default);
+    }
+
+    /// Writes the identities now if they changed since the last write (a background write not
+    /// finished yet included).
     pub fn save(&mut self) -> Result<(), AgentError> {
-        if self.ids_dirty {
-            self.store.save_identities(&self.ids.state())?;
-            self.ids_dirty = false;
+        match self.background_saves.clone() {
+            None => {
+                if self.ids_dirty {
+                    self.store.save_identities(&self.ids.state())?;
+                    self.ids_dirty = false;
+                }
+            }
+            Some(b) => {
+                b.failed.store(false, Ordering::SeqCst);
+                let mut written = b.lock();
+                if self.ids_dirty || *written < self.save_generation {
+                    self.save_generation += 1;
+                    if let Err(e) = self.store.save_identities(&self.ids.state()) {
+                        b.failed.store(true, Ordering::SeqCst);
+                        return Err(e.into());
+                    }
+                    *written = self.save_generation;
+                    self.ids_dirty = false;
+                }
+            }
         }
+        self.save_rule_ids();
+        Ok(())
+    }
+
+    fn save_rule_ids(&mut self) {
         if self.rule_ids_dirty {
             // Counters' names only: a failure is logged, never a reason to stop enforcing (a
             // table lost this way is made safe at start, from the ids in the maps).
@@ -259,7 +323,6 @@ impl Agent {
                 Err(e) => warn!(error = %e, "saving the rule id table"),
             }
         }
-        Ok(())
     }
 
     /// Before the maps get a compile's entries: numbers it gives out again (only once the id
@@ -301,6 +364,42 @@ impl Agent {
         }
     }
 
+    /// [`Self::save`], or with background saves a blocking task that writes the identities as
+    /// they are now: two fsyncs of a file that grows with the identities take tens of ms on a
+    /// busy disk, and every Docker event would wait for them. The maps are written before
+    /// either (as before), and the write only makes the numbers survive a restart. A newer
+    /// state is never overwritten by an older one; a failed write is logged and retried with
+    /// the next change and at shutdown. (The rule id table, which changes with policies, not
+    /// with containers, is written as by [`Self::save`].)
+    fn save_soon(&mut self) -> Result<(), AgentError> {
+        let Some(b) = self.background_saves.clone() else {
+            return self.save();
+        };
+        self.save_rule_ids();
+        if !self.ids_dirty && !b.failed.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.save_generation += 1;
+        let generation = self.save_generation;
+        let state = self.ids.state();
+        let store = self.store.clone();
+        self.ids_dirty = false;
+        tokio::task::spawn_blocking(move || {
+            let mut written = b.lock();
+            if *written >= generation {
+                return;
+            }
+            match store.save_identities(&state) {
+                Ok(()) => *written = generation,
+                Err(e) => {
+                    error!(error = %e, "saving identities failed; retried with the next change and at shutdown");
+                    b.failed.store(true, Ordering::SeqCst);
+                }
+            }
+        });
+        Ok(())
+    }
+
     pub fn policy_dir_changed(&self) -> bool {
         self.sources.files.changed()
     }
@@ -335,8 +434,12 @@ impl Agent {
         Ok((id, labels))
     }
 
-    /// Builds the desired state from the world and the given policies.
-    fn desired(&mut self, policies: &[Policy]) -> Result<(Desired, Compiled), AgentError> {
+    /// Builds the desired state from the world and the given policies, and the endpoints the
+    /// policies were compiled for.
+    fn desired(
+        &mut self,
+        policies: &[Policy],
+    ) -> Result<(Desired, Compiled, Endpoints), AgentError> {
         let mut endpoints: Endpoints = BTreeMap::new();
         let containers: Vec<Container> = self
             .containers
@@ -353,7 +456,31 @@ impl Agent {
             .as_ref()
             .map(|c| c.cidr_identities.clone())
             .unwrap_or_default();
-        let compiled = policy::compile_stable(policies, &endpoints, &previous, &self.rule_ids)?;
+        let t0 = std::time::Instant::now();
+        let (compiled, incremental) = match (&self.compiled, &self.compiled_from) {
+            (Some(prev), Some((prev_policies, prev_endpoints)))
+                if prev_policies.as_slice() == policies =>
+            {
+                let c = policy::recompile_endpoints(
+                    prev,
+                    policies,
+                    prev_endpoints,
+                    &endpoints,
+                    &self.rule_ids,
+                )?;
+                (c, true)
+            }
+            _ => (
+                policy::compile_stable(policies, &endpoints, &previous, &self.rule_ids)?,
+                false,
+            ),
+        };
+        tracing::debug!(
+            compile_ms = t0.elapsed().as_secs_f64() * 1e3,
+            incremental,
+            entries = compiled.policy.len(),
+            "compiled"
+        );
         // Whatever becomes of this compile, its new numbers are never handed out again: a failed
         // reconcile may have written some of them.
         self.rule_ids.raise_next(compiled.rule_ids.next());
@@ -380,7 +507,7 @@ impl Agent {
             },
         )?;
         d.maps.policy = compiled.policy.clone();
-        Ok((d, compiled))
+        Ok((d, compiled, endpoints))
     }
 
     /// The desired ipcache, endpoints and attachments of the running containers (the policy map
@@ -505,7 +632,7 @@ impl Agent {
         )?;
         d.maps.policy = cur.policy;
         let n = self.reconcile_base(d)?;
-        self.save()?;
+        self.save_soon()?;
         Ok(n)
     }
 
@@ -539,15 +666,28 @@ impl Agent {
             }
             return Err(AgentError::Frozen(unparsable));
         }
+        let t0 = std::time::Instant::now();
         self.refresh_labels();
         let policies = self.sources.policies();
-        let (desired, compiled) = self.desired(&policies)?;
+        let t_labels = t0.elapsed();
+        let (desired, compiled, endpoints) = self.desired(&policies)?;
+        let t_desired = t0.elapsed();
         self.prepare_rule_ids(&compiled);
         let n = self.reconcile_base(desired)?;
         self.commit_rule_ids(&compiled);
+        let t_reconcile = t0.elapsed();
         self.compiled = Some(compiled);
+        self.compiled_from = Some((policies, endpoints));
         self.frozen = None;
-        self.save()?;
+        self.save_soon()?;
+        tracing::debug!(
+            labels_ms = t_labels.as_secs_f64() * 1e3,
+            desired_ms = (t_desired - t_labels).as_secs_f64() * 1e3,
+            reconcile_ms = (t_reconcile - t_desired).as_secs_f64() * 1e3,
+            total_ms = t0.elapsed().as_secs_f64() * 1e3,
+            operations = n,
+            "synced"
+        );
         Ok(n)
     }
 
@@ -678,6 +818,7 @@ impl Agent {
         let mut why: Vec<String> = Vec::new();
         let mut masq = false;
         let mut times = Vec::new();
+        let n_events = events.len();
         let mut queue: std::collections::VecDeque<DockerEvent> = events.into();
         while let Some(ev) = queue.pop_front() {
             match ev {
@@ -736,9 +877,15 @@ impl Agent {
         if masq {
             self.sync_masq();
         }
-        for t in times {
-            self.metrics.observe_docker_lag(t);
+        for t in &times {
+            self.metrics.observe_docker_lag(*t);
         }
+        let now = std::time::SystemTime::now();
+        let lags: Vec<u64> = times
+            .iter()
+            .map(|t| now.duration_since(*t).unwrap_or_default().as_millis() as u64)
+            .collect();
+        tracing::debug!(events = n_events, ?lags, "Docker events applied");
     }
 
     /// `policy import`: every document of every file must parse, the result must compile and fit,
@@ -769,7 +916,7 @@ impl Agent {
         }
         self.refresh_labels();
         let policies = self.sources.policies_with(&candidate);
-        let (desired, compiled) = self.desired(&policies)?;
+        let (desired, compiled, endpoints) = self.desired(&policies)?;
         reconcile::check_fit(
             &self.with_provisional(desired.clone()).maps,
             &self.dp.sizes(),
@@ -785,6 +932,7 @@ impl Agent {
             }
             self.commit_rule_ids(&compiled);
             self.compiled = Some(compiled);
+            self.compiled_from = Some((policies, endpoints));
             self.frozen = None;
         }
         self.sources.imports.replace(candidate);

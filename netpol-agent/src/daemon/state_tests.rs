@@ -1216,3 +1216,103 @@ fn rule_counters_keep_naming_their_rule_across_edits_and_restarts() {
     assert!(d > edited && f > edited, "{d} {f} above {edited}");
     assert!(stats.lock().unwrap().is_empty());
 }
+
+/// Containers coming and going one Docker event at a time (each reconcile compiles only the
+/// identities the change concerns) leave exactly the maps that an agent compiling everything
+/// from scratch writes for the same containers, with selectors between services.
+#[test]
+fn incremental_compiles_write_the_maps_of_a_full_compile() {
+    let dirs = Dirs::new("incremental");
+    dirs.write_policy(
+        "shop.yaml",
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: shop}
+spec:
+  endpointSelector: {matchLabels: {com.docker.compose.project: shop}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {tier: front}}]
+    toPorts: [{ports: [{port: "80"}]}]
+  egressDeny:
+  - toEndpoints: [{matchLabels: {tier: back}}]
+    toPorts: [{ports: [{port: "22"}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: db}
+spec:
+  endpointSelector: {matchLabels: {tier: back}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {com.docker.compose.service: app1}}]
+    toPorts: [{ports: [{port: "5432"}]}]
+"#,
+    );
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[]);
+    let db = service(2, "db", &[("tier", "back")]);
+    let app1 = service(3, "app1", &[("tier", "front")]);
+    let app2 = service(4, "app2", &[("tier", "front")]);
+    let app1b = restarted(&app1, 5);
+    let cache = service(6, "cache", &[("tier", "back")]);
+    let db2 = restarted(&db, 7);
+    let up = |c: &Container| DockerEvent::ContainerUp(c.clone());
+    let down = |c: &Container| DockerEvent::ContainerDown { id: c.id.clone() };
+    let steps = [
+        up(&db),
+        up(&app1),
+        up(&app2),
+        up(&app1b),
+        up(&cache),
+        down(&app1),
+        down(&db),
+        up(&db2),
+        down(&app1b),
+        down(&cache),
+    ];
+    for (i, ev) in steps.into_iter().enumerate() {
+        a.on_docker(ev);
+        // A fresh agent on the same state (the same identity numbers) compiles in full.
+        let running: Vec<Container> = a.containers.values().cloned().collect();
+        let mut fresh = agent_on(&dirs, FakeDatapath::new(MapSizes::default()));
+        snapshot(&mut fresh, &running.iter().collect::<Vec<_>>());
+        assert_eq!(maps(&a), maps(&fresh), "step {i}");
+        assert_eq!(a.compiled, fresh.compiled, "step {i}");
+    }
+    let m = maps(&a);
+    assert!(
+        passes(&m, &db2, &app2, Ingress, 80),
+        "the restarted db takes the front"
+    );
+    assert!(
+        !passes(&m, &db2, &app2, Ingress, 5432),
+        "and app1 only on 5432"
+    );
+}
+
+/// With background saves (`run`), identities allocated by Docker events reach the disk, the
+/// latest state last: after a flush (shutdown) and every background write, the file holds the
+/// allocator's final state.
+#[test]
+fn background_saves_persist_every_identity() {
+    let dirs = Dirs::new("background-saves");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let state = rt.block_on(async {
+        let mut a = agent(&dirs);
+        a.set_background_saves(true);
+        snapshot(&mut a, &[]);
+        for n in 2..40 {
+            a.on_docker(DockerEvent::ContainerUp(service(n, &format!("s{n}"), &[])));
+        }
+        a.save().expect("save");
+        a.ids.state()
+    });
+    // Dropping the runtime waits for the writes still queued.
+    drop(rt);
+    assert_eq!(state.identities.len(), 38);
+    let stored = Store::new(dirs.state())
+        .load_identities::<crate::identity::AllocatorState>()
+        .expect("read");
+    assert_eq!(stored, Some(state));
+}

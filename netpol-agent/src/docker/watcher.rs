@@ -566,9 +566,21 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
             let Some(action) = classify(&ev) else {
                 continue;
             };
-            tracing::debug!(?action, "Docker event");
             self.event_time = event_time(&ev);
+            let lag_ms = |t: Option<std::time::SystemTime>| {
+                t.and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+                    .map(|d| d.as_secs_f64() * 1000.0)
+            };
+            tracing::debug!(
+                ?action,
+                received_after_ms = lag_ms(self.event_time),
+                "Docker event"
+            );
             let applied = self.apply(action).await;
+            tracing::debug!(
+                sent_after_ms = lag_ms(self.event_time),
+                "Docker event handled"
+            );
             self.event_time = None;
             match applied {
                 Ok(Ok(())) => {}

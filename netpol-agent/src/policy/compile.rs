@@ -149,6 +149,10 @@ pub struct Compiled {
     pub audit: BTreeMap<u32, Enforcement>,
     /// The rule id table of this result: give it to the next compile ([`compile_stable`]).
     pub rule_ids: RuleIds,
+    /// Local identity → the entries its rules made before they were merged and checked against
+    /// [`MAX_ENTRIES`] (what the limit counts), so that [`recompile_endpoints`] refuses exactly
+    /// what a full compile refuses.
+    raw_entries: BTreeMap<u32, usize>,
 }
 
 /// A policy that selects a local identity in one direction.
@@ -292,6 +296,119 @@ pub fn compile_stable(
     previous: &BTreeMap<Cidr, u32>,
     rule_ids: &RuleIds,
 ) -> Result<Compiled, CompileError> {
+    compile_locals(policies, endpoints, previous, rule_ids, None)
+}
+
+/// `compile_stable(policies, endpoints, &prev.cidr_identities, rule_ids)`, computed from `prev`,
+/// the result of compiling the same `policies` with the same `rule_ids` for `prev_endpoints`: only the local identities whose
+/// part of the result can differ are compiled again (a container of a new identity starting
+/// among 500: its own entries, not 10,000).
+///
+/// Everything a compile produces for a local identity (its entries, enforced and audited
+/// directions, selections, its count towards [`MAX_ENTRIES`]) depends on the policies, its own
+/// labels and the label identities its rules' endpoint selectors pick out; rule ids and CIDR
+/// identities depend on the policies only. So an identity that came or went changes its own part
+/// and the part of every local identity selected by a spec with an endpoint selector that matches
+/// it (or its labels changed: both old and new labels count).
+///
+/// The caller must pass the very policies `prev` was compiled from: with other policies the result
+/// is wrong (the agent compiles in full whenever a policy source changed).
+pub fn recompile_endpoints(
+    prev: &Compiled,
+    policies: &[Policy],
+    prev_endpoints: &Endpoints,
+    endpoints: &Endpoints,
+    rule_ids: &RuleIds,
+) -> Result<Compiled, CompileError> {
+    let labelled = |e| -> BTreeMap<u32, &crate::identity::Labels> {
+        Endpoints::range(e, FIRST_LABEL..FIRST_CIDR)
+            .map(|(&id, l)| (id, l))
+            .collect()
+    };
+    let (old, new) = (labelled(prev_endpoints), labelled(endpoints));
+    // Identities that came, went or changed labels, with every label set they had.
+    let mut changed: Vec<(u32, &crate::identity::Labels)> = Vec::new();
+    for (id, l) in &old {
+        if new.get(id) != Some(l) {
+            changed.push((*id, *l));
+        }
+    }
+    for (id, l) in &new {
+        if old.get(id) != Some(l) {
+            changed.push((*id, *l));
+        }
+    }
+    if changed.is_empty() {
+        return Ok(prev.clone());
+    }
+    let mut dirty: BTreeSet<u32> = changed.iter().map(|(id, _)| *id).collect();
+    for policy in policies {
+        for spec in &policy.specs {
+            let picks_a_changed_one = [
+                &spec.ingress,
+                &spec.ingress_deny,
+                &spec.egress,
+                &spec.egress_deny,
+            ]
+            .into_iter()
+            .flatten()
+            .flat_map(|r| r.peers.listed())
+            .any(|peer| match peer {
+                Peer::Endpoints(sel) => changed.iter().any(|(_, l)| sel.matches(l)),
+                _ => false,
+            });
+            if picks_a_changed_one {
+                dirty.extend(
+                    new.iter()
+                        .filter(|(_, l)| spec.selector.matches(l))
+                        .map(|(id, _)| *id),
+                );
+            }
+        }
+    }
+    let part = match compile_locals(
+        policies,
+        endpoints,
+        &prev.cidr_identities,
+        rule_ids,
+        Some(&dirty),
+    ) {
+        // Over the limit already: the full compile names the policy and rule where the limit
+        // is reached.
+        Err(CompileError::TooManyEntries { .. }) => {
+            return compile_locals(policies, endpoints, &prev.cidr_identities, rule_ids, None)
+        }
+        r => r?,
+    };
+    let mut c = prev.clone();
+    c.enforcement.retain(|l, _| !dirty.contains(l));
+    c.policy.retain(|k, _| !dirty.contains(&k.key.local));
+    c.selections.retain(|(l, _), _| !dirty.contains(l));
+    c.audit.retain(|l, _| !dirty.contains(l));
+    c.raw_entries.retain(|l, _| !dirty.contains(l));
+    c.enforcement.extend(part.enforcement);
+    c.policy.extend(part.policy);
+    c.selections.extend(part.selections);
+    c.audit.extend(part.audit);
+    c.raw_entries.extend(part.raw_entries);
+    c.rules = part.rules;
+    c.rule_ids = part.rule_ids;
+    c.cidr_identities = part.cidr_identities;
+    if c.raw_entries.values().sum::<usize>() > MAX_ENTRIES {
+        return compile_locals(policies, endpoints, &prev.cidr_identities, rule_ids, None);
+    }
+    Ok(c)
+}
+
+/// The compile, of every local label identity of `endpoints` or only of those in `only`
+/// (remotes are always picked among all of them).
+fn compile_locals(
+    policies: &[Policy],
+    endpoints: &Endpoints,
+    previous: &BTreeMap<Cidr, u32>,
+    rule_ids: &RuleIds,
+    only: Option<&BTreeSet<u32>>,
+) -> Result<Compiled, CompileError> {
     let mut order: Vec<&Policy> = policies.iter().collect();
     order.sort_by(|a, b| (&a.name, &a.source).cmp(&(&b.name, &b.source)));
 
@@ -302,9 +419,11 @@ pub fn compile_stable(
         .map(|(&id, l)| (id, l))
         .collect();
 
+    let compiled_here = |id: u32| only.is_none_or(|o| o.contains(&id));
     let mut c = Compiled {
         enforcement: labelled
             .iter()
+            .filter(|&&(id, _)| compiled_here(id))
             .map(|&(id, _)| (id, Enforcement::default()))
             .collect(),
         cidr_identities,
@@ -329,7 +448,7 @@ pub fn compile_stable(
             };
             let locals: Vec<u32> = labelled
                 .iter()
-                .filter(|(_, l)| spec.selector.matches(l))
+                .filter(|&&(id, l)| compiled_here(id) && spec.selector.matches(l))
                 .map(|&(id, _)| id)
                 .collect();
             for dir in [Direction::Ingress, Direction::Egress] {
@@ -404,8 +523,9 @@ pub fn compile_stable(
                                     let key = entry_key(l, r, dir, p, port, len);
                                     if spec.audit {
                                         audit_entries.push((key, value));
-                                    } else {
-                                        merge(&mut c.policy, key, value);
+                                        *c.raw_entries.entry(l).or_default() += 1;
+                                    } else if merge(&mut c.policy, key, value) {
+                                        *c.raw_entries.entry(l).or_default() += 1;
                                     }
                                 }
                                 if c.policy.len() + audit_entries.len() > MAX_ENTRIES {
@@ -498,11 +618,16 @@ fn entry_key(
     }
 }
 
-/// Deny beats allow; with equal actions the lower rule id stays.
-fn merge(map: &mut BTreeMap<PolicyEntryKey, PolicyValue>, key: PolicyEntryKey, v: PolicyValue) {
+/// Deny beats allow; with equal actions the lower rule id is kept. Whether the key is new.
+fn merge(
+    map: &mut BTreeMap<PolicyEntryKey, PolicyValue>,
+    key: PolicyEntryKey,
+    v: PolicyValue,
+) -> bool {
     match map.get_mut(&key) {
         None => {
             map.insert(key, v);
+            true
         }
         Some(old) => {
             let replace = (v.is_deny() && !old.is_deny())
@@ -510,6 +635,7 @@ fn merge(map: &mut BTreeMap<PolicyEntryKey, PolicyValue>, key: PolicyEntryKey, v
             if replace {
                 *old = v;
             }
+            false
         }
     }
 }

@@ -48,13 +48,15 @@ pub mod trace;
 mod yaml;
 
 #[cfg(test)]
+mod incremental_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
 
 pub use compile::{
-    compile, compile_stable, compile_with_previous, CapacityError, CompileError, Compiled,
-    Enforcement, Needed, RuleInfo, Selection, IMPLICIT_ALLOW_RULE,
+    compile, compile_stable, compile_with_previous, recompile_endpoints, CapacityError,
+    CompileError, Compiled, Enforcement, Needed, RuleInfo, Selection, IMPLICIT_ALLOW_RULE,
 };
 pub use compose::ComposeError;
 pub use parse::{

@@ -1,0 +1,227 @@
+//! [`recompile_endpoints`] against a full compile: random policies, random containers coming,
+//! going and changing labels; after every change the incremental result (built on the previous
+//! incremental result) must equal the full compile, field for field.
+
+use std::collections::BTreeMap;
+
+use super::{fuzz::Rng, *};
+use crate::identity::{Labels, FIRST_CIDR};
+use compile::MAX_ENTRIES;
+use netpol_common::identity::FIRST_LABEL;
+
+trait Pick {
+    fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str;
+    fn chance(&mut self, percent: usize) -> bool;
+}
+
+impl Pick for Rng {
+    fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
+        xs[self.below(xs.len())]
+    }
+
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+}
+
+const KEYS: &[&str] = &["app", "tier", "env"];
+const VALUES: &[&str] = &["a", "b", "c"];
+
+fn labels(rng: &mut Rng) -> Labels {
+    let mut l = Labels::new();
+    for k in KEYS {
+        if rng.chance(70) {
+            l.insert(k.to_string(), rng.pick(VALUES).to_string());
+        }
+    }
+    l
+}
+
+fn selector(rng: &mut Rng) -> String {
+    match rng.below(5) {
+        0 => "{}".into(),
+        1 | 2 => format!(
+            "{{matchLabels: {{{}: {}}}}}",
+            rng.pick(KEYS),
+            rng.pick(VALUES)
+        ),
+        3 => format!(
+            "{{matchExpressions: [{{key: {}, operator: {}, values: [{}]}}]}}",
+            rng.pick(KEYS),
+            rng.pick(&["In", "NotIn"]),
+            rng.pick(VALUES)
+        ),
+        _ => format!(
+            "{{matchExpressions: [{{key: {}, operator: {}}}]}}",
+            rng.pick(KEYS),
+            rng.pick(&["Exists", "DoesNotExist"])
+        ),
+    }
+}
+
+fn rule(rng: &mut Rng, to: bool) -> String {
+    let side = if to { "to" } else { "from" };
+    let peers = match rng.below(8) {
+        0 => String::new(),
+        1 => format!("{side}Endpoints: [{{}}], "),
+        2 | 3 => format!("{side}Endpoints: [{}, {}], ", selector(rng), selector(rng)),
+        4 => format!("{side}Endpoints: [], "),
+        5 => format!(
+            "{side}Entities: [{}], ",
+            rng.pick(&["world", "host", "all"])
+        ),
+        6 => format!(
+            "{side}CIDR: [{}], ",
+            rng.pick(&["10.0.0.0/8", "10.1.0.0/16", "192.168.0.0/24"])
+        ),
+        _ => format!("{side}CIDRSet: [{{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}], "),
+    };
+    let ports = match rng.below(4) {
+        0 => String::new(),
+        1 => format!(
+            "toPorts: [{{ports: [{{port: \"{}\", protocol: {}}}]}}]",
+            rng.pick(&["22", "80", "443", "0"]),
+            rng.pick(&["TCP", "UDP", "ANY"])
+        ),
+        2 => "toPorts: [{ports: [{port: \"1000\", endPort: 1100}]}]".into(),
+        _ => "icmps: [{fields: [{type: 8}]}]".into(),
+    };
+    let body = format!("{peers}{ports}");
+    let body = body.trim_end_matches(", ");
+    format!("  - {{{body}}}\n")
+}
+
+fn policy(rng: &mut Rng, n: usize) -> String {
+    let audit = if rng.chance(20) {
+        ", annotations: {netpol.io/audit: \"true\"}"
+    } else {
+        ""
+    };
+    let mut s = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p{n}{audit}}}\nspec:\n  endpointSelector: {}\n",
+        selector(rng)
+    );
+    if rng.chance(25) {
+        s += &format!(
+            "  enableDefaultDeny: {{ingress: {}, egress: {}}}\n",
+            rng.chance(50),
+            rng.chance(50)
+        );
+    }
+    for (section, to) in [
+        ("ingress", false),
+        ("ingressDeny", false),
+        ("egress", true),
+        ("egressDeny", true),
+    ] {
+        if rng.chance(50) {
+            s += &format!("  {section}:\n");
+            for _ in 0..1 + rng.below(2) {
+                s += &rule(rng, to);
+            }
+        }
+    }
+    s
+}
+
+fn policies(rng: &mut Rng) -> Vec<Policy> {
+    let n = 1 + rng.below(4);
+    let text: Vec<String> = (0..n).map(|i| policy(rng, i)).collect();
+    let text = text.join("---\n");
+    match parse_str("random.yaml", &text) {
+        Ok(p) => p,
+        Err(e) => panic!("generated policy does not parse:\n{text}\n{e}"),
+    }
+}
+
+#[test]
+fn incremental_compile_equals_a_full_compile_after_random_changes() {
+    let mut rng = Rng(0x5eed_0001);
+    for round in 0..150 {
+        let p = policies(&mut rng);
+        let mut eps: Endpoints = BTreeMap::new();
+        let mut next_id = FIRST_LABEL;
+        for _ in 0..rng.below(6) {
+            eps.insert(next_id, labels(&mut rng));
+            next_id += 1;
+        }
+        // Reserved numbers and CIDR identities are never local identities.
+        eps.insert(FIRST_CIDR + 1, labels(&mut rng));
+        let mut inc = compile(&p, &eps).expect("compile");
+        for step in 0..12 {
+            let before = eps.clone();
+            for _ in 0..1 + rng.below(2) {
+                let ids: Vec<u32> = eps
+                    .range(FIRST_LABEL..FIRST_CIDR)
+                    .map(|(&id, _)| id)
+                    .collect();
+                match rng.below(4) {
+                    0 | 1 => {
+                        eps.insert(next_id, labels(&mut rng));
+                        next_id += 1;
+                    }
+                    2 if !ids.is_empty() => {
+                        eps.remove(&ids[rng.below(ids.len())]);
+                    }
+                    _ if !ids.is_empty() => {
+                        eps.insert(ids[rng.below(ids.len())], labels(&mut rng));
+                    }
+                    _ => {}
+                }
+            }
+            // The agent's way: the table of the compile in force.
+            let table = inc.rule_ids.clone().settled();
+            let full = compile_stable(&p, &eps, &inc.cidr_identities, &table).expect("compile");
+            inc = recompile_endpoints(&inc, &p, &before, &eps, &table).expect("recompile");
+            assert_eq!(
+                inc, full,
+                "round {round} step {step}: incremental differs from a full compile\npolicies: {p:#?}\nbefore: {before:?}\nafter: {eps:?}"
+            );
+        }
+    }
+}
+
+/// Over the entry limit, the incremental path refuses with the full compile's error (naming the
+/// policy and rule where the limit is reached), as it accepts what fits.
+#[test]
+fn incremental_compile_refuses_what_a_full_compile_refuses() {
+    let cidrs: Vec<String> = (0..100)
+        .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+        .collect();
+    let ranges: Vec<String> = (0..40)
+        .map(|i| {
+            format!(
+                "{{port: \"{}\", endPort: {}}}",
+                i * 1500 + 1,
+                i * 1500 + 1499
+            )
+        })
+        .collect();
+    let text = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: big}}\nspec:\n  endpointSelector: {{matchLabels: {{app: a}}}}\n  ingress:\n  - fromCIDR: [{}]\n    toPorts: [{{ports: [{}]}}]\n",
+        cidrs.join(", "),
+        ranges.join(", ")
+    );
+    let p = parse_str("big.yaml", &text).expect("parse");
+    let app = |a: &str| -> Labels { [("app".to_string(), a.to_string())].into_iter().collect() };
+    let mut eps: Endpoints = [(FIRST_LABEL, app("a")), (FIRST_LABEL + 1, app("b"))].into();
+    let per = compile(&p, &eps).expect("compile").policy.len();
+    // As many containers as fit, then one more.
+    let fit = MAX_ENTRIES / per;
+    assert!((2..8).contains(&fit), "{per} entries per container");
+    for i in 1..fit as u32 {
+        eps.insert(FIRST_LABEL + 1 + i, app("a"));
+    }
+    let before = eps.clone();
+    let last = FIRST_LABEL + 1 + fit as u32;
+    eps.insert(last, app("b"));
+    let prev = compile(&p, &before).expect("compile");
+    let table = rule_ids::RuleIds::default();
+    let inc = recompile_endpoints(&prev, &p, &before, &eps, &table).expect("below the limit");
+    let before = eps.clone();
+    eps.insert(last, app("a"));
+    let full = compile(&p, &eps).expect_err("over the limit");
+    let e = recompile_endpoints(&inc, &p, &before, &eps, &table).expect_err("over the limit");
+    assert_eq!(e.to_string(), full.to_string());
+    assert!(e.to_string().contains("big ingress[0]"), "{e}");
+}
