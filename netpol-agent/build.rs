@@ -44,13 +44,15 @@ fn main() -> anyhow::Result<()> {
 
     // Rebuild when the programs or what they are built from change. netpol-ebpf is not a
     // build-dependency (that compiled it for the host too, for nothing but change tracking).
+    // Relative to this package's root, so that a target directory copied to another checkout
+    // watches that checkout's sources, not the ones it was built from.
     for path in [
-        workspace.join("netpol-ebpf"),
-        workspace.join("netpol-common"),
-        workspace.join("Cargo.toml"),
-        workspace.join("Cargo.lock"),
+        "../netpol-ebpf",
+        "../netpol-common",
+        "../Cargo.toml",
+        "../Cargo.lock",
     ] {
-        println!("cargo:rerun-if-changed={}", path.display());
+        println!("cargo:rerun-if-changed={path}");
     }
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     if matches!(env::var("AYA_BUILD_SKIP").as_deref(), Ok("1" | "true")) {
