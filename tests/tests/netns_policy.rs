@@ -690,3 +690,34 @@ fn double_vlan_tag_does_not_carry_a_forged_source() {
         );
     }
 }
+
+/// `run --event-rate` reaches the kernel: the datapath's `CONFIG` holds the rate, and switching
+/// flow tracing (a monitor coming and going) keeps it.
+#[test]
+fn the_event_rate_is_written_to_the_pinned_config_and_kept() {
+    if !require_root("the_event_rate_is_written_to_the_pinned_config_and_kept") {
+        return;
+    }
+    use aya::maps::{Array, Map, MapData};
+    use netpol_common::{maps, Config};
+    let pins = PinDir::unique("evrate");
+    let mut dp = KernelDatapath::open(pins.path(), MapSizes::default()).expect("open");
+    let config = || {
+        let m = MapData::from_pin(pins.path().join(maps::CONFIG))
+            .and_then(Map::from_map_data)
+            .expect("pinned CONFIG");
+        let a: Array<_, Config> = Array::try_from(m).expect("an array");
+        a.get(&0, 0).expect("entry 0")
+    };
+    dp.set_event_rate(5).expect("set the rate");
+    assert_eq!(config().events_per_sec(), 5);
+    dp.set_trace_flows(true).expect("trace on");
+    dp.set_trace_flows(false).expect("trace off");
+    assert_eq!(
+        config(),
+        Config {
+            flags: 0,
+            event_rate: 5
+        }
+    );
+}

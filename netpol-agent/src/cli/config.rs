@@ -286,9 +286,9 @@ mod tests {
         }
     }
 
-    /// The shipped conffile parses, sets nothing, and every setting it documents (commented out,
-    /// at its default) is one the agent knows. It need not list every flag (`run --help` does,
-    /// with each variable); the ones it lists must not be stale.
+    /// The shipped conffile parses, sets nothing, every setting it documents (commented out, at
+    /// its default) is one the agent knows, and it documents every `run` flag's variable (and
+    /// NETPOL_LOG): a flag added without its line fails here.
     #[test]
     fn the_packaged_agent_conf_parses_and_documents_known_settings() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agent.conf");
@@ -307,14 +307,20 @@ mod tests {
             parse("agent.conf (commented)", &uncommented, &known()).unwrap_or_else(|e| {
                 panic!("the commented-out settings of packaging/agent.conf must parse: {e}")
             });
-        for var in [
-            "NETPOL_PIN_DIR",
-            "NETPOL_STATE_DIR",
-            "NETPOL_POLICY_DIR",
-            "NETPOL_LOG",
-        ] {
+        // Every `run` flag, and NETPOL_LOG.
+        let run = command()
+            .find_subcommand("run")
+            .expect("run")
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .filter(|l| *l != "help")
+            .map(env_name)
+            .chain(EXTRA_VARS.iter().map(|v| v.to_string()))
+            .collect::<Vec<_>>();
+        assert!(run.len() > 20, "{run:?}");
+        for var in run {
             assert!(
-                documented.iter().any(|(n, _)| n == var),
+                documented.iter().any(|(n, _)| *n == var),
                 "packaging/agent.conf does not document {var}"
             );
         }

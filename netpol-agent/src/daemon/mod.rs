@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 use crate::{
     datapath::{
         kernel::{AttachMode, KernelDatapath},
-        MapSizes,
+        Datapath, MapSizes,
     },
     docker::{DockerConfig, DockerWatcher},
     identity::LabelFilter,
@@ -124,6 +124,11 @@ pub struct RunArgs {
     /// (`127.0.0.1:9962`, `[::1]:9962`) or `unix:PATH`. Off by default.
     #[arg(long, value_name = "ADDR", value_parser = metrics_server::MetricsAddr::parse)]
     pub metrics: Option<metrics_server::MetricsAddr>,
+    /// Drop, audit and flow events per second and CPU that the datapath hands to `monitor`
+    /// and the flow recorder at most (a burst of as many, then that rate); the rest are counted
+    /// (`status`: events_suppressed), and the drop and audit counters count every one.
+    #[arg(long, value_name = "N", default_value_t = netpol_common::Config::EVENT_RATE_DEFAULT, value_parser = parse_event_rate)]
+    pub event_rate: u32,
 }
 
 /// `run --attach`.
@@ -167,6 +172,25 @@ impl RunArgs {
                 .unwrap_or(quarter(self.snat6_entries)),
         }
     }
+}
+
+/// The highest `--event-rate`: one event per microsecond and CPU (the token bucket's interval
+/// is whole nanoseconds; far above what a ring buffer reader keeps up with).
+pub const EVENT_RATE_MAX: u32 = 1_000_000;
+
+/// `--event-rate`: events per second and CPU, 1 to [`EVENT_RATE_MAX`] (0 would mean the default
+/// to the datapath: refused rather than silently read as 1000).
+fn parse_event_rate(s: &str) -> Result<u32, String> {
+    let n: u64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of events per second and CPU"))?;
+    if n == 0 || n > u64::from(EVENT_RATE_MAX) {
+        return Err(format!(
+            "{n} events per second and CPU is out of range: 1 to {EVENT_RATE_MAX}"
+        ));
+    }
+    Ok(n as u32)
 }
 
 /// `--events-bytes`: the kernel takes only a power of two that is a multiple of the page size.
@@ -225,6 +249,8 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
     // Checked before anything is touched: a bad pattern must not start a half-configured agent.
     let filter = LabelFilter::checked(args.ignore_labels.iter())?;
     let mut dp = KernelDatapath::open_with(&args.pin_dir, args.sizes(), args.attach.mode())?;
+    // Written at every start: a restart without the flag goes back to the default.
+    dp.set_event_rate(args.event_rate)?;
     let events = monitor::take_ring(&mut dp);
     let store = Store::new(&args.state_dir);
     let masq = masq::Masq::new(masq::MasqConfig {
@@ -351,6 +377,34 @@ mod tests {
         match cli.command {
             Command::Run(a) => Ok(a.sizes()),
             other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn event_rate(args: &[&str]) -> Result<u32, String> {
+        let cli = Cli::try_parse_from(["netpol-agent", "run"].iter().chain(args))
+            .map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::Run(a) => Ok(a.event_rate),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn event_rate_defaults_to_1000_and_refuses_what_the_datapath_cannot_take() {
+        assert_eq!(event_rate(&[]), Ok(1000));
+        assert_eq!(event_rate(&["--event-rate", "50"]), Ok(50));
+        assert_eq!(event_rate(&["--event-rate", "1000000"]), Ok(1_000_000));
+        for (bad, why) in [
+            (
+                "0",
+                "0 events per second and CPU is out of range: 1 to 1000000",
+            ),
+            ("1000001", "out of range: 1 to 1000000"),
+            ("-5", "is not a number of events per second and CPU"),
+            ("fast", "\"fast\" is not a number"),
+        ] {
+            let e = event_rate(&[&format!("--event-rate={bad}")]).expect_err(bad);
+            assert!(e.contains("--event-rate") && e.contains(why), "{bad}: {e}");
         }
     }
 

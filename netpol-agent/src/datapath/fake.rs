@@ -183,4 +183,8 @@ impl Datapath for FakeDatapath {
         m.retain(|k, _| k.rule == 0 || keep(k.rule));
         Ok(before - m.len())
     }
+
+    fn set_event_rate(&mut self, _rate: u32) -> Result<(), DatapathError> {
+        Ok(())
+    }
 }

@@ -1444,4 +1444,12 @@ impl Datapath for KernelDatapath {
         }
         arr.set(0, cfg, 0).map_err(map_err(maps::CONFIG))
     }
+
+    fn set_event_rate(&mut self, rate: u32) -> Result<(), DatapathError> {
+        let mut arr: Array<_, Config> =
+            Array::try_from(self.map_mut(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
+        let mut cfg = arr.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+        cfg.event_rate = rate;
+        arr.set(0, cfg, 0).map_err(map_err(maps::CONFIG))
+    }
 }

@@ -333,6 +333,9 @@ pub trait Datapath: Send {
     /// Turns `Flow` events for new allowed flows on or off (the monitor).
     fn set_trace_flows(&mut self, on: bool) -> Result<(), DatapathError>;
 
+    /// Sets the events per second and CPU that `EVENTS` gets at most (`Config::event_rate`).
+    fn set_event_rate(&mut self, rate: u32) -> Result<(), DatapathError>;
+
     /// Per-reason audit counters (`AUDITS`: flows audit mode let through, by the reason a drop
     /// would have had), summed over CPUs.
     fn audit_counters(&self) -> Result<DropCounters, DatapathError> {
