@@ -1,7 +1,7 @@
 //! The control socket: root-only (mode 0600 and a peer-credential check), one JSON request per
 //! connection.
 
-use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc};
+use std::{os::unix::fs::DirBuilderExt, path::Path, sync::Arc};
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -16,18 +16,20 @@ use super::{
     state::Agent,
 };
 
+/// Binds the control socket: mode 0600 from its first moment, replacing only a stale socket
+/// (see [`super::metrics_server::bind_unix`]: a symlink, a file or a socket another agent
+/// listens on is an error). A missing directory is created with mode 0700; an existing one is
+/// left as it is (`--socket /tmp/agent.sock` must not make `/tmp` 0700).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
     }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    super::metrics_server::bind_unix(path)
 }
 
 pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>, monitor: Monitor) {
@@ -124,4 +126,47 @@ async fn handle(
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
     out.push(b'\n');
     w.write_all(&out).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn control_socket_is_0600_and_leaves_an_existing_directory_alone() {
+        let root = std::env::temp_dir().join(format!("netpol-ctl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let mode = |p: &Path| {
+            std::fs::symlink_metadata(p)
+                .expect("stat")
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+
+        // A missing directory is created 0700.
+        let sock = root.join("run/netpol/agent.sock");
+        let l = bind(&sock).expect("bind");
+        assert_eq!(mode(sock.parent().expect("dir")), 0o700);
+        assert_eq!(mode(&sock), 0o600);
+        assert!(std::fs::symlink_metadata(&sock)
+            .expect("stat")
+            .file_type()
+            .is_socket());
+        // A second agent does not take over the socket of a running one.
+        assert!(bind(&sock).is_err(), "bound over a live control socket");
+        drop(l);
+        bind(&sock).expect("a stale socket is replaced");
+
+        // An existing (shared) directory keeps its mode.
+        let shared = root.join("shared");
+        std::fs::create_dir_all(&shared).expect("mkdir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        let _l = bind(&shared.join("agent.sock")).expect("bind in a shared directory");
+        assert_eq!(mode(&shared), 0o1777);
+        assert_eq!(mode(&shared.join("agent.sock")), 0o600);
+        std::fs::remove_dir_all(&root).expect("clean up");
+    }
 }
