@@ -336,10 +336,14 @@ impl Dp {
         }
     }
 
+    /// Entries in both tables, without the expired copies that promotion leaves in the new
+    /// table (`ct::PROMOTED`).
     fn ct_len(&self) -> usize {
         let mut n = 0;
         for est in [true, false] {
-            n += self.dp.ct4_all(est).len() + self.dp.ct6_all(est).len();
+            let live = |e: &CtEntry| est || e.expires_ns != ct::PROMOTED;
+            n += self.dp.ct4_all(est).iter().filter(|(_, e)| live(e)).count();
+            n += self.dp.ct6_all(est).iter().filter(|(_, e)| live(e)).count();
         }
         n
     }
@@ -982,13 +986,29 @@ fn reply_passes_by_conntrack(fam: Fam) {
         "ACK"
     );
     let after = now_ns();
-    // The handshake's last ACK moves the flow to the established table.
-    assert!(
-        dp.ct_in(k, false).is_none(),
+    // The handshake's last ACK moves the flow to the established table; the new table's copy
+    // stays behind expired (`ct::PROMOTED`).
+    assert_eq!(
+        dp.ct_in(k, false).map(|e| e.expires_ns),
+        Some(ct::PROMOTED),
         "promoted out of the new table"
     );
     let e = dp.ct_in(k, true).expect("entry in the established table");
     lifetime_ok(&e, before, after, ct::LIFETIME_TCP, "established");
+    {
+        // The expired copy never carries the flow: with the established entry gone, db's side
+        // is decided by policy (db has no egress rule) and app1's ACK opens nothing.
+        let mut gone = e;
+        gone.expires_ns = 0;
+        dp.set_ct_in(k, gone, true);
+        assert_eq!(
+            dp.run(From, &fam.tcp(&DB, &APP1, 5432, 40000, TCP_ACK)),
+            SHOT,
+            "no flow without the established entry"
+        );
+        assert_drops(&dp, Some(DropReason::PolicyDenied), 1);
+        dp.set_ct_in(k, e, true);
+    }
     assert_eq!(
         dp.run(From, &fam.tcp(&DB, &APP1, 5432, 40000, TCP_ACK)),
         PASS,
@@ -1013,7 +1033,7 @@ fn reply_passes_by_conntrack(fam: Fam) {
         "to app2"
     );
     assert_eq!(dp.run(From, &fam.udp(&DB, &APP1, 5432, 40000)), SHOT, "udp");
-    assert_drops(&dp, Some(DropReason::PolicyDenied), 4);
+    assert_drops(&dp, Some(DropReason::PolicyDenied), 5);
 
     // One FIN half-closes: the other side may go on sending, on the normal lifetime.
     assert_eq!(
