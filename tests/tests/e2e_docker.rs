@@ -2238,12 +2238,38 @@ fn suggested_policy_allows_what_was_seen_and_denies_the_rest(version: DockerVers
         "db:5433 listens",
         &[check(db.client(), &db, db.ipv4, 5433, Allowed)],
     );
+    // app2 scans db's ports where nothing listens: audit mode lets the SYNs through, db's
+    // kernel answers each with an RST. Unanswered, they must not become suggested ports.
+    const SCANNED: std::ops::RangeInclusive<u16> = 7001..=7010;
+    for port in SCANNED {
+        assert_eq!(
+            probe::connect_from(
+                Some(&app2.netns),
+                SocketAddr::new(db.ipv4, port),
+                probe::ALLOW_DEADLINE
+            ),
+            Outcome::Refused,
+            "db:{port} is closed"
+        );
+    }
 
-    // The events reach the recorder asynchronously: poll until both flows are in.
+    // The events reach the recorder asynchronously, and wait there for their answer: poll until
+    // both flows are in and the scan is counted as left out.
+    let left_out = |s: &str| -> u64 {
+        s.lines()
+            .filter(|l| l.contains("got no answer"))
+            .find_map(|l| l.strip_prefix("# left out: "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     let suggested = loop {
         let s = agent.cli_ok(&["policy", "suggest", "--project", PROJECT]);
-        if s.contains("port: \"5432\"") && s.contains("port: \"8080\"") {
+        if s.contains("port: \"5432\"")
+            && s.contains("port: \"8080\"")
+            && left_out(&s) >= SCANNED.len() as u64
+        {
             break s;
         }
         assert!(
@@ -2272,8 +2298,15 @@ fn suggested_policy_allows_what_was_seen_and_denies_the_rest(version: DockerVers
         suggested.contains("no events were suppressed"),
         "{suggested}"
     );
-    // Only server ports: no client's ephemeral port, no flow that was not seen.
+    // Only server ports: no client's ephemeral port, no flow that was not seen, no scanned port
+    // (nor app2 -> db at all: only its scan went there).
     assert_eq!(suggested.matches("port: \"").count(), 3, "{suggested}");
+    for port in SCANNED {
+        assert!(
+            !suggested.contains(&format!("\"{port}\"")),
+            "scanned port {port} suggested:\n{suggested}"
+        );
+    }
     let labels = agent.cli_ok(&["policy", "suggest", "--project", PROJECT, "-o", "labels"]);
     eprintln!("$ netpol-agent policy suggest --project {PROJECT} -o labels\n{labels}");
     for want in [

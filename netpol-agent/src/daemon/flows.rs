@@ -9,22 +9,47 @@
 //! counted as missed, so a flood of new flow classes (random ports) costs no memory, and the
 //! suggestion says it is incomplete. Drops are never recorded: they are not traffic to allow.
 //!
+//! Only answered flows are recorded. A new flow's event only says that a packet left or was
+//! let in, not that anyone was there: a SYN scan of an audited container, or of a peer whose own
+//! policy drops it, would otherwise make `policy suggest` allow every port scanned. So an event
+//! first waits (at most [`PENDING_ENTRIES`] of them, for at most [`PENDING_SECS`]) until the
+//! endpoint's conntrack entry of the flow, read from the pinned maps every [`CHECK_MS`], shows
+//! the answer ([`evidence`]): TCP once the flow reached the established table (a SYN-ACK came
+//! back and the opener completed the handshake: a port that answers with an RST, a peer that
+//! never answers and a half-open scan do not count), UDP, SCTP, other protocols and ICMP echo
+//! once a packet came back the other way (an ICMP error about the flow is no answer). An
+//! unanswered flow is counted, not recorded, and the suggestion says how many were left out.
+//!
 //! When flow events come: audit events always (rate limited by the datapath like drops); `FLOW`
 //! events only while `TRACE_FLOWS` is on: while a monitor client listens, with `run
 //! --record-flows`, and while any endpoint is in audit mode.
 
 use std::collections::{HashMap, VecDeque};
 
-use netpol_common::event::FlowEvent;
+use netpol_common::{
+    ct::{self, CtEntry, CtKey4, CtKey6},
+    event::FlowEvent,
+    proto, Direction,
+};
 
 use super::state::Agent;
-use crate::policy::{
-    render,
-    suggest::{self, FlowKey, FlowStats, Party, SuggestFormat},
+use crate::{
+    datapath::{CtProbe, CtProbeKey, CtSeen},
+    policy::{
+        render,
+        suggest::{self, FlowKey, FlowStats, Party, SuggestFormat},
+    },
 };
 
 /// Flow classes the table holds.
 pub const FLOW_TABLE_ENTRIES: usize = 4096;
+/// New flows waiting for their answer.
+pub const PENDING_ENTRIES: usize = 1024;
+/// How long a new flow may wait for its answer (a local handshake takes milliseconds; a SYN
+/// that is retransmitted is a new event).
+pub const PENDING_SECS: u64 = 10;
+/// How often waiting flows are checked in conntrack.
+pub const CHECK_MS: u64 = 500;
 /// How often the datapath's lost-event counters are read.
 pub const SAMPLE_SECS: u64 = 10;
 /// Minutes of missed/suppressed counts kept (a day).
@@ -39,12 +64,97 @@ struct Minute {
     missed: u64,
     /// Events the datapath's rate limit suppressed.
     suppressed: u64,
+    /// New flows that got no answer (left out).
+    unanswered: u64,
+    /// New flows not checked for an answer: too many were waiting.
+    unchecked: u64,
+}
+
+/// A new flow waiting for its answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Pending {
+    key: FlowKey,
+    audit: bool,
+    /// When its event came (unix seconds).
+    at: u64,
+}
+
+/// What a flow's conntrack entry says about its answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Evidence {
+    Answered,
+    /// Not yet: ask again.
+    Waiting,
+    /// Never: refused, aborted, or no entry.
+    Unanswered,
+}
+
+/// Whether the flow (of IP protocol `p`) whose conntrack entry is `seen` was answered; see the
+/// module documentation.
+pub fn evidence(p: u8, seen: &CtSeen) -> Evidence {
+    let replied = |e: &CtEntry| e.flags & CtEntry::SEEN_REPLY != 0;
+    match seen {
+        CtSeen::Missing => Evidence::Unanswered,
+        // TCP: the handshake was completed after a reply. Others: a reply came.
+        CtSeen::Established(e) if p == proto::TCP || replied(e) => Evidence::Answered,
+        CtSeen::Established(_) => Evidence::Waiting,
+        // The new table's copy of a promoted flow (its established entry gone since).
+        CtSeen::New(e) if e.expires_ns == ct::PROMOTED && replied(e) => Evidence::Answered,
+        CtSeen::New(e) if p == proto::TCP => {
+            if e.is_closing() {
+                // An RST (a closed port, or a scanner's RST after the SYN-ACK) or a FIN
+                // before the handshake completed.
+                Evidence::Unanswered
+            } else {
+                Evidence::Waiting
+            }
+        }
+        CtSeen::New(e) if replied(e) => Evidence::Answered,
+        CtSeen::New(_) => Evidence::Waiting,
+    }
+}
+
+/// The endpoint's conntrack entry of the flow an event reports, as the datapath keys it; `None`
+/// for what conntrack does not track (ICMP other than an echo request).
+pub fn probe_of(ev: &FlowEvent) -> Option<CtProbe> {
+    let dir = Direction::from_u8(ev.direction)?;
+    // The ports the datapath keyed the entry with (`lxc.rs`): echo requests have the identifier
+    // as source port and 0 as destination port; the event carries the type in `dport`.
+    let (sport, dport) = match ev.proto {
+        proto::TCP | proto::UDP | proto::SCTP => (ev.sport, ev.dport),
+        proto::ICMP if ev.dport == 8 => (ev.sport, 0),
+        proto::ICMPV6 if ev.dport == 128 => (ev.sport, 0),
+        proto::ICMP | proto::ICMPV6 => return None,
+        _ => (0, 0),
+    };
+    let key = match ev.family {
+        4 => {
+            let a4 = |a: &[u8; 16]| [a[0], a[1], a[2], a[3]];
+            CtProbeKey::V4(CtKey4::of_packet(
+                a4(&ev.saddr),
+                a4(&ev.daddr),
+                sport,
+                dport,
+                ev.proto,
+                dir,
+            ))
+        }
+        6 => CtProbeKey::V6(CtKey6::of_packet(
+            ev.saddr, ev.daddr, sport, dport, ev.proto, dir,
+        )),
+        _ => return None,
+    };
+    Some(CtProbe {
+        ifindex: ev.ifindex,
+        key,
+    })
 }
 
 #[derive(Debug)]
 pub struct FlowTable {
     cap: usize,
     flows: HashMap<FlowKey, FlowStats>,
+    pending: HashMap<CtProbe, Pending>,
     minutes: VecDeque<Minute>,
     /// The datapath's suppressed-events counter at the last sample.
     suppressed_seen: Option<u64>,
@@ -60,6 +170,8 @@ pub struct Window {
     pub flows: Vec<(FlowKey, FlowStats)>,
     pub missed: u64,
     pub suppressed: u64,
+    pub unanswered: u64,
+    pub unchecked: u64,
 }
 
 impl FlowTable {
@@ -67,6 +179,7 @@ impl FlowTable {
         Self {
             cap,
             flows: HashMap::with_capacity(cap.min(1024)),
+            pending: HashMap::new(),
             minutes: VecDeque::new(),
             suppressed_seen: None,
             started: now,
@@ -90,7 +203,8 @@ impl FlowTable {
         &mut self.minutes[last]
     }
 
-    /// Records one event (flows and audits; anything else is ignored).
+    /// Takes one event (flows and audits; anything else is ignored): the flow waits for its
+    /// answer ([`FlowTable::settle`]).
     pub fn record(&mut self, ev: &FlowEvent, now: u64) {
         let audit = ev.kind == FlowEvent::KIND_AUDIT;
         if ev.kind != FlowEvent::KIND_FLOW && !audit {
@@ -102,6 +216,51 @@ impl FlowTable {
             proto: ev.proto,
             dport: ev.dport,
         };
+        let Some(probe) = probe_of(ev) else {
+            self.minute(now).unanswered += 1;
+            return;
+        };
+        if self.pending.len() >= PENDING_ENTRIES && !self.pending.contains_key(&probe) {
+            self.minute(now).unchecked += 1;
+            return;
+        }
+        // A retransmitted SYN opens the same tuple again: one flow.
+        self.pending.entry(probe).or_insert(Pending {
+            key,
+            audit,
+            at: now,
+        });
+    }
+
+    /// The conntrack entries of the flows waiting for their answer.
+    pub fn probes(&self) -> Vec<CtProbe> {
+        self.pending.keys().copied().collect()
+    }
+
+    /// Applies what conntrack said of waiting flows (`results`: from [`FlowTable::probes`]):
+    /// answered ones are recorded, unanswered ones and those that waited [`PENDING_SECS`] are
+    /// counted and dropped.
+    pub fn settle(&mut self, results: &[(CtProbe, CtSeen)], now: u64) {
+        for (probe, seen) in results {
+            let Some(p) = self.pending.get(probe).copied() else {
+                continue;
+            };
+            match evidence(p.key.proto, seen) {
+                Evidence::Answered => {
+                    self.pending.remove(probe);
+                    self.add(p.key, p.audit, p.at);
+                }
+                Evidence::Waiting if now < p.at + PENDING_SECS => {}
+                Evidence::Waiting | Evidence::Unanswered => {
+                    self.pending.remove(probe);
+                    self.minute(p.at).unanswered += 1;
+                }
+            }
+        }
+    }
+
+    /// Records an answered flow seen at `now`.
+    fn add(&mut self, key: FlowKey, audit: bool, now: u64) {
         let full = self.flows.len() >= self.cap;
         match self.flows.get_mut(&key) {
             Some(s) => {
@@ -158,16 +317,17 @@ impl FlowTable {
             .map(|(k, s)| (*k, *s))
             .collect();
         flows.sort_by_key(|(k, _)| *k);
-        let (mut missed, mut suppressed) = (0, 0);
-        for m in self.minutes.iter().filter(|m| m.at >= since / 60) {
-            missed += m.missed;
-            suppressed += m.suppressed;
-        }
-        Window {
+        let mut w = Window {
             flows,
-            missed,
-            suppressed,
+            ..Window::default()
+        };
+        for m in self.minutes.iter().filter(|m| m.at >= since / 60) {
+            w.missed += m.missed;
+            w.suppressed += m.suppressed;
+            w.unanswered += m.unanswered;
+            w.unchecked += m.unchecked;
         }
+        w
     }
 
     pub fn len(&self) -> usize {
@@ -177,6 +337,50 @@ impl FlowTable {
     pub fn is_empty(&self) -> bool {
         self.flows.is_empty()
     }
+}
+
+/// Checks the waiting flows in conntrack every [`CHECK_MS`] (the lookups on a blocking thread,
+/// without the table's lock).
+pub fn spawn_checker(
+    table: std::sync::Arc<std::sync::Mutex<FlowTable>>,
+    ct: std::sync::Arc<crate::datapath::stats::PinnedCt>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(CHECK_MS));
+        let mut warned = false;
+        loop {
+            tick.tick().await;
+            let probes = match table.lock() {
+                Ok(t) => t.probes(),
+                Err(_) => return,
+            };
+            if probes.is_empty() {
+                continue;
+            }
+            let ct = ct.clone();
+            let looked = tokio::task::spawn_blocking(move || {
+                ct.lookup_all(&probes).map(|seen| {
+                    probes
+                        .into_iter()
+                        .zip(seen)
+                        .collect::<Vec<(CtProbe, CtSeen)>>()
+                })
+            })
+            .await;
+            match looked {
+                Ok(Ok(results)) => {
+                    if let Ok(mut t) = table.lock() {
+                        t.settle(&results, now());
+                    }
+                }
+                Ok(Err(e)) if !warned => {
+                    tracing::warn!(error = %e, "policy suggest: conntrack cannot be read, flows are not recorded");
+                    warned = true;
+                }
+                _ => {}
+            }
+        }
+    });
 }
 
 /// Samples the datapath's lost-event counters every [`SAMPLE_SECS`], so that a suggestion can
@@ -248,6 +452,18 @@ pub fn answer(
             w.missed, table.cap
         ));
     }
+    if w.unchecked > 0 {
+        head.push_str(&format!(
+            "# INCOMPLETE: {} new flows were not checked for an answer ({PENDING_ENTRIES} were waiting already)\n",
+            w.unchecked
+        ));
+    }
+    if w.unanswered > 0 {
+        head.push_str(&format!(
+            "# left out: {} new flows that got no answer (a closed port, a scan, a peer that is down or drops them): only answered flows are suggested\n",
+            w.unanswered
+        ));
+    }
     for n in &s.notes {
         head.push_str(&format!("# left out: {n}\n"));
     }
@@ -295,21 +511,166 @@ mod tests {
         FlowEvent {
             kind,
             proto: proto::TCP,
+            family: 4,
+            direction: Direction::Ingress as u8,
+            ifindex: 7,
             src_identity: src,
             dst_identity: dst,
             sport: 40000 + dport,
             dport,
+            saddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             ..FlowEvent::default()
         }
+    }
+
+    fn entry(flags: u32) -> CtEntry {
+        CtEntry {
+            flags,
+            ifindex: 7,
+            expires_ns: 1,
+            ..CtEntry::default()
+        }
+    }
+
+    /// Conntrack answers every waiting flow with `seen`.
+    fn settle_all(t: &mut FlowTable, seen: CtSeen, now: u64) {
+        let results: Vec<(CtProbe, CtSeen)> = t.probes().into_iter().map(|p| (p, seen)).collect();
+        t.settle(&results, now);
+    }
+
+    /// Records `e` as a flow that was answered.
+    fn answered(t: &mut FlowTable, e: &FlowEvent, now: u64) {
+        t.record(e, now);
+        settle_all(t, CtSeen::Established(entry(CtEntry::SEEN_REPLY)), now);
+    }
+
+    #[test]
+    fn only_flows_that_were_answered_are_recorded() {
+        let mut t = FlowTable::new(64, 1000);
+        // A SYN scan of 100 ports: each answered by an RST (closed) or never.
+        for port in 1..=100u16 {
+            t.record(&ev(FlowEvent::KIND_AUDIT, 302, 300, port), 1000);
+        }
+        let refused = CtSeen::New(entry(CtEntry::SEEN_REPLY | CtEntry::CLOSING));
+        let results: Vec<(CtProbe, CtSeen)> = t
+            .probes()
+            .into_iter()
+            .map(|p| {
+                let port = match p.key {
+                    CtProbeKey::V4(k) => k.lport(),
+                    CtProbeKey::V6(_) => unreachable!(),
+                };
+                let silent = CtSeen::New(entry(0));
+                (p, if port % 2 == 0 { refused } else { silent })
+            })
+            .collect();
+        t.settle(&results, 1001);
+        assert_eq!(t.probes().len(), 50, "silent ones wait for an answer");
+        t.settle(&results, 1000 + PENDING_SECS);
+        assert!(t.probes().is_empty(), "then they are given up");
+        // A half-open scan of a listening port: SYN-ACK, then the scanner's RST.
+        t.record(&ev(FlowEvent::KIND_AUDIT, 302, 300, 5432), 1020);
+        settle_all(&mut t, refused, 1020);
+        // The real connection: established.
+        answered(&mut t, &ev(FlowEvent::KIND_AUDIT, 301, 300, 5432), 1030);
+        let w = t.window(0);
+        assert_eq!(w.flows.len(), 1, "{:?}", w.flows);
+        assert_eq!((w.flows[0].0.src, w.flows[0].0.dport), (301, 5432));
+        assert_eq!(w.unanswered, 101);
+    }
+
+    #[test]
+    fn evidence_of_an_answer_by_protocol() {
+        use Evidence::*;
+        let (new, est) = (CtSeen::New, CtSeen::Established);
+        let r = CtEntry::SEEN_REPLY;
+        let cases = [
+            (proto::TCP, CtSeen::Missing, Unanswered),
+            (proto::TCP, new(entry(0)), Waiting),
+            (proto::TCP, new(entry(r)), Waiting), // SYN-ACK: the ACK comes next
+            (proto::TCP, new(entry(r | CtEntry::CLOSING)), Unanswered),
+            (proto::TCP, new(entry(CtEntry::FIN_ORIG)), Unanswered),
+            (proto::TCP, est(entry(r)), Answered),
+            (proto::TCP, est(entry(r | CtEntry::CLOSING)), Answered), // a short connection
+            (
+                proto::TCP,
+                new(CtEntry {
+                    expires_ns: ct::PROMOTED,
+                    ..entry(r)
+                }),
+                Answered,
+            ), // promoted; the established entry was evicted
+            (proto::UDP, new(entry(0)), Waiting),
+            (proto::UDP, new(entry(r)), Answered),
+            (proto::UDP, est(entry(r)), Answered),
+            (proto::ICMP, new(entry(r)), Answered),
+            (47, new(entry(0)), Waiting),
+        ];
+        for (p, seen, want) in cases {
+            assert_eq!(evidence(p, &seen), want, "{p} {seen:?}");
+        }
+    }
+
+    #[test]
+    fn probes_are_the_datapaths_conntrack_keys() {
+        // Ingress on the server's veth: the key is the server's side first.
+        let e = ev(FlowEvent::KIND_FLOW, 301, 300, 5432);
+        let p = probe_of(&e).expect("tracked");
+        assert_eq!(p.ifindex, 7);
+        assert_eq!(
+            p.key,
+            CtProbeKey::V4(CtKey4::new(
+                [10, 0, 0, 2],
+                [10, 0, 0, 1],
+                5432,
+                45432,
+                proto::TCP
+            ))
+        );
+        // Egress on the client's veth.
+        let mut out = e;
+        out.direction = Direction::Egress as u8;
+        assert_eq!(
+            probe_of(&out).map(|p| p.key),
+            Some(CtProbeKey::V4(CtKey4::new(
+                [10, 0, 0, 1],
+                [10, 0, 0, 2],
+                45432,
+                5432,
+                proto::TCP
+            )))
+        );
+        // An echo request: the identifier, and 0 for the type the event carries.
+        let mut ping = e;
+        ping.proto = proto::ICMP;
+        ping.sport = 77;
+        ping.dport = 8;
+        assert_eq!(
+            probe_of(&ping).map(|p| p.key),
+            Some(CtProbeKey::V4(CtKey4::new(
+                [10, 0, 0, 2],
+                [10, 0, 0, 1],
+                0,
+                77,
+                proto::ICMP
+            )))
+        );
+        // Other ICMP is not tracked: never answered.
+        ping.dport = 13;
+        assert_eq!(probe_of(&ping), None);
+        let mut t = FlowTable::new(8, 0);
+        t.record(&ping, 0);
+        assert_eq!((t.probes().len(), t.window(0).unanswered), (0, 1));
     }
 
     #[test]
     fn flows_and_audits_are_counted_per_class_drops_never() {
         let mut t = FlowTable::new(16, 1000);
-        t.record(&ev(FlowEvent::KIND_FLOW, 300, 301, 5432), 1000);
-        t.record(&ev(FlowEvent::KIND_AUDIT, 300, 301, 5432), 1010);
-        t.record(&ev(FlowEvent::KIND_DROP, 300, 301, 22), 1010);
-        t.record(&ev(FlowEvent::KIND_AUDIT, 1, 301, 80), 1020);
+        answered(&mut t, &ev(FlowEvent::KIND_FLOW, 300, 301, 5432), 1000);
+        answered(&mut t, &ev(FlowEvent::KIND_AUDIT, 300, 301, 5432), 1010);
+        answered(&mut t, &ev(FlowEvent::KIND_DROP, 300, 301, 22), 1010);
+        answered(&mut t, &ev(FlowEvent::KIND_AUDIT, 1, 301, 80), 1020);
         let w = t.window(0);
         assert_eq!(w.flows.len(), 2);
         let (k, s) = w.flows[1];
@@ -334,11 +695,11 @@ mod tests {
     fn a_flood_of_new_classes_costs_no_memory_and_is_reported() {
         let mut t = FlowTable::new(64, 6000);
         for port in 1..=10_000u16 {
-            t.record(&ev(FlowEvent::KIND_AUDIT, 2, 301, port), 6000);
+            answered(&mut t, &ev(FlowEvent::KIND_AUDIT, 2, 301, port), 6000);
         }
         assert_eq!(t.len(), 64);
         // Known classes still count.
-        t.record(&ev(FlowEvent::KIND_AUDIT, 2, 301, 1), 6001);
+        answered(&mut t, &ev(FlowEvent::KIND_AUDIT, 2, 301, 1), 6001);
         let w = t.window(6000);
         assert_eq!(w.missed, 10_000 - 64);
         assert_eq!(
@@ -350,9 +711,19 @@ mod tests {
         );
         // Minutes are bounded too.
         for m in 0..(WINDOW_MINUTES as u64 + 10) {
-            t.record(&ev(FlowEvent::KIND_AUDIT, 2, 301, 9999), 6000 + m * 60);
+            answered(
+                &mut t,
+                &ev(FlowEvent::KIND_AUDIT, 2, 301, 9999),
+                6000 + m * 60,
+            );
         }
         assert_eq!(t.minutes.len(), WINDOW_MINUTES);
+        // Flows waiting for their answer are bounded too.
+        for port in 1..=5000u16 {
+            t.record(&ev(FlowEvent::KIND_AUDIT, 3, 301, port), 7000);
+        }
+        assert_eq!(t.probes().len(), PENDING_ENTRIES);
+        assert_eq!(t.window(7000).unchecked, 5000 - PENDING_ENTRIES as u64);
     }
 
     #[test]

@@ -280,7 +280,9 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
         monitor.record_flows().await;
     }
     match events {
-        Ok(ring) => monitor.spawn_reader(ring),
+        Ok(ring) => {
+            monitor.spawn_reader(ring, crate::datapath::stats::PinnedCt::new(&args.pin_dir))
+        }
         Err(e) => warn!(error = %e, "monitor unavailable"),
     }
 

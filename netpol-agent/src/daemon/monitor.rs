@@ -102,10 +102,12 @@ impl Monitor {
         f(&t)
     }
 
-    pub fn spawn_reader(&self, ring: RingBuf<MapData>) {
+    /// Reads `EVENTS`; flows wait for their answer in `ct` (see [`flows`]).
+    pub fn spawn_reader(&self, ring: RingBuf<MapData>, ct: crate::datapath::stats::PinnedCt) {
         let tx = self.tx.clone();
         let table = self.flows.clone();
         flows::spawn_sampler(self.flows.clone(), self.agent.clone());
+        flows::spawn_checker(self.flows.clone(), Arc::new(ct));
         tokio::spawn(async move {
             // The ring buffer owns its map fd for as long as the AsyncFd lives.
             #[allow(deprecated)]

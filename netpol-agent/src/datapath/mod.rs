@@ -259,6 +259,29 @@ impl MapSizes {
     }
 }
 
+/// One endpoint's conntrack entry of a flow, to look up: the endpoint's host veth and the key
+/// as the datapath made it (`netpol_common::ct`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtProbe {
+    pub ifindex: u32,
+    pub key: CtProbeKey,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CtProbeKey {
+    V4(netpol_common::ct::CtKey4),
+    V6(netpol_common::ct::CtKey6),
+}
+
+/// What conntrack holds for a [`CtProbe`]: nothing (never tracked, evicted, or another
+/// endpoint's entry), an entry of the new table, or one of the established table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtSeen {
+    Missing,
+    New(netpol_common::ct::CtEntry),
+    Established(netpol_common::ct::CtEntry),
+}
+
 /// Drop counters summed over CPUs, by reason number.
 pub type DropCounters = BTreeMap<u8, u64>;
 

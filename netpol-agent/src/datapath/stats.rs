@@ -9,15 +9,16 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Map, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use netpol_common::{
+    ct::{CtEntry, CtKey4, CtKey6},
     epdrop::EpDropKey,
     maps,
     stats::{EventStats, RuleStats, RuleStatsKey},
     DropReason,
 };
 
-use super::{DatapathError, RuleCounters};
+use super::{CtProbe, CtProbeKey, CtSeen, DatapathError, RuleCounters};
 
 /// Maps whose fill level is reported: everything the agent or the programs add entries to.
 pub const FILL_MAPS: &[&str] = &[
@@ -217,4 +218,72 @@ fn count_keys(fd: std::os::fd::BorrowedFd<'_>, key_size: usize, max: u64) -> std
         std::mem::swap(&mut cur, &mut next);
     }
     Ok(n)
+}
+/// Looks up single conntrack entries in the pinned `CT*` maps (for `policy suggest`: whether a
+/// reported flow was answered), apart from [`super::kernel::KernelDatapath`] like
+/// [`PinnedStats`], so that the checks never hold the agent. Read only.
+pub struct PinnedCt {
+    pin_dir: PathBuf,
+}
+
+impl PinnedCt {
+    pub fn new(pin_dir: impl AsRef<Path>) -> Self {
+        Self {
+            pin_dir: pin_dir.as_ref().to_path_buf(),
+        }
+    }
+
+    /// Opens the maps once for a batch of lookups. Blocking: run it off the async threads.
+    pub fn lookup_all(&self, probes: &[CtProbe]) -> Result<Vec<CtSeen>, DatapathError> {
+        let open = |name: &'static str| -> Result<Map, DatapathError> {
+            let data = MapData::from_pin(self.pin_dir.join(name)).map_err(map_err(name))?;
+            Map::from_map_data(data).map_err(map_err(name))
+        };
+        let v4 = |name: &'static str| -> Result<HashMap<MapData, CtKey4, CtEntry>, DatapathError> {
+            HashMap::try_from(open(name)?).map_err(map_err(name))
+        };
+        let v6 = |name: &'static str| -> Result<HashMap<MapData, CtKey6, CtEntry>, DatapathError> {
+            HashMap::try_from(open(name)?).map_err(map_err(name))
+        };
+        let any4 = probes.iter().any(|p| matches!(p.key, CtProbeKey::V4(_)));
+        let any6 = probes.iter().any(|p| matches!(p.key, CtProbeKey::V6(_)));
+        let t4 = if any4 {
+            Some((v4(maps::CT4_NEW)?, v4(maps::CT4)?))
+        } else {
+            None
+        };
+        let t6 = if any6 {
+            Some((v6(maps::CT6_NEW)?, v6(maps::CT6)?))
+        } else {
+            None
+        };
+        let found = |r: Result<CtEntry, aya::maps::MapError>, name: &'static str| match r {
+            Ok(e) => Ok(Some(e)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(name)(e)),
+        };
+        let mut out = Vec::with_capacity(probes.len());
+        for p in probes {
+            // The new table first: a promotion writes the established entry before it deletes
+            // the new one, so a flow being promoted is never missed between the two lookups.
+            let (new, est) = match (&p.key, &t4, &t6) {
+                (CtProbeKey::V4(k), Some((n, e)), _) => (
+                    found(n.get(k, 0), maps::CT4_NEW)?,
+                    found(e.get(k, 0), maps::CT4)?,
+                ),
+                (CtProbeKey::V6(k), _, Some((n, e))) => (
+                    found(n.get(k, 0), maps::CT6_NEW)?,
+                    found(e.get(k, 0), maps::CT6)?,
+                ),
+                _ => (None, None),
+            };
+            let mine = |e: &CtEntry| e.ifindex == p.ifindex;
+            out.push(match (new.filter(mine), est.filter(mine)) {
+                (_, Some(e)) => CtSeen::Established(e),
+                (Some(e), None) => CtSeen::New(e),
+                (None, None) => CtSeen::Missing,
+            });
+        }
+        Ok(out)
+    }
 }

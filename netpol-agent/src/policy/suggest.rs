@@ -1,7 +1,8 @@
 //! `policy suggest`: from observed flows, policies that allow exactly what was seen.
 //!
 //! Input: flow classes `(opener identity, answering identity, protocol, server port)` (the
-//! daemon's flow table: new flows the datapath allowed and would-be drops it audited), the local
+//! daemon's flow table: new flows the datapath allowed and would-be drops it audited, each only
+//! once the peer answered it, so that a scan suggests nothing), the local
 //! identities, and what each identity is ([`Party`]). The opener of a flow is its source, so the
 //! server port is kept and the client's ephemeral port never was recorded. Output:
 //!
