@@ -25,7 +25,9 @@
 //! - **The Unix socket's path**: bound in a private directory, made 0600 there and renamed into
 //!   place, so it is never reachable with the umask's mode; what is at the path already must be
 //!   a stale socket (nothing listening): a symlink, a file or a live socket is an error, never
-//!   replaced.
+//!   replaced. The directory (and every one above it) must be one that only root or the agent's
+//!   user can change (sticky ones like `/tmp` included): in one that another user owns or may
+//!   write to, they could swap the socket for their own once it is bound.
 
 use std::{
     collections::HashMap,
@@ -127,6 +129,19 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
             format!("{} {what}: refusing to replace it", path.display()),
         )
     };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Some(name) = path.file_name() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}: not a file name", path.display()),
+        ));
+    };
+    // From here on the path has no symlink in it, and no other user can change what it names.
+    let parent = trusted_dir(parent)?;
+    let path = &parent.join(name);
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => return Err(refuse("is a socket another process listens on")),
@@ -138,10 +153,6 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let private = parent.join(format!(
         ".netpol-{}-{}",
@@ -165,6 +176,37 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
         warn!(dir = %private.display(), error = %e, "removing the metrics socket's staging directory");
     }
     bound
+}
+
+/// `dir` with every symlink resolved, when no user but root and this process's can replace
+/// what is in it: it and every directory above it are owned by root or by us, and none is
+/// writable by group or others unless it is sticky (`/tmp`: others cannot remove or rename our
+/// entries there). Otherwise (`PermissionDenied`) another user could swap the socket for
+/// their own after it was bound, and the clients (root's CLI, the scraper) would talk to it.
+fn trusted_dir(dir: &Path) -> io::Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::fs::canonicalize(dir)?;
+    // SAFETY: plain libc call.
+    let me = unsafe { libc::geteuid() };
+    for d in dir.ancestors() {
+        let m = std::fs::metadata(d)?;
+        let mode = m.mode();
+        let why = if m.uid() != 0 && m.uid() != me {
+            format!("is owned by uid {}", m.uid())
+        } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            format!("is writable by other users (mode {:o})", mode & 0o7777)
+        } else {
+            continue;
+        };
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} {why}: another user could replace the socket there; use a directory only root can write to",
+                d.display()
+            ),
+        ));
+    }
+    Ok(dir)
 }
 
 /// The metrics a scrape serves ([`Scraper`]; the server's tests plug in their own).
@@ -643,6 +685,16 @@ mod tests {
             "::1",
             "[::1]x",
             "[evil.example]",
+            // Reviewed variants: a trailing dot, userinfo, a list, an IPv6 zone, whitespace.
+            "localhost.",
+            "localhost.:9962",
+            "localhost@evil.example",
+            "evil.example@localhost",
+            "localhost:9962, evil.example",
+            "[::1%lo]:9962",
+            "[::1]:9962.evil.example",
+            " localhost",
+            "127.0.0.1 ",
         ] {
             assert!(!loopback_authority(bad), "{bad} accepted");
         }
@@ -678,6 +730,11 @@ mod tests {
             "GET /metrics HTTP/1.0\r\n\r\n".to_owned(),
             "GET /metrics HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\nConnection: close\r\n\r\n".to_owned(),
             "GET http://evil.example/metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".to_owned(),
+            "GET http://localhost@evil.example/metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".to_owned(),
+            format!("GET http://evil.example:{port}/metrics HTTP/1.1\r\nHost: [::1]:{port}\r\nConnection: close\r\n\r\n"),
+            format!("GET /metrics HTTP/1.1\r\nHost: localhost.:{port}\r\nConnection: close\r\n\r\n"),
+            "GET /metrics HTTP/1.0\r\nHost: evil.example\r\n\r\n".to_owned(),
+            "CONNECT evil.example:80 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".to_owned(),
         ] {
             let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
             let a = exchange(s, &req).await;
@@ -693,6 +750,15 @@ mod tests {
         )
         .await;
         assert_eq!(status(&a), "200", "absolute URI of loopback: {a}");
+        for req in [
+            format!("GET /metrics HTTP/1.1\r\nHost: [::1]:{port}\r\nConnection: close\r\n\r\n"),
+            format!("GET http://[::1]:{port}/metrics HTTP/1.1\r\nHost: [::1]:{port}\r\nConnection: close\r\n\r\n"),
+            "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n".to_owned(),
+        ] {
+            let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let a = exchange(s, &req).await;
+            assert_eq!(status(&a), "200", "{req:?}: {a}");
+        }
     }
 
     /// Slowloris: clients that hold every slot — sending their request's head slowly, or not
@@ -850,6 +916,59 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// A directory another user can write to (owned by them, or writable by others without the
+    /// sticky bit, there or further up, or reached through a symlink to one) lets that user
+    /// replace the socket after it was bound, and clients (`policy import` as root) then talk
+    /// to theirs: refused, nothing created there. A sticky shared directory (`/tmp`) is fine.
+    #[tokio::test]
+    async fn a_socket_directory_another_user_can_write_to_is_refused() {
+        let dir = scratch_dir("untrusted");
+        let open = dir.join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let deeper = open.join("sub");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&deeper)
+            .expect("mkdir");
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&open, &link).expect("symlink");
+        let mut refused = vec![
+            open.join("metrics.sock"),
+            deeper.join("metrics.sock"),
+            link.join("metrics.sock"),
+        ];
+        // SAFETY: plain libc calls on a path we made.
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = dir.join("theirs");
+            std::fs::create_dir(&theirs).expect("mkdir");
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+            std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+            refused.push(theirs.join("metrics.sock"));
+        }
+        for path in &refused {
+            let e = bind_unix(path).expect_err(&format!("bound {}", path.display()));
+            assert_eq!(
+                e.kind(),
+                io::ErrorKind::PermissionDenied,
+                "{}: {e}",
+                path.display()
+            );
+            let entries: Vec<_> = std::fs::read_dir(path.parent().expect("parent"))
+                .expect("read_dir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "sub")
+                .collect();
+            assert!(entries.is_empty(), "{}: left {entries:?}", path.display());
+        }
+        let shared = dir.join("shared");
+        std::fs::create_dir(&shared).expect("mkdir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        let _l = bind_unix(&shared.join("metrics.sock")).expect("a sticky shared directory");
+        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 
     fn scratch_dir(tag: &str) -> PathBuf {
