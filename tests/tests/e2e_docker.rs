@@ -2573,7 +2573,9 @@ fn trace_and_matrix_agree_with_real_connections(version: DockerVersion) {
 /// every connection of the matrix succeeds, and each one that the policy would drop is reported
 /// by `monitor --json` as an audit with its cause (policy-denied, and the policy whose default
 /// deny it is). The same policies without the annotation then enforce the same matrix: those
-/// connections fail, the allowed ones still connect.
+/// connections fail, the allowed ones still connect; a connection that audit mode let through
+/// and is still open passes nothing more either way (also when the container sends first, through
+/// its unenforced egress), while an allowed one opened during audit mode goes on.
 fn audit_mode_reports_what_it_would_drop_then_enforcing_drops_it(version: DockerVersion) {
     if !netpol_tests::require_root(
         &version.test_name("audit_mode_reports_what_it_would_drop_then_enforcing_drops_it"),
@@ -2684,6 +2686,44 @@ fn audit_mode_reports_what_it_would_drop_then_enforcing_drops_it(version: Docker
     );
     drop(monitor);
 
+    // Connections open while audit mode ends: host -> app2:18445, which app2's policy denies
+    // (the server is this test, in app2's namespace, so it can send first later), and host ->
+    // app1:8080, which it allows.
+    use std::io::{Read as _, Write as _};
+    let containers = scenario_containers(&project);
+    let (app1, app2) = (&containers[1], &containers[2]);
+    let listener = probe::in_netns(&app2.netns, || {
+        std::net::TcpListener::bind(("0.0.0.0", 18445)).expect("listen in app2's namespace")
+    });
+    let connect = |to: SocketAddr| {
+        std::net::TcpStream::connect_timeout(&to, probe::ALLOW_DEADLINE)
+            .unwrap_or_else(|e| panic!("host -> {to} in audit mode: {e}"))
+    };
+    let mut client = connect(SocketAddr::new(app2.ipv4, 18445));
+    let (mut server, _) = listener.accept().expect("accept in app2's namespace");
+    let mut allowed = connect(SocketAddr::new(app1.ipv4, 8080));
+    // Whether `msg` written to `from` arrives at `to` (the echo server: `from` itself).
+    let arrives = |from: &mut std::net::TcpStream, to: &mut std::net::TcpStream, msg: &[u8]| {
+        from.write_all(msg).expect("write");
+        to.set_read_timeout(Some(probe::DENY_TIMEOUT))
+            .expect("timeout");
+        let mut buf = vec![0; msg.len()];
+        to.read_exact(&mut buf).is_ok() && buf == msg
+    };
+    assert!(
+        arrives(&mut client, &mut server, b"audited"),
+        "audit mode: host -> app2"
+    );
+    assert!(
+        arrives(&mut server, &mut client, b"answer"),
+        "audit mode: app2 -> host"
+    );
+    let mut echo = allowed.try_clone().expect("clone");
+    assert!(
+        arrives(&mut allowed, &mut echo, b"allowed"),
+        "host -> app1 echo"
+    );
+
     // Leaving audit mode: the same policies, enforcing.
     agent.cli_ok(&[
         "policy",
@@ -2693,6 +2733,21 @@ fn audit_mode_reports_what_it_would_drop_then_enforcing_drops_it(version: Docker
     timed("enforcing again: the same matrix", || {
         assert_all("audit mode left", &enforcing)
     });
+    // The connection audit mode let through is over both ways: app2 sending first through
+    // its unenforced egress does not open it again for the host's packets. The allowed one
+    // goes on.
+    assert!(
+        !arrives(&mut server, &mut client, b"late answer"),
+        "app2 -> host after audit mode"
+    );
+    assert!(
+        !arrives(&mut client, &mut server, b"late data"),
+        "host -> app2 after audit mode"
+    );
+    assert!(
+        arrives(&mut allowed, &mut echo, b"still allowed"),
+        "host -> app1 after audit mode"
+    );
 }
 
 netpol_tests::docker_tests!(
