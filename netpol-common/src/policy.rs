@@ -213,17 +213,27 @@ pub fn lookup(
     mut get: impl FnMut(&PolicyKey) -> Option<PolicyValue>,
 ) -> Verdict {
     let [a, b] = lookup_keys(local, remote, direction, proto, port);
-    let exact = get(&a);
-    if let Some(v) = exact {
-        if v.is_deny() {
-            return Verdict::Deny(v.rule);
-        }
-        if v.is_final() {
-            return Verdict::Allow(v.rule);
-        }
+    // Plain values (a miss is action 0, neither allow nor deny), not `Option`s carried across
+    // the second lookup: in BPF an `Option`'s payload is undefined when it is `None`, and the
+    // verifier refuses a spill of such a register. The order is [`decide`]'s.
+    let exact = get(&a).unwrap_or_default();
+    if exact.is_deny() {
+        return Verdict::Deny(exact.rule);
     }
-    let wildcard = get(&b);
-    decide(exact, wildcard)
+    if exact.is_final() {
+        return Verdict::Allow(exact.rule);
+    }
+    let wildcard = get(&b).unwrap_or_default();
+    if wildcard.is_deny() {
+        return Verdict::Deny(wildcard.rule);
+    }
+    if exact.is_allow() {
+        return Verdict::Allow(exact.rule);
+    }
+    if wildcard.is_allow() {
+        return Verdict::Allow(wildcard.rule);
+    }
+    Verdict::NoMatch
 }
 
 /// The protocol and port bits of a key below the 72 fixed bits, as a 24-bit number, and how many

@@ -1750,6 +1750,71 @@ fn unenforced_direction_passes(fam: Fam) {
     assert_drops(&dp, Some(DropReason::PolicyDenied), 1);
 }
 
+/// Why an endpoint that enforces neither direction still tracks its flows (README, Benchmarks):
+/// when a first policy selects it, default deny both ways, the connections it already had go on
+/// (its outbound ones' replies, its inbound ones' answers, UDP too), while new flows are decided
+/// by the policy. Without the entries, every one of them would be cut at that moment.
+fn unenforced_endpoints_flows_survive_its_first_policy(fam: Fam) {
+    let mut dp = Dp::db(false, false);
+    let out = |f| fam.tcp(&DB, &WORLD, 40000, 443, f);
+    let back = |f| fam.tcp(&WORLD, &DB, 443, 40000, f);
+    let inb = |f| fam.tcp(&APP1, &DB, 40001, 5432, f);
+    let ans = |f| fam.tcp(&DB, &APP1, 5432, 40001, f);
+    for (p, frame, what) in [
+        (From, out(TCP_SYN), "db → world SYN"),
+        (To, back(TCP_SYN | TCP_ACK), "SYN-ACK"),
+        (From, out(TCP_ACK), "ACK"),
+        (To, inb(TCP_SYN), "app1 → db SYN"),
+        (From, ans(TCP_SYN | TCP_ACK), "SYN-ACK"),
+        (To, inb(TCP_ACK), "ACK"),
+        (From, fam.udp(&DB, &WORLD, 5000, 53), "db → world UDP"),
+    ] {
+        assert_eq!(dp.run(p, &frame), PASS, "unenforced: {what}");
+    }
+    assert_eq!(
+        dp.ct_len(),
+        3,
+        "every flow of the unenforced endpoint is tracked"
+    );
+
+    // A policy selects db now: default deny both ways, nothing allowed.
+    dp.endpoint(LO, &DB, true, true);
+    for (p, frame, what) in [
+        (To, back(TCP_ACK), "world's data on db's connection"),
+        (From, out(TCP_ACK), "db's data on it"),
+        (To, inb(TCP_ACK), "app1's data on its connection to db"),
+        (From, ans(TCP_ACK), "db's answer"),
+        (To, fam.udp(&WORLD, &DB, 53, 5000), "the DNS answer"),
+    ] {
+        assert_eq!(dp.run(p, &frame), PASS, "enforced now, old flow: {what}");
+    }
+    assert_eq!(
+        dp.run(From, &fam.tcp(&DB, &WORLD, 40002, 443, TCP_SYN)),
+        SHOT,
+        "a new flow out is policy's"
+    );
+    assert_eq!(
+        dp.run(To, &fam.tcp(&APP2, &DB, 40003, 5432, TCP_SYN)),
+        SHOT,
+        "a new flow in is policy's"
+    );
+    assert_drops(&dp, Some(DropReason::PolicyDenied), 2);
+}
+
+#[test]
+fn unenforced_endpoints_flows_survive_its_first_policy_v4() {
+    if require_root("unenforced_endpoints_flows_survive_its_first_policy_v4") {
+        unenforced_endpoints_flows_survive_its_first_policy(V4);
+    }
+}
+
+#[test]
+fn unenforced_endpoints_flows_survive_its_first_policy_v6() {
+    if require_root("unenforced_endpoints_flows_survive_its_first_policy_v6") {
+        unenforced_endpoints_flows_survive_its_first_policy(V6);
+    }
+}
+
 #[test]
 fn unenforced_direction_passes_v4() {
     if require_root("unenforced_direction_passes_v4") {
