@@ -3,7 +3,9 @@
 //! identities and what they were denied, which is not for the network.
 //!
 //! A scrape takes the agent's lock only to copy the endpoint names, then reads the pinned
-//! maps on a blocking thread (`datapath::stats`), so it never stalls reconciling.
+//! maps on a blocking thread (`datapath::stats`), so it never stalls reconciling. Scrapes run
+//! one at a time, at most every [`MIN_INTERVAL`], shared by the requests that wait for them
+//! ([`Throttled`]): no number of clients can make the agent read its maps in a loop.
 //!
 //! # Who else can reach it, and what they must not be able to do
 //! - **A web page, through the host's browser** (DNS rebinding: the attacker's name resolves
@@ -226,6 +228,54 @@ pub struct Scraper {
 impl Scrape for Scraper {
     async fn scrape(&self, openmetrics: bool) -> Result<String, String> {
         scrape(self, openmetrics).await
+    }
+}
+
+/// Scrapes start at most this often.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(250);
+
+/// [`Scrape`] one at a time and at most once per `interval`, with answers never older than the
+/// request: a request that arrived before the running scrape started gets its answer; one
+/// that arrived later waits for the next, which starts `interval` after the last one. So any
+/// number of clients costs at most one scrape per `interval`, and a scrape still shows what
+/// happened before it was asked for (see the module documentation).
+#[derive(Clone)]
+pub struct Throttled<S> {
+    inner: S,
+    interval: Duration,
+    /// The last text and OpenMetrics answers.
+    last: Arc<Mutex<[Option<Answer>; 2]>>,
+}
+
+/// A scrape's text, and when the scrape started.
+type Answer = (Instant, String);
+
+impl<S: Scrape> Throttled<S> {
+    pub fn new(inner: S, interval: Duration) -> Self {
+        Throttled {
+            inner,
+            interval,
+            last: Arc::default(),
+        }
+    }
+}
+
+impl<S: Scrape> Scrape for Throttled<S> {
+    async fn scrape(&self, openmetrics: bool) -> Result<String, String> {
+        let asked = Instant::now();
+        let mut last = self.last.lock().await;
+        let slot = &mut last[usize::from(openmetrics)];
+        if let Some((started, text)) = slot.as_ref() {
+            if *started >= asked {
+                return Ok(text.clone());
+            }
+            tokio::time::sleep_until((*started + self.interval).into()).await;
+        }
+        let started = Instant::now();
+        // A failure is not kept: the next request tries again.
+        let text = self.inner.scrape(openmetrics).await?;
+        *slot = Some((started, text.clone()));
+        Ok(text)
     }
 }
 
@@ -584,7 +634,7 @@ pub async fn start(addr: Option<&MetricsAddr>, scraper: Scraper) -> anyhow::Resu
         .await
         .map_err(|e| anyhow::anyhow!("--metrics {addr}: {e}"))?;
     info!(%addr, "metrics at http://{addr}/metrics");
-    tokio::spawn(serve(l, scraper));
+    tokio::spawn(serve(l, Throttled::new(scraper, MIN_INTERVAL)));
     Ok(())
 }
 
@@ -969,6 +1019,62 @@ mod tests {
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
         let _l = bind_unix(&shared.join("metrics.sock")).expect("a sticky shared directory");
         std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    /// Counts its scrapes and how many ran at once.
+    #[derive(Clone, Default)]
+    struct Counting {
+        calls: Arc<std::sync::atomic::AtomicUsize>,
+        running: Arc<std::sync::atomic::AtomicUsize>,
+        most: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Scrape for Counting {
+        async fn scrape(&self, _openmetrics: bool) -> Result<String, String> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let n = self.calls.fetch_add(1, SeqCst) + 1;
+            let now = self.running.fetch_add(1, SeqCst) + 1;
+            self.most.fetch_max(now, SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.running.fetch_sub(1, SeqCst);
+            Ok(format!("scrape {n}\n"))
+        }
+    }
+
+    /// Requests at once share scrapes, which never run concurrently nor more often than the
+    /// interval, and never answer with a scrape that started before the request.
+    #[tokio::test]
+    async fn concurrent_requests_share_scrapes_that_are_never_older_than_the_request() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let counting = Counting::default();
+        let interval = Duration::from_millis(200);
+        let t = Throttled::new(counting.clone(), interval);
+        let started = Instant::now();
+        // The first starts a scrape at once; the 19 others, asked while it runs, share the
+        // next one, which starts an interval after it.
+        let answers = futures_util::future::join_all((0..20).map(|_| t.scrape(false))).await;
+        assert_eq!(answers[0], Ok("scrape 1\n".to_owned()));
+        for a in &answers[1..] {
+            assert_eq!(a, &Ok("scrape 2\n".to_owned()));
+        }
+        assert!(started.elapsed() >= interval, "{:?}", started.elapsed());
+        assert_eq!(counting.most.load(SeqCst), 1, "scrapes ran concurrently");
+        // Asked after the last scrape: a new one.
+        assert_eq!(t.scrape(false).await, Ok("scrape 3\n".to_owned()));
+        assert_eq!(t.scrape(true).await, Ok("scrape 4\n".to_owned()));
+        assert_eq!(counting.calls.load(SeqCst), 4);
+
+        // Through the server: every client answered.
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("local_addr");
+        tokio::spawn(serve(Listener::Tcp(l), t.clone()));
+        let answers =
+            futures_util::future::join_all((0..10).map(|_| get(addr, Some("localhost")))).await;
+        for a in &answers {
+            assert_eq!(status(a), "200", "{a}");
+        }
+        assert!(counting.calls.load(SeqCst) <= 4 + 10);
+        assert_eq!(counting.most.load(SeqCst), 1, "scrapes ran concurrently");
     }
 
     fn scratch_dir(tag: &str) -> PathBuf {
