@@ -954,7 +954,8 @@ impl World {
             _ => return Err(DropReason::UnsupportedL3),
         };
         // 2. Addresses; to a container, a container's address that came in through neither its
-        // veth nor its bridge is spoofed, before the rest is parsed (then 3).
+        // veth nor its bridge, or a host address that neither the host's stack sent nor its NAT
+        // brought back through this veth, is spoofed, before the rest is parsed (then 3).
         if let Some(iif) = owner.from_remote {
             let (s, d) = match fam {
                 Fam::V4 => ipv4_addrs(f, ETH_HLEN),
@@ -962,7 +963,7 @@ impl World {
             }?;
             addresses(fam, &s, &d, ep, dir)?;
             let info = self.remote(fam, &s);
-            if info.spoofed(iif) {
+            if info.spoofed(iif, owner.ifindex) {
                 cause.src_identity = info.identity;
                 return Err(DropReason::Spoofed);
             }

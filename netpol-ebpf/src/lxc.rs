@@ -23,8 +23,14 @@
 //!      flooded frame, reaches nobody it was not addressed to. Then the source is looked up
 //!      in the ipcache (once; step 7 reuses it): a container's address that came in through
 //!      neither that container's veth nor its bridge (`skb->ingress_ifindex`) is dropped
-//!      (`Spoofed`), before the packet is parsed further, so no later path (parse errors on an
-//!      unenforced endpoint, fragments, ICMP errors, conntrack) skips it.
+//!      (`Spoofed`), and so is a host address (identity `host`: the host's own addresses and
+//!      Docker gateways) that came in neither from the host's own stack (`ingress_ifindex` 0)
+//!      nor through this endpoint's own veth (the host's NAT of the container's own connection
+//!      to a published port, which `br_netfilter` bridges back to it); from the uplink, a bridge
+//!      or another container's veth it is forged (IPv6 has no martian-source check;
+//!      netpol-common `RemoteInfo::spoofed`). Both come before the packet is parsed further, so
+//!      no later path (parse errors on an unenforced endpoint, fragments, ICMP errors,
+//!      conntrack) skips them.
 //! 3. The IP header (version, IHL of at least 5, total or payload length within the packet),
 //!    extension headers and L4 header are parsed. Bytes past the IP length are padding: they
 //!    pass, but no header is read from them (the L4 header must fit inside the IP length). A
@@ -1078,13 +1084,15 @@ fn event_ports(ev: &mut FlowEvent, l: &L4) {
 }
 
 /// `to_container`: a container's address that came in through neither its veth nor its bridge
-/// (`skb->ingress_ifindex`) is `Spoofed`, before anything else about the packet is looked at:
-/// parsing, fragments, conntrack (established or related) and policy, on every managed endpoint.
+/// (`skb->ingress_ifindex`), or a host address that came neither from the host's own stack nor,
+/// NATed back, through this veth, is `Spoofed`, before anything else
+/// about the packet is looked at: parsing, fragments, conntrack (established or related) and
+/// policy, on every managed endpoint.
 #[inline(always)]
 fn spoof_check(ctx: &TcContext, r: &RemoteInfo, ev: &mut FlowEvent) -> Result<(), DropReason> {
     // SAFETY: the context pointer is valid for the program's lifetime.
-    let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    if r.spoofed(iif) {
+    let (iif, own) = unsafe { ((*ctx.skb.skb).ingress_ifindex, (*ctx.skb.skb).ifindex) };
+    if r.spoofed(iif, own) {
         ev.src_identity = r.identity;
         return Err(DropReason::Spoofed);
     }

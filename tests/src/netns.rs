@@ -263,9 +263,9 @@ impl Topology {
     }
 
     /// A namespace outside the bridge, routed through the host like a neighbour on the uplink:
-    /// `<tag>-<name>` with `eth0` 192.0.2.2/24 and a route to the containers' subnet via the
-    /// host's end `up-<name>` (192.0.2.1/24); the host forwards between the two (IPv4). Returns
-    /// the namespace and the ifindex of the host's end.
+    /// `<tag>-<name>` with `eth0` 192.0.2.2/24 and 2001:db8:2::2/64 and routes to the
+    /// containers' subnets via the host's end `up-<name>` (192.0.2.1/24, 2001:db8:2::1/64); the
+    /// host forwards between the two. Returns the namespace and the ifindex of the host's end.
     pub fn add_outside(&mut self, name: &str) -> (Netns, u32) {
         let ns = Netns {
             name: format!("{}-{name}", self.tag),
@@ -278,8 +278,20 @@ impl Topology {
             "-n", &h, "link", "add", &up, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
         ]);
         ip(&["-n", &h, "addr", "add", "192.0.2.1/24", "dev", &up]);
+        ip(&[
+            "-n",
+            &h,
+            "addr",
+            "add",
+            "2001:db8:2::1/64",
+            "dev",
+            &up,
+            "nodad",
+        ]);
         ip(&["-n", &h, "link", "set", &up, "up"]);
         self.host.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        self.host
+            .run(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
         // No reverse-path filter: as for IPv6, which has none, or a host with it off or loose.
         self.host
             .run(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"]);
@@ -288,8 +300,28 @@ impl Topology {
         let c = &ns.name;
         ip(&["-n", c, "link", "set", "lo", "up"]);
         ip(&["-n", c, "addr", "add", "192.0.2.2/24", "dev", "eth0"]);
+        ip(&[
+            "-n",
+            c,
+            "addr",
+            "add",
+            "2001:db8:2::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         ip(&["-n", c, "link", "set", "eth0", "up"]);
         ip(&["-n", c, "route", "add", "10.77.0.0/24", "via", "192.0.2.1"]);
+        ip(&[
+            "-n",
+            c,
+            "-6",
+            "route",
+            "add",
+            "fd77::/64",
+            "via",
+            "2001:db8:2::1",
+        ]);
         let ifindex = self.host.ifindex(&up);
         (ns, ifindex)
     }
@@ -638,6 +670,8 @@ impl Drop for PinDir {
 /// endpoint <ifindex> <identity> <ipv4|-> <ipv6|-> <ingress 0|1> <egress 0|1>
 /// ipcache <addr>/<len> <identity>
 /// ifaces <addr> <veth ifindex> <bridge ifindex>   (the ipcache entry of a container's address)
+///                         (an identity 1 = host /32 or /128 is a host address, as the agent
+///                         writes it: from the host's stack only)
 /// policy <local> <remote> <in|out> <proto> <port> <prefix_len> <allow|deny> <rule>
 /// attach <ifindex>
 /// detach <ifindex>        (after the attaches)

@@ -10,7 +10,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::Path,
     time::Duration,
 };
@@ -20,10 +20,10 @@ use netpol_agent::datapath::{kernel::KernelDatapath, Datapath, MapSizes};
 use netpol_common::{
     ct::{CtEntry, CtKey4},
     event::FlowEvent,
-    maps, proto, DropReason,
+    identity, maps, proto, DropReason,
 };
 use netpol_tests::{
-    netns::{unique_tag, DatapathPlan, Netns, PinDir, PlanPolicy, Topology},
+    netns::{unique_tag, wait_for, DatapathPlan, Netns, PinDir, PlanPolicy, Topology},
     require_root,
 };
 
@@ -228,6 +228,203 @@ fn container_address_from_elsewhere_is_dropped_as_spoofed() {
     real.send_to(b"routed", db_addr).expect("send");
     let (got, _) = recv(&server).expect("db receives app1 routed by the host");
     assert_eq!(got, b"routed");
+}
+
+/// A datagram from the host's own address that did not come from the host. db takes UDP only
+/// from `host` (a healthcheck rule). A neighbour routed in through the host's uplink claims the
+/// gateway's address, or another address of the host's: IPv6 has no martian-source check, so
+/// the host forwards it to db as from the host; IPv4 drops a local source itself unless
+/// `accept_local` is set, which lets it through too. netpol drops both as spoofed, and also
+/// the gateway's address bridged from a port that netpol does not manage (no martian check
+/// for bridged frames in either family); a managed container cannot send it at all
+/// (`from_container`). The host's own datagrams and TCP connections still get through.
+#[test]
+fn host_address_from_outside_is_dropped_as_spoofed() {
+    if !require_root("host_address_from_outside_is_dropped_as_spoofed") {
+        return;
+    }
+    let mut t = Topology::new(&unique_tag("nct-host"), &["db", "app1", "rogue"]);
+    let (outside, uplink) = t.add_outside("nh");
+    // Another of the host's addresses, not on the link (as a host's public address on `lo`).
+    let other: [IpAddr; 2] = [
+        "198.51.100.1".parse().unwrap(),
+        "2001:db8:3::1".parse().unwrap(),
+    ];
+    for a in other {
+        t.host
+            .run(&["ip", "addr", "add", &a.to_string(), "dev", "lo"]);
+    }
+    let db = t.container("db");
+    let (app1, rogue) = (t.container("app1"), t.container("rogue"));
+    let server = |a: IpAddr| udp(&db.ns, SocketAddr::new(a, DNS));
+    let servers = [server(IpAddr::V4(db.ipv4)), server(IpAddr::V6(db.ipv6))];
+    let to = |v6: bool| {
+        SocketAddr::new(
+            if v6 {
+                IpAddr::V6(db.ipv6)
+            } else {
+                IpAddr::V4(db.ipv4)
+            },
+            DNS,
+        )
+    };
+    let gateway = [IpAddr::V4(t.gateway4), IpAddr::V6(t.gateway6)];
+    // Sends from `ns` with source `src` (made one of `ns`'s addresses, on `lo`; ARP keeps
+    // naming the interface's own address), to db.
+    let send_from = |ns: &Netns, src: IpAddr, what: &str| {
+        let a = format!("{src}/{}", if src.is_ipv4() { 32 } else { 128 });
+        let lo = ns.run(&["ip", "addr", "show", "dev", "lo"]);
+        if !String::from_utf8_lossy(&lo.stdout).contains(&a) {
+            ns.run(&["ip", "addr", "add", &a, "dev", "lo"]);
+            ns.run(&["sysctl", "-qw", "net.ipv4.conf.all.arp_announce=2"]);
+        }
+        udp(ns, SocketAddr::new(src, 0))
+            .send_to(what.as_bytes(), to(src.is_ipv6()))
+            .expect("send");
+    };
+    // The next datagram db receives within `wait`, as (payload, source).
+    let got_within = |v6: bool, wait: Duration| {
+        let s = &servers[usize::from(v6)];
+        s.set_read_timeout(Some(wait)).expect("read timeout");
+        recv(s).map(|(p, from)| (String::from_utf8_lossy(&p).into_owned(), from.ip()))
+    };
+    let got = |v6: bool, _what: &str| got_within(v6, WAIT);
+
+    // Without netpol: IPv6 from outside with the gateway's address reaches db as the host's;
+    // IPv4 only with `accept_local` on the uplink.
+    // The outside reaches db with its own addresses first (its new link can take a moment).
+    for own in ["192.0.2.2", "2001:db8:2::2"] {
+        let own: IpAddr = own.parse().unwrap();
+        let s = udp(&outside, SocketAddr::new(own, 0));
+        wait_for(
+            "the outside namespace reaching db",
+            Duration::from_secs(10),
+            || {
+                s.send_to(b"hello", to(own.is_ipv6())).expect("send");
+                got_within(own.is_ipv6(), Duration::from_millis(100))
+            },
+        );
+    }
+    // Hellos that were queued behind neighbour discovery may still come: none is left unread.
+    for v6 in [false, true] {
+        while got_within(v6, Duration::from_millis(100)).is_some() {}
+    }
+    send_from(&outside, gateway[1], "v6 forged");
+    assert_eq!(
+        got(true, "v6"),
+        Some(("v6 forged".into(), gateway[1])),
+        "the attack needs no netpol bug to work"
+    );
+    send_from(&outside, gateway[0], "v4 forged");
+    assert_eq!(
+        got(false, "v4"),
+        None,
+        "Linux drops an IPv4 local source from outside"
+    );
+    let accept_local = |on: u8| {
+        t.host.run(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.up-nh.accept_local={on}"),
+        ]);
+    };
+    accept_local(1);
+    send_from(&outside, gateway[0], "v4 forged");
+    assert_eq!(
+        got(false, "v4"),
+        Some(("v4 forged".into(), gateway[0])),
+        "with accept_local it passes"
+    );
+    accept_local(0);
+
+    // db takes UDP 5353 and TCP 5432 from `host` only; app1 is managed, not policed; rogue is
+    // a port on the bridge that netpol does not manage.
+    let pins = PinDir::unique("nct-host");
+    let mut p = DatapathPlan::default();
+    p.container(app1, APP1, false, false);
+    p.container(db, DB, true, false);
+    for a in gateway.into_iter().chain(other) {
+        p.ipcache
+            .push((a, if a.is_ipv4() { 32 } else { 128 }, identity::HOST));
+    }
+    p.policy
+        .push(PlanPolicy::allow_in(DB, identity::HOST, proto::UDP, DNS, 1));
+    p.policy
+        .push(PlanPolicy::allow_in(DB, identity::HOST, proto::TCP, PG, 2));
+    load(&pins, &t, &p);
+    let dp = adopt(&t, pins.path());
+    let _pg = push_server(
+        &db.ns,
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), PG),
+    );
+
+    // Each forged datagram is one more `Spoofed` drop and never reaches db.
+    let dropped = |from: &Netns, src: IpAddr, what: &str| {
+        let before = drops(&dp, DropReason::Spoofed);
+        send_from(from, src, what);
+        wait_for(
+            &format!("{what}: a Spoofed drop"),
+            Duration::from_secs(5),
+            || (drops(&dp, DropReason::Spoofed) > before).then_some(()),
+        );
+        assert_eq!(drops(&dp, DropReason::Spoofed), before + 1, "{what}");
+        // Dropped: it cannot come any more (a short look, for anything else that came).
+        let late = got_within(src.is_ipv6(), Duration::from_millis(50));
+        assert_eq!(late, None, "{what} reached db");
+    };
+    dropped(&outside, gateway[1], "v6 gateway from outside");
+    dropped(&outside, other[1], "v6 host address from outside");
+    let before = drops(&dp, DropReason::Spoofed);
+    send_from(&outside, gateway[0], "v4 forged");
+    assert_eq!(
+        got(false, "v4"),
+        None,
+        "Linux drops an IPv4 local source from outside"
+    );
+    assert_eq!(
+        drops(&dp, DropReason::Spoofed),
+        before,
+        "dropped by Linux before netpol"
+    );
+    accept_local(1);
+    dropped(
+        &outside,
+        gateway[0],
+        "v4 gateway from outside (accept_local)",
+    );
+    dropped(
+        &outside,
+        other[0],
+        "v4 host address from outside (accept_local)",
+    );
+    accept_local(0);
+    for a in gateway {
+        dropped(&rogue.ns, a, &format!("{a} bridged from an unmanaged port"));
+        dropped(&app1.ns, a, &format!("{a} from a managed container"));
+    }
+
+    // The host itself: its datagrams (from the gateway's address, the one it picks for the
+    // bridge, and from its other address) and a TCP connection pass.
+    for a in gateway.into_iter().chain(other) {
+        let what = format!("from the host's {a}");
+        udp(&t.host, SocketAddr::new(a, 0))
+            .send_to(what.as_bytes(), to(a.is_ipv6()))
+            .expect("send");
+        assert_eq!(got(a.is_ipv6(), &what), Some((what.clone(), a)), "{what}");
+    }
+    for f in [IpAddr::V4(db.ipv4), IpAddr::V6(db.ipv6)] {
+        let c = netpol_tests::netns::tcp_connect(
+            &t.host,
+            SocketAddr::new(f, PG),
+            Duration::from_secs(5),
+        );
+        assert_eq!(
+            c,
+            netpol_tests::netns::Connect::Connected,
+            "the host -> db:{PG} over {f}"
+        );
+    }
+    let _ = uplink;
 }
 
 /// A TCP server in `ns` that accepts one connection and keeps it, so a test can push data.

@@ -3013,6 +3013,151 @@ fn container_address_from_elsewhere_is_spoofed(fam: Fam) {
     }
 }
 
+/// A host address (identity `host`: the host's own, a gateway's) must come from the host's own
+/// stack (`ingress_ifindex` 0) or, NATed back by the host, through the endpoint's own veth (a
+/// container's connection to its own published port, masqueraded to the gateway). From the
+/// uplink, a bridge or another container's veth it is forged (IPv6 has no martian-source check,
+/// so an on-link neighbour could claim the host's address and pass `fromEntities: [host]`):
+/// spoofed, before conntrack and policy, also where nothing is enforced.
+fn host_address_from_elsewhere_is_spoofed(fam: Fam) {
+    const UPLINK: u32 = 5;
+    const OTHER_VETH: u32 = 7;
+    const BRIDGE: u32 = 9;
+    let db_if = private_netns_with_veths(&["npt-hdb"])[0];
+    let gateway = Host {
+        v4: [10, 0, 0, 1],
+        v6: v6(1, ULA),
+        id: identity::HOST,
+    };
+    let uplink_addr = Host {
+        v4: [192, 0, 2, 1],
+        v6: v6(1, DOC),
+        id: identity::HOST,
+    };
+    for enforced in [true, false] {
+        let mut dp = Dp::new();
+        for h in [&DB, &APP1, &APP2] {
+            dp.ipcache(h);
+        }
+        dp.endpoint(db_if, &DB, enforced, enforced);
+        dp.ipcache_info(&gateway, RemoteInfo::host());
+        dp.ipcache_info(&uplink_addr, RemoteInfo::host());
+        for (port, rule) in [(5432, 4), (80, 5)] {
+            let dir = if port == 80 {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            };
+            dp.allow(
+                &DB,
+                identity::HOST,
+                dir,
+                proto::TCP,
+                port,
+                policy::FULL_PREFIX,
+                rule,
+            );
+        }
+        let forged = [
+            (&gateway, LO),
+            (&gateway, UPLINK),
+            (&gateway, BRIDGE),
+            (&gateway, OTHER_VETH),
+            (&uplink_addr, UPLINK),
+            (&uplink_addr, BRIDGE),
+            (&uplink_addr, OTHER_VETH),
+        ];
+        for (i, (h, iif)) in forged.iter().enumerate() {
+            let syn = fam.tcp(h, &DB, 40000 + i as u16, 5432, TCP_SYN);
+            assert_eq!(
+                dp.run_via(To, db_if, *iif, &syn),
+                SHOT,
+                "{:?} via {iif} (enforced: {enforced})",
+                h.v4
+            );
+        }
+        assert_eq!(dp.ct_len(), 0, "a spoofed packet creates no entry");
+        assert_drops(&dp, Some(DropReason::Spoofed), forged.len() as u64);
+        let events = dp.events();
+        assert_eq!(events.len(), forged.len());
+        for (e, (h, _)) in events.iter().zip(&forged) {
+            assert_eq!(
+                (e.reason, e.ifindex, e.src_identity, e.dst_identity, e.saddr),
+                (
+                    DropReason::Spoofed as u8,
+                    db_if,
+                    identity::HOST,
+                    DB.id,
+                    fam.ev_addr(h)
+                ),
+                "spoofed event"
+            );
+        }
+        let real = [
+            (&gateway, 0),
+            (&gateway, db_if),
+            (&uplink_addr, 0),
+            (&uplink_addr, db_if),
+        ];
+        for (i, (h, iif)) in real.iter().enumerate() {
+            let syn = fam.tcp(h, &DB, 41000 + i as u16, 5432, TCP_SYN);
+            assert_eq!(
+                dp.run_via(To, db_if, *iif, &syn),
+                PASS,
+                "{:?} via {iif}",
+                h.v4
+            );
+        }
+
+        // db → the host's :80: a forged reply is not a reply, and does not touch the flow.
+        assert_eq!(
+            dp.run_on(From, db_if, &fam.tcp(&DB, &uplink_addr, 42000, 80, TCP_SYN)),
+            PASS
+        );
+        let synack = fam.tcp(&uplink_addr, &DB, 80, 42000, TCP_SYN | TCP_ACK);
+        assert_eq!(
+            dp.run_via(To, db_if, UPLINK, &synack),
+            SHOT,
+            "a forged reply from the uplink"
+        );
+        let k = ct_key(fam, &DB, &uplink_addr, 42000, 80, proto::TCP, CtDir::Egress);
+        assert_eq!(
+            dp.ct(k).unwrap().flags,
+            0,
+            "the forged reply did not touch the flow"
+        );
+        assert_eq!(dp.run_via(To, db_if, 0, &synack), PASS, "the real reply");
+        // Before the rest is parsed: one that does not parse is spoofed, not passed unpoliced.
+        let mut cut = fam.tcp(&gateway, &DB, 40100, 5432, TCP_ACK);
+        cut.truncate(cut.len() - 8);
+        assert_eq!(
+            dp.run_via(To, db_if, UPLINK, &cut),
+            SHOT,
+            "cut (enforced: {enforced})"
+        );
+        assert_eq!(dp.drops(DropReason::Spoofed), forged.len() as u64 + 2);
+        // A `world` address from the uplink is not a host address: for policy (none allows it).
+        let w = fam.tcp(&WORLD, &DB, 40200, 5432, TCP_SYN);
+        let want = if enforced { SHOT } else { PASS };
+        assert_eq!(dp.run_via(To, db_if, UPLINK, &w), want, "world");
+        assert_eq!(dp.drops(DropReason::Spoofed), forged.len() as u64 + 2);
+    }
+}
+
+#[test]
+fn host_address_from_elsewhere_is_spoofed_v4() {
+    if require_root("host_address_from_elsewhere_is_spoofed_v4") {
+        host_address_from_elsewhere_is_spoofed(V4);
+    }
+}
+
+#[test]
+fn host_address_from_elsewhere_is_spoofed_v6() {
+    if require_root("host_address_from_elsewhere_is_spoofed_v6") {
+        host_address_from_elsewhere_is_spoofed(V6);
+    }
+}
+
 #[test]
 fn container_address_from_elsewhere_is_spoofed_v4() {
     if require_root("container_address_from_elsewhere_is_spoofed_v4") {

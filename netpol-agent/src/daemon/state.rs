@@ -541,17 +541,15 @@ impl Agent {
         for (cidr, id) in cidr_identities {
             d.maps.ipcache.entry(*cidr).or_insert(RemoteInfo::new(*id));
         }
+        // The host's addresses, gateways included: sent by the host's own stack (or NATed back
+        // to a container through its own veth); from anywhere else the datapath drops them.
         for n in self.networks.values() {
             for g in &n.gateways {
-                d.maps
-                    .ipcache
-                    .insert(Cidr::host(*g), RemoteInfo::new(reserved::HOST));
+                d.maps.ipcache.insert(Cidr::host(*g), RemoteInfo::host());
             }
         }
         for a in &self.host_addrs {
-            d.maps
-                .ipcache
-                .insert(Cidr::host(*a), RemoteInfo::new(reserved::HOST));
+            d.maps.ipcache.insert(Cidr::host(*a), RemoteInfo::host());
         }
         self.names.clear();
         for c in &containers {

@@ -14,6 +14,7 @@ use netpol_agent::datapath::{
 };
 use netpol_common::{
     endpoint::Endpoint,
+    identity,
     ipcache::RemoteInfo,
     policy::{PolicyKey, PolicyValue},
     Direction,
@@ -72,6 +73,8 @@ fn run() -> anyhow::Result<()> {
     for (addr, len, id) in &plan.ipcache {
         let full = *len == if addr.is_ipv4() { 32 } else { 128 };
         let info = match plan.ifaces.iter().find(|(a, _, _)| a == addr) {
+            // A host address, as the agent writes it.
+            _ if full && *id == identity::HOST => RemoteInfo::host(),
             Some((_, veth, bridge)) if full => RemoteInfo::container(*id, *veth, *bridge),
             _ => RemoteInfo::new(*id),
         };

@@ -217,10 +217,12 @@ pub enum Via {
     Own,
     /// Another endpoint's veth (bridged from that container).
     Veth(usize),
-    /// The uplink (routed from outside, or sent by the host).
+    /// The uplink (routed from outside).
     Uplink,
     /// The containers' bridge (a container's packet routed by the host, not bridged).
     Bridge,
+    /// None: sent by the host's own stack (`ingress_ifindex` 0).
+    Host,
 }
 
 /// A generated case: the maps' contents before the first packet, and the packets.
@@ -354,10 +356,10 @@ impl Case {
         }
         world
             .ipcache4
-            .push((32, NODES[GATEWAY].v4, RemoteInfo::new(identity::HOST)));
+            .push((32, NODES[GATEWAY].v4, RemoteInfo::host()));
         world
             .ipcache6
-            .push((128, NODES[GATEWAY].v6, RemoteInfo::new(identity::HOST)));
+            .push((128, NODES[GATEWAY].v6, RemoteInfo::host()));
         if rng.chance(50) {
             world
                 .ipcache4
@@ -796,10 +798,21 @@ impl Gen {
     }
 
     /// Where a packet from `src` enters the host: a container's packets through its veth
-    /// (mostly: a forged one comes from elsewhere), others through the uplink.
+    /// (mostly: a forged one comes from elsewhere), the host's from its own stack (mostly:
+    /// also NATed back through the own veth, or forged from elsewhere), others
+    /// through the uplink.
     fn via(&mut self, dir: Direction, fam: Fam, src: &[u8; 16]) -> Via {
         if dir == Direction::Egress {
             return Via::Own;
+        }
+        if *src == addr(&NODES[GATEWAY], fam) {
+            return match self.rng.below(10) {
+                0..=5 => Via::Host,
+                6 => Via::Bridge,
+                7 => Via::Own,
+                8 => Via::Uplink,
+                _ => Via::Veth(self.rng.below(self.n_veths)),
+            };
         }
         let owner = (0..self.n_veths)
             .find(|&v| self.ep_node[v].is_some_and(|n| addr(&NODES[n], fam) == *src));

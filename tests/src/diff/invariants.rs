@@ -34,6 +34,11 @@ pub struct Checks {
     pub container_source_before_policy: bool,
     pub container_source_related: bool,
     pub container_source_conntrack: bool,
+    /// To a container, a packet from a host address (identity `host`) only if the host's own
+    /// stack sent it (`ingress_ifindex` 0), or it came in through the receiving endpoint's own
+    /// veth (the host's NAT of its own connection): never from the uplink, a bridge or another
+    /// veth.
+    pub host_source: bool,
     /// Hole 3: see [`icmp_related`].
     pub icmp_error_to_peer: bool,
     /// Hole 2: no router advertisement or redirect from a container; ND with hop limit 255, MLD
@@ -51,6 +56,7 @@ impl Checks {
         container_source_before_policy: true,
         container_source_related: true,
         container_source_conntrack: true,
+        host_source: true,
         icmp_error_to_peer: true,
         neighbour_rules: true,
     };
@@ -310,6 +316,12 @@ pub fn violated(
                         .find(|(l, a, _)| *l == 32 && a[..] == *ip.src)
                         .map(|e| e.2)
                 };
+                let host = info.is_some_and(|i| i.identity == identity::HOST);
+                if host && c.host_source && ![0, ifindex].contains(&ingress_ifindex) {
+                    return Some(format!(
+                        "host source: a host address came in on ifindex {ingress_ifindex}"
+                    ));
+                }
                 if let Some(i) = info {
                     if i.ifindex != 0
                         && ingress_ifindex != i.ifindex

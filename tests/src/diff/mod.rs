@@ -16,6 +16,7 @@ use netpol_common::{
     ct::CtEntry,
     event::FlowEvent,
     frag::{Frag4Key, Frag6Key, FragL4},
+    ipcache::RemoteInfo,
     maps,
     model::{CtKey, FragKey, Verdict, Why, World},
     Direction,
@@ -290,13 +291,18 @@ impl Runner {
             gen::BRIDGE_SLOT => self.bridge,
             v => self.ifindexes[v as usize - 1],
         };
+        // A host address (`ifindex` 0) keeps its `NO_IFINDEX`.
+        let info_iface = |info: &mut RemoteInfo| {
+            if info.ifindex != 0 {
+                info.ifindex = iface(info.ifindex);
+                info.bridge_ifindex = iface(info.bridge_ifindex);
+            }
+        };
         for (_, _, info) in model.ipcache4.iter_mut() {
-            info.ifindex = iface(info.ifindex);
-            info.bridge_ifindex = iface(info.bridge_ifindex);
+            info_iface(info);
         }
         for (_, _, info) in model.ipcache6.iter_mut() {
-            info.ifindex = iface(info.ifindex);
-            info.bridge_ifindex = iface(info.bridge_ifindex);
+            info_iface(info);
         }
         for ((_, e), off) in model.ct.iter_mut().zip(&case.ct_offsets) {
             e.expires_ns = start.saturating_add_signed(*off);
@@ -337,6 +343,7 @@ impl Runner {
                 Via::Veth(v) => self.ifindexes[v],
                 Via::Uplink => self.uplink,
                 Via::Bridge => self.bridge,
+                Via::Host => 0,
             };
             let verdict = model.run_via(ifindex, via, s.dir, &s.frame, now);
             if let Verdict::Pass(why) = verdict {
