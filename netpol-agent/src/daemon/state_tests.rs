@@ -1217,6 +1217,103 @@ fn rule_counters_keep_naming_their_rule_across_edits_and_restarts() {
     assert!(stats.lock().unwrap().is_empty());
 }
 
+/// A damaged, truncated or hostile `rule-ids.json` never stops the agent nor makes a counter of
+/// the maps name another rule: the agent starts, enforces as before, and a rule whose number
+/// the table cannot vouch for gets one above every number in the maps (or, once the range is
+/// said to be used up, a number whose old counters are removed first).
+#[test]
+fn a_damaged_rule_id_table_never_stops_the_agent_nor_misnames_a_counter() {
+    use netpol_common::stats::{RuleStats, RuleStatsKey};
+    let dirs = Dirs::new("rule-ids-damaged");
+    let (db, app1) = (service(2, "db", &[]), service(3, "app1", &[]));
+    let dp = FakeDatapath::new(MapSizes::default());
+    let stats = dp.rule_stats.clone();
+    let mut a = agent_on(&dirs, dp);
+    snapshot(&mut a, &[&db, &app1]);
+    import(&mut a, "db.yaml", &db_accepts("app1", "TCP")).expect("import");
+    let db_rule = |a: &Agent| -> u32 {
+        let ids: std::collections::BTreeSet<u32> =
+            maps(a).policy.values().map(|v| v.rule).collect();
+        assert_eq!(ids.len(), 1, "{ids:?}");
+        let id = *ids.iter().next().expect("one rule");
+        let names = a.metrics_view().rules;
+        assert!(
+            names.get(&id).is_some_and(|r| r.policy == "db"),
+            "{id} in {names:?}"
+        );
+        id
+    };
+    let first = db_rule(&a);
+    let db_id = maps(&a).endpoints[&ifindex(&db)].identity;
+    let before = maps(&a);
+    drop(a);
+    let table = dirs.state().join("rule-ids.json");
+    let good = std::fs::read(&table).expect("the table was saved");
+    let n = good.len();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", Vec::new()),
+        ("truncated", good[..n / 2].to_vec()),
+        ("garbage", b"\x00\xff{not json".to_vec()),
+        ("not a table", b"[1, 2, 3]".to_vec()),
+        (
+            "duplicate ids",
+            br#"{"next": 9, "rules": [{"id": 4, "policy": "a", "selector": "{}", "section": "ingress", "rule": "x"}, {"id": 4, "policy": "b", "selector": "{}", "section": "ingress", "rule": "x"}]}"#.to_vec(),
+        ),
+        (
+            "id 0",
+            br#"{"next": 9, "rules": [{"id": 0, "policy": "a", "selector": "{}", "section": "ingress", "rule": "x"}]}"#.to_vec(),
+        ),
+        ("range used up", br#"{"next": 4294967295, "rules": []}"#.to_vec()),
+        (
+            "the last id",
+            br#"{"next": 1, "rules": [{"id": 4294967295, "policy": "a", "selector": "{}", "section": "ingress", "rule": "x"}]}"#.to_vec(),
+        ),
+        ("next 0", br#"{"next": 0, "rules": []}"#.to_vec()),
+    ];
+    for (what, bytes) in cases {
+        std::fs::write(&table, &bytes).expect("write");
+        // What the kernel counted for db's rule under its number in the maps.
+        stats.lock().unwrap().clear();
+        stats.lock().unwrap().insert(
+            RuleStatsKey::new(first, db_id, Ingress),
+            RuleStats {
+                allowed: 7,
+                ..RuleStats::default()
+            },
+        );
+        let mut dp = FakeDatapath::new(MapSizes::default());
+        dp.state = before.clone();
+        dp.rule_stats = stats.clone();
+        let mut a = agent_on(&dirs, dp);
+        snapshot(&mut a, &[&db, &app1]);
+        let m = maps(&a);
+        assert_eq!(m.endpoints, before.endpoints, "{what}: enforcement changed");
+        let strip = |m: &MapState| -> Vec<PolicyEntryKey> { m.policy.keys().copied().collect() };
+        assert_eq!(strip(&m), strip(&before), "{what}: other entries");
+        let now = db_rule(&a);
+        let counters: Vec<(u32, u64)> = stats
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.rule, v.allowed))
+            .collect();
+        // The old counter survives only under its own rule's number.
+        for (rule, _) in &counters {
+            assert_eq!(
+                *rule, now,
+                "{what}: a counter of rule {rule} left beside {now}"
+            );
+        }
+        if now == first {
+            assert!(
+                counters.is_empty(),
+                "{what}: db's number {now} came from a table that cannot vouch for it, yet its old counter {counters:?} stayed"
+            );
+        }
+        drop(a);
+    }
+}
+
 /// Containers coming and going one Docker event at a time (each reconcile compiles only the
 /// identities the change concerns) leave exactly the maps that an agent compiling everything
 /// from scratch writes for the same containers, with selectors between services.
