@@ -225,3 +225,122 @@ fn incremental_compile_refuses_what_a_full_compile_refuses() {
     assert_eq!(e.to_string(), full.to_string());
     assert!(e.to_string().contains("big ingress[0]"), "{e}");
 }
+
+/// A rule of two endpoint selectors, one with two labels (peer kinds cannot be combined in one
+/// rule).
+fn two_label_rule(rng: &mut Rng, to: bool) -> String {
+    let side = if to { "to" } else { "from" };
+    let two = format!(
+        "{{matchLabels: {{{}: {}, {}: {}}}}}",
+        KEYS[0],
+        rng.pick(VALUES),
+        KEYS[1 + rng.below(2)],
+        rng.pick(VALUES)
+    );
+    let mut parts = vec![format!("{side}Endpoints: [{two}, {}]", selector(rng))];
+    if rng.chance(50) {
+        parts.push("toPorts: [{ports: [{port: \"80\", protocol: TCP}]}]".into());
+    }
+    format!("  - {{{}}}\n", parts.join(", "))
+}
+
+/// A policy of several specs (`specs:`), each with its own selector, sections and rules.
+fn multi_spec_policy(rng: &mut Rng, n: usize) -> String {
+    let audit = if rng.chance(20) {
+        ", annotations: {netpol.io/audit: \"true\"}"
+    } else {
+        ""
+    };
+    let mut s = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: m{n}{audit}}}\nspecs:\n"
+    );
+    for _ in 0..2 + rng.below(2) {
+        s += &format!("- endpointSelector: {}\n", selector(rng));
+        if rng.chance(25) {
+            s += &format!(
+                "  enableDefaultDeny: {{ingress: {}, egress: {}}}\n",
+                rng.chance(50),
+                rng.chance(50)
+            );
+        }
+        let mut any = false;
+        for (section, to) in [
+            ("ingress", false),
+            ("ingressDeny", false),
+            ("egress", true),
+            ("egressDeny", true),
+        ] {
+            if rng.chance(50) || (!any && section == "egressDeny") {
+                any = true;
+                s += &format!("  {section}:\n");
+                for _ in 0..1 + rng.below(2) {
+                    s += &if rng.chance(50) {
+                        two_label_rule(rng, to)
+                    } else {
+                        rule(rng, to)
+                    };
+                }
+            }
+        }
+    }
+    s
+}
+
+/// The same differential check with several-spec policies, two-label peer selectors, numbers
+/// freed and given to other labels, and longer runs of changes.
+#[test]
+fn incremental_compile_equals_a_full_compile_with_multi_spec_policies() {
+    let mut rng = Rng(0x5eed_0002);
+    for round in 0..40 {
+        let mut text: Vec<String> = (0..1 + rng.below(3))
+            .map(|i| multi_spec_policy(&mut rng, i))
+            .collect();
+        for i in 0..rng.below(2) {
+            text.push(policy(&mut rng, i));
+        }
+        let text = text.join("---\n");
+        let p = match parse_str("random.yaml", &text) {
+            Ok(p) => p,
+            Err(e) => panic!("generated policy does not parse:\n{text}\n{e}"),
+        };
+        let mut eps: Endpoints = BTreeMap::new();
+        let mut next_id = FIRST_LABEL;
+        for _ in 0..rng.below(8) {
+            eps.insert(next_id, labels(&mut rng));
+            next_id += 1;
+        }
+        let mut inc = compile(&p, &eps).expect("compile");
+        for step in 0..20 {
+            let before = eps.clone();
+            for _ in 0..1 + rng.below(3) {
+                let ids: Vec<u32> = eps.keys().copied().collect();
+                match rng.below(5) {
+                    0 | 1 => {
+                        eps.insert(next_id, labels(&mut rng));
+                        next_id += 1;
+                    }
+                    2 if !ids.is_empty() => {
+                        eps.remove(&ids[rng.below(ids.len())]);
+                    }
+                    // A freed number given to other labels.
+                    3 if !ids.is_empty() => {
+                        let id = ids[rng.below(ids.len())];
+                        eps.remove(&id);
+                        eps.insert(id, labels(&mut rng));
+                    }
+                    _ if !ids.is_empty() => {
+                        eps.insert(ids[rng.below(ids.len())], labels(&mut rng));
+                    }
+                    _ => {}
+                }
+            }
+            let table = inc.rule_ids.clone().settled();
+            let full = compile_stable(&p, &eps, &inc.cidr_identities, &table).expect("compile");
+            inc = recompile_endpoints(&inc, &p, &before, &eps, &table).expect("recompile");
+            assert_eq!(
+                inc, full,
+                "round {round} step {step}: incremental differs from a full compile\n{text}\nbefore: {before:?}\nafter: {eps:?}"
+            );
+        }
+    }
+}
