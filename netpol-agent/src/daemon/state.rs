@@ -69,6 +69,32 @@ fn load_rule_ids(store: &Store, dp: &dyn Datapath) -> RuleIds {
     }
 }
 
+/// One more than the highest label identity in the maps (`ENDPOINTS`, the ipcache, `POLICY`'s
+/// locals and remotes), 0 when none or unreadable. Identities are written after the maps (in
+/// `run` by a background task), so an agent killed in between leaves numbers in the maps that
+/// `identities.json` lacks; given to other labels, a container would have, until the reconcile
+/// removes the stale `POLICY` entries (last, after the ipcache), the allowances of the one that
+/// held the number. New label sets start above them instead.
+fn identity_floor(dp: &dyn Datapath) -> u32 {
+    let label = |id: u32| (reserved::FIRST_LABEL..crate::identity::FIRST_CIDR).contains(&id);
+    let cur = match dp.current() {
+        Ok(cur) => cur,
+        Err(e) => {
+            warn!(error = %e, "reading the maps for the identities in use");
+            return 0;
+        }
+    };
+    let ids = cur
+        .endpoints
+        .values()
+        .map(|e| e.identity)
+        .chain(cur.ipcache.values().map(|v| v.identity))
+        .chain(cur.policy.keys().flat_map(|k| [k.key.local, k.key.remote]));
+    ids.filter(|&id| label(id))
+        .max()
+        .map_or(0, |m| m.saturating_add(1))
+}
+
 /// What the label source reads of a container.
 fn labels_of(c: &Container) -> ContainerLabels<'_> {
     ContainerLabels {
@@ -170,10 +196,11 @@ impl Agent {
         filter: LabelFilter,
         policy_dir: PathBuf,
     ) -> Result<Self, AgentError> {
-        let ids = match store.load_identities()? {
+        let mut ids = match store.load_identities()? {
             Some(state) => IdentityAllocator::load(state)?,
             None => IdentityAllocator::new(),
         };
+        let ids_dirty = ids.raise_next(identity_floor(dp.as_ref()));
         let sources = Sources::load(&store, policy_dir, &filter)?;
         let rule_ids = load_rule_ids(&store, dp.as_ref());
         info!(
@@ -186,7 +213,7 @@ impl Agent {
             store,
             filter,
             ids,
-            ids_dirty: false,
+            ids_dirty,
             background_saves: None,
             save_generation: 0,
             sources,

@@ -1217,6 +1217,49 @@ fn rule_counters_keep_naming_their_rule_across_edits_and_restarts() {
     assert!(stats.lock().unwrap().is_empty());
 }
 
+/// Identities are written after the maps (in `run` by a background task): an agent killed in
+/// between leaves maps that use a number `identities.json` does not have. The next agent must
+/// not give that number to other labels: its reconcile writes the ipcache first and removes
+/// stale `POLICY` entries last, so in between a container with the reused number would have the
+/// allowances of the one that held it (a new flow then, and its conntrack entry, would outlive
+/// the reconcile).
+#[test]
+fn a_number_in_the_maps_is_not_given_to_other_labels_after_a_lost_identity_write() {
+    let dirs = Dirs::new("lost-identities");
+    let (db, app1) = (service(2, "db", &[]), service(9, "app1", &[]));
+    let evil = service(5, "evil", &[]);
+    let mut a = agent_on(&dirs, FakeDatapath::new(MapSizes::default()));
+    snapshot(&mut a, &[&db]);
+    import(&mut a, "db.yaml", &db_accepts("app1", "TCP")).expect("import");
+    let ids = dirs.state().join("identities.json");
+    let written = std::fs::read(&ids).expect("identities saved");
+    // app1 starts; its identity reaches the maps, the write of identities.json is lost.
+    snapshot(&mut a, &[&db, &app1]);
+    assert!(connects(&a, &app1, &db, 5432));
+    let before = maps(&a);
+    let app1_id = before.endpoints[&ifindex(&app1)].identity;
+    drop(a);
+    std::fs::write(&ids, &written).expect("the lost write");
+
+    let mut dp = FakeDatapath::new(MapSizes::default());
+    dp.state = before.clone();
+    let mut a = agent_on(&dirs, dp);
+    // evil's container sorts before app1's: it is identified first.
+    snapshot(&mut a, &[&evil, &db, &app1]);
+    let after = maps(&a);
+    let evil_id = after.endpoints[&ifindex(&evil)].identity;
+    assert_ne!(evil_id, app1_id, "evil got the number app1 had in the maps");
+    // The reconcile's window: new ipcache, old POLICY entries.
+    let mut window = after.clone();
+    window.policy = before.policy.clone();
+    assert!(
+        !passes(&window, &db, &evil, Ingress, 5432),
+        "while the reconcile runs, evil reaches db:5432 with app1's allowance"
+    );
+    assert!(connects(&a, &app1, &db, 5432), "app1 still reaches db");
+    assert!(!connects(&a, &evil, &db, 5432));
+}
+
 /// A damaged, truncated or hostile `rule-ids.json` never stops the agent nor makes a counter of
 /// the maps name another rule: the agent starts, enforces as before, and a rule whose number
 /// the table cannot vouch for gets one above every number in the maps (or, once the range is

@@ -261,6 +261,16 @@ impl IdentityAllocator {
             .ok_or(IdentityError::Exhausted)
     }
 
+    /// Makes `floor` and the numbers above it the ones new label sets get first (never lowers
+    /// the next number; a floor outside the label range changes nothing). Whether it moved.
+    pub fn raise_next(&mut self, floor: u32) -> bool {
+        if (FIRST_LABEL..=LAST_LABEL).contains(&floor) && floor > self.next {
+            self.next = floor;
+            return true;
+        }
+        false
+    }
+
     /// The identity of `labels`, if allocated.
     pub fn lookup(&self, labels: &Labels) -> Option<u32> {
         self.by_labels.get(labels).copied()
