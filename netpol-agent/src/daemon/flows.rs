@@ -350,30 +350,8 @@ pub fn spawn_checker(
         let mut warned = false;
         loop {
             tick.tick().await;
-            let probes = match table.lock() {
-                Ok(t) => t.probes(),
-                Err(_) => return,
-            };
-            if probes.is_empty() {
-                continue;
-            }
-            let ct = ct.clone();
-            let looked = tokio::task::spawn_blocking(move || {
-                ct.lookup_all(&probes).map(|seen| {
-                    probes
-                        .into_iter()
-                        .zip(seen)
-                        .collect::<Vec<(CtProbe, CtSeen)>>()
-                })
-            })
-            .await;
-            match looked {
-                Ok(Ok(results)) => {
-                    if let Ok(mut t) = table.lock() {
-                        t.settle(&results, now());
-                    }
-                }
-                Ok(Err(e)) if !warned => {
+            match check_once(&table, &ct).await {
+                Err(e) if !warned => {
                     tracing::warn!(error = %e, "policy suggest: conntrack cannot be read, flows are not recorded");
                     warned = true;
                 }
@@ -381,6 +359,36 @@ pub fn spawn_checker(
             }
         }
     });
+}
+
+/// One check of the waiting flows in conntrack (also right before a suggestion, so that a flow
+/// answered just now is in it).
+pub async fn check_once(
+    table: &std::sync::Arc<std::sync::Mutex<FlowTable>>,
+    ct: &std::sync::Arc<crate::datapath::stats::PinnedCt>,
+) -> Result<(), crate::datapath::DatapathError> {
+    let probes = match table.lock() {
+        Ok(t) => t.probes(),
+        Err(_) => return Ok(()),
+    };
+    if probes.is_empty() {
+        return Ok(());
+    }
+    let ct = ct.clone();
+    let results = tokio::task::spawn_blocking(move || {
+        ct.lookup_all(&probes).map(|seen| {
+            probes
+                .into_iter()
+                .zip(seen)
+                .collect::<Vec<(CtProbe, CtSeen)>>()
+        })
+    })
+    .await
+    .map_err(|e| crate::datapath::DatapathError::Io(std::io::Error::other(e.to_string())))??;
+    if let Ok(mut t) = table.lock() {
+        t.settle(&results, now());
+    }
+    Ok(())
 }
 
 /// Samples the datapath's lost-event counters every [`SAMPLE_SECS`], so that a suggestion can
@@ -456,6 +464,12 @@ pub fn answer(
         head.push_str(&format!(
             "# INCOMPLETE: {} new flows were not checked for an answer ({PENDING_ENTRIES} were waiting already)\n",
             w.unchecked
+        ));
+    }
+    if !table.pending.is_empty() {
+        head.push_str(&format!(
+            "# {} new flows are still waiting for an answer (up to {PENDING_SECS} s): not in this suggestion yet\n",
+            table.pending.len()
         ));
     }
     if w.unanswered > 0 {

@@ -50,6 +50,8 @@ pub struct Monitor {
     listeners: Arc<AtomicUsize>,
     agent: Arc<Mutex<Agent>>,
     flows: Arc<std::sync::Mutex<FlowTable>>,
+    /// Where waiting flows are checked (set by [`Monitor::spawn_reader`]).
+    ct: Arc<std::sync::OnceLock<Arc<crate::datapath::stats::PinnedCt>>>,
 }
 
 fn proto_name(p: u8) -> String {
@@ -82,6 +84,16 @@ impl Monitor {
                 FLOW_TABLE_ENTRIES,
                 flows::now(),
             ))),
+            ct: Arc::new(std::sync::OnceLock::new()),
+        }
+    }
+
+    /// Checks the flows waiting for their answer now (before a suggestion).
+    pub async fn check_flows(&self) {
+        if let Some(ct) = self.ct.get() {
+            if let Err(e) = flows::check_once(&self.flows, ct).await {
+                warn!(error = %e, "policy suggest: conntrack cannot be read");
+            }
         }
     }
 
@@ -107,7 +119,9 @@ impl Monitor {
         let tx = self.tx.clone();
         let table = self.flows.clone();
         flows::spawn_sampler(self.flows.clone(), self.agent.clone());
-        flows::spawn_checker(self.flows.clone(), Arc::new(ct));
+        let ct = Arc::new(ct);
+        let _ = self.ct.set(ct.clone());
+        flows::spawn_checker(self.flows.clone(), ct);
         tokio::spawn(async move {
             // The ring buffer owns its map fd for as long as the AsyncFd lives.
             #[allow(deprecated)]

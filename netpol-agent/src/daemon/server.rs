@@ -91,6 +91,9 @@ async fn handle(
                 Err(e) => err(format!("monitor: {e}")),
             },
             Ok(req) => {
+                if matches!(req, Request::PolicySuggest { .. }) {
+                    monitor.check_flows().await;
+                }
                 let mut a = agent.lock().await;
                 match req {
                     Request::PolicyImport { files } => a.import(&files).map_or_else(err, ok),
