@@ -871,12 +871,36 @@ fn published_port_clients(version: DockerVersion, no_userland_proxy: bool) {
             },
         ),
     ];
+    // web itself through its network's gateway: the proxy's connection, or without it Docker's
+    // hairpin masquerade to the gateway, which comes back through web's own veth (the one way a
+    // host address may arrive other than from the host's own stack). Docker 20.10 forwards
+    // nothing for IPv6 without the proxy.
+    let gateways = project.docker_ok(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{range .IPAM.Config}}{{.Gateway}} {{end}}",
+        &format!("{PROJECT}_front"),
+    ]);
+    let mut cases = cases;
+    // The IPv6 subnet is configured without a gateway: Docker takes its first address.
+    let v6_gateway = "fd00:6e70:3::1".to_owned();
+    for g in gateways.split_whitespace().chain([v6_gateway.as_str()]) {
+        let g: IpAddr = g.parse().expect("a gateway address");
+        let arrives = if g.is_ipv6() && !v28 && !proxy {
+            Nowhere
+        } else {
+            Host
+        };
+        cases.push((web.client(), "web's own gateway", g, arrives));
+    }
+    assert_eq!(cases.len(), 6, "front's IPv4 gateway: {gateways}");
     let mut checks = Vec::new();
     for (from, what, ip, arrives) in cases {
         for (port, opens) in [(18083, World), (18084, Host)] {
             checks.push(Check {
                 from: from.clone(),
-                to_name: format!("web:{port} via {what} (arrives as {arrives:?})"),
+                to_name: format!("web:{port} via {what} {ip} (arrives as {arrives:?})"),
                 to: SocketAddr::new(ip, port),
                 expect: if arrives == opens {
                     Expect::Allowed
