@@ -3140,6 +3140,22 @@ fn host_address_from_elsewhere_is_spoofed(fam: Fam) {
         let w = fam.tcp(&WORLD, &DB, 40200, 5432, TCP_SYN);
         let want = if enforced { SHOT } else { PASS };
         assert_eq!(dp.run_via(To, db_if, UPLINK, &w), want, "world");
+        // Nor is the gateway's IPv4 address mapped into IPv6 (::ffff:10.0.0.1): `world` too.
+        if fam == V6 {
+            let mut mapped = v6(0, [0; 4]);
+            mapped[10..12].copy_from_slice(&[0xff, 0xff]);
+            mapped[12..].copy_from_slice(&gateway.v4);
+            let m = Host {
+                v6: mapped,
+                ..WORLD
+            };
+            let syn = fam.tcp(&m, &DB, 40300, 5432, TCP_SYN);
+            assert_eq!(
+                dp.run_via(To, db_if, UPLINK, &syn),
+                want,
+                "IPv4-mapped gateway"
+            );
+        }
         assert_eq!(dp.drops(DropReason::Spoofed), forged.len() as u64 + 2);
     }
 }
