@@ -239,7 +239,10 @@ fn notify_ready() {
 
 pub fn run(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
     init_logging();
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Two workers: Docker's events are read and inspected (and veths looked up) while the agent
+    // reconciles the previous ones, instead of after.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(run_async(args, socket))

@@ -450,15 +450,18 @@ impl Agent {
         );
     }
 
-    /// The identity of a container's security-relevant labels (allocated when new), and those
-    /// labels.
-    fn identity_of(&mut self, c: &Container) -> Result<(u32, Labels), AgentError> {
-        let labels = identity_labels(&self.filter, &labels_of(c));
-        let (id, new) = self.ids.allocate(&labels)?;
-        if new {
-            self.ids_dirty = true;
+    /// The identity of every running container (by container id), allocated when new, and
+    /// every such identity's labels: one pass, nothing cloned but the labels.
+    fn running_identities(&mut self) -> Result<(BTreeMap<String, u32>, Endpoints), AgentError> {
+        let (mut ids, mut endpoints) = (BTreeMap::new(), Endpoints::new());
+        for c in self.containers.values().filter(|c| c.running) {
+            let labels = identity_labels(&self.filter, &labels_of(c));
+            let (id, new) = self.ids.allocate(&labels)?;
+            self.ids_dirty |= new;
+            ids.insert(c.id.clone(), id);
+            endpoints.insert(id, labels);
         }
-        Ok((id, labels))
+        Ok((ids, endpoints))
     }
 
     /// Builds the desired state from the world and the given policies, and the endpoints the
@@ -467,17 +470,7 @@ impl Agent {
         &mut self,
         policies: &[Policy],
     ) -> Result<(Desired, Compiled, Endpoints), AgentError> {
-        let mut endpoints: Endpoints = BTreeMap::new();
-        let containers: Vec<Container> = self
-            .containers
-            .values()
-            .filter(|c| c.running)
-            .cloned()
-            .collect();
-        for c in &containers {
-            let (id, labels) = self.identity_of(c)?;
-            endpoints.insert(id, labels);
-        }
+        let (container_ids, endpoints) = self.running_identities()?;
         let previous = self
             .compiled
             .as_ref()
@@ -520,6 +513,7 @@ impl Agent {
             .map(|c| c.name.clone())
             .collect();
         let mut d = self.world(
+            &container_ids,
             &compiled.cidr_identities,
             |id| compiled.enforcement.get(&id).copied().unwrap_or_default(),
             |id, name| {
@@ -541,21 +535,11 @@ impl Agent {
     /// left empty), with these CIDR identities and each identity's enforced directions.
     fn world(
         &mut self,
+        container_ids: &BTreeMap<String, u32>,
         cidr_identities: &BTreeMap<Cidr, u32>,
         enforcement_of: impl Fn(u32) -> Enforcement,
         audit_of: impl Fn(u32, &str) -> Enforcement,
     ) -> Result<Desired, AgentError> {
-        let mut container_ids = BTreeMap::new();
-        let containers: Vec<Container> = self
-            .containers
-            .values()
-            .filter(|c| c.running)
-            .cloned()
-            .collect();
-        for c in &containers {
-            let (id, _) = self.identity_of(c)?;
-            container_ids.insert(c.id.clone(), id);
-        }
         let mut d = Desired::default();
         // Subnets of managed networks: a container not identified yet is `unmanaged`, not `world`.
         for n in self.networks.values().filter(|n| n.is_bridge()) {
@@ -579,17 +563,27 @@ impl Agent {
             d.maps.ipcache.insert(Cidr::host(*a), RemoteInfo::host());
         }
         self.names.clear();
-        for c in &containers {
-            let id = container_ids[&c.id];
+        // One lookup per network, not per container (each is a syscall).
+        let bridges: BTreeMap<&str, u32> = self
+            .networks
+            .keys()
+            .map(|n| (n.as_str(), self.bridge_ifindex(n)))
+            .collect();
+        for c in self.containers.values().filter(|c| c.running) {
+            let Some(&id) = container_ids.get(&c.id) else {
+                continue;
+            };
             let enf = enforcement_of(id);
             let aud = audit_of(id, &c.name);
             for a in &c.networks {
                 // A container's address names the interfaces its packets arrive through, so
                 // that the datapath drops the address forged from anywhere else.
                 let info = match a.host_veth {
-                    Some(veth) => {
-                        RemoteInfo::container(id, veth, self.bridge_ifindex(&a.network_id))
-                    }
+                    Some(veth) => RemoteInfo::container(
+                        id,
+                        veth,
+                        bridges.get(a.network_id.as_str()).copied().unwrap_or(0),
+                    ),
                     None => RemoteInfo::new(id),
                 };
                 for addr in a.addresses() {
@@ -645,7 +639,9 @@ impl Agent {
             ingress: self.audit_all,
             egress: self.audit_all,
         };
+        let (container_ids, _) = self.running_identities()?;
         let mut d = self.world(
+            &container_ids,
             &cidrs,
             |id| {
                 known.get(&id).copied().unwrap_or(Enforcement {

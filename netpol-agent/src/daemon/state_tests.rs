@@ -1456,3 +1456,74 @@ fn background_saves_persist_every_identity() {
         .expect("read");
     assert_eq!(stored, Some(state));
 }
+
+/// Not a test: where the time of one container start goes with 500 containers and 10,000 policy
+/// entries (`cargo test --release -p netpol-agent --lib -- --ignored --nocapture scale_profile`).
+#[test]
+#[ignore]
+fn scale_profile() {
+    let dirs = Dirs::new("scale-profile");
+    let ports: Vec<String> = std::iter::once(80)
+        .chain(1000..1019)
+        .map(|p| format!("{{port: \"{p}\", protocol: TCP}}"))
+        .collect();
+    dirs.write_policy(
+        "bench.yaml",
+        &format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: bench}}\nspec:\n  endpointSelector: {{matchLabels: {{com.docker.compose.project: bench}}}}\n  ingress:\n  - fromEntities: [host]\n    toPorts: [{{ports: [{}]}}]\n",
+            ports.join(", ")
+        ),
+    );
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("netpol_agent::daemon=debug")
+        .try_init();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let _guard = rt.enter();
+    let mut a = agent_on(&dirs, FakeDatapath::new(MapSizes::default()));
+    a.set_background_saves(true);
+    let mut net = network();
+    net.subnets = vec!["172.20.0.0/16".parse().unwrap()];
+    let box_n = |n: u16| -> Container {
+        let mut c = container(2, &format!("bench-{n}"), &[]);
+        c.id = format!("{n:064x}");
+        c.labels = [
+            ("com.docker.compose.project", "bench".to_string()),
+            ("com.docker.compose.service", format!("s{n}")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        c.networks[0].ipv4 = Some(Ipv4Addr::new(
+            172,
+            20,
+            (n / 200) as u8 + 1,
+            (n % 200) as u8 + 2,
+        ));
+        c.networks[0].host_veth = Some(1000 + u32::from(n));
+        c
+    };
+    a.on_docker(DockerEvent::Snapshot {
+        containers: (0..499).map(box_n).collect(),
+        networks: vec![net],
+    });
+    let mut times = Vec::new();
+    for round in 0..20u16 {
+        let c = box_n(499 + round);
+        let t = std::time::Instant::now();
+        a.on_docker(DockerEvent::ContainerUp(c.clone()));
+        let up = t.elapsed();
+        let t = std::time::Instant::now();
+        a.on_docker(DockerEvent::ContainerDown { id: c.id.clone() });
+        times.push((up, t.elapsed()));
+    }
+    println!("policy entries {}", maps(&a).policy.len());
+    for (up, down) in &times {
+        println!(
+            "up {:.2} ms, down {:.2} ms",
+            up.as_secs_f64() * 1e3,
+            down.as_secs_f64() * 1e3
+        );
+    }
+}
