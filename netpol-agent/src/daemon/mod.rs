@@ -238,6 +238,15 @@ fn notify_ready() {
 }
 
 pub fn run(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
+    // One malloc arena for all threads (glibc gives each new thread an arena of its own, up to
+    // 8 per core: the runtime's workers and the blocking tasks' threads would each keep theirs
+    // resident). The agent's threads rarely allocate at once; its memory is what counts on a
+    // small host. Before any thread starts.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a tunable of the allocator; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     init_logging();
     // Two workers: Docker's events are read and inspected (and veths looked up) while the agent
     // reconciles the previous ones, instead of after.
