@@ -545,6 +545,27 @@ fn compose_labels_protect_the_database_scenario(version: DockerVersion) {
             thread::sleep(Duration::from_millis(50));
         }
     }
+    // The SYN that app1's ingress drops left app2 through its unenforced egress: a flow that
+    // says so; one that db's policy allowed names its rule instead.
+    let events = all.events();
+    let leaving_app2 = events
+        .iter()
+        .find(|e| {
+            e["kind"] == "flow"
+                && e["endpoint"] == app2.name.as_str()
+                && e["dst"] == app1.ipv4.to_string().as_str()
+                && e["dport"] == 8080
+        })
+        .unwrap_or_else(|| panic!("no flow of app2 -> app1:8080 on app2's egress: {events:?}"));
+    assert_eq!(leaving_app2["not_enforced"], true, "{leaving_app2}");
+    let into_db = events
+        .iter()
+        .find(|e| e["kind"] == "flow" && e["endpoint"] == db.name.as_str() && e["dport"] == 5432)
+        .unwrap_or_else(|| panic!("no flow into db:5432: {events:?}"));
+    assert!(
+        into_db.get("not_enforced").is_none() && into_db["policy"] == "compose:npe2e/db",
+        "{into_db}"
+    );
     let found = all
         .events()
         .into_iter()
@@ -2864,9 +2885,15 @@ fn readme_examples() {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let lines = text.lines();
-        let all_in = checks
-            .iter()
-            .all(|c| lines.iter().any(|l| l.contains(&format!("-> {} (", c.to))));
+        let all_in = checks.iter().all(|c| {
+            let from = [&db, &app1, &app2]
+                .iter()
+                .find(|x| x.name == c.from.name)
+                .map_or("(host)".to_owned(), |x| format!("{}:", x.ipv4));
+            lines
+                .iter()
+                .any(|l| l.contains(&from) && l.contains(&format!("-> {} (", c.to)))
+        });
         if all_in {
             break;
         }

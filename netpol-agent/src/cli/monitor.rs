@@ -62,10 +62,14 @@ pub fn run(args: MonitorArgs, socket: &Path) -> anyhow::Result<i32> {
 }
 
 /// What decided: ` policy=P rule=SECTION` for a rule (allow or deny), ` default-deny by=P1,P2`
-/// for a default deny, nothing for other drops.
+/// for a default deny, ` not-enforced` for a flow in a direction no policy enforces, nothing for
+/// other drops.
 fn cause(e: &MonitorEvent) -> String {
     if let (Some(p), Some(s)) = (&e.policy, &e.section) {
         return format!(" policy={p} rule={s}");
+    }
+    if e.not_enforced {
+        return " not-enforced".to_owned();
     }
     if e.reason.as_deref() == Some(netpol_common::DropReason::PolicyDenied.as_str()) {
         let by = if e.default_deny_by.is_empty() {
@@ -91,6 +95,12 @@ mod tests {
             ..MonitorEvent::default()
         };
         assert_eq!(cause(&flow), " policy=db-ingress rule=ingress[0]");
+        let unenforced = MonitorEvent {
+            kind: "flow".into(),
+            not_enforced: true,
+            ..MonitorEvent::default()
+        };
+        assert_eq!(cause(&unenforced), " not-enforced");
         let denied = MonitorEvent {
             kind: "drop".into(),
             reason: Some("policy-denied".into()),

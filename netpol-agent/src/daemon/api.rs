@@ -141,6 +141,10 @@ pub struct MonitorEvent {
     /// could not read).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub default_deny_by: Vec<String>,
+    /// A flow in a direction that no policy enforces for the endpoint (no rule decided it:
+    /// the peer's side may still drop it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_enforced: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

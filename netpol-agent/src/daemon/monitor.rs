@@ -176,17 +176,20 @@ impl Monitor {
         } else {
             a.rule_info(e.rule)
         };
+        let local = match dir {
+            Direction::Ingress => e.dst_identity,
+            Direction::Egress => e.src_identity,
+        };
         // A default deny has no rule: its cause is the policies that put the local identity's
         // direction into default deny.
         let default_deny_by = if dropped && reason == Some(DropReason::PolicyDenied) {
-            let local = match dir {
-                Direction::Ingress => e.dst_identity,
-                Direction::Egress => e.src_identity,
-            };
             a.default_deny_by(local, dir)
         } else {
             Vec::new()
         };
+        // A flow no rule decided, in a direction policy does not enforce.
+        let not_enforced =
+            e.kind == FlowEvent::KIND_FLOW && e.rule == 0 && a.enforces(local, dir) == Some(false);
         MonitorEvent {
             kind: match e.kind {
                 FlowEvent::KIND_DROP => "drop".into(),
@@ -213,6 +216,7 @@ impl Monitor {
             policy: info.as_ref().map(|r| r.policy.clone()),
             section: info.map(|r| r.section),
             default_deny_by,
+            not_enforced,
         }
     }
 

@@ -1293,6 +1293,17 @@ impl Agent {
             .unwrap_or_default()
     }
 
+    /// Whether policy enforces `identity`'s `dir` (the last compile; `None` before one).
+    pub fn enforces(&self, identity: u32, dir: Direction) -> Option<bool> {
+        self.compiled.as_ref().map(|c| {
+            let e = c.enforcement_of(identity);
+            match dir {
+                Direction::Ingress => e.ingress,
+                Direction::Egress => e.egress,
+            }
+        })
+    }
+
     pub fn rule_name(&self, rule: u32) -> Option<String> {
         self.compiled
             .as_ref()
