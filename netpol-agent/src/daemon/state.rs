@@ -552,9 +552,10 @@ impl Agent {
         for (cidr, id) in cidr_identities {
             d.maps.ipcache.entry(*cidr).or_insert(RemoteInfo::new(*id));
         }
-        // The host's addresses, gateways included: sent by the host's own stack (or NATed back
+        // The host's addresses, bridge networks' gateways included (a macvlan or ipvlan
+        // network's gateway is a router outside): sent by the host's own stack (or NATed back
         // to a container through its own veth); from anywhere else the datapath drops them.
-        for n in self.networks.values() {
+        for n in self.networks.values().filter(|n| n.is_bridge()) {
             for g in &n.gateways {
                 d.maps.ipcache.insert(Cidr::host(*g), RemoteInfo::host());
             }

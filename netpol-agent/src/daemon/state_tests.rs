@@ -1527,3 +1527,40 @@ fn scale_profile() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Host addresses in the ipcache.
+
+/// A bridge network's gateway is the host's (and checked as such: only the host's stack sends
+/// it); a macvlan network's gateway is a router on the LAN, not the host: `world`, or the
+/// datapath would give that router `host` rights (and drop its routed packets as forged).
+#[test]
+fn only_a_bridge_networks_gateway_is_a_host_address() {
+    let dirs = Dirs::new("host-gateways");
+    let mut a = agent(&dirs);
+    let lan = Network {
+        id: "lan".into(),
+        name: "lan".into(),
+        driver: "macvlan".into(),
+        bridge: None,
+        subnets: vec!["198.18.0.0/24".parse().unwrap()],
+        gateways: vec!["198.18.0.1".parse().unwrap()],
+        ..network()
+    };
+    a.on_docker(DockerEvent::Snapshot {
+        containers: vec![service(2, "db", &[])],
+        networks: vec![network(), lan],
+    });
+    let m = maps(&a);
+    let entry = |ip: &str| m.ipcache.get(&Cidr::host(ip.parse().unwrap())).copied();
+    assert_eq!(
+        entry("172.20.0.1"),
+        Some(netpol_common::ipcache::RemoteInfo::host())
+    );
+    assert_eq!(
+        entry("198.18.0.1"),
+        None,
+        "the LAN's router is not the host"
+    );
+    assert_eq!(identity_of(&m, "198.18.0.1".parse().unwrap()), WORLD);
+}
