@@ -154,6 +154,8 @@ pub enum ClientError {
         socket: String,
         source: std::io::Error,
     },
+    #[error("{socket} is served by uid {uid}, not by root: not the netpol agent (another user's socket at that path?); nothing was sent")]
+    NotTheAgent { socket: String, uid: u32 },
     #[error("talking to the agent: {0}")]
     Io(#[from] std::io::Error),
     #[error("bad answer from the agent: {0}")]
@@ -174,8 +176,43 @@ pub fn connect(socket: &Path, req: &Request) -> Result<BufReader<UnixStream>, Cl
         socket: socket.display().to_string(),
         source,
     })?;
+    // The agent runs as root: a socket another user listens on (put at a path in a shared
+    // directory while the agent was stopped) gets no policy and is not believed.
+    let uid = server_uid(&s)?;
+    // SAFETY: plain libc call.
+    if uid != 0 && uid != unsafe { libc::geteuid() } {
+        return Err(ClientError::NotTheAgent {
+            socket: socket.display().to_string(),
+            uid,
+        });
+    }
     s.write_all(&line)?;
     Ok(BufReader::new(s))
+}
+
+/// The uid of the process that listens on the other end (`SO_PEERCRED`).
+fn server_uid(s: &UnixStream) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writing and sized for SO_PEERCRED.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
 }
 
 /// Sends one request and returns the data of its answer.
@@ -186,5 +223,84 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value, ClientErr
     match serde_json::from_str::<Response>(&line)? {
         Response::Ok { data } => Ok(data),
         Response::Error { message } => Err(ClientError::Agent(message)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// A socket at the agent's path that another user listens on gets no request: the client
+    /// refuses before sending, and says so.
+    #[test]
+    fn a_socket_served_by_another_user_gets_no_request() {
+        // SAFETY: plain libc call.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (a listener of another uid)");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("netpol-api-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("agent.sock");
+        // Bound here, listened on by a child that became uid 65534 first (SO_PEERCRED names
+        // whoever called listen()).
+        let l = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
+        let mut ready = [0i32; 2];
+        let mut sent = [0i32; 2];
+        // SAFETY: pipes for the child; after fork the child makes only raw system calls.
+        unsafe {
+            assert_eq!(libc::pipe(ready.as_mut_ptr()), 0);
+            assert_eq!(libc::pipe(sent.as_mut_ptr()), 0);
+        }
+        // SAFETY: the child only makes raw system calls and _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            // SAFETY: see above. The child reports whether it listens as uid 65534, then how
+            // many bytes its one client sent before closing.
+            unsafe {
+                let ok = libc::setgid(65534) == 0 && libc::setuid(65534) == 0;
+                let ok = ok && libc::listen(fd, 4) == 0;
+                let b = [u8::from(ok)];
+                libc::write(ready[1], b.as_ptr().cast(), 1);
+                if ok {
+                    let c = libc::accept(fd, std::ptr::null_mut(), std::ptr::null_mut());
+                    let mut buf = [0u8; 64];
+                    let n = libc::read(c, buf.as_mut_ptr().cast(), buf.len());
+                    libc::close(c);
+                    let n = [n.clamp(0, 64) as u8];
+                    libc::write(sent[1], n.as_ptr().cast(), 1);
+                }
+                libc::_exit(0);
+            }
+        }
+        drop(l);
+        let (mut b, mut n) = ([0u8; 1], [0u8; 1]);
+        // SAFETY: reads into live buffers, then reaps the child.
+        unsafe { libc::read(ready[0], b.as_mut_ptr().cast(), 1) };
+        let answer = (b[0] == 1).then(|| call(&path, &Request::Status));
+        // SAFETY: as above.
+        unsafe {
+            if b[0] == 1 {
+                libc::read(sent[0], n.as_mut_ptr().cast(), 1);
+            }
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+            for f in ready.into_iter().chain(sent) {
+                libc::close(f);
+            }
+        }
+        let answer = answer.expect("the child listened as uid 65534");
+        assert_eq!(n[0], 0, "the client sent its request to uid 65534");
+        let e = answer.expect_err("believed another user's socket");
+        assert!(
+            matches!(e, ClientError::NotTheAgent { uid: 65534, .. }),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }
