@@ -854,7 +854,7 @@ impl Agent {
                 } => {
                     self.containers = containers.into_iter().map(|c| (c.id.clone(), c)).collect();
                     self.networks = networks.into_iter().map(|n| (n.id.clone(), n)).collect();
-                    self.host_addrs = crate::docker::host_addresses().unwrap_or_else(|e| {
+                    self.host_addrs = host_addresses().unwrap_or_else(|e| {
                         warn!(error = %e, "listing host addresses");
                         Vec::new()
                     });
@@ -1341,3 +1341,20 @@ impl super::monitor_filter::Lookup for Agent {
 #[cfg(test)]
 #[path = "state_tests.rs"]
 mod tests;
+
+/// The host's own addresses, read at each Docker snapshot.
+#[cfg(not(test))]
+fn host_addresses() -> anyhow::Result<Vec<IpAddr>> {
+    Ok(crate::docker::host_addresses()?)
+}
+
+/// Unit tests read a fixed set instead: the real host's addresses change under them (other
+/// tests' and processes' veths come and go with their fe80:: addresses), so two agents compared
+/// map by map could see different ones.
+#[cfg(test)]
+fn host_addresses() -> anyhow::Result<Vec<IpAddr>> {
+    Ok(["127.0.0.1", "::1", "192.0.2.1", "2001:db8::1", "fe80::1"]
+        .iter()
+        .map(|a| a.parse().expect("address"))
+        .collect())
+}
