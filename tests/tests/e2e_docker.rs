@@ -2882,38 +2882,34 @@ fn readme_examples() {
         check(Client::host(), &db, db.ipv4, 5432, Denied),
     ];
     assert_all("README traffic", &checks);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let lines = text.lines();
-        let all_in = checks.iter().all(|c| {
-            let from = [&db, &app1, &app2]
-                .iter()
-                .find(|x| x.name == c.from.name)
-                .map_or("(host)".to_owned(), |x| format!("{}:", x.ipv4));
-            lines
-                .iter()
-                .any(|l| l.contains(&from) && l.contains(&format!("-> {} (", c.to)))
-        });
-        if all_in {
-            break;
+    // Every connection has been made; their events may still be on their way (ring, agent,
+    // client). Wait for each check's own first line, not just any line naming its
+    // destination: app2 -> app1:8080's lines also end in `-> app1:8080 (`, so waiting for that
+    // alone let the host -> app1:8080 FLOW, the last connection made, miss the printout in
+    // about half the runs. Then the other two monitors, which see the same events.
+    let own_line = |c: &Check, l: &str| {
+        let to = format!("-> {} (", c.to);
+        if c.from.name == "host" {
+            l.contains(&format!("(host) {to}"))
+        } else {
+            l.contains(&to) && l.contains(&format!(" on {} egress", c.from.name))
         }
-        assert!(
-            Instant::now() < deadline,
-            "monitor lines missing: {lines:?}"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
-    show(
-        "sudo netpol-agent monitor",
-        &text.lines()[text_0..].join("\n"),
-    );
-    show(
-        "sudo netpol-agent monitor --json",
-        &json.lines()[json_0..].join("\n"),
-    );
+    };
+    let text_lines = wait_lines(&text, text_0, "monitor", |lines| {
+        checks.iter().all(|c| lines.iter().any(|l| own_line(c, l)))
+    });
+    let json_lines = wait_lines(&json, json_0, "monitor --json", |lines| {
+        lines.len() >= text_lines.len()
+    });
+    let host_to_db = format!("(host) -> {}:5432 (", db.ipv4);
+    let db_drop_lines = wait_lines(&db_drops, db_drops_0, "monitor --service db", |lines| {
+        lines.iter().any(|l| l.contains(&host_to_db))
+    });
+    show("sudo netpol-agent monitor", &text_lines.join("\n"));
+    show("sudo netpol-agent monitor --json", &json_lines.join("\n"));
     show(
         "sudo netpol-agent monitor --service db --verdict drop --port 5432/tcp",
-        &db_drops.lines()[db_drops_0..].join("\n"),
+        &db_drop_lines.join("\n"),
     );
     drop((text, json, db_drops));
 
@@ -3000,6 +2996,27 @@ fn readme_examples() {
     std::fs::write(&path, &out).expect("write readme-examples.txt");
     println!("{out}");
     eprintln!("written to {}", path.display());
+}
+
+/// The lines of `m` from line `from` on, once `done` holds for them (within 15 s).
+fn wait_lines(
+    m: &MonitorStream,
+    from: usize,
+    what: &str,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let lines = m.lines()[from..].to_vec();
+        if done(&lines) {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: lines missing: {lines:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
