@@ -3160,6 +3160,72 @@ fn host_address_from_elsewhere_is_spoofed(fam: Fam) {
     }
 }
 
+/// The host's own connection to a container's allowed port (README's host -> app1:8080): the
+/// SYN comes from the host's stack (`ingress_ifindex` 0), so with `TRACE_FLOWS` it is one FLOW
+/// event naming the host, the allow rule and the ports, counted in `RULE_STATS`; the handshake's
+/// other packets (SYN-ACK out, ACK in) are conntrack hits and report nothing.
+fn host_connection_is_reported(fam: Fam) {
+    let gateway = Host {
+        v4: [10, 0, 0, 1],
+        v6: v6(1, ULA),
+        id: identity::HOST,
+    };
+    let mut dp = Dp::db(true, false);
+    dp.ipcache_info(&gateway, RemoteInfo::host());
+    dp.allow(
+        &DB,
+        identity::HOST,
+        Direction::Ingress,
+        proto::TCP,
+        5432,
+        policy::FULL_PREFIX,
+        7,
+    );
+    dp.config(Config::TRACE_FLOWS);
+    let syn = fam.tcp(&gateway, &DB, 43000, 5432, TCP_SYN);
+    assert_eq!(dp.run_via(To, LO, 0, &syn), PASS, "the host's SYN");
+    let mut want = drop_event(
+        fam,
+        DropReason::PolicyDenied,
+        Direction::Ingress,
+        &gateway,
+        &DB,
+        proto::TCP,
+        43000,
+        5432,
+        7,
+    );
+    want.kind = FlowEvent::KIND_FLOW;
+    want.reason = 0;
+    assert_eq!(
+        dp.events(),
+        [want],
+        "one FLOW event for the host's connection"
+    );
+    let synack = fam.tcp(&DB, &gateway, 5432, 43000, TCP_SYN | TCP_ACK);
+    assert_eq!(dp.run(From, &synack), PASS, "SYN-ACK");
+    let ack = fam.tcp(&gateway, &DB, 43000, 5432, TCP_ACK);
+    assert_eq!(dp.run_via(To, LO, 0, &ack), PASS, "ACK");
+    assert_eq!(dp.events(), [], "the rest of the handshake reports nothing");
+    let stats = dp.dp.rule_stats();
+    let k = netpol_common::stats::RuleStatsKey::new(7, DB.id, Direction::Ingress);
+    assert_eq!(stats.get(&k).map(|v| v.allowed), Some(1), "{stats:?}");
+}
+
+#[test]
+fn host_connection_is_reported_v4() {
+    if require_root("host_connection_is_reported_v4") {
+        host_connection_is_reported(V4);
+    }
+}
+
+#[test]
+fn host_connection_is_reported_v6() {
+    if require_root("host_connection_is_reported_v6") {
+        host_connection_is_reported(V6);
+    }
+}
+
 #[test]
 fn host_address_from_elsewhere_is_spoofed_v4() {
     if require_root("host_address_from_elsewhere_is_spoofed_v4") {
