@@ -82,13 +82,29 @@ fn run() -> anyhow::Result<()> {
     }
     // Allow entries go in before stale ones go out: an allowed flow never sees a gap.
     let wanted: std::collections::BTreeSet<PolicyEntryKey> = plan.policy.iter().map(key).collect();
+    // The entries as the agent writes them: its compiler's FINAL flags, over everything the map
+    // will hold (what is there already, unless the plan replaces it), so an allow is flagged
+    // only where no wildcard deny of the map overlaps it; entries whose flag changes are written
+    // again.
+    let current = dp.current()?.policy;
+    let mut all = if plan.replace_policy {
+        Default::default()
+    } else {
+        current.clone()
+    };
     for p in &plan.policy {
         let v = if p.deny {
             PolicyValue::deny(p.rule)
         } else {
             PolicyValue::allow(p.rule)
         };
-        dp.upsert_policy(key(p), v)?;
+        all.insert(key(p), v);
+    }
+    netpol_agent::policy::compile::mark_final(&mut all);
+    for (k, v) in &all {
+        if current.get(k) != Some(v) {
+            dp.upsert_policy(*k, *v)?;
+        }
     }
     let mut removed = 0;
     if plan.replace_policy {
