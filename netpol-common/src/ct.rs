@@ -351,13 +351,12 @@ pub const fn revoked_expiry(now: u64, proto: u8, flags: u32, established: bool) 
     now + lifetime(proto, flags, established) * NS
 }
 
-/// The expiry a promoted flow's entry keeps in the new table: it is already stale, so every
-/// lookup (the datapath's, the model's, `related` ICMP errors) treats it as absent, and no later
-/// packet can revive it (an entry is never made live again: a SYN over it writes a new one).
-/// The LRU reuses its slot when the table needs room. Leaving it costs one store; a delete takes
-/// the bucket's lock and the LRU list's (prog_cost: ~100 ns of a promotion's ~270), and a
-/// tombstone is evicted in the LRU's batches, which measured no dearer per insert with the table
-/// full than with it empty.
+/// The expiry of a promoted flow's copy left in the new table by the builds that did not delete
+/// it (0449821 to this change): stale, so every lookup treats it as absent. Promotion deletes again: in
+/// prog_cost leaving the copy saved ~100 ns of a promotion's ~270, but with real traffic
+/// (`bench datapath`, connection mix) the new table then stayed full of such copies and every
+/// insert paid LRU eviction on cold buckets: from_container 546 ns per run against 360 with the
+/// delete.
 pub const PROMOTED: u64 = 0;
 
 /// Lifetimes (seconds), as Cilium's defaults.
@@ -415,8 +414,7 @@ pub struct Update {
 ///   and the opening side sends again (TCP: its first packet without SYN, the handshake's last
 ///   ACK; ICMP echo is never promoted). A spray of packets that are not answered, or SYNs that
 ///   are only answered by a SYN-ACK, never reaches the established table. The entry is copied
-///   into the established table and the new table's copy is left expired ([`PROMOTED`]), not
-///   deleted.
+///   into the established table and deleted from the new one.
 #[inline(always)]
 pub const fn update(
     e: &CtEntry,

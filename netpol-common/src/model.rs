@@ -769,10 +769,8 @@ impl World {
             let mut n = *e;
             n.flags = u.flags;
             n.expires_ns = u.expires_ns;
-            // The new table keeps the entry, expired (`ct::PROMOTED`): absent to every lookup.
-            e.flags = u.flags;
-            e.expires_ns = ct::PROMOTED;
             self.ct_put(*k, n, true);
+            self.ct_del(k, false);
             return Ok(true);
         }
         e.flags = u.flags;
@@ -1223,11 +1221,7 @@ mod tests {
             w.run_via(1, 9, Direction::Ingress, &ack, NOW + 3 * SEC),
             Verdict::Pass(Why::Conntrack)
         );
-        assert_eq!(
-            w.ct_get(&k, false).map(|e| e.expires_ns),
-            Some(ct::PROMOTED),
-            "the new table's copy is left expired"
-        );
+        assert!(w.ct_get(&k, false).is_none());
         let e = *w.ct_get(&k, true).expect("established");
         assert_eq!(e.expires_ns, NOW + 3 * SEC + ct::LIFETIME_TCP * SEC);
         // Another endpoint that gets db's address does not inherit the flow.
