@@ -40,7 +40,10 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use crate::stats::percentile;
+use crate::{
+    process::{cpu_ticks, rss_kib, ticks_per_second},
+    stats::percentile,
+};
 use anyhow::{bail, Context, Result};
 use netpol_agent::daemon::api::{call, Request, SourceFile};
 use netpol_common::{endpoint::Endpoint, identity, maps};
@@ -171,23 +174,6 @@ fn now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    s.lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .context("no VmRSS")
-}
-
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = s.rsplit_once(')').context("stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
 }
 
 /// ifindex → (address, identity, first time seen enforced).
@@ -841,8 +827,7 @@ fn measure(o: &Opts, bin: &Path, docker: &DockerDaemon, names: &[String]) -> Res
     // Idle with every container running.
     std::thread::sleep(Duration::from_secs(3));
     let rss_kib = rss_kib(pid)?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = ticks_per_second();
     let c0 = cpu_ticks(pid)?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(10));

@@ -48,6 +48,7 @@ use crate::bench_datapath::{
     netns::{self, unique_tag, KillOnDrop, PinDir, Topology},
     Metric,
 };
+use crate::process::{cpu_ticks, rss_kib, ticks_per_second};
 use crate::stats::{median, percentile};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -530,23 +531,6 @@ fn dropped(s: &Setup) -> Result<u64> {
     }
 }
 
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = s.rsplit_once(')').context("stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    s.lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .context("no VmRSS")
-}
-
 /// The agent while a flood runs: `status` every 50 ms, RSS sampled, CPU time over the window.
 struct AgentWatch {
     stop: Arc<AtomicBool>,
@@ -592,8 +576,7 @@ impl AgentWatch {
 
     fn finish(self, into: &mut AgentFigures) -> Result<()> {
         self.stop.store(true, Ordering::Relaxed);
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let hz = ticks_per_second();
         let cpu =
             (cpu_ticks(self.pid)? - self.ticks0) as f64 / hz / self.t0.elapsed().as_secs_f64()
                 * 100.0;

@@ -7,6 +7,7 @@ mod bench_masq6;
 mod dist;
 mod fuzz_datapath;
 mod fuzz_policy;
+mod process;
 mod stats;
 
 use std::{path::PathBuf, process::Command};
