@@ -108,6 +108,9 @@ run_cargo test "${pkgs[@]}" --no-fail-fast --test '*' -- \
     --test-threads="${NETPOL_TEST_THREADS:-1}" "${filter[@]}" \
     || failed_steps+=("integration tests")
 
+# The summary and the checks below read the output once without colour codes.
+sed -i 's/\x1b\[[0-9;]*m//g' "$out"
+
 # Sums libtest's "test result:" lines. A test binary that crashed (a signal, an abort) prints
 # none: cargo's "error: test failed" lines without a matching "test result: FAILED" count as one
 # failure each.
@@ -120,7 +123,7 @@ read -r passed failed < <(awk '
         if ($3 == "FAILED.") r++
     }
     /^error: test failed, to rerun pass/ { e++ }
-    END { if (e > r) f += e - r; print p + 0, f + 0 }' < <(sed 's/\x1b\[[0-9;]*m//g' "$out"))
+    END { if (e > r) f += e - r; print p + 0, f + 0 }' "$out")
 
 # A quiet, single build: the eBPF programs are compiled at most once in a run (one shared target
 # dir for every feature set and profile of netpol-agent), and the build script forwards only
@@ -131,8 +134,7 @@ if [ "$bpf_compiles" -gt 1 ]; then
     tail -n "$bpf_compiles" "$bpf_log"
     failed_steps+=("single eBPF build")
 fi
-noise=$(sed 's/\x1b\[[0-9;]*m//g' "$out" \
-    | grep -cE '^warning: netpol-agent@[^:]*: +(Compiling|Finished|Fresh|Blocking|Updating|Downloading|Downloaded|Locking|Adding) ' || true)
+noise=$(grep -cE '^warning: netpol-agent@[^:]*: +(Compiling|Finished|Fresh|Blocking|Updating|Downloading|Downloaded|Locking|Adding) ' "$out" || true)
 if [ "$noise" -gt 0 ]; then
     echo "error: the build forwarded $noise progress lines of the eBPF build as warnings"
     failed_steps+=("quiet build")
