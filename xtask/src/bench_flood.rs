@@ -6,6 +6,9 @@
 //! deny-all; `c1` → `c2` is allowed on the benchmark ports. One configuration per protector, set
 //! up once:
 //!
+//! - **none**, the control: no filter at all; the flood reaches `victim`, whose kernel answers
+//!   the SYNs with RSTs (the UDP with rate-limited port unreachables). What the pair loses here
+//!   is the platform's cost of a flood, not a protector's.
 //! - **netpol**: the programs loaded by `netpol-netns-loader` (all three enforce both
 //!   directions), then the real agent (release build), started inside the host namespace on the
 //!   same pin directory: it adopts the pinned maps and programs and reads their drop events.
@@ -25,6 +28,13 @@
 //! choose); the agent is not pinned, so the work it does for the flood's drop events competes
 //! with the pair. During the netpol floods a thread asks the agent for `status` every 50 ms
 //! (timeout 1 s) and the agent's CPU time and RSS are sampled.
+//!
+//! Where the time goes, per throughput measurement: each CPU's split from `/proc/stat`, `NET_RX`
+//! softirqs per CPU, how long the iperf3 server (pinned with the pair) ran and waited runnable
+//! for its CPU (`/proc/PID/schedstat`), and the host namespace's conntrack entries (the most
+//! while it ran, and how many go to `victim` at its end). The host namespace tracks nothing
+//! unless a rule needs conntrack; `--host-conntrack` adds Docker's MASQUERADE rule so it does, as
+//! on a Docker host. `--perf DIR` records CPU 0 with `perf` during each throughput measurement.
 
 use std::{
     collections::BTreeMap,
@@ -59,16 +69,37 @@ pub struct Opts {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 4)]
     pub seconds: u32,
-    /// Protectors: netpol, iptables.
-    #[arg(long, value_delimiter = ',', default_value = "netpol,iptables")]
+    /// Protectors: none (the control: no filter, the flood reaches the victim's closed port),
+    /// netpol, iptables.
+    #[arg(long, value_delimiter = ',', default_value = "none,netpol,iptables")]
     pub protect: Vec<Protect>,
+    /// Conntrack active in the host namespace, as on a Docker host (a MASQUERADE rule for the
+    /// bridge's subnet in `nat` POSTROUTING, as Docker installs it). Without it the host
+    /// namespace has no netfilter rule that needs conntrack, so it tracks nothing.
+    #[arg(long)]
+    pub host_conntrack: bool,
+    /// Record CPU 0 with `perf record -C 0 -g` during every throughput measurement into this
+    /// directory (`<protector>-<flood>-r<round>.data`; read with `perf report -i FILE --sort comm,sym`).
+    #[arg(long)]
+    pub perf: Option<PathBuf>,
     /// Let the scheduler place the flood and the pair (default: flood on CPU 1, pair on CPU 0).
     #[arg(long)]
     pub no_pin: bool,
 }
 
+/// Conntrack entries whose original direction goes to `dst` (the first `dst=` of a line), in a
+/// `/proc/net/nf_conntrack` listing.
+fn entries_to(listing: &str, dst: Ipv4Addr) -> u64 {
+    let want = format!("dst={dst}");
+    listing
+        .lines()
+        .filter(|l| l.split_whitespace().find(|w| w.starts_with("dst=")) == Some(want.as_str()))
+        .count() as u64
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Protect {
+    None,
     Netpol,
     Iptables,
 }
@@ -113,7 +144,7 @@ impl Drop for AgentProc {
 /// One protector's world. Field order is drop order: servers, agent, pins, namespaces.
 struct Setup {
     protect: Protect,
-    _servers: Vec<KillOnDrop>,
+    servers: Vec<KillOnDrop>,
     agent: Option<AgentProc>,
     _pins: Option<PinDir>,
     out: netns::Netns,
@@ -427,7 +458,13 @@ fn status_ms(socket: &Path) -> Result<f64> {
     Ok(t0.elapsed().as_secs_f64() * 1000.0)
 }
 
-fn setup(protect: Protect, bin: &Path, agent_bin: &Path, pair_cpu: Option<usize>) -> Result<Setup> {
+fn setup(
+    protect: Protect,
+    bin: &Path,
+    agent_bin: &Path,
+    pair_cpu: Option<usize>,
+    host_conntrack: bool,
+) -> Result<Setup> {
     let tag = unique_tag("npbench");
     let mut topo = Topology::new(&tag, &["c1", "c2", "victim"]);
     let (out, _) = topo.add_outside("out");
@@ -439,9 +476,19 @@ fn setup(protect: Protect, bin: &Path, agent_bin: &Path, pair_cpu: Option<usize>
     topo.container("c2")
         .ns
         .run(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
+    if host_conntrack {
+        // Docker's own rule: the bridge's subnet masqueraded on the way out. Any `nat` rule
+        // makes the namespace's conntrack track (and confirm) every packet it forwards.
+        dp::pipe_in(
+            &topo.host,
+            &["iptables-nft-restore"],
+            "*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -s 10.77.0.0/24 ! -o br0 -j MASQUERADE\nCOMMIT\n",
+        )?;
+    }
     let servers = dp::start_servers(topo.container("c2"), bin, pair_cpu)?;
     let (mut pins, mut agent) = (None, None);
     match protect {
+        Protect::None => {}
         Protect::Netpol => {
             let p = PinDir::unique(&format!("bench-{tag}"));
             let mut plan = dp::netpol_plan(&topo, 10);
@@ -458,24 +505,29 @@ fn setup(protect: Protect, bin: &Path, agent_bin: &Path, pair_cpu: Option<usize>
     }
     let s = Setup {
         protect,
-        _servers: servers,
+        servers,
         agent,
         _pins: pins,
         out,
         topo,
     };
     // The protection is in place (also after the agent took the pins over): the pair talks,
-    // a port nobody allows and the victim are dropped.
+    // a port nobody allows and the victim are dropped (refused: closed ports, with none).
     let c1 = &s.topo.container("c1").ns;
     let c2 = s.topo.container("c2").ipv4;
     let victim = s.topo.container("victim").ipv4;
     use netns::{tcp_connect, Connect};
     let short = Duration::from_millis(300);
+    let closed = if protect == Protect::None {
+        Connect::Refused
+    } else {
+        Connect::TimedOut
+    };
     for (ns, to, want) in [
         (c1, (c2, dp::PORTS[0]), Connect::Connected),
-        (c1, (c2, 9), Connect::TimedOut),
-        (&s.out, (victim, VICTIM_PORT), Connect::TimedOut),
-        (c1, (victim, VICTIM_PORT), Connect::TimedOut),
+        (c1, (c2, 9), closed.clone()),
+        (&s.out, (victim, VICTIM_PORT), closed.clone()),
+        (c1, (victim, VICTIM_PORT), closed),
     ] {
         let r = tcp_connect(ns, to.into(), short);
         ensure!(
@@ -490,9 +542,10 @@ fn setup(protect: Protect, bin: &Path, agent_bin: &Path, pair_cpu: Option<usize>
 }
 
 /// Packets the protector dropped so far: netpol's drop counters (all reasons, all CPUs), or the
-/// packet counter of the iptables chain's final DROP rule.
-fn dropped(s: &Setup) -> Result<u64> {
-    match s.protect {
+/// packet counter of the iptables chain's final DROP rule; nothing without a protector.
+fn dropped(s: &Setup) -> Result<Option<u64>> {
+    Ok(Some(match s.protect {
+        Protect::None => return Ok(None),
         Protect::Netpol => {
             let pins = s._pins.as_ref().context("netpol without pins")?;
             let out = Command::new("bpftool")
@@ -511,7 +564,7 @@ fn dropped(s: &Setup) -> Result<u64> {
                     total += c["value"].as_u64().unwrap_or(0);
                 }
             }
-            Ok(total)
+            total
         }
         Protect::Iptables => {
             let out = dp::output_in(
@@ -522,13 +575,196 @@ fn dropped(s: &Setup) -> Result<u64> {
                 .lines()
                 .rfind(|l| l.contains("DROP"))
                 .context("no DROP rule in NETPOL-BENCH")?;
-            Ok(last
-                .split_whitespace()
+            last.split_whitespace()
                 .next()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(0))
+                .unwrap_or(0)
+        }
+    }))
+}
+
+/// Each CPU's time from `/proc/stat`, in ticks: user (+ nice), system, irq + softirq,
+/// idle (+ iowait), steal.
+fn cpu_times() -> Result<Vec<[u64; 5]>> {
+    parse_cpu_times(&std::fs::read_to_string("/proc/stat")?)
+}
+
+fn parse_cpu_times(s: &str) -> Result<Vec<[u64; 5]>> {
+    let mut cpus = Vec::new();
+    for l in s.lines() {
+        let Some(rest) = l.strip_prefix("cpu") else {
+            continue;
+        };
+        if !rest.starts_with(|c: char| c.is_ascii_digit()) {
+            continue;
+        }
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        ensure!(f.len() >= 8, "short /proc/stat line {l}");
+        cpus.push([f[0] + f[1], f[2], f[5] + f[6], f[3] + f[4], f[7]]);
+    }
+    Ok(cpus)
+}
+
+/// `NET_RX` softirqs raised so far, per CPU (`/proc/softirqs`).
+fn net_rx() -> Result<Vec<u64>> {
+    parse_net_rx(&std::fs::read_to_string("/proc/softirqs")?)
+}
+
+fn parse_net_rx(s: &str) -> Result<Vec<u64>> {
+    let l = s
+        .lines()
+        .find(|l| l.trim_start().starts_with("NET_RX:"))
+        .context("no NET_RX in /proc/softirqs")?;
+    Ok(l.split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect())
+}
+
+/// What the machine did during one throughput measurement: CPU 0's and CPU 1's time split (%),
+/// `NET_RX` softirqs per second on each, the most conntrack entries the host namespace held, and
+/// the share of the window the iperf3 server (pinned with the pair) ran and waited runnable for
+/// its CPU (`/proc/PID/schedstat`).
+#[derive(Clone, Copy, Default)]
+struct Window {
+    cpu: [[f64; 5]; 2],
+    net_rx: [f64; 2],
+    conntrack: Option<u64>,
+    /// Entries the host namespace held for flows to the victim at the window's end.
+    victim_entries: Option<u64>,
+    server_run: f64,
+    server_wait: f64,
+}
+
+/// A process's time on a CPU and waiting runnable for one, in ns (`/proc/PID/schedstat`).
+fn schedstat(pid: u32) -> Result<(u64, u64)> {
+    parse_schedstat(&std::fs::read_to_string(format!("/proc/{pid}/schedstat"))?)
+}
+
+fn parse_schedstat(s: &str) -> Result<(u64, u64)> {
+    let mut f = s.split_whitespace().map(|v| v.parse::<u64>());
+    match (f.next(), f.next()) {
+        (Some(Ok(run)), Some(Ok(wait))) => Ok((run, wait)),
+        _ => bail!("bad schedstat line: {s}"),
+    }
+}
+
+/// Samples a window: `/proc/stat` and `/proc/softirqs` at both ends, and the host namespace's
+/// `nf_conntrack_count` every 100 ms from a thread inside it.
+struct WindowWatch {
+    cpu0: Vec<[u64; 5]>,
+    rx0: Vec<u64>,
+    server: (u32, (u64, u64)),
+    t0: Instant,
+    stop: Arc<AtomicBool>,
+    conntrack: std::thread::JoinHandle<(Option<u64>, Option<u64>)>,
+}
+
+impl WindowWatch {
+    fn start(host: &netns::Netns, server_pid: u32, victim: Ipv4Addr) -> Result<WindowWatch> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let conntrack = host.spawn_in(move || {
+            let mut max = None;
+            while !stop2.load(Ordering::Relaxed) {
+                // Resolved in this thread's namespace: the host namespace's own count. Absent
+                // without conntrack in the kernel.
+                if let Some(n) =
+                    std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
+                        .ok()
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                {
+                    max = Some(max.unwrap_or(0).max(n));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // Once, at the end (a long listing): how many of them are the victim's. This
+            // thread's namespace (`/proc/net` would be the main thread's).
+            let victim = std::fs::read_to_string("/proc/thread-self/net/nf_conntrack")
+                .ok()
+                .map(|l| entries_to(&l, victim));
+            (max, victim)
+        });
+        Ok(WindowWatch {
+            cpu0: cpu_times()?,
+            rx0: net_rx()?,
+            server: (server_pid, schedstat(server_pid)?),
+            t0: Instant::now(),
+            stop,
+            conntrack,
+        })
+    }
+
+    fn finish(self) -> Result<Window> {
+        let (cpu1, rx1) = (cpu_times()?, net_rx()?);
+        let (run1, wait1) = schedstat(self.server.0)?;
+        let secs = self.t0.elapsed().as_secs_f64();
+        self.stop.store(true, Ordering::Relaxed);
+        let (conntrack, victim_entries) = self
+            .conntrack
+            .join()
+            .map_err(|_| anyhow::anyhow!("the conntrack sampler panicked"))?;
+        let (run0, wait0) = self.server.1;
+        let mut w = Window {
+            conntrack,
+            victim_entries,
+            server_run: (run1 - run0) as f64 / 1e9 / secs * 100.0,
+            server_wait: (wait1 - wait0) as f64 / 1e9 / secs * 100.0,
+            ..Window::default()
+        };
+        for (c, (now, then)) in cpu1.iter().zip(&self.cpu0).take(2).enumerate() {
+            let d: Vec<f64> = now
+                .iter()
+                .zip(then)
+                .map(|(b, a)| b.saturating_sub(*a) as f64)
+                .collect();
+            let total: f64 = d.iter().sum::<f64>().max(1.0);
+            for (pct, v) in w.cpu[c].iter_mut().zip(&d) {
+                *pct = v / total * 100.0;
+            }
+            if let (Some(a), Some(b)) = (self.rx0.get(c), rx1.get(c)) {
+                w.net_rx[c] = b.saturating_sub(*a) as f64 / secs;
+            }
+        }
+        Ok(w)
+    }
+}
+
+/// `perf record` of CPU 0 into `file` until dropped (SIGINT, so perf writes its data).
+struct PerfRecord(Option<std::process::Child>);
+
+impl PerfRecord {
+    fn start(file: &Path) -> Result<PerfRecord> {
+        let child = Command::new("perf")
+            .args(["record", "-q", "-C", "0", "-g", "-F", "999", "-o"])
+            .arg(file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning perf record")?;
+        Ok(PerfRecord(Some(child)))
+    }
+}
+
+impl Drop for PerfRecord {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            let _ = c.wait();
         }
     }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// The agent while a flood runs: `status` every 50 ms, RSS sampled, CPU time over the window.
@@ -603,8 +839,12 @@ pub fn run(o: Opts) -> Result<()> {
     ] {
         dp::need(tool)?;
     }
-    if o.protect.contains(&Protect::Iptables) {
+    if o.protect.contains(&Protect::Iptables) || o.host_conntrack {
         dp::need("iptables-nft-restore")?;
+    }
+    if let Some(d) = &o.perf {
+        dp::need("perf")?;
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     ensure!(
         o.rounds > 0 && o.seconds > 0,
@@ -624,11 +864,12 @@ pub fn run(o: Opts) -> Result<()> {
     dp::catch_interrupts();
 
     let started = Instant::now();
+    let load_before = loadavg();
     let mut setups = Vec::new();
     for p in &o.protect {
         dp::interrupted()?;
         eprintln!("setting up: {p:?}");
-        setups.push(setup(*p, &bin, &agent_bin, pair_cpu)?);
+        setups.push(setup(*p, &bin, &agent_bin, pair_cpu, o.host_conntrack)?);
     }
     let _dma = dp::hold_dma_latency();
 
@@ -637,6 +878,7 @@ pub fn run(o: Opts) -> Result<()> {
     let mut pps: BTreeMap<(Protect, Flood), Vec<f64>> = BTreeMap::new();
     let mut drops: BTreeMap<(Protect, Flood), Vec<f64>> = BTreeMap::new();
     let mut agent: BTreeMap<Flood, AgentFigures> = BTreeMap::new();
+    let mut windows: BTreeMap<(Protect, Flood), Vec<Window>> = BTreeMap::new();
     for round in 0..o.rounds {
         for k in 0..setups.len() * floods.len() {
             dp::interrupted()?;
@@ -645,7 +887,7 @@ pub fn run(o: Opts) -> Result<()> {
             let victim = s.topo.container("victim").ipv4;
             let macs = (mac_of(&s.out, "eth0")?, mac_of(&s.topo.host, "up-out")?);
             let watch = s.agent.as_ref().map(AgentWatch::start).transpose()?;
-            let (drops0, t0) = (dropped(s)?, Instant::now());
+            let (drops0, t0) = (dropped(s)?.unwrap_or(0), Instant::now());
             let thread = match flood {
                 Flood::None => None,
                 kind => Some(FloodThread::start(&s.out, kind, macs, victim, flood_cpu)?),
@@ -654,8 +896,32 @@ pub fn run(o: Opts) -> Result<()> {
             std::thread::sleep(Duration::from_millis(300));
             for m in METRICS {
                 let label = format!("{:?} {}", s.protect, flood.label());
+                let throughput = m == Metric::Throughput;
+                let window = throughput
+                    .then(|| WindowWatch::start(&s.topo.host, s.servers[0].0.id(), victim))
+                    .transpose()?;
+                let perf = match (&o.perf, throughput) {
+                    (Some(d), true) => Some(PerfRecord::start(&d.join(format!(
+                        "{:?}-{:?}-r{}.data",
+                        s.protect,
+                        flood,
+                        round + 1
+                    )))?),
+                    _ => None,
+                };
                 let v = dp::measure_pair(&s.topo, &label, m, o.seconds, pair_cpu)
                     .with_context(|| format!("{label} {m:?}"))?;
+                drop(perf);
+                if let Some(w) = window {
+                    let w = w.finish()?;
+                    eprintln!(
+                        "  CPU 0 user/sys/irq/idle/steal % {:.0}/{:.0}/{:.0}/{:.0}/{:.0}, CPU 1 {:.0}/{:.0}/{:.0}/{:.0}/{:.0}, host conntrack max {:?} (victim's {:?}), iperf3 server ran {:.0} % waited {:.0} %",
+                        w.cpu[0][0], w.cpu[0][1], w.cpu[0][2], w.cpu[0][3], w.cpu[0][4],
+                        w.cpu[1][0], w.cpu[1][1], w.cpu[1][2], w.cpu[1][3], w.cpu[1][4],
+                        w.conntrack, w.victim_entries, w.server_run, w.server_wait
+                    );
+                    windows.entry((s.protect, flood)).or_default().push(w);
+                }
                 eprintln!(
                     "round {}/{} {:<24} {m:?}: {v:.2}",
                     round + 1,
@@ -666,10 +932,13 @@ pub fn run(o: Opts) -> Result<()> {
             }
             if let Some(t) = thread {
                 let rate = t.finish()?;
-                let drop_rate = (dropped(s)? - drops0) as f64 / t0.elapsed().as_secs_f64();
-                eprintln!("  flood: {rate:.0} frames/s sent, {drop_rate:.0}/s dropped");
+                eprintln!("  flood: {rate:.0} frames/s sent");
                 pps.entry((s.protect, flood)).or_default().push(rate);
-                drops.entry((s.protect, flood)).or_default().push(drop_rate);
+                if let Some(d) = dropped(s)? {
+                    let drop_rate = (d - drops0) as f64 / t0.elapsed().as_secs_f64();
+                    eprintln!("  {drop_rate:.0}/s dropped by {:?}", s.protect);
+                    drops.entry((s.protect, flood)).or_default().push(drop_rate);
+                }
             }
             if let Some(w) = watch {
                 w.finish(agent.entry(flood).or_default())?;
@@ -677,6 +946,7 @@ pub fn run(o: Opts) -> Result<()> {
         }
     }
     drop(setups);
+    let load_after = loadavg();
 
     let med = |v: &[f64]| median(&mut v.to_vec());
     let get = |p: Protect, f: Flood, m: Metric| {
@@ -730,7 +1000,7 @@ pub fn run(o: Opts) -> Result<()> {
         }
     }
     println!(
-        "\nflood isolation: {} rounds × {} s per measurement, medians; {}. Took {} s.\n",
+        "\nflood isolation: {} rounds × {} s per measurement, medians; {}{}. Took {} s; load average {load_before} before, {load_after} after.\n",
         o.rounds,
         o.seconds,
         if pin {
@@ -738,9 +1008,50 @@ pub fn run(o: Opts) -> Result<()> {
         } else {
             "unpinned"
         },
+        if o.host_conntrack {
+            "; conntrack active in the host namespace (--host-conntrack)"
+        } else {
+            ""
+        },
         started.elapsed().as_secs()
     );
     println!("{table}");
+    println!("| during the throughput measurement | host conntrack entries: max (victim's at the end) | CPU 0 user / sys / irq+softirq / idle / steal % | CPU 1 user / sys / irq+softirq / idle / steal % | NET_RX softirqs/s CPU 0 / CPU 1 | iperf3 server on CPU / waiting for it % |");
+    println!("|---|---|---|---|---|---|");
+    for p in &o.protect {
+        for f in floods {
+            let Some(ws) = windows.get(&(*p, f)) else {
+                continue;
+            };
+            let m = |g: &dyn Fn(&Window) -> f64| med(&ws.iter().map(g).collect::<Vec<_>>());
+            let split = |c: usize| {
+                (0..5)
+                    .map(|i| format!("{:.0}", m(&|w| w.cpu[c][i])))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            };
+            let ct = if ws.iter().all(|w| w.conntrack.is_none()) {
+                "—".to_string()
+            } else {
+                format!(
+                    "{} ({})",
+                    dp::thousands(m(&|w| w.conntrack.unwrap_or(0) as f64)),
+                    dp::thousands(m(&|w| w.victim_entries.unwrap_or(0) as f64))
+                )
+            };
+            println!(
+                "| {p:?}, {} | {ct} | {} | {} | {} / {} | {:.0} / {:.0} |",
+                f.label(),
+                split(0),
+                split(1),
+                dp::thousands(m(&|w| w.net_rx[0])),
+                dp::thousands(m(&|w| w.net_rx[1])),
+                m(&|w| w.server_run),
+                m(&|w| w.server_wait)
+            );
+        }
+    }
+    println!();
     if !agent.is_empty() {
         println!("| agent during | status p50 ms | status p99 ms | status max ms | unanswered (1 s) | CPU % of one core (median) | RSS max MB |");
         println!("|---|---|---|---|---|---|---|");
@@ -802,5 +1113,26 @@ mod tests {
             assert_eq!(u16::from_be_bytes([l4[2], l4[3]]), VICTIM_PORT);
         }
         assert_eq!(frame(Flood::Syn, macs, src, dst, 1)[34 + 13], 0x02);
+    }
+
+    #[test]
+    fn proc_parsers_read_the_fields_the_tables_show() {
+        let stat = "cpu  10 1 20 300 4 5 6 7 0 0\ncpu0 1 2 3 40 5 6 7 8 0 0\ncpu1 9 0 8 70 0 1 2 3 0 0\nintr 1 2\n";
+        // user + nice, system, irq + softirq, idle + iowait, steal; the all-CPU line is skipped.
+        assert_eq!(
+            parse_cpu_times(stat).unwrap(),
+            vec![[3, 3, 13, 45, 8], [9, 8, 3, 70, 3]]
+        );
+        let softirqs = "                    CPU0       CPU1\n          HI:          1          0\n      NET_TX:         10         20\n      NET_RX:     161361    187671\n";
+        assert_eq!(parse_net_rx(softirqs).unwrap(), vec![161361, 187671]);
+        assert_eq!(
+            parse_schedstat("115009 1692601 2\n").unwrap(),
+            (115009, 1692601)
+        );
+        let ct = "ipv4     2 udp      17 29 src=192.0.2.2 dst=10.77.0.12 sport=1024 dport=80 [UNREPLIED] src=10.77.0.12 dst=192.0.2.2 sport=80 dport=1024 mark=0 use=1\n\
+                  ipv4     2 tcp      6 117 TIME_WAIT src=10.77.0.10 dst=10.77.0.11 sport=4000 dport=8080 src=10.77.0.11 dst=10.77.0.10 sport=8080 dport=4000 [ASSURED] mark=0 use=1\n\
+                  ipv4     2 tcp      6 10 CLOSE src=10.77.0.12 dst=192.0.2.2 sport=80 dport=5 src=192.0.2.2 dst=10.77.0.12 sport=5 dport=80 mark=0 use=1\n";
+        // Only the first line goes to the victim; the third is the victim's own, in reverse.
+        assert_eq!(entries_to(ct, Ipv4Addr::new(10, 77, 0, 12)), 1);
     }
 }
