@@ -1707,7 +1707,8 @@ fn wait_file_rejected(agent: &Agent, file: &str, rejected: bool) -> serde_json::
 
 /// A policy file edited into an invalid state keeps its last valid version in force, also
 /// across a reboot of the agent (killed, pins removed, started again with the file still
-/// broken); a valid edit then replaces it.
+/// broken), and across a restart with a damaged `identities.json`; a valid edit then replaces
+/// it.
 fn a_broken_policy_file_keeps_its_last_valid_version_across_restarts(version: DockerVersion) {
     if !netpol_tests::require_root(
         &version.test_name("a_broken_policy_file_keeps_its_last_valid_version_across_restarts"),
@@ -1746,6 +1747,35 @@ fn a_broken_policy_file_keeps_its_last_valid_version_across_restarts(version: Do
     wait_enforced(&agent, &scenario_containers(&project));
     wait_file_rejected(&agent, "scenario.yaml", true);
     assert_all("after a reboot with the broken file", &checks);
+
+    // A damaged identity table as well (the pins kept): the agent starts, keeps the file
+    // aside, and gives every container a new number above the old ones, with its policy.
+    let before = scenario_identities(&agent);
+    agent.kill9();
+    let table = agent.state_dir().join("identities.json");
+    std::fs::write(&table, b"{\"identities\": {\"256\": {").expect("damage identities.json");
+    agent.restart();
+    wait_enforced(&agent, &scenario_containers(&project));
+    assert_all("after a restart with a damaged identities.json", &checks);
+    let after = scenario_identities(&agent);
+    let highest = before.iter().map(|(_, id)| *id).max().unwrap_or(0);
+    assert!(
+        after.len() == before.len() && after.iter().all(|(_, id)| *id > highest),
+        "new numbers above the old ones: {before:?} -> {after:?}"
+    );
+    let status = agent.cli_json(&["status"]);
+    let recovered = status["state_recovered"].to_string();
+    assert!(recovered.contains("identities.json.damaged-"), "{status}");
+    let kept: Vec<_> = std::fs::read_dir(agent.state_dir())
+        .expect("state dir")
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("identities.json.damaged-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "the damaged file kept aside");
 
     // A valid edit replaces it: db accepts app1 only.
     let app1_only = good.replacen(

@@ -29,11 +29,45 @@ use crate::{
     store::Store,
 };
 
+/// The tag a damaged state file is set aside with ([`Store::set_aside`]): `damaged-` and the
+/// time, UTC.
+fn damaged_tag() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("damaged-{}", super::flows::utc(secs))
+}
+
+/// Sets the damaged state file `name` aside and says so (`why`: what is wrong with it; `then`:
+/// what the agent does instead). The line for `status`, or the error when it cannot be moved:
+/// the agent would write over it.
+fn set_aside(store: &Store, name: &str, why: &str, then: &str) -> Result<String, AgentError> {
+    let path = store.dir().join(name);
+    match store.set_aside(name, &damaged_tag()) {
+        Ok(kept) => {
+            let kept = kept.map_or("(gone)".to_owned(), |k| k.display().to_string());
+            warn!(file = %path.display(), kept_as = %kept, error = %why, "{name} is damaged: kept aside; {then}");
+            Ok(format!(
+                "{} was damaged ({why}): kept as {kept}; {then}",
+                path.display()
+            ))
+        }
+        Err(e) => Err(AgentError::Invalid(format!(
+            "{} is damaged ({why}) and cannot be set aside ({e}); the agent does not write over it: move it away",
+            path.display()
+        ))),
+    }
+}
+
 /// The persisted rule id table, its next number raised above every rule id in the maps
 /// (`POLICY` values, `RULE_STATS` keys): a table that is stale, lost or unreadable never hands
-/// out a number the kernel still counts under. An unreadable table is logged and replaced (rule
-/// ids only name counters and events; enforcement does not depend on them).
-fn load_rule_ids(store: &Store, dp: &dyn Datapath) -> RuleIds {
+/// out a number the kernel still counts under. An unreadable table is set aside, logged and
+/// replaced (rule ids only name counters and events; enforcement does not depend on them); the
+/// second value then says so, for `status`.
+fn load_rule_ids(
+    store: &Store,
+    dp: &dyn Datapath,
+) -> Result<(RuleIds, Option<String>), AgentError> {
     let mut floor = 0u32;
     match dp.current() {
         Ok(cur) => {
@@ -56,43 +90,86 @@ fn load_rule_ids(store: &Store, dp: &dyn Datapath) -> RuleIds {
         t.raise_next(floor);
         t
     };
-    match store.load_rule_ids::<policy::rule_ids::RuleIdsState>() {
-        Ok(Some(state)) => RuleIds::load(state, floor).unwrap_or_else(|e| {
-            warn!(error = %e, "the rule id table is invalid: rules get new ids, their counters start again");
-            fresh()
-        }),
-        Ok(None) => fresh(),
-        Err(e) => {
-            warn!(error = %e, "the rule id table cannot be read: rules get new ids, their counters start again");
-            fresh()
+    let why = match store.load_rule_ids::<policy::rule_ids::RuleIdsState>() {
+        Ok(Some(state)) => match RuleIds::load(state, floor) {
+            Ok(t) => return Ok((t, None)),
+            Err(e) => e.to_string(),
+        },
+        Ok(None) => return Ok((fresh(), None)),
+        Err(e) => e.to_string(),
+    };
+    let note = set_aside(
+        store,
+        "rule-ids.json",
+        &why,
+        "rules get new ids, their counters start again",
+    )?;
+    Ok((fresh(), Some(note)))
+}
+
+/// The persisted identity table, its next number raised to [`identity_floor`]. A table that
+/// cannot be read or vouched for (not JSON, not a table, a number or label key given twice, a
+/// number outside the label range, two numbers for one label set) is set aside and replaced by
+/// an empty one whose numbers start above every label identity in the maps: no label set can
+/// get a number the kernel holds for another, each container gets a new number with its own
+/// policy. Without the maps' numbers that cannot be promised, and the agent does not start.
+/// The second value says whether the table must be saved, the third what was recovered.
+fn load_identities(
+    store: &Store,
+    dp: &dyn Datapath,
+) -> Result<(IdentityAllocator, bool, Option<String>), AgentError> {
+    let loaded = match store.load_identities() {
+        Ok(None) => Ok(IdentityAllocator::new()),
+        Ok(Some(state)) => IdentityAllocator::load(state).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let why = match loaded {
+        Ok(mut ids) => {
+            let floor = identity_floor(dp).unwrap_or_else(|e| {
+                warn!(error = %e, "reading the maps for the identities in use");
+                0
+            });
+            let moved = ids.raise_next(floor);
+            return Ok((ids, moved, None));
         }
-    }
+        Err(why) => why,
+    };
+    let floor = identity_floor(dp).map_err(|e| {
+        AgentError::Invalid(format!(
+            "{} is damaged ({why}), and the maps cannot be read for the identity numbers in use ({e}): new numbers could be ones the kernel holds for other containers",
+            store.dir().join("identities.json").display()
+        ))
+    })?;
+    let note = set_aside(
+        store,
+        "identities.json",
+        &why,
+        "every container gets a new identity number above those in the maps, with its own policy",
+    )?;
+    let mut ids = IdentityAllocator::new();
+    ids.raise_next(floor);
+    Ok((ids, true, Some(note)))
 }
 
 /// One more than the highest label identity in the maps (`ENDPOINTS`, the ipcache, `POLICY`'s
-/// locals and remotes), 0 when none or unreadable. Identities are written after the maps (in
+/// locals and remotes), 0 when none. Identities are written after the maps (in
 /// `run` by a background task), so an agent killed in between leaves numbers in the maps that
 /// `identities.json` lacks; given to other labels, a container would have, until the reconcile
 /// removes the stale `POLICY` entries (last, after the ipcache), the allowances of the one that
 /// held the number. New label sets start above them instead.
-fn identity_floor(dp: &dyn Datapath) -> u32 {
+fn identity_floor(dp: &dyn Datapath) -> Result<u32, crate::datapath::DatapathError> {
     let label = |id: u32| (reserved::FIRST_LABEL..crate::identity::FIRST_CIDR).contains(&id);
-    let cur = match dp.current() {
-        Ok(cur) => cur,
-        Err(e) => {
-            warn!(error = %e, "reading the maps for the identities in use");
-            return 0;
-        }
-    };
+    let cur = dp.current()?;
     let ids = cur
         .endpoints
         .values()
         .map(|e| e.identity)
         .chain(cur.ipcache.values().map(|v| v.identity))
         .chain(cur.policy.keys().flat_map(|k| [k.key.local, k.key.remote]));
-    ids.filter(|&id| label(id))
+    Ok(ids
+        .filter(|&id| label(id))
         .max()
-        .map_or(0, |m| m.saturating_add(1))
+        .map_or(0, |m| m.saturating_add(1)))
 }
 
 /// What the label source reads of a container.
@@ -187,6 +264,8 @@ pub struct Agent {
     /// `RULE_STATS` holds counters of the rules in force only (checked once after start, then
     /// whenever rules go).
     rule_stats_clean: bool,
+    /// Damaged state files set aside at start, and what the agent did instead (`status`).
+    recovered: Vec<String>,
 }
 
 impl Agent {
@@ -196,13 +275,9 @@ impl Agent {
         filter: LabelFilter,
         policy_dir: PathBuf,
     ) -> Result<Self, AgentError> {
-        let mut ids = match store.load_identities()? {
-            Some(state) => IdentityAllocator::load(state)?,
-            None => IdentityAllocator::new(),
-        };
-        let ids_dirty = ids.raise_next(identity_floor(dp.as_ref()));
+        let (ids, ids_dirty, ids_note) = load_identities(&store, dp.as_ref())?;
         let sources = Sources::load(&store, policy_dir, &filter)?;
-        let rule_ids = load_rule_ids(&store, dp.as_ref());
+        let (rule_ids, rule_ids_note) = load_rule_ids(&store, dp.as_ref())?;
         info!(
             identities = ids.len(),
             policies = sources.imports.len(),
@@ -236,6 +311,7 @@ impl Agent {
             rule_ids,
             rule_ids_dirty: false,
             rule_stats_clean: false,
+            recovered: ids_note.into_iter().chain(rule_ids_note).collect(),
         })
     }
 
@@ -1241,6 +1317,7 @@ impl Agent {
             "masq6": self.masq.as_ref().map_or("off", |m| m.status()),
             "masq6_flows": self.masq.as_ref().map_or(0, |m| m.flows()),
             "last_error": self.last_error,
+            "state_recovered": self.recovered,
         })
     }
 

@@ -1260,6 +1260,216 @@ fn a_number_in_the_maps_is_not_given_to_other_labels_after_a_lost_identity_write
     assert!(!connects(&a, &evil, &db, 5432));
 }
 
+/// A state file's damages that any reader must survive: `good` emptied, cut in half, garbage,
+/// JSON of another shape.
+fn damaged_json(good: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("empty", Vec::new()),
+        ("truncated", good[..good.len() / 2].to_vec()),
+        ("garbage", b"\x00\xff{not json".to_vec()),
+        ("not a table", b"[1, 2, 3]".to_vec()),
+    ]
+}
+
+/// The contents of the copies of state file `name` that the agent set aside as damaged.
+fn kept_aside(dirs: &Dirs, name: &str) -> Vec<Vec<u8>> {
+    std::fs::read_dir(dirs.state())
+        .expect("state dir")
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{name}.damaged-"))
+        })
+        .map(|e| std::fs::read(e.path()).expect("kept copy"))
+        .collect()
+}
+
+/// Every label identity number in the maps (`ENDPOINTS`, the ipcache, `POLICY`).
+fn label_numbers(m: &MapState) -> std::collections::BTreeSet<u32> {
+    let label =
+        |id: &u32| (netpol_common::identity::FIRST_LABEL..crate::identity::FIRST_CIDR).contains(id);
+    m.endpoints
+        .values()
+        .map(|e| e.identity)
+        .chain(m.ipcache.values().map(|v| v.identity))
+        .chain(m.policy.keys().flat_map(|k| [k.key.local, k.key.remote]))
+        .filter(label)
+        .collect()
+}
+
+/// A damaged, truncated or hostile `identities.json` never stops the agent (under systemd that
+/// was a restart loop in which new containers got no enforcement) and never gives a label set a
+/// number the maps hold for another: the file is kept aside under a name of its own, every
+/// label set gets a number above those in the maps, each container keeps its policy, and at
+/// no point of the reconcile does a container reach more than before.
+#[test]
+fn a_damaged_identity_table_never_stops_the_agent_nor_hands_out_a_number_in_the_maps() {
+    let (db, app1, app2) = (
+        service(2, "db", &[]),
+        service(3, "app1", &[]),
+        service(4, "app2", &[]),
+    );
+    let evil = service(5, "evil", &[]);
+    let set = |svc: &str| {
+        format!(
+            r#"{{"com.docker.compose.project": "shop", "com.docker.compose.service": "{svc}"}}"#
+        )
+    };
+    // Written by the first agent of each case, so the numbers are the ones the maps hold.
+    let setup = |dirs: &Dirs| -> (MapState, BTreeMap<String, u32>, Vec<u8>) {
+        let mut a = agent(dirs);
+        snapshot(&mut a, &[&db, &app1, &app2]);
+        import(&mut a, "db.yaml", &db_accepts("app1", "TCP")).expect("import");
+        assert!(connects(&a, &app1, &db, 5432) && !connects(&a, &app2, &db, 5432));
+        let m = maps(&a);
+        let ids = [&db, &app1, &app2]
+            .iter()
+            .map(|c| (c.name.clone(), m.endpoints[&ifindex(c)].identity))
+            .collect();
+        let good = std::fs::read(dirs.state().join("identities.json")).expect("saved");
+        (m, ids, good)
+    };
+    let probe = Dirs::new("ids-damaged-probe");
+    let (_, ids, good) = setup(&probe);
+    drop(probe);
+    let app1_id = ids["shop-app1-1"];
+    let mut cases = damaged_json(&good);
+    let table = |entries: &[(String, String)]| -> Vec<u8> {
+        let entries: Vec<String> = entries.iter().map(|(n, l)| format!("{n:?}: {l}")).collect();
+        format!(r#"{{"identities": {{{}}}}}"#, entries.join(", ")).into_bytes()
+    };
+    let one = |n: &str, l: String| table(&[(n.to_owned(), l)]);
+    let app1_n = app1_id.to_string();
+    cases.extend([
+        (
+            "identities not a map",
+            br#"{"next": 300, "identities": [1]}"#.to_vec(),
+        ),
+        ("null", b"null".to_vec()),
+        // JSON keeps the last of two equal keys: evil would get app1's number.
+        (
+            "duplicate numbers",
+            table(&[(app1_n.clone(), set("app1")), (app1_n.clone(), set("evil"))]),
+        ),
+        (
+            "duplicate label key",
+            one(
+                &app1_n,
+                set("app1").replace('}', r#", "com.docker.compose.service": "evil"}"#),
+            ),
+        ),
+        (
+            "two numbers for one label set",
+            table(&[
+                (app1_n.clone(), set("app1")),
+                ((app1_id + 1).to_string(), set("app1")),
+            ]),
+        ),
+        ("reserved number (host)", one("1", set("evil"))),
+        ("reserved number (any)", one("0", set("evil"))),
+        ("below the label range", one("255", set("evil"))),
+        (
+            "a CIDR identity",
+            one(&crate::identity::FIRST_CIDR.to_string(), set("evil")),
+        ),
+        ("a negative number", one("-1", set("evil"))),
+    ]);
+    for (what, bytes) in cases {
+        let dirs = Dirs::new("ids-damaged");
+        let (before, ids, _) = setup(&dirs);
+        let file = dirs.state().join("identities.json");
+        std::fs::write(&file, &bytes).expect("damage");
+        let mut dp = FakeDatapath::new(MapSizes::default());
+        dp.state = before.clone();
+        let mut a = Agent::new(
+            Box::new(dp),
+            Store::new(dirs.state()),
+            LabelFilter::default(),
+            dirs.policy_dir(),
+        )
+        .unwrap_or_else(|e| panic!("{what}: the agent refused to start: {e}"));
+        a.reload_policy_dir();
+        // Nothing lost: the damaged file is kept, byte for byte, under a name that says why.
+        assert_eq!(
+            kept_aside(&dirs, "identities.json"),
+            std::slice::from_ref(&bytes),
+            "{what}"
+        );
+        // evil sorts first: it is identified before the others.
+        snapshot(&mut a, &[&evil, &db, &app1, &app2]);
+        let after = maps(&a);
+        let held = label_numbers(&before);
+        for c in [&evil, &db, &app1, &app2] {
+            let id = after.endpoints[&ifindex(c)].identity;
+            assert!(
+                ids.get(&c.name) == Some(&id) || !held.contains(&id),
+                "{what}: {} got {id}, a number the maps hold for other labels ({ids:?})",
+                c.name
+            );
+        }
+        assert!(
+            connects(&a, &app1, &db, 5432),
+            "{what}: app1 lost its allowance"
+        );
+        assert!(!connects(&a, &app2, &db, 5432), "{what}: app2 reaches db");
+        assert!(!connects(&a, &evil, &db, 5432), "{what}: evil reaches db");
+        // The reconcile's windows: the new ipcache and endpoints with the old POLICY entries
+        // beside the new ones, and the old endpoints with the new ipcache.
+        let mut window = after.clone();
+        window.policy.extend(before.policy.clone());
+        let mut old_eps = window.clone();
+        old_eps.endpoints.extend(before.endpoints.clone());
+        for m in [&window, &old_eps] {
+            for c in [&evil, &app2] {
+                assert!(
+                    !passes(m, &db, c, Ingress, 5432),
+                    "{what}: {} reaches db mid-reconcile",
+                    c.name
+                );
+            }
+        }
+        // The rebuilt table is saved and taken back by the next start: numbers stay.
+        drop(a);
+        let mut dp = FakeDatapath::new(MapSizes::default());
+        dp.state = after.clone();
+        let mut b = agent_on(&dirs, dp);
+        snapshot(&mut b, &[&evil, &db, &app1, &app2]);
+        assert_eq!(
+            maps(&b).endpoints,
+            after.endpoints,
+            "{what}: numbers moved again"
+        );
+    }
+}
+
+/// A damaged `identities.json` when the maps cannot be read: which numbers the kernel holds is
+/// unknown, so no number can be given safely; the agent says so and does not start, and leaves
+/// the file where it is.
+#[test]
+fn a_damaged_identity_table_with_unreadable_maps_is_a_clear_error() {
+    let dirs = Dirs::new("ids-damaged-unreadable");
+    std::fs::create_dir_all(dirs.state()).expect("state dir");
+    let file = dirs.state().join("identities.json");
+    std::fs::write(&file, b"{not json").expect("damage");
+    let mut dp = FakeDatapath::new(MapSizes::default());
+    dp.fail_reads = true;
+    let e = Agent::new(
+        Box::new(dp),
+        Store::new(dirs.state()),
+        LabelFilter::default(),
+        dirs.policy_dir(),
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(
+        e.contains("identities.json is damaged") && e.contains("the maps cannot be read"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&file).expect("left in place"), b"{not json");
+}
+
 /// A damaged, truncated or hostile `rule-ids.json` never stops the agent nor makes a counter of
 /// the maps name another rule: the agent starts, enforces as before, and a rule whose number
 /// the table cannot vouch for gets one above every number in the maps (or, once the range is
@@ -1292,12 +1502,8 @@ fn a_damaged_rule_id_table_never_stops_the_agent_nor_misnames_a_counter() {
     drop(a);
     let table = dirs.state().join("rule-ids.json");
     let good = std::fs::read(&table).expect("the table was saved");
-    let n = good.len();
-    let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("empty", Vec::new()),
-        ("truncated", good[..n / 2].to_vec()),
-        ("garbage", b"\x00\xff{not json".to_vec()),
-        ("not a table", b"[1, 2, 3]".to_vec()),
+    let mut cases = damaged_json(&good);
+    cases.extend([
         (
             "duplicate ids",
             br#"{"next": 9, "rules": [{"id": 4, "policy": "a", "selector": "{}", "section": "ingress", "rule": "x"}, {"id": 4, "policy": "b", "selector": "{}", "section": "ingress", "rule": "x"}]}"#.to_vec(),
@@ -1312,7 +1518,7 @@ fn a_damaged_rule_id_table_never_stops_the_agent_nor_misnames_a_counter() {
             br#"{"next": 1, "rules": [{"id": 4294967295, "policy": "a", "selector": "{}", "section": "ingress", "rule": "x"}]}"#.to_vec(),
         ),
         ("next 0", br#"{"next": 0, "rules": []}"#.to_vec()),
-    ];
+    ]);
     for (what, bytes) in cases {
         std::fs::write(&table, &bytes).expect("write");
         // What the kernel counted for db's rule under its number in the maps.
@@ -1328,6 +1534,10 @@ fn a_damaged_rule_id_table_never_stops_the_agent_nor_misnames_a_counter() {
         dp.state = before.clone();
         dp.rule_stats = stats.clone();
         let mut a = agent_on(&dirs, dp);
+        // A table that does not load is kept aside, not written over.
+        let unloadable = !matches!(what, "range used up" | "the last id" | "next 0");
+        let kept = kept_aside(&dirs, "rule-ids.json").contains(&bytes);
+        assert_eq!(kept, unloadable, "{what}: kept aside");
         snapshot(&mut a, &[&db, &app1]);
         let m = maps(&a);
         assert_eq!(m.endpoints, before.endpoints, "{what}: enforcement changed");

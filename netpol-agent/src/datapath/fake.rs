@@ -22,6 +22,8 @@ pub struct FakeDatapath {
     pub flushed: Vec<BTreeSet<IpAddr>>,
     /// `RULE_STATS`, shared with the test that made the datapath.
     pub rule_stats: std::sync::Arc<std::sync::Mutex<RuleCounters>>,
+    /// When set, reading the maps ([`Datapath::current`]) fails.
+    pub fail_reads: bool,
 }
 
 impl FakeDatapath {
@@ -154,6 +156,11 @@ impl Datapath for FakeDatapath {
     }
 
     fn current(&self) -> Result<MapState, DatapathError> {
+        if self.fail_reads {
+            return Err(DatapathError::Io(std::io::Error::other(
+                "injected read failure",
+            )));
+        }
         Ok(self.state.clone())
     }
 

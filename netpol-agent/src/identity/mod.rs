@@ -180,8 +180,55 @@ pub enum IdentityError {
 pub struct AllocatorState {
     /// The next number to try (0 or absent: [`FIRST_LABEL`]).
     pub next: u32,
-    /// Every identity handed out and not released.
+    /// Every identity handed out and not released. A number or a label key given twice is an
+    /// error, not the last one's (JSON parsers keep that): one of the two holders would
+    /// silently get the other's number.
+    #[serde(deserialize_with = "unique_identities")]
     pub identities: BTreeMap<u32, Labels>,
+}
+
+/// A JSON object into a map, refusing a key given twice.
+struct UniqueMap<K, V>(BTreeMap<K, V>);
+
+impl<'de, K, V> Deserialize<'de> for UniqueMap<K, V>
+where
+    K: Deserialize<'de> + Ord + std::fmt::Debug,
+    V: Deserialize<'de>,
+{
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<K, V>(std::marker::PhantomData<(K, V)>);
+        impl<'de, K, V> serde::de::Visitor<'de> for Visit<K, V>
+        where
+            K: Deserialize<'de> + Ord + std::fmt::Debug,
+            V: Deserialize<'de>,
+        {
+            type Value = UniqueMap<K, V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map without repeated keys")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = m.next_entry::<K, V>()? {
+                    if out.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!("{k:?} appears twice")));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(UniqueMap(out))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+fn unique_identities<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<u32, Labels>, D::Error> {
+    let m = UniqueMap::<u32, UniqueMap<String, String>>::deserialize(d)?;
+    Ok(m.0.into_iter().map(|(id, l)| (id, l.0)).collect())
 }
 
 /// Equal label sets → one identity, stable across restarts through [`AllocatorState`].
@@ -506,6 +553,25 @@ mod tests {
                 second: 301
             })
         ));
+    }
+
+    #[test]
+    fn a_number_or_label_key_given_twice_does_not_parse() {
+        for bad in [
+            r#"{"identities": {"300": {"app": "db"}, "300": {"app": "evil"}}}"#,
+            r#"{"identities": {"300": {"app": "db", "app": "evil"}}}"#,
+        ] {
+            let e = serde_json::from_str::<AllocatorState>(bad).unwrap_err();
+            assert!(e.to_string().contains("appears twice"), "{bad}: {e}");
+        }
+        let ok: AllocatorState =
+            serde_json::from_str(r#"{"next": 302, "identities": {"300": {"app": "db"}, "301": {"app": "web", "tier": ""}}}"#)
+                .unwrap();
+        assert_eq!(ok.identities[&301], labels(&[("app", "web"), ("tier", "")]));
+        assert_eq!(
+            serde_json::from_str::<AllocatorState>(&serde_json::to_string(&ok).unwrap()).unwrap(),
+            ok
+        );
     }
 
     #[test]

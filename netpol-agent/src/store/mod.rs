@@ -128,6 +128,29 @@ impl Store {
         self.write_json("rule-ids.json", state)
     }
 
+    /// Moves the state file `name` aside, to `<name>.<tag>` (`.1`, `.2`, … appended when that
+    /// exists: an earlier one is never replaced), and returns where it went; `None` when there
+    /// was no such file. For a damaged file that the agent replaces: it is kept for whoever
+    /// investigates, and no later write goes over it.
+    pub fn set_aside(&self, name: &str, tag: &str) -> Result<Option<PathBuf>, StoreError> {
+        let from = self.dir.join(name);
+        if fs::symlink_metadata(&from).is_err() {
+            return Ok(None);
+        }
+        let to = (0u32..)
+            .map(|n| match n {
+                0 => self.dir.join(format!("{name}.{tag}")),
+                n => self.dir.join(format!("{name}.{tag}.{n}")),
+            })
+            .find(|p| fs::symlink_metadata(p).is_err())
+            .unwrap_or_else(|| self.dir.join(format!("{name}.{tag}")));
+        fs::rename(&from, &to).map_err(io_err(&from))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dir))?;
+        Ok(Some(to))
+    }
+
     fn files_dir(&self) -> PathBuf {
         self.dir.join("files")
     }
@@ -313,6 +336,36 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
             .collect();
         assert!(leftovers.is_empty());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_file_set_aside_never_replaces_one_set_aside_before() {
+        let d = tmp();
+        let s = Store::new(&d);
+        assert_eq!(s.set_aside("identities.json", "damaged-x").unwrap(), None);
+        for (n, text) in ["one", "two", "three"].iter().enumerate() {
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("identities.json"), text).unwrap();
+            let kept = s
+                .set_aside("identities.json", "damaged-x")
+                .unwrap()
+                .unwrap();
+            let want = match n {
+                0 => "identities.json.damaged-x".to_owned(),
+                n => format!("identities.json.damaged-x.{n}"),
+            };
+            assert_eq!(kept, d.join(want));
+            assert!(!d.join("identities.json").exists());
+        }
+        assert_eq!(
+            fs::read_to_string(d.join("identities.json.damaged-x")).unwrap(),
+            "one"
+        );
+        assert_eq!(
+            fs::read_to_string(d.join("identities.json.damaged-x.2")).unwrap(),
+            "three"
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 
