@@ -143,7 +143,9 @@ impl CtKey6 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtEntry {
-    /// `bpf_ktime_get_ns()` after which the entry is stale.
+    /// The time after which the entry is stale: CLOCK_MONOTONIC nanoseconds, as the datapath
+    /// reads them (`bpf_ktime_get_coarse_ns()`: the last tick's time, so an entry may serve
+    /// up to one tick, at most 10 ms, past this).
     pub expires_ns: u64,
     /// Bit set of `CtEntry::*` flags.
     pub flags: u32,

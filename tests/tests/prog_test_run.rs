@@ -402,9 +402,13 @@ fn db_entry(expires_ns: u64, flags: u32, rule: u32) -> CtEntry {
     }
 }
 
+/// The datapath's conntrack clock is CLOCK_MONOTONIC_COARSE: up to one tick (at most 10 ms)
+/// behind the `CLOCK_MONOTONIC` the test reads.
+const TICK: u64 = 10_000_000;
+
 fn lifetime_ok(e: &CtEntry, before: u64, after: u64, secs: u64, what: &str) {
     assert!(
-        e.expires_ns >= before + secs * SEC && e.expires_ns <= after + secs * SEC,
+        e.expires_ns + TICK >= before + secs * SEC && e.expires_ns <= after + secs * SEC,
         "{what}: expires_ns {} not within {secs} s of the run ({before}..{after})",
         e.expires_ns
     );
@@ -2041,7 +2045,7 @@ fn conntrack_expiry(fam: Fam) {
 
     // An expired TCP flow's packets are new flows: denied without a rule.
     let kt = ct_key(fam, &APP1, &DB, 40000, 22, proto::TCP, CtDir::Ingress);
-    dp.set_ct(kt, db_entry(now_ns() - 1, CtEntry::SEEN_REPLY, 1));
+    dp.set_ct(kt, db_entry(now_ns() - TICK, CtEntry::SEEN_REPLY, 1));
     assert_eq!(
         dp.run(To, &fam.tcp(&APP1, &DB, 40000, 22, TCP_ACK)),
         SHOT,
