@@ -795,8 +795,8 @@ impl World {
     }
 
     /// Step 5 for a packet of a flow (not a bare SYN): the flow's entry (one for both
-    /// directions), established table first. `Err`: a flow that audit mode admitted and policy
-    /// denies now.
+    /// directions), established table first, a SYN-ACK new table first
+    /// (`ct::new_table_first`). `Err`: a flow that audit mode admitted and policy denies now.
     fn established(
         &mut self,
         p: &Pkt,
@@ -805,10 +805,11 @@ impl World {
         now: u64,
     ) -> Result<bool, (DropReason, u32, u32)> {
         let k = key(p.fam, p.s, p.d, p.sport, p.dport, p.proto, dir);
-        if self.ct_hit(&k, p, dir, true, o, now)? {
+        let first = !ct::new_table_first(p.proto, p.tcp_flags);
+        if self.ct_hit(&k, p, dir, first, o, now)? {
             return Ok(true);
         }
-        self.ct_hit(&k, p, dir, false, o, now)
+        self.ct_hit(&k, p, dir, !first, o, now)
     }
 
     /// Runs `frame` through `from_container` (`Direction::Egress`) or `to_container`

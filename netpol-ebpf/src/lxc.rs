@@ -688,12 +688,13 @@ fn established<F: Family>(
     o: Owner<'_>,
 ) -> Result<bool, Revoked> {
     // One key for both directions; established flows first: their packets, replies included,
-    // cost one lookup.
+    // cost one lookup. A SYN-ACK finds its flow in the new table (`ct::new_table_first`).
     let k = F::key(s, d, sport, dport, l.proto, dir);
-    if ct_hit::<F>(&k, now, l, dir, true, o)? {
+    let first = !ct::new_table_first(l.proto, l.tcp_flags);
+    if ct_hit::<F>(&k, now, l, dir, first, o)? {
         return Ok(true);
     }
-    ct_hit::<F>(&k, now, l, dir, false, o)
+    ct_hit::<F>(&k, now, l, dir, !first, o)
 }
 
 /// Whether an entry for `k` exists in either table, has not expired, belongs to this endpoint and
