@@ -104,6 +104,16 @@ pub enum Protect {
     Iptables,
 }
 
+impl Protect {
+    fn label(self) -> &'static str {
+        match self {
+            Protect::None => "none (control)",
+            Protect::Netpol => "netpol",
+            Protect::Iptables => "iptables",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Flood {
     None,
@@ -975,7 +985,8 @@ pub fn run(o: Opts) -> Result<()> {
             if f == Flood::None {
                 let _ = writeln!(
                     table,
-                    "| {p:?} | none | {tp:.2} | {} | {lat:.1} |",
+                    "| {} | none | {tp:.2} | {} | {lat:.1} |",
+                    p.label(),
                     dp::thousands(cr)
                 );
                 continue;
@@ -987,7 +998,8 @@ pub fn run(o: Opts) -> Result<()> {
             ];
             let _ = writeln!(
                 table,
-                "| {p:?} | {} ({rate}) | {tp:.2} ({:.2}) | {} ({:.2}) | {lat:.1} ({:.2}) |",
+                "| {} | {} ({rate}) | {tp:.2} ({:.2}) | {} ({:.2}) | {lat:.1} ({:.2}) |",
+                p.label(),
                 f.label(),
                 r[0],
                 dp::thousands(cr),
@@ -1040,7 +1052,8 @@ pub fn run(o: Opts) -> Result<()> {
                 )
             };
             println!(
-                "| {p:?}, {} | {ct} | {} | {} | {} / {} | {:.0} / {:.0} |",
+                "| {}, {} | {ct} | {} | {} | {} / {} | {:.0} / {:.0} |",
+                p.label(),
                 f.label(),
                 split(0),
                 split(1),
@@ -1078,12 +1091,20 @@ pub fn run(o: Opts) -> Result<()> {
             .unwrap_or(f64::NAN);
         let responsive = a.is_some_and(|a| a.failures == 0) && max < 100.0;
         let ok = r[0] >= 0.9 && r[1] >= 0.9 && responsive;
+        // What the same flood cost the pair with no filter at all: the platform's share.
+        let control = get(Protect::None, f, Metric::Throughput)
+            / get(Protect::None, Flood::None, Metric::Throughput);
         println!(
-            "target, netpol {}: pair throughput {:.2}, conn/s {:.2} (≥ 0.9 of no flood); status max {max:.1} ms (< 100): {}",
+            "target, netpol {}: pair throughput {:.2}, conn/s {:.2} (≥ 0.9 of no flood); status max {max:.1} ms (< 100): {}{}",
             f.label(),
             r[0],
             r[1],
-            if ok { "met" } else { "NOT MET" }
+            if ok { "met" } else { "NOT MET" },
+            if control.is_nan() {
+                String::new()
+            } else {
+                format!(" (with no filter the pair keeps {control:.2} of its throughput)")
+            }
         );
     }
     Ok(())
