@@ -73,13 +73,18 @@ impl Drop for Dirs {
 }
 
 pub(super) fn agent_on(dirs: &Dirs, dp: FakeDatapath) -> Agent {
+    started(dirs, dp, "agent")
+}
+
+/// [`agent_on`], naming `what` when the agent refuses to start.
+fn started(dirs: &Dirs, dp: FakeDatapath, what: &str) -> Agent {
     let mut a = Agent::new(
         Box::new(dp),
         Store::new(dirs.state()),
         LabelFilter::default(),
         dirs.policy_dir(),
     )
-    .expect("agent");
+    .unwrap_or_else(|e| panic!("{what}: the agent refused to start: {e}"));
     a.reload_policy_dir();
     a
 }
@@ -460,6 +465,110 @@ fn a_kept_file_version_that_no_longer_parses_leaves_the_maps_as_they_are() {
     assert!(a.status()["policies_unparsable"]
         .as_array()
         .is_some_and(Vec::is_empty));
+}
+
+/// A stored policy damaged on disk (emptied, garbage, not UTF-8, another policy's document in
+/// its file) is never dropped, which would open what it protected, and never stops the agent:
+/// it is a stored policy that no longer parses, the maps are left as they are and `status`
+/// says which one. The same for a policy file's kept last valid version (but for another
+/// policy's document in it: that is a valid version).
+#[test]
+fn a_damaged_stored_policy_is_never_dropped_nor_stops_the_agent() {
+    let (db, app1, app2) = (
+        service(2, "db", &[]),
+        service(3, "app1", &[]),
+        service(4, "app2", &[]),
+    );
+    let other = db_accepts("app2", "TCP").replace("name: db", "name: web");
+    let two = format!("{}---\n{other}", db_accepts("app1", "TCP"));
+    let damages: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", Vec::new()),
+        ("comments only", b"# nothing here\n".to_vec()),
+        (
+            "not UTF-8",
+            b"apiVersion: cilium.io/v2\n\xff\xfe\n".to_vec(),
+        ),
+        ("another policy's document", other.clone().into_bytes()),
+        ("two policies", two.into_bytes()),
+    ];
+    for (kept, path) in [(false, "policies/db.yaml"), (true, "files/db.yaml")] {
+        for (what, bytes) in &damages {
+            // A policy file may hold any policies: a kept copy that parses is a valid version.
+            if kept && what.contains("polic") {
+                continue;
+            }
+            let what = format!("{path} {what}");
+            let dirs = Dirs::new("stored-damaged");
+            let mut a = agent(&dirs);
+            snapshot(&mut a, &[&db, &app1, &app2]);
+            if kept {
+                dirs.write_policy("db.yaml", &db_accepts("app1", "TCP"));
+                a.reload_policy_dir();
+                a.sync_logged("test");
+            } else {
+                import(&mut a, "db.yaml", &db_accepts("app1", "TCP")).expect("import");
+            }
+            assert!(connects(&a, &app1, &db, 5432) && !connects(&a, &app2, &db, 5432));
+            let before = maps(&a);
+            let links = a.dp.attached().expect("links");
+            drop(a);
+            if kept {
+                // The file itself broken too: only its kept version can say what it was.
+                dirs.write_policy("db.yaml", &db_accepts("app1", "TPC"));
+            }
+            let stored = dirs.state().join(path);
+            std::fs::write(&stored, bytes).expect("damage");
+            let mut dp = FakeDatapath::new(MapSizes::default());
+            dp.state = before.clone();
+            dp.links = links.into_iter().collect();
+            let mut a = started(&dirs, dp, &what);
+            snapshot(&mut a, &[&db, &app1, &app2]);
+            assert!(
+                !connects(&a, &app2, &db, 5432),
+                "{what}: db lost its protection"
+            );
+            assert!(
+                connects(&a, &app1, &db, 5432),
+                "{what}: app1 lost its allowance"
+            );
+            assert_eq!(maps(&a).policy, before.policy, "{what}: maps changed");
+            let status = a.status();
+            let unparsable = status["policies_unparsable"].to_string();
+            assert!(unparsable.contains("db"), "{what}: {status}");
+            assert_eq!(&std::fs::read(&stored).expect("kept"), bytes, "{what}");
+        }
+    }
+}
+
+/// A policy file without policies (empty, comments only) is valid and keeps no copy, so that a
+/// kept copy without policies is always a damaged one; across restarts it stays valid.
+#[test]
+fn a_policy_file_without_policies_keeps_no_copy() {
+    let dirs = Dirs::new("empty-file-no-copy");
+    let db = service(2, "db", &[]);
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TCP"));
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db]);
+    let copy = dirs.state().join("files/db.yaml");
+    assert!(copy.exists());
+    dirs.write_policy("db.yaml", "# emptied on purpose\n");
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(!copy.exists(), "a version without policies keeps nothing");
+    drop(a);
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db]);
+    let status = a.status();
+    assert_eq!(
+        status["policies_unparsable"],
+        serde_json::json!([]),
+        "{status}"
+    );
+    assert_eq!(
+        status["policy_files_rejected"],
+        serde_json::json!({}),
+        "{status}"
+    );
 }
 
 #[test]
@@ -1382,14 +1491,7 @@ fn a_damaged_identity_table_never_stops_the_agent_nor_hands_out_a_number_in_the_
         std::fs::write(&file, &bytes).expect("damage");
         let mut dp = FakeDatapath::new(MapSizes::default());
         dp.state = before.clone();
-        let mut a = Agent::new(
-            Box::new(dp),
-            Store::new(dirs.state()),
-            LabelFilter::default(),
-            dirs.policy_dir(),
-        )
-        .unwrap_or_else(|e| panic!("{what}: the agent refused to start: {e}"));
-        a.reload_policy_dir();
+        let mut a = started(&dirs, dp, what);
         // Nothing lost: the damaged file is kept, byte for byte, under a name that says why.
         assert_eq!(
             kept_aside(&dirs, "identities.json"),

@@ -155,8 +155,9 @@ impl Store {
         self.dir.join("files")
     }
 
-    /// Every imported policy: name → the YAML document it was imported from.
-    pub fn policies(&self) -> Result<BTreeMap<String, String>, StoreError> {
+    /// Every imported policy: name → the YAML document it was imported from (`Err`: why the
+    /// file cannot be read as text; it is still a stored policy).
+    pub fn policies(&self) -> Result<BTreeMap<String, Stored>, StoreError> {
         let mut out = BTreeMap::new();
         for (file, text) in read_texts(&self.policies_dir())? {
             if let Some(name) = file.strip_suffix(".yaml").filter(|n| valid_policy_name(n)) {
@@ -166,8 +167,9 @@ impl Store {
         Ok(out)
     }
 
-    /// The last valid version of each policy file: file name → text.
-    pub fn file_copies(&self) -> Result<BTreeMap<String, String>, StoreError> {
+    /// The last valid version of each policy file: file name → text (`Err`: see
+    /// [`Store::policies`]).
+    pub fn file_copies(&self) -> Result<BTreeMap<String, Stored>, StoreError> {
         Ok(read_texts(&self.files_dir())?
             .into_iter()
             .filter(|(f, _)| valid_file_name(f))
@@ -215,8 +217,13 @@ fn valid_file_name(name: &str) -> bool {
     !name.is_empty() && !name.starts_with('.') && !name.contains('/') && name != ".."
 }
 
-/// Every regular file of `dir` (none if it does not exist): file name → text.
-fn read_texts(dir: &Path) -> Result<BTreeMap<String, String>, StoreError> {
+/// A stored text, or why its file cannot be read as one (an I/O error, not UTF-8): that file
+/// is damaged, not absent, and must not be taken for no file at all.
+pub type Stored = Result<String, String>;
+
+/// Every regular file of `dir` (none if it does not exist): file name → text. A directory that
+/// cannot be listed is an error: which files it holds is unknown.
+fn read_texts(dir: &Path) -> Result<BTreeMap<String, Stored>, StoreError> {
     let mut out = BTreeMap::new();
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
@@ -238,7 +245,16 @@ fn read_texts(dir: &Path) -> Result<BTreeMap<String, String>, StoreError> {
         if name.starts_with('.') || !path.is_file() {
             continue;
         }
-        let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+        let text = match fs::read(&path) {
+            Ok(bytes) => String::from_utf8(bytes).map_err(|e| {
+                format!(
+                    "{}: not UTF-8 text (byte {}): the file is damaged",
+                    path.display(),
+                    e.utf8_error().valid_up_to()
+                )
+            }),
+            Err(e) => Err(format!("{}: cannot be read: {e}", path.display())),
+        };
         out.insert(name.to_owned(), text);
     }
     Ok(out)
@@ -285,7 +301,10 @@ mod tests {
         s.save_policy("web", "x: 1\n").unwrap();
         let p = s.policies().unwrap();
         assert_eq!(p.len(), 2);
-        assert_eq!(p["db-ingress"], "kind: CiliumNetworkPolicy\n");
+        assert_eq!(
+            p["db-ingress"].as_deref(),
+            Ok("kind: CiliumNetworkPolicy\n")
+        );
         assert!(s.delete_policy("web").unwrap());
         assert!(!s.delete_policy("web").unwrap());
         assert_eq!(s.policies().unwrap().len(), 1);
@@ -299,7 +318,12 @@ mod tests {
         assert!(s.file_copies().unwrap().is_empty());
         s.save_file_copy("db.yaml", "a: 1\n").unwrap();
         s.save_file_copy("web.yml", "b: 2\n").unwrap();
-        assert_eq!(s.file_copies().unwrap()["db.yaml"], "a: 1\n");
+        assert_eq!(s.file_copies().unwrap()["db.yaml"].as_deref(), Ok("a: 1\n"));
+        // A damaged copy is there, as damaged.
+        fs::write(d.join("files/web.yml"), b"\xff\xfe").unwrap();
+        let e = s.file_copies().unwrap()["web.yml"].clone().unwrap_err();
+        assert!(e.contains("not UTF-8"), "{e}");
+        fs::write(d.join("files/web.yml"), "b: 2\n").unwrap();
         assert!(s.delete_file_copy("web.yml").unwrap());
         assert!(!s.delete_file_copy("web.yml").unwrap());
         assert_eq!(s.file_copies().unwrap().len(), 1);

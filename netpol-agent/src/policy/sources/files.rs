@@ -69,10 +69,22 @@ impl Files {
     /// [`super::Imports::load`]).
     pub fn load(dir: PathBuf, store: &Store, filter: &LabelFilter) -> Result<Self, StoreError> {
         let mut files = BTreeMap::new();
-        for (name, text) in store.file_copies()? {
+        for (name, stored) in store.file_copies()? {
             let path = dir.join(&name);
-            let policies = policy::parse_str_with(&path.display().to_string(), &text, filter)
-                .map_err(|e| e.to_string());
+            // A version that holds no policy is never kept (see `read_one`): such a copy was
+            // damaged, and what the file held cannot be known.
+            let policies =
+                stored.as_ref().map_err(Clone::clone).and_then(
+                    |text| match policy::parse_str_with(&path.display().to_string(), text, filter) {
+                        Ok(ps) if ps.is_empty() => Err(format!(
+                            "the kept copy {} holds no policy: it was damaged",
+                            store.dir().join("files").join(&name).display()
+                        )),
+                        Ok(ps) => Ok(ps),
+                        Err(e) => Err(e.to_string()),
+                    },
+                );
+            let text = stored.unwrap_or_default();
             if let Err(e) = &policies {
                 error!(file = %path.display(), error = %e, "the stored last valid version of this policy file no longer parses");
             }
@@ -240,7 +252,14 @@ impl Files {
         match parsed {
             Ok((text, policies)) => {
                 if f.in_force.as_ref().map(|v| &v.text) != Some(&text) {
-                    if let Err(e) = store.save_file_copy(name, &text) {
+                    // A version without policies keeps nothing in force: no copy (one that
+                    // holds no policy is a damaged one).
+                    let kept = if policies.is_empty() {
+                        store.delete_file_copy(name).map(drop)
+                    } else {
+                        store.save_file_copy(name, &text)
+                    };
+                    if let Err(e) = kept {
                         error!(file = %file, error = %e, "keeping the last valid version of a policy file");
                         store_errors.push(e);
                     }

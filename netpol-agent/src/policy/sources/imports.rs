@@ -39,18 +39,22 @@ impl Imports {
     /// fails closed).
     pub fn load(store: &Store, filter: &LabelFilter) -> Result<Self, StoreError> {
         let mut policies = ImportSet::new();
-        for (name, text) in store.policies()? {
-            match policy::parse_str_with(&format!("imported policy {name}"), &text, filter) {
-                Ok(ps) => {
-                    for p in ps {
-                        policies.insert(
-                            p.name.clone(),
-                            Imported {
-                                text: text.clone(),
-                                policy: Ok(p),
-                            },
-                        );
-                    }
+        for (name, stored) in store.policies()? {
+            let parsed = stored.as_ref().map_err(Clone::clone).and_then(|text| {
+                let ps = policy::parse_str_with(&format!("imported policy {name}"), text, filter)
+                    .map_err(|e| e.to_string())?;
+                the_one(&name, ps)
+            });
+            let text = stored.unwrap_or_default();
+            match parsed {
+                Ok(p) => {
+                    policies.insert(
+                        p.name.clone(),
+                        Imported {
+                            text,
+                            policy: Ok(p),
+                        },
+                    );
                 }
                 Err(e) => {
                     // Kept: dropping it would open what it protected.
@@ -59,7 +63,7 @@ impl Imports {
                         name,
                         Imported {
                             text,
-                            policy: Err(e.to_string()),
+                            policy: Err(e),
                         },
                     );
                 }
@@ -92,6 +96,25 @@ impl Imports {
     /// Replaces the set (after [`persist`] succeeded and the maps took it).
     pub fn replace(&mut self, set: ImportSet) {
         self.policies = set;
+    }
+}
+
+/// The policy stored as `name`: the import stores each policy alone, in a file of its name, so
+/// a file that parses to no policy (emptied), to several, or to another name was damaged, and
+/// what it held cannot be known.
+fn the_one(name: &str, mut ps: Vec<Policy>) -> Result<Policy, String> {
+    match ps.len() {
+        1 if ps[0].name == name => Ok(ps.remove(0)),
+        0 => Err(format!(
+            "the stored file {name}.yaml holds no policy: it was damaged"
+        )),
+        _ => Err(format!(
+            "the stored file {name}.yaml holds {} instead of policy {name}: it was damaged",
+            ps.iter()
+                .map(|p| format!("policy {}", p.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
     }
 }
 
@@ -173,7 +196,9 @@ pub fn persist(store: &Store, old: &ImportSet, new: &ImportSet) -> Result<(), St
 
 /// Puts `old` back in the store after `new` was (perhaps partly) persisted.
 pub fn restore(store: &Store, old: &ImportSet, new: &ImportSet) {
-    for (name, p) in old {
+    // Only what `persist` may have written over: a damaged stored file left alone stays as it
+    // is (its text here may not be what the file holds).
+    for (name, p) in old.iter().filter(|(n, p)| new.get(*n) != Some(*p)) {
         let _ = store.save_policy(name, &p.text);
     }
     for name in new.keys().filter(|n| !old.contains_key(*n)) {
