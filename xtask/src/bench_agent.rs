@@ -21,7 +21,8 @@
 //!   container enforced on its new veth. Throughout, the host probes a port the policy denies on
 //!   every address of the bench subnet with TCP SYNs: an answer (a RST from the container's
 //!   stack) would be a protected container open to a denied peer.
-//! - **RSS / CPU idle** with every container running, after the last change.
+//! - **RSS / CPU idle** with every container running, after the last change; the RSS split into
+//!   heap, thread stacks and file-backed pages (`/proc/PID/smaps`, kept as `agent.smaps`).
 //! - **map memory**: `bpftool map show` `bytes_memlock` of every map the agent pinned (the
 //!   masquerade's maps, not loaded on a bench without an IPv6 uplink, are created at their
 //!   default sizes with `bpftool map create` and measured the same way). An LPM trie's memory
@@ -41,7 +42,7 @@ use std::{
 };
 
 use crate::{
-    process::{cpu_ticks, rss_kib, ticks_per_second},
+    process::{cpu_ticks, rss_breakdown, rss_kib, ticks_per_second, RssBreakdown},
     stats::percentile,
 };
 use anyhow::{bail, Context, Result};
@@ -659,6 +660,7 @@ struct Measured {
     import_ms: Vec<f64>,
     start_wall_s: f64,
     rss_kib: u64,
+    rss: RssBreakdown,
     cpu_pct: f64,
     maps: Vec<MapMem>,
     policy_entries: usize,
@@ -827,6 +829,9 @@ fn measure(o: &Opts, bin: &Path, docker: &DockerDaemon, names: &[String]) -> Res
     // Idle with every container running.
     std::thread::sleep(Duration::from_secs(3));
     let rss_kib = rss_kib(pid)?;
+    let rss = rss_breakdown(pid)?;
+    // Every mapping's share, for a closer look.
+    let _ = std::fs::copy(format!("/proc/{pid}/smaps"), work.join("agent.smaps"));
     let hz = ticks_per_second();
     let c0 = cpu_ticks(pid)?;
     let t0 = Instant::now();
@@ -849,6 +854,7 @@ fn measure(o: &Opts, bin: &Path, docker: &DockerDaemon, names: &[String]) -> Res
         import_ms,
         start_wall_s,
         rss_kib,
+        rss,
         cpu_pct,
         maps,
         policy_entries,
@@ -1048,6 +1054,13 @@ fn print_report(o: &Opts, m: &Measured, _r: Option<&Restarted>) {
     println!(
         "| agent RSS, idle, {n} containers | {:.1} MB | | < 20 MB |",
         m.rss_kib as f64 / 1024.0
+    );
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!(
+        "| … heap (anonymous) / thread stacks / file-backed (text, libraries) | {:.1} / {:.1} / {:.1} MB | | |",
+        mib(m.rss.heap),
+        mib(m.rss.stacks),
+        mib(m.rss.file)
     );
     println!(
         "| agent CPU, idle (10 s) | {:.2} % of one core | | |",
