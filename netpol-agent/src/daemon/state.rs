@@ -107,7 +107,8 @@ fn load_rule_ids(
     Ok((fresh(), Some(note)))
 }
 
-/// The persisted identity table, its next number raised to [`identity_floor`]. A table that
+/// The persisted identity table, its next number raised above the label identities in the maps
+/// and those numbers never handed out to other labels ([`identities_in_maps`]). A table that
 /// cannot be read or vouched for (not JSON, not a table, a number or label key given twice, a
 /// number outside the label range, two numbers for one label set) is set aside and replaced by
 /// an empty one whose numbers start above every label identity in the maps: no label set can
@@ -125,16 +126,17 @@ fn load_identities(
     };
     let why = match loaded {
         Ok(mut ids) => {
-            let floor = identity_floor(dp).unwrap_or_else(|e| {
+            let held = identities_in_maps(dp).unwrap_or_else(|e| {
                 warn!(error = %e, "reading the maps for the identities in use");
-                0
+                Default::default()
             });
-            let moved = ids.raise_next(floor);
+            let moved = ids.raise_next(floor_above(&held));
+            ids.avoid(held);
             return Ok((ids, moved, None));
         }
         Err(why) => why,
     };
-    let floor = identity_floor(dp).map_err(|e| {
+    let held = identities_in_maps(dp).map_err(|e| {
         AgentError::Invalid(format!(
             "{} is damaged ({why}), and the maps cannot be read for the identity numbers in use ({e}): new numbers could be ones the kernel holds for other containers",
             store.dir().join("identities.json").display()
@@ -147,29 +149,36 @@ fn load_identities(
         "every container gets a new identity number above those in the maps, with its own policy",
     )?;
     let mut ids = IdentityAllocator::new();
-    ids.raise_next(floor);
+    ids.raise_next(floor_above(&held));
+    ids.avoid(held);
     Ok((ids, true, Some(note)))
 }
 
-/// One more than the highest label identity in the maps (`ENDPOINTS`, the ipcache, `POLICY`'s
-/// locals and remotes), 0 when none. Identities are written after the maps (in
-/// `run` by a background task), so an agent killed in between leaves numbers in the maps that
-/// `identities.json` lacks; given to other labels, a container would have, until the reconcile
-/// removes the stale `POLICY` entries (last, after the ipcache), the allowances of the one that
-/// held the number. New label sets start above them instead.
-fn identity_floor(dp: &dyn Datapath) -> Result<u32, crate::datapath::DatapathError> {
-    let label = |id: u32| (reserved::FIRST_LABEL..crate::identity::FIRST_CIDR).contains(&id);
+/// Every label identity in the maps (`ENDPOINTS`, the ipcache, `POLICY`'s locals and remotes).
+/// Identities are written after the maps (in `run` by a background task), so an agent killed in
+/// between leaves numbers in the maps that `identities.json` lacks (and a damaged table vouches
+/// for none); given to other labels, a container would have, until the reconcile removes the
+/// stale `POLICY` entries (last, after the ipcache), the allowances of the one that held the
+/// number. New label sets start above them ([`floor_above`]) and never get one of them, also
+/// once the counter has wrapped around ([`IdentityAllocator::avoid`]).
+fn identities_in_maps(
+    dp: &dyn Datapath,
+) -> Result<std::collections::BTreeSet<u32>, crate::datapath::DatapathError> {
+    let label = |id: &u32| (reserved::FIRST_LABEL..crate::identity::FIRST_CIDR).contains(id);
     let cur = dp.current()?;
-    let ids = cur
+    Ok(cur
         .endpoints
         .values()
         .map(|e| e.identity)
         .chain(cur.ipcache.values().map(|v| v.identity))
-        .chain(cur.policy.keys().flat_map(|k| [k.key.local, k.key.remote]));
-    Ok(ids
-        .filter(|&id| label(id))
-        .max()
-        .map_or(0, |m| m.saturating_add(1)))
+        .chain(cur.policy.keys().flat_map(|k| [k.key.local, k.key.remote]))
+        .filter(label)
+        .collect())
+}
+
+/// One more than the highest of `held`, 0 when none.
+fn floor_above(held: &std::collections::BTreeSet<u32>) -> u32 {
+    held.last().map_or(0, |m| m.saturating_add(1))
 }
 
 /// What the label source reads of a container.

@@ -1498,7 +1498,7 @@ fn a_damaged_identity_table_never_stops_the_agent_nor_hands_out_a_number_in_the_
             std::slice::from_ref(&bytes),
             "{what}"
         );
-        // evil sorts first: it is identified before the others.
+        // (Containers go by id: evil is identified last; every new number is above the maps'.)
         snapshot(&mut a, &[&evil, &db, &app1, &app2]);
         let after = maps(&a);
         let held = label_numbers(&before);
@@ -1542,6 +1542,82 @@ fn a_damaged_identity_table_never_stops_the_agent_nor_hands_out_a_number_in_the_
             after.endpoints,
             "{what}: numbers moved again"
         );
+    }
+}
+
+/// The floor of numbers above those in the maps has nowhere to go once the maps hold the last
+/// label number (the counter wrapped around: a long-lived host whose containers carry a label of
+/// their own each, or a table whose `next` is near the top). A new label set must still never get
+/// a number the maps hold for another one: not after a damaged table (a new one starts), not
+/// after a lost write of a wrapped table. Here db got the last number, app1 and app2 the first
+/// ones after the wrap; evil, identified first at the next start, must not get app1's.
+#[test]
+fn a_wrapped_counter_never_hands_out_a_number_in_the_maps() {
+    let (db, app1, app2) = (
+        service(3, "db", &[]),
+        service(4, "app1", &[]),
+        service(6, "app2", &[]),
+    );
+    // Container 2: identified first (containers go by id).
+    let evil = service(2, "evil", &[]);
+    let last = crate::identity::LAST_LABEL;
+    for what in ["damaged table", "lost write"] {
+        let dirs = Dirs::new("ids-wrapped");
+        std::fs::create_dir_all(dirs.state()).expect("state dir");
+        let file = dirs.state().join("identities.json");
+        std::fs::write(&file, format!(r#"{{"next": {last}, "identities": {{}}}}"#)).expect("table");
+        let mut a = agent(&dirs);
+        snapshot(&mut a, &[&db]);
+        import(&mut a, "db.yaml", &db_accepts("app1", "TCP")).expect("import");
+        let db_only = std::fs::read(&file).expect("saved");
+        snapshot(&mut a, &[&db, &app1, &app2]);
+        let before = maps(&a);
+        assert_eq!(before.endpoints[&ifindex(&db)].identity, last);
+        let app1_id = before.endpoints[&ifindex(&app1)].identity;
+        assert!(connects(&a, &app1, &db, 5432) && !connects(&a, &app2, &db, 5432));
+        drop(a);
+        match what {
+            "damaged table" => std::fs::write(&file, b"{\"identities\": {\"2").expect("damage"),
+            _ => std::fs::write(&file, &db_only).expect("the lost write"),
+        }
+
+        let mut dp = FakeDatapath::new(MapSizes::default());
+        dp.state = before.clone();
+        let mut a = agent_on(&dirs, dp);
+        snapshot(&mut a, &[&evil, &db, &app1, &app2]);
+        let after = maps(&a);
+        let held = label_numbers(&before);
+        for c in [&evil, &db, &app1, &app2] {
+            let (old, id) = (
+                before.endpoints.get(&ifindex(c)).map(|e| e.identity),
+                after.endpoints[&ifindex(c)].identity,
+            );
+            assert!(
+                old == Some(id) || !held.contains(&id),
+                "{what}: {} got {id}, a number the maps hold for other labels (app1 had {app1_id}; {held:?})",
+                c.name
+            );
+        }
+        // The reconcile's windows: the new ipcache with the old POLICY entries beside the new
+        // ones, with the new endpoints and with the old ones.
+        let mut window = after.clone();
+        window.policy.extend(before.policy.clone());
+        let mut old_eps = window.clone();
+        old_eps.endpoints.extend(before.endpoints.clone());
+        for m in [&window, &old_eps] {
+            for c in [&evil, &app2] {
+                assert!(
+                    !passes(m, &db, c, Ingress, 5432),
+                    "{what}: {} reaches db mid-reconcile",
+                    c.name
+                );
+            }
+        }
+        assert!(
+            connects(&a, &app1, &db, 5432),
+            "{what}: app1 lost its allowance"
+        );
+        assert!(!connects(&a, &evil, &db, 5432), "{what}: evil reaches db");
     }
 }
 

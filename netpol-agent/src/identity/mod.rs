@@ -14,7 +14,7 @@
 //! label identities use `FIRST_LABEL..FIRST_CIDR`, and the policy compiler's CIDR identities
 //! start at [`FIRST_CIDR`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub use netpol_common::identity::FIRST_CIDR;
 use netpol_common::identity::{reserved_name, FIRST_LABEL};
@@ -237,6 +237,8 @@ pub struct IdentityAllocator {
     next: u32,
     by_id: BTreeMap<u32, Labels>,
     by_labels: BTreeMap<Labels, u32>,
+    /// Numbers never handed out to a new label set ([`IdentityAllocator::avoid`]); not persisted.
+    avoided: BTreeSet<u32>,
 }
 
 impl IdentityAllocator {
@@ -304,8 +306,17 @@ impl IdentityAllocator {
         };
         (start..=LAST_LABEL)
             .chain(FIRST_LABEL..start)
-            .find(|n| !self.by_id.contains_key(n))
+            .find(|n| !self.by_id.contains_key(n) && !self.avoided.contains(n))
             .ok_or(IdentityError::Exhausted)
+    }
+
+    /// Never hands out `numbers` to a new label set (a label set the table already gives one of
+    /// them keeps it): the label identities the maps hold at start, which the table may not
+    /// vouch for (lost, damaged, or a write lost after the maps). [`Self::raise_next`] keeps new
+    /// numbers above them as long as there is room above; once the counter wraps around (the
+    /// maps hold the last label number) this is what keeps them from being given out again.
+    pub fn avoid(&mut self, numbers: impl IntoIterator<Item = u32>) {
+        self.avoided.extend(numbers);
     }
 
     /// Makes `floor` and the numbers above it the ones new label sets get first (never lowers
@@ -572,6 +583,21 @@ mod tests {
             serde_json::from_str::<AllocatorState>(&serde_json::to_string(&ok).unwrap()).unwrap(),
             ok
         );
+    }
+
+    #[test]
+    fn avoided_numbers_are_never_handed_out_also_after_the_wrap() {
+        let mut a = IdentityAllocator::load(AllocatorState {
+            next: LAST_LABEL,
+            identities: BTreeMap::new(),
+        })
+        .unwrap();
+        a.avoid([LAST_LABEL, FIRST_LABEL, FIRST_LABEL + 2]);
+        assert!(!a.raise_next(LAST_LABEL + 1), "no room above");
+        let got: Vec<u32> = (0..3)
+            .map(|n| a.allocate(&labels(&[("n", &n.to_string())])).unwrap().0)
+            .collect();
+        assert_eq!(got, [FIRST_LABEL + 1, FIRST_LABEL + 3, FIRST_LABEL + 4]);
     }
 
     #[test]
