@@ -61,37 +61,32 @@ fn set_aside(store: &Store, name: &str, why: &str, then: &str) -> Result<String,
 
 /// The persisted rule id table, its next number raised above every rule id in the maps
 /// (`POLICY` values, `RULE_STATS` keys): a table that is stale, lost or unreadable never hands
-/// out a number the kernel still counts under. An unreadable table is set aside, logged and
+/// out a number the kernel still counts under; ids at the top of the range are renumbered
+/// ([`RuleIds::load`]). An unreadable table is set aside, logged and
 /// replaced (rule ids only name counters and events; enforcement does not depend on them); the
 /// second value then says so, for `status`.
 fn load_rule_ids(
     store: &Store,
     dp: &dyn Datapath,
 ) -> Result<(RuleIds, Option<String>), AgentError> {
-    let mut floor = 0u32;
+    let mut in_maps = Vec::new();
     match dp.current() {
-        Ok(cur) => {
-            for v in cur.policy.values() {
-                floor = floor.max(v.rule.saturating_add(1));
-            }
-        }
+        Ok(cur) => in_maps.extend(cur.policy.values().map(|v| v.rule)),
         Err(e) => warn!(error = %e, "reading POLICY for the rule ids in use"),
     }
     match dp.rule_counters() {
-        Ok(c) => {
-            for k in c.keys() {
-                floor = floor.max(k.rule.saturating_add(1));
-            }
-        }
+        Ok(c) => in_maps.extend(c.keys().map(|k| k.rule)),
         Err(e) => warn!(error = %e, "reading RULE_STATS for the rule ids in use"),
     }
     let fresh = || {
-        let mut t = RuleIds::default();
-        t.raise_next(floor);
-        t
+        let empty = policy::rule_ids::RuleIdsState {
+            next: 0,
+            rules: Vec::new(),
+        };
+        RuleIds::load(empty, in_maps.iter().copied()).unwrap_or_default()
     };
     let why = match store.load_rule_ids::<policy::rule_ids::RuleIdsState>() {
-        Ok(Some(state)) => match RuleIds::load(state, floor) {
+        Ok(Some(state)) => match RuleIds::load(state, in_maps.iter().copied()) {
             Ok(t) => return Ok((t, None)),
             Err(e) => e.to_string(),
         },

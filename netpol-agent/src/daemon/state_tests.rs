@@ -1676,6 +1676,18 @@ fn a_damaged_rule_id_table_never_stops_the_agent_nor_misnames_a_counter() {
     };
     let first = db_rule(&a);
     let db_id = maps(&a).endpoints[&ifindex(&db)].identity;
+    // What the kernel counted for db's rule under `rule`, its number in the maps.
+    let counted_under = |rule: u32| {
+        let mut s = stats.lock().unwrap();
+        s.clear();
+        s.insert(
+            RuleStatsKey::new(rule, db_id, Ingress),
+            RuleStats {
+                allowed: 7,
+                ..RuleStats::default()
+            },
+        );
+    };
     let before = maps(&a);
     drop(a);
     let table = dirs.state().join("rule-ids.json");
@@ -1699,15 +1711,7 @@ fn a_damaged_rule_id_table_never_stops_the_agent_nor_misnames_a_counter() {
     ]);
     for (what, bytes) in cases {
         std::fs::write(&table, &bytes).expect("write");
-        // What the kernel counted for db's rule under its number in the maps.
-        stats.lock().unwrap().clear();
-        stats.lock().unwrap().insert(
-            RuleStatsKey::new(first, db_id, Ingress),
-            RuleStats {
-                allowed: 7,
-                ..RuleStats::default()
-            },
-        );
+        counted_under(first);
         let mut dp = FakeDatapath::new(MapSizes::default());
         dp.state = before.clone();
         dp.rule_stats = stats.clone();
@@ -1742,6 +1746,53 @@ fn a_damaged_rule_id_table_never_stops_the_agent_nor_misnames_a_counter() {
             );
         }
         drop(a);
+    }
+
+    // db's own rule at the top of the range, in the table and in the maps (an agent ran with
+    // such a table): renumbered, its counters under the old number go, and later rules get
+    // growing numbers again, none given out a second time.
+    let top = u32::MAX;
+    let text = String::from_utf8(good).expect("utf-8");
+    let wild = text.replace(&format!("\"id\": {first}"), &format!("\"id\": {top}"));
+    assert_ne!(wild, text);
+    std::fs::write(&table, wild).expect("write");
+    let mut dp = FakeDatapath::new(MapSizes::default());
+    dp.state = before.clone();
+    for v in dp.state.policy.values_mut() {
+        v.rule = top;
+    }
+    counted_under(top);
+    dp.rule_stats = stats.clone();
+    let mut a = agent_on(&dirs, dp);
+    snapshot(&mut a, &[&db, &app1]);
+    let now = db_rule(&a);
+    assert!(now < top && now > first, "db's rule renumbered: {now}");
+    assert!(
+        stats.lock().unwrap().is_empty(),
+        "the old number's counters go"
+    );
+    assert!(connects(&a, &app1, &db, 5432));
+    let mut last = now;
+    for n in 0..3 {
+        let name = format!("web{n}");
+        import(
+            &mut a,
+            &format!("{name}.yaml"),
+            &db_accepts("app1", "UDP").replace("name: db", &format!("name: {name}")),
+        )
+        .expect("import");
+        let rules = a.metrics_view().rules;
+        let id = rules
+            .iter()
+            .find(|(_, r)| r.policy == name)
+            .map(|(id, _)| *id)
+            .expect("web's rule");
+        assert_eq!(
+            id,
+            last + 1,
+            "{name}: a growing number, not one given out again"
+        );
+        last = id;
     }
 }
 

@@ -83,6 +83,11 @@ impl Default for RuleIds {
 /// The first id a rule gets (0 is the default deny / implicit allow).
 pub const FIRST_RULE: u32 = 1;
 
+/// Ids are handed out one by one from [`FIRST_RULE`]: reaching 2^31 would take two billion new
+/// rules. An id from here up in a loaded table or in the maps comes from damage (see
+/// [`RuleIds::load`]).
+pub const TOP: u32 = 1 << 31;
+
 /// The persisted form (`rule-ids.json` in the state directory).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RuleIdsState {
@@ -106,13 +111,27 @@ pub enum RuleIdsError {
 }
 
 impl RuleIds {
-    /// The table of a state file; `floor`: one more than the highest rule id found in the maps
-    /// (the next id is raised to it, so that a stale or lost file never hands out a number the
-    /// kernel still counts under).
-    pub fn load(state: RuleIdsState, floor: u32) -> Result<Self, RuleIdsError> {
+    /// The table of a state file; `in_maps`: the rule ids found in the maps (`POLICY` values,
+    /// `RULE_STATS` keys). The next id is raised above them, so that a stale or lost file never
+    /// hands out a number the kernel still counts under.
+    ///
+    /// Ids at or above [`TOP`] (from a damaged or hand-edited file, or maps that an agent
+    /// loading one wrote) are not taken at their word: left alone they would soon use the
+    /// range up, and every later compile would give out numbers again. Their rules are
+    /// renumbered above every other id of the table and the maps (their counters start
+    /// again: the old number names no rule any more, so its counters are removed with the
+    /// first compile), and the next id ignores them.
+    pub fn load(
+        state: RuleIdsState,
+        in_maps: impl IntoIterator<Item = u32>,
+    ) -> Result<Self, RuleIdsError> {
         let mut ids = BTreeMap::new();
         let mut seen = BTreeSet::new();
-        let mut next = state.next.max(FIRST_RULE);
+        let mut next = if state.next < TOP {
+            state.next.max(FIRST_RULE)
+        } else {
+            FIRST_RULE
+        };
         for e in state.rules {
             if e.id < FIRST_RULE {
                 return Err(RuleIdsError::OutOfRange(e.id));
@@ -120,16 +139,29 @@ impl RuleIds {
             if !seen.insert(e.id) {
                 return Err(RuleIdsError::Duplicate(e.id));
             }
-            next = next.max(e.id.saturating_add(1));
             ids.insert(e.key, e.id);
         }
-        let mut t = Self {
+        for id in ids.values().copied().chain(in_maps) {
+            if id < TOP {
+                next = next.max(id + 1);
+            }
+        }
+        let mut high: Vec<(u32, RuleKey)> = ids
+            .iter()
+            .filter(|(_, &id)| id >= TOP)
+            .map(|(k, &id)| (id, k.clone()))
+            .collect();
+        high.sort();
+        for (old, key) in high {
+            tracing::warn!(policy = %key.policy, section = %key.section, old, new = next, "a rule id at the top of the range (a damaged rule-ids.json) is renumbered; its counters start again");
+            ids.insert(key, next);
+            next += 1;
+        }
+        Ok(Self {
             ids,
             next,
             reused: BTreeSet::new(),
-        };
-        t.raise_next(floor);
-        Ok(t)
+        })
     }
 
     pub fn state(&self) -> RuleIdsState {
@@ -446,20 +478,20 @@ mod tests {
     fn ids_survive_a_restart_through_the_persisted_table_and_the_maps_floor() {
         let a = compile_on(&doc("db", DB_RULES), &RuleIds::default());
         let json = serde_json::to_string(&a.rule_ids.state()).expect("serialize");
-        let loaded = RuleIds::load(serde_json::from_str(&json).expect("parse"), 0).expect("load");
+        let loaded = RuleIds::load(serde_json::from_str(&json).expect("parse"), []).expect("load");
         assert_eq!(loaded, a.rule_ids);
         let b = compile_on(&doc("db", DB_RULES), &loaded);
         assert_eq!(ids(&b), ids(&a));
         // A table older than the maps (the agent died before it saved): numbers the kernel may
         // still count under are not handed out again.
-        let stale = RuleIds::load(RuleIds::default().state(), 4).expect("load");
+        let stale = RuleIds::load(RuleIds::default().state(), [3]).expect("load");
         let c = compile_on(&doc("db", DB_RULES), &stale);
         assert_eq!(c.rule_ids.ids(), BTreeSet::from([4, 5, 6]));
         // A broken table is an error for the caller to handle.
         let mut bad = a.rule_ids.state();
         bad.rules[1].id = bad.rules[0].id;
         assert!(matches!(
-            RuleIds::load(bad, 0),
+            RuleIds::load(bad, []),
             Err(RuleIdsError::Duplicate(_))
         ));
     }
@@ -518,6 +550,63 @@ mod tests {
         assert_eq!(a.rule_ids.ids(), BTreeSet::from([1, 2]));
         let b = compile_on(&doc("db", twice), &a.rule_ids);
         assert_eq!(ids(&a), ids(&b));
+    }
+
+    /// A table with an id at the top of the range (a damaged or hand-edited file; or the maps
+    /// of an agent that loaded one) no longer leaves the range used up for good, reusing
+    /// numbers in every later compile: the rule is renumbered above every other id, and new
+    /// rules get growing numbers again. Its old number names no rule, so its counters go.
+    #[test]
+    fn an_id_at_the_top_of_the_range_is_renumbered_and_ids_grow_again() {
+        let a = compile_on(&doc("db", DB_RULES), &RuleIds::default());
+        let before = ids(&a);
+        for top in [u32::MAX, u32::MAX - 1, TOP] {
+            let mut state = a.rule_ids.state();
+            let deny = state
+                .rules
+                .iter_mut()
+                .find(|e| e.key.section == "ingressDeny")
+                .expect("deny rule");
+            deny.id = top;
+            // The maps of the agent that wrote it count under that number too.
+            let loaded = RuleIds::load(state, [1, 2, top]).expect("load");
+            assert!(!loaded.contains_id(top), "{top}: renumbered");
+            assert_eq!(loaded.next(), 5, "{top}");
+            let mut table = loaded;
+            let mut text = doc("db", DB_RULES);
+            for n in 0..3 {
+                text = format!(
+                    "{}---\n{text}",
+                    doc(&format!("api{n}"), "  ingress:\n  - fromEntities: [host]\n")
+                );
+                let c = compile_on(&text, &table);
+                assert!(
+                    c.rule_ids.reused().is_empty(),
+                    "{top}: reused {:?}",
+                    c.rule_ids.reused()
+                );
+                let ci = ids(&c);
+                assert_eq!(ci["db ingress[0]"], before["db ingress[0]"]);
+                assert_eq!(ci["db ingress[1]"], before["db ingress[1]"]);
+                assert_eq!(
+                    ci["db ingressDeny[0]"], 4,
+                    "{top}: the renumbered rule keeps its new id"
+                );
+                assert_eq!(
+                    ci[&format!("api{n} ingress[0]")],
+                    5 + n,
+                    "{top}: a growing number"
+                );
+                table = c.rule_ids.settled();
+            }
+        }
+        // The range said to be used up, with no rule there: numbers continue above the maps'.
+        let state = RuleIdsState {
+            next: u32::MAX,
+            rules: Vec::new(),
+        };
+        let t = RuleIds::load(state, [7, u32::MAX]).expect("load");
+        assert_eq!(t.next(), 8);
     }
 
     #[test]
