@@ -134,6 +134,62 @@ fn policies(rng: &mut Rng) -> Vec<Policy> {
     }
 }
 
+/// The differential check: `steps` times, 1 to `changes` random changes to `eps` (containers
+/// started, stopped, relabelled; with `reuse` also a freed number given to other labels; new
+/// ones numbered from `next_id`), after each an incremental compile from the endpoints before
+/// that must equal a full compile, both with the rule table of the compile in force (the
+/// agent's way). `what` describes the run for a failure.
+#[allow(clippy::too_many_arguments)]
+fn differential_run(
+    rng: &mut Rng,
+    p: &[Policy],
+    mut eps: Endpoints,
+    mut next_id: u32,
+    steps: usize,
+    changes: usize,
+    reuse: bool,
+    what: &dyn Fn() -> String,
+) {
+    let mut inc = compile(p, &eps).expect("compile");
+    for step in 0..steps {
+        let before = eps.clone();
+        for _ in 0..1 + rng.below(changes) {
+            let ids: Vec<u32> = eps
+                .range(FIRST_LABEL..FIRST_CIDR)
+                .map(|(&id, _)| id)
+                .collect();
+            match rng.below(if reuse { 5 } else { 4 }) {
+                0 | 1 => {
+                    eps.insert(next_id, labels(rng));
+                    next_id += 1;
+                }
+                2 if !ids.is_empty() => {
+                    eps.remove(&ids[rng.below(ids.len())]);
+                }
+                // A freed number given to other labels.
+                3 if reuse && !ids.is_empty() => {
+                    let id = ids[rng.below(ids.len())];
+                    eps.remove(&id);
+                    eps.insert(id, labels(rng));
+                }
+                _ if !ids.is_empty() => {
+                    eps.insert(ids[rng.below(ids.len())], labels(rng));
+                }
+                _ => {}
+            }
+        }
+        let table = inc.rule_ids.clone().settled();
+        let full = compile_stable(p, &eps, &inc.cidr_identities, &table).expect("compile");
+        inc = recompile_endpoints(&inc, p, &before, &eps, &table).expect("recompile");
+        assert_eq!(
+            inc,
+            full,
+            "{} step {step}: incremental differs from a full compile\nbefore: {before:?}\nafter: {eps:?}",
+            what()
+        );
+    }
+}
+
 #[test]
 fn incremental_compile_equals_a_full_compile_after_random_changes() {
     let mut rng = Rng(0x5eed_0001);
@@ -147,37 +203,8 @@ fn incremental_compile_equals_a_full_compile_after_random_changes() {
         }
         // Reserved numbers and CIDR identities are never local identities.
         eps.insert(FIRST_CIDR + 1, labels(&mut rng));
-        let mut inc = compile(&p, &eps).expect("compile");
-        for step in 0..12 {
-            let before = eps.clone();
-            for _ in 0..1 + rng.below(2) {
-                let ids: Vec<u32> = eps
-                    .range(FIRST_LABEL..FIRST_CIDR)
-                    .map(|(&id, _)| id)
-                    .collect();
-                match rng.below(4) {
-                    0 | 1 => {
-                        eps.insert(next_id, labels(&mut rng));
-                        next_id += 1;
-                    }
-                    2 if !ids.is_empty() => {
-                        eps.remove(&ids[rng.below(ids.len())]);
-                    }
-                    _ if !ids.is_empty() => {
-                        eps.insert(ids[rng.below(ids.len())], labels(&mut rng));
-                    }
-                    _ => {}
-                }
-            }
-            // The agent's way: the table of the compile in force.
-            let table = inc.rule_ids.clone().settled();
-            let full = compile_stable(&p, &eps, &inc.cidr_identities, &table).expect("compile");
-            inc = recompile_endpoints(&inc, &p, &before, &eps, &table).expect("recompile");
-            assert_eq!(
-                inc, full,
-                "round {round} step {step}: incremental differs from a full compile\npolicies: {p:#?}\nbefore: {before:?}\nafter: {eps:?}"
-            );
-        }
+        let what = || format!("round {round}\npolicies: {p:#?}");
+        differential_run(&mut rng, &p, eps, next_id, 12, 2, false, &what);
     }
 }
 
@@ -185,23 +212,7 @@ fn incremental_compile_equals_a_full_compile_after_random_changes() {
 /// policy and rule where the limit is reached), as it accepts what fits.
 #[test]
 fn incremental_compile_refuses_what_a_full_compile_refuses() {
-    let cidrs: Vec<String> = (0..100)
-        .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
-        .collect();
-    let ranges: Vec<String> = (0..40)
-        .map(|i| {
-            format!(
-                "{{port: \"{}\", endPort: {}}}",
-                i * 1500 + 1,
-                i * 1500 + 1499
-            )
-        })
-        .collect();
-    let text = format!(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: big}}\nspec:\n  endpointSelector: {{matchLabels: {{app: a}}}}\n  ingress:\n  - fromCIDR: [{}]\n    toPorts: [{{ports: [{}]}}]\n",
-        cidrs.join(", "),
-        ranges.join(", ")
-    );
+    let text = super::tests::big_cidr_policy(100, "{matchLabels: {app: a}}");
     let p = parse_str("big.yaml", &text).expect("parse");
     let app = |a: &str| -> Labels { [("app".to_string(), a.to_string())].into_iter().collect() };
     let mut eps: Endpoints = [(FIRST_LABEL, app("a")), (FIRST_LABEL + 1, app("b"))].into();
@@ -309,38 +320,7 @@ fn incremental_compile_equals_a_full_compile_with_multi_spec_policies() {
             eps.insert(next_id, labels(&mut rng));
             next_id += 1;
         }
-        let mut inc = compile(&p, &eps).expect("compile");
-        for step in 0..20 {
-            let before = eps.clone();
-            for _ in 0..1 + rng.below(3) {
-                let ids: Vec<u32> = eps.keys().copied().collect();
-                match rng.below(5) {
-                    0 | 1 => {
-                        eps.insert(next_id, labels(&mut rng));
-                        next_id += 1;
-                    }
-                    2 if !ids.is_empty() => {
-                        eps.remove(&ids[rng.below(ids.len())]);
-                    }
-                    // A freed number given to other labels.
-                    3 if !ids.is_empty() => {
-                        let id = ids[rng.below(ids.len())];
-                        eps.remove(&id);
-                        eps.insert(id, labels(&mut rng));
-                    }
-                    _ if !ids.is_empty() => {
-                        eps.insert(ids[rng.below(ids.len())], labels(&mut rng));
-                    }
-                    _ => {}
-                }
-            }
-            let table = inc.rule_ids.clone().settled();
-            let full = compile_stable(&p, &eps, &inc.cidr_identities, &table).expect("compile");
-            inc = recompile_endpoints(&inc, &p, &before, &eps, &table).expect("recompile");
-            assert_eq!(
-                inc, full,
-                "round {round} step {step}: incremental differs from a full compile\n{text}\nbefore: {before:?}\nafter: {eps:?}"
-            );
-        }
+        let what = || format!("round {round}\n{text}");
+        differential_run(&mut rng, &p, eps, next_id, 20, 3, true, &what);
     }
 }

@@ -1310,11 +1310,11 @@ fn rules_peers_and_ports_per_policy_are_limited() {
     ));
 }
 
-/// A compile that would multiply out past [`MAX_ENTRIES`] stops with an error instead of
-/// growing without bound.
-#[test]
-fn compile_stops_at_max_entries() {
-    let cidrs: Vec<String> = (0..limits::PEERS)
+/// Policy `big`, selecting with `selector`: one ingress rule from `cidrs` /24 networks to 40
+/// port ranges of 1,499 ports each, which multiply out into many `POLICY` entries per
+/// selected container.
+pub(super) fn big_cidr_policy(cidrs: usize, selector: &str) -> String {
+    let cidrs: Vec<String> = (0..cidrs)
         .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
         .collect();
     let ranges: Vec<String> = (0..40)
@@ -1326,11 +1326,18 @@ fn compile_stops_at_max_entries() {
             )
         })
         .collect();
-    let ranges = ranges.join(", ");
-    let text = format!(
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: big}}\nspec:\n  endpointSelector: {{}}\n  ingress:\n  - fromCIDR: [{}]\n    toPorts: [{{ports: [{ranges}]}}]\n",
-        cidrs.join(", ")
-    );
+    format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: big}}\nspec:\n  endpointSelector: {selector}\n  ingress:\n  - fromCIDR: [{}]\n    toPorts: [{{ports: [{}]}}]\n",
+        cidrs.join(", "),
+        ranges.join(", ")
+    )
+}
+
+/// A compile that would multiply out past [`MAX_ENTRIES`] stops with an error instead of
+/// growing without bound.
+#[test]
+fn compile_stops_at_max_entries() {
+    let text = big_cidr_policy(limits::PEERS, "{}");
     let t = std::time::Instant::now();
     let e = match compile(&parse(&text), &shop()) {
         Ok(c) => panic!("compiled to {} entries", c.policy.len()),
