@@ -64,6 +64,8 @@ pub struct Plan {
     ops: Vec<Op>,
     /// What to write back for each op if it has to be undone.
     undo: Vec<Option<Op>>,
+    /// Policy entries of either side compared to find the policy ops.
+    compared_policy: usize,
 }
 
 impl Plan {
@@ -73,6 +75,11 @@ impl Plan {
 
     pub fn len(&self) -> usize {
         self.ops.len()
+    }
+
+    /// Policy entries (current and desired) compared to make this plan.
+    pub fn compared_policy(&self) -> usize {
+        self.compared_policy
     }
 }
 
@@ -94,10 +101,13 @@ pub enum ReconcileError {
     Read(DatapathError),
 }
 
+/// Upserts (key, value, former value) and deletes (key, former value).
+type Diff<K, V> = (Vec<(K, V, Option<V>)>, Vec<(K, V)>);
+
 fn diff<K: Ord + Clone, V: PartialEq + Clone>(
     cur: &BTreeMap<K, V>,
     want: &BTreeMap<K, V>,
-) -> (Vec<(K, V, Option<V>)>, Vec<(K, V)>) {
+) -> Diff<K, V> {
     let upserts = want
         .iter()
         .filter(|(k, v)| cur.get(*k) != Some(*v))
@@ -112,7 +122,7 @@ fn diff<K: Ord + Clone, V: PartialEq + Clone>(
 }
 
 /// Checks that every map can hold the desired state.
-pub fn check_fit(want: &MapState, sizes: &MapSizes) -> Result<(), ReconcileError> {
+pub fn check_fit(want: Want<'_>, sizes: &MapSizes) -> Result<(), ReconcileError> {
     let v4 = want.ipcache.keys().filter(|c| c.addr.is_ipv4()).count();
     let v6 = want.ipcache.len() - v4;
     for (map, need, max) in [
@@ -128,6 +138,62 @@ pub fn check_fit(want: &MapState, sizes: &MapSizes) -> Result<(), ReconcileError
     Ok(())
 }
 
+/// The desired state by reference: the agent keeps its parts in different places (the compile
+/// owns the policy entries), and a reconcile must not copy them.
+#[derive(Clone, Copy, Debug)]
+pub struct Want<'a> {
+    pub ipcache: &'a BTreeMap<Cidr, RemoteInfo>,
+    pub endpoints: &'a BTreeMap<u32, Endpoint>,
+    pub policy: &'a BTreeMap<PolicyEntryKey, PolicyValue>,
+    pub attached: &'a BTreeSet<u32>,
+}
+
+impl Desired {
+    pub fn want(&self) -> Want<'_> {
+        Want {
+            ipcache: &self.maps.ipcache,
+            endpoints: &self.maps.endpoints,
+            policy: &self.maps.policy,
+            attached: &self.attached,
+        }
+    }
+}
+
+/// Which policy entries a reconcile compares: all of them, or only those of some local
+/// identities (the caller vouches that no other entry differs from the state last written).
+#[derive(Clone, Copy, Debug)]
+pub enum PolicyScope<'a> {
+    All,
+    Locals(&'a BTreeSet<u32>),
+}
+
+/// [`diff`] of the policy entries in scope, in key order (the order of a full diff).
+fn diff_policy(
+    cur: &BTreeMap<PolicyEntryKey, PolicyValue>,
+    want: &BTreeMap<PolicyEntryKey, PolicyValue>,
+    scope: PolicyScope<'_>,
+) -> Diff<PolicyEntryKey, PolicyValue> {
+    let locals = match scope {
+        PolicyScope::All => return diff(cur, want),
+        PolicyScope::Locals(l) => l,
+    };
+    let (mut ups, mut dels) = (Vec::new(), Vec::new());
+    for &local in locals {
+        for (k, v) in PolicyEntryKey::entries_of(want, local) {
+            let old = cur.get(k);
+            if old != Some(v) {
+                ups.push((*k, *v, old.copied()));
+            }
+        }
+        for (k, v) in PolicyEntryKey::entries_of(cur, local) {
+            if !want.contains_key(k) {
+                dels.push((*k, *v));
+            }
+        }
+    }
+    (ups, dels)
+}
+
 /// Computes the operations from `cur` (maps and attached interfaces) to `want`.
 pub fn plan(
     cur: &MapState,
@@ -135,15 +201,37 @@ pub fn plan(
     want: &Desired,
     sizes: &MapSizes,
 ) -> Plan {
+    plan_scoped(cur, cur_attached, want.want(), PolicyScope::All, sizes)
+}
+
+/// [`plan`], comparing only the policy entries in `scope` (ipcache, endpoints and attachments,
+/// which grow with the containers, not with the rules, are compared whole). The same plan as
+/// [`plan`] when no entry outside `scope` differs.
+pub fn plan_scoped(
+    cur: &MapState,
+    cur_attached: &BTreeSet<u32>,
+    want: Want<'_>,
+    scope: PolicyScope<'_>,
+    sizes: &MapSizes,
+) -> Plan {
     let mut p = Plan::default();
     let mut push = |op: Op, undo: Option<Op>| {
         p.ops.push(op);
         p.undo.push(undo);
     };
-    let (ip_up, ip_del) = diff(&cur.ipcache, &want.maps.ipcache);
-    let (pol_up, pol_del) = diff(&cur.policy, &want.maps.policy);
-    let (ep_up, ep_del) = diff(&cur.endpoints, &want.maps.endpoints);
-
+    let (ip_up, ip_del) = diff(&cur.ipcache, want.ipcache);
+    let (pol_up, pol_del) = diff_policy(&cur.policy, want.policy, scope);
+    let (ep_up, ep_del) = diff(&cur.endpoints, want.endpoints);
+    let compared_policy = match scope {
+        PolicyScope::All => cur.policy.len() + want.policy.len(),
+        PolicyScope::Locals(locals) => locals
+            .iter()
+            .map(|&l| {
+                PolicyEntryKey::entries_of(&cur.policy, l).count()
+                    + PolicyEntryKey::entries_of(want.policy, l).count()
+            })
+            .sum(),
+    };
     // Where old ∪ new would overflow a map, remove stale entries of that map first.
     let union = |cur: usize, new: usize| cur + new;
     let v4_new = ip_up
@@ -210,7 +298,7 @@ pub fn plan(
     }
     // Detach before the endpoint entry goes: a veth must never run the programs without its entry
     // in a state that would pass traffic it should not (a missing entry passes).
-    for i in cur_attached.difference(&want.attached) {
+    for i in cur_attached.difference(want.attached) {
         // Re-attaching on undo would need the interface to still exist; detach is not undone.
         push(Op::Detach(*i), None);
     }
@@ -219,10 +307,11 @@ pub fn plan(
             push(Op::DeleteEndpoint(*i), Some(Op::UpsertEndpoint(*i, *e)));
         }
     }
-    let departed = departed_addresses(&cur.ipcache, &want.maps.ipcache);
+    let departed = departed_addresses(&cur.ipcache, want.ipcache);
     if !departed.is_empty() {
         push(Op::FlushCt(departed), None);
     }
+    p.compared_policy = compared_policy;
     p
 }
 
@@ -277,6 +366,8 @@ pub fn reconcile(dp: &mut dyn Datapath, want: &Desired) -> Result<usize, Reconci
 #[derive(Debug, Default)]
 pub struct Reconciler {
     last: Option<(MapState, BTreeSet<u32>)>,
+    /// [`Plan::compared_policy`] of the last reconcile.
+    compared_policy: usize,
 }
 
 impl Reconciler {
@@ -302,22 +393,40 @@ impl Reconciler {
         dp: &mut dyn Datapath,
         want: &Desired,
     ) -> Result<usize, ReconcileError> {
+        self.reconcile_scoped(dp, want.want(), PolicyScope::All)
+    }
+
+    /// [`Self::reconcile`], comparing only the policy entries in `scope` with the state last
+    /// written (see [`plan_scoped`]): the caller vouches that no other policy entry of `want`
+    /// differs from the `want` of the last successful call. Without a state last written (the
+    /// first call, or after a failure) every entry is compared with what the kernel holds. What
+    /// was written is recorded by replaying the plan on the state last written, so nothing the
+    /// size of the desired state is copied.
+    pub fn reconcile_scoped(
+        &mut self,
+        dp: &mut dyn Datapath,
+        want: Want<'_>,
+        scope: PolicyScope<'_>,
+    ) -> Result<usize, ReconcileError> {
         let sizes = dp.sizes();
-        check_fit(&want.maps, &sizes)?;
-        let (cur, attached) = match self.last.take() {
-            Some(last) => last,
+        check_fit(want, &sizes)?;
+        let (mut cur, mut attached, scope) = match self.last.take() {
+            Some((cur, attached)) => (cur, attached, scope),
             None => (
                 dp.current().map_err(ReconcileError::Read)?,
                 dp.attached()
                     .map_err(ReconcileError::Read)?
                     .into_iter()
                     .collect(),
+                PolicyScope::All,
             ),
         };
-        let p = plan(&cur, &attached, want, &sizes);
+        let p = plan_scoped(&cur, &attached, want, scope, &sizes);
+        self.compared_policy = p.compared_policy;
         match apply(dp, &p) {
             Ok(()) => {
-                self.last = Some((want.maps.clone(), want.attached.clone()));
+                record(&mut cur, &mut attached, &p);
+                self.last = Some((cur, attached));
                 Ok(p.len())
             }
             Err(e) => {
@@ -325,6 +434,51 @@ impl Reconciler {
                 self.last = None;
                 Err(e)
             }
+        }
+    }
+
+    /// Policy entries (current and desired) the last reconcile compared.
+    pub fn compared_policy(&self) -> usize {
+        self.compared_policy
+    }
+
+    /// The state last written and its attached interfaces (`None` until the first success and
+    /// after a failure).
+    #[cfg(test)]
+    pub(crate) fn last(&self) -> Option<&(MapState, BTreeSet<u32>)> {
+        self.last.as_ref()
+    }
+}
+
+/// What `p`, applied, made of `state` and `attached`.
+fn record(state: &mut MapState, attached: &mut BTreeSet<u32>, p: &Plan) {
+    for op in &p.ops {
+        match op {
+            Op::UpsertIpcache(c, v) => {
+                state.ipcache.insert(*c, *v);
+            }
+            Op::DeleteIpcache(c) => {
+                state.ipcache.remove(c);
+            }
+            Op::UpsertPolicy(k, v) => {
+                state.policy.insert(*k, *v);
+            }
+            Op::DeletePolicy(k) => {
+                state.policy.remove(k);
+            }
+            Op::UpsertEndpoint(i, e) => {
+                state.endpoints.insert(*i, *e);
+            }
+            Op::DeleteEndpoint(i) => {
+                state.endpoints.remove(i);
+            }
+            Op::Attach(i) => {
+                attached.insert(*i);
+            }
+            Op::Detach(i) => {
+                attached.remove(i);
+            }
+            Op::FlushCt(_) => {}
         }
     }
 }
@@ -359,7 +513,7 @@ mod tests {
     use netpol_common::{identity, policy::PolicyKey, Direction};
 
     use super::*;
-    use crate::datapath::fake::FakeDatapath;
+    use crate::{datapath::fake::FakeDatapath, policy::fuzz::Rng};
 
     fn pk(local: u32, remote: u32, port: u16) -> PolicyEntryKey {
         PolicyEntryKey {
@@ -558,6 +712,149 @@ mod tests {
         dp.fail_after = Some(p.len() - 1);
         apply(&mut dp, &p).unwrap();
         assert_eq!(dp.state, gone.maps);
+    }
+
+    /// A random state over a few veths, addresses and local identities (the last one at the
+    /// end of the number range).
+    fn random_state(rng: &mut Rng) -> Desired {
+        const LOCALS: [u32; 5] = [300, 301, 302, 303, u32::MAX];
+        let mut d = Desired::default();
+        for _ in 0..rng.below(6) {
+            let ifindex = 10 + rng.below(6) as u32;
+            let ep = Endpoint::new(LOCALS[rng.below(5)])
+                .with_ipv4([10, 0, 0, ifindex as u8])
+                .enforce(rng.below(2) == 0, rng.below(2) == 0);
+            d.maps.endpoints.insert(ifindex, ep);
+            if rng.below(3) > 0 {
+                d.attached.insert(ifindex);
+            }
+        }
+        for _ in 0..rng.below(6) {
+            let c = Cidr::host(IpAddr::from([10, 0, 0, rng.below(8) as u8]));
+            let id = LOCALS[rng.below(5)];
+            let info = match rng.below(2) {
+                0 => RemoteInfo::container(id, 10 + rng.below(6) as u32, 2),
+                _ => RemoteInfo::new(id),
+            };
+            d.maps.ipcache.insert(c, info);
+        }
+        for &local in &LOCALS {
+            for _ in 0..rng.below(6) {
+                let k = pk(local, LOCALS[rng.below(5)], rng.below(4) as u16);
+                let v = match rng.below(3) {
+                    0 => PolicyValue::deny(rng.below(3) as u32),
+                    _ => PolicyValue::allow(rng.below(3) as u32),
+                };
+                d.maps.policy.insert(k, v);
+            }
+        }
+        d
+    }
+
+    /// A reconcile that compares only the policy entries of the local identities that changed
+    /// (and any others) makes the full reconcile's plan, op for op, and leaves the same maps;
+    /// what it records as written is what the datapath holds; after a failed write the next one
+    /// reads the maps and converges, whatever its scope.
+    #[test]
+    fn a_reconcile_scoped_to_the_changed_locals_is_the_full_one() {
+        let mut rng = Rng(0x5c0b_ed01);
+        let mut failures = 0;
+        for round in 0..400 {
+            let cur = random_state(&mut rng);
+            // The policy entries of some locals change; endpoints and addresses at random.
+            let next = random_state(&mut rng);
+            let mut want = cur.clone();
+            let mut scope = BTreeSet::new();
+            for local in [300, 301, 302, 303, u32::MAX] {
+                if rng.below(3) == 0 {
+                    want.maps.policy.retain(|k, _| k.key.local != local);
+                    want.maps.policy.extend(
+                        PolicyEntryKey::entries_of(&next.maps.policy, local).map(|(k, v)| (*k, *v)),
+                    );
+                    scope.insert(local);
+                } else if rng.below(4) == 0 {
+                    // In scope, unchanged.
+                    scope.insert(local);
+                }
+            }
+            if rng.below(2) == 0 {
+                want.maps.endpoints = next.maps.endpoints.clone();
+                want.attached = next.attached.clone();
+            }
+            if rng.below(2) == 0 {
+                want.maps.ipcache = next.maps.ipcache.clone();
+            }
+            // Sometimes a POLICY map that holds both sides only after stale entries go first.
+            let sizes = match rng.below(3) {
+                0 => MapSizes {
+                    policy: cur.maps.policy.len().max(want.maps.policy.len()) as u32,
+                    ..MapSizes::default()
+                },
+                _ => MapSizes::default(),
+            };
+            let full = plan(&cur.maps, &cur.attached, &want, &sizes);
+            let scoped = plan_scoped(
+                &cur.maps,
+                &cur.attached,
+                want.want(),
+                PolicyScope::Locals(&scope),
+                &sizes,
+            );
+            assert_eq!(scoped.ops, full.ops, "round {round}");
+            assert_eq!(scoped.undo, full.undo, "round {round}");
+            let in_scope: usize = scope
+                .iter()
+                .map(|&l| {
+                    PolicyEntryKey::entries_of(&cur.maps.policy, l).count()
+                        + PolicyEntryKey::entries_of(&want.maps.policy, l).count()
+                })
+                .sum();
+            assert_eq!(scoped.compared_policy(), in_scope, "round {round}");
+
+            let (mut dp_full, mut dp_scoped) = (FakeDatapath::new(sizes), FakeDatapath::new(sizes));
+            let (mut r_full, mut r_scoped) = (Reconciler::new(), Reconciler::new());
+            r_full.reconcile(&mut dp_full, &cur).expect("full, first");
+            r_scoped
+                .reconcile(&mut dp_scoped, &cur)
+                .expect("scoped, first");
+            let mut injected = false;
+            if rng.below(5) == 0 && !full.is_empty() {
+                dp_scoped.fail_after = Some(rng.below(full.len()));
+                let r = r_scoped.reconcile_scoped(
+                    &mut dp_scoped,
+                    want.want(),
+                    PolicyScope::Locals(&scope),
+                );
+                dp_scoped.fail_after = None;
+                // Either it failed (and a detach is not undone) or the flush, last, failed
+                // without failing the change: the number of ops is not the full one's.
+                injected = true;
+                if r.is_err() {
+                    failures += 1;
+                    assert!(
+                        r_scoped.last().is_none(),
+                        "round {round}: a failure forgets"
+                    );
+                    assert_eq!(dp_scoped.state, cur.maps, "round {round}: undone");
+                }
+            }
+            let n_full = r_full.reconcile(&mut dp_full, &want).expect("full");
+            let n_scoped = r_scoped
+                .reconcile_scoped(&mut dp_scoped, want.want(), PolicyScope::Locals(&scope))
+                .expect("scoped");
+            if !injected {
+                assert_eq!(n_scoped, n_full, "round {round}");
+            }
+            assert_eq!(dp_scoped.state, want.maps, "round {round}");
+            assert_eq!(dp_scoped.links, want.attached, "round {round}");
+            assert_eq!(dp_full.state, dp_scoped.state, "round {round}");
+            assert_eq!(
+                r_scoped.last(),
+                Some(&(want.maps.clone(), want.attached.clone())),
+                "round {round}: records what it wrote"
+            );
+        }
+        assert!(failures > 10, "{failures} injected failures");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! labels, identities; and how it becomes the desired map state.
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     net::IpAddr,
     path::PathBuf,
@@ -205,6 +206,31 @@ pub enum AgentError {
     Frozen(Vec<String>),
 }
 
+/// Where the policy entries of a desired state are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BasePolicy {
+    /// The compile's (`Agent::compiled`).
+    Compiled,
+    /// The desired state's own policy map (frozen: the maps' entries as they were).
+    Own,
+}
+
+/// The policy entries for [`Agent::reconcile_base`].
+#[derive(Clone, Copy)]
+enum PolicyOf<'a> {
+    Compiled(&'a Compiled),
+    Own,
+}
+
+impl PolicyOf<'_> {
+    fn source(&self) -> BasePolicy {
+        match self {
+            PolicyOf::Compiled(_) => BasePolicy::Compiled,
+            PolicyOf::Own => BasePolicy::Own,
+        }
+    }
+}
+
 /// Identity writes of [`Agent::save_soon`] in flight.
 #[derive(Clone, Debug, Default)]
 struct BackgroundSaves {
@@ -257,8 +283,16 @@ pub struct Agent {
     /// The host namespace's links, from the kernel's link events.
     host_links: BTreeMap<u32, LinkInfo>,
     /// The last desired state built from Docker's world, without provisional endpoints: a link
-    /// event re-reconciles against it without recompiling policy.
-    last_base: Option<Desired>,
+    /// event re-reconciles against it without recompiling policy. Its policy map is empty unless
+    /// it is [`BasePolicy::Own`] (frozen); otherwise the policy entries are `compiled`'s.
+    last_base: Option<(Desired, BasePolicy)>,
+    /// The policy source the maps hold, as of the last successful reconcile (`None` after a
+    /// failed one): only when they hold `compiled`'s entries may a reconcile compare just the
+    /// entries a recompile changed.
+    written_policy: Option<BasePolicy>,
+    /// Syncs that took the event-scoped path (unit tests check it is taken).
+    #[cfg(test)]
+    scoped_syncs: usize,
     /// Durations for `run --metrics`.
     metrics: crate::metrics::Metrics,
     /// The rule ids of the policies in force (persisted), and whether they changed since the
@@ -311,6 +345,9 @@ impl Agent {
             audit_all: false,
             host_links: BTreeMap::new(),
             last_base: None,
+            written_policy: None,
+            #[cfg(test)]
+            scoped_syncs: 0,
             metrics: crate::metrics::Metrics::default(),
             rule_ids,
             rule_ids_dirty: false,
@@ -544,8 +581,9 @@ impl Agent {
         Ok((ids, endpoints))
     }
 
-    /// Builds the desired state from the world and the given policies, and the endpoints the
-    /// policies were compiled for.
+    /// Builds the desired state from the world and the given policies (its policy map left
+    /// empty: the entries are the compile's), the compile, and the endpoints the policies were
+    /// compiled for.
     fn desired(
         &mut self,
         policies: &[Policy],
@@ -584,6 +622,17 @@ impl Agent {
         // Whatever becomes of this compile, its new numbers are never handed out again: a failed
         // reconcile may have written some of them.
         self.rule_ids.raise_next(compiled.rule_ids.next());
+        let d = self.world_of(&container_ids, &compiled)?;
+        Ok((d, compiled, endpoints))
+    }
+
+    /// [`Self::world`] with the enforced and audited directions of `compiled` (and of `run
+    /// --audit`, and of the containers' audit labels).
+    fn world_of(
+        &mut self,
+        container_ids: &BTreeMap<String, u32>,
+        compiled: &Compiled,
+    ) -> Result<Desired, AgentError> {
         let audit_all = self.audit_all;
         let labels = &self.sources.labels;
         let label_audit: std::collections::BTreeSet<String> = self
@@ -592,8 +641,8 @@ impl Agent {
             .filter(|c| c.running && labels.audited(&c.name))
             .map(|c| c.name.clone())
             .collect();
-        let mut d = self.world(
-            &container_ids,
+        self.world(
+            container_ids,
             &compiled.cidr_identities,
             |id| compiled.enforcement.get(&id).copied().unwrap_or_default(),
             |id, name| {
@@ -606,9 +655,7 @@ impl Agent {
                     compiled.audit_of(id)
                 }
             },
-        )?;
-        d.maps.policy = compiled.policy.clone();
-        Ok((d, compiled, endpoints))
+        )
     }
 
     /// The desired ipcache, endpoints and attachments of the running containers (the policy map
@@ -733,7 +780,7 @@ impl Agent {
             |_, _| all,
         )?;
         d.maps.policy = cur.policy;
-        let n = self.reconcile_base(d)?;
+        let n = self.reconcile_base(d, PolicyOf::Own, None)?;
         self.save_soon()?;
         Ok(n)
     }
@@ -772,15 +819,27 @@ impl Agent {
         self.refresh_labels();
         let policies = self.sources.policies();
         let t_labels = t0.elapsed();
-        let (desired, compiled, endpoints) = self.desired(&policies)?;
-        let t_desired = t0.elapsed();
-        self.prepare_rule_ids(&compiled);
-        let n = self.reconcile_base(desired)?;
-        self.commit_rule_ids(&compiled);
-        let t_reconcile = t0.elapsed();
-        self.compiled = Some(compiled);
-        self.compiled_from = Some((policies, endpoints));
+        let (n, scoped, t_desired, t_reconcile) = match self.sync_scoped(policies) {
+            Ok((n, desired, reconcile)) => {
+                (n, true, t_labels + desired, t_labels + desired + reconcile)
+            }
+            Err(policies) => {
+                let (desired, compiled, endpoints) = self.desired(&policies)?;
+                let t_desired = t0.elapsed();
+                self.prepare_rule_ids(&compiled);
+                let n = self.reconcile_base(desired, PolicyOf::Compiled(&compiled), None)?;
+                self.commit_rule_ids(&compiled);
+                let t_reconcile = t0.elapsed();
+                self.compiled = Some(compiled);
+                self.compiled_from = Some((policies, endpoints));
+                (n, false, t_desired, t_reconcile)
+            }
+        };
         self.frozen = None;
+        #[cfg(test)]
+        {
+            self.scoped_syncs += usize::from(scoped);
+        }
         self.save_soon()?;
         tracing::debug!(
             labels_ms = t_labels.as_secs_f64() * 1e3,
@@ -788,21 +847,137 @@ impl Agent {
             reconcile_ms = (t_reconcile - t_desired).as_secs_f64() * 1e3,
             total_ms = t0.elapsed().as_secs_f64() * 1e3,
             operations = n,
+            scoped,
             "synced"
         );
         Ok(n)
     }
 
-    /// Reconciles `base` (the desired state from Docker's world) plus the provisional endpoints,
-    /// and remembers `base` for link events.
-    fn reconcile_base(&mut self, base: Desired) -> Result<usize, AgentError> {
-        let full = self.with_provisional(base.clone());
+    /// The sync of Docker events while the policies are the ones the maps hold (the last
+    /// compile's): only the local identities the changed containers concern are compiled again,
+    /// in the compile itself ([`policy::recompile_endpoints_in_place`]), and only their policy
+    /// entries are compared with the maps; nothing the size of the policy is copied or walked.
+    /// The result is the full sync's (unit tests compare the two). Returns the operations and the
+    /// time to build the desired state and to reconcile; `Err(policies)` when it does not apply
+    /// or anything failed, with the compile as it was before: the caller then syncs in full (a
+    /// failed reconcile has undone its writes and made the next one read the maps).
+    fn sync_scoped(
+        &mut self,
+        policies: Vec<Policy>,
+    ) -> Result<(usize, std::time::Duration, std::time::Duration), Vec<Policy>> {
+        if self.written_policy != Some(BasePolicy::Compiled) {
+            return Err(policies);
+        }
+        if !matches!(&self.compiled_from, Some((p, _)) if *p == policies) {
+            return Err(policies);
+        }
+        let t0 = std::time::Instant::now();
+        let (container_ids, endpoints) = match self.running_identities() {
+            Ok(r) => r,
+            Err(_) => return Err(policies),
+        };
+        let (Some(mut compiled), Some((_, prev_endpoints))) =
+            (self.compiled.take(), self.compiled_from.as_ref())
+        else {
+            return Err(policies);
+        };
+        let recompile = match policy::recompile_endpoints_in_place(
+            &mut compiled,
+            &policies,
+            prev_endpoints,
+            &endpoints,
+            &self.rule_ids,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "in-place recompile failed; compiling in full");
+                self.compiled = Some(compiled);
+                return Err(policies);
+            }
+        };
+        tracing::debug!(
+            compile_ms = t0.elapsed().as_secs_f64() * 1e3,
+            incremental = true,
+            recompiled = ?recompile.changed,
+            entries = compiled.policy.len(),
+            "compiled"
+        );
+        // As in `desired`: these numbers are never handed out again.
+        self.rule_ids.raise_next(compiled.rule_ids.next());
+        let base = match self.world_of(&container_ids, &compiled) {
+            Ok(b) => b,
+            Err(_) => {
+                recompile.undo(&mut compiled);
+                self.compiled = Some(compiled);
+                return Err(policies);
+            }
+        };
+        let t_desired = t0.elapsed();
+        self.prepare_rule_ids(&compiled);
+        let scope = match &recompile.changed {
+            policy::Recompiled::Locals(dirty) => Some(dirty),
+            policy::Recompiled::Full => None,
+        };
+        match self.reconcile_base(base, PolicyOf::Compiled(&compiled), scope) {
+            Ok(n) => {
+                self.commit_rule_ids(&compiled);
+                self.compiled = Some(compiled);
+                self.compiled_from = Some((policies, endpoints));
+                Ok((n, t_desired, t0.elapsed() - t_desired))
+            }
+            Err(e) => {
+                warn!(error = %e, "reconciling what the Docker events changed failed; reconciling in full");
+                recompile.undo(&mut compiled);
+                self.compiled = Some(compiled);
+                Err(policies)
+            }
+        }
+    }
+
+    /// Reconciles `base` (the desired state from Docker's world) with `policy`'s entries plus the
+    /// provisional endpoints, and remembers `base` for link events. With `scope`, only the
+    /// policy entries of those local identities are compared with the maps, provided the maps
+    /// hold the same policy source as before (else all are).
+    fn reconcile_base(
+        &mut self,
+        base: Desired,
+        policy: PolicyOf<'_>,
+        scope: Option<&std::collections::BTreeSet<u32>>,
+    ) -> Result<usize, AgentError> {
+        let source = policy.source();
+        let scope = match scope {
+            Some(locals) if self.written_policy == Some(source) => {
+                reconcile::PolicyScope::Locals(locals)
+            }
+            _ => reconcile::PolicyScope::All,
+        };
+        let (endpoints, attached) = self.with_provisional(&base);
+        let want = reconcile::Want {
+            ipcache: &base.maps.ipcache,
+            endpoints: &endpoints,
+            policy: match policy {
+                PolicyOf::Own => &base.maps.policy,
+                PolicyOf::Compiled(c) => &c.policy,
+            },
+            attached: &attached,
+        };
         let started = std::time::Instant::now();
-        let n = self.reconciler.reconcile(self.dp.as_mut(), &full);
+        let n = self
+            .reconciler
+            .reconcile_scoped(self.dp.as_mut(), want, scope);
         self.metrics.observe_reconcile(started.elapsed());
-        let n = n?;
-        self.last_base = Some(base);
-        Ok(n)
+        drop((endpoints, attached));
+        match n {
+            Ok(n) => {
+                self.written_policy = Some(source);
+                self.last_base = Some((base, source));
+                Ok(n)
+            }
+            Err(e) => {
+                self.written_policy = None;
+                Err(e.into())
+            }
+        }
     }
 
     /// The ifindexes of the Linux bridges of the bridge networks Docker reported.
@@ -837,21 +1012,33 @@ impl Agent {
             .collect()
     }
 
-    /// `base` plus a provisional endpoint on every unclaimed veth of a Docker bridge: identity
-    /// `unmanaged`, both directions enforced and no address, so everything it sends is dropped as
-    /// spoofed and nothing reaches it, until Docker identifies the container and its real endpoint
-    /// replaces this one. Fails closed: a veth that is never claimed stays closed.
-    fn with_provisional(&mut self, mut d: Desired) -> Desired {
-        for ifindex in self.provisional_veths(&d.maps.endpoints) {
-            d.maps.endpoints.insert(
+    /// The endpoints and attachments of `d` plus a provisional endpoint on every unclaimed veth
+    /// of a Docker bridge: identity `unmanaged`, both directions enforced and no address, so
+    /// everything it sends is dropped as spoofed and nothing reaches it, until Docker identifies
+    /// the container and its real endpoint replaces this one. Fails closed: a veth that is never
+    /// claimed stays closed.
+    fn with_provisional<'a>(
+        &mut self,
+        d: &'a Desired,
+    ) -> (
+        Cow<'a, BTreeMap<u32, Endpoint>>,
+        Cow<'a, std::collections::BTreeSet<u32>>,
+    ) {
+        let veths = self.provisional_veths(&d.maps.endpoints);
+        if veths.is_empty() {
+            return (Cow::Borrowed(&d.maps.endpoints), Cow::Borrowed(&d.attached));
+        }
+        let (mut endpoints, mut attached) = (d.maps.endpoints.clone(), d.attached.clone());
+        for ifindex in veths {
+            endpoints.insert(
                 ifindex,
                 Endpoint::new(reserved::UNMANAGED).enforce(true, true),
             );
-            d.attached.insert(ifindex);
+            attached.insert(ifindex);
             self.names
                 .insert(ifindex, ("(new container)".to_owned(), reserved::UNMANAGED));
         }
-        d
+        (Cow::Owned(endpoints), Cow::Owned(attached))
     }
 
     /// Link events from the host namespace. A veth that joins a Docker bridge is policed at once
@@ -860,7 +1047,7 @@ impl Agent {
         let before = self
             .last_base
             .as_ref()
-            .map(|b| self.provisional_veths(&b.maps.endpoints));
+            .map(|(b, _)| self.provisional_veths(&b.maps.endpoints));
         match ev {
             LinkEvent::Snapshot(links) => {
                 self.host_links = links.into_iter().map(|l| (l.ifindex, l)).collect();
@@ -872,14 +1059,25 @@ impl Agent {
                 self.host_links.remove(&ifindex);
             }
         }
-        let Some(base) = self.last_base.clone() else {
+        // A copy: kept if the reconcile fails. Without policy entries but when frozen.
+        let Some((base, source)) = self.last_base.clone() else {
             return;
         };
         let after = self.provisional_veths(&base.maps.endpoints);
         if before.as_ref() == Some(&after) {
             return;
         }
-        match self.reconcile_base(base) {
+        // The policy is the one last reconciled: none of its entries is compared again.
+        let compiled = self.compiled.take();
+        let policy = match (source, &compiled) {
+            (BasePolicy::Compiled, Some(c)) => PolicyOf::Compiled(c),
+            // Fails closed: without a compile no entry allows anything.
+            _ => PolicyOf::Own,
+        };
+        let unchanged = std::collections::BTreeSet::new();
+        let result = self.reconcile_base(base, policy, Some(&unchanged));
+        self.compiled = compiled;
+        match result {
             Ok(n) => {
                 if n > 0 {
                     info!(veths = ?after, operations = n, "new veths on Docker bridges policed (provisional)");
@@ -1019,16 +1217,24 @@ impl Agent {
         self.refresh_labels();
         let policies = self.sources.policies_with(&candidate);
         let (desired, compiled, endpoints) = self.desired(&policies)?;
+        let sizes = self.dp.sizes();
+        let (eps, attached) = self.with_provisional(&desired);
         reconcile::check_fit(
-            &self.with_provisional(desired.clone()).maps,
-            &self.dp.sizes(),
+            reconcile::Want {
+                ipcache: &desired.maps.ipcache,
+                endpoints: &eps,
+                policy: &compiled.policy,
+                attached: &attached,
+            },
+            &sizes,
         )?;
+        drop((eps, attached));
         // Persist first; undo the files if the maps cannot be written.
         let old = self.sources.imports.set().clone();
         imports::persist(&self.store, &old, &candidate)?;
         if self.docker_synced {
             self.prepare_rule_ids(&compiled);
-            if let Err(e) = self.reconcile_base(desired) {
+            if let Err(e) = self.reconcile_base(desired, PolicyOf::Compiled(&compiled), None) {
                 imports::restore(&self.store, &old, &candidate);
                 return Err(e);
             }

@@ -1868,6 +1868,204 @@ spec:
     );
 }
 
+/// A container start among many compares only the policy entries of the identities it
+/// concerns with the maps (its own: no other policy selects it as a peer), and so does its
+/// stop; the maps are a full sync's.
+#[test]
+fn a_container_start_compares_only_the_policy_entries_it_concerns() {
+    let dirs = Dirs::new("scoped-start");
+    dirs.write_policy(
+        "bench.yaml",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: bench}\nspec:\n  endpointSelector: {matchLabels: {com.docker.compose.project: shop}}\n  ingress:\n  - fromEntities: [host]\n    toPorts: [{ports: [{port: \"80\"}, {port: \"81\"}, {port: \"82\"}, {port: \"83\"}, {port: \"84\"}]}]\n",
+    );
+    let mut a = agent(&dirs);
+    let running: Vec<Container> = (2..42).map(|n| service(n, &format!("s{n}"), &[])).collect();
+    snapshot(&mut a, &running.iter().collect::<Vec<_>>());
+    // Each port for TCP, UDP and SCTP.
+    assert_eq!(maps(&a).policy.len(), 40 * 15);
+    let new = service(50, "new", &[]);
+    for (i, ev) in [
+        DockerEvent::ContainerUp(new.clone()),
+        DockerEvent::ContainerDown { id: new.id.clone() },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        a.on_docker(ev);
+        assert!(a.last_error.is_none(), "{:?}", a.last_error);
+        assert_eq!(a.reconciler.compared_policy(), 15, "step {i}");
+        let running: Vec<Container> = a.containers.values().cloned().collect();
+        let mut fresh = agent_on(&dirs, FakeDatapath::new(MapSizes::default()));
+        snapshot(&mut fresh, &running.iter().collect::<Vec<_>>());
+        assert_eq!(maps(&a), maps(&fresh), "step {i}");
+        assert_eq!(a.compiled, fresh.compiled, "step {i}");
+    }
+}
+
+/// Random Docker events (starts, restarts on new veths, label changes, stops, bursts, veths
+/// that join the bridge before Docker reports their container, writes that fail) on an agent
+/// that compiles and compares only what each event changed leave, after every step, the maps
+/// and compile of an agent that compiles and reconciles everything from scratch for the same
+/// containers. A failed event-scoped write falls back to a full reconcile at once.
+#[test]
+fn event_scoped_syncs_write_the_maps_of_a_full_sync_after_random_events() {
+    use crate::policy::fuzz::Rng;
+    let dirs = Dirs::new("scoped-random");
+    dirs.write_policy(
+        "p.yaml",
+        r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {tier: front}}]
+    toPorts: [{ports: [{port: "80"}, {port: "8080", protocol: TCP}]}]
+  - fromEntities: [host]
+  egress:
+  - toEndpoints: [{matchLabels: {tier: back}}]
+    toPorts: [{ports: [{port: "5432"}]}]
+  - toCIDR: [10.0.0.0/8]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: back}
+spec:
+  endpointSelector: {matchLabels: {tier: back}}
+  ingress:
+  - fromEndpoints: [{matchExpressions: [{key: app, operator: In, values: [web, api]}]}]
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {env: test}}]
+    toPorts: [{ports: [{port: "22"}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: tests, annotations: {netpol.io/audit: "true"}}
+spec:
+  endpointSelector: {matchExpressions: [{key: env, operator: Exists}]}
+  egress:
+  - toEndpoints: [{matchExpressions: [{key: app, operator: NotIn, values: [db]}]}]
+    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+"#,
+    );
+    let dp = FakeDatapath::new(MapSizes::default());
+    let fail = dp.fail_after_shared.clone();
+    let mut a = agent_on(&dirs, dp);
+    let bridge = 5;
+    a.on_link(LinkEvent::Snapshot(vec![
+        link(1, "lo", "", None),
+        link(bridge, "br-net", "bridge", None),
+    ]));
+    snapshot(&mut a, &[]);
+    let mut rng = Rng(0x5c0b_ed02);
+    let labels = |rng: &mut Rng| -> Vec<(&'static str, &'static str)> {
+        let mut l = Vec::new();
+        for (k, vs) in [
+            ("app", &["web", "api", "db"][..]),
+            ("tier", &["front", "back"][..]),
+            ("env", &["test", "prod"][..]),
+        ] {
+            if rng.below(3) > 0 {
+                l.push((k, vs[rng.below(vs.len())]));
+            }
+        }
+        l
+    };
+    let mut absorbed = 0;
+    for step in 0..200 {
+        let running: Vec<Container> = a.containers.values().cloned().collect();
+        let n_events = if rng.below(5) == 0 {
+            2 + rng.below(3)
+        } else {
+            1
+        };
+        let mut events = Vec::new();
+        for _ in 0..n_events {
+            let free = (2..60u8).find(|n| {
+                let n = *n as usize + rng.below(58);
+                let n = (2 + n % 58) as u8;
+                !running.iter().any(|c| ifindex(c) == 100 + u32::from(n))
+            });
+            match (rng.below(4), running.get(rng.below(running.len().max(1)))) {
+                (0, Some(c)) => events.push(DockerEvent::ContainerDown { id: c.id.clone() }),
+                (1, Some(c)) => {
+                    // New labels, same container.
+                    let mut c = c.clone();
+                    c.labels = labels(&mut rng)
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .collect();
+                    events.push(DockerEvent::ContainerUp(c));
+                }
+                _ => {
+                    if let Some(n) = free {
+                        let c = container(n, &format!("c{step}-{n}"), &labels(&mut rng));
+                        if rng.below(2) == 0 {
+                            a.on_link(LinkEvent::Changed(link(
+                                ifindex(&c),
+                                &format!("veth{n}"),
+                                "veth",
+                                Some(bridge),
+                            )));
+                        }
+                        events.push(DockerEvent::ContainerUp(c));
+                    }
+                }
+            }
+        }
+        let injected = rng.below(6) == 0;
+        if injected {
+            *fail.lock().unwrap() = Some(rng.below(4));
+        }
+        a.on_docker_batch(events);
+        let consumed = fail.lock().unwrap().take().is_none();
+        // A veth of a container that went, now and then.
+        if rng.below(3) == 0 {
+            let gone: Vec<u32> = a
+                .host_links
+                .values()
+                .filter(|l| l.kind.as_deref() == Some("veth"))
+                .map(|l| l.ifindex)
+                .filter(|i| !a.containers.values().any(|c| ifindex(c) == *i))
+                .collect();
+            if let Some(i) = gone.first() {
+                a.on_link(LinkEvent::Removed(*i));
+            }
+        }
+        assert!(a.last_error.is_none(), "step {step}: {:?}", a.last_error);
+        if injected && consumed {
+            absorbed += 1;
+        }
+        let running: Vec<Container> = a.containers.values().cloned().collect();
+        let mut fresh = agent_on(&dirs, FakeDatapath::new(MapSizes::default()));
+        fresh.on_link(LinkEvent::Snapshot(
+            a.host_links.values().cloned().collect(),
+        ));
+        snapshot(&mut fresh, &running.iter().collect::<Vec<_>>());
+        assert_eq!(maps(&a), maps(&fresh), "step {step}");
+        assert_eq!(
+            a.dp.attached().unwrap(),
+            fresh.dp.attached().unwrap(),
+            "step {step}"
+        );
+        assert_eq!(a.compiled, fresh.compiled, "step {step}");
+        assert_eq!(
+            a.reconciler.last().map(|(m, _)| m),
+            Some(&maps(&a)),
+            "step {step}: the state recorded as written is the datapath's"
+        );
+    }
+    assert!(
+        a.scoped_syncs > 100,
+        "{} event-scoped syncs",
+        a.scoped_syncs
+    );
+    assert!(
+        absorbed > 5,
+        "{absorbed} failed writes absorbed by the full fallback"
+    );
+}
+
 /// With background saves (`run`), identities allocated by Docker events reach the disk, the
 /// latest state last: after a flush (shutdown) and every background write, the file holds the
 /// allocator's final state.

@@ -24,6 +24,8 @@ pub struct FakeDatapath {
     pub rule_stats: std::sync::Arc<std::sync::Mutex<RuleCounters>>,
     /// When set, reading the maps ([`Datapath::current`]) fails.
     pub fail_reads: bool,
+    /// As `fail_after`, set by the test that made the datapath after it moved into an agent.
+    pub fail_after_shared: std::sync::Arc<std::sync::Mutex<Option<usize>>>,
 }
 
 impl FakeDatapath {
@@ -36,6 +38,18 @@ impl FakeDatapath {
 
     fn write(&mut self) -> Result<(), DatapathError> {
         self.writes += 1;
+        let mut shared = self
+            .fail_after_shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = shared.as_mut() {
+            if *n == 0 {
+                *shared = None;
+                return Err(DatapathError::Io(std::io::Error::other("injected failure")));
+            }
+            *n -= 1;
+        }
+        drop(shared);
         if let Some(n) = self.fail_after.as_mut() {
             if *n == 0 {
                 self.fail_after = None;

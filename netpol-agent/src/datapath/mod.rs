@@ -104,6 +104,27 @@ pub struct PolicyEntryKey {
     pub prefix_len: u32,
 }
 
+impl PolicyEntryKey {
+    /// The first key of local identity `local`: keys order by local identity first, so the
+    /// entries of one local identity are the range from this key to the next identity's.
+    pub fn first_of(local: u32) -> Self {
+        let mut key = PolicyKey::default();
+        key.local = local;
+        Self { key, prefix_len: 0 }
+    }
+
+    /// The entries of `m` whose local identity is `local`.
+    pub fn entries_of<V>(
+        m: &BTreeMap<PolicyEntryKey, V>,
+        local: u32,
+    ) -> std::collections::btree_map::Range<'_, PolicyEntryKey, V> {
+        match local.checked_add(1) {
+            Some(next) => m.range(Self::first_of(local)..Self::first_of(next)),
+            None => m.range(Self::first_of(local)..),
+        }
+    }
+}
+
 /// Everything the agent writes into the maps; both the desired state (from reconcile) and the
 /// current state (read back from the kernel) have this shape.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

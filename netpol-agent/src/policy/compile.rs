@@ -320,6 +320,127 @@ pub fn recompile_endpoints(
     endpoints: &Endpoints,
     rule_ids: &RuleIds,
 ) -> Result<Compiled, CompileError> {
+    let mut c = prev.clone();
+    recompile_endpoints_in_place(&mut c, policies, prev_endpoints, endpoints, rule_ids)?;
+    Ok(c)
+}
+
+/// What [`recompile_endpoints_in_place`] changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recompiled {
+    /// Only the part of these local identities (their entries, enforcement, selections,
+    /// audit), and the rule table and CIDR identities: every `policy` entry of another local
+    /// identity is as before.
+    Locals(BTreeSet<u32>),
+    /// Compiled in full (the entry limit was reached): anything may differ.
+    Full,
+}
+
+/// A [`recompile_endpoints_in_place`] done, and how to take it back.
+#[derive(Debug)]
+pub struct Recompile {
+    pub changed: Recompiled,
+    undo: Undo,
+}
+
+// `Locals` is the common case, moved once: boxing it would allocate on every event.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Undo {
+    Nothing,
+    /// The former part of the recompiled local identities, and the former tables.
+    Locals {
+        enforcement: Vec<(u32, Enforcement)>,
+        policy: Vec<(PolicyEntryKey, PolicyValue)>,
+        selections: Vec<((u32, Direction), Vec<Selection>)>,
+        audit: Vec<(u32, Enforcement)>,
+        raw_entries: Vec<(u32, usize)>,
+        rules: BTreeMap<u32, RuleInfo>,
+        rule_ids: RuleIds,
+        cidr_identities: BTreeMap<Cidr, u32>,
+    },
+    Whole(Box<Compiled>),
+}
+
+impl Recompile {
+    /// Makes `c` (the compile this recompiled) what it was before.
+    pub fn undo(self, c: &mut Compiled) {
+        match self.undo {
+            Undo::Nothing => {}
+            Undo::Whole(old) => *c = *old,
+            Undo::Locals {
+                enforcement,
+                policy,
+                selections,
+                audit,
+                raw_entries,
+                rules,
+                rule_ids,
+                cidr_identities,
+            } => {
+                let Recompiled::Locals(dirty) = &self.changed else {
+                    return;
+                };
+                remove_locals(c, dirty);
+                c.enforcement.extend(enforcement);
+                c.policy.extend(policy);
+                c.selections.extend(selections);
+                c.audit.extend(audit);
+                c.raw_entries.extend(raw_entries);
+                c.rules = rules;
+                c.rule_ids = rule_ids;
+                c.cidr_identities = cidr_identities;
+            }
+        }
+    }
+}
+
+/// Takes the part of the local identities `dirty` out of `c`.
+fn remove_locals(c: &mut Compiled, dirty: &BTreeSet<u32>) -> Undo {
+    fn take<K: Ord + Clone, V>(m: &mut BTreeMap<K, V>, keys: Vec<K>) -> Vec<(K, V)> {
+        keys.into_iter()
+            .filter_map(|k| m.remove(&k).map(|v| (k, v)))
+            .collect()
+    }
+    let mut policy = Vec::new();
+    for &local in dirty {
+        let keys: Vec<PolicyEntryKey> = PolicyEntryKey::entries_of(&c.policy, local)
+            .map(|(k, _)| *k)
+            .collect();
+        policy.extend(take(&mut c.policy, keys));
+    }
+    let of = |l: &u32| dirty.contains(l);
+    let enforcement = c.enforcement.keys().filter(|l| of(l)).copied().collect();
+    let selections = c
+        .selections
+        .keys()
+        .filter(|(l, _)| of(l))
+        .copied()
+        .collect();
+    let audit = c.audit.keys().filter(|l| of(l)).copied().collect();
+    let raw_entries = c.raw_entries.keys().filter(|l| of(l)).copied().collect();
+    Undo::Locals {
+        enforcement: take(&mut c.enforcement, enforcement),
+        policy,
+        selections: take(&mut c.selections, selections),
+        audit: take(&mut c.audit, audit),
+        raw_entries: take(&mut c.raw_entries, raw_entries),
+        rules: BTreeMap::new(),
+        rule_ids: RuleIds::default(),
+        cidr_identities: BTreeMap::new(),
+    }
+}
+
+/// [`recompile_endpoints`] on `c` itself, without copying it: on success `c` is the compile for
+/// `endpoints`, and the result says which local identities' part changed and can take it back
+/// ([`Recompile::undo`]); on an error `c` is left as it was.
+pub fn recompile_endpoints_in_place(
+    c: &mut Compiled,
+    policies: &[Policy],
+    prev_endpoints: &Endpoints,
+    endpoints: &Endpoints,
+    rule_ids: &RuleIds,
+) -> Result<Recompile, CompileError> {
     let labelled = |e| -> BTreeMap<u32, &crate::identity::Labels> {
         Endpoints::range(e, FIRST_LABEL..FIRST_CIDR)
             .map(|(&id, l)| (id, l))
@@ -339,7 +460,10 @@ pub fn recompile_endpoints(
         }
     }
     if changed.is_empty() {
-        return Ok(prev.clone());
+        return Ok(Recompile {
+            changed: Recompiled::Locals(BTreeSet::new()),
+            undo: Undo::Nothing,
+        });
     }
     let mut dirty: BTreeSet<u32> = changed.iter().map(|(id, _)| *id).collect();
     for policy in policies {
@@ -366,38 +490,56 @@ pub fn recompile_endpoints(
             }
         }
     }
+    let full = |c: &mut Compiled| -> Result<Recompile, CompileError> {
+        let new = compile_locals(policies, endpoints, &c.cidr_identities, rule_ids, None)?;
+        Ok(Recompile {
+            changed: Recompiled::Full,
+            undo: Undo::Whole(Box::new(std::mem::replace(c, new))),
+        })
+    };
     let part = match compile_locals(
         policies,
         endpoints,
-        &prev.cidr_identities,
+        &c.cidr_identities,
         rule_ids,
         Some(&dirty),
     ) {
         // Over the limit already: the full compile names the policy and rule where the limit
         // is reached.
-        Err(CompileError::TooManyEntries { .. }) => {
-            return compile_locals(policies, endpoints, &prev.cidr_identities, rule_ids, None)
-        }
+        Err(CompileError::TooManyEntries { .. }) => return full(c),
         r => r?,
     };
-    let mut c = prev.clone();
-    c.enforcement.retain(|l, _| !dirty.contains(l));
-    c.policy.retain(|k, _| !dirty.contains(&k.key.local));
-    c.selections.retain(|(l, _), _| !dirty.contains(l));
-    c.audit.retain(|l, _| !dirty.contains(l));
-    c.raw_entries.retain(|l, _| !dirty.contains(l));
+    // The count towards the limit after the merge, checked before anything changes.
+    let kept: usize = c
+        .raw_entries
+        .iter()
+        .filter(|(l, _)| !dirty.contains(l))
+        .map(|(_, n)| n)
+        .sum();
+    if kept + part.raw_entries.values().sum::<usize>() > MAX_ENTRIES {
+        return full(c);
+    }
+    let mut undo = remove_locals(c, &dirty);
     c.enforcement.extend(part.enforcement);
     c.policy.extend(part.policy);
     c.selections.extend(part.selections);
     c.audit.extend(part.audit);
     c.raw_entries.extend(part.raw_entries);
-    c.rules = part.rules;
-    c.rule_ids = part.rule_ids;
-    c.cidr_identities = part.cidr_identities;
-    if c.raw_entries.values().sum::<usize>() > MAX_ENTRIES {
-        return compile_locals(policies, endpoints, &prev.cidr_identities, rule_ids, None);
+    if let Undo::Locals {
+        rules,
+        rule_ids,
+        cidr_identities,
+        ..
+    } = &mut undo
+    {
+        *rules = std::mem::replace(&mut c.rules, part.rules);
+        *rule_ids = std::mem::replace(&mut c.rule_ids, part.rule_ids);
+        *cidr_identities = std::mem::replace(&mut c.cidr_identities, part.cidr_identities);
     }
-    Ok(c)
+    Ok(Recompile {
+        changed: Recompiled::Locals(dirty),
+        undo,
+    })
 }
 
 /// The compile, of every local label identity of `endpoints` or only of those in `only`

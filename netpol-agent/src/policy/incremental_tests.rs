@@ -180,13 +180,19 @@ fn differential_run(
         }
         let table = inc.rule_ids.clone().settled();
         let full = compile_stable(p, &eps, &inc.cidr_identities, &table).expect("compile");
-        inc = recompile_endpoints(&inc, p, &before, &eps, &table).expect("recompile");
+        let prev = inc.clone();
+        let undo =
+            recompile_endpoints_in_place(&mut inc, p, &before, &eps, &table).expect("recompile");
         assert_eq!(
             inc,
             full,
             "{} step {step}: incremental differs from a full compile\nbefore: {before:?}\nafter: {eps:?}",
             what()
         );
+        // Taken back, it is the compile it started from.
+        let mut undone = inc.clone();
+        undo.undo(&mut undone);
+        assert_eq!(undone, prev, "{} step {step}: undo", what());
     }
 }
 

@@ -55,8 +55,9 @@ mod tests;
 use std::collections::BTreeMap;
 
 pub use compile::{
-    compile, compile_stable, compile_with_previous, recompile_endpoints, CapacityError,
-    CompileError, Compiled, Enforcement, Needed, RuleInfo, Selection, IMPLICIT_ALLOW_RULE,
+    compile, compile_stable, compile_with_previous, recompile_endpoints,
+    recompile_endpoints_in_place, CapacityError, CompileError, Compiled, Enforcement, Needed,
+    Recompile, Recompiled, RuleInfo, Selection, IMPLICIT_ALLOW_RULE,
 };
 pub use compose::ComposeError;
 pub use parse::{
