@@ -12,6 +12,7 @@
 
 pub mod model;
 pub mod netlink;
+mod veth_thread;
 pub mod watcher;
 
 #[cfg(test)]

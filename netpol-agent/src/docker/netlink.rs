@@ -4,11 +4,12 @@
 //!
 //! A container's host veth is found from inside its network namespace: each container interface's
 //! `IFLA_LINK` is the ifindex of its veth peer, which Docker leaves in the host namespace. The
-//! namespace switch happens in a dedicated OS thread that exits afterwards, so no other code ever
-//! runs in the container's namespace. (Reading `/sys/class/net/*/iflink` after `setns` would read
-//! the host's sysfs, which is why netlink is asked instead.) Every dump runs in a thread of its
-//! own with a small runtime for the netlink connection, so it can be called from anywhere (also
-//! from inside the agent's runtime).
+//! lookups run on one long-lived thread ([`super::veth_thread`]) that enters the container's
+//! namespace only to make a netlink socket there and goes back before using it, so no other
+//! code ever runs in the container's namespace. (Reading `/sys/class/net/*/iflink` after `setns`
+//! would read the host's sysfs, which is why netlink is asked instead.) The host's own dumps run
+//! in a thread of their own with a small runtime for the netlink connection, so they can be
+//! called from anywhere (also from inside the agent's runtime).
 
 use std::{
     fs::File,
@@ -42,6 +43,8 @@ pub enum NetlinkError {
     OpenNetns { path: PathBuf, source: io::Error },
     #[error("entering network namespace {path}: {source}")]
     EnterNetns { path: PathBuf, source: io::Error },
+    #[error("going back from network namespace {path}: {source}")]
+    LeaveNetns { path: PathBuf, source: io::Error },
     #[error("netlink socket: {0}")]
     Socket(io::Error),
     #[error("netlink request failed: {0}")]
@@ -69,7 +72,7 @@ pub struct LinkInfo {
 }
 
 impl LinkInfo {
-    fn from_message(m: &LinkMessage) -> Self {
+    pub(super) fn from_message(m: &LinkMessage) -> Self {
         let mut link = LinkInfo {
             ifindex: m.header.index,
             name: String::new(),
@@ -112,7 +115,7 @@ pub struct AddrInfo {
 }
 
 impl AddrInfo {
-    fn from_message(m: &AddressMessage) -> Option<Self> {
+    pub(super) fn from_message(m: &AddressMessage) -> Option<Self> {
         let (mut local, mut address) = (None, None);
         for attr in &m.attributes {
             match attr {
@@ -240,74 +243,14 @@ async fn dump_current() -> Result<NamespaceView, NetlinkError> {
 ///
 /// Only the container's own namespace is dumped; of the host's links only the peers its
 /// interfaces name are asked for, by index (a dump of every host link, once per started
-/// container, made discovery grow with the number of containers).
+/// container, made discovery grow with the number of containers). Runs on the lookup thread
+/// ([`super::veth_thread`]) and waits for it: not for use inside the agent's runtime, which
+/// awaits [`super::veth_thread::lookup`] instead.
 pub fn discover_host_veths(
     netns: &Path,
     wanted: &[WantedInterface],
 ) -> Result<VethLookup, NetlinkError> {
-    let (netns, wanted) = (netns.to_path_buf(), wanted.to_vec());
-    let handle = std::thread::Builder::new()
-        .name("netpol-netlink".to_owned())
-        .spawn(move || -> Result<VethLookup, NetlinkError> {
-            let file = File::open(&netns).map_err(|source| NetlinkError::OpenNetns {
-                path: netns.clone(),
-                source,
-            })?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .enable_time()
-                .build()
-                .map_err(NetlinkError::Thread)?;
-            // Opened before the switch: this socket keeps speaking to the host's namespace.
-            let (conn, host, _) = rt
-                .block_on(async { rtnetlink::new_connection() })
-                .map_err(NetlinkError::Socket)?;
-            let conn = rt.spawn(conn);
-            // SAFETY: `file` is an open namespace file; setns only changes this thread, which
-            // runs nothing else and exits when this closure returns. The dump below opens its
-            // socket after the switch, so it speaks to the container's namespace.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                conn.abort();
-                return Err(NetlinkError::EnterNetns {
-                    path: netns,
-                    source: io::Error::last_os_error(),
-                });
-            }
-            let result = rt.block_on(async {
-                let inside = dump_current().await?;
-                let peers: std::collections::BTreeSet<u32> = inside
-                    .links
-                    .iter()
-                    .filter_map(|l| l.link.filter(|p| *p != 0 && *p != l.ifindex))
-                    .collect();
-                let lookup = async {
-                    let mut host_links = Vec::new();
-                    for peer in peers {
-                        // A peer that is not a host link (gone, or in another namespace) is
-                        // simply not found: `match_host_veths` says why.
-                        if let Ok(Some(m)) = host
-                            .link()
-                            .get()
-                            .match_index(peer)
-                            .execute()
-                            .try_next()
-                            .await
-                        {
-                            host_links.push(LinkInfo::from_message(&m));
-                        }
-                    }
-                    host_links
-                };
-                let host_links = tokio::time::timeout(DUMP_TIMEOUT, lookup)
-                    .await
-                    .map_err(|_| NetlinkError::Timeout(DUMP_TIMEOUT))?;
-                Ok(match_host_veths(&host_links, &inside, &wanted))
-            });
-            conn.abort();
-            result
-        })
-        .map_err(NetlinkError::Thread)?;
-    handle.join().map_err(|_| NetlinkError::ThreadPanicked)?
+    super::veth_thread::lookup_blocking(netns, wanted)
 }
 
 /// The matching half of [`discover_host_veths`], without system calls.

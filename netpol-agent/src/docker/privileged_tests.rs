@@ -140,6 +140,90 @@ fn discovers_the_host_end_of_a_containers_veth() {
     assert_eq!(thread_netns(), before);
 }
 
+fn host_ifindex(name: &str) -> u32 {
+    NamespaceView::dump()
+        .expect("dump host links")
+        .links
+        .into_iter()
+        .find(|l| l.name == name)
+        .expect("host end in the host namespace")
+        .ifindex
+}
+
+fn by_mac() -> Vec<WantedInterface> {
+    vec![WantedInterface {
+        network_id: "n".into(),
+        mac: Some("02:42:0a:d5:00:02".parse::<MacAddr>().unwrap()),
+        addrs: vec![],
+    }]
+}
+
+/// Lookups run on one thread that enters a container's namespace only to make a socket there:
+/// after lookups that succeed, that find nothing, and that fail entering (a file that is no
+/// namespace), the thread is in the host's namespace, and it keeps answering.
+#[test]
+fn the_lookup_thread_is_back_in_the_host_namespace_after_every_lookup() {
+    if !require_root("the_lookup_thread_is_back_in_the_host_namespace_after_every_lookup") {
+        return;
+    }
+    let host = thread_netns();
+    let env = VethNs::create("t");
+    let veth = host_ifindex(&env.host);
+    for _ in 0..3 {
+        let found = discover_host_veths(&env.path(), &by_mac()).expect("discovery");
+        assert_eq!(found["n"], Ok(veth));
+        assert_eq!(super::veth_thread::thread_netns().expect("netns"), host);
+        let not_a_netns = discover_host_veths(std::path::Path::new("/dev/null"), &by_mac());
+        assert!(
+            matches!(not_a_netns, Err(super::NetlinkError::EnterNetns { .. })),
+            "{not_a_netns:?}"
+        );
+        assert_eq!(super::veth_thread::thread_netns().expect("netns"), host);
+    }
+}
+
+/// A container that dies while its veth is looked up (its veth pair and namespace deleted
+/// meanwhile) is either found with its own veth or not found: never given another interface;
+/// and the lookup thread ends up in the host's namespace.
+#[test]
+fn a_container_that_dies_mid_lookup_is_found_right_or_not_at_all() {
+    if !require_root("a_container_that_dies_mid_lookup_is_found_right_or_not_at_all") {
+        return;
+    }
+    let host = thread_netns();
+    let (mut found, mut missed) = (0, 0);
+    for round in 0..12 {
+        let env = VethNs::create("d");
+        let veth = host_ifindex(&env.host);
+        let (path, host_end, ns) = (env.path(), env.host.clone(), env.ns.clone());
+        let killer = std::thread::spawn(move || {
+            if round % 3 != 0 {
+                std::thread::sleep(std::time::Duration::from_micros(300 * round));
+            }
+            let _ = Command::new("ip").args(["link", "del", &host_end]).output();
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        });
+        match discover_host_veths(&path, &by_mac()) {
+            Ok(r) => match &r["n"] {
+                Ok(i) => {
+                    assert_eq!(*i, veth, "round {round}: another interface");
+                    found += 1;
+                }
+                Err(_) => missed += 1,
+            },
+            Err(_) => missed += 1,
+        }
+        killer.join().expect("killer");
+        drop(env);
+        assert_eq!(super::veth_thread::thread_netns().expect("netns"), host);
+    }
+    eprintln!("found {found}, not found {missed}");
+    // And it still serves a live namespace.
+    let env = VethNs::create("e");
+    let found = discover_host_veths(&env.path(), &by_mac()).expect("discovery");
+    assert_eq!(found["n"], Ok(host_ifindex(&env.host)));
+}
+
 #[test]
 fn a_missing_namespace_is_an_error() {
     let err = discover_host_veths(std::path::Path::new("/run/netns/npd-does-not-exist"), &[]);

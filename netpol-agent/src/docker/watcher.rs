@@ -35,7 +35,7 @@ use super::{
         container_from_inspect, image_id, network_from_docker, Container, Network, NetworkMode,
         VethLookup,
     },
-    netlink::{discover_host_veths, NetlinkError, WantedInterface},
+    netlink::{NetlinkError, WantedInterface},
 };
 
 /// Default Docker socket.
@@ -152,7 +152,8 @@ pub trait VethResolver: Send + Sync + 'static {
     ) -> impl Future<Output = Result<VethLookup, NetlinkError>> + Send;
 }
 
-/// [`VethResolver`] through rtnetlink in the container's namespace (see [`super::netlink`]).
+/// [`VethResolver`] through rtnetlink in the container's namespace, on the lookup thread (see
+/// [`super::veth_thread`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NetlinkVeths;
 
@@ -162,9 +163,7 @@ impl VethResolver for NetlinkVeths {
         netns: PathBuf,
         wanted: Vec<WantedInterface>,
     ) -> Result<VethLookup, NetlinkError> {
-        tokio::task::spawn_blocking(move || discover_host_veths(&netns, &wanted))
-            .await
-            .map_err(|_| NetlinkError::ThreadPanicked)?
+        super::veth_thread::lookup(netns, wanted).await
     }
 }
 
