@@ -177,6 +177,26 @@ fn floor_above(held: &std::collections::BTreeSet<u32>) -> u32 {
     held.last().map_or(0, |m| m.saturating_add(1))
 }
 
+/// The CIDR identities in the ipcache (prefix → number). A restarted agent compiles them again
+/// from the policies alone: a prefix that came or went while it was stopped would shift the
+/// numbers of the others, and a prefix with the number another has in the maps would have that
+/// one's allowances until the reconcile removes the stale `POLICY` entries (a flow opened then
+/// outlives it: conntrack compares no CIDR identity). Unreadable maps: none (logged).
+fn cidrs_in_maps(dp: &dyn Datapath) -> BTreeMap<Cidr, u32> {
+    match dp.current() {
+        Ok(cur) => cur
+            .ipcache
+            .iter()
+            .filter(|(_, v)| v.identity >= crate::identity::FIRST_CIDR)
+            .map(|(c, v)| (*c, v.identity))
+            .collect(),
+        Err(e) => {
+            warn!(error = %e, "reading the maps for the CIDR identities in use");
+            BTreeMap::new()
+        }
+    }
+}
+
 /// What the label source reads of a container.
 fn labels_of(c: &Container) -> ContainerLabels<'_> {
     ContainerLabels {
@@ -266,6 +286,9 @@ pub struct Agent {
     docker_synced: bool,
     docker_status: String,
     compiled: Option<Compiled>,
+    /// The CIDR identities of the maps at start: the first compile keeps them for the prefixes
+    /// still in policy and gives no new prefix one of them ([`cidrs_in_maps`]).
+    cidrs_at_start: BTreeMap<Cidr, u32>,
     /// The policies and endpoints `compiled` was compiled from: when only the endpoints changed
     /// since, only what they change is compiled again ([`policy::recompile_endpoints`]).
     compiled_from: Option<(Vec<Policy>, Endpoints)>,
@@ -316,6 +339,7 @@ impl Agent {
         let (ids, ids_dirty, ids_note) = load_identities(&store, dp.as_ref())?;
         let sources = Sources::load(&store, policy_dir, &filter)?;
         let (rule_ids, rule_ids_note) = load_rule_ids(&store, dp.as_ref())?;
+        let cidrs_at_start = cidrs_in_maps(dp.as_ref());
         info!(
             identities = ids.len(),
             policies = sources.imports.len(),
@@ -336,6 +360,7 @@ impl Agent {
             docker_synced: false,
             docker_status: "connecting".into(),
             compiled: None,
+            cidrs_at_start,
             compiled_from: None,
             reconciler: reconcile::Reconciler::new(),
             masq: None,
@@ -589,11 +614,10 @@ impl Agent {
         policies: &[Policy],
     ) -> Result<(Desired, Compiled, Endpoints), AgentError> {
         let (container_ids, endpoints) = self.running_identities()?;
-        let previous = self
-            .compiled
-            .as_ref()
-            .map(|c| c.cidr_identities.clone())
-            .unwrap_or_default();
+        let previous = self.compiled.as_ref().map_or_else(
+            || self.cidrs_at_start.clone(),
+            |c| c.cidr_identities.clone(),
+        );
         let t0 = std::time::Instant::now();
         let (compiled, incremental) = match (&self.compiled, &self.compiled_from) {
             (Some(prev), Some((prev_policies, prev_endpoints)))

@@ -1621,6 +1621,91 @@ fn a_wrapped_counter_never_hands_out_a_number_in_the_maps() {
     }
 }
 
+/// A CIDR prefix never gets the number another prefix has in the maps: the reconcile writes
+/// the ipcache first and removes stale `POLICY` entries last, so in between addresses of the new
+/// prefix would have the old one's allowances (and a flow opened then outlives the reconcile:
+/// conntrack compares no CIDR identity). Here one change replaces db's allowed prefix and
+/// brings app2's prefix, which sorts first.
+#[test]
+fn a_cidr_number_in_the_maps_is_not_given_to_another_prefix() {
+    let dirs = Dirs::new("cidr-renumber");
+    let (db, app2) = (service(2, "db", &[]), service(4, "app2", &[]));
+    let egress = |name: &str, svc: &str, cidr: &str| crate::daemon::api::SourceFile {
+        path: format!("{name}.yaml"),
+        text: format!(
+            r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: {name}
+spec:
+  endpointSelector:
+    matchLabels:
+      com.docker.compose.service: {svc}
+  egress:
+    - toCIDR: ["{cidr}"]
+      toPorts:
+        - ports: [{{ port: "443", protocol: TCP }}]
+"#
+        ),
+    };
+    let reaches = |m: &MapState, ip: &str| {
+        let ep = m.endpoints[&ifindex(&db)];
+        let remote = identity_of(m, ip.parse().unwrap());
+        let [k1, k2] = lookup_keys(ep.identity, remote, Egress, TCP, 443);
+        matches!(
+            decide(lpm(&m.policy, &k1), lpm(&m.policy, &k2)),
+            Verdict::Allow(_)
+        )
+    };
+    let first = |dirs: &Dirs| {
+        let mut a = agent(dirs);
+        snapshot(&mut a, &[&db, &app2]);
+        a.import(&[egress("db-out", "db", "10.1.0.0/16")])
+            .expect("import");
+        let before = maps(&a);
+        assert!(reaches(&before, "10.1.0.7") && !reaches(&before, "10.0.5.7"));
+        (a, before)
+    };
+    let change = [
+        egress("db-out", "db", "10.2.0.0/16"),
+        egress("app2-out", "app2", "10.0.5.0/24"),
+    ];
+    let check = |what: &str, before: &MapState, after: &MapState| {
+        assert!(
+            reaches(after, "10.2.0.7") && !reaches(after, "10.0.5.7"),
+            "{what}"
+        );
+        let mut window = after.clone();
+        window.policy.extend(before.policy.clone());
+        assert!(
+            !reaches(&window, "10.0.5.7"),
+            "{what}: while the reconcile runs, db reaches app2's prefix with its old prefix's number"
+        );
+    };
+    let (mut a, before) = first(&dirs);
+    a.import(&change).expect("import");
+    check("live", &before, &maps(&a));
+
+    // The same change made while the agent was stopped (the stored policies edited), and the
+    // next agent starts with the maps of the last one.
+    drop(a);
+    let dirs = Dirs::new("cidr-renumber-restart");
+    let (a, before) = first(&dirs);
+    drop(a);
+    let store = Store::new(dirs.state());
+    for f in &change {
+        let name = f.path.trim_end_matches(".yaml");
+        store
+            .save_policy(name, &f.text)
+            .expect("edit the stored policy");
+    }
+    let mut dp = FakeDatapath::new(MapSizes::default());
+    dp.state = before.clone();
+    let mut a = agent_on(&dirs, dp);
+    snapshot(&mut a, &[&db, &app2]);
+    check("after a restart", &before, &maps(&a));
+}
+
 /// A damaged `identities.json` when the maps cannot be read: which numbers the kernel holds is
 /// unknown, so no number can be given safely; the agent says so and does not start, and leaves
 /// the file where it is.

@@ -44,7 +44,9 @@
 //! Every prefix of a CIDR rule or `except` in any policy (whether or not it selects a local
 //! endpoint) gets an identity from [`FIRST_CIDR`] upward, in prefix order, so one prefix set always
 //! gives the same numbers; [`compile_with_previous`] keeps the numbers of prefixes that were
-//! already allocated and gives new prefixes the lowest free number. The ipcache resolves an address
+//! already allocated and gives new prefixes the lowest number `previous` does not have (not the
+//! number of a prefix that is gone: the maps hold it while the change is written; the agent's
+//! first compile takes `previous` from the maps). The ipcache resolves an address
 //! to its most specific prefix only, so a CIDR selector selects every CIDR identity whose prefix
 //! lies within it and not within one of its `except` prefixes (as Cilium's CIDR labels do).
 //! A CIDR selects its own address family only: `0.0.0.0/0` and `::/0` are ordinary prefixes with
@@ -808,10 +810,18 @@ fn allocate_cidrs(
         }
     }
     let mut out = BTreeMap::new();
-    let mut used = BTreeSet::new();
+    // Every number of `previous` is taken, also a prefix's that is gone: the maps hold it until
+    // the reconcile's last step (stale POLICY entries go after the ipcache's new ones), so a new
+    // prefix with it would have the old one's allowances in between.
+    let mut used: BTreeSet<u32> = previous
+        .values()
+        .copied()
+        .filter(|&id| id >= FIRST_CIDR)
+        .collect();
+    let mut kept = BTreeSet::new();
     for p in &prefixes {
         if let Some(&id) = previous.get(p) {
-            if id >= FIRST_CIDR && used.insert(id) {
+            if id >= FIRST_CIDR && kept.insert(id) {
                 out.insert(*p, id);
             }
         }
