@@ -1456,6 +1456,15 @@ fn a_damaged_identity_table_never_stops_the_agent_nor_hands_out_a_number_in_the_
             br#"{"next": 300, "identities": [1]}"#.to_vec(),
         ),
         ("null", b"null".to_vec()),
+        // Another file's shape would be an empty table, and written over.
+        (
+            "the rule id table",
+            br#"{"next": 9, "rules": [{"id": 4, "policy": "a", "selector": "{}", "section": "ingress", "rule": "x"}]}"#.to_vec(),
+        ),
+        (
+            "the table one level down",
+            format!(r#"{{"state": {}}}"#, String::from_utf8_lossy(&good)).into_bytes(),
+        ),
         // JSON keeps the last of two equal keys: evil would get app1's number.
         (
             "duplicate numbers",

@@ -174,9 +174,11 @@ pub enum IdentityError {
     },
 }
 
-/// The allocator's persisted form.
+/// The allocator's persisted form. A field it does not know makes it another file (another
+/// table's, a wrapped or future form): an error, so that the agent keeps it aside instead of
+/// taking it for an empty table and writing over it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct AllocatorState {
     /// The next number to try (0 or absent: [`FIRST_LABEL`]).
     pub next: u32,
