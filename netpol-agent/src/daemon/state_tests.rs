@@ -1715,6 +1715,62 @@ spec:
     check("after a restart", &before, &maps(&a));
 }
 
+/// A damaged `identities.json` while a stored policy no longer parses (the maps are left as
+/// they are): the containers' new numbers are ones the maps never had, so they are default
+/// deny both ways, never more open than before (and less: until the policy is fixed).
+#[test]
+fn a_damaged_identity_table_while_frozen_is_never_more_open() {
+    let dirs = Dirs::new("ids-damaged-frozen");
+    let (db, app1, app2) = (
+        service(2, "db", &[]),
+        service(3, "app1", &[]),
+        service(4, "app2", &[]),
+    );
+    let evil = service(5, "evil", &[]);
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    import(&mut a, "db.yaml", &db_accepts("app1", "TCP")).expect("import");
+    let before = maps(&a);
+    let links = a.dp.attached().expect("links");
+    drop(a);
+    let stored = dirs.state().join("policies/db.yaml");
+    let text = std::fs::read_to_string(&stored).expect("stored policy");
+    std::fs::write(&stored, text.replace("TCP", "TPC")).expect("break it");
+    std::fs::write(dirs.state().join("identities.json"), b"{").expect("damage");
+    let mut dp = FakeDatapath::new(MapSizes::default());
+    dp.state = before.clone();
+    dp.links = links.into_iter().collect();
+    let mut a = started(&dirs, dp, "frozen");
+    snapshot(&mut a, &[&db, &app1, &app2, &evil]);
+    assert_eq!(
+        maps(&a).policy,
+        before.policy,
+        "policy entries left as they are"
+    );
+    // The price: app1 loses its allowance too, until the stored policy is fixed.
+    for (from, to) in [
+        (&app2, &db),
+        (&evil, &db),
+        (&evil, &app1),
+        (&app1, &evil),
+        (&app1, &db),
+    ] {
+        assert!(
+            !connects(&a, from, to, 5432),
+            "{} reaches {}",
+            from.name,
+            to.name
+        );
+    }
+    let status = a.status();
+    assert!(
+        status["state_recovered"]
+            .to_string()
+            .contains("identities.json"),
+        "{status}"
+    );
+}
+
 /// A damaged `identities.json` when the maps cannot be read: which numbers the kernel holds is
 /// unknown, so no number can be given safely; the agent says so and does not start, and leaves
 /// the file where it is.
