@@ -353,14 +353,6 @@ pub const fn revoked_expiry(now: u64, proto: u8, flags: u32, established: bool) 
     now + lifetime(proto, flags, established) * NS
 }
 
-/// The expiry of a promoted flow's copy left in the new table by the builds that did not delete
-/// it (0449821 to this change): stale, so every lookup treats it as absent. Promotion deletes again: in
-/// prog_cost leaving the copy saved ~100 ns of a promotion's ~270, but with real traffic
-/// (`bench datapath`, connection mix) the new table then stayed full of such copies and every
-/// insert paid LRU eviction on cold buckets: from_container 546 ns per run against 360 with the
-/// delete.
-pub const PROMOTED: u64 = 0;
-
 /// Lifetimes (seconds), as Cilium's defaults.
 pub const LIFETIME_TCP_SYN: u64 = 60;
 pub const LIFETIME_TCP: u64 = 21_600;

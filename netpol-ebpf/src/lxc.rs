@@ -656,8 +656,8 @@ fn ct_hit<F: Family>(
         e.flags = u.flags;
         e.expires_ns = u.expires_ns;
         F::put(k, e, true);
-        // Deleted, not left expired (`ct::PROMOTED`): cheaper in prog_cost, but with real
-        // traffic the new table then stays full and every insert pays LRU eviction.
+        // Deleted, not left expired: cheaper in prog_cost, but with real traffic the new
+        // table then stays full and every insert pays LRU eviction.
         F::del(k, false);
         return Ok(true);
     }

@@ -27,7 +27,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use netpol_common::{
-    ct::{self, CtEntry, CtKey4, CtKey6},
+    ct::{CtEntry, CtKey4, CtKey6},
     event::FlowEvent,
     proto, Direction,
 };
@@ -98,8 +98,6 @@ pub fn evidence(p: u8, seen: &CtSeen) -> Evidence {
         // TCP: the handshake was completed after a reply. Others: a reply came.
         CtSeen::Established(e) if p == proto::TCP || replied(e) => Evidence::Answered,
         CtSeen::Established(_) => Evidence::Waiting,
-        // The new table's copy of a promoted flow (its established entry gone since).
-        CtSeen::New(e) if e.expires_ns == ct::PROMOTED && replied(e) => Evidence::Answered,
         CtSeen::New(e) if p == proto::TCP => {
             if e.is_closing() {
                 // An RST (a closed port, or a scanner's RST after the SYN-ACK) or a FIN
@@ -607,14 +605,6 @@ mod tests {
             (proto::TCP, new(entry(CtEntry::FIN_ORIG)), Unanswered),
             (proto::TCP, est(entry(r)), Answered),
             (proto::TCP, est(entry(r | CtEntry::CLOSING)), Answered), // a short connection
-            (
-                proto::TCP,
-                new(CtEntry {
-                    expires_ns: ct::PROMOTED,
-                    ..entry(r)
-                }),
-                Answered,
-            ), // promoted; the established entry was evicted
             (proto::UDP, new(entry(0)), Waiting),
             (proto::UDP, new(entry(r)), Answered),
             (proto::UDP, est(entry(r)), Answered),
