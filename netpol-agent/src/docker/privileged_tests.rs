@@ -438,3 +438,46 @@ fn link_events_report_a_veth_joining_a_bridge() {
     ip(&["-n", &ns, "link", "del", "br0"]);
     watcher.join().expect("watcher thread");
 }
+
+/// The host's address and link dumps hold while links and addresses come and go (other
+/// containers starting and stopping): an interrupted dump is read again, not an error.
+#[test]
+fn dumps_hold_while_links_come_and_go() {
+    if !require_root("dumps_hold_while_links_come_and_go") {
+        return;
+    }
+    // A thread of its own in a private namespace: the dumps (made from threads it spawns, which
+    // inherit its namespace) and the churning shell see only this namespace's links.
+    std::thread::spawn(|| {
+        // SAFETY: unshare only changes this thread's namespace; it runs nothing else.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+        ip(&["link", "set", "lo", "up"]);
+        let mut churn = Command::new("sh")
+            .args([
+                "-c",
+                "while :; do ip link add npchurn type veth peer name npchurn1 && ip addr add 10.9.0.1/24 dev npchurn \
+                 && ip link set npchurn up; ip link del npchurn; done",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the churn");
+        let mut failures = Vec::new();
+        let mut seen = 0;
+        for _ in 0..500 {
+            if let Err(e) = super::netlink::host_addresses() {
+                failures.push(e.to_string());
+            }
+            match NamespaceView::dump() {
+                Ok(v) => seen += usize::from(v.links.iter().any(|l| l.name == "npchurn")),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        assert!(seen > 0, "the churning link was never seen: the churn did not run here");
+        let _ = churn.kill();
+        let _ = churn.wait();
+        assert!(failures.is_empty(), "{} dumps failed: {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    })
+    .join()
+    .expect("test thread");
+}
