@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod flows;
+pub mod heap;
 pub mod masq;
 pub mod metrics_server;
 mod monitor;
@@ -249,7 +250,8 @@ pub fn run(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
     }
     init_logging();
     // Two workers: Docker's events are read and inspected (and veths looked up) while the agent
-    // reconciles the previous ones, instead of after.
+    // reconciles the previous ones, instead of after. The second costs about 0.2 MB of RSS at
+    // 500 containers (19.7 vs 19.9 MB idle, its stack and its share of the heap).
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -323,6 +325,7 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
             while let Ok(ev) = link_rx.try_recv() {
                 a.on_link(ev);
             }
+            heap::after_burst();
         }
     });
 
@@ -344,6 +347,7 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
                 batch.push(ev);
             }
             a.on_docker_batch(batch);
+            heap::after_burst();
         }
     });
 
@@ -358,9 +362,16 @@ async fn run_async(args: RunArgs, socket: PathBuf) -> anyhow::Result<()> {
             if a.policy_dir_changed() {
                 a.reload_policy_dir();
                 a.sync_logged("policy directory changed");
+                heap::after_burst();
             }
         }
     });
+
+    // Freed memory back to the system after each burst (see heap::trim_after_bursts).
+    tokio::spawn(heap::trim_after_bursts(
+        Duration::from_secs(1),
+        Duration::from_secs(10),
+    ));
 
     info!(socket = %socket.display(), "netpol-agent running");
     notify_ready();

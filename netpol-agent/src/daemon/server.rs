@@ -128,7 +128,9 @@ async fn handle(
     };
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
     out.push(b'\n');
-    w.write_all(&out).await
+    let written = w.write_all(&out).await;
+    super::heap::after_burst();
+    written
 }
 
 #[cfg(test)]
