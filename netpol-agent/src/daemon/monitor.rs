@@ -44,9 +44,14 @@ pub fn take_ring(dp: &mut KernelDatapath) -> Result<RingBuf<MapData>, MonitorErr
     Ok(RingBuf::try_from(map)?)
 }
 
+/// Events a slow `monitor` client may fall behind by before it misses some.
+const MONITOR_BUFFER: usize = 4096;
+
 #[derive(Clone)]
 pub struct Monitor {
-    tx: broadcast::Sender<FlowEvent>,
+    /// To the clients of `monitor`, only while one listens: the channel's ring is allocated
+    /// whole (4096 events, 350 KB), and an agent nobody watches should not keep it.
+    tx: Arc<std::sync::Mutex<Option<broadcast::Sender<FlowEvent>>>>,
     listeners: Arc<AtomicUsize>,
     agent: Arc<Mutex<Agent>>,
     flows: Arc<std::sync::Mutex<FlowTable>>,
@@ -75,9 +80,8 @@ fn addr(family: u8, a: [u8; 16]) -> IpAddr {
 
 impl Monitor {
     pub fn new(agent: Arc<Mutex<Agent>>) -> Self {
-        let (tx, _) = broadcast::channel(4096);
         Self {
-            tx,
+            tx: Arc::default(),
             listeners: Arc::new(AtomicUsize::new(0)),
             agent,
             flows: Arc::new(std::sync::Mutex::new(FlowTable::new(
@@ -150,7 +154,9 @@ impl Monitor {
                         if let Ok(mut t) = table.lock() {
                             t.record(&ev, flows::now());
                         }
-                        let _ = tx.send(ev);
+                        if let Some(tx) = tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                            let _ = tx.send(ev);
+                        }
                     }
                 }
                 guard.clear_ready();
@@ -226,7 +232,12 @@ impl Monitor {
         mut w: OwnedWriteHalf,
         filter: super::monitor_filter::MonitorFilter,
     ) -> std::io::Result<()> {
-        let mut rx = self.tx.subscribe();
+        let mut rx = self
+            .tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| broadcast::channel(MONITOR_BUFFER).0)
+            .subscribe();
         if self.listeners.fetch_add(1, Ordering::SeqCst) == 0 {
             self.agent.lock().await.set_trace_flows(true);
         }
@@ -250,6 +261,14 @@ impl Monitor {
             }
         }
         .await;
+        drop(rx);
+        {
+            // The last client gone: the ring goes with it (subscribing happens under this lock).
+            let mut tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+            if tx.as_ref().is_some_and(|t| t.receiver_count() == 0) {
+                *tx = None;
+            }
+        }
         if self.listeners.fetch_sub(1, Ordering::SeqCst) == 1 && !self.recording() {
             self.agent.lock().await.set_trace_flows(false);
         }

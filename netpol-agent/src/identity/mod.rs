@@ -14,7 +14,10 @@
 //! label identities use `FIRST_LABEL..FIRST_CIDR`, and the policy compiler's CIDR identities
 //! start at [`FIRST_CIDR`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 pub use netpol_common::identity::FIRST_CIDR;
 use netpol_common::identity::{reserved_name, FIRST_LABEL};
@@ -237,8 +240,10 @@ fn unique_identities<'de, D: serde::Deserializer<'de>>(
 #[derive(Clone, Debug, Default)]
 pub struct IdentityAllocator {
     next: u32,
-    by_id: BTreeMap<u32, Labels>,
-    by_labels: BTreeMap<Labels, u32>,
+    /// Both maps hold the same label sets (one allocation each, shared: a host with many
+    /// compose services has as many label sets).
+    by_id: BTreeMap<u32, Arc<Labels>>,
+    by_labels: BTreeMap<Arc<Labels>, u32>,
     /// Numbers never handed out to a new label set ([`IdentityAllocator::avoid`]); not persisted.
     avoided: BTreeSet<u32>,
 }
@@ -263,6 +268,7 @@ impl IdentityAllocator {
             if let Some(&first) = a.by_labels.get(&labels) {
                 return Err(IdentityError::DuplicateLabels { first, second: id });
             }
+            let labels = Arc::new(labels);
             a.by_labels.insert(labels.clone(), id);
             a.by_id.insert(id, labels);
         }
@@ -283,7 +289,11 @@ impl IdentityAllocator {
     pub fn state(&self) -> AllocatorState {
         AllocatorState {
             next: self.next,
-            identities: self.by_id.clone(),
+            identities: self
+                .by_id
+                .iter()
+                .map(|(&id, l)| (id, Labels::clone(l)))
+                .collect(),
         }
     }
 
@@ -295,8 +305,9 @@ impl IdentityAllocator {
         }
         let id = self.free_number()?;
         self.next = id.saturating_add(1);
+        let labels = Arc::new(labels.clone());
         self.by_labels.insert(labels.clone(), id);
-        self.by_id.insert(id, labels.clone());
+        self.by_id.insert(id, labels);
         Ok((id, true))
     }
 
@@ -338,14 +349,14 @@ impl IdentityAllocator {
 
     /// The labels of identity `id`, if it is a label identity in use.
     pub fn labels(&self, id: u32) -> Option<&Labels> {
-        self.by_id.get(&id)
+        self.by_id.get(&id).map(|l| &**l)
     }
 
     /// Forgets `id`. Its number is not handed out again until the counter wraps around.
     pub fn release(&mut self, id: u32) -> Option<Labels> {
         let labels = self.by_id.remove(&id)?;
         self.by_labels.remove(&labels);
-        Some(labels)
+        Some(Arc::try_unwrap(labels).unwrap_or_else(|shared| Labels::clone(&shared)))
     }
 
     /// Releases every identity for which `in_use` is false; returns the released numbers.
@@ -364,7 +375,7 @@ impl IdentityAllocator {
 
     /// Every allocated identity with its labels, by number.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &Labels)> {
-        self.by_id.iter().map(|(&id, l)| (id, l))
+        self.by_id.iter().map(|(&id, l)| (id, &**l))
     }
 
     pub fn len(&self) -> usize {
