@@ -892,6 +892,7 @@ fn link(ifindex: u32, name: &str, kind: &str, master: Option<u32>) -> LinkInfo {
         link: None,
         kind: Some(kind.to_owned()),
         master,
+        link_netnsid: None,
     }
 }
 

@@ -69,6 +69,9 @@ pub struct LinkInfo {
     pub kind: Option<String>,
     /// `IFLA_MASTER`: the bridge (or other controller) the interface is a port of.
     pub master: Option<u32>,
+    /// `IFLA_LINK_NETNSID`: for a veth whose peer is in another namespace, that namespace's id
+    /// as the dumping namespace numbers it (`link` is an ifindex of that namespace).
+    pub link_netnsid: Option<i32>,
 }
 
 impl LinkInfo {
@@ -80,6 +83,7 @@ impl LinkInfo {
             link: None,
             kind: None,
             master: None,
+            link_netnsid: None,
         };
         for attr in &m.attributes {
             match attr {
@@ -89,6 +93,7 @@ impl LinkInfo {
                 }
                 LinkAttribute::Link(peer) => link.link = Some(*peer),
                 LinkAttribute::Controller(m) => link.master = Some(*m).filter(|m| *m != 0),
+                LinkAttribute::LinkNetNsId(id) => link.link_netnsid = Some(*id).filter(|i| *i >= 0),
                 LinkAttribute::LinkInfo(infos) => {
                     for i in infos {
                         if let NlLinkInfo::Kind(k) = i {
@@ -253,15 +258,26 @@ pub fn discover_host_veths(
     super::veth_thread::lookup_blocking(netns, wanted)
 }
 
-/// The matching half of [`discover_host_veths`], without system calls.
+/// The matching half of [`discover_host_veths`], without system calls. `netnsid` is the id the
+/// host's namespace gives the container's (`RTM_GETNSID`; `None` when it has none): a host link
+/// is the container's veth only if its peer is in that namespace. Interface numbers are per
+/// namespace, so a container that may make links (`CAP_NET_ADMIN`) can make a veth pair of its
+/// own with the numbers of another container's pair; without the namespace check it would be
+/// given that container's host veth.
 pub fn match_host_veths(
     host_links: &[LinkInfo],
     inside: &NamespaceView,
     wanted: &[WantedInterface],
+    netnsid: Option<i32>,
 ) -> VethLookup {
     wanted
         .iter()
-        .map(|w| (w.network_id.clone(), match_one(host_links, inside, w)))
+        .map(|w| {
+            (
+                w.network_id.clone(),
+                match_one(host_links, inside, w, netnsid),
+            )
+        })
         .collect()
 }
 
@@ -269,6 +285,7 @@ fn match_one(
     host_links: &[LinkInfo],
     inside: &NamespaceView,
     w: &WantedInterface,
+    netnsid: Option<i32>,
 ) -> Result<u32, String> {
     let by_mac = w
         .mac
@@ -307,6 +324,13 @@ fn match_one(
         return Err(format!(
             "host interface {} (ifindex {peer}) is not the veth peer of container interface {}",
             host.name, link.name
+        ));
+    }
+    if netnsid.is_none() || host.link_netnsid != netnsid {
+        return Err(format!(
+            "host interface {} (ifindex {peer}) has its peer in another namespace than the \
+             container's (namespace id {:?}, the container's {netnsid:?})",
+            host.name, host.link_netnsid
         ));
     }
     Ok(peer)
@@ -420,6 +444,15 @@ mod tests {
             link: peer,
             kind: Some("veth".to_owned()),
             master: None,
+            link_netnsid: None,
+        }
+    }
+
+    /// A host end whose peer is in the namespace the host numbers `netnsid`.
+    fn host_end(ifindex: u32, name: &str, peer: u32, netnsid: i32) -> LinkInfo {
+        LinkInfo {
+            link_netnsid: Some(netnsid),
+            ..link(ifindex, name, None, Some(peer))
         }
     }
 
@@ -449,6 +482,7 @@ mod tests {
                 link(40, "eth0", Some(mac), Some(41)),
                 link(42, "eth1", Some([2, 0x42, 10, 0, 0, 5]), Some(43)),
                 link(44, "eth2", Some([2, 0, 0, 0, 0, 9]), Some(99)),
+                link(46, "eth3", Some([2, 0, 0, 0, 0, 10]), Some(47)),
             ],
             addrs: vec![AddrInfo {
                 ifindex: 42,
@@ -456,9 +490,12 @@ mod tests {
                 prefix_len: 24,
             }],
         };
+        // The container's namespace is 7 to the host; veth3's peer is interface 46 of another
+        // namespace (a container that made a pair with another one's numbers).
         let host = vec![
-            link(41, "veth1", None, Some(40)),
-            link(43, "veth2", None, Some(42)),
+            host_end(41, "veth1", 40, 7),
+            host_end(43, "veth2", 42, 7),
+            host_end(47, "veth3", 46, 8),
         ];
         let wanted = vec![
             WantedInterface {
@@ -481,13 +518,24 @@ mod tests {
                 mac: None,
                 addrs: vec![],
             },
+            WantedInterface {
+                network_id: "e".into(),
+                mac: Some(MacAddr([2, 0, 0, 0, 0, 10])),
+                addrs: vec![],
+            },
         ];
-        let found = match_host_veths(&host, &inside, &wanted);
+        let found = match_host_veths(&host, &inside, &wanted, Some(7));
         assert_eq!(found["a"], Ok(41));
         assert_eq!(found["b"], Ok(43));
         assert!(found["c"]
             .as_ref()
             .is_err_and(|e| e.contains("not in the host namespace")));
         assert!(found["d"].is_err());
+        assert!(found["e"]
+            .as_ref()
+            .is_err_and(|e| e.contains("another namespace")));
+        // Without the container's namespace id no host link is taken.
+        let found = match_host_veths(&host, &inside, &wanted, None);
+        assert!(found.values().all(|r| r.is_err()), "{found:?}");
     }
 }

@@ -224,6 +224,70 @@ fn a_container_that_dies_mid_lookup_is_found_right_or_not_at_all() {
     assert_eq!(found["n"], Ok(host_ifindex(&env.host)));
 }
 
+/// Deletes a namespace made with `ip netns add` (and the links in it), also when the test failed.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// A container with `CAP_NET_ADMIN` cannot pass another container's host veth off as its own:
+/// interface numbers are per namespace, so it can make a veth pair of its own whose ends have
+/// the numbers of the victim's pair (its "eth0" the number of the victim's eth0, the peer the
+/// number of the victim's host veth). The host veth must name the looked-up namespace as its
+/// peer's, not just a peer of that number.
+#[test]
+fn a_container_cannot_claim_another_containers_veth_by_copying_its_numbers() {
+    if !require_root("a_container_cannot_claim_another_containers_veth_by_copying_its_numbers") {
+        return;
+    }
+    let victim = VethNs::create("x");
+    let host_end = NamespaceView::dump()
+        .expect("dump host links")
+        .links
+        .into_iter()
+        .find(|l| l.name == victim.host)
+        .expect("host end in the host namespace");
+    let (veth, victim_eth0) = (host_end.ifindex, host_end.link.expect("peer index"));
+    let attacker = Netns(format!("npd-y-{}", std::process::id() % 100_000));
+    ip(&["netns", "add", &attacker.0]);
+    let (eth0, peer) = (victim_eth0.to_string(), veth.to_string());
+    ip(&[
+        "-n",
+        &attacker.0,
+        "link",
+        "add",
+        "eth0",
+        "index",
+        &eth0,
+        "address",
+        "02:42:0a:d5:00:03",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "p0",
+        "index",
+        &peer,
+    ]);
+    let wanted = vec![WantedInterface {
+        network_id: "n".into(),
+        mac: Some("02:42:0a:d5:00:03".parse::<MacAddr>().unwrap()),
+        addrs: vec![],
+    }];
+    let path = PathBuf::from(format!("/run/netns/{}", attacker.0));
+    let found = discover_host_veths(&path, &wanted).expect("discovery");
+    assert!(
+        found["n"].is_err(),
+        "the attacker got the victim's veth {veth}: {found:?}"
+    );
+    // The victim is still found.
+    let found = discover_host_veths(&victim.path(), &by_mac()).expect("discovery");
+    assert_eq!(found["n"], Ok(veth));
+}
+
 #[test]
 fn a_missing_namespace_is_an_error() {
     let err = discover_host_veths(std::path::Path::new("/run/netns/npd-does-not-exist"), &[]);

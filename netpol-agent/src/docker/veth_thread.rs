@@ -12,8 +12,8 @@
 //! lookup starts a new thread. A container that dies mid-lookup is still answered correctly:
 //! the namespace is held open by its file for the whole lookup, an interface that went is not
 //! found, and a host link is only taken for the container's veth when it names the container's
-//! interface as its peer ([`super::netlink::match_host_veths`]); the watcher then looks again or
-//! learns from Docker that the container is gone.
+//! interface, in the container's namespace, as its peer ([`super::netlink::match_host_veths`]);
+//! the watcher then looks again or learns from Docker that the container is gone.
 
 use std::{
     fs::File,
@@ -27,7 +27,12 @@ use std::{
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
 };
-use netlink_packet_route::{address::AddressMessage, link::LinkMessage, RouteNetlinkMessage};
+use netlink_packet_route::{
+    address::AddressMessage,
+    link::LinkMessage,
+    nsid::{NsidAttribute, NsidMessage},
+    RouteNetlinkMessage,
+};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 use super::{
@@ -186,6 +191,29 @@ impl Rtnl {
     }
 }
 
+impl Rtnl {
+    /// The id the socket's namespace gives the namespace of `netns` (`RTM_GETNSID`), `None`
+    /// when it has none.
+    fn netnsid(&mut self, netns: &File) -> Result<Option<i32>, NetlinkError> {
+        let mut m = NsidMessage::default();
+        m.attributes
+            .push(NsidAttribute::Fd(netns.as_raw_fd() as u32));
+        let answer = self.request(RouteNetlinkMessage::GetNsId(m), false)?;
+        Ok(answer
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNsId(n) => Some(n),
+                _ => None,
+            })
+            .flat_map(|n| n.attributes.iter())
+            .find_map(|a| match a {
+                NsidAttribute::Id(id) => Some(*id),
+                _ => None,
+            })
+            .filter(|id| *id >= 0))
+    }
+}
+
 /// What the thread is asked.
 enum Job {
     Lookup {
@@ -313,15 +341,24 @@ fn lookup_from(
         .filter_map(|l| l.link.filter(|p| *p != 0 && *p != l.ifindex))
         .collect();
     let mut host_links = Vec::new();
-    for peer in peers {
+    let mut netnsid = None;
+    if !peers.is_empty() {
         let sock = match host {
             Some(s) => s,
             None => host.insert(Rtnl::open()?),
         };
-        match sock.link(peer) {
-            Ok(Some(l)) => host_links.push(l),
-            // Not a host link (gone, or in another namespace): `match_host_veths` says why.
-            Ok(None) => {}
+        let asked = (|| {
+            for peer in peers {
+                // Not a host link (gone, or in another namespace): `match_host_veths` says why.
+                if let Some(l) = sock.link(peer)? {
+                    host_links.push(l);
+                }
+            }
+            // After the links: dumping a host veth gives its peer's namespace an id.
+            sock.netnsid(&file)
+        })();
+        match asked {
+            Ok(id) => netnsid = id,
             Err(e) => {
                 // Start over with a new socket next time (a timed-out answer may still come).
                 *host = None;
@@ -329,7 +366,7 @@ fn lookup_from(
             }
         }
     }
-    Ok(match_host_veths(&host_links, &view, wanted))
+    Ok(match_host_veths(&host_links, &view, wanted, netnsid))
 }
 
 /// A netlink socket in the namespace of `netns`, made by entering it and going back to `home`.
