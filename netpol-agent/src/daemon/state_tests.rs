@@ -203,6 +203,16 @@ fn passes(m: &MapState, local: &Container, remote: &Container, dir: Direction, p
     )
 }
 
+/// The maps a reconcile from `before` to `after` passes through: the new ipcache and endpoints
+/// with the old POLICY entries beside the new ones, and that with the old endpoints too.
+fn reconcile_windows(before: &MapState, after: &MapState) -> [MapState; 2] {
+    let mut window = after.clone();
+    window.policy.extend(before.policy.clone());
+    let mut old_eps = window.clone();
+    old_eps.endpoints.extend(before.endpoints.clone());
+    [window, old_eps]
+}
+
 /// Whether a TCP connection from `from` to `to`:`port` gets through (egress of `from`, ingress
 /// of `to`).
 pub(super) fn connects(a: &Agent, from: &Container, to: &Container, port: u16) -> bool {
@@ -1526,13 +1536,7 @@ fn a_damaged_identity_table_never_stops_the_agent_nor_hands_out_a_number_in_the_
         );
         assert!(!connects(&a, &app2, &db, 5432), "{what}: app2 reaches db");
         assert!(!connects(&a, &evil, &db, 5432), "{what}: evil reaches db");
-        // The reconcile's windows: the new ipcache and endpoints with the old POLICY entries
-        // beside the new ones, and the old endpoints with the new ipcache.
-        let mut window = after.clone();
-        window.policy.extend(before.policy.clone());
-        let mut old_eps = window.clone();
-        old_eps.endpoints.extend(before.endpoints.clone());
-        for m in [&window, &old_eps] {
+        for m in &reconcile_windows(&before, &after) {
             for c in [&evil, &app2] {
                 assert!(
                     !passes(m, &db, c, Ingress, 5432),
@@ -1608,13 +1612,7 @@ fn a_wrapped_counter_never_hands_out_a_number_in_the_maps() {
                 c.name
             );
         }
-        // The reconcile's windows: the new ipcache with the old POLICY entries beside the new
-        // ones, with the new endpoints and with the old ones.
-        let mut window = after.clone();
-        window.policy.extend(before.policy.clone());
-        let mut old_eps = window.clone();
-        old_eps.endpoints.extend(before.endpoints.clone());
-        for m in [&window, &old_eps] {
+        for m in &reconcile_windows(&before, &after) {
             for c in [&evil, &app2] {
                 assert!(
                     !passes(m, &db, c, Ingress, 5432),
@@ -1685,8 +1683,7 @@ spec:
             reaches(after, "10.2.0.7") && !reaches(after, "10.0.5.7"),
             "{what}"
         );
-        let mut window = after.clone();
-        window.policy.extend(before.policy.clone());
+        let [window, _] = reconcile_windows(before, after);
         assert!(
             !reaches(&window, "10.0.5.7"),
             "{what}: while the reconcile runs, db reaches app2's prefix with its old prefix's number"
