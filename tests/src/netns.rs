@@ -921,10 +921,21 @@ impl DatapathPlan {
 /// A SCHED_CLS program `mov r0, 0 (TC_ACT_OK); exit`, loaded with raw bpf(2): a stand-in for
 /// another tool's program that passes everything and ends the TCX chain.
 pub fn load_pass_all() -> std::os::fd::OwnedFd {
+    try_load_returning(0, "pass_all").unwrap_or_else(|e| panic!("BPF_PROG_LOAD: {e}"))
+}
+
+/// A SCHED_CLS program of two instructions, `mov r0, verdict; exit`, loaded with raw bpf(2) and
+/// named `name` (at most 15 bytes). `verdict` -1 (`TC_ACT_UNSPEC`) passes the packet on as if no
+/// program ran (the benchmark's `noop` peer); 0 (`TC_ACT_OK`) accepts it and ends the TCX chain.
+pub fn try_load_returning(verdict: i32, name: &str) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
+    if name.len() > 15 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "name too long"));
+    }
     let insns: [u64; 2] = [
-        // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm 0
-        0xb7, // BPF_JMP | BPF_EXIT
+        // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm verdict (sign-extended)
+        0xb7 | (u64::from(verdict as u32) << 32),
+        // BPF_JMP | BPF_EXIT
         0x95,
     ];
     let license = c"GPL";
@@ -933,12 +944,14 @@ pub fn load_pass_all() -> std::os::fd::OwnedFd {
     attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
     attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
     attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    attr[48..56].copy_from_slice(b"pass_all");
+    attr[48..48 + name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: a valid BPF_PROG_LOAD attribute block; the pointers outlive the call.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), attr.len()) };
-    assert!(fd >= 0, "BPF_PROG_LOAD: {}", io::Error::last_os_error());
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
     // SAFETY: a new fd owned by nobody else.
-    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// `BPF_TCX_INGRESS`, for [`tcx_link_first`].
@@ -954,6 +967,16 @@ pub fn tcx_link_first(
     ifindex: u32,
     attach_type: u32,
 ) -> std::os::fd::OwnedFd {
+    try_tcx_link_first(prog, ifindex, attach_type)
+        .unwrap_or_else(|e| panic!("BPF_LINK_CREATE: {e}"))
+}
+
+/// [`tcx_link_first`], returning the error.
+pub fn try_tcx_link_first(
+    prog: &std::os::fd::OwnedFd,
+    ifindex: u32,
+    attach_type: u32,
+) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     let mut attr = [0u8; 64];
     attr[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
@@ -963,7 +986,9 @@ pub fn tcx_link_first(
     attr[12..16].copy_from_slice(&(1u32 << 3).to_ne_bytes());
     // SAFETY: a valid BPF_LINK_CREATE attribute block.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, 28, attr.as_ptr(), attr.len()) };
-    assert!(fd >= 0, "BPF_LINK_CREATE: {}", io::Error::last_os_error());
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
     // SAFETY: a new fd owned by nobody else.
-    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }

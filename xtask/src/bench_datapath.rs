@@ -10,6 +10,15 @@
 //!   match (other identities and ports) plus the 6 allows that do (c1 egress to c2 and c2 ingress
 //!   from c1 on the three benchmark ports); the ipcache holds min(N, 2000) extra /32 identities.
 //!   Loaded by `netpol-netns-loader` (release build), which exits before the measurements.
+//! - **noop** (`--peers …,noop`): no filter, but a two-instruction SCHED_CLS program
+//!   (`r0 = -1` (`TC_ACT_UNSPEC`); `exit`, loaded with raw bpf(2)) in a TCX link at each hook
+//!   netpol uses: ingress (`from_container`'s) and egress (`to_container`'s) of both host-side
+//!   veths. What any attached program costs before it does any work: the hook's own floor. The
+//!   links are fds held by this process (closed with the setup, also on an error or Ctrl-C).
+//! - **netpol-B N** (`--netpol-b-loader PATH`): netpol as another build of
+//!   `netpol-netns-loader` loads it (its own embedded eBPF object; e.g. main's release binary
+//!   copied to /tmp), same plan, own pin directory: an A/B of two datapath builds under real
+//!   traffic in the same interleaved rounds; a line `netpol-B × netpol` follows the table.
 //! - **iptables-nft N**: FORWARD jumps to a chain of N non-matching
 //!   `-s A -d B -p tcp --dport P -j ACCEPT` rules, then the rules that match (c1 → c2 on the
 //!   benchmark ports and the replies), then DROP; no conntrack shortcut.
@@ -22,6 +31,11 @@
 //! (`sockperf ping-pong --tcp`, 64 bytes, p50 of RTT/2, with `/dev/cpu_dma_latency` held at 0 for
 //! the whole run), new connections per second (`wrk -t1 -c32 -H 'Connection: close'` against
 //! `netpol-bench-http`).
+//!
+//! The statistics pass after the rounds (`BPF_ENABLE_STATS`) reads ns per program run for
+//! netpol, netpol-B and noop (noop's is the statistics' own overhead floor), and for the
+//! connection-rate workload the program runs and program time per connection (wrk's completed
+//! requests, one connection each).
 
 #[allow(dead_code)]
 #[path = "../../tests/src/netns.rs"]
@@ -41,9 +55,10 @@ use std::{
 use crate::stats::median;
 use anyhow::{bail, ensure, Context, Result};
 use netns::{
-    tcp_connect, unique_tag, wait_for, Connect, DatapathPlan, Family, KillOnDrop, PinDir,
-    PlanPolicy, Topology,
+    tcp_connect, try_load_returning, try_tcx_link_first, unique_tag, wait_for, Connect,
+    DatapathPlan, Family, KillOnDrop, PinDir, PlanPolicy, Topology, TCX_EGRESS, TCX_INGRESS,
 };
+use std::os::fd::{AsRawFd as _, OwnedFd};
 
 const IPERF_PORT: u16 = 5201;
 const SOCKPERF_PORT: u16 = 11111;
@@ -68,9 +83,14 @@ pub struct Opts {
     /// Policy entry / rule / set element counts.
     #[arg(long, value_delimiter = ',', default_value = "10,1000,10000,50000")]
     pub entries: Vec<usize>,
-    /// Filters to compare with no filter (always measured): netpol, iptables, nft.
+    /// Filters to compare with no filter (always measured): netpol, iptables, nft, noop (an
+    /// empty TCX program at netpol's hooks).
     #[arg(long, value_delimiter = ',', default_value = "netpol,iptables,nft")]
     pub peers: Vec<Peer>,
+    /// Also measure netpol as loaded by this other build of `netpol-netns-loader` ("netpol-B",
+    /// at every entry count), interleaved with the rest: an A/B of two datapath builds.
+    #[arg(long, value_name = "PATH")]
+    pub netpol_b_loader: Option<PathBuf>,
     /// The entry count the targets are checked at (default: 10,000 if measured, else the
     /// largest).
     #[arg(long)]
@@ -85,12 +105,15 @@ pub enum Peer {
     Netpol,
     Iptables,
     Nft,
+    Noop,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Filter {
     None,
+    Noop,
     Netpol(usize),
+    NetpolB(usize),
     Nft(usize),
     Iptables(usize),
 }
@@ -99,7 +122,9 @@ impl Filter {
     fn label(&self) -> String {
         match self {
             Filter::None => "none".into(),
+            Filter::Noop => "noop program".into(),
             Filter::Netpol(n) => format!("netpol, {} entries", thousands(*n as f64)),
+            Filter::NetpolB(n) => format!("netpol-B, {} entries", thousands(*n as f64)),
             Filter::Nft(n) => format!("nft set, {} elements", thousands(*n as f64)),
             Filter::Iptables(n) => format!("iptables-nft, {} rules", thousands(*n as f64)),
         }
@@ -115,13 +140,62 @@ pub(crate) enum Metric {
 
 const METRICS: [Metric; 3] = [Metric::Throughput, Metric::ConnRate, Metric::Latency];
 
-/// One configuration: its topology, servers and (for netpol) pins. Field order is drop order:
-/// servers go first, then pins, then the namespaces.
+/// One configuration: its topology, servers, (for netpol) pins and (for noop) programs and
+/// links. Field order is drop order: servers go first, then the links, pins, the namespaces.
 struct Setup {
     filter: Filter,
     _servers: Vec<KillOnDrop>,
+    noop: Option<Noop>,
     pins: Option<PinDir>,
     topo: Topology,
+}
+
+/// The noop peer's programs and their TCX links (closing a link's fd detaches it; the links go
+/// first).
+struct Noop {
+    _links: Vec<OwnedFd>,
+    from: OwnedFd,
+    to: OwnedFd,
+}
+
+/// Loads the noop programs and links them first at the hooks netpol attaches to
+/// (`KernelDatapath::attach`: `from_container` at TCX ingress, `to_container` at TCX egress of
+/// each container's host-side veth), inside the host namespace. On an error the links made so
+/// far are closed.
+fn attach_noop(topo: &Topology) -> Result<Noop> {
+    let from = try_load_returning(-1, "noop_from").context("loading the noop program")?;
+    let to = try_load_returning(-1, "noop_to").context("loading the noop program")?;
+    let ifindexes: Vec<u32> = topo.containers.iter().map(|c| c.ifindex).collect();
+    topo.host.run_in(move || {
+        let mut links = Vec::new();
+        for i in ifindexes {
+            links.push(try_tcx_link_first(&from, i, TCX_INGRESS).context("TCX ingress link")?);
+            links.push(try_tcx_link_first(&to, i, TCX_EGRESS).context("TCX egress link")?);
+        }
+        Ok(Noop {
+            _links: links,
+            from,
+            to,
+        })
+    })
+}
+
+/// The id of the program behind `fd` (`BPF_OBJ_GET_INFO_BY_FD`, the first fields of
+/// `bpf_prog_info`: type, id).
+fn prog_id(fd: &OwnedFd) -> Result<u64> {
+    let mut info = [0u32; 2];
+    let mut attr = [0u8; 16];
+    attr[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(std::mem::size_of_val(&info) as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    // SAFETY: a valid BPF_OBJ_GET_INFO_BY_FD attribute block; info outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 15, attr.as_ptr(), attr.len()) };
+    ensure!(
+        rc == 0,
+        "BPF_OBJ_GET_INFO_BY_FD: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(u64::from(info[1]))
 }
 
 pub(crate) fn thousands(v: f64) -> String {
@@ -435,7 +509,8 @@ pub(crate) fn start_servers(
     Ok(servers)
 }
 
-fn setup(filter: Filter, bin: &Path) -> Result<Setup> {
+/// Sets up `filter`'s topology; `loader_b` is netpol-B's `netpol-netns-loader`.
+fn setup(filter: Filter, bin: &Path, loader_b: Option<&Path>) -> Result<Setup> {
     let tag = unique_tag("npbench");
     let topo = Topology::new(&tag, &["c1", "c2"]);
     topo.host
@@ -447,23 +522,32 @@ fn setup(filter: Filter, bin: &Path) -> Result<Setup> {
     c2.ns.run(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
     let servers = start_servers(&c2, bin, None)?;
     let mut pins = None;
+    let mut noop = None;
     match filter {
         Filter::None => {}
-        Filter::Netpol(n) => {
+        Filter::Noop => noop = Some(attach_noop(&topo)?),
+        Filter::Netpol(n) | Filter::NetpolB(n) => {
+            let loader = match filter {
+                Filter::NetpolB(_) => loader_b
+                    .context("netpol-B needs --netpol-b-loader")?
+                    .to_path_buf(),
+                _ => bin.join("netpol-netns-loader"),
+            };
             let p = PinDir::unique(&format!("bench-{tag}"));
             let plan = std::env::temp_dir().join(format!("{tag}.plan"));
             std::fs::write(&plan, netpol_plan(&topo, n).to_text())?;
-            let out = Command::new(bin.join("netpol-netns-loader"))
+            let out = Command::new(&loader)
                 .arg(p.path())
                 .arg(&topo.host.name)
                 .arg(&plan)
                 .output()
-                .context("running netpol-netns-loader")?;
+                .with_context(|| format!("running {}", loader.display()))?;
             let _ = std::fs::remove_file(&plan);
             pins = Some(p);
             ensure!(
                 out.status.success(),
-                "netpol-netns-loader: {}",
+                "{}: {}",
+                loader.display(),
                 String::from_utf8_lossy(&out.stderr)
             );
         }
@@ -479,7 +563,7 @@ fn setup(filter: Filter, bin: &Path) -> Result<Setup> {
     // The filter is in the path: a port nobody allows is dropped (refused with no filter).
     let probe = SocketAddr::new(IpAddr::V4(c2.ipv4), 9);
     let r = tcp_connect(&c1.ns, probe, Duration::from_millis(300));
-    let expect = if filter == Filter::None {
+    let expect = if matches!(filter, Filter::None | Filter::Noop) {
         Connect::Refused
     } else {
         Connect::TimedOut
@@ -492,6 +576,7 @@ fn setup(filter: Filter, bin: &Path) -> Result<Setup> {
     Ok(Setup {
         filter,
         _servers: servers,
+        noop,
         pins,
         topo,
     })
@@ -540,6 +625,18 @@ pub(crate) fn measure_pair(
     secs: u32,
     cpu: Option<usize>,
 ) -> Result<f64> {
+    Ok(measure_counted(topo, label, m, secs, cpu)?.0)
+}
+
+/// [`measure_pair`], with the number of requests wrk completed for [`Metric::ConnRate`] (one
+/// connection each).
+fn measure_counted(
+    topo: &Topology,
+    label: &str,
+    m: Metric,
+    secs: u32,
+    cpu: Option<usize>,
+) -> Result<(f64, Option<f64>)> {
     let c1 = &topo.container("c1").ns;
     let c2ip = topo.container("c2").ipv4.to_string();
     let cpu = cpu.map(|c| c.to_string());
@@ -557,7 +654,7 @@ pub(crate) fn measure_pair(
             let json = output_in(c1, &["iperf3", "-c", &c2ip, "-p", "5201", "-t", &t, "-J"])?;
             let bps = json_number_after(&json, "\"sum_received\"", "bits_per_second")
                 .with_context(|| format!("no sum_received in iperf3 output: {json}"))?;
-            Ok(bps / 1e9)
+            Ok((bps / 1e9, None))
         }
         Metric::Latency => {
             let out = output_in(
@@ -576,12 +673,14 @@ pub(crate) fn measure_pair(
                     &t,
                 ],
             )?;
-            out.lines()
+            let p50 = out
+                .lines()
                 .find_map(|l| {
                     l.split_once("percentile 50.000 =")
                         .and_then(|(_, v)| v.trim().parse::<f64>().ok())
                 })
-                .with_context(|| format!("no p50 in sockperf output: {out}"))
+                .with_context(|| format!("no p50 in sockperf output: {out}"))?;
+            Ok((p50, None))
         }
         Metric::ConnRate => {
             let url = format!("http://{c2ip}:{HTTP_PORT}/");
@@ -602,12 +701,19 @@ pub(crate) fn measure_pair(
             if let Some(l) = out.lines().find(|l| l.contains("Socket errors")) {
                 eprintln!("  {label}: wrk {}", l.trim());
             }
-            out.lines()
+            let rate = out
+                .lines()
                 .find_map(|l| {
                     l.strip_prefix("Requests/sec:")
                         .and_then(|v| v.trim().parse::<f64>().ok())
                 })
-                .with_context(|| format!("no Requests/sec in wrk output: {out}"))
+                .with_context(|| format!("no Requests/sec in wrk output: {out}"))?;
+            // "  123456 requests in 4.00s, 9.87MB read"
+            let count = out.lines().find_map(|l| {
+                let (n, _) = l.trim().split_once(" requests in ")?;
+                n.parse::<f64>().ok()
+            });
+            Ok((rate, count))
         }
     }
 }
@@ -639,7 +745,16 @@ pub fn run(o: Opts) -> Result<()> {
     if o.peers.contains(&Peer::Nft) {
         tools.push("nft");
     }
-    if !o.no_stats && o.peers.contains(&Peer::Netpol) {
+    let loader_b = match &o.netpol_b_loader {
+        Some(p) => Some(
+            std::fs::canonicalize(p)
+                .with_context(|| format!("--netpol-b-loader {}", p.display()))?,
+        ),
+        None => None,
+    };
+    if !o.no_stats
+        && (o.peers.contains(&Peer::Netpol) || o.peers.contains(&Peer::Noop) || loader_b.is_some())
+    {
         tools.push("bpftool");
     }
     for tool in tools {
@@ -654,14 +769,28 @@ pub fn run(o: Opts) -> Result<()> {
     catch_interrupts();
 
     let mut filters = vec![Filter::None];
-    for (peer, make) in [
-        (Peer::Netpol, Filter::Netpol as fn(usize) -> Filter),
-        (Peer::Nft, Filter::Nft),
-        (Peer::Iptables, Filter::Iptables),
+    if o.peers.contains(&Peer::Noop) {
+        filters.push(Filter::Noop);
+    }
+    for (wanted, make) in [
+        (
+            o.peers.contains(&Peer::Netpol),
+            Filter::Netpol as fn(usize) -> Filter,
+        ),
+        (loader_b.is_some(), Filter::NetpolB),
+        (o.peers.contains(&Peer::Nft), Filter::Nft),
+        (o.peers.contains(&Peer::Iptables), Filter::Iptables),
     ] {
-        if o.peers.contains(&peer) {
+        if wanted {
             filters.extend(o.entries.iter().map(|n| make(*n)));
         }
+    }
+    if let Some(b) = &loader_b {
+        eprintln!(
+            "netpol: {}; netpol-B: {}",
+            bin.join("netpol-netns-loader").display(),
+            b.display()
+        );
     }
     let target_n = o.target_entries.unwrap_or_else(|| {
         if o.entries.contains(&10_000) {
@@ -675,7 +804,7 @@ pub fn run(o: Opts) -> Result<()> {
     for f in &filters {
         interrupted()?;
         let t0 = Instant::now();
-        setups.push(setup(*f, &bin)?);
+        setups.push(setup(*f, &bin, loader_b.as_deref())?);
         eprintln!(
             "set up: {} ({:.1} s)",
             f.label(),
@@ -685,6 +814,7 @@ pub fn run(o: Opts) -> Result<()> {
     let dma = hold_dma_latency();
 
     let mut verdicts = Vec::new();
+    let mut last = BTreeMap::new();
     for run in 0..o.runs {
         let mut results: BTreeMap<(Filter, Metric), Vec<f64>> = BTreeMap::new();
         let run_started = Instant::now();
@@ -721,14 +851,30 @@ pub fn run(o: Opts) -> Result<()> {
             run_started.elapsed().as_secs()
         );
         println!("{}", table(&filters, &med));
-        let v = targets(&med, target_n, &o.peers);
-        println!("{}", v.line());
-        verdicts.push(v);
+        if let Some(b) = &loader_b {
+            println!("netpol-B = {}", b.display());
+            for n in &o.entries {
+                let r = ratios(&med, Filter::NetpolB(*n), Filter::Netpol(*n));
+                println!(
+                    "netpol-B × netpol at {} entries: throughput {:.2}, conn/s {:.2}, RR {:.2}",
+                    thousands(*n as f64),
+                    r[0],
+                    r[1],
+                    r[2]
+                );
+            }
+        }
+        if o.peers.contains(&Peer::Netpol) {
+            let v = targets(&med, target_n, &o.peers);
+            println!("{}", v.line());
+            verdicts.push(v);
+        }
+        last = med;
     }
     drop(dma);
     if !o.no_stats {
         match program_costs(&setups, o.seconds) {
-            Ok(c) if !c.is_empty() => print_costs(&c),
+            Ok(c) if !c.is_empty() => print_costs(&c, &last),
             Ok(_) => {}
             Err(e) => eprintln!("warning: program cost pass failed: {e:#}"),
         }
@@ -819,16 +965,20 @@ impl Verdict {
     }
 }
 
+/// `a` / `b` in throughput, conn/s and request/response rate. Higher is better in all three:
+/// latency enters as its inverse (the request rate).
+fn ratios(med: &BTreeMap<(Filter, Metric), f64>, a: Filter, b: Filter) -> [f64; 3] {
+    let get = |f: Filter, m: Metric| med.get(&(f, m)).copied().unwrap_or(f64::NAN);
+    [
+        get(a, Metric::Throughput) / get(b, Metric::Throughput),
+        get(a, Metric::ConnRate) / get(b, Metric::ConnRate),
+        get(b, Metric::Latency) / get(a, Metric::Latency),
+    ]
+}
+
 fn targets(med: &BTreeMap<(Filter, Metric), f64>, n: usize, peers: &[Peer]) -> Verdict {
     let get = |f: Filter, m: Metric| med.get(&(f, m)).copied().unwrap_or(f64::NAN);
-    // Higher is better in all three: latency enters as its inverse (the request rate).
-    let ratios = |a: Filter, b: Filter| {
-        [
-            get(a, Metric::Throughput) / get(b, Metric::Throughput),
-            get(a, Metric::ConnRate) / get(b, Metric::ConnRate),
-            get(b, Metric::Latency) / get(a, Metric::Latency),
-        ]
-    };
+    let ratios = |a: Filter, b: Filter| ratios(med, a, b);
     let np = Filter::Netpol(n);
     Verdict {
         n,
@@ -842,24 +992,66 @@ fn targets(med: &BTreeMap<(Filter, Metric), f64>, n: usize, peers: &[Peer]) -> V
     }
 }
 
-fn print_costs(c: &[Cost]) {
+fn print_costs(c: &[Cost], med: &BTreeMap<(Filter, Metric), f64>) {
     println!(
-        "\nnetpol program cost per run (the kernel's BPF run-time statistics, run_time_ns / \
-         run_cnt, in a separate pass after the rounds; the statistics add ~20-40 ns per run \
-         themselves). Each request/response crosses 4 program runs (c1 from, c2 to, c2 from, \
-         c1 to).\n"
+        "\nprogram cost per run (the kernel's BPF run-time statistics, run_time_ns / run_cnt, in a \
+         separate pass after the rounds; the statistics add ~20-40 ns per run themselves: noop's \
+         figure, two instructions, is that floor). Each request/response crosses 4 program runs \
+         (c1 from, c2 to, c2 from, c1 to); noop's from / to are its programs at the same hooks \
+         (TCX ingress / egress of the host-side veths). For ConnRate, runs and program time (from \
+         + to) per connection: wrk's completed requests, one connection each.\n"
     );
-    println!("| entries | workload | from_container ns/run | to_container ns/run | runs |");
-    println!("|---|---|---|---|---|");
-    for (f, m, from, to, runs) in c {
-        let n = match f {
-            Filter::Netpol(n) => thousands(*n as f64),
-            _ => String::new(),
+    println!(
+        "| filter | workload | from_container ns/run | to_container ns/run | runs | runs / \
+         connection | program µs / connection |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for c in c {
+        let (per_conn, us_conn) = match c.conns {
+            Some(n) if c.metric == Metric::ConnRate && n > 0.0 => (
+                format!("{:.1}", c.runs as f64 / n),
+                format!("{:.2}", c.prog_ns / n / 1e3),
+            ),
+            _ => (String::new(), String::new()),
         };
         println!(
-            "| {n} | {m:?} | {from:.0} | {to:.0} | {} |",
-            thousands(*runs as f64)
+            "| {} | {:?} | {:.0} | {:.0} | {} | {per_conn} | {us_conn} |",
+            c.filter.label(),
+            c.metric,
+            c.from,
+            c.to,
+            thousands(c.runs as f64)
         );
+    }
+    // The budget: none's wall time per connection in the rounds, what each filter's rate adds
+    // to it, against its program time per connection.
+    let rate = |f: Filter| med.get(&(f, Metric::ConnRate)).copied();
+    if let Some(r0) = rate(Filter::None) {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        println!(
+            "\nper connection (ConnRate, the last run's medians): none {:.1} µs of wall time \
+             ({cpus} CPUs: at most {:.1} µs of CPU)",
+            1e6 / r0,
+            cpus as f64 * 1e6 / r0
+        );
+        for c in c.iter().filter(|c| c.metric == Metric::ConnRate) {
+            let (Some(r), Some(n)) = (rate(c.filter), c.conns) else {
+                continue;
+            };
+            if n <= 0.0 {
+                continue;
+            }
+            println!(
+                "  {}: {:.2} × none, {:+.1} µs of wall time per connection (× {cpus} CPUs: \
+                 {:+.1} µs); program time {:.2} µs per connection ({:.1} runs)",
+                c.filter.label(),
+                r / r0,
+                1e6 / r - 1e6 / r0,
+                cpus as f64 * (1e6 / r - 1e6 / r0),
+                c.prog_ns / n / 1e3,
+                c.runs as f64 / n
+            );
+        }
     }
     println!();
 }
@@ -901,46 +1093,90 @@ fn bpftool_json(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// (run_time_ns, run_cnt) summed over the programs behind the setup's pinned `*_<side>` links.
-fn prog_stats(pins: &Path, side: &str) -> Result<(f64, f64)> {
-    let (mut ns, mut cnt) = (0.0, 0.0);
-    // Both veths run the same program: count each program once.
-    let mut seen = std::collections::BTreeSet::new();
-    for e in std::fs::read_dir(pins.join("links"))?.flatten() {
-        if !e.file_name().to_string_lossy().ends_with(side) {
+/// Program ids at the from_container hooks, at the to_container hooks.
+type HookProgs = (Vec<u64>, Vec<u64>);
+
+/// The program ids behind a setup's hooks, (from_container side, to_container side): netpol's
+/// from its pinned `links/*_from` / `*_to` (both veths run the same program: each id once),
+/// noop's from its fds. `None` for the other filters.
+fn stat_progs(s: &Setup) -> Result<Option<HookProgs>> {
+    if let Some(noop) = &s.noop {
+        return Ok(Some((vec![prog_id(&noop.from)?], vec![prog_id(&noop.to)?])));
+    }
+    let Some(pins) = &s.pins else {
+        return Ok(None);
+    };
+    let (mut from, mut to) = (Vec::new(), Vec::new());
+    for e in std::fs::read_dir(pins.path().join("links"))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let side = if name.ends_with("_from") {
+            &mut from
+        } else if name.ends_with("_to") {
+            &mut to
+        } else {
             continue;
-        }
+        };
         let path = e.path();
         let link = bpftool_json(&["link", "show", "pinned", path.to_str().unwrap_or_default()])?;
-        let id = json_number_after(&link, "{", "prog_id").context("no prog_id")?;
-        if !seen.insert(id as u64) {
-            continue;
+        let id = json_number_after(&link, "{", "prog_id").context("no prog_id")? as u64;
+        if !side.contains(&id) {
+            side.push(id);
         }
-        let prog = bpftool_json(&["prog", "show", "id", &format!("{id:.0}")])?;
+    }
+    ensure!(
+        !from.is_empty() && !to.is_empty(),
+        "{}: no pinned links",
+        s.filter.label()
+    );
+    Ok(Some((from, to)))
+}
+
+/// (run_time_ns, run_cnt) summed over the programs `ids`.
+fn prog_stats(ids: &[u64]) -> Result<(f64, f64)> {
+    let (mut ns, mut cnt) = (0.0, 0.0);
+    for id in ids {
+        let prog = bpftool_json(&["prog", "show", "id", &id.to_string()])?;
         ns += json_number_after(&prog, "{", "run_time_ns").unwrap_or(0.0);
         cnt += json_number_after(&prog, "{", "run_cnt").unwrap_or(0.0);
     }
     Ok((ns, cnt))
 }
 
-type Cost = (Filter, Metric, f64, f64, u64);
+/// One setup's program cost in one workload of the statistics pass.
+struct Cost {
+    filter: Filter,
+    metric: Metric,
+    /// ns per run of the from_container / to_container side.
+    from: f64,
+    to: f64,
+    /// Runs of both sides.
+    runs: u64,
+    /// Run time of both sides, ns.
+    prog_ns: f64,
+    /// Connections wrk completed (ConnRate).
+    conns: Option<f64>,
+}
 
-/// Average run time of `from_container` and `to_container` per packet, per netpol setup and
-/// workload.
+/// Average run time of the programs at the from_container and to_container hooks per packet,
+/// per netpol, netpol-B and noop setup and workload.
 fn program_costs(setups: &[Setup], secs: u32) -> Result<Vec<Cost>> {
     let mut out = Vec::new();
-    if !setups.iter().any(|s| s.pins.is_some()) {
+    let progs: Vec<(&Setup, HookProgs)> = setups
+        .iter()
+        .filter_map(|s| stat_progs(s).transpose().map(|p| p.map(|p| (s, p))))
+        .collect::<Result<_>>()?;
+    if progs.is_empty() {
         return Ok(out);
     }
     let _stats = enable_bpf_stats()?;
-    for s in setups {
-        let Some(pins) = &s.pins else { continue };
+    for (s, (from_ids, to_ids)) in progs {
         for m in [Metric::Latency, Metric::ConnRate, Metric::Throughput] {
-            let f0 = prog_stats(pins.path(), "_from")?;
-            let t0 = prog_stats(pins.path(), "_to")?;
-            measure(s, m, secs)?;
-            let f1 = prog_stats(pins.path(), "_from")?;
-            let t1 = prog_stats(pins.path(), "_to")?;
+            interrupted()?;
+            let f0 = prog_stats(&from_ids)?;
+            let t0 = prog_stats(&to_ids)?;
+            let (_, conns) = measure_counted(&s.topo, &s.filter.label(), m, secs, None)?;
+            let f1 = prog_stats(&from_ids)?;
+            let t1 = prog_stats(&to_ids)?;
             let per = |a: (f64, f64), b: (f64, f64)| {
                 if b.1 > a.1 {
                     (b.0 - a.0) / (b.1 - a.1)
@@ -949,7 +1185,21 @@ fn program_costs(setups: &[Setup], secs: u32) -> Result<Vec<Cost>> {
                 }
             };
             let runs = (f1.1 - f0.1 + t1.1 - t0.1) as u64;
-            out.push((s.filter, m, per(f0, f1), per(t0, t1), runs));
+            if runs == 0 {
+                eprintln!(
+                    "warning: {}: no program run during {m:?}: not attached?",
+                    s.filter.label()
+                );
+            }
+            out.push(Cost {
+                filter: s.filter,
+                metric: m,
+                from: per(f0, f1),
+                to: per(t0, t1),
+                runs,
+                prog_ns: f1.0 - f0.0 + t1.0 - t0.0,
+                conns,
+            });
         }
     }
     Ok(out)
