@@ -1006,7 +1006,7 @@ fn print_costs(c: &[Cost], med: &BTreeMap<(Filter, Metric), f64>) {
          connection | program µs / connection |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for c in c {
+    for c in c.iter().filter(|c| c.filter != Filter::None) {
         let (per_conn, us_conn) = match c.conns {
             Some(n) if c.metric == Metric::ConnRate && n > 0.0 => (
                 format!("{:.1}", c.runs as f64 / n),
@@ -1024,8 +1024,14 @@ fn print_costs(c: &[Cost], med: &BTreeMap<(Filter, Metric), f64>) {
         );
     }
     // The budget: none's wall time per connection in the rounds, what each filter's rate adds
-    // to it, against its program time per connection.
+    // to it, against its program time per connection; and the CPUs' busy time per connection
+    // in the statistics pass.
     let rate = |f: Filter| med.get(&(f, Metric::ConnRate)).copied();
+    let cpu_per_conn = |f: Filter| {
+        c.iter()
+            .find(|c| c.filter == f && c.metric == Metric::ConnRate)
+            .and_then(|c| c.conns.filter(|n| *n > 0.0).map(|n| c.cpu_ns / n / 1e3))
+    };
     if let Some(r0) = rate(Filter::None) {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         println!(
@@ -1034,16 +1040,33 @@ fn print_costs(c: &[Cost], med: &BTreeMap<(Filter, Metric), f64>) {
             1e6 / r0,
             cpus as f64 * 1e6 / r0
         );
-        for c in c.iter().filter(|c| c.metric == Metric::ConnRate) {
+        let cpu0 = cpu_per_conn(Filter::None);
+        if let Some(cpu0) = cpu0 {
+            println!(
+                "CPU busy time per connection in the statistics pass (all CPUs, everything that \
+                 ran, / wrk's connections; only meaningful on a quiet machine, and equal to the \
+                 CPUs × wall time when the CPUs are saturated): none {cpu0:.1} µs"
+            );
+        }
+        for c in c
+            .iter()
+            .filter(|c| c.metric == Metric::ConnRate && c.filter != Filter::None)
+        {
             let (Some(r), Some(n)) = (rate(c.filter), c.conns) else {
                 continue;
             };
             if n <= 0.0 {
                 continue;
             }
+            let cpu = match (cpu_per_conn(c.filter), cpu0) {
+                (Some(a), Some(b)) => {
+                    format!("; CPU busy {a:.1} µs per connection ({:+.1})", a - b)
+                }
+                _ => String::new(),
+            };
             println!(
                 "  {}: {:.2} × none, {:+.1} µs of wall time per connection (× {cpus} CPUs: \
-                 {:+.1} µs); program time {:.2} µs per connection ({:.1} runs)",
+                 {:+.1} µs); program time {:.2} µs per connection ({:.1} runs){cpu}",
                 c.filter.label(),
                 r / r0,
                 1e6 / r - 1e6 / r0,
@@ -1153,28 +1176,59 @@ struct Cost {
     runs: u64,
     /// Run time of both sides, ns.
     prog_ns: f64,
+    /// Busy time of all CPUs during the measurement (/proc/stat: everything that ran), ns.
+    cpu_ns: f64,
     /// Connections wrk completed (ConnRate).
     conns: Option<f64>,
+}
+
+/// The time all CPUs have spent not idle (user, nice, system, irq, softirq, steal) since boot,
+/// ns, from /proc/stat.
+fn cpu_busy_ns() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    ensure!(f.len() >= 8, "short cpu line in /proc/stat: {line}");
+    // user nice system idle iowait irq softirq steal
+    let ticks = f[0] + f[1] + f[2] + f[5] + f[6] + f[7];
+    Ok(ticks * 1e9 / crate::process::ticks_per_second())
 }
 
 /// Average run time of the programs at the from_container and to_container hooks per packet,
 /// per netpol, netpol-B and noop setup and workload.
 fn program_costs(setups: &[Setup], secs: u32) -> Result<Vec<Cost>> {
     let mut out = Vec::new();
-    let progs: Vec<(&Setup, HookProgs)> = setups
+    // No filter is measured too (connections only), for its CPU time per connection.
+    let progs: Vec<(&Setup, Option<HookProgs>)> = setups
         .iter()
-        .filter_map(|s| stat_progs(s).transpose().map(|p| p.map(|p| (s, p))))
+        .filter_map(|s| match stat_progs(s) {
+            Ok(None) if s.filter != Filter::None => None,
+            r => Some(r.map(|p| (s, p))),
+        })
         .collect::<Result<_>>()?;
-    if progs.is_empty() {
+    if progs.iter().all(|(_, p)| p.is_none()) {
         return Ok(out);
     }
     let _stats = enable_bpf_stats()?;
-    for (s, (from_ids, to_ids)) in progs {
+    for (s, ids) in progs {
+        let (from_ids, to_ids) = ids.unwrap_or_default();
         for m in [Metric::Latency, Metric::ConnRate, Metric::Throughput] {
+            if s.filter == Filter::None && m != Metric::ConnRate {
+                continue;
+            }
             interrupted()?;
             let f0 = prog_stats(&from_ids)?;
             let t0 = prog_stats(&to_ids)?;
+            let busy0 = cpu_busy_ns()?;
             let (_, conns) = measure_counted(&s.topo, &s.filter.label(), m, secs, None)?;
+            let busy1 = cpu_busy_ns()?;
             let f1 = prog_stats(&from_ids)?;
             let t1 = prog_stats(&to_ids)?;
             let per = |a: (f64, f64), b: (f64, f64)| {
@@ -1185,7 +1239,7 @@ fn program_costs(setups: &[Setup], secs: u32) -> Result<Vec<Cost>> {
                 }
             };
             let runs = (f1.1 - f0.1 + t1.1 - t0.1) as u64;
-            if runs == 0 {
+            if runs == 0 && s.filter != Filter::None {
                 eprintln!(
                     "warning: {}: no program run during {m:?}: not attached?",
                     s.filter.label()
@@ -1198,6 +1252,7 @@ fn program_costs(setups: &[Setup], secs: u32) -> Result<Vec<Cost>> {
                 to: per(t0, t1),
                 runs,
                 prog_ns: f1.0 - f0.0 + t1.0 - t0.0,
+                cpu_ns: busy1 - busy0,
                 conns,
             });
         }
