@@ -275,6 +275,16 @@ impl CtEntry {
         ep_flags & bit == 0
     }
 
+    /// Ends the entry in place: a TCP SYN reopened its tuple (Cilium's `CT_REOPENED`). Its
+    /// expiry becomes 0, in the past for every reader, so it is absent to every lookup as an
+    /// expired entry is; it stays in its table until the reopened flow's promotion writes
+    /// itself into it or the LRU evicts it. (Not a delete: that frees the LRU element, and the
+    /// promotion would allocate another one.)
+    #[inline(always)]
+    pub fn kill(&mut self) {
+        self.expires_ns = 0;
+    }
+
     /// Whether the entry is closing or closed: a TCP SYN over it opens a new flow.
     #[inline(always)]
     pub const fn is_closing(&self) -> bool {
@@ -418,7 +428,9 @@ pub struct Update {
 ///   and the opening side sends again (TCP: its first packet without SYN, the handshake's last
 ///   ACK; ICMP echo is never promoted). A spray of packets that are not answered, or SYNs that
 ///   are only answered by a SYN-ACK, never reaches the established table. The entry is copied
-///   into the established table and deleted from the new one.
+///   into the established table (over the key's entry there, if any: an expired one, or one a
+///   SYN killed when it reopened the tuple, [`CtEntry::kill`], is written over in place) and
+///   deleted from the new one.
 #[inline(always)]
 pub const fn update(
     e: &CtEntry,

@@ -1108,9 +1108,12 @@ impl World {
         }
         if local && matches!(p.kind, Kind::Ports | Kind::EchoRequest | Kind::Other) {
             let k = key(fam, p.s, p.d, p.sport, p.dport, p.proto, dir);
-            // A SYN that reopens a tuple replaces the established entry it may have left.
+            // A SYN that reopens a tuple ends the established entry it may have left, in place
+            // (`CtEntry::kill`); the flow's promotion writes itself over it.
             if opens {
-                self.ct_del(&k, true);
+                if let Some(old) = self.ct_get_mut(&k, true) {
+                    old.kill();
+                }
             }
             let mut e = CtEntry::new(
                 now,

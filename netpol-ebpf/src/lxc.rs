@@ -610,21 +610,26 @@ fn revisit_audit(e: &mut CtEntry, ep_flags: u32, proto: u32, port: u32) -> u64 {
     }
 }
 
-/// Looks up `k` in one table; when a live entry serves `o`, applies the packet to it
-/// (`ct::update`: flags, lifetime, promotion to the established table). The packet is a reply
-/// when `dir` is not the entry's opening side; a SYN-ACK passes only as a reply. An entry whose
-/// audit mode lapsed is decided again first ([`revisit_audit`]): `Err` when policy denies the
-/// flow now.
+/// `found`, the entry of `k` in one table (`est`: the established one) if any: when it is live and
+/// serves `o`, applies the packet to it (`ct::update`: flags, lifetime, promotion to the
+/// established table). The packet is a reply when `dir` is not the entry's opening side; a
+/// SYN-ACK passes only as a reply. An entry whose audit mode lapsed is decided again first
+/// ([`revisit_audit`]): `Err` when policy denies the flow now. `slot`: for an entry of the new
+/// table, the established table's entry of the same key, if the lookup found one; a promotion
+/// writes itself into it when it is expired or dead ([`promote_into`]) instead of inserting.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn ct_hit<F: Family>(
     k: &F::Key,
+    found: Option<*mut CtEntry>,
     now: u64,
     l: &L4,
     dir: Direction,
     est: bool,
     o: Owner<'_>,
+    slot: Option<*mut CtEntry>,
 ) -> Result<bool, Revoked> {
-    let Some(e) = F::get(k, est) else {
+    let Some(e) = found else {
         return Ok(false);
     };
     // SAFETY: pointer from a map lookup, valid while the program runs.
@@ -655,7 +660,13 @@ fn ct_hit<F: Family>(
         // Written in place and copied from the map value (no 40-byte copy on the stack).
         e.flags = u.flags;
         e.expires_ns = u.expires_ns;
-        F::put(k, e, true);
+        match slot {
+            // SAFETY: pointer from a map lookup, valid while the program runs.
+            Some(old) if unsafe { (*old).expires_ns } < now => {
+                promote_into(unsafe { &mut *old }, e)
+            }
+            _ => F::put(k, e, true),
+        }
         // Deleted, not left expired: cheaper in prog_cost, but with real traffic the new
         // table then stays full and every insert pays LRU eviction.
         F::del(k, false);
@@ -690,11 +701,45 @@ fn established<F: Family>(
     // One key for both directions; established flows first: their packets, replies included,
     // cost one lookup. A SYN-ACK finds its flow in the new table (`ct::new_table_first`).
     let k = F::key(s, d, sport, dport, l.proto, dir);
-    let first = !ct::new_table_first(l.proto, l.tcp_flags);
-    if ct_hit::<F>(&k, now, l, dir, first, o)? {
+    if ct::new_table_first(l.proto, l.tcp_flags) {
+        // A SYN-ACK, which is never promoted.
+        if ct_hit::<F>(&k, F::get(&k, false), now, l, dir, false, o, None)? {
+            return Ok(true);
+        }
+        return ct_hit::<F>(&k, F::get(&k, true), now, l, dir, true, o, None);
+    }
+    let est = F::get(&k, true);
+    if ct_hit::<F>(&k, est, now, l, dir, true, o, None)? {
         return Ok(true);
     }
-    ct_hit::<F>(&k, now, l, dir, !first, o)
+    // The established entry this lookup found, if the flow's promotion can reuse it.
+    ct_hit::<F>(&k, F::get(&k, false), now, l, dir, false, o, est)
+}
+
+/// Promotes new-table entry `e` into `old`, the established table's entry of the same key, which
+/// has expired or is dead (a SYN reopened its tuple: `CtEntry::kill`): the same result as
+/// inserting `e` over it, without the LRU's allocation of a new element and free of the old one
+/// (with the SYN's `kill` instead of a delete, a reopened tuple costs no LRU work at all).
+///
+/// A concurrent reader treats `old` as absent until its expiry is written, which comes last,
+/// after a compiler fence (volatile stores, in this order; on x86 stores become visible in
+/// program order). Whatever mix of old and new fields a reader on a weaker architecture might
+/// see, both are entries made for this same key (this endpoint's address, the same remote and
+/// ports), the new one admitted by policy just now, and `CtEntry::serves` still checks the
+/// endpoint and the remote's interfaces it reads against the packet.
+#[inline(always)]
+fn promote_into(old: &mut CtEntry, e: &CtEntry) {
+    // SAFETY: both are 8-byte aligned 40-byte `CtEntry`s: the expiry (words 0-1), then eight
+    // 4-byte words of fields.
+    unsafe {
+        let src = (e as *const CtEntry).cast::<u32>();
+        let dst = (old as *mut CtEntry).cast::<u32>();
+        for i in 2..10 {
+            core::ptr::write_volatile(dst.add(i), core::ptr::read(src.add(i)));
+        }
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
+        core::ptr::write_volatile(&mut old.expires_ns, e.expires_ns);
+    }
 }
 
 /// Whether an entry for `k` exists in either table, has not expired, belongs to this endpoint and
@@ -939,12 +984,15 @@ fn verdict<F: Family>(
     let track = local && matches!(l.kind, Kind::Ports | Kind::EchoRequest | Kind::Other);
     if track {
         let k = F::key(s, d, l.sport, l.dport, l.proto, dir);
-        // A new flow starts in the new table; a SYN that reopens a tuple replaces the
-        // established entry it may have left.
-        // (A lookup first: most SYNs open a tuple that has no entry, and a lookup that misses
-        // costs less than a delete, which takes the bucket's lock.)
-        if opens && F::get(&k, true).is_some() {
-            F::del(&k, true);
+        // A new flow starts in the new table; a SYN that reopens a tuple ends the established
+        // entry it may have left: killed in place (`CtEntry::kill`: expired for every reader),
+        // not deleted, so that the flow's promotion reuses it (`promote_into`) and a tuple
+        // reopened costs no LRU free and allocation.
+        if opens {
+            if let Some(old) = F::get(&k, true) {
+                // SAFETY: pointer from a map lookup, valid while the program runs.
+                unsafe { (*old).kill() };
+            }
         }
         let mut e = CtEntry::new(
             now,

@@ -1125,7 +1125,9 @@ fn syn_over_a_closing_entry_is_decided_by_policy(fam: Fam) {
     );
     assert_drops(&dp, Some(DropReason::PolicyDenied), 2);
 
-    // Inbound, where policy allows it, the reopening SYN replaces the old entry with a new flow.
+    // Inbound, where policy allows it, the reopening SYN replaces the old entry with a new flow:
+    // the old one is killed in place (expired for every lookup), and the new flow's promotion
+    // writes itself into it.
     let ki = ct_key(fam, &APP1, &DB, 40001, 5432, proto::TCP, CtDir::Ingress);
     dp.set_ct_in(
         ki,
@@ -1141,12 +1143,43 @@ fn syn_over_a_closing_entry_is_decided_by_policy(fam: Fam) {
         PASS,
         "allowed reopening SYN"
     );
-    assert!(dp.ct_in(ki, true).is_none(), "the old entry is gone");
+    let old = dp
+        .ct_in(ki, true)
+        .expect("the old entry, killed where it is");
+    assert_eq!(old.expires_ns, 0, "the old entry is dead");
     let e = dp.ct_in(ki, false).expect("a new entry");
     assert_eq!(
         (e.flags, e.rule),
         (0, 4),
         "a fresh flow, admitted by rule 4"
+    );
+    assert_eq!(
+        dp.run(From, &fam.tcp(&DB, &APP1, 5432, 40001, TCP_SYN | TCP_ACK)),
+        PASS,
+        "the SYN-ACK answers the new flow"
+    );
+    assert_eq!(
+        dp.run(To, &fam.tcp(&APP1, &DB, 40001, 5432, TCP_ACK)),
+        PASS,
+        "the handshake's last ACK"
+    );
+    assert!(
+        dp.ct_in(ki, false).is_none(),
+        "promoted out of the new table"
+    );
+    let p = dp.ct_in(ki, true).expect("the promoted flow");
+    assert_eq!(
+        CtEntry { expires_ns: 0, ..p },
+        CtEntry {
+            expires_ns: 0,
+            flags: CtEntry::SEEN_REPLY,
+            ..e
+        },
+        "the new flow's entry, over the dead one"
+    );
+    assert!(
+        p.expires_ns > now_ns() + (ct::LIFETIME_TCP - 10) * SEC,
+        "with the established lifetime"
     );
 }
 
