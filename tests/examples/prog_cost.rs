@@ -2,8 +2,9 @@
 //! an established IPv4 / IPv6 TCP flow both ways (`repeat`), and the packets that open a flow,
 //! each on a tuple of its own (one run each, the median): the SYN decided by policy, the SYN-ACK
 //! answered from the new table, the handshake's last ACK (promotion to the established table);
-//! on an endpoint that enforces both directions, on one that enforces neither, and a SYN that
-//! policy drops (what a flood costs).
+//! on an endpoint that enforces both directions, on one that enforces neither, a SYN that
+//! policy drops (what a flood costs), and a handshake that reopens a tuple whose established
+//! entry is still there (a client reusing its port).
 //! Run as root: `cargo run --release -p netpol-tests --example prog_cost [OBJ…]`. A single run is
 //! timed by the kernel around the program alone, like `repeat`, but with cold caches between
 //! runs (the syscall and the next packet's setup in between), as on a real new flow.
@@ -17,7 +18,7 @@ use netpol_common::{endpoint::Endpoint, ipcache::RemoteInfo, policy::*, Directio
 use netpol_tests::packet::{self, TCP_ACK, TCP_SYN};
 
 /// What is measured, in this order.
-const CASES: [&str; 16] = [
+const CASES: [&str; 18] = [
     "ipv4 tcp established, from_container",
     "ipv4 tcp established reply, to_container",
     "ipv6 tcp established, from_container",
@@ -34,6 +35,8 @@ const CASES: [&str; 16] = [
     "unenforced: ipv4 tcp established, from_container",
     "unenforced: ipv4 tcp established reply, to_container",
     "unenforced: ipv4 new flow: SYN, from_container",
+    "ipv4 reopened tuple: SYN over its established entry, from_container",
+    "ipv4 reopened tuple: last ACK (promotion), from_container",
 ];
 
 /// Fresh tuples per new-flow case and round.
@@ -244,6 +247,11 @@ fn measure(obj: &[u8]) -> Result<[u128; CASES.len()], ProgramError> {
             v.push(run_expect(to, &f, 1, "denied syn", 2)?);
         }
         ns[12] = median(v);
+        // The first handshakes' tuples again: each SYN finds its tuple's established entry,
+        // and the promotion goes to the same key of the established table.
+        let [syn, _, ack] = handshakes4(from, to, 10_000)?;
+        ns[16] = syn;
+        ns[17] = ack;
     }
     set_endpoint(&mut bpf, false);
     {
