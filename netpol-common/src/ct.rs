@@ -164,7 +164,10 @@ pub struct CtEntry {
     pub remote_bridge: u32,
     /// The side that opened the flow ([`CtDir`] as a byte): a packet the other way is a reply.
     pub dir: u8,
-    pub _pad: [u8; 3],
+    /// The ipcache generation (`IPCACHE_GEN`, its low three bytes, little end first) in which
+    /// the remote's fields were looked up or found unchanged; 0: none (see netpol-common's
+    /// `ipcache`). Formerly padding, so entries of an older datapath hold 0.
+    pub ipcache_gen: [u8; 3],
 }
 
 impl CtEntry {
@@ -204,7 +207,41 @@ impl CtEntry {
             remote_ifindex: remote.ifindex,
             remote_bridge: remote.bridge_ifindex,
             dir: dir as u8,
-            _pad: [0; 3],
+            ipcache_gen: [0; 3],
+        }
+    }
+
+    /// The generation recorded in [`CtEntry::ipcache_gen`].
+    #[inline(always)]
+    pub const fn gen(&self) -> u32 {
+        self.ipcache_gen[0] as u32
+            | (self.ipcache_gen[1] as u32) << 8
+            | (self.ipcache_gen[2] as u32) << 16
+    }
+
+    /// Records generation `g` (its low three bytes).
+    #[inline(always)]
+    pub fn set_gen(&mut self, g: u32) {
+        self.ipcache_gen = [g as u8, (g >> 8) as u8, (g >> 16) as u8];
+    }
+
+    /// Whether the remote's fields are still what the ipcache says, in generation `now` (the
+    /// `IPCACHE_GEN` the packet read before any lookup): recorded in that generation, and it
+    /// is not 0.
+    #[inline(always)]
+    pub const fn gen_current(&self, now: u32) -> bool {
+        let g = now & crate::ipcache::GEN_MASK;
+        g != 0 && self.gen() == g
+    }
+
+    /// The remote's ipcache entry as the entry recorded it.
+    #[inline(always)]
+    pub const fn recorded_remote(&self) -> crate::ipcache::RemoteInfo {
+        crate::ipcache::RemoteInfo {
+            identity: self.remote_identity,
+            ifindex: self.remote_ifindex,
+            bridge_ifindex: self.remote_bridge,
+            _pad: 0,
         }
     }
 

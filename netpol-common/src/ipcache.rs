@@ -22,6 +22,20 @@
 //! From anywhere else (the uplink, a bridge, another container's veth) it is forged: IPv6 has no
 //! martian-source check, so without this any on-link neighbour could be `host`. Other entries
 //! (`world`, `unmanaged`, CIDR identities) carry 0 and 0 (no check).
+//!
+//! `IPCACHE_GEN`: the ipcache's generation, a number the agent moves on ([`next_gen`]) after
+//! every write to either trie, and once more when it opens the datapath (an older agent that
+//! ran in between wrote the tries without moving it). A conntrack entry records the generation
+//! in which its remote's entry was looked up (`CtEntry::ipcache_gen`; the programs read the
+//! generation before any lookup of the packet). While that is still the generation,
+//! the remote's entry is the one the conntrack entry recorded, so `to_container` checks an
+//! established flow's source (`Spoofed`, `CtEntry::serves`) against the recorded entry without
+//! a trie walk. Any other generation, or 0 (never valid), takes the lookup as before, and the
+//! entry records the new generation when the lookup finds its recorded remote unchanged. The
+//! order (write, then move on; read, then look up) means a packet that reads the new
+//! generation sees the new entries; one that read the old generation may use what the entry
+//! recorded, which is what the trie held before the write: the state just before the change,
+//! as for any packet that came a moment earlier.
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -38,6 +52,21 @@ pub struct RemoteInfo {
 /// An interface index no device has (the kernel's are positive `int`s): the `bridge_ifindex` of a
 /// host address, which no bridge forwards legitimately.
 pub const NO_IFINDEX: u32 = u32::MAX;
+
+/// Bits of the generation a conntrack entry records (`CtEntry::ipcache_gen`, three bytes).
+pub const GEN_MASK: u32 = 0x00ff_ffff;
+
+/// The generation after `g`: never one whose recorded bits ([`GEN_MASK`]) are 0, which no
+/// conntrack entry ever matches (entries made before generations existed hold 0).
+#[inline(always)]
+pub const fn next_gen(g: u32) -> u32 {
+    let n = g.wrapping_add(1);
+    if n & GEN_MASK == 0 {
+        n.wrapping_add(1)
+    } else {
+        n
+    }
+}
 
 /// What an ipcache lookup gives: the entry found, or on a miss `world`. The datapath and
 /// `policy trace` both resolve addresses with this.
@@ -83,6 +112,24 @@ impl RemoteInfo {
             bridge_ifindex: NO_IFINDEX,
             _pad: 0,
         }
+    }
+
+    /// Whether the entry names interfaces its packets must come through (a container's or a host
+    /// address).
+    #[inline(always)]
+    pub const fn checks_interfaces(&self) -> bool {
+        self.ifindex != 0 || self.bridge_ifindex != 0
+    }
+
+    /// Whether this entry decides the `Spoofed` check and `CtEntry::serves` exactly as `other`
+    /// does, for every packet and conntrack entry: the same entry, or two without interfaces
+    /// (whose identities neither compares).
+    #[inline(always)]
+    pub const fn checks_as(&self, other: &RemoteInfo) -> bool {
+        (self.identity == other.identity
+            && self.ifindex == other.ifindex
+            && self.bridge_ifindex == other.bridge_ifindex)
+            || (!self.checks_interfaces() && !other.checks_interfaces())
     }
 
     /// Whether a packet from this address that entered the host on `ingress_ifindex` and is
@@ -144,5 +191,56 @@ mod tests {
         for iif in [UPLINK, BRIDGE, OTHER_VETH, 1] {
             assert!(host.spoofed(iif, OWN), "a host address from {iif}");
         }
+    }
+
+    /// What lets an entry recorded in a conntrack entry stand for the ipcache's current one
+    /// ([`RemoteInfo::checks_as`]): the same `Spoofed` and `CtEntry::serves` decisions for a
+    /// flow admitted with any remote, from every interface.
+    #[test]
+    fn entries_that_check_alike_decide_alike() {
+        use crate::ct::{CtDir, CtEntry};
+        const OWN: u32 = 20;
+        let all = [
+            RemoteInfo::new(crate::identity::WORLD),
+            RemoteInfo::new(crate::identity::UNMANAGED),
+            RemoteInfo::new(1_000_000),
+            RemoteInfo::container(300, 11, 2),
+            RemoteInfo::container(301, 11, 2),
+            RemoteInfo::container(300, 12, 2),
+            RemoteInfo::container(300, 11, 0),
+            RemoteInfo::host(),
+        ];
+        for a in all {
+            for b in all {
+                if !a.checks_as(&b) {
+                    continue;
+                }
+                for admitted in all {
+                    let e =
+                        CtEntry::new(0, crate::proto::TCP, 0, OWN, 50, &admitted, CtDir::Ingress);
+                    for iif in [0, 2, 3, 11, 12, OWN, NO_IFINDEX] {
+                        assert_eq!(a.spoofed(iif, OWN), b.spoofed(iif, OWN), "{a:?} {b:?}");
+                        assert_eq!(
+                            e.serves(OWN, 50, Some((iif, &a))),
+                            e.serves(OWN, 50, Some((iif, &b))),
+                            "admitted with {admitted:?}, from {iif}: {a:?} as {b:?}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(all[0].checks_as(&all[2]));
+        assert!(!all[3].checks_as(&all[4]));
+        assert!(!all[3].checks_as(&all[0]));
+        assert!(!all[7].checks_as(&all[0]));
+    }
+
+    #[test]
+    fn a_generation_is_never_zero_in_its_recorded_bits() {
+        assert_eq!(next_gen(0), 1);
+        assert_eq!(next_gen(1), 2);
+        assert_eq!(next_gen(GEN_MASK - 1), GEN_MASK);
+        assert_eq!(next_gen(GEN_MASK), GEN_MASK + 2);
+        assert_eq!(next_gen(u32::MAX), 1);
     }
 }

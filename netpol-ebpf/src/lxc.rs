@@ -20,17 +20,22 @@
 //!      multicast or 255.255.255.255, or IPv6 multicast or link-local (netpol-common's `addr`
 //!      module; the endpoint's link-local address and subnet broadcast are not known here);
 //!      other unicast is dropped (`NotForEndpoint`): a peer that poisoned an ARP/ND cache, or a
-//!      flooded frame, reaches nobody it was not addressed to. Then the source is looked up
-//!      in the ipcache (once; step 7 reuses it): a container's address that came in through
-//!      neither that container's veth nor its bridge (`skb->ingress_ifindex`) is dropped
-//!      (`Spoofed`), and so is a host address (identity `host`: the host's own addresses and
-//!      Docker gateways) that came in neither from the host's own stack (`ingress_ifindex` 0)
-//!      nor through this endpoint's own veth (the host's NAT of the container's own connection
-//!      to a published port, which `br_netfilter` bridges back to it); from the uplink, a bridge
-//!      or another container's veth it is forged (IPv6 has no martian-source check;
-//!      netpol-common `RemoteInfo::spoofed`). Both come before the packet is parsed further, so
-//!      no later path (parse errors on an unenforced endpoint, fragments, ICMP errors,
-//!      conntrack) skips them.
+//!      flooded frame, reaches nobody it was not addressed to. Then the source is checked
+//!      against its ipcache entry: a container's address that came in through neither that
+//!      container's veth nor its bridge (`skb->ingress_ifindex`) is dropped (`Spoofed`), and
+//!      so is a host address (identity `host`: the host's own addresses and Docker gateways)
+//!      that came in neither from the host's own stack (`ingress_ifindex` 0) nor through this
+//!      endpoint's own veth (the host's NAT of the container's own connection to a published
+//!      port, which `br_netfilter` bridges back to it); from the uplink, a bridge or another
+//!      container's veth it is forged (IPv6 has no martian-source check; netpol-common
+//!      `RemoteInfo::spoofed`). `Spoofed` wins over everything later: the check is made
+//!      before any path acts on the packet (a parse error on an unenforced endpoint, ND,
+//!      fragments, ICMP errors, conntrack, policy). The entry is looked up once, when the check
+//!      is made (step 7 reuses it), except for a packet of an established flow (step 6): the
+//!      source is checked against the remote entry its conntrack entry recorded, without a
+//!      lookup, while the ipcache is still in the generation the entry recorded (netpol-common
+//!      `ipcache`: the agent moves `IPCACHE_GEN` on after every ipcache write, so that entry is
+//!      the ipcache's own); otherwise it is looked up then.
 //! 3. The IP header (version, IHL of at least 5, total or payload length within the packet),
 //!    extension headers and L4 header are parsed. Bytes past the IP length are padding: they
 //!    pass, but no header is read from them (the L4 header must fit inside the IP length). A
@@ -69,7 +74,7 @@
 //!    error is not related to such an entry. The tables and the life of an entry: netpol-common's
 //!    `ct` module.
 //! 7. The remote identity comes from the ipcache (`to_container`: the source's entry that step 2
-//!    looked up and checked).
+//!    checked, looked up if step 6 did not need to).
 //! 8. A new flow in an enforced direction is looked up in `POLICY` (see netpol-common's
 //!    `policy` module for the order); deny or no match drops it (`PolicyDeny` with the deny
 //!    rule, `PolicyDenied` for the default deny), and is counted in `RULE_STATS` by rule, local
@@ -108,11 +113,12 @@ use netpol_common::{
 use crate::{
     maps::{
         AUDITS, CONFIG, CT4_NEW_V3, CT4_V3, CT6_NEW_V3, CT6_V3, DROPS_V2, ENDPOINTS, EP_DROPS,
-        EVENTS, EVENT_STATS, FRAG4, FRAG6, IPCACHE4_V2, IPCACHE6_V2, POLICY, RULE_STATS, SCRATCH,
+        EVENTS, EVENT_STATS, FRAG4, FRAG6, IPCACHE4_V2, IPCACHE6_V2, IPCACHE_GEN, POLICY,
+        RULE_STATS, SCRATCH,
     },
     parse::{
         self, Frag, Kind, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6,
-        FRAG_FIRST, FRAG_LATER, L4, TCP_ACK, TCP_SYN,
+        FRAG_FIRST, FRAG_LATER, FRAG_NONE, L4, TCP_ACK, TCP_SYN,
     },
 };
 
@@ -343,19 +349,23 @@ fn try_lxc(
             if parsed(v4(ctx, sc))? {
                 return Ok(PASS);
             }
-            decide::<V4>(ep, dir, &sc.p4, &mut sc.ev, iif)
+            decide::<V4>(ep, dir, &mut sc.p4, &mut sc.ev, iif)
         }
         ETH_P_IPV6 => {
             if parsed(v6(ctx, sc))? {
                 // Neighbour discovery or MLD: passes without policy if the protocol allows it,
                 // and is dropped otherwise. (Called from here, not from `v6`, to keep the BPF
-                // call chain's stack within 512 bytes.)
+                // call chain's stack within 512 bytes.) To a container, its source is checked
+                // first, as every packet's.
+                if dir == Direction::Ingress {
+                    check_src(&mut sc.p6, iif, &mut sc.ev)?;
+                }
                 if nd_ok(ctx, sc) == 0 {
                     return Err(DropReason::NeighbourDiscovery);
                 }
                 return Ok(PASS);
             }
-            decide::<V6>(ep, dir, &sc.p6, &mut sc.ev, iif)
+            decide::<V6>(ep, dir, &mut sc.p6, &mut sc.ev, iif)
         }
         ETH_P_ARP => parsed(arp(ctx, sc)).map(|_| PASS),
         ETH_P_8021Q | ETH_P_8021AD => Err(DropReason::VlanTagged),
@@ -574,8 +584,9 @@ impl Family for V6 {
 }
 
 /// Who may use an entry: the endpoint's veth and identity, and for a packet from the remote side
-/// (`to_container`) the interface it came in through and its source's ipcache entry (in the
-/// per-CPU scratch, looked up once by the parser).
+/// (`to_container`) the interface it came in through and its source's ipcache entry (the one
+/// the entry recorded, while the ipcache's generation is the one it recorded, else looked up:
+/// [`remote_for`]).
 #[derive(Clone, Copy)]
 struct Owner<'a> {
     ifindex: u32,
@@ -697,23 +708,131 @@ fn established<F: Family>(
     dir: Direction,
     now: u64,
     o: Owner<'_>,
+    mut src: Option<&mut Pkt<F>>,
+    iif: u32,
 ) -> Result<bool, Revoked> {
     // One key for both directions; established flows first: their packets, replies included,
     // cost one lookup. A SYN-ACK finds its flow in the new table (`ct::new_table_first`).
     let k = F::key(s, d, sport, dport, l.proto, dir);
     if ct::new_table_first(l.proto, l.tcp_flags) {
         // A SYN-ACK, which is never promoted.
-        if ct_hit::<F>(&k, F::get(&k, false), now, l, dir, false, o, None)? {
+        let new = F::get(&k, false);
+        let r = remote_for::<F>(new, &mut src, iif, o.ifindex)?;
+        if ct_hit::<F>(&k, new, now, l, dir, false, o.with(&r), None)? {
             return Ok(true);
         }
-        return ct_hit::<F>(&k, F::get(&k, true), now, l, dir, true, o, None);
+        let est = F::get(&k, true);
+        let r = remote_for::<F>(est, &mut src, iif, o.ifindex)?;
+        return ct_hit::<F>(&k, est, now, l, dir, true, o.with(&r), None);
     }
     let est = F::get(&k, true);
-    if ct_hit::<F>(&k, est, now, l, dir, true, o, None)? {
+    let r = remote_for::<F>(est, &mut src, iif, o.ifindex)?;
+    if ct_hit::<F>(&k, est, now, l, dir, true, o.with(&r), None)? {
         return Ok(true);
     }
     // The established entry this lookup found, if the flow's promotion can reuse it.
-    ct_hit::<F>(&k, F::get(&k, false), now, l, dir, false, o, est)
+    let new = F::get(&k, false);
+    let r = remote_for::<F>(new, &mut src, iif, o.ifindex)?;
+    ct_hit::<F>(&k, new, now, l, dir, false, o.with(&r), est)
+}
+
+impl<'a> Owner<'a> {
+    /// This owner, for a packet from the remote side whose source is `r` (`None`: the endpoint
+    /// sent it).
+    #[inline(always)]
+    fn with<'b>(self, r: &'b Option<(u32, RemoteInfo)>) -> Owner<'b>
+    where
+        'a: 'b,
+    {
+        Owner {
+            from_remote: r.as_ref().map(|(iif, info)| (*iif, info)),
+            ..self
+        }
+    }
+}
+
+/// The remote side that conntrack entry `found` (if any) is checked against, for a packet
+/// `to_container` delivers (`src`; `None` for one the endpoint sent): the remote's entry as
+/// `found` recorded it while the ipcache is still in the generation it recorded
+/// (`CtEntry::gen_current`: the same entry the ipcache holds, without a lookup), else the
+/// source's ipcache entry (looked up once per packet), after which `found` records this
+/// generation if it holds an entry that checks alike (`RemoteInfo::checks_as`). Either is
+/// checked for spoofing first: `Err` with `Spoofed`.
+#[inline(always)]
+fn remote_for<F: Family>(
+    found: Option<*mut CtEntry>,
+    src: &mut Option<&mut Pkt<F>>,
+    iif: u32,
+    own: u32,
+) -> Result<Option<(u32, RemoteInfo)>, Revoked> {
+    let Some(p) = src else {
+        return Ok(None);
+    };
+    let Some(e) = found else {
+        // Nothing to check against: the source is checked when it is needed.
+        return Ok(Some((iif, RemoteInfo::new(identity::ANY))));
+    };
+    // SAFETY: pointer from a map lookup, valid while the program runs.
+    let e = unsafe { &mut *e };
+    if p.remote_known == 0 && e.gen_current(p.gen) {
+        let r = e.recorded_remote();
+        if r.spoofed(iif, own) {
+            return Err(spoofed(r.identity));
+        }
+        return Ok(Some((iif, r)));
+    }
+    let r = src_remote::<F>(p, iif, own).map_err(|_| spoofed(p.remote.identity))?;
+    if !e.gen_current(p.gen) && e.recorded_remote().checks_as(&r) {
+        e.set_gen(p.gen);
+    }
+    Ok(Some((iif, r)))
+}
+
+/// A `Spoofed` drop found by conntrack's check of the source ([`remote_for`]).
+#[inline(always)]
+fn spoofed(identity: u32) -> Revoked {
+    Revoked {
+        reason: DropReason::Spoofed,
+        rule: 0,
+        remote: identity,
+    }
+}
+
+/// `to_container`: the ipcache entry of `p`'s source, looked up now unless this packet already
+/// did; `Err(Spoofed)` when the packet came in through an interface that entry does not allow
+/// (`RemoteInfo::spoofed`; `own`: the endpoint's veth).
+#[inline(always)]
+fn src_remote<F: Family>(p: &mut Pkt<F>, iif: u32, own: u32) -> Result<RemoteInfo, DropReason> {
+    if p.remote_known == 0 {
+        p.remote = F::remote(p.s);
+        p.remote_known = 1;
+    }
+    if p.remote.spoofed(iif, own) {
+        return Err(DropReason::Spoofed);
+    }
+    Ok(p.remote)
+}
+
+/// [`src_remote`] where the packet's drop event is written: a spoofed one reports what it does
+/// when the parser drops it (the source's identity, the fixed header's protocol, no ports).
+#[inline(always)]
+fn check_src<F: Family>(p: &mut Pkt<F>, iif: u32, ev: &mut FlowEvent) -> Result<(), DropReason> {
+    match src_remote::<F>(p, iif, ev.ifindex) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            spoof_event(ev, p.remote.identity, p.proto0);
+            Err(e)
+        }
+    }
+}
+
+/// The event of a `Spoofed` drop: as the fixed header's check reports it.
+#[inline(always)]
+fn spoof_event(ev: &mut FlowEvent, identity: u32, proto0: u8) {
+    ev.src_identity = identity;
+    ev.proto = proto0;
+    ev.sport = 0;
+    ev.dport = 0;
 }
 
 /// Promotes new-table entry `e` into `old`, the established table's entry of the same key, which
@@ -806,9 +925,15 @@ pub struct Pkt<F: Family> {
     hop_limit: u8,
     /// Where the packet sits in a fragmented datagram.
     frag: Frag,
-    /// `to_container`: the source's ipcache entry, looked up once right after the fixed header
-    /// (the `Spoofed` check) and reused as the remote identity.
+    /// `to_container`: the source's ipcache entry, valid when `remote_known` is 1; looked up
+    /// only when something needs it ([`src_remote`]): not for a packet of an established flow
+    /// whose conntrack entry recorded it in the ipcache's current generation ([`remote_for`]).
     remote: RemoteInfo,
+    remote_known: u32,
+    /// `IPCACHE_GEN` as the parser read it, before any ipcache lookup of this packet.
+    gen: u32,
+    /// The fixed header's protocol (IPv6: next header), for a `Spoofed` drop's event.
+    proto0: u8,
     /// Valid when `l.kind == Kind::IcmpError`; zeroed otherwise (never an uninitialised
     /// `Option` payload: the verifier rejects copies of undefined stack bytes).
     inner: Inner<F>,
@@ -843,15 +968,19 @@ fn frag_record(l: &L4) -> Option<FragL4> {
 fn decide<F: Family>(
     ep: &Endpoint,
     dir: Direction,
-    p: &Pkt<F>,
+    p: &mut Pkt<F>,
     ev: &mut FlowEvent,
     iif: u32,
 ) -> Result<i32, DropReason> {
+    if dir == Direction::Ingress && p.frag.pos != FRAG_NONE {
+        // A fragment's source is checked before its datagram's record is looked at.
+        check_src(p, iif, ev)?;
+    }
     let mut l = p.l;
     if p.frag.pos == FRAG_LATER {
         let Some(r) = F::frag_get(&F::frag_key(p.s, p.d, &p.frag)) else {
             if ep.enforces(dir) {
-                remote_identity::<F>(ep, dir, p, ev);
+                remote_identity::<F>(ep, dir, p, ev, iif)?;
                 return Err(DropReason::Fragment);
             }
             return Ok(PASS);
@@ -883,7 +1012,7 @@ fn decide<F: Family>(
 fn verdict<F: Family>(
     ep: &Endpoint,
     dir: Direction,
-    p: &Pkt<F>,
+    p: &mut Pkt<F>,
     l: &L4,
     ev: &mut FlowEvent,
     iif: u32,
@@ -909,18 +1038,26 @@ fn verdict<F: Family>(
         ifindex: ev.ifindex,
         identity: ep.identity,
         ep_flags: ep.flags,
-        from_remote: match dir {
-            Direction::Egress => None,
-            Direction::Ingress => Some((iif, &p.remote)),
-        },
+        // Per entry in `established` (`remote_for`); `related` checks no remote.
+        from_remote: None,
     };
     let opens = ct::opens_flow(l.proto, l.tcp_flags);
-    if local && !opens && l.kind != Kind::IcmpError && l.kind != Kind::IcmpOther {
-        match established::<F>(s, d, l.sport, l.dport, l, dir, now, owner) {
+    let may_be_established =
+        local && !opens && l.kind != Kind::IcmpError && l.kind != Kind::IcmpOther;
+    if dir == Direction::Ingress && !may_be_established {
+        // What no conntrack entry can vouch for has its source checked before anything else.
+        check_src(p, iif, ev)?;
+    }
+    if may_be_established {
+        let src = match dir {
+            Direction::Egress => None,
+            Direction::Ingress => Some(&mut *p),
+        };
+        match established::<F>(s, d, l.sport, l.dport, l, dir, now, owner, src, iif) {
             Ok(true) => return Ok(PASS),
             Ok(false) => {}
             Err(r) => {
-                // A flow that audit mode admitted and policy now denies.
+                // A flow that audit mode admitted and policy now denies, or a spoofed source.
                 let (src, dst) = match dir {
                     Direction::Egress => (ep.identity, r.remote),
                     Direction::Ingress => (r.remote, ep.identity),
@@ -928,6 +1065,9 @@ fn verdict<F: Family>(
                 ev.src_identity = src;
                 ev.dst_identity = dst;
                 ev.rule = r.rule;
+                if r.reason == DropReason::Spoofed {
+                    spoof_event(ev, r.remote, p.proto0);
+                }
                 return Err(r.reason);
             }
         }
@@ -945,7 +1085,7 @@ fn verdict<F: Family>(
         }
     }
 
-    let info = remote_identity::<F>(ep, dir, p, ev);
+    let info = remote_identity::<F>(ep, dir, p, ev, iif)?;
     let remote = info.identity;
 
     let port = match l.kind {
@@ -1006,6 +1146,8 @@ fn verdict<F: Family>(
         if audited != 0 {
             e.flags = CtEntry::AUDIT;
         }
+        // `info` was looked up by this packet, after it read the generation.
+        e.set_gen(p.gen);
         F::put(&k, &e, false);
     }
     if audited != 0 {
@@ -1028,27 +1170,29 @@ fn policy_get(k: &policy::PolicyKey) -> Option<policy::PolicyValue> {
 }
 
 /// The remote side of `p` (`from_container`: its destination, looked up in the ipcache;
-/// `to_container`: its source, looked up by the parser) with both identities written into the
-/// event.
+/// `to_container`: its source, looked up unless this packet already did, and checked for
+/// spoofing: [`check_src`]) with both identities written into the event.
 #[inline(always)]
 fn remote_identity<F: Family>(
     ep: &Endpoint,
     dir: Direction,
-    p: &Pkt<F>,
+    p: &mut Pkt<F>,
     ev: &mut FlowEvent,
-) -> RemoteInfo {
+    iif: u32,
+) -> Result<RemoteInfo, DropReason> {
     match dir {
         Direction::Egress => {
             let remote = F::remote(p.d);
             ev.src_identity = ep.identity;
             ev.dst_identity = remote.identity;
-            remote
+            Ok(remote)
         }
         Direction::Ingress => {
+            check_src(p, iif, ev)?;
             let remote = p.remote;
             ev.src_identity = remote.identity;
             ev.dst_identity = ep.identity;
-            remote
+            Ok(remote)
         }
     }
 }
@@ -1135,20 +1279,10 @@ fn event_ports(ev: &mut FlowEvent, l: &L4) {
     };
 }
 
-/// `to_container`: a container's address that came in through neither its veth nor its bridge
-/// (`skb->ingress_ifindex`), or a host address that came neither from the host's own stack nor,
-/// NATed back, through this veth, is `Spoofed`, before anything else
-/// about the packet is looked at: parsing, fragments, conntrack (established or related) and
-/// policy, on every managed endpoint.
+/// `IPCACHE_GEN`: the ipcache's generation (0 if unreadable: no conntrack entry matches it).
 #[inline(always)]
-fn spoof_check(ctx: &TcContext, r: &RemoteInfo, ev: &mut FlowEvent) -> Result<(), DropReason> {
-    // SAFETY: the context pointer is valid for the program's lifetime.
-    let (iif, own) = unsafe { ((*ctx.skb.skb).ingress_ifindex, (*ctx.skb.skb).ifindex) };
-    if r.spoofed(iif, own) {
-        ev.src_identity = r.identity;
-        return Err(DropReason::Spoofed);
-    }
-    Ok(())
+fn ipcache_gen() -> u32 {
+    IPCACHE_GEN.get(0).copied().unwrap_or(0)
 }
 
 /// Parses an IPv4 packet into `p`. `Ok(true)`: passes without policy (never, for IPv4).
@@ -1165,9 +1299,13 @@ fn parse_v4(
     p: &mut Pkt<V4>,
     valid: &mut u32,
 ) -> Result<bool, DropReason> {
+    // Before any ipcache lookup of the packet (netpol-common's `ipcache`).
+    p.gen = ipcache_gen();
+    p.remote_known = 0;
     let ip = parse::ipv4_load(ctx, ETH_HLEN)?;
     p.s = A4(ip.saddr);
     p.d = A4(ip.daddr);
+    p.proto0 = ip.proto;
     ev.family = 4;
     ev.proto = ip.proto;
     *valid = 1;
@@ -1181,12 +1319,30 @@ fn parse_v4(
             if !V4::is_local(ep, &p.d) && !addr::v4_group(&p.d.0) {
                 return Err(DropReason::NotForEndpoint);
             }
-            p.remote = V4::remote(p.s);
-            spoof_check(ctx, &p.remote, ev)?;
         }
     }
-    let (l4off, end, frag) = parse::ipv4_check(ctx, &ip, ETH_HLEN)?;
-    p.frag = parse::ipv4_frag(&ip);
+    let r = v4_rest(ctx, ep, dir, ev, p, &ip);
+    if r.is_err() && dir == Direction::Ingress {
+        // A spoofed source is `Spoofed`, whatever else is wrong with the packet.
+        // SAFETY: the context pointer is valid for the program's lifetime.
+        let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
+        check_src(p, iif, ev)?;
+    }
+    r
+}
+
+/// [`parse_v4`] after the fixed header's addresses.
+#[inline(always)]
+fn v4_rest(
+    ctx: &TcContext,
+    ep: &Endpoint,
+    dir: Direction,
+    ev: &mut FlowEvent,
+    p: &mut Pkt<V4>,
+    ip: &parse::Ipv4Hdr,
+) -> Result<bool, DropReason> {
+    let (l4off, end, frag) = parse::ipv4_check(ctx, ip, ETH_HLEN)?;
+    p.frag = parse::ipv4_frag(ip);
     p.l = parse::l4(ctx, ip.proto, l4off, end, frag)?;
     event_ports(ev, &p.l);
     if p.l.kind == Kind::IcmpError {
@@ -1235,9 +1391,13 @@ fn parse_v6(
     valid: &mut u32,
 ) -> Result<bool, DropReason> {
     ev.family = 6;
+    // Before any ipcache lookup of the packet (netpol-common's `ipcache`).
+    p.gen = ipcache_gen();
+    p.remote_known = 0;
     let head = parse::ipv6_load(ctx, ETH_HLEN, &mut p.s.0, &mut p.d.0)?;
     *valid = 1;
     ev.proto = head[6];
+    p.proto0 = head[6];
     p.hop_limit = head[7];
     let mut nd_only = false;
     match dir {
@@ -1253,11 +1413,30 @@ fn parse_v6(
             if !V6::is_local(ep, &p.d) && !addr::v6_for_anyone(&p.d.0) {
                 return Err(DropReason::NotForEndpoint);
             }
-            p.remote = V6::remote(p.s);
-            spoof_check(ctx, &p.remote, ev)?;
         }
     }
-    let end = match v6_l4(ctx, &head, p) {
+    let r = v6_rest(ctx, ep, dir, ev, p, &head, nd_only);
+    if r.is_err() && dir == Direction::Ingress {
+        // A spoofed source is `Spoofed`, whatever else is wrong with the packet.
+        // SAFETY: the context pointer is valid for the program's lifetime.
+        let iif = unsafe { (*ctx.skb.skb).ingress_ifindex };
+        check_src(p, iif, ev)?;
+    }
+    r
+}
+
+/// [`parse_v6`] after the fixed header's addresses.
+#[inline(always)]
+fn v6_rest(
+    ctx: &TcContext,
+    ep: &Endpoint,
+    dir: Direction,
+    ev: &mut FlowEvent,
+    p: &mut Pkt<V6>,
+    head: &[u8; 8],
+    nd_only: bool,
+) -> Result<bool, DropReason> {
+    let end = match v6_l4(ctx, head, p) {
         Ok(end) => end,
         Err(_) if nd_only => return Err(DropReason::Spoofed),
         Err(e) => return Err(e),

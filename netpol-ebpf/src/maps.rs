@@ -25,6 +25,11 @@ pub static IPCACHE4_V2: LpmTrie<[u8; 4], RemoteInfo, 4096> = LpmTrie::new();
 #[btf_map]
 pub static IPCACHE6_V2: LpmTrie<[u8; 16], RemoteInfo, 4096> = LpmTrie::new();
 
+/// The ipcache's generation (netpol-common's `ipcache`): moved on by the agent after every
+/// ipcache write.
+#[btf_map]
+pub static IPCACHE_GEN: Array<u32, 1> = Array::new();
+
 #[btf_map]
 pub static POLICY: LpmTrie<PolicyKey, PolicyValue, 16384> = LpmTrie::new();
 

@@ -5,9 +5,11 @@
 //! on an endpoint that enforces both directions, on one that enforces neither, a SYN that
 //! policy drops (what a flood costs), and a handshake that reopens a tuple whose established
 //! entry is still there (a client reusing its port).
-//! Run as root: `cargo run --release -p netpol-tests --example prog_cost [OBJ…]`. A single run is
-//! timed by the kernel around the program alone, like `repeat`, but with cold caches between
-//! runs (the syscall and the next packet's setup in between), as on a real new flow.
+//! Run as root: `cargo run --release -p netpol-tests --example prog_cost [OBJ…]`;
+//! `PEER_VETH=7 IPCACHE_EXTRA=2000` makes the peer a container behind a veth and the ipcache
+//! as large as the datapath bench's. A single run is timed by the kernel around the program
+//! alone, like `repeat`, but with cold caches between runs (the syscall and the next packet's
+//! setup in between), as on a real new flow.
 
 use aya::{
     maps::{lpm_trie::Key, HashMap, LpmTrie},
@@ -101,9 +103,18 @@ fn run_expect(
     expect: u32,
 ) -> Result<u128, ProgramError> {
     let mut out = vec![0u8; frame.len() + 256];
+    // struct __sk_buff up to `ifindex` (offset 40; the endpoint is the loopback device, 1), and
+    // `ingress_ifindex` at 36.
+    let mut ctx = [0u8; 44];
+    ctx[40..44].copy_from_slice(&1u32.to_ne_bytes());
+    let veth = peer_veth();
+    if let Some(v) = veth {
+        ctx[36..40].copy_from_slice(&v.to_ne_bytes());
+    }
     let r = prog.test_run(TestRunOptions {
         data_in: Some(frame),
         data_out: Some(&mut out),
+        ctx_in: veth.map(|_| &ctx[..]),
         repeat,
         ..Default::default()
     })?;
@@ -120,6 +131,21 @@ fn run(
     what: &str,
 ) -> Result<u128, ProgramError> {
     run_expect(prog, frame, repeat, what, u32::MAX)
+}
+
+/// `PEER_VETH=N`: the peer (B) is a container behind host veth N (bridge N + 1), and every
+/// packet comes in through that veth (`ingress_ifindex`); unset, the peer is an address without
+/// interfaces and packets have no ingress interface.
+fn peer_veth() -> Option<u32> {
+    std::env::var("PEER_VETH").ok().and_then(|v| v.parse().ok())
+}
+
+/// `IPCACHE_EXTRA=N`: N more /32 identities in the ipcache trie (the datapath bench has 2,000).
+fn ipcache_extra() -> u32 {
+    std::env::var("IPCACHE_EXTRA")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn median(mut v: Vec<u128>) -> u128 {
@@ -160,17 +186,30 @@ fn measure(obj: &[u8]) -> Result<[u128; CASES.len()], ProgramError> {
         p.load()?;
     }
     set_endpoint(&mut bpf, true);
+    let peer = match peer_veth() {
+        Some(veth) => RemoteInfo::container(PEER, veth, veth + 1),
+        None => RemoteInfo::new(PEER),
+    };
     {
         let mut c4: LpmTrie<_, [u8; 4], RemoteInfo> =
             LpmTrie::try_from(bpf.map_mut(netpol_common::maps::IPCACHE4).unwrap()).unwrap();
-        c4.insert(&Key::new(32, B), RemoteInfo::new(PEER), 0)
-            .unwrap();
+        c4.insert(&Key::new(32, B), peer, 0).unwrap();
         c4.insert(&Key::new(32, C), RemoteInfo::new(STRANGER), 0)
             .unwrap();
+        // As the datapath bench's ipcache: /32 identities that nothing measured has.
+        for i in 0..ipcache_extra() {
+            let a = [10, 99, (i / 250) as u8, (i % 250 + 1) as u8];
+            c4.insert(&Key::new(32, a), RemoteInfo::new(2000 + i), 0)
+                .unwrap();
+        }
         let mut c6: LpmTrie<_, [u8; 16], RemoteInfo> =
             LpmTrie::try_from(bpf.map_mut(netpol_common::maps::IPCACHE6).unwrap()).unwrap();
-        c6.insert(&Key::new(128, B6), RemoteInfo::new(PEER), 0)
-            .unwrap();
+        c6.insert(&Key::new(128, B6), peer, 0).unwrap();
+    }
+    // An object with an ipcache generation (netpol-common's `ipcache`) gets the agent's first.
+    if let Some(m) = bpf.map_mut(netpol_common::maps::IPCACHE_GEN) {
+        let mut m: aya::maps::Array<_, u32> = aya::maps::Array::try_from(m).unwrap();
+        m.set(0, 1, 0).unwrap();
     }
     {
         // 10,000 entries that match nothing measured, and the allows of the measured flows, as

@@ -106,6 +106,8 @@ impl Datapath {
         let mut dp = Self { bpf };
         // No rate limit on events unless a test sets one: tests count every event.
         dp.config(0);
+        // The agent's first generation.
+        dp.bump_ipcache_gen();
         dp
     }
 
@@ -133,16 +135,50 @@ impl Datapath {
             .expect("ENDPOINTS insert");
     }
 
+    /// Writes an ipcache entry as the agent does: the trie, then a new `IPCACHE_GEN`
+    /// (netpol-common's `ipcache`).
     pub fn ipcache4(&mut self, prefix: u32, addr: [u8; 4], info: RemoteInfo) {
         self.trie::<[u8; 4], RemoteInfo>(maps::IPCACHE4)
             .insert(&Key::new(prefix, addr), info, 0)
             .expect("IPCACHE4 insert");
+        self.bump_ipcache_gen();
     }
 
     pub fn ipcache6(&mut self, prefix: u32, addr: [u8; 16], info: RemoteInfo) {
         self.trie::<[u8; 16], RemoteInfo>(maps::IPCACHE6)
             .insert(&Key::new(prefix, addr), info, 0)
             .expect("IPCACHE6 insert");
+        self.bump_ipcache_gen();
+    }
+
+    /// Removes an ipcache entry as the agent does: the trie, then a new `IPCACHE_GEN`.
+    pub fn ipcache4_remove(&mut self, prefix: u32, addr: [u8; 4]) {
+        let _ = self
+            .trie::<[u8; 4], RemoteInfo>(maps::IPCACHE4)
+            .remove(&Key::new(prefix, addr));
+        self.bump_ipcache_gen();
+    }
+
+    pub fn ipcache6_remove(&mut self, prefix: u32, addr: [u8; 16]) {
+        let _ = self
+            .trie::<[u8; 16], RemoteInfo>(maps::IPCACHE6)
+            .remove(&Key::new(prefix, addr));
+        self.bump_ipcache_gen();
+    }
+
+    /// The ipcache's generation (`IPCACHE_GEN`).
+    pub fn ipcache_gen(&self) -> u32 {
+        let m: Array<_, u32> =
+            Array::try_from(self.bpf.map(maps::IPCACHE_GEN).expect("IPCACHE_GEN")).unwrap();
+        m.get(&0, 0).expect("IPCACHE_GEN")
+    }
+
+    /// Moves the ipcache to its next generation, as the agent does after each ipcache write.
+    pub fn bump_ipcache_gen(&mut self) {
+        let next = netpol_common::ipcache::next_gen(self.ipcache_gen());
+        let mut m: Array<_, u32> =
+            Array::try_from(self.bpf.map_mut(maps::IPCACHE_GEN).expect("IPCACHE_GEN")).unwrap();
+        m.set(0, next, 0).expect("IPCACHE_GEN set");
     }
 
     pub fn policy(&mut self, prefix: u32, key: PolicyKey, value: PolicyValue) {

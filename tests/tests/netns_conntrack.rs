@@ -698,3 +698,46 @@ fn an_old_layout_is_copied_on_upgrade() {
     let cidr = "10.9.0.3/32".parse().expect("cidr");
     assert_eq!(state.ipcache.get(&cidr), Some(&RemoteInfo::new(APP1)));
 }
+
+/// Issue 11: `to_container` takes a conntrack entry's recorded remote as the ipcache's only while
+/// the ipcache is in the generation the entry recorded (netpol-common `ipcache`). The agent moves
+/// `IPCACHE_GEN` on after every ipcache write, a failed one too, and when it opens the datapath
+/// (an older agent may have written the ipcache without moving it), and never back: a restart
+/// goes on from the pinned generation.
+#[test]
+fn every_ipcache_write_moves_the_generation_on() {
+    if !require_root("every_ipcache_write_moves_the_generation_on") {
+        return;
+    }
+    use aya::maps::Array;
+    use netpol_agent::datapath::Cidr;
+    use netpol_common::ipcache::RemoteInfo;
+    fn gen(pins: &Path) -> u32 {
+        let m = MapData::from_pin(pins.join(maps::IPCACHE_GEN))
+            .and_then(Map::from_map_data)
+            .expect("IPCACHE_GEN");
+        let a: Array<_, u32> = Array::try_from(&m).expect("array");
+        a.get(&0, 0).expect("generation")
+    }
+    let cidr = |s: &str| -> Cidr { s.parse().expect("cidr") };
+    let pins = PinDir::unique("nct-gen");
+    let first = {
+        let mut dp = KernelDatapath::open(pins.path(), MapSizes::default()).expect("open");
+        let g0 = gen(pins.path());
+        assert_ne!(g0, 0, "a datapath starts in a generation no entry holds");
+        dp.upsert_ipcache(cidr("10.9.0.3/32"), RemoteInfo::container(APP1, 21, 9))
+            .expect("upsert");
+        assert_eq!(gen(pins.path()), g0 + 1, "after an upsert");
+        dp.upsert_ipcache(cidr("10.9.0.0/24"), RemoteInfo::new(identity::UNMANAGED))
+            .expect("upsert");
+        dp.delete_ipcache(cidr("10.9.0.3/32")).expect("delete");
+        assert_eq!(gen(pins.path()), g0 + 3, "after an upsert and a delete");
+        gen(pins.path())
+    };
+    let _dp = KernelDatapath::open(pins.path(), MapSizes::default()).expect("adopt");
+    assert_eq!(
+        gen(pins.path()),
+        first + 1,
+        "an adoption goes on from the pinned generation"
+    );
+}

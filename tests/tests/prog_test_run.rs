@@ -242,6 +242,22 @@ impl Dp {
         self.dp.ipcache6(128, h.v6, info);
     }
 
+    /// `h`'s /24 (IPv4) and /64 (IPv6) with `info`.
+    fn ipcache_subnet(&mut self, h: &Host, info: RemoteInfo) {
+        let mut a4 = h.v4;
+        a4[3] = 0;
+        let mut a6 = h.v6;
+        a6[8..].fill(0);
+        self.dp.ipcache4(24, a4, info);
+        self.dp.ipcache6(64, a6, info);
+    }
+
+    /// Removes `h`'s own entries, as the agent does when a container goes.
+    fn ipcache_remove(&mut self, h: &Host) {
+        self.dp.ipcache4_remove(32, h.v4);
+        self.dp.ipcache6_remove(128, h.v6);
+    }
+
     /// An allow entry for `local`; `proto` 0 with prefix 72, `port` 0 with prefix 80.
     #[allow(clippy::too_many_arguments)]
     fn allow(
@@ -2940,6 +2956,201 @@ fn reused_remote_address_does_not_ride_the_flow_v4() {
 fn reused_remote_address_does_not_ride_the_flow_v6() {
     if require_root("reused_remote_address_does_not_ride_the_flow_v6") {
         reused_remote_address_does_not_ride_the_flow(V6);
+    }
+}
+
+/// Issue 11: `to_container` checks an established flow's source in the ipcache's exact hash
+/// (netpol-common `ipcache`), not the trie; what the ipcache says now still decides, as before.
+/// app1's established flow to db passes bridged and routed, and a packet claiming app1's
+/// address from the uplink, the host's stack or another veth is spoofed, also on that flow.
+/// app1 goes (its address falls back to the subnet's `unmanaged`), then app3 gets its address:
+/// neither rides app1's flow, bridged or routed, and from the uplink it is still spoofed. A world
+/// peer of a policy CIDR keeps its established flow when the CIDR's identity is renumbered (an
+/// entry between non-container peers compares nothing), its next new flow is decided with the
+/// new identity, and once its address is a container's, the peer's packets from the uplink are
+/// spoofed, on the established flow too.
+fn established_flows_follow_the_ipcache(fam: Fam) {
+    const UPLINK: u32 = 5;
+    const APP1_VETH: u32 = 7;
+    const APP3_VETH: u32 = 8;
+    const BRIDGE: u32 = 9;
+    const PEER_VETH: u32 = 11;
+    const CIDR_A: u32 = identity::FIRST_CIDR + 1;
+    const CIDR_B: u32 = identity::FIRST_CIDR + 2;
+    let mut dp = Dp::db(true, true);
+    dp.ipcache_subnet(&APP1, RemoteInfo::new(identity::UNMANAGED));
+    dp.ipcache_container(&APP1, APP1_VETH, BRIDGE);
+    dp.ipcache_subnet(&WORLD, RemoteInfo::new(CIDR_A));
+    for (remote, rule) in [(APP1.id, 4), (CIDR_A, 5)] {
+        dp.allow(
+            &DB,
+            remote,
+            Direction::Ingress,
+            proto::TCP,
+            5432,
+            policy::FULL_PREFIX,
+            rule,
+        );
+    }
+    let (c, s) = (40000, 5432);
+    for (p, iif, frame) in [
+        (To, APP1_VETH, fam.tcp(&APP1, &DB, c, s, TCP_SYN)),
+        (From, 0, fam.tcp(&DB, &APP1, s, c, TCP_SYN | TCP_ACK)),
+        (To, APP1_VETH, fam.tcp(&APP1, &DB, c, s, TCP_ACK)),
+    ] {
+        assert_eq!(dp.run_via(p, LO, iif, &frame), PASS, "app1's handshake");
+    }
+    let data = fam.tcp(&APP1, &DB, c, s, TCP_ACK);
+    for iif in [APP1_VETH, BRIDGE] {
+        assert_eq!(
+            dp.run_via(To, LO, iif, &data),
+            PASS,
+            "app1's established flow via {iif}"
+        );
+    }
+    let k = ct_key(fam, &APP1, &DB, c, s, proto::TCP, CtDir::Ingress);
+    let e = dp.ct_in(k, true).expect("established");
+    for iif in [UPLINK, 0, APP3_VETH] {
+        assert_eq!(
+            dp.run_via(To, LO, iif, &data),
+            SHOT,
+            "app1's address on its established flow from {iif}"
+        );
+    }
+    assert_drops(&dp, Some(DropReason::Spoofed), 3);
+    assert_eq!(dp.ct_in(k, true), Some(e), "forged packets touch no entry");
+
+    // app1 goes: its address is the subnet's `unmanaged` now, which db does not let in.
+    dp.ipcache_remove(&APP1);
+    for iif in [APP1_VETH, BRIDGE] {
+        assert_eq!(
+            dp.run_via(To, LO, iif, &data),
+            SHOT,
+            "the departed app1's flow via {iif}"
+        );
+    }
+    assert_eq!(dp.drops(DropReason::PolicyDenied), 2);
+    // app3 (another identity) gets the address on another veth of the bridge.
+    let app3 = Host { id: 310, ..APP1 };
+    dp.ipcache_container(&app3, APP3_VETH, BRIDGE);
+    let data3 = fam.tcp(&app3, &DB, c, s, TCP_ACK);
+    for iif in [APP3_VETH, BRIDGE] {
+        assert_eq!(
+            dp.run_via(To, LO, iif, &data3),
+            SHOT,
+            "app3 on app1's flow via {iif}"
+        );
+    }
+    assert_eq!(dp.drops(DropReason::PolicyDenied), 4);
+    assert_eq!(dp.run_via(To, LO, UPLINK, &data3), SHOT, "app3's address");
+    assert_eq!(dp.drops(DropReason::Spoofed), 4);
+
+    // A world peer in a policy CIDR, established from the uplink.
+    let peer = Host {
+        id: CIDR_A,
+        ..WORLD
+    };
+    let (pc, ps) = (41000, 5432);
+    for (p, iif, frame) in [
+        (To, UPLINK, fam.tcp(&peer, &DB, pc, ps, TCP_SYN)),
+        (From, 0, fam.tcp(&DB, &peer, ps, pc, TCP_SYN | TCP_ACK)),
+        (To, UPLINK, fam.tcp(&peer, &DB, pc, ps, TCP_ACK)),
+    ] {
+        assert_eq!(dp.run_via(p, LO, iif, &frame), PASS, "the peer's handshake");
+    }
+    let pdata = fam.tcp(&peer, &DB, pc, ps, TCP_ACK);
+    assert_eq!(dp.run_via(To, LO, UPLINK, &pdata), PASS, "the peer's flow");
+    // The CIDR gets another identity, which db does not let in.
+    dp.ipcache_subnet(&WORLD, RemoteInfo::new(CIDR_B));
+    assert_eq!(
+        dp.run_via(To, LO, UPLINK, &pdata),
+        PASS,
+        "the established flow outlives the renumbering"
+    );
+    dp.events();
+    let syn = fam.tcp(&peer, &DB, pc + 1, ps, TCP_SYN);
+    assert_eq!(
+        dp.run_via(To, LO, UPLINK, &syn),
+        SHOT,
+        "a new flow under the new identity"
+    );
+    let renumbered = Host {
+        id: CIDR_B,
+        ..WORLD
+    };
+    assert_eq!(
+        dp.events(),
+        vec![drop_event(
+            fam,
+            DropReason::PolicyDenied,
+            Direction::Ingress,
+            &renumbered,
+            &DB,
+            proto::TCP,
+            pc + 1,
+            ps,
+            0
+        )]
+    );
+    // The peer's address becomes a container's: from the uplink it is forged now.
+    dp.ipcache_container(&peer, PEER_VETH, BRIDGE);
+    assert_eq!(
+        dp.run_via(To, LO, UPLINK, &pdata),
+        SHOT,
+        "a container's address from the uplink on an established flow"
+    );
+    assert_eq!(dp.drops(DropReason::Spoofed), 5);
+
+    // The gateway (a host address) has an established flow to db from the host's own stack;
+    // its address from the uplink is forged, on that flow too.
+    let gateway = Host {
+        v4: [10, 0, 0, 1],
+        v6: v6(1, ULA),
+        id: identity::HOST,
+    };
+    dp.ipcache_info(&gateway, RemoteInfo::host());
+    dp.allow(
+        &DB,
+        identity::HOST,
+        Direction::Ingress,
+        proto::TCP,
+        5432,
+        policy::FULL_PREFIX,
+        6,
+    );
+    let (gc, gs) = (42000, 5432);
+    for (p, frame) in [
+        (To, fam.tcp(&gateway, &DB, gc, gs, TCP_SYN)),
+        (From, fam.tcp(&DB, &gateway, gs, gc, TCP_SYN | TCP_ACK)),
+        (To, fam.tcp(&gateway, &DB, gc, gs, TCP_ACK)),
+    ] {
+        assert_eq!(
+            dp.run_via(p, LO, 0, &frame),
+            PASS,
+            "the gateway's handshake"
+        );
+    }
+    let gdata = fam.tcp(&gateway, &DB, gc, gs, TCP_ACK);
+    assert_eq!(dp.run_via(To, LO, 0, &gdata), PASS, "the gateway's flow");
+    assert_eq!(
+        dp.run_via(To, LO, UPLINK, &gdata),
+        SHOT,
+        "the gateway's address from the uplink on its established flow"
+    );
+    assert_eq!(dp.drops(DropReason::Spoofed), 6);
+}
+
+#[test]
+fn established_flows_follow_the_ipcache_v4() {
+    if require_root("established_flows_follow_the_ipcache_v4") {
+        established_flows_follow_the_ipcache(V4);
+    }
+}
+
+#[test]
+fn established_flows_follow_the_ipcache_v6() {
+    if require_root("established_flows_follow_the_ipcache_v6") {
+        established_flows_follow_the_ipcache(V6);
     }
 }
 

@@ -502,6 +502,9 @@ impl KernelDatapath {
             let n = dp.migrate_legacy();
             info!(maps = ?legacy, entries = n, "copied maps of an older layout into the current ones");
         }
+        // An older agent may have written the ipcache without moving its generation on: no
+        // conntrack entry's recorded remote is taken as current before it is looked up again.
+        dp.bump_ipcache_gen()?;
         dp.adopt_links()?;
         for m in &legacy {
             // The links run the new programs now: the old maps are unused.
@@ -725,6 +728,61 @@ impl KernelDatapath {
         }
     }
 
+    fn upsert_trie(&mut self, cidr: Cidr, value: RemoteInfo) -> Result<(), DatapathError> {
+        let r = if let Some(a) = v4(cidr.addr) {
+            let mut m: LpmTrie<_, [u8; 4], RemoteInfo> =
+                LpmTrie::try_from(self.map_mut(maps::IPCACHE4)?)
+                    .map_err(map_err(maps::IPCACHE4))?;
+            m.insert(&Key::new(u32::from(cidr.prefix_len), a), value, 0)
+                .map_err(map_err(maps::IPCACHE4))
+        } else if let Some(a) = v6(cidr.addr) {
+            let mut m: LpmTrie<_, [u8; 16], RemoteInfo> =
+                LpmTrie::try_from(self.map_mut(maps::IPCACHE6)?)
+                    .map_err(map_err(maps::IPCACHE6))?;
+            m.insert(&Key::new(u32::from(cidr.prefix_len), a), value, 0)
+                .map_err(map_err(maps::IPCACHE6))
+        } else {
+            Ok(())
+        };
+        let (name, max) = if cidr.addr.is_ipv4() {
+            (maps::IPCACHE4, self.sizes.ipcache4)
+        } else {
+            (maps::IPCACHE6, self.sizes.ipcache6)
+        };
+        r.map_err(|e| self.full(e, name, max))
+    }
+
+    fn delete_trie(&mut self, cidr: Cidr) -> Result<(), DatapathError> {
+        let r = if let Some(a) = v4(cidr.addr) {
+            let mut m: LpmTrie<_, [u8; 4], RemoteInfo> =
+                LpmTrie::try_from(self.map_mut(maps::IPCACHE4)?)
+                    .map_err(map_err(maps::IPCACHE4))?;
+            m.remove(&Key::new(u32::from(cidr.prefix_len), a))
+        } else if let Some(a) = v6(cidr.addr) {
+            let mut m: LpmTrie<_, [u8; 16], RemoteInfo> =
+                LpmTrie::try_from(self.map_mut(maps::IPCACHE6)?)
+                    .map_err(map_err(maps::IPCACHE6))?;
+            m.remove(&Key::new(u32::from(cidr.prefix_len), a))
+        } else {
+            Ok(())
+        };
+        match r {
+            Err(e) if !is_not_found(&e) => Err(map_err(maps::IPCACHE4)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Moves `IPCACHE_GEN` on (netpol-common's `ipcache`). After every ipcache write: a packet
+    /// that reads the new generation sees what was written, and a conntrack entry that recorded
+    /// its remote in an older one has it looked up again before it vouches for a source.
+    fn bump_ipcache_gen(&mut self) -> Result<(), DatapathError> {
+        let name = maps::IPCACHE_GEN;
+        let mut arr: Array<_, u32> = Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let g = arr.get(&0, 0).map_err(map_err(name))?;
+        arr.set(0, netpol_common::ipcache::next_gen(g), 0)
+            .map_err(map_err(name))
+    }
+
     fn full(&self, e: DatapathError, map: &'static str, max: u32) -> DatapathError {
         match e {
             DatapathError::MapFull { .. } => DatapathError::MapFull { map, max },
@@ -818,7 +876,7 @@ impl KernelDatapath {
         for (k, mut e) in entries {
             let (key, dir) = k.current();
             e.dir = dir as u8;
-            e._pad = [0; 3];
+            e.ipcache_gen = [0; 3];
             if m.insert(key, e, 0).is_ok() {
                 n += 1;
             }
@@ -997,7 +1055,7 @@ impl CtEntryV1 {
             remote_ifindex: 0,
             remote_bridge: 0,
             dir: dir as u8,
-            _pad: [0; 3],
+            ipcache_gen: [0; 3],
         }
     }
 }
@@ -1166,48 +1224,19 @@ impl Datapath for KernelDatapath {
         }
     }
 
+    /// The trie, then a new generation (also after a failed write: what failed may be half
+    /// done).
     fn upsert_ipcache(&mut self, cidr: Cidr, value: RemoteInfo) -> Result<(), DatapathError> {
-        let r = if let Some(a) = v4(cidr.addr) {
-            let mut m: LpmTrie<_, [u8; 4], RemoteInfo> =
-                LpmTrie::try_from(self.map_mut(maps::IPCACHE4)?)
-                    .map_err(map_err(maps::IPCACHE4))?;
-            m.insert(&Key::new(u32::from(cidr.prefix_len), a), value, 0)
-                .map_err(map_err(maps::IPCACHE4))
-        } else if let Some(a) = v6(cidr.addr) {
-            let mut m: LpmTrie<_, [u8; 16], RemoteInfo> =
-                LpmTrie::try_from(self.map_mut(maps::IPCACHE6)?)
-                    .map_err(map_err(maps::IPCACHE6))?;
-            m.insert(&Key::new(u32::from(cidr.prefix_len), a), value, 0)
-                .map_err(map_err(maps::IPCACHE6))
-        } else {
-            Ok(())
-        };
-        let (name, max) = if cidr.addr.is_ipv4() {
-            (maps::IPCACHE4, self.sizes.ipcache4)
-        } else {
-            (maps::IPCACHE6, self.sizes.ipcache6)
-        };
-        r.map_err(|e| self.full(e, name, max))
+        let r = self.upsert_trie(cidr, value);
+        self.bump_ipcache_gen()?;
+        r
     }
 
+    /// The trie, then a new generation.
     fn delete_ipcache(&mut self, cidr: Cidr) -> Result<(), DatapathError> {
-        let r = if let Some(a) = v4(cidr.addr) {
-            let mut m: LpmTrie<_, [u8; 4], RemoteInfo> =
-                LpmTrie::try_from(self.map_mut(maps::IPCACHE4)?)
-                    .map_err(map_err(maps::IPCACHE4))?;
-            m.remove(&Key::new(u32::from(cidr.prefix_len), a))
-        } else if let Some(a) = v6(cidr.addr) {
-            let mut m: LpmTrie<_, [u8; 16], RemoteInfo> =
-                LpmTrie::try_from(self.map_mut(maps::IPCACHE6)?)
-                    .map_err(map_err(maps::IPCACHE6))?;
-            m.remove(&Key::new(u32::from(cidr.prefix_len), a))
-        } else {
-            Ok(())
-        };
-        match r {
-            Err(e) if !is_not_found(&e) => Err(map_err(maps::IPCACHE4)(e)),
-            _ => Ok(()),
-        }
+        let r = self.delete_trie(cidr);
+        self.bump_ipcache_gen()?;
+        r
     }
 
     fn upsert_policy(

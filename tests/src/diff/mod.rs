@@ -456,13 +456,17 @@ fn frag_differences(model: &World, dp: &Datapath) -> Vec<String> {
 }
 
 /// Conntrack entries agree on everything but the expiry, which may be off by the time between
-/// the model's clock read and the program's.
+/// the model's clock read and the program's, and the ipcache generation the datapath recorded
+/// (a cache of what the ipcache said, which the model does not keep: it decides as if every
+/// packet looked its remote up).
 fn entry_differs(want: &CtEntry, got: &CtEntry) -> bool {
     CtEntry {
         expires_ns: 0,
+        ipcache_gen: [0; 3],
         ..*want
     } != CtEntry {
         expires_ns: 0,
+        ipcache_gen: [0; 3],
         ..*got
     } || want.expires_ns.abs_diff(got.expires_ns) > EXPIRY_SLACK_NS
 }
