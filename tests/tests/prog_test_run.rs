@@ -1213,6 +1213,116 @@ fn syn_over_a_closing_entry_is_decided_by_policy_v6() {
     }
 }
 
+/// What `policy suggest` reads of a flow whose SYN reopened a tuple: the new flow's own entry,
+/// not the old flow's that the SYN killed in place (`CtEntry::kill` leaves it in the established
+/// table, expired). The agent's conntrack reader (`PinnedCt`, on the maps pinned as the agent
+/// pins them) must treat an expired entry as absent, as the datapath does: else a SYN nobody
+/// answers, over a tuple that once carried a flow, counts as answered, and `policy suggest`
+/// allows it. Here db accepted app1:40001 → db:5432, then db itself sends a SYN from 5432 to
+/// app1:40001 (its egress unenforced): a flow class (db → app1:40001/tcp) never answered.
+fn suggest_sees_a_reopened_tuple_as_its_new_flow(fam: Fam) {
+    use netpol_agent::{
+        daemon::flows::{evidence, probe_of, Evidence},
+        datapath::{stats::PinnedCt, CtSeen},
+    };
+    /// A private bpffs directory with the conntrack maps pinned, removed on drop.
+    struct Pins(std::path::PathBuf);
+    impl Drop for Pins {
+        fn drop(&mut self) {
+            for name in [maps::CT4, maps::CT4_NEW, maps::CT6, maps::CT6_NEW] {
+                let _ = std::fs::remove_file(self.0.join(name));
+            }
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let mut dp = Dp::db(true, false);
+    dp.allow(
+        &DB,
+        APP1.id,
+        Direction::Ingress,
+        proto::TCP,
+        5432,
+        policy::FULL_PREFIX,
+        4,
+    );
+    let pins = Pins(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/netpol-test-reopen-{}-{}",
+        std::process::id(),
+        fam.number()
+    )));
+    std::fs::create_dir(&pins.0).expect("private pin dir");
+    for name in [maps::CT4, maps::CT4_NEW, maps::CT6, maps::CT6_NEW] {
+        dp.dp
+            .bpf
+            .map(name)
+            .unwrap_or_else(|| panic!("no map {name}"))
+            .pin(pins.0.join(name))
+            .unwrap_or_else(|e| panic!("pin {name}: {e}"));
+    }
+    let ct = PinnedCt::new(&pins.0);
+    let seen = |dp: &mut Dp| {
+        let evs = dp.events();
+        assert_eq!(evs.len(), 1, "one FLOW event: {evs:?}");
+        assert_eq!(evs[0].kind, FlowEvent::KIND_FLOW);
+        let probe = probe_of(&evs[0]).expect("a tracked flow");
+        (
+            probe,
+            ct.lookup_all(&[probe]).expect("conntrack readable")[0],
+        )
+    };
+    dp.config(Config::TRACE_FLOWS);
+
+    // app1 connects to db:5432 and resets the connection after the handshake.
+    assert_eq!(dp.run(To, &fam.tcp(&APP1, &DB, 40001, 5432, TCP_SYN)), PASS);
+    assert_eq!(
+        dp.run(From, &fam.tcp(&DB, &APP1, 5432, 40001, TCP_SYN | TCP_ACK)),
+        PASS
+    );
+    assert_eq!(dp.run(To, &fam.tcp(&APP1, &DB, 40001, 5432, TCP_ACK)), PASS);
+    let (_, first) = seen(&mut dp);
+    assert!(matches!(first, CtSeen::Established(_)), "{first:?}");
+    assert_eq!(evidence(proto::TCP, &first), Evidence::Answered);
+    assert_eq!(dp.run(To, &fam.tcp(&APP1, &DB, 40001, 5432, TCP_RST)), PASS);
+
+    // db's SYN from 5432 to app1:40001 reopens the tuple; nobody answers it.
+    assert_eq!(
+        dp.run(From, &fam.tcp(&DB, &APP1, 5432, 40001, TCP_SYN)),
+        PASS
+    );
+    let (k, reopened) = seen(&mut dp);
+    assert!(
+        matches!(reopened, CtSeen::New(e) if e.flags == 0 && e.dir == CtDir::Egress as u8),
+        "the new flow's entry, not the killed one: {reopened:?}"
+    );
+    assert_eq!(
+        evidence(proto::TCP, &reopened),
+        Evidence::Waiting,
+        "an unanswered SYN is not an answered flow"
+    );
+    // app1 refuses it.
+    assert_eq!(dp.run(To, &fam.tcp(&APP1, &DB, 40001, 5432, TCP_RST)), PASS);
+    let refused = ct.lookup_all(&[k]).expect("conntrack readable")[0];
+    assert_eq!(
+        evidence(proto::TCP, &refused),
+        Evidence::Unanswered,
+        "refused: {refused:?}"
+    );
+}
+
+#[test]
+fn suggest_sees_a_reopened_tuple_as_its_new_flow_v4() {
+    if require_root("suggest_sees_a_reopened_tuple_as_its_new_flow_v4") {
+        suggest_sees_a_reopened_tuple_as_its_new_flow(V4);
+    }
+}
+
+#[test]
+fn suggest_sees_a_reopened_tuple_as_its_new_flow_v6() {
+    if require_root("suggest_sees_a_reopened_tuple_as_its_new_flow_v6") {
+        suggest_sees_a_reopened_tuple_as_its_new_flow(V6);
+    }
+}
+
 #[test]
 fn reply_passes_by_conntrack_v4() {
     if require_root("reply_passes_by_conntrack_v4") {

@@ -294,8 +294,8 @@ pub enum CtProbeKey {
     V6(netpol_common::ct::CtKey6),
 }
 
-/// What conntrack holds for a [`CtProbe`]: nothing (never tracked, evicted, or another
-/// endpoint's entry), an entry of the new table, or one of the established table.
+/// What conntrack holds for a [`CtProbe`]: nothing (never tracked, evicted, expired, or another
+/// endpoint's entry), a live entry of the new table, or one of the established table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CtSeen {
     Missing,

@@ -262,6 +262,13 @@ impl PinnedCt {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err(name)(e)),
         };
+        // An entry the datapath no longer uses is absent here too: expired, or killed in place
+        // by a SYN that reopened its tuple (`CtEntry::kill`: expiry 0; it stays in the
+        // established table until the new flow's promotion writes itself over it). Read as
+        // present, an old flow's entry would answer for a new flow nobody answered. (The
+        // datapath's clock is CLOCK_MONOTONIC_COARSE, up to a tick behind this one: an entry
+        // may look expired here up to a tick early, never late.)
+        let now = super::masq6::monotonic_ns();
         let mut out = Vec::with_capacity(probes.len());
         for p in probes {
             // The new table first: a promotion writes the established entry before it deletes
@@ -277,7 +284,7 @@ impl PinnedCt {
                 ),
                 _ => (None, None),
             };
-            let mine = |e: &CtEntry| e.ifindex == p.ifindex;
+            let mine = |e: &CtEntry| e.ifindex == p.ifindex && e.expires_ns >= now;
             out.push(match (new.filter(mine), est.filter(mine)) {
                 (_, Some(e)) => CtSeen::Established(e),
                 (Some(e), None) => CtSeen::New(e),
