@@ -717,22 +717,22 @@ fn established<F: Family>(
     if ct::new_table_first(l.proto, l.tcp_flags) {
         // A SYN-ACK, which is never promoted.
         let new = F::get(&k, false);
-        let r = remote_for::<F>(new, &mut src, iif, o.ifindex)?;
+        let r = remote_for::<F>(new, &mut src, iif, o.ifindex, now)?;
         if ct_hit::<F>(&k, new, now, l, dir, false, o.with(&r), None)? {
             return Ok(true);
         }
         let est = F::get(&k, true);
-        let r = remote_for::<F>(est, &mut src, iif, o.ifindex)?;
+        let r = remote_for::<F>(est, &mut src, iif, o.ifindex, now)?;
         return ct_hit::<F>(&k, est, now, l, dir, true, o.with(&r), None);
     }
     let est = F::get(&k, true);
-    let r = remote_for::<F>(est, &mut src, iif, o.ifindex)?;
+    let r = remote_for::<F>(est, &mut src, iif, o.ifindex, now)?;
     if ct_hit::<F>(&k, est, now, l, dir, true, o.with(&r), None)? {
         return Ok(true);
     }
     // The established entry this lookup found, if the flow's promotion can reuse it.
     let new = F::get(&k, false);
-    let r = remote_for::<F>(new, &mut src, iif, o.ifindex)?;
+    let r = remote_for::<F>(new, &mut src, iif, o.ifindex, now)?;
     ct_hit::<F>(&k, new, now, l, dir, false, o.with(&r), est)
 }
 
@@ -756,14 +756,20 @@ impl<'a> Owner<'a> {
 /// `found` recorded it while the ipcache is still in the generation it recorded
 /// (`CtEntry::gen_current`: the same entry the ipcache holds, without a lookup), else the
 /// source's ipcache entry (looked up once per packet), after which `found` records this
-/// generation if it holds an entry that checks alike (`RemoteInfo::checks_as`). Either is
-/// checked for spoofing first: `Err` with `Spoofed`.
+/// generation if it is live at `now` and holds an entry that checks alike
+/// (`RemoteInfo::checks_as`). Either is checked for spoofing first: `Err` with `Spoofed`.
+///
+/// Only a live entry records it: an expired or killed one may be turned into another flow's
+/// entry in place at any moment (`promote_into`, on another CPU), and a generation stamped
+/// after that, checked against the old flow's fields, would vouch for the new flow's. The
+/// expiry is read first; `promote_into` writes it last.
 #[inline(always)]
 fn remote_for<F: Family>(
     found: Option<*mut CtEntry>,
     src: &mut Option<&mut Pkt<F>>,
     iif: u32,
     own: u32,
+    now: u64,
 ) -> Result<Option<(u32, RemoteInfo)>, Revoked> {
     let Some(p) = src else {
         return Ok(None);
@@ -782,7 +788,9 @@ fn remote_for<F: Family>(
         return Ok(Some((iif, r)));
     }
     let r = src_remote::<F>(p, iif, own).map_err(|_| spoofed(p.remote.identity))?;
-    if !e.gen_current(p.gen) && e.recorded_remote().checks_as(&r) {
+    // SAFETY: a volatile read of the map value's expiry, before its other fields.
+    let live = unsafe { core::ptr::read_volatile(&e.expires_ns) } >= now;
+    if live && !e.gen_current(p.gen) && e.recorded_remote().checks_as(&r) {
         e.set_gen(p.gen);
     }
     Ok(Some((iif, r)))
