@@ -1323,6 +1323,82 @@ fn suggest_sees_a_reopened_tuple_as_its_new_flow_v6() {
     }
 }
 
+/// A promotion over an established entry of its key that belongs to someone else (a departed
+/// endpoint's, another identity, another remote, the other direction, audit-admitted and
+/// closing), expired and then killed by the reopening SYN, keeps nothing of it: every field
+/// `CtEntry::serves`, the reply test and the audit logic read is the new flow's.
+fn promotion_over_a_stale_entry_keeps_nothing_of_it(fam: Fam) {
+    let mut dp = Dp::db(true, true);
+    dp.allow(
+        &DB,
+        APP1.id,
+        Direction::Ingress,
+        proto::TCP,
+        5432,
+        policy::FULL_PREFIX,
+        4,
+    );
+    let k = ct_key(fam, &APP1, &DB, 40002, 5432, proto::TCP, CtDir::Ingress);
+    let stale = CtEntry {
+        expires_ns: now_ns() - SEC,
+        flags: CtEntry::AUDIT | CtEntry::SEEN_REPLY | CtEntry::FIN_ORIG | CtEntry::CLOSING,
+        rule: 9,
+        ifindex: 99,
+        identity: 999,
+        remote_identity: 777,
+        remote_ifindex: 55,
+        remote_bridge: 66,
+        dir: CtDir::Egress as u8,
+        ipcache_gen: [0xff; 3],
+    };
+    dp.set_ct_in(k, stale, true);
+    assert_eq!(dp.run(To, &fam.tcp(&APP1, &DB, 40002, 5432, TCP_SYN)), PASS);
+    assert_eq!(dp.ct_in(k, true).map(|e| e.expires_ns), Some(0), "killed");
+    let e = dp.ct_in(k, false).expect("the new flow");
+    assert_eq!(
+        dp.run(From, &fam.tcp(&DB, &APP1, 5432, 40002, TCP_SYN | TCP_ACK)),
+        PASS
+    );
+    assert_eq!(dp.run(To, &fam.tcp(&APP1, &DB, 40002, 5432, TCP_ACK)), PASS);
+    assert!(dp.ct_in(k, false).is_none(), "promoted");
+    let p = dp.ct_in(k, true).expect("the promoted flow");
+    assert!(p.expires_ns > now_ns(), "live");
+    assert_eq!(
+        CtEntry { expires_ns: 0, ..p },
+        CtEntry {
+            expires_ns: 0,
+            flags: CtEntry::SEEN_REPLY,
+            ..e
+        },
+        "nothing of the stale entry is left"
+    );
+    assert_eq!(
+        (p.ifindex, p.identity, p.remote_identity, p.dir, p.rule),
+        (LO, DB.id, APP1.id, CtDir::Ingress as u8, 4)
+    );
+    // And the flow goes on as db's: its replies and app1's packets pass on the entry.
+    assert_eq!(
+        dp.run(From, &fam.tcp(&DB, &APP1, 5432, 40002, TCP_ACK)),
+        PASS
+    );
+    assert_eq!(dp.run(To, &fam.tcp(&APP1, &DB, 40002, 5432, TCP_ACK)), PASS);
+    assert_drops(&dp, None, 0);
+}
+
+#[test]
+fn promotion_over_a_stale_entry_keeps_nothing_of_it_v4() {
+    if require_root("promotion_over_a_stale_entry_keeps_nothing_of_it_v4") {
+        promotion_over_a_stale_entry_keeps_nothing_of_it(V4);
+    }
+}
+
+#[test]
+fn promotion_over_a_stale_entry_keeps_nothing_of_it_v6() {
+    if require_root("promotion_over_a_stale_entry_keeps_nothing_of_it_v6") {
+        promotion_over_a_stale_entry_keeps_nothing_of_it(V6);
+    }
+}
+
 #[test]
 fn reply_passes_by_conntrack_v4() {
     if require_root("reply_passes_by_conntrack_v4") {
