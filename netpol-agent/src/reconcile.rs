@@ -489,13 +489,10 @@ pub fn apply(dp: &mut dyn Datapath, p: &Plan) -> Result<(), ReconcileError> {
         if let Err(source) = run(dp, op) {
             error!(?op, error = %source, "datapath write failed; undoing the change");
             let mut undone = 0;
-            for undo in p.undo[..n].iter().rev() {
-                match undo {
-                    Some(u) => match run(dp, u) {
-                        Ok(()) => undone += 1,
-                        Err(e) => warn!(op = ?u, error = %e, "undo failed"),
-                    },
-                    None => {}
+            for u in p.undo[..n].iter().rev().flatten() {
+                match run(dp, u) {
+                    Ok(()) => undone += 1,
+                    Err(e) => warn!(op = ?u, error = %e, "undo failed"),
                 }
             }
             return Err(ReconcileError::Failed {

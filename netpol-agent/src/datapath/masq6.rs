@@ -737,7 +737,7 @@ pub fn join_flows(entries: &[(Snat6Key, Snat6Entry)], now_ns: u64) -> Vec<Snat6F
             complete: false,
         });
     }
-    out.sort_by(|a, b| (a.proto, a.inside, a.remote).cmp(&(b.proto, b.inside, b.remote)));
+    out.sort_by_key(|a| (a.proto, a.inside, a.remote));
     out
 }
 
