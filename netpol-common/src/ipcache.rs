@@ -36,6 +36,19 @@
 //! generation sees the new entries; one that read the old generation may use what the entry
 //! recorded, which is what the trie held before the write: the state just before the change,
 //! as for any packet that came a moment earlier.
+//!
+//! That order holds on x86 (stores become visible in program order, loads are not reordered
+//! with older loads); the argument is x86's. On a weakly ordered CPU (arm64) nothing here
+//! orders the agent's generation store after its trie store, or a packet's generation load
+//! before its trie walk: a packet that looks its source up while the agent writes that entry
+//! could record the new generation with the old entry. Its flow's packets would then be checked
+//! against the old entry until the next ipcache write (or, for a departed container's address,
+//! until the agent flushes that address's conntrack entries, at the end of the same
+//! reconcile), either way: the old remote's interfaces and identity still vouch for that one
+//! flow (more access: e.g. a newcomer with a departed container's address, routed through the
+//! bridge, on the departed one's flow), or still make it spoofed (less). Closing it needs an
+//! acquire load here (BPF load-acquire, Linux 6.15) and a release store by the agent (an
+//! mmapped or `BPF_F_LOCK` array): not done.
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

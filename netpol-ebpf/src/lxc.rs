@@ -1287,7 +1287,9 @@ fn event_ports(ev: &mut FlowEvent, l: &L4) {
     };
 }
 
-/// `IPCACHE_GEN`: the ipcache's generation (0 if unreadable: no conntrack entry matches it).
+/// `IPCACHE_GEN`: the ipcache's generation (0 if unreadable: no conntrack entry matches it). A
+/// plain load, ordered before the packet's ipcache lookups by x86 alone (netpol-common's
+/// `ipcache` says what a weakly ordered CPU can get).
 #[inline(always)]
 fn ipcache_gen() -> u32 {
     IPCACHE_GEN.get(0).copied().unwrap_or(0)
