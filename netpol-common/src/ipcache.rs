@@ -48,7 +48,9 @@
 //! flow (more access: e.g. a newcomer with a departed container's address, routed through the
 //! bridge, on the departed one's flow), or still make it spoofed (less). Closing it needs an
 //! acquire load here (BPF load-acquire, Linux 6.15) and a release store by the agent (an
-//! mmapped or `BPF_F_LOCK` array): not done.
+//! mmapped or `BPF_F_LOCK` array). Until then the agent keeps the generation at 0 on any
+//! other architecture than x86 (netpol-agent's `next_ipcache_gen`): no entry matches 0, so
+//! there every packet to a container looks its source up, as before the generation existed.
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

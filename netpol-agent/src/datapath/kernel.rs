@@ -775,12 +775,15 @@ impl KernelDatapath {
     /// Moves `IPCACHE_GEN` on (netpol-common's `ipcache`). After every ipcache write: a packet
     /// that reads the new generation sees what was written, and a conntrack entry that recorded
     /// its remote in an older one has it looked up again before it vouches for a source.
+    ///
+    /// Only on x86, whose ordering the scheme relies on: elsewhere (arm64) the generation stays
+    /// 0, which no conntrack entry matches, so every packet to a container looks its source up
+    /// as before the scheme (netpol-common's `ipcache`).
     fn bump_ipcache_gen(&mut self) -> Result<(), DatapathError> {
         let name = maps::IPCACHE_GEN;
         let mut arr: Array<_, u32> = Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         let g = arr.get(&0, 0).map_err(map_err(name))?;
-        arr.set(0, netpol_common::ipcache::next_gen(g), 0)
-            .map_err(map_err(name))
+        arr.set(0, next_ipcache_gen(g), 0).map_err(map_err(name))
     }
 
     fn full(&self, e: DatapathError, map: &'static str, max: u32) -> DatapathError {
@@ -1480,5 +1483,15 @@ impl Datapath for KernelDatapath {
         let mut cfg = arr.get(&0, 0).map_err(map_err(maps::CONFIG))?;
         cfg.event_rate = rate;
         arr.set(0, cfg, 0).map_err(map_err(maps::CONFIG))
+    }
+}
+
+/// The generation after `g`; always 0 where the ordering the generation relies on (x86's) is
+/// not guaranteed: conntrack entries then never vouch for a source without a lookup.
+fn next_ipcache_gen(g: u32) -> u32 {
+    if cfg!(any(target_arch = "x86_64", target_arch = "x86")) {
+        netpol_common::ipcache::next_gen(g)
+    } else {
+        0
     }
 }
