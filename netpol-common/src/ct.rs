@@ -226,12 +226,12 @@ impl CtEntry {
     }
 
     /// Whether the remote's fields are still what the ipcache says, in generation `now` (the
-    /// `IPCACHE_GEN` the packet read before any lookup): recorded in that generation, and it
-    /// is not 0.
+    /// `IPCACHE_GEN` the packet read before any lookup): recorded in that generation, which is
+    /// not 0 and not odd (an ipcache write in progress, or one its agent never finished).
     #[inline(always)]
     pub const fn gen_current(&self, now: u32) -> bool {
         let g = now & crate::ipcache::GEN_MASK;
-        g != 0 && self.gen() == g
+        g != 0 && g & 1 == 0 && self.gen() == g
     }
 
     /// The remote's ipcache entry as the entry recorded it.

@@ -23,15 +23,20 @@
 //! martian-source check, so without this any on-link neighbour could be `host`. Other entries
 //! (`world`, `unmanaged`, CIDR identities) carry 0 and 0 (no check).
 //!
-//! `IPCACHE_GEN`: the ipcache's generation, a number the agent moves on ([`next_gen`]) after
-//! every write to either trie, and once more when it opens the datapath (an older agent that
-//! ran in between wrote the tries without moving it). A conntrack entry records the generation
-//! in which its remote's entry was looked up (`CtEntry::ipcache_gen`; the programs read the
-//! generation before any lookup of the packet). While that is still the generation,
-//! the remote's entry is the one the conntrack entry recorded, so `to_container` checks an
-//! established flow's source (`Spoofed`, `CtEntry::serves`) against the recorded entry without
-//! a trie walk. Any other generation, or 0 (never valid), takes the lookup as before, and the
-//! entry records the new generation when the lookup finds its recorded remote unchanged. The
+//! `IPCACHE_GEN`: the ipcache's generation, a number the agent moves on around every write to
+//! either trie: to an odd one before the write ([`write_begins`]), to the next even one after
+//! it ([`write_ends`]), and to a new even one when it opens the datapath (an older agent that
+//! ran in between wrote the tries without moving it; or an agent died in the middle of a
+//! write). In an odd generation no recorded remote is current (`CtEntry::gen_current`): an
+//! agent killed between its trie write and the end of it, or whose end failed, leaves the
+//! generation odd, so no conntrack entry's recorded remote vouches for an address the trie
+//! gave to someone else meanwhile. A conntrack entry records the generation in which its
+//! remote's entry was looked up (`CtEntry::ipcache_gen`; the programs read the generation
+//! before any lookup of the packet). While that is still the generation, the remote's entry is
+//! the one the conntrack entry recorded, so `to_container` checks an established flow's source
+//! (`Spoofed`, `CtEntry::serves`) against the recorded entry without a trie walk. Any other
+//! generation, an odd one or 0 (never valid), takes the lookup as before, and the entry
+//! records the new generation when the lookup finds its recorded remote unchanged. The
 //! order (write, then move on; read, then look up) means a packet that reads the new
 //! generation sees the new entries; one that read the old generation may use what the entry
 //! recorded, which is what the trie held before the write: the state just before the change,
@@ -71,13 +76,21 @@ pub const NO_IFINDEX: u32 = u32::MAX;
 /// Bits of the generation a conntrack entry records (`CtEntry::ipcache_gen`, three bytes).
 pub const GEN_MASK: u32 = 0x00ff_ffff;
 
-/// The generation after `g`: never one whose recorded bits ([`GEN_MASK`]) are 0, which no
-/// conntrack entry ever matches (entries made before generations existed hold 0).
+/// The generation an ipcache write runs in, from `g`: odd (an odd `g` is an unfinished write's,
+/// and stays). Its recorded bits ([`GEN_MASK`]) are never 0.
 #[inline(always)]
-pub const fn next_gen(g: u32) -> u32 {
-    let n = g.wrapping_add(1);
+pub const fn write_begins(g: u32) -> u32 {
+    g | 1
+}
+
+/// The generation after an ipcache write (or a start), from `g`: the next even one after `g`
+/// whose recorded bits are not 0, which no conntrack entry ever matches (entries made before
+/// generations existed hold 0).
+#[inline(always)]
+pub const fn write_ends(g: u32) -> u32 {
+    let n = (g | 1).wrapping_add(1);
     if n & GEN_MASK == 0 {
-        n.wrapping_add(1)
+        n.wrapping_add(2)
     } else {
         n
     }
@@ -252,10 +265,33 @@ mod tests {
 
     #[test]
     fn a_generation_is_never_zero_in_its_recorded_bits() {
-        assert_eq!(next_gen(0), 1);
-        assert_eq!(next_gen(1), 2);
-        assert_eq!(next_gen(GEN_MASK - 1), GEN_MASK);
-        assert_eq!(next_gen(GEN_MASK), GEN_MASK + 2);
-        assert_eq!(next_gen(u32::MAX), 1);
+        assert_eq!(write_begins(0), 1);
+        assert_eq!(write_ends(1), 2);
+        assert_eq!(write_begins(2), 3);
+        assert_eq!(
+            write_begins(3),
+            3,
+            "an unfinished write's generation stays odd"
+        );
+        assert_eq!(write_ends(0), 2, "a start from 0");
+        assert_eq!(write_ends(2), 4, "a start moves on from an even generation");
+        assert_eq!(write_ends(GEN_MASK - 2), GEN_MASK - 1);
+        assert_eq!(write_ends(GEN_MASK), GEN_MASK + 3);
+        assert_eq!(write_ends(GEN_MASK - 1), GEN_MASK + 3);
+        assert_eq!(write_ends(u32::MAX), 2);
+        let mut g = 0u32;
+        for _ in 0..3 * (1 << 12) {
+            g = write_begins(g);
+            assert!(g & 1 == 1 && g & GEN_MASK != 0, "{g:#x}");
+            g = write_ends(g);
+            assert!(g & 1 == 0 && g & GEN_MASK != 0, "{g:#x}");
+        }
+        for start in [GEN_MASK - 4, u32::MAX - 4] {
+            let mut g = start;
+            for _ in 0..4 {
+                g = write_ends(write_begins(g));
+                assert!(g & 1 == 0 && g & GEN_MASK != 0, "{start:#x}: {g:#x}");
+            }
+        }
     }
 }

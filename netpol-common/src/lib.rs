@@ -32,8 +32,8 @@ pub mod maps {
     /// `RemoteInfo` with the container's interfaces (v2).
     pub const IPCACHE4: &str = "IPCACHE4_V2";
     pub const IPCACHE6: &str = "IPCACHE6_V2";
-    /// Array of one `u32`: the ipcache's generation, which the agent moves on after every
-    /// ipcache write (see the `ipcache` module).
+    /// Array of one `u32`: the ipcache's generation, which the agent moves on around every
+    /// ipcache write, odd while it writes (see the `ipcache` module).
     pub const IPCACHE_GEN: &str = "IPCACHE_GEN";
     pub const POLICY: &str = "POLICY";
     /// Established flows (v3: one entry per flow for both directions, keyed from the

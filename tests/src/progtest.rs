@@ -107,7 +107,7 @@ impl Datapath {
         // No rate limit on events unless a test sets one: tests count every event.
         dp.config(0);
         // The agent's first generation.
-        dp.bump_ipcache_gen();
+        dp.ipcache_write_ends();
         dp
     }
 
@@ -135,35 +135,51 @@ impl Datapath {
             .expect("ENDPOINTS insert");
     }
 
-    /// Writes an ipcache entry as the agent does: the trie, then a new `IPCACHE_GEN`
-    /// (netpol-common's `ipcache`).
+    /// Writes an ipcache entry as the agent does: an odd `IPCACHE_GEN`, the trie, then the next
+    /// even one (netpol-common's `ipcache`).
     pub fn ipcache4(&mut self, prefix: u32, addr: [u8; 4], info: RemoteInfo) {
-        self.trie::<[u8; 4], RemoteInfo>(maps::IPCACHE4)
-            .insert(&Key::new(prefix, addr), info, 0)
-            .expect("IPCACHE4 insert");
-        self.bump_ipcache_gen();
+        self.ipcache4_unfinished(prefix, addr, info);
+        self.ipcache_write_ends();
     }
 
     pub fn ipcache6(&mut self, prefix: u32, addr: [u8; 16], info: RemoteInfo) {
+        self.ipcache6_unfinished(prefix, addr, info);
+        self.ipcache_write_ends();
+    }
+
+    /// What an agent leaves of an ipcache write when it dies (or its generation write fails)
+    /// right after the trie write: the trie holds `info`, `IPCACHE_GEN` is the odd generation
+    /// the write began.
+    pub fn ipcache4_unfinished(&mut self, prefix: u32, addr: [u8; 4], info: RemoteInfo) {
+        self.ipcache_write_begins();
+        self.trie::<[u8; 4], RemoteInfo>(maps::IPCACHE4)
+            .insert(&Key::new(prefix, addr), info, 0)
+            .expect("IPCACHE4 insert");
+    }
+
+    pub fn ipcache6_unfinished(&mut self, prefix: u32, addr: [u8; 16], info: RemoteInfo) {
+        self.ipcache_write_begins();
         self.trie::<[u8; 16], RemoteInfo>(maps::IPCACHE6)
             .insert(&Key::new(prefix, addr), info, 0)
             .expect("IPCACHE6 insert");
-        self.bump_ipcache_gen();
     }
 
-    /// Removes an ipcache entry as the agent does: the trie, then a new `IPCACHE_GEN`.
+    /// Removes an ipcache entry as the agent does: an odd `IPCACHE_GEN`, the trie, then the
+    /// next even one.
     pub fn ipcache4_remove(&mut self, prefix: u32, addr: [u8; 4]) {
+        self.ipcache_write_begins();
         let _ = self
             .trie::<[u8; 4], RemoteInfo>(maps::IPCACHE4)
             .remove(&Key::new(prefix, addr));
-        self.bump_ipcache_gen();
+        self.ipcache_write_ends();
     }
 
     pub fn ipcache6_remove(&mut self, prefix: u32, addr: [u8; 16]) {
+        self.ipcache_write_begins();
         let _ = self
             .trie::<[u8; 16], RemoteInfo>(maps::IPCACHE6)
             .remove(&Key::new(prefix, addr));
-        self.bump_ipcache_gen();
+        self.ipcache_write_ends();
     }
 
     /// The ipcache's generation (`IPCACHE_GEN`).
@@ -173,9 +189,19 @@ impl Datapath {
         m.get(&0, 0).expect("IPCACHE_GEN")
     }
 
-    /// Moves the ipcache to its next generation, as the agent does after each ipcache write.
-    pub fn bump_ipcache_gen(&mut self) {
-        let next = netpol_common::ipcache::next_gen(self.ipcache_gen());
+    /// Moves `IPCACHE_GEN` to the odd generation of a write, as the agent does before each
+    /// ipcache write.
+    pub fn ipcache_write_begins(&mut self) {
+        self.set_ipcache_gen(netpol_common::ipcache::write_begins(self.ipcache_gen()));
+    }
+
+    /// Moves `IPCACHE_GEN` to the next even generation, as the agent does after each ipcache
+    /// write and when it starts.
+    pub fn ipcache_write_ends(&mut self) {
+        self.set_ipcache_gen(netpol_common::ipcache::write_ends(self.ipcache_gen()));
+    }
+
+    fn set_ipcache_gen(&mut self, next: u32) {
         let mut m: Array<_, u32> =
             Array::try_from(self.bpf.map_mut(maps::IPCACHE_GEN).expect("IPCACHE_GEN")).unwrap();
         m.set(0, next, 0).expect("IPCACHE_GEN set");

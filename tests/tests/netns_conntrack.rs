@@ -701,9 +701,10 @@ fn an_old_layout_is_copied_on_upgrade() {
 
 /// Issue 11: `to_container` takes a conntrack entry's recorded remote as the ipcache's only while
 /// the ipcache is in the generation the entry recorded (netpol-common `ipcache`). The agent moves
-/// `IPCACHE_GEN` on after every ipcache write, a failed one too, and when it opens the datapath
-/// (an older agent may have written the ipcache without moving it), and never back: a restart
-/// goes on from the pinned generation.
+/// `IPCACHE_GEN` to an odd generation before every ipcache write and to the next even one after
+/// it, a failed one too, and on to a new even one when it opens the datapath (an older agent may
+/// have written the ipcache without moving it, or one died in the middle of a write), and never
+/// back: a restart goes on from the pinned generation.
 #[test]
 fn every_ipcache_write_moves_the_generation_on() {
     if !require_root("every_ipcache_write_moves_the_generation_on") {
@@ -725,19 +726,20 @@ fn every_ipcache_write_moves_the_generation_on() {
         let mut dp = KernelDatapath::open(pins.path(), MapSizes::default()).expect("open");
         let g0 = gen(pins.path());
         assert_ne!(g0, 0, "a datapath starts in a generation no entry holds");
+        assert_eq!(g0 % 2, 0, "and not in a write's");
         dp.upsert_ipcache(cidr("10.9.0.3/32"), RemoteInfo::container(APP1, 21, 9))
             .expect("upsert");
-        assert_eq!(gen(pins.path()), g0 + 1, "after an upsert");
+        assert_eq!(gen(pins.path()), g0 + 2, "after an upsert");
         dp.upsert_ipcache(cidr("10.9.0.0/24"), RemoteInfo::new(identity::UNMANAGED))
             .expect("upsert");
         dp.delete_ipcache(cidr("10.9.0.3/32")).expect("delete");
-        assert_eq!(gen(pins.path()), g0 + 3, "after an upsert and a delete");
+        assert_eq!(gen(pins.path()), g0 + 6, "after two upserts and a delete");
         gen(pins.path())
     };
     let _dp = KernelDatapath::open(pins.path(), MapSizes::default()).expect("adopt");
     assert_eq!(
         gen(pins.path()),
-        first + 1,
+        first + 2,
         "an adoption goes on from the pinned generation"
     );
 }

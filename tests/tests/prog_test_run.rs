@@ -3326,6 +3326,64 @@ fn established_flows_follow_the_ipcache(fam: Fam) {
     assert_eq!(dp.drops(DropReason::Spoofed), 6);
 }
 
+/// An agent killed between its ipcache write and the end of it (or whose generation write
+/// fails) must not leave a conntrack entry's recorded remote taken as the ipcache's: app1 has an
+/// established flow to db; app1 goes and app3 gets its address in one upsert (one reconcile
+/// saw both) that the agent did not finish. app3's packets on app1's tuple, bridged or routed
+/// via the bridge, are not app1's flow: policy decides them, and does not let app3 in.
+fn an_unfinished_ipcache_write_vouches_for_no_recorded_remote(fam: Fam) {
+    const APP1_VETH: u32 = 7;
+    const APP3_VETH: u32 = 8;
+    const BRIDGE: u32 = 9;
+    let mut dp = Dp::db(true, true);
+    dp.ipcache_container(&APP1, APP1_VETH, BRIDGE);
+    dp.allow(
+        &DB,
+        APP1.id,
+        Direction::Ingress,
+        proto::TCP,
+        5432,
+        policy::FULL_PREFIX,
+        4,
+    );
+    let (c, s) = (40000, 5432);
+    for (p, iif, frame) in [
+        (To, APP1_VETH, fam.tcp(&APP1, &DB, c, s, TCP_SYN)),
+        (From, 0, fam.tcp(&DB, &APP1, s, c, TCP_SYN | TCP_ACK)),
+        (To, APP1_VETH, fam.tcp(&APP1, &DB, c, s, TCP_ACK)),
+        (To, BRIDGE, fam.tcp(&APP1, &DB, c, s, TCP_ACK)),
+    ] {
+        assert_eq!(dp.run_via(p, LO, iif, &frame), PASS, "app1's flow");
+    }
+    let app3 = Host { id: 310, ..APP1 };
+    let info = RemoteInfo::container(app3.id, APP3_VETH, BRIDGE);
+    dp.dp.ipcache4_unfinished(32, app3.v4, info);
+    dp.dp.ipcache6_unfinished(128, app3.v6, info);
+    let data = fam.tcp(&app3, &DB, c, s, TCP_ACK);
+    for iif in [BRIDGE, APP3_VETH] {
+        assert_eq!(
+            dp.run_via(To, LO, iif, &data),
+            SHOT,
+            "app3 on app1's flow via {iif} after an unfinished ipcache write"
+        );
+    }
+    assert_drops(&dp, Some(DropReason::PolicyDenied), 2);
+}
+
+#[test]
+fn an_unfinished_ipcache_write_vouches_for_no_recorded_remote_v4() {
+    if require_root("an_unfinished_ipcache_write_vouches_for_no_recorded_remote_v4") {
+        an_unfinished_ipcache_write_vouches_for_no_recorded_remote(V4);
+    }
+}
+
+#[test]
+fn an_unfinished_ipcache_write_vouches_for_no_recorded_remote_v6() {
+    if require_root("an_unfinished_ipcache_write_vouches_for_no_recorded_remote_v6") {
+        an_unfinished_ipcache_write_vouches_for_no_recorded_remote(V6);
+    }
+}
+
 #[test]
 fn established_flows_follow_the_ipcache_v4() {
     if require_root("established_flows_follow_the_ipcache_v4") {

@@ -502,9 +502,10 @@ impl KernelDatapath {
             let n = dp.migrate_legacy();
             info!(maps = ?legacy, entries = n, "copied maps of an older layout into the current ones");
         }
-        // An older agent may have written the ipcache without moving its generation on: no
-        // conntrack entry's recorded remote is taken as current before it is looked up again.
-        dp.bump_ipcache_gen()?;
+        // An older agent may have written the ipcache without moving its generation on, or one
+        // died in the middle of a write: no conntrack entry's recorded remote is taken as
+        // current before it is looked up again.
+        dp.move_ipcache_gen(netpol_common::ipcache::write_ends)?;
         dp.adopt_links()?;
         for m in &legacy {
             // The links run the new programs now: the old maps are unused.
@@ -772,18 +773,21 @@ impl KernelDatapath {
         }
     }
 
-    /// Moves `IPCACHE_GEN` on (netpol-common's `ipcache`). After every ipcache write: a packet
-    /// that reads the new generation sees what was written, and a conntrack entry that recorded
-    /// its remote in an older one has it looked up again before it vouches for a source.
+    /// Moves `IPCACHE_GEN` to `next(g)` (netpol-common's `ipcache`): to an odd generation
+    /// before every ipcache write (`write_begins`: no recorded remote is current in it, also if
+    /// the agent dies before the write's end), to the next even one after it (`write_ends`: a
+    /// packet that reads it sees what was written, and a conntrack entry that recorded its
+    /// remote in an older one has it looked up again before it vouches for a source).
     ///
     /// Only on x86, whose ordering the scheme relies on: elsewhere (arm64) the generation stays
     /// 0, which no conntrack entry matches, so every packet to a container looks its source up
     /// as before the scheme (netpol-common's `ipcache`).
-    fn bump_ipcache_gen(&mut self) -> Result<(), DatapathError> {
+    fn move_ipcache_gen(&mut self, next: fn(u32) -> u32) -> Result<(), DatapathError> {
         let name = maps::IPCACHE_GEN;
         let mut arr: Array<_, u32> = Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         let g = arr.get(&0, 0).map_err(map_err(name))?;
-        arr.set(0, next_ipcache_gen(g), 0).map_err(map_err(name))
+        arr.set(0, next_ipcache_gen(g, next), 0)
+            .map_err(map_err(name))
     }
 
     fn full(&self, e: DatapathError, map: &'static str, max: u32) -> DatapathError {
@@ -1227,18 +1231,21 @@ impl Datapath for KernelDatapath {
         }
     }
 
-    /// The trie, then a new generation (also after a failed write: what failed may be half
-    /// done).
+    /// An odd generation, the trie, then the next even generation (also after a failed write:
+    /// what failed may be half done). Killed or failing before the end, the generation stays
+    /// odd: no recorded remote is current until the next write or start ends one.
     fn upsert_ipcache(&mut self, cidr: Cidr, value: RemoteInfo) -> Result<(), DatapathError> {
+        self.move_ipcache_gen(netpol_common::ipcache::write_begins)?;
         let r = self.upsert_trie(cidr, value);
-        self.bump_ipcache_gen()?;
+        self.move_ipcache_gen(netpol_common::ipcache::write_ends)?;
         r
     }
 
-    /// The trie, then a new generation.
+    /// An odd generation, the trie, then the next even generation.
     fn delete_ipcache(&mut self, cidr: Cidr) -> Result<(), DatapathError> {
+        self.move_ipcache_gen(netpol_common::ipcache::write_begins)?;
         let r = self.delete_trie(cidr);
-        self.bump_ipcache_gen()?;
+        self.move_ipcache_gen(netpol_common::ipcache::write_ends)?;
         r
     }
 
@@ -1486,11 +1493,12 @@ impl Datapath for KernelDatapath {
     }
 }
 
-/// The generation after `g`; always 0 where the ordering the generation relies on (x86's) is
-/// not guaranteed: conntrack entries then never vouch for a source without a lookup.
-fn next_ipcache_gen(g: u32) -> u32 {
+/// `next(g)`, the generation after `g` (`write_begins` or `write_ends`); always 0 where the
+/// ordering the generation relies on (x86's) is not guaranteed: conntrack entries then never
+/// vouch for a source without a lookup.
+fn next_ipcache_gen(g: u32, next: fn(u32) -> u32) -> u32 {
     if cfg!(any(target_arch = "x86_64", target_arch = "x86")) {
-        netpol_common::ipcache::next_gen(g)
+        next(g)
     } else {
         0
     }
