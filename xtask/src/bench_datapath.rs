@@ -1185,20 +1185,12 @@ struct Cost {
 /// The time all CPUs have spent not idle (user, nice, system, irq, softirq, steal) since boot,
 /// ns, from /proc/stat.
 fn cpu_busy_ns() -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let line = stat
-        .lines()
-        .find(|l| l.starts_with("cpu "))
-        .context("no cpu line in /proc/stat")?;
-    let f: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse().unwrap_or(0.0))
-        .collect();
-    ensure!(f.len() >= 8, "short cpu line in /proc/stat: {line}");
-    // user nice system idle iowait irq softirq steal
-    let ticks = f[0] + f[1] + f[2] + f[5] + f[6] + f[7];
-    Ok(ticks * 1e9 / crate::process::ticks_per_second())
+    // [user + nice, system, irq + softirq, idle + iowait, steal] of each CPU.
+    let ticks: u64 = crate::process::cpu_times()?
+        .iter()
+        .map(|c| c[0] + c[1] + c[2] + c[4])
+        .sum();
+    Ok(ticks as f64 * 1e9 / crate::process::ticks_per_second())
 }
 
 /// Average run time of the programs at the from_container and to_container hooks per packet,

@@ -593,32 +593,6 @@ fn dropped(s: &Setup) -> Result<Option<u64>> {
     }))
 }
 
-/// Each CPU's time from `/proc/stat`, in ticks: user (+ nice), system, irq + softirq,
-/// idle (+ iowait), steal.
-fn cpu_times() -> Result<Vec<[u64; 5]>> {
-    parse_cpu_times(&std::fs::read_to_string("/proc/stat")?)
-}
-
-fn parse_cpu_times(s: &str) -> Result<Vec<[u64; 5]>> {
-    let mut cpus = Vec::new();
-    for l in s.lines() {
-        let Some(rest) = l.strip_prefix("cpu") else {
-            continue;
-        };
-        if !rest.starts_with(|c: char| c.is_ascii_digit()) {
-            continue;
-        }
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .skip(1)
-            .map(|v| v.parse().unwrap_or(0))
-            .collect();
-        ensure!(f.len() >= 8, "short /proc/stat line {l}");
-        cpus.push([f[0] + f[1], f[2], f[5] + f[6], f[3] + f[4], f[7]]);
-    }
-    Ok(cpus)
-}
-
 /// `NET_RX` softirqs raised so far, per CPU (`/proc/softirqs`).
 fn net_rx() -> Result<Vec<u64>> {
     parse_net_rx(&std::fs::read_to_string("/proc/softirqs")?)
@@ -700,7 +674,7 @@ impl WindowWatch {
             (max, victim)
         });
         Ok(WindowWatch {
-            cpu0: cpu_times()?,
+            cpu0: crate::process::cpu_times()?,
             rx0: net_rx()?,
             server: (server_pid, schedstat(server_pid)?),
             t0: Instant::now(),
@@ -710,7 +684,7 @@ impl WindowWatch {
     }
 
     fn finish(self) -> Result<Window> {
-        let (cpu1, rx1) = (cpu_times()?, net_rx()?);
+        let (cpu1, rx1) = (crate::process::cpu_times()?, net_rx()?);
         let (run1, wait1) = schedstat(self.server.0)?;
         let secs = self.t0.elapsed().as_secs_f64();
         self.stop.store(true, Ordering::Relaxed);
@@ -1156,7 +1130,7 @@ mod tests {
         let stat = "cpu  10 1 20 300 4 5 6 7 0 0\ncpu0 1 2 3 40 5 6 7 8 0 0\ncpu1 9 0 8 70 0 1 2 3 0 0\nintr 1 2\n";
         // user + nice, system, irq + softirq, idle + iowait, steal; the all-CPU line is skipped.
         assert_eq!(
-            parse_cpu_times(stat).unwrap(),
+            crate::process::parse_cpu_times(stat).unwrap(),
             vec![[3, 3, 13, 45, 8], [9, 8, 3, 70, 3]]
         );
         let softirqs = "                    CPU0       CPU1\n          HI:          1          0\n      NET_TX:         10         20\n      NET_RX:     161361    187671\n";

@@ -1,7 +1,7 @@
 //! A running process's resource use, read from `/proc`: shared by the benchmarks that watch the
 //! agent (`bench agent`, `bench flood`).
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 
 /// The process's resident set (`VmRSS`), in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64> {
@@ -113,4 +113,30 @@ mod tests {
         assert!(b.file > 0 && b.heap > 0, "{b:?}");
         assert_eq!(b.total, b.heap + b.stacks + b.file);
     }
+}
+
+/// Each CPU's time from `/proc/stat`, in ticks: user (+ nice), system, irq + softirq,
+/// idle (+ iowait), steal.
+pub(crate) fn cpu_times() -> Result<Vec<[u64; 5]>> {
+    parse_cpu_times(&std::fs::read_to_string("/proc/stat")?)
+}
+
+pub(crate) fn parse_cpu_times(s: &str) -> Result<Vec<[u64; 5]>> {
+    let mut cpus = Vec::new();
+    for l in s.lines() {
+        let Some(rest) = l.strip_prefix("cpu") else {
+            continue;
+        };
+        if !rest.starts_with(|c: char| c.is_ascii_digit()) {
+            continue;
+        }
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        ensure!(f.len() >= 8, "short /proc/stat line {l}");
+        cpus.push([f[0] + f[1], f[2], f[5] + f[6], f[3] + f[4], f[7]]);
+    }
+    Ok(cpus)
 }
