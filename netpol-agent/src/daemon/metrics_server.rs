@@ -142,7 +142,13 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
         ));
     };
     // From here on the path has no symlink in it, and no other user can change what it names.
-    let parent = trusted_dir(parent)?;
+    let parent = crate::store::trusted_dir(parent).map_err(|e| match e.kind() {
+        io::ErrorKind::PermissionDenied => io::Error::new(
+            e.kind(),
+            format!("{e}: another user could replace the socket there; use a directory only root can write to"),
+        ),
+        _ => e,
+    })?;
     let path = &parent.join(name);
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
@@ -178,37 +184,6 @@ pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
         warn!(dir = %private.display(), error = %e, "removing the metrics socket's staging directory");
     }
     bound
-}
-
-/// `dir` with every symlink resolved, when no user but root and this process's can replace
-/// what is in it: it and every directory above it are owned by root or by us, and none is
-/// writable by group or others unless it is sticky (`/tmp`: others cannot remove or rename our
-/// entries there). Otherwise (`PermissionDenied`) another user could swap the socket for
-/// their own after it was bound, and the clients (root's CLI, the scraper) would talk to it.
-fn trusted_dir(dir: &Path) -> io::Result<PathBuf> {
-    use std::os::unix::fs::MetadataExt;
-    let dir = std::fs::canonicalize(dir)?;
-    // SAFETY: plain libc call.
-    let me = unsafe { libc::geteuid() };
-    for d in dir.ancestors() {
-        let m = std::fs::metadata(d)?;
-        let mode = m.mode();
-        let why = if m.uid() != 0 && m.uid() != me {
-            format!("is owned by uid {}", m.uid())
-        } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-            format!("is writable by other users (mode {:o})", mode & 0o7777)
-        } else {
-            continue;
-        };
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "{} {why}: another user could replace the socket there; use a directory only root can write to",
-                d.display()
-            ),
-        ));
-    }
-    Ok(dir)
 }
 
 /// The metrics a scrape serves ([`Scraper`]; the server's tests plug in their own).

@@ -335,6 +335,200 @@ fn a_policy_file_edited_into_an_invalid_state_keeps_its_last_valid_version() {
     assert!(a.policy_rows(Some("db")).is_err());
 }
 
+/// Replaces policy file `name` by what `make` puts at its path.
+fn replace_policy(dirs: &Dirs, name: &str, make: impl FnOnce(&Path)) {
+    let path = dirs.policy_dir().join(name);
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir(&path).expect("rmdir"),
+        Ok(_) => std::fs::remove_file(&path).expect("rm"),
+        Err(_) => {}
+    }
+    make(&path);
+}
+
+/// A name in the policy directory that is not a regular file (any more) — a symlink to
+/// nothing (its target on a file system not mounted yet at boot), a directory, a FIFO — is a
+/// rejected file, not a removed one: its last valid version stays in force, also across a
+/// restart, and reading it never blocks. Only the name gone removes its policies.
+#[test]
+fn a_policy_file_that_is_no_regular_file_keeps_its_last_valid_version() {
+    let dirs = Dirs::new("file-not-regular");
+    let (db, app1, app2) = (
+        service(2, "db", &[]),
+        service(3, "app1", &[]),
+        service(4, "app2", &[]),
+    );
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TCP"));
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    assert!(connects(&a, &app1, &db, 5432) && !connects(&a, &app2, &db, 5432));
+    let file = path_in(&dirs.policy_dir(), "db.yaml");
+    let gone = dirs.policy_dir().join("../not-mounted/db.yaml");
+    let fifo = |p: &Path| {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    };
+    let cases: [(&str, Box<dyn Fn(&Path)>); 3] = [
+        (
+            "a symbolic link to nothing",
+            Box::new(|p: &Path| std::os::unix::fs::symlink(&gone, p).expect("symlink")),
+        ),
+        (
+            "a directory",
+            Box::new(|p: &Path| std::fs::create_dir(p).expect("mkdir")),
+        ),
+        ("a FIFO", Box::new(fifo)),
+    ];
+    for (what, make) in &cases {
+        replace_policy(&dirs, "db.yaml", make);
+        a.reload_policy_dir();
+        a.sync_logged("test");
+        assert!(
+            connects(&a, &app1, &db, 5432) && !connects(&a, &app2, &db, 5432),
+            "{what}: db's policy was dropped"
+        );
+        let status = a.status();
+        let rejected = status["policy_files_rejected"][&file]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            rejected.contains(what) && rejected.contains("last valid version stays in force"),
+            "{what}: {status}"
+        );
+        drop(a);
+        a = agent(&dirs);
+        snapshot(&mut a, &[&db, &app1, &app2]);
+        assert!(
+            connects(&a, &app1, &db, 5432) && !connects(&a, &app2, &db, 5432),
+            "{what}: db's policy was dropped across a restart"
+        );
+    }
+    // A symlink to a valid file is read; the name gone removes the policy.
+    let elsewhere = dirs.policy_dir().join("../db-elsewhere.yaml");
+    std::fs::write(&elsewhere, db_accepts("app2", "TCP")).expect("write");
+    replace_policy(&dirs, "db.yaml", |p| {
+        std::os::unix::fs::symlink(&elsewhere, p).expect("symlink")
+    });
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(connects(&a, &app2, &db, 5432) && !connects(&a, &app1, &db, 5432));
+    replace_policy(&dirs, "db.yaml", |_| {});
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(connects(&a, &app1, &db, 5432) && connects(&a, &app2, &db, 5432));
+}
+
+/// A policy file that another user can write (writable by group or others, owned by another
+/// user, or in a directory another user can write to) could open every container: it is not
+/// read, like an invalid file (its last valid version stays in force), and a policy directory
+/// another user can write to is read no more, removals included, until only root can.
+#[test]
+fn a_policy_file_another_user_can_write_is_not_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dirs = Dirs::new("file-untrusted");
+    let (db, app1, app2) = (
+        service(2, "db", &[]),
+        service(3, "app1", &[]),
+        service(4, "app2", &[]),
+    );
+    let chmod = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    let file = dirs.policy_dir().join("db.yaml");
+    let rejected = |a: &Agent, path: &Path| {
+        a.status()["policy_files_rejected"][&path.display().to_string()]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    // Never read while world-writable: applies nothing.
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TCP"));
+    chmod(&file, 0o666);
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    assert!(connects(&a, &app2, &db, 5432));
+    assert!(rejected(&a, &file).contains("writable by other users"));
+    chmod(&file, 0o644);
+    assert!(a.policy_dir_changed());
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(connects(&a, &app1, &db, 5432) && !connects(&a, &app2, &db, 5432));
+
+    // An edit that opens db, in a group-writable file: not read.
+    dirs.write_policy("db.yaml", &db_accepts("app2", "TCP"));
+    chmod(&file, 0o664);
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(
+        connects(&a, &app1, &db, 5432) && !connects(&a, &app2, &db, 5432),
+        "a group-writable file's edit applied"
+    );
+    assert!(rejected(&a, &file).contains("last valid version stays in force"));
+    // SAFETY: plain libc call.
+    if unsafe { libc::geteuid() } == 0 {
+        chmod(&file, 0o644);
+        std::os::unix::fs::chown(&file, Some(65534), None).expect("chown");
+        a.reload_policy_dir();
+        a.sync_logged("test");
+        assert!(
+            !connects(&a, &app2, &db, 5432),
+            "another user's file applied"
+        );
+        assert!(rejected(&a, &file).contains("owned by uid 65534"));
+        std::os::unix::fs::chown(&file, Some(0), None).expect("chown");
+    }
+    chmod(&file, 0o644);
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TCP"));
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(connects(&a, &app1, &db, 5432) && !connects(&a, &app2, &db, 5432));
+
+    // A symlink to a file in a directory others can write to.
+    let open_dir = dirs.policy_dir().join("../open");
+    std::fs::create_dir(&open_dir).expect("mkdir");
+    chmod(&open_dir, 0o777);
+    std::fs::write(
+        open_dir.join("web.yaml"),
+        db_accepts("app2", "TCP").replace("name: db", "name: web"),
+    )
+    .expect("write");
+    std::os::unix::fs::symlink(
+        open_dir.join("web.yaml"),
+        dirs.policy_dir().join("web.yaml"),
+    )
+    .expect("symlink");
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(
+        !connects(&a, &app2, &db, 5432),
+        "a file in a world-writable directory applied"
+    );
+    assert!(rejected(&a, &dirs.policy_dir().join("web.yaml")).contains("writable by other users"));
+    std::fs::remove_file(dirs.policy_dir().join("web.yaml")).expect("rm");
+
+    // The policy directory itself: nothing in it is read, a removal neither.
+    chmod(&dirs.policy_dir(), 0o777);
+    assert!(a.policy_dir_changed());
+    dirs.remove_policy("db.yaml");
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(
+        connects(&a, &app1, &db, 5432) && !connects(&a, &app2, &db, 5432),
+        "a removal in a world-writable directory applied"
+    );
+    assert!(rejected(&a, &dirs.policy_dir()).contains("writable by other users"));
+    chmod(&dirs.policy_dir(), 0o755);
+    assert!(a.policy_dir_changed());
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(
+        connects(&a, &app2, &db, 5432),
+        "the removal applies once trusted"
+    );
+    assert_eq!(a.status()["policy_files_rejected"], serde_json::json!({}));
+}
+
 #[test]
 fn a_policy_file_that_was_never_valid_is_rejected_and_applies_nothing() {
     let dirs = Dirs::new("file-never-valid");

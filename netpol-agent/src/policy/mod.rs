@@ -61,7 +61,7 @@ pub use compile::{
 };
 pub use compose::ComposeError;
 pub use parse::{
-    parse_file, parse_file_with, parse_str, parse_str_with, read_file, validate_files,
+    parse_file, parse_file_with, parse_str, parse_str_with, read_file, read_from, validate_files,
 };
 
 use crate::{datapath::Cidr, identity::Labels};

@@ -34,20 +34,29 @@ pub fn parse_file_with(path: &Path, filter: &LabelFilter) -> Result<Vec<Policy>,
 /// Reads a policy file as UTF-8, never more than [`limits::FILE_BYTES`] of it: a larger file is
 /// an error naming the line the limit falls on.
 pub fn read_file(path: &Path) -> Result<String, PolicyError> {
+    match std::fs::File::open(path) {
+        Ok(f) => read_from(path, f),
+        Err(e) => Err(PolicyError {
+            file: path.display().to_string(),
+            line: 0,
+            path: String::new(),
+            kind: ErrorKind::Read(e),
+        }),
+    }
+}
+
+/// [`read_file`] of a file already open (`path` names it in errors).
+pub fn read_from(path: &Path, f: impl std::io::Read) -> Result<String, PolicyError> {
+    use std::io::Read as _;
     let whole = |line, kind| PolicyError {
         file: path.display().to_string(),
         line,
         path: String::new(),
         kind,
     };
-    let bytes = std::fs::File::open(path)
-        .and_then(|f| {
-            use std::io::Read;
-            let mut buf = Vec::new();
-            f.take(limits::FILE_BYTES as u64 + 1)
-                .read_to_end(&mut buf)?;
-            Ok(buf)
-        })
+    let mut bytes = Vec::new();
+    f.take(limits::FILE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
         .map_err(|e| whole(0, ErrorKind::Read(e)))?;
     if bytes.len() > limits::FILE_BYTES {
         let line = bytes[..limits::FILE_BYTES]

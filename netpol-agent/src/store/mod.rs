@@ -61,6 +61,33 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     result.map_err(io_err(path))
 }
 
+/// `dir` with every symlink resolved, when no user but root and this process's can replace
+/// what is in it: it and every directory above it are owned by root or by us, and none is
+/// writable by group or others unless it is sticky (`/tmp`: others cannot remove or rename our
+/// entries there). Otherwise `PermissionDenied`, naming the directory and why.
+pub fn trusted_dir(dir: &Path) -> io::Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = fs::canonicalize(dir)?;
+    // SAFETY: plain libc call.
+    let me = unsafe { libc::geteuid() };
+    for d in dir.ancestors() {
+        let m = fs::metadata(d)?;
+        let mode = m.mode();
+        let why = if m.uid() != 0 && m.uid() != me {
+            format!("is owned by uid {}", m.uid())
+        } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            format!("is writable by other users (mode {:o})", mode & 0o7777)
+        } else {
+            continue;
+        };
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} {why}", d.display()),
+        ));
+    }
+    Ok(dir)
+}
+
 /// Whether `name` can be a file name under `policies/`.
 pub fn valid_policy_name(name: &str) -> bool {
     !name.is_empty()

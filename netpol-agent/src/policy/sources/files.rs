@@ -9,6 +9,15 @@
 //! A policy name already used by an imported policy or by another file makes the file invalid
 //! (names are unique across sources). A stored copy that no longer parses (after an upgrade) is
 //! kept as such: see [`Files::unparsable`].
+//!
+//! A file is read only when no user but root (or the agent's own user) can have written it: a
+//! file owned by another user or writable by group or others, or in a directory another user
+//! can write to (there or further up, also through a symlink), is rejected like an invalid one
+//! (its last valid version stays in force): whoever can write it could open every container. So
+//! is a name that is not a regular file (a directory, a FIFO, a symlink to nothing: a mount
+//! not there yet): only a name gone from the directory removes its policies. A policy
+//! directory another user can write to is read no more (nothing in it changes what is in
+//! force: a file removed there may be an attacker's doing).
 
 use std::{
     collections::BTreeMap,
@@ -37,8 +46,9 @@ pub struct PolicyFile {
     pub error: Option<String>,
 }
 
-/// What tells a file's versions apart without reading it: modification time and size.
-type Stamp = (Option<SystemTime>, u64);
+/// What tells a file's versions apart without reading it: modification time and size, and its
+/// owner and mode (which decide whether it is read at all).
+type Stamp = (Option<SystemTime>, u64, u32, u32);
 
 /// A version of a policy file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,6 +64,9 @@ pub struct Files {
     dir: PathBuf,
     /// By file name.
     files: BTreeMap<String, PolicyFile>,
+    /// Why the directory itself is not trusted (another user can write to it); nothing of it
+    /// is read meanwhile.
+    dir_error: Option<String>,
 }
 
 impl Files {
@@ -61,6 +74,7 @@ impl Files {
         Self {
             dir,
             files: BTreeMap::new(),
+            dir_error: None,
         }
     }
 
@@ -98,7 +112,11 @@ impl Files {
                 },
             );
         }
-        Ok(Self { dir, files })
+        Ok(Self {
+            dir,
+            files,
+            dir_error: None,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -123,11 +141,16 @@ impl Files {
             let Some(name) = p.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
                 continue;
             };
-            if is_yaml && !name.starts_with('.') && p.is_file() {
+            // Whatever its type: a name that is not a regular file (any more) is a rejected
+            // file, not a removed one (see `read_trusted`).
+            if is_yaml && !name.starts_with('.') {
                 let meta = std::fs::metadata(&p).ok();
+                use std::os::unix::fs::MetadataExt;
                 let stamp = (
                     meta.as_ref().and_then(|m| m.modified().ok()),
-                    meta.map_or(0, |m| m.len()),
+                    meta.as_ref().map_or(0, |m| m.len()),
+                    meta.as_ref().map_or(0, |m| m.uid()),
+                    meta.as_ref().map_or(0, |m| m.mode()),
                 );
                 out.insert(name, (p, stamp));
             }
@@ -135,8 +158,25 @@ impl Files {
         Some(out)
     }
 
+    /// Why the policy directory is not trusted now (`None`: it is, or does not exist).
+    fn untrusted(&self) -> Option<String> {
+        if !self.dir.exists() {
+            return None;
+        }
+        crate::store::trusted_dir(&self.dir).err().map(|e| {
+            format!(
+                "{}: {e}: another user could change its policies; nothing in it is read until only root can write there",
+                self.dir.display()
+            )
+        })
+    }
+
     /// Whether a file was added, removed or modified since the last [`Files::reload`].
     pub fn changed(&self) -> bool {
+        let untrusted = self.untrusted();
+        if untrusted.is_some() || self.dir_error.is_some() {
+            return untrusted != self.dir_error;
+        }
         let Some(now) = self.listing() else {
             return false;
         };
@@ -157,6 +197,14 @@ impl Files {
         imported: impl Fn(&str) -> bool,
     ) -> Vec<StoreError> {
         let mut store_errors = Vec::new();
+        self.dir_error = self.untrusted();
+        if let Some(e) = &self.dir_error {
+            error!(error = %e, "policy directory not trusted; its policies stay as they are");
+            for f in self.files.values_mut() {
+                f.error = Some(e.clone());
+            }
+            return store_errors;
+        }
         let Some(listing) = self.listing() else {
             return store_errors;
         };
@@ -231,13 +279,13 @@ impl Files {
     ) -> bool {
         let before = self.files.get(name).and_then(|f| f.in_force.clone());
         let file = path.display().to_string();
-        // Bounded read; selectors checked against the agent's label filter.
-        let parsed = match policy::read_file(path) {
-            Ok(text) => policy::parse_str_with(&file, &text, filter)
+        // Bounded read of a file only root can have written; selectors checked against the
+        // agent's label filter.
+        let parsed = read_trusted(path).and_then(|text| {
+            policy::parse_str_with(&file, &text, filter)
                 .map(|policies| (text, policies))
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+                .map_err(|e| e.to_string())
+        });
         let parsed = parsed.and_then(|(text, policies)| {
             self.check_names(name, &file, &policies, imported)?;
             Ok((text, policies))
@@ -348,8 +396,15 @@ impl Files {
             .flatten()
     }
 
-    /// Files rejected as they are on disk: path → the error, and what is in force instead.
+    /// Files rejected as they are on disk: path → the error, and what is in force instead (the
+    /// directory itself when it is not trusted).
     pub fn rejected(&self) -> BTreeMap<String, String> {
+        let dir = self.dir_error.as_ref().map(|e| {
+            (
+                self.dir.display().to_string(),
+                format!("{e} (the last valid version of each of its files stays in force)"),
+            )
+        });
         self.files
             .values()
             .filter_map(|f| {
@@ -360,6 +415,7 @@ impl Files {
                 };
                 Some((f.path.display().to_string(), format!("{e} ({instead})")))
             })
+            .chain(dir)
             .collect()
     }
 
@@ -374,4 +430,63 @@ impl Files {
             })
             .collect()
     }
+}
+
+/// The text of policy file `path`, when only root (or the agent's own user) can have written
+/// it: a regular file (after symlinks), owned by root or us, not writable by group or others,
+/// in a directory that no other user can write to ([`crate::store::trusted_dir`]). Opened
+/// without blocking (a FIFO put there never hangs the agent) and checked on the open file, so
+/// a swap after the check is read as what it is.
+fn read_trusted(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    let shown = path.display();
+    let real = std::fs::canonicalize(path).map_err(|e| {
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => format!(
+                "{shown}: cannot be read: a symbolic link to nothing ({e}); remove the link to remove its policies"
+            ),
+            _ => format!("{shown}: cannot be read: {e}"),
+        }
+    })?;
+    let dir = real.parent().unwrap_or(Path::new("/"));
+    crate::store::trusted_dir(dir)
+        .map_err(|e| format!("{shown}: not read: {e}: another user could change the file there"))?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(&real)
+        .map_err(|e| format!("{shown}: cannot be read: {e}"))?;
+    let m = f
+        .metadata()
+        .map_err(|e| format!("{shown}: cannot be read: {e}"))?;
+    let ft = m.file_type();
+    if !ft.is_file() {
+        let kind = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "a device"
+        };
+        return Err(format!(
+            "{shown}: not a regular file ({kind}); remove it to remove its policies"
+        ));
+    }
+    // SAFETY: plain libc call.
+    let me = unsafe { libc::geteuid() };
+    if m.uid() != 0 && m.uid() != me {
+        return Err(format!(
+            "{shown}: not read: owned by uid {}, not root: that user could open every container with it (chown root)",
+            m.uid()
+        ));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{shown}: not read: writable by other users (mode {:o}): they could open every container with it (chmod go-w)",
+            m.mode() & 0o7777
+        ));
+    }
+    policy::read_from(path, f).map_err(|e| e.to_string())
 }
