@@ -2168,7 +2168,7 @@ fn wait_enforced_with_notes(agent: &Agent, id: &str) -> String {
 /// db accepts app1 only (a policy file); a container started with db's compose labels and
 /// `netpol.ingress=all` opens only itself; a container from an image with
 /// `LABEL netpol.ingress=all netpol.egress=all` and db's labels is held by db's policy (the
-/// image's labels are ignored, with a warning); a container with `netpol.ingress:
+/// image's labels allow nothing, with a warning); a container with `netpol.ingress:
 /// "app1:5432/tpc"` accepts nothing, and its egress stays open.
 fn netpol_labels_never_open_more_than_their_own_container(version: DockerVersion) {
     if !netpol_tests::require_root(
@@ -2235,7 +2235,7 @@ fn netpol_labels_never_open_more_than_their_own_container(version: DockerVersion
     let broken_state = wait_enforced_with_notes(&agent, &broken.id);
     eprintln!("imgdb: {img_state}\nbroken: {broken_state}");
     assert!(
-        img_state.contains("come from the image: ignored"),
+        img_state.contains("not applied: the image has the same label"),
         "{img_state}"
     );
     assert!(

@@ -1053,16 +1053,23 @@ fn netpol_labels_from_the_image_are_never_policy() {
         "the image's label opened db"
     );
     let state = endpoint_state(&mut a, &db);
-    assert!(state.contains("come from the image: ignored"), "{state}");
+    assert!(
+        state.contains("not applied: the image has the same label and value"),
+        "{state}"
+    );
     assert!(a.status()["label_warnings"][&db.name]
         .as_str()
         .unwrap_or_default()
         .contains("netpol.ingress"));
+    assert!(
+        !connects(&a, &db, &app1, 8080),
+        "the image's netpol.egress: all opened db's egress"
+    );
+    // In the identity (the deny selects by them): db does not share the plain db's number.
     let plain = service(2, "db", &[]);
-    assert_eq!(
+    assert_ne!(
         identity_labels(&LabelFilter::default(), &super::labels_of(&db)),
         identity_labels(&LabelFilter::default(), &super::labels_of(&plain)),
-        "image netpol labels are not part of the identity"
     );
 
     // A value set on the container (differing from the image's) is its own: it applies.
@@ -1086,6 +1093,41 @@ fn netpol_labels_from_the_image_are_never_policy() {
         state.contains("ingress default deny") && state.contains("could not be inspected"),
         "{state}"
     );
+}
+
+/// A service that sets the very label its image carries (README: "set the label on the service
+/// to use it") cannot be told from one that inherits it: that label must not leave the service
+/// unrestricted, as ignoring it would. It allows nothing and makes its direction default deny.
+#[test]
+fn a_netpol_label_equal_to_the_images_is_default_deny_not_ignored() {
+    let dirs = Dirs::new("image-label-equal");
+    let (app1, app2) = (service(3, "app1", &[]), service(4, "app2", &[]));
+    let mut db = service(2, "db", &[("netpol.ingress", "app1:5432")]);
+    db.image_netpol_labels = Ok(BTreeMap::from([(
+        "netpol.ingress".to_owned(),
+        "app1:5432".to_owned(),
+    )]));
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    assert!(
+        !connects(&a, &app2, &db, 5432),
+        "a label equal to the image's left db open to app2"
+    );
+    assert!(
+        !connects(&a, &app1, &db, 5432),
+        "a label that may be the image's allowed app1"
+    );
+    assert!(connects(&a, &db, &app1, 8080), "egress is not named: open");
+    let state = endpoint_state(&mut a, &db);
+    assert!(
+        state.contains("ingress default deny") && state.contains("differs from the image's"),
+        "{state}"
+    );
+    // Another value than the image's (another spacing) is the container's own: it applies.
+    let mut own = service(2, "db", &[("netpol.ingress", "app1:5432 ")]);
+    own.image_netpol_labels = db.image_netpol_labels.clone();
+    up(&mut a, &own);
+    assert!(connects(&a, &app1, &own, 5432) && !connects(&a, &app2, &own, 5432));
 }
 
 fn link(ifindex: u32, name: &str, kind: &str, master: Option<u32>) -> LinkInfo {
@@ -1327,7 +1369,7 @@ fn audit_mode_comes_from_the_containers_own_label_or_the_host_flag_never_the_ima
     assert!(connects(&a, &app1, &own, 5432), "policy computed as usual");
     assert!(a.status()["label_errors"].as_object().unwrap().is_empty());
 
-    // The same label from the image: ignored (warned), the container is enforced.
+    // The same label from the image: not applied (warned), the container is enforced.
     let image = BTreeMap::from([("netpol.audit".to_owned(), "true".to_owned())]);
     let mut inherited = service(
         2,
@@ -1337,7 +1379,8 @@ fn audit_mode_comes_from_the_containers_own_label_or_the_host_flag_never_the_ima
     inherited.image_netpol_labels = Ok(image);
     up(&mut a, &inherited);
     assert_eq!(audits(&a, &inherited), (true, false, false));
-    assert!(endpoint_state(&mut a, &inherited).contains("netpol.audit come from the image"));
+    assert!(endpoint_state(&mut a, &inherited)
+        .contains("netpol.audit not applied: the image has the same label"));
 
     // The image could not be inspected: not applied either (and no direction is closed for it
     // alone: egress stays open).

@@ -11,12 +11,14 @@
 //!   requires them (and the absence of the direction labels the container does not have). A
 //!   container started with another service's compose labels and `netpol.ingress: all` opens
 //!   only itself.
-//! - `netpol.*` labels that come from the image (the image's own `Config.Labels`, same key and
-//!   value: Docker merges them into the container's) are never policy: an image author must not
-//!   open a container. They are ignored, with a warning, and left out of the identity. When the
-//!   image cannot be inspected, the container's `netpol.*` labels cannot be told apart: they are
-//!   not applied either, and each direction they name is default deny (never more open than a
-//!   verified label could make it).
+//! - `netpol.*` labels that may come from the image are never policy: an image author must not
+//!   open a container. Docker merges an image's `Config.Labels` into its containers' labels, so a
+//!   container label with the image's key and value may be the image's, or the container's own
+//!   set to the same value (the two cannot be told apart); when the image cannot be inspected,
+//!   none of the container's `netpol.*` labels can be told apart. Such labels allow nothing, and
+//!   each direction they name is default deny (never more open than a verified label could make
+//!   it): ignoring one would leave a container open that the operator restricted with it. They
+//!   stay in the identity, so that the deny selects only containers that carry them.
 
 use std::collections::BTreeMap;
 
@@ -45,11 +47,10 @@ pub struct ContainerLabels<'a> {
 
 /// A container's `netpol.*` labels by where they come from.
 struct Origins {
-    /// Set on the container (not the image's): policy.
+    /// Set on the container (another value than the image's): policy.
     own: Labels,
-    /// Equal to the image's: ignored.
-    inherited: Labels,
-    /// The image could not be inspected (why, and the labels): not applied, default deny.
+    /// Labels that may be the image's (why, and the labels): equal to the image's, or all of
+    /// them when the image could not be inspected. Not applied, default deny.
     unverified: Option<(String, Labels)>,
 }
 
@@ -59,20 +60,23 @@ impl Origins {
         match c.image {
             Err(why) if !all.is_empty() => Self {
                 own: Labels::new(),
-                inherited: Labels::new(),
-                unverified: Some((why.to_owned(), all)),
+                unverified: Some((format!("the image could not be inspected ({why})"), all)),
             },
             Err(_) => Self {
                 own: all,
-                inherited: Labels::new(),
                 unverified: None,
             },
             Ok(image) => {
-                let (inherited, own) = all.into_iter().partition(|(k, v)| image.get(k) == Some(v));
+                let (same, own): (Labels, Labels) =
+                    all.into_iter().partition(|(k, v)| image.get(k) == Some(v));
                 Self {
                     own,
-                    inherited,
-                    unverified: None,
+                    unverified: (!same.is_empty()).then(|| {
+                        (
+                            "the image has the same label and value (Docker does not tell whether the container set it too; to apply it, set a value that differs from the image's, another order or spacing)".to_owned(),
+                            same,
+                        )
+                    }),
                 }
             }
         }
@@ -89,8 +93,9 @@ impl Origins {
 }
 
 /// The labels a container's identity is made of: its security-relevant labels
-/// ([`LabelFilter`]) without any `netpol.*` label, plus the `netpol.*` labels that are its own
-/// (not the image's) — whatever `--ignore-label` says, since label policies select by them.
+/// ([`LabelFilter`]) without any `netpol.*` label, plus its `netpol.*` labels — whatever
+/// `--ignore-label` says, since label policies select by them (also those that may be the
+/// image's: the default deny they get selects by them).
 pub fn identity_labels(filter: &LabelFilter, c: &ContainerLabels) -> Labels {
     let others: Labels = c
         .labels
@@ -211,13 +216,6 @@ fn direction_of(label: &str) -> Option<Direction> {
 pub fn container_policy(c: &ContainerLabels) -> (Option<Policy>, Notes) {
     let mut origins = Origins::of(c);
     let mut notes = Notes::default();
-    if !origins.inherited.is_empty() {
-        let keys: Vec<&str> = origins.inherited.keys().map(String::as_str).collect();
-        notes.warnings.push(format!(
-            "{} come from the image: ignored (image labels are never policy)",
-            keys.join(", ")
-        ));
-    }
     let in_identity = origins.in_identity();
     if in_identity.is_empty() {
         return (None, notes);
@@ -253,7 +251,7 @@ pub fn container_policy(c: &ContainerLabels) -> (Option<Policy>, Notes) {
         }
         let keys: Vec<&str> = labels.keys().map(String::as_str).collect();
         notes.warnings.push(format!(
-            "{} not applied: the image could not be inspected ({why}), so they may be the image's",
+            "{} not applied: {why}, so it may be the image's (image labels are never policy)",
             keys.join(", ")
         ));
     }
