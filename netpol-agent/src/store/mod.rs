@@ -39,17 +39,31 @@ fn io_err(path: &Path) -> impl Fn(io::Error) -> StoreError + '_ {
     }
 }
 
-/// Writes `data` to `path` atomically (temp file, fsync, rename, fsync of the directory).
+/// Writes `data` to `path` atomically (temp file, fsync, rename, fsync of the directory). The
+/// file is 0600 and a directory made for it 0700, whatever the umask (`run` started by hand
+/// has the shell's, often 022): policies and identities are root's. The temporary is created
+/// new (`O_EXCL`), never through what is already at its name.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))?;
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+    // One left by an earlier process of this pid, killed mid-write.
+    let _ = fs::remove_file(&tmp);
     let result = (|| {
-        let mut f = File::create(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -387,6 +401,34 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
             .collect();
         assert!(leftovers.is_empty());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// What the agent writes is root's alone, whatever the umask it was started with.
+    #[test]
+    fn state_files_are_0600_in_0700_directories() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+        let d = tmp();
+        let s = Store::new(&d);
+        s.save_identities(&vec![1u32]).unwrap();
+        s.save_policy("db", "x: 1\n").unwrap();
+        s.save_file_copy("db.yaml", "x: 1\n").unwrap();
+        assert_eq!(mode(&d), 0o700);
+        for f in ["identities.json", "policies/db.yaml", "files/db.yaml"] {
+            assert_eq!(mode(&d.join(f)), 0o600, "{f}");
+        }
+        for sub in ["policies", "files"] {
+            assert_eq!(mode(&d.join(sub)), 0o700, "{sub}");
+        }
+        // A symlink planted at the temporary's name is not written through.
+        let victim = d.join("victim");
+        fs::write(&victim, "keep").unwrap();
+        let tmp_name = d.join(format!(".identities.json.tmp.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp_name).unwrap();
+        s.save_identities(&vec![2u32]).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "keep");
+        assert_eq!(s.load_identities::<Vec<u32>>().unwrap(), Some(vec![2]));
         fs::remove_dir_all(&d).unwrap();
     }
 
