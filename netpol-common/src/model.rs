@@ -545,6 +545,7 @@ fn parse(f: &[u8], fam: Fam, ep: &Endpoint, dir: Direction) -> Result<Pkt, DropR
                 Ok(r) => r,
                 // A link-local or unspecified source with anything but valid ND is spoofed.
                 Err(_) if nd_only => return Err(DropReason::Spoofed),
+                Err(DropReason::Malformed) => return Err(nd_malformed(f, h[6])),
                 Err(e) => return Err(e),
             };
             (p, l4off, end, nd_only)
@@ -586,6 +587,22 @@ fn parse(f: &[u8], fam: Fam, ep: &Endpoint, dir: Direction) -> Result<Pkt, DropR
         }
     }
     Ok(p)
+}
+
+/// Step 4 for an IPv6 packet that failed to parse (`Malformed`; `next`: the fixed header's next
+/// header): neighbour discovery or MLD all the same if its extension headers, read from the
+/// frame's bytes whatever its lengths say, lead to ICMPv6 with an ND/MLD type
+/// (`NeighbourDiscovery`, on every endpoint); more than four of them hide what it is
+/// (`ExtHeaders`, on every endpoint too); anything else stays `Malformed`.
+fn nd_malformed(f: &[u8], next: u8) -> DropReason {
+    match ipv6_ext(f, next, ETH_HLEN + 40) {
+        Ok((proto::ICMPV6, at, frag)) if frag.pos != FragPos::Later => match f.get(at) {
+            Some(t) if nd::is_nd_or_mld(*t) => DropReason::NeighbourDiscovery,
+            _ => DropReason::Malformed,
+        },
+        Ok(_) => DropReason::Malformed,
+        Err(e) => e,
+    }
 }
 
 /// Step 1 for ARP: from a container, an Ethernet/IPv4 ARP message whose sender address is the
@@ -856,10 +873,9 @@ impl World {
             Ok(Why::Audited) => Verdict::Audit(cause),
             Ok(why) => Verdict::Pass(why),
             Err(reason) => {
-                let parse_error = matches!(
-                    reason,
-                    DropReason::Malformed | DropReason::ExtHeaders | DropReason::UnsupportedL3
-                );
+                // `ExtHeaders` never passes: what they hide may be neighbour discovery.
+                let parse_error =
+                    matches!(reason, DropReason::Malformed | DropReason::UnsupportedL3);
                 if parse_error && !ep.enforces_any() {
                     return Verdict::Pass(Why::Unpoliced);
                 }

@@ -1,7 +1,9 @@
 //! IPv6 neighbour discovery (RFC 4861) and MLD (RFC 2710, RFC 3810) on a container's veth:
 //! the messages the datapath lets pass without policy. Everything else with these ICMPv6 types
 //! is dropped as `DropReason::NeighbourDiscovery`, on enforced and unenforced endpoints alike
-//! (it is anti-spoofing, not policy), and never goes on to a policy lookup.
+//! (it is anti-spoofing, not policy), and never goes on to a policy lookup. That includes a
+//! message that fails to parse (truncated, its ICMPv6 header cut short: `lxc.rs` step 3), which
+//! another packet's parse error would let pass on an unenforced endpoint.
 //!
 //! The programs classify the addresses ([`classify`]) and call [`allowed`]; a reference model of
 //! the verdict can do the same. The rules, in the order [`allowed`] checks them:

@@ -39,14 +39,19 @@
 //! 3. The IP header (version, IHL of at least 5, total or payload length within the packet),
 //!    extension headers and L4 header are parsed. Bytes past the IP length are padding: they
 //!    pass, but no header is read from them (the L4 header must fit inside the IP length). A
-//!    truncated or inconsistent header is dropped (`Malformed`, `ExtHeaders`) on an endpoint
-//!    that enforces either direction and passes on one that enforces none (fail closed where
-//!    policy applies, never break an unpoliced container).
+//!    truncated or inconsistent header is dropped (`Malformed`) on an endpoint that enforces
+//!    either direction and passes on one that enforces none (fail closed where policy applies,
+//!    never break an unpoliced container), except where the packet may be neighbour discovery
+//!    or MLD, which step 4 drops on every endpoint: an IPv6 packet whose extension headers,
+//!    walked through its bytes whatever its lengths claim, lead to ICMPv6 with an ND/MLD type
+//!    (`NeighbourDiscovery`), and one with more than four extension headers, whose upper layer
+//!    the parser cannot see and the host's stack would take (`ExtHeaders`).
 //! 4. IPv6 neighbour/router discovery and MLD (ICMPv6 130–137, 143) pass without policy when
 //!    netpol-common's `nd` rules allow them — hop limit 255 (ND) or 1 (MLD); source, destination
 //!    and advertised target the protocol allows; at most 1280 bytes; no router advertisement or
 //!    redirect from a container — so networks keep working under deny-all. What fails them is
-//!    dropped (`NeighbourDiscovery`) on every endpoint, enforced or not, and never reaches policy.
+//!    dropped (`NeighbourDiscovery`) on every endpoint, enforced or not, and never reaches policy;
+//!    so is one that fails to parse (step 3).
 //! 5. An ICMP error (ICMPv4 3, 11, 12; ICMPv6 1–4; not source quench or redirect) has its
 //!    quoted packet parsed (within the IP length). Only an error tied to it by netpol-common's
 //!    `icmp` rules can be related to a flow: from a container it goes back to the quoted
@@ -186,10 +191,9 @@ pub fn run(ctx: &TcContext, dir: Direction) -> i32 {
             action
         }
         Err(reason) => {
-            let parse_error = matches!(
-                reason,
-                DropReason::Malformed | DropReason::ExtHeaders | DropReason::UnsupportedL3
-            );
+            // Not `ExtHeaders`: what more than four extension headers hide may be neighbour
+            // discovery, which the host's stack would take (`v6_rest`).
+            let parse_error = matches!(reason, DropReason::Malformed | DropReason::UnsupportedL3);
             if parse_error && !ep.enforces_any() {
                 return PASS;
             }
@@ -1449,6 +1453,7 @@ fn v6_rest(
     let end = match v6_l4(ctx, head, p) {
         Ok(end) => end,
         Err(_) if nd_only => return Err(DropReason::Spoofed),
+        Err(DropReason::Malformed) => return Err(parsed_reason(nd_malformed(ctx, head[6]))),
         Err(e) => return Err(e),
     };
     p.end = end as u32;
@@ -1494,6 +1499,34 @@ fn v6_l4(ctx: &TcContext, head: &[u8; 8], p: &mut Pkt<V6>) -> Result<usize, Drop
     p.frag = frag;
     p.l = parse::l4(ctx, nexthdr, l4off, end, frag.pos == FRAG_LATER)?;
     Ok(end)
+}
+
+/// The drop reason of an IPv6 packet whose headers failed to parse (`Malformed`; `next`: the
+/// fixed header's next header) on every endpoint, enforced or not, if it may be neighbour
+/// discovery or MLD all the same: `NeighbourDiscovery` when its extension headers, walked
+/// through the packet's bytes whatever its lengths claim, lead to ICMPv6 with an ND/MLD type
+/// (`nd::is_nd_or_mld`), `ExtHeaders` when there are more than four; `Malformed` otherwise (which
+/// passes on an unenforced endpoint: no ND message can be behind it). Only the error path calls
+/// it.
+#[inline(never)]
+fn nd_malformed(ctx: &TcContext, next: u8) -> u32 {
+    let r = match parse::ipv6_ext(ctx, next, ETH_HLEN + 40) {
+        // The type byte through `bpf_skb_load_bytes` (a rare path; a 1-byte direct read's
+        // bounds check is one the verifier does not follow once compiled).
+        Ok((proto::ICMPV6, off, f)) if f.pos != FRAG_LATER => match ctx.load::<u8>(off) {
+            Ok(t) if nd::is_nd_or_mld(t) => DropReason::NeighbourDiscovery,
+            _ => DropReason::Malformed,
+        },
+        Ok(_) => DropReason::Malformed,
+        Err(e) => e,
+    };
+    r as u32
+}
+
+/// A drop reason returned as an integer by a BPF function.
+#[inline(always)]
+fn parsed_reason(code: u32) -> DropReason {
+    DropReason::from_u8(code as u8).unwrap_or(DropReason::Malformed)
 }
 
 /// Whether the neighbour discovery or MLD message in `sc.p6` passes (netpol-common's `nd`

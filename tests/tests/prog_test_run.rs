@@ -1793,6 +1793,159 @@ fn neighbour_discovery_passes_only_as_the_protocol_needs() {
     }
 }
 
+/// `frame` with its last `n` bytes cut off and its IPv6 payload length left as it was.
+fn cut(frame: &[u8], n: usize) -> Vec<u8> {
+    frame[..frame.len() - n].to_vec()
+}
+
+/// `payload` (which starts with the header named by `next`) behind `n` empty destination
+/// options headers: the next header of the first one.
+fn behind_dest_opts(n: usize, next: u8, payload: &[u8]) -> (u8, Vec<u8>) {
+    let (mut next, mut body) = (next, payload.to_vec());
+    for _ in 0..n {
+        body = ipv6_ext(60, next, 0, &body);
+        next = 60;
+    }
+    (next, body)
+}
+
+/// An IPv6 parse error on an endpoint that enforces nothing passes, unless the packet is, or may
+/// be, neighbour discovery or MLD: ND/MLD that fails its checks is dropped on every endpoint
+/// (netpol-common's `nd`), a malformed one too (`NeighbourDiscovery`), and so is a packet whose
+/// upper-layer header is out of the parser's reach behind more than four extension headers
+/// (`ExtHeaders`): the host's stack would take an ND message from behind them. The fuzz seed
+/// 0x18c2fb390510d445 found the first: a truncated router advertisement delivered.
+#[test]
+fn malformed_neighbour_discovery_is_dropped_on_every_endpoint() {
+    if !require_root("malformed_neighbour_discovery_is_dropped_on_every_endpoint") {
+        return;
+    }
+    const RA: u8 = 134;
+    const NA: u8 = 136;
+    let router = link_local(1);
+    let ll = link_local(2);
+    // The fuzz seed's packet: fd00::6 → fe80::2, payload length 24, hop limit 64, 20 bytes of
+    // 0x86 (an RA's type) present.
+    let seed = {
+        let mut p = eth(
+            ETH_P_IPV6,
+            &ipv6_raw(v6(6, ULA), ll, proto::ICMPV6, 64, &[0x86; 20]),
+        );
+        p[18..20].copy_from_slice(&24u16.to_be_bytes());
+        p
+    };
+    let ra = |hop| nd(RA, router, ff02(1), hop, [0; 16], 16);
+    let na_to = nd(NA, APP1.v6, DB.v6, 255, APP1.v6, 8);
+    let na_from = nd(NA, DB.v6, APP1.v6, 255, DB.v6, 8);
+    let hidden = |src: [u8; 16], dst: [u8; 16], target: [u8; 16]| {
+        let msg = icmp(NA, 0, [0x20, 0, 0, 0], &target);
+        let (next, body) = behind_dest_opts(5, proto::ICMPV6, &msg);
+        eth(ETH_P_IPV6, &ipv6_raw(src, dst, next, 255, &body))
+    };
+    // The ICMPv6 header itself cut short inside a consistent payload length.
+    let short = |mut p: Vec<u8>| {
+        p.truncate(14 + 40 + 4);
+        fix_len(V6, &mut p);
+        p
+    };
+    for (ingress, egress) in [(false, false), (true, true)] {
+        let dp = Dp::db(ingress, egress);
+        // Complete, they pass; the same datagram to a deny-all endpoint is ND, not policy.
+        assert_eq!(dp.run(To, &ra(255)), PASS, "RA (enforced: {ingress})");
+        assert_eq!(dp.run(To, &na_to), PASS, "NA to db (enforced: {ingress})");
+        assert_eq!(
+            dp.run(From, &na_from),
+            PASS,
+            "NA from db (enforced: {ingress})"
+        );
+        assert_drops(&dp, None, 0);
+        let nd_to = [
+            ("the fuzz seed's truncated RA", seed.clone()),
+            ("RA with hop limit 64", ra(64)),
+            ("truncated RA with hop limit 64", cut(&ra(64), 4)),
+            ("truncated RA from a link-local router", cut(&ra(255), 4)),
+            ("truncated NA", cut(&na_to, 12)),
+            ("NA with its ICMPv6 header cut short", short(na_to.clone())),
+            (
+                "truncated NA behind a hop-by-hop header",
+                cut(
+                    &eth(
+                        ETH_P_IPV6,
+                        &ipv6_raw(
+                            APP1.v6,
+                            DB.v6,
+                            0,
+                            255,
+                            &ipv6_hop_by_hop_router_alert(
+                                proto::ICMPV6,
+                                &icmp(NA, 0, [0; 4], &APP1.v6),
+                            ),
+                        ),
+                    ),
+                    8,
+                ),
+            ),
+        ];
+        for (what, pkt) in &nd_to {
+            assert_eq!(dp.run(To, pkt), SHOT, "{what} (enforced: {ingress})");
+        }
+        let nd_from = [
+            ("truncated NA from db", cut(&na_from, 12)),
+            (
+                "NA from db with its ICMPv6 header cut short",
+                short(na_from.clone()),
+            ),
+        ];
+        for (what, pkt) in &nd_from {
+            assert_eq!(dp.run(From, pkt), SHOT, "{what} (enforced: {ingress})");
+        }
+        let n = (nd_to.len() + nd_from.len()) as u64;
+        assert_drops(&dp, Some(DropReason::NeighbourDiscovery), n);
+        // An NA (another container's address, "override") behind five extension headers: the
+        // parser cannot see it, the host's stack would take it.
+        assert_eq!(
+            dp.run(To, &hidden(APP1.v6, DB.v6, APP2.v6)),
+            SHOT,
+            "NA to db behind five extension headers (enforced: {ingress})"
+        );
+        assert_eq!(
+            dp.run(From, &hidden(DB.v6, ff02(1), APP1.v6)),
+            SHOT,
+            "NA from db behind five extension headers (enforced: {ingress})"
+        );
+        assert_eq!(dp.drops(DropReason::ExtHeaders), 2);
+        // A truncated ND message from a container's link-local address is spoofed, as before.
+        assert_eq!(
+            dp.run(From, &cut(&nd(NA, ll, ff02(1), 255, ll, 8), 12)),
+            SHOT,
+            "truncated NA from link-local (enforced: {ingress})"
+        );
+        assert_eq!(dp.drops(DropReason::Spoofed), 1);
+        assert_eq!(dp.ct_len(), 0);
+    }
+    // Other parse errors still pass where nothing is enforced: a truncated echo request, a
+    // truncated UDP datagram, and an ICMPv6 message cut before its type.
+    let dp = Dp::db(false, false);
+    for (what, pkt) in [
+        (
+            "truncated echo request",
+            cut(&V6.echo(&APP1, &DB, 128, 7), 8),
+        ),
+        ("truncated UDP", cut(&V6.udp(&APP1, &DB, 5000, 53), 4)),
+        ("ICMPv6 without its type", {
+            let mut p = eth(
+                ETH_P_IPV6,
+                &ipv6_raw(APP1.v6, DB.v6, proto::ICMPV6, 255, &[]),
+            );
+            p[18..20].copy_from_slice(&8u16.to_be_bytes());
+            p
+        }),
+    ] {
+        assert_eq!(dp.run(To, &pkt), PASS, "{what} on an unpoliced endpoint");
+    }
+    assert_drops(&dp, None, 0);
+}
+
 /// ff05::2 (site-scope all routers).
 fn ff05() -> [u8; 16] {
     let mut a = ff02(2);
@@ -2813,17 +2966,23 @@ fn source_is_checked_on_the_fixed_header(fam: Fam) {
             ip.ihl = 4;
             eth(ETH_P_IP, &ip.build(&tcp(40000, 443, TCP_SYN)))
         }
-        // Five extension headers: more than the datapath walks.
+        // A TCP header cut short behind a destination options header. (Five extension
+        // headers, more than the datapath walks, are dropped on every endpoint: they may hide
+        // neighbour discovery.)
         V6 => {
-            let mut l4 = tcp(40000, 443, TCP_SYN);
-            let mut next = proto::TCP;
-            for _ in 0..5 {
-                let mut h = vec![next, 0, 0, 0, 0, 0, 0, 0];
-                h.extend_from_slice(&l4);
-                l4 = h;
-                next = 60;
-            }
-            eth(ETH_P_IPV6, &ipv6_raw(APP1.v6, WORLD.v6, 60, 64, &l4))
+            let mut p = eth(
+                ETH_P_IPV6,
+                &ipv6_raw(
+                    APP1.v6,
+                    WORLD.v6,
+                    60,
+                    64,
+                    &ipv6_ext(60, proto::TCP, 0, &tcp(40000, 443, TCP_SYN)),
+                ),
+            );
+            p.truncate(14 + 40 + 8 + 10);
+            fix_len(V6, &mut p);
+            p
         }
     };
     assert_eq!(

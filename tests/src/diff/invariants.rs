@@ -265,6 +265,15 @@ pub fn violated(
             f.len() - 14
         ));
     }
+    // Hole 2 on an endpoint that enforces nothing too: a truncated one (the fuzz seed
+    // 0x18c2fb390510d445, a cut router advertisement) is no exception.
+    let claimed = be16(f, 18).map_or(0, |l| 14 + 40 + l as usize);
+    if c.neighbour_rules && nd && claimed > f.len() {
+        return Some(format!(
+            "hole 2: a truncated ND/MLD message passed ({} of {claimed} bytes)",
+            f.len()
+        ));
+    }
     match dir {
         Direction::Egress => {
             if c.own_source && !own(ep, &ip) {
