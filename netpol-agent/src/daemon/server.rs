@@ -1,7 +1,7 @@
 //! The control socket: root-only (mode 0600 and a peer-credential check), one JSON request per
 //! connection.
 
-use std::{os::unix::fs::DirBuilderExt, path::Path, sync::Arc};
+use std::{os::unix::fs::DirBuilderExt, path::Path, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -32,14 +32,28 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     super::metrics_server::bind_unix(path)
 }
 
+/// How long a client has to send its request line: one that connects and sends nothing (a
+/// hung script) must not hold a connection, and a file descriptor, for ever.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>, monitor: Monitor) {
+    serve_with(listener, agent, monitor, REQUEST_TIMEOUT).await
+}
+
+/// [`serve`] with another [`REQUEST_TIMEOUT`] (tests).
+async fn serve_with(
+    listener: UnixListener,
+    agent: Arc<Mutex<Agent>>,
+    monitor: Monitor,
+    timeout: Duration,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let agent = agent.clone();
                 let monitor = monitor.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, agent, monitor).await {
+                    if let Err(e) = handle(stream, agent, monitor, timeout).await {
                         debug!(error = %e, "control connection");
                     }
                 });
@@ -68,17 +82,29 @@ async fn handle(
     stream: UnixStream,
     agent: Arc<Mutex<Agent>>,
     monitor: Monitor,
+    timeout: Duration,
 ) -> std::io::Result<()> {
     let root = stream.peer_cred().map(|c| c.uid() == 0).unwrap_or(false);
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     // Never buffer more than one request may hold.
     let limit = crate::policy::limits::REQUEST_BYTES;
-    BufReader::new(r.take(limit as u64 + 1))
-        .read_line(&mut line)
-        .await?;
+    let read = tokio::time::timeout(
+        timeout,
+        BufReader::new(r.take(limit as u64 + 1)).read_line(&mut line),
+    )
+    .await;
+    let timed_out = match read {
+        Ok(r) => r.map(|_| false)?,
+        Err(_) => true,
+    };
     let resp = if !root {
         err("the netpol agent only answers root")
+    } else if timed_out {
+        err(format!(
+            "no request within {} s: nothing was changed",
+            timeout.as_secs_f64()
+        ))
     } else if line.len() > limit {
         err(format!(
             "request larger than {limit} bytes: nothing was changed (import fewer files at once)"
@@ -138,6 +164,114 @@ mod tests {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 
     use super::*;
+    use crate::daemon::api::{call, Request};
+
+    /// Hostile or broken clients of the control socket: one that connects and sends nothing,
+    /// one that sends half a request and stalls, one that sends more than a request may hold,
+    /// malformed JSON, one that goes away before its answer. None blocks another client, each
+    /// gets an error and changes nothing, and a silent one is cut off after the timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_huge_and_malformed_clients_block_no_one_and_change_nothing() {
+        use tokio::io::AsyncReadExt as _;
+        let root = std::env::temp_dir().join(format!("netpol-ctl-hostile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("policies.d")).expect("mkdir");
+        let a = Agent::new(
+            Box::new(crate::datapath::fake::FakeDatapath::new(
+                crate::datapath::MapSizes::default(),
+            )),
+            crate::store::Store::new(root.join("state")),
+            crate::identity::LabelFilter::default(),
+            root.join("policies.d"),
+        )
+        .expect("agent");
+        let agent = Arc::new(Mutex::new(a));
+        let monitor = Monitor::new(agent.clone());
+        let sock = root.join("agent.sock");
+        let listener = bind(&sock).expect("bind");
+        let timeout = Duration::from_millis(500);
+        let server = tokio::spawn(serve_with(listener, agent.clone(), monitor, timeout));
+
+        let mut silent = UnixStream::connect(&sock).await.expect("connect");
+        let mut half = UnixStream::connect(&sock).await.expect("connect");
+        half.write_all(br#"{"cmd":"sta"#).await.expect("write");
+        // Others are answered meanwhile.
+        let path = sock.clone();
+        let status = tokio::task::spawn_blocking(move || call(&path, &Request::Status));
+        within("status beside stalled clients", status)
+            .await
+            .expect("join")
+            .expect("status answered");
+
+        // More than a request may hold: an error, read no further than the limit.
+        let mut huge = UnixStream::connect(&sock).await.expect("connect");
+        let big = vec![b'a'; crate::policy::limits::REQUEST_BYTES + 4096];
+        let (mut hr, mut hw) = huge.split();
+        let (wrote, resp) = tokio::join!(hw.write_all(&big), answer_split(&mut hr));
+        drop(wrote);
+        assert!(
+            matches!(&resp, Response::Error { message } if message.contains("larger than")),
+            "{resp:?}"
+        );
+
+        // Malformed JSON, and a request for something unknown.
+        for bad in [&b"{not json\n"[..], b"{\"cmd\":\"policy_wipe\"}\n", b"\n"] {
+            let mut c = UnixStream::connect(&sock).await.expect("connect");
+            c.write_all(bad).await.expect("write");
+            let resp = answer(&mut c).await;
+            assert!(
+                matches!(&resp, Response::Error { message } if message.starts_with("bad request")),
+                "{resp:?}"
+            );
+        }
+
+        // A client gone before its answer: nothing breaks.
+        let mut gone = UnixStream::connect(&sock).await.expect("connect");
+        gone.write_all(b"{\"cmd\":\"policy_get\",\"name\":null}\n")
+            .await
+            .expect("write");
+        drop(gone);
+
+        // The silent and the stalled clients are cut off after the timeout, with an error.
+        for c in [&mut silent, &mut half] {
+            let resp = within("the timeout", answer(c)).await;
+            assert!(
+                matches!(&resp, Response::Error { message } if message.contains("no request within")),
+                "{resp:?}"
+            );
+            let mut rest = Vec::new();
+            c.read_to_end(&mut rest).await.expect("closed");
+            assert!(rest.is_empty());
+        }
+        // Nothing changed, and the agent still answers.
+        let path = sock.clone();
+        let rows =
+            tokio::task::spawn_blocking(move || call(&path, &Request::PolicyGet { name: None }))
+                .await
+                .expect("join")
+                .expect("policy get");
+        assert_eq!(rows, serde_json::json!([]));
+        server.abort();
+        std::fs::remove_dir_all(&root).expect("clean up");
+    }
+
+    async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), f)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no answer within 5 s"))
+    }
+
+    async fn answer(s: &mut UnixStream) -> Response {
+        let mut out = String::new();
+        BufReader::new(s).read_line(&mut out).await.expect("read");
+        serde_json::from_str(&out).expect("a response line")
+    }
+
+    async fn answer_split(r: &mut tokio::net::unix::ReadHalf<'_>) -> Response {
+        let mut out = String::new();
+        BufReader::new(r).read_line(&mut out).await.expect("read");
+        serde_json::from_str(&out).expect("a response line")
+    }
 
     #[tokio::test]
     async fn control_socket_is_0600_and_leaves_an_existing_directory_alone() {
