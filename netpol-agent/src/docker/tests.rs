@@ -677,6 +677,40 @@ async fn connect_before_start_emits_one_container_up_after_start() {
     h.task.abort();
 }
 
+/// A container named with another's id (a valid name) does not stand in for it: the die of
+/// the one takes down that one, not the other (which would leave the dead one's address with
+/// its identity, and the live one without its endpoint).
+#[tokio::test]
+async fn a_container_named_with_anothers_id_is_not_taken_for_it() {
+    let dead = app(
+        'b',
+        true,
+        &[(BACKEND.0, BACKEND.1, "172.20.0.6", "02:42:ac:14:00:06")],
+    );
+    let dead_id = dead.id.clone().unwrap();
+    let mut namesake = app(
+        'a',
+        true,
+        &[(BACKEND.0, BACKEND.1, "172.20.0.7", "02:42:ac:14:00:07")],
+    );
+    namesake.name = Some(format!("/{dead_id}"));
+    let mut h = Harness::start(daemon_with(vec![dead, namesake]));
+    let DockerEvent::Snapshot { containers, .. } = h.next().await else {
+        panic!("expected Snapshot")
+    };
+    assert_eq!(containers.len(), 2);
+    h.docker.put(app('b', false, &[]));
+    h.docker.emit(container_event("die", &dead_id));
+    assert_eq!(
+        h.next().await,
+        DockerEvent::ContainerDown {
+            id: dead_id.clone()
+        }
+    );
+    h.quiet().await;
+    h.task.abort();
+}
+
 #[tokio::test]
 async fn double_disconnect_and_repeated_events_emit_each_change_once() {
     let two = [

@@ -642,11 +642,19 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
     }
 
     /// The id of the running container `id` names (events may name it by a short id or name).
+    /// Its full id first, then an id it starts, then a name: a container may be named with
+    /// another's id (any 64 hex digits are a valid name), and the die of one must never take
+    /// the other down while leaving itself up.
     fn known(&self, id: &str) -> Option<String> {
-        self.containers
-            .values()
-            .find(|c| c.id == id || c.name == id || (id.len() >= 12 && c.id.starts_with(id)))
-            .map(|c| c.id.clone())
+        let by = |f: &dyn Fn(&Container) -> bool| {
+            self.containers
+                .values()
+                .find(|c| f(c))
+                .map(|c| c.id.clone())
+        };
+        by(&|c| c.id == id)
+            .or_else(|| by(&|c| id.len() >= 12 && c.id.starts_with(id)))
+            .or_else(|| by(&|c| c.name == id))
     }
 
     async fn down(&mut self, id: &str) -> Result<(), Closed> {
