@@ -936,7 +936,17 @@ impl World {
     ) -> RemoteInfo {
         match dir {
             Direction::Egress => {
-                let r = self.remote(p.fam, &p.d);
+                // A group or link-local destination reaches every container on the bridge and
+                // the host: the wildcard remote, not the ipcache's `world`.
+                let anyone = match p.fam {
+                    Fam::V4 => addr::v4_group(&p.d.a4()),
+                    Fam::V6 => addr::v6_for_anyone(&p.d.0),
+                };
+                let r = if anyone {
+                    RemoteInfo::new(identity::ANY)
+                } else {
+                    self.remote(p.fam, &p.d)
+                };
                 cause.src_identity = ep.identity;
                 cause.dst_identity = r.identity;
                 r

@@ -79,7 +79,11 @@
 //!    error is not related to such an entry. The tables and the life of an entry: netpol-common's
 //!    `ct` module.
 //! 7. The remote identity comes from the ipcache (`to_container`: the source's entry that step 2
-//!    checked, looked up if step 6 did not need to).
+//!    checked, looked up if step 6 did not need to). `from_container`: a group or link-local
+//!    destination (IPv4 multicast or 255.255.255.255, IPv6 multicast or link-local) names no
+//!    one receiver — the bridge delivers it to every container on it and to the host, and the
+//!    ipcache would call it `world` — so its remote is the wildcard `ANY`: only a rule that
+//!    allows everyone (`toEntities: all`, ports without a peer) lets it out.
 //! 8. A new flow in an enforced direction is looked up in `POLICY` (see netpol-common's
 //!    `policy` module for the order); deny or no match drops it (`PolicyDeny` with the deny
 //!    rule, `PolicyDenied` for the default deny), and is counted in `RULE_STATS` by rule, local
@@ -468,6 +472,8 @@ pub trait Family {
     fn frag_put(k: &Self::FragKey, v: &FragL4);
     /// Whether `a` is the endpoint's own address of this family.
     fn is_local(ep: &Endpoint, a: &Self::Addr) -> bool;
+    /// Whether `a` is a group or link-local address (`addr::v4_group`, `addr::v6_for_anyone`).
+    fn for_anyone(a: &Self::Addr) -> bool;
 }
 
 pub struct V4;
@@ -527,6 +533,10 @@ impl Family for V4 {
     fn is_local(ep: &Endpoint, a: &A4) -> bool {
         ep.flags & Endpoint::HAS_IPV4 != 0 && A4(ep.ipv4) == *a
     }
+    #[inline(always)]
+    fn for_anyone(a: &A4) -> bool {
+        addr::v4_group(&a.0)
+    }
 }
 
 impl Family for V6 {
@@ -584,6 +594,10 @@ impl Family for V6 {
         // SAFETY: `Endpoint` is 4-byte aligned and `ipv6` sits at offset 12.
         let mine = unsafe { core::ptr::read(ep.ipv6.as_ptr().cast::<A16>()) };
         ep.flags & Endpoint::HAS_IPV6 != 0 && mine == *a
+    }
+    #[inline(always)]
+    fn for_anyone(a: &A16) -> bool {
+        addr::v6_for_anyone(&a.0)
     }
 }
 
@@ -1194,7 +1208,14 @@ fn remote_identity<F: Family>(
 ) -> Result<RemoteInfo, DropReason> {
     match dir {
         Direction::Egress => {
-            let remote = F::remote(p.d);
+            // A group or link-local destination is no one receiver the ipcache can name: the
+            // bridge delivers it to every container on it and the host. Only what policy allows
+            // towards everyone (remote `ANY`) may be sent there.
+            let remote = if F::for_anyone(&p.d) {
+                RemoteInfo::new(identity::ANY)
+            } else {
+                F::remote(p.d)
+            };
             ev.src_identity = ep.identity;
             ev.dst_identity = remote.identity;
             Ok(remote)

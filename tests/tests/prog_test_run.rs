@@ -3089,6 +3089,80 @@ fn unicast_for_another_address_is_dropped() {
     }
 }
 
+/// A group or link-local destination reaches every container on the bridge and the host, so a
+/// container sends to it only what policy allows towards everyone (remote `ANY`): a rule for
+/// `world` (or a CIDR holding the group) does not let it broadcast past its egress policy to the
+/// containers and host services that policy keeps it from.
+#[test]
+fn group_destinations_from_a_container_need_a_rule_for_everyone() {
+    if !require_root("group_destinations_from_a_container_need_a_rule_for_everyone") {
+        return;
+    }
+    let group = |v4: [u8; 4], v6: [u8; 16]| Host {
+        v4,
+        v6,
+        id: identity::ANY,
+    };
+    let groups = [
+        group([255, 255, 255, 255], ff02(1)),
+        group([224, 0, 0, 1], ff05()),
+        group([239, 1, 2, 3], link_local(0x99)),
+    ];
+    for fam in [V4, V6] {
+        let mut dp = Dp::db(true, true);
+        // db may reach the world on every port and protocol, and nothing else.
+        dp.allow(
+            &DB,
+            identity::WORLD,
+            Direction::Egress,
+            0,
+            0,
+            policy::PREFIX_ANY_PROTO,
+            5,
+        );
+        assert_eq!(dp.run(From, &fam.udp(&DB, &WORLD, 5000, 53)), PASS);
+        for g in &groups {
+            assert_eq!(
+                dp.run(From, &fam.udp(&DB, g, 5000, 53)),
+                SHOT,
+                "{fam:?} to {:?} / {:?} under a world-only egress",
+                g.v4,
+                g.v6
+            );
+        }
+        assert_drops(&dp, Some(DropReason::PolicyDenied), 3);
+        assert_eq!(
+            dp.events()[0],
+            drop_event(
+                fam,
+                DropReason::PolicyDenied,
+                Direction::Egress,
+                &DB,
+                &groups[0],
+                proto::UDP,
+                5000,
+                53,
+                0
+            ),
+            "the drop names the wildcard as remote"
+        );
+        // A rule for everyone (here: 5353/udp without a peer) lets exactly that out.
+        dp.allow(
+            &DB,
+            identity::ANY,
+            Direction::Egress,
+            proto::UDP,
+            5353,
+            policy::FULL_PREFIX,
+            6,
+        );
+        for g in &groups {
+            assert_eq!(dp.run(From, &fam.udp(&DB, g, 5353, 5353)), PASS);
+            assert_eq!(dp.run(From, &fam.udp(&DB, g, 5000, 53)), SHOT);
+        }
+    }
+}
+
 fn ip_length_is_checked(fam: Fam) {
     let mut dp = Dp::db(true, false);
     dp.allow(

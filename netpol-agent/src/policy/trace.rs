@@ -580,7 +580,17 @@ impl World {
                 endpoint: None,
             },
             Resolved::Addr(a) => {
-                let identity = self.ipcache(*a).identity;
+                // A group or link-local address reaches everyone on the bridge: the datapath
+                // decides a container's packets to it under the wildcard remote (`lxc.rs`).
+                let anyone = match a {
+                    IpAddr::V4(a) => netpol_common::addr::v4_group(&a.octets()),
+                    IpAddr::V6(a) => netpol_common::addr::v6_for_anyone(&a.octets()),
+                };
+                let identity = if anyone {
+                    reserved::ANY
+                } else {
+                    self.ipcache(*a).identity
+                };
                 let owner = self.containers.iter().find(|m| {
                     m.attachments
                         .iter()

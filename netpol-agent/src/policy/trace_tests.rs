@@ -242,6 +242,29 @@ spec:
     );
 }
 
+#[test]
+fn group_addresses_need_a_rule_for_everyone() {
+    let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: app1-egress
+spec:
+  endpointSelector:
+    matchLabels: { com.docker.compose.service: app1 }
+  egress:
+    - toEntities: [world]
+    - toPorts:
+        - ports: [{ port: "5353", protocol: TCP }]
+"#;
+    let w = world(text, &shop());
+    assert!(allowed(&w, "app1", "192.168.1.1:443"));
+    for group in ["255.255.255.255", "224.0.0.1", "239.1.2.3"] {
+        assert!(!allowed(&w, "app1", &format!("{group}:443")), "{group}");
+        assert!(allowed(&w, "app1", &format!("{group}:5353")), "{group}");
+    }
+}
+
 const RANGES: &str = r#"
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy

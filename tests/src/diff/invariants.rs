@@ -46,6 +46,11 @@ pub struct Checks {
     /// target. (Destinations are not checked here: a solicited neighbour advertisement
     /// goes to the soliciting address, which may be global.)
     pub neighbour_rules: bool,
+    /// From a container on an enforced egress, a new flow to a group or link-local destination
+    /// (IPv4 multicast or 255.255.255.255, IPv6 multicast or link-local: every container on the
+    /// bridge and the host receive it) only if policy allows it towards everyone (remote
+    /// `ANY`), not merely towards `world`.
+    pub group_destination: bool,
 }
 
 impl Checks {
@@ -59,6 +64,7 @@ impl Checks {
         host_source: true,
         icmp_error_to_peer: true,
         neighbour_rules: true,
+        group_destination: true,
     };
 
     /// What the datapath on main is meant to hold today (holes 2, 3, 4 and 5 are fixed; hole 4's
@@ -152,7 +158,9 @@ fn policy_allows(world: &World, ep: &Endpoint, dir: Direction, ip: &Ip, ty: Opti
         Direction::Egress => ip.dst,
         Direction::Ingress => ip.src,
     };
-    let remote = if ip.v6 {
+    let remote = if dir == Direction::Egress && for_anyone(ip) {
+        Some(identity::ANY)
+    } else if ip.v6 {
         lpm(
             world
                 .ipcache6
@@ -234,6 +242,55 @@ fn icmp_related(dir: Direction, ip: &Ip, f: &[u8]) -> Option<String> {
         );
     }
     None
+}
+
+/// Whether `a` is a group or link-local address of its family.
+fn for_anyone(ip: &Ip) -> bool {
+    if ip.v6 {
+        ip.dst[0] == 0xff || link_local6(ip.dst)
+    } else {
+        ip.dst[0] & 0xf0 == 0xe0 || ip.dst.iter().all(|b| *b == 0xff)
+    }
+}
+
+/// The policy port of a packet's upper-layer header: TCP, UDP, SCTP destination port, ICMP
+/// type, 0 otherwise; `None` when the header is not there (an extension header or a later
+/// fragment in the way).
+fn policy_port(ip: &Ip, f: &[u8]) -> Option<u16> {
+    match ip.proto {
+        6 | 17 | 132 => be16(f, ip.l4 + 2),
+        1 if !ip.v6 => f.get(ip.l4).map(|t| u16::from(*t)),
+        58 if ip.v6 => f.get(ip.l4).map(|t| u16::from(*t)),
+        0 | 43 | 44 | 50 | 51 | 60 | 255 => None,
+        _ => Some(0),
+    }
+}
+
+/// A new flow from a container to a group or link-local destination that policy does not allow
+/// towards everyone.
+fn group_destination(world: &World, ep: &Endpoint, ip: &Ip, f: &[u8]) -> Option<String> {
+    if !for_anyone(ip) {
+        return None;
+    }
+    let port = policy_port(ip, f)?;
+    let [a, b] = policy::lookup_keys(
+        ep.identity,
+        identity::ANY,
+        Direction::Egress,
+        ip.proto,
+        port,
+    );
+    if matches!(
+        policy::decide(policy_lpm(&world.policy, &a), policy_lpm(&world.policy, &b)),
+        Verdict::Allow(_)
+    ) {
+        return None;
+    }
+    Some(format!(
+        "group destination: a container opened a flow to {:?} (protocol {}, port {port}) that \
+         policy does not allow towards everyone",
+        ip.dst, ip.proto
+    ))
 }
 
 /// The property a packet that the kernel passed on endpoint `ifindex` violates, if any.
@@ -369,6 +426,15 @@ pub fn violated(
                     ));
                 }
             }
+        }
+    }
+    if c.group_destination
+        && dir == Direction::Egress
+        && ep.enforces(dir)
+        && why == Some(Why::Allowed)
+    {
+        if let Some(v) = group_destination(world, ep, &ip, f) {
+            return Some(v);
         }
     }
     let icmp_proto = (!ip.v6 && ip.proto == 1) || (ip.v6 && ip.proto == 58);
