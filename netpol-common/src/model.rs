@@ -775,10 +775,16 @@ impl World {
         let Some(e) = self.ct_get_mut(k, est) else {
             return Ok(false);
         };
-        // A SYN-ACK answers a flow: it never passes in the direction that opened it.
+        // A SYN-ACK or an echo reply answers a flow: it never passes in the direction that
+        // opened it; an echo request opens one: it never passes as a reply.
         let syn_ack =
             p.proto == proto::TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
-        if syn_ack && !reply {
+        let wrong_way = match p.kind {
+            Kind::EchoRequest => reply,
+            Kind::EchoReply => !reply,
+            _ => syn_ack && !reply,
+        };
+        if wrong_way {
             return Ok(false);
         }
         let u = ct::update(e, now, p.proto, p.tcp_flags, reply, est);

@@ -68,7 +68,8 @@
 //!    `to_container` only packets that come in through the remote container's veth or bridge
 //!    (netpol-common `CtEntry::serves`); one that does not is skipped as if absent. A TCP SYN
 //!    without ACK never passes on conntrack: it opens a flow, which policy decides (also over
-//!    a closing entry). An entry that audit mode admitted (`CtEntry::AUDIT`) serves only while
+//!    a closing entry). A SYN-ACK and an ICMP echo reply pass on conntrack only as a reply of
+//!    their flow, an echo request only in the direction that opened it. An entry that audit mode admitted (`CtEntry::AUDIT`) serves only while
 //!    the endpoint audits the direction that opened the flow; after that (audit mode left, for
 //!    that direction or the whole host, or only the other direction audited) a packet of the
 //!    flow, either way and a reply included, has the flow decided again by the opening
@@ -642,7 +643,8 @@ fn revisit_audit(e: &mut CtEntry, ep_flags: u32, proto: u32, port: u32) -> u64 {
 /// `found`, the entry of `k` in one table (`est`: the established one) if any: when it is live and
 /// serves `o`, applies the packet to it (`ct::update`: flags, lifetime, promotion to the
 /// established table). The packet is a reply when `dir` is not the entry's opening side; a
-/// SYN-ACK passes only as a reply. An entry whose audit mode lapsed is decided again first
+/// SYN-ACK and an echo reply pass only as a reply, an echo request only in the opening
+/// direction. An entry whose audit mode lapsed is decided again first
 /// ([`revisit_audit`]): `Err` when policy denies the flow now. `slot`: for an entry of the new
 /// table, the established table's entry of the same key, if the lookup found one; a promotion
 /// writes itself into it when it is expired or dead ([`promote_into`]) instead of inserting.
@@ -681,7 +683,15 @@ fn ct_hit<F: Family>(
         }
     }
     let syn_ack = l.proto == proto::TCP && l.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
-    if syn_ack && !reply {
+    // A SYN-ACK and an echo reply answer a flow, an echo request opens one: none of them
+    // passes the other way (an echo request with identifier 0 keys onto the peer's echo
+    // request with identifier 0, as its reply would).
+    let wrong_way = match l.kind {
+        Kind::EchoRequest => reply,
+        Kind::EchoReply => !reply,
+        _ => syn_ack && !reply,
+    };
+    if wrong_way {
         return Ok(false);
     }
     let u = ct::update(e, now, l.proto, l.tcp_flags, reply, est);

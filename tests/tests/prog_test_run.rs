@@ -2350,6 +2350,26 @@ fn echo_flow(fam: Fam) {
         ),
         "an echo request event carries the identifier in sport"
     );
+    // Identifier 0: the world's echo request keys onto db's own request of identifier 0, where
+    // its reply would; it is a new request all the same. And db's echo reply the other way
+    // round answers nothing.
+    assert_eq!(dp.run(From, &fam.echo(&DB, &WORLD, ping, 0)), PASS);
+    assert_eq!(
+        dp.run(To, &fam.echo(&WORLD, &DB, fam.echo_reply(), 0)),
+        PASS,
+        "the reply of identifier 0"
+    );
+    assert_eq!(
+        dp.run(To, &fam.echo(&WORLD, &DB, ping, 0)),
+        SHOT,
+        "an echo request of identifier 0 in"
+    );
+    assert_eq!(
+        dp.run(From, &fam.echo(&DB, &WORLD, fam.echo_reply(), 0)),
+        SHOT,
+        "an echo reply of identifier 0 out"
+    );
+    assert_drops(&dp, Some(DropReason::PolicyDenied), 6);
 }
 
 #[test]

@@ -5,9 +5,10 @@
 //! few lines of parsing.
 
 use netpol_common::{
+    ct::{CtKey4, CtKey6},
     endpoint::Endpoint,
     identity,
-    model::{lpm, policy_lpm, Why, World},
+    model::{lpm, policy_lpm, CtKey, Why, World},
     policy::{self, Verdict},
     Direction,
 };
@@ -51,6 +52,10 @@ pub struct Checks {
     /// bridge and the host receive it) only if policy allows it towards everyone (remote
     /// `ANY`), not merely towards `world`.
     pub group_destination: bool,
+    /// A packet that passed on conntrack goes the way its kind allows: a TCP SYN-ACK and an ICMP
+    /// echo reply only as a reply of their flow, an echo request only in the direction that
+    /// opened it.
+    pub conntrack_direction: bool,
 }
 
 impl Checks {
@@ -65,6 +70,7 @@ impl Checks {
         icmp_error_to_peer: true,
         neighbour_rules: true,
         group_destination: true,
+        conntrack_direction: true,
     };
 
     /// What the datapath on main is meant to hold today (holes 2, 3, 4 and 5 are fixed; hole 4's
@@ -293,6 +299,67 @@ fn group_destination(world: &World, ep: &Endpoint, ip: &Ip, f: &[u8]) -> Option<
     ))
 }
 
+/// A packet that passed on conntrack against the way its kind goes (see
+/// [`Checks::conntrack_direction`]): no live entry of its key (after the step) was opened from
+/// the side that fits it.
+fn conntrack_direction(world: &World, dir: Direction, ip: &Ip, f: &[u8]) -> Option<String> {
+    let (sport, dport, must_reply) = match ip.proto {
+        6 => {
+            let flags = *f.get(ip.l4 + 13)?;
+            if flags & 0x12 != 0x12 {
+                return None;
+            }
+            (be16(f, ip.l4)?, be16(f, ip.l4 + 2)?, true)
+        }
+        1 | 58 => {
+            let ty = *f.get(ip.l4)?;
+            let id = be16(f, ip.l4 + 4)?;
+            match (ip.v6, ty) {
+                (false, 8) | (true, 128) => (id, 0, false),
+                (false, 0) | (true, 129) => (0, id, true),
+                _ => return None,
+            }
+        }
+        _ => return None,
+    };
+    let k = if ip.v6 {
+        CtKey::V6(CtKey6::of_packet(
+            ip.src.try_into().ok()?,
+            ip.dst.try_into().ok()?,
+            sport,
+            dport,
+            ip.proto,
+            dir,
+        ))
+    } else {
+        CtKey::V4(CtKey4::of_packet(
+            ip.src.try_into().ok()?,
+            ip.dst.try_into().ok()?,
+            sport,
+            dport,
+            ip.proto,
+            dir,
+        ))
+    };
+    let fits = [true, false]
+        .iter()
+        .filter_map(|est| world.ct_get(&k, *est))
+        .any(|e| e.is_reply(dir) == must_reply);
+    if fits {
+        return None;
+    }
+    Some(format!(
+        "conntrack direction: protocol {} {} passed on conntrack {dir:?} {}",
+        ip.proto,
+        if ip.proto == 6 { "SYN-ACK" } else { "echo" },
+        if must_reply {
+            "without a flow it answers"
+        } else {
+            "as a reply"
+        }
+    ))
+}
+
 /// The property a packet that the kernel passed on endpoint `ifindex` violates, if any.
 pub fn violated(
     c: &Checks,
@@ -434,6 +501,11 @@ pub fn violated(
         && why == Some(Why::Allowed)
     {
         if let Some(v) = group_destination(world, ep, &ip, f) {
+            return Some(v);
+        }
+    }
+    if c.conntrack_direction && why == Some(Why::Conntrack) {
+        if let Some(v) = conntrack_direction(world, dir, &ip, f) {
             return Some(v);
         }
     }
