@@ -215,8 +215,8 @@ pub enum Masq6Counter {
     PortRewritten = 4,
     /// Packets dropped: no free port after probing the range.
     NoPort = 5,
-    /// Host flows whose tuple a container flow already held (the host's packets win nothing:
-    /// replies still go to the container).
+    /// Host flows whose tuple a container flow already held: the host's flow takes it (its
+    /// replies stay the host's) and the container flow loses its mapping.
     HostConflict = 6,
     /// Packets left alone because they could not be parsed (truncated, too many extension
     /// headers, non-initial fragments).

@@ -5,7 +5,10 @@
 //! 1. Source in a `MASQUERADE` prefix of `MASQ6_PREFIX`, destination in no prefix of it (neither a
 //!    container network nor a `LOCAL` one): a container flow to the outside. Anything else passes
 //!    untouched, except the host's own flows (source = the uplink address), whose tuples are
-//!    reserved in `SNAT6` so no container flow is handed the same one.
+//!    reserved in `SNAT6` so no container flow is handed the same one. A host flow whose tuple
+//!    a live container flow holds takes it from that flow (`HostConflict`): the host's replies
+//!    are never translated to a container, and the container flow loses its mapping (its next
+//!    packet gets a new one).
 //! 2. TCP, UDP and ICMPv6 echo requests: the *out* entry of the flow gives the translated port; a
 //!    new flow first tries its own port, then [`PROBES`]` - 1` ports of the configured range from a
 //!    random start, claiming the *in* key (remote, uplink, remote port, port) with `BPF_NOEXIST`
@@ -655,6 +658,9 @@ fn reserve_host(
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     sc.pkey = Snat6Key::new(sc.d, cfg.addr, sc.dport, sc.sport, sc.proto, SNAT6_IN);
+    // A live container flow holds the tuple (by chance, or on purpose: its own source port in
+    // the host's ephemeral range, to a server the host talks to).
+    let mut held = false;
     if let Some(e) = SNAT6.get_ptr_mut(&sc.pkey) {
         // SAFETY: pointer from a map lookup, valid while the program runs.
         let e = unsafe { &mut *e };
@@ -663,12 +669,33 @@ fn reserve_host(
             return Ok(PASS);
         }
         if e.expires_ns >= now {
-            count(Masq6Counter::HostConflict);
-            return Ok(PASS);
+            held = true;
+            sc.val = *e;
         }
     }
     if sc.proto == proto::TCP && sc.tcp_flags & TCP_RST != 0 {
         return Ok(PASS);
+    }
+    if held {
+        // The host's flow takes the tuple: its replies must never be translated to a
+        // container. The container's *out* entry goes too (if it still maps to this tuple), so
+        // its next packet gets a new mapping instead of going out on the host's tuple.
+        count(Masq6Counter::HostConflict);
+        sc.key = Snat6Key::new(
+            sc.val.addr,
+            sc.d,
+            sc.val.port(),
+            sc.dport,
+            sc.proto,
+            SNAT6_OUT,
+        );
+        if let Some(o) = SNAT6.get_ptr(&sc.key) {
+            // SAFETY: pointer from a map lookup, valid while the program runs.
+            let o = unsafe { &*o };
+            if o.addr == cfg.addr && o.port() == sc.sport {
+                let _ = SNAT6.remove(&sc.key);
+            }
+        }
     }
     let expires = now + lifetime::of(sc.proto, Snat6Entry::HOST) * NS;
     sc.pval = Snat6Entry::new(cfg.addr, sc.sport, Snat6Entry::HOST, expires);

@@ -689,6 +689,51 @@ fn host_flows_are_reserved_and_never_translated() {
     assert_eq!((v, &out), (PASS, &r), "host reply untouched");
 }
 
+/// A container that holds a tuple first (here on purpose: its own source port in the host's
+/// ephemeral range, to the server the host talks to) loses it to the host's flow: the host's
+/// replies are never translated to the container, and the container's flow gets a new mapping.
+#[test]
+fn a_host_flow_takes_its_tuple_from_a_container_flow() {
+    if !require_root("masq6_prog::a_host_flow_takes_its_tuple_from_a_container_flow") {
+        return;
+    }
+    let m = Masq::load(61000, 61009);
+    for (proto, host_port) in [(proto::TCP, 45000), (proto::UDP, 45001)] {
+        let l4 = |sport: u16, dport: u16, syn: bool| {
+            move |s: &[u8; 16], d: &[u8; 16]| {
+                if proto == proto::TCP {
+                    tcp(s, d, sport, dport, if syn { TCP_SYN } else { TCP_ACK }, b"")
+                } else {
+                    udp(s, d, sport, dport, b"x")
+                }
+            }
+        };
+        let o = m.out(&frame(C1, SERVER, proto, l4(host_port, 80, true)));
+        assert_eq!((o.src, o.sport()), (ip(UPLINK), host_port), "{proto}");
+        // The host opens UPLINK:host_port → SERVER:80: it reserves its tuple.
+        let h = frame(UPLINK, SERVER, proto, l4(host_port, 80, true));
+        let (v, out) = m.run(true, &h);
+        assert_eq!((v, &out), (PASS, &h), "{proto}: host packet untouched");
+        let r = frame(SERVER, UPLINK, proto, l4(80, host_port, false));
+        let (v, out) = m.run(false, &r);
+        assert_eq!(
+            (v, &out),
+            (PASS, &r),
+            "{proto}: the host's reply went to the container"
+        );
+        // The container's next packet is not sent on the host's tuple.
+        let o = m.out(&frame(C1, SERVER, proto, l4(host_port, 80, false)));
+        assert_eq!(o.src, ip(UPLINK));
+        assert_ne!(
+            o.sport(),
+            host_port,
+            "{proto}: the container kept the host's tuple"
+        );
+        o.assert_csum("the container flow's new mapping");
+    }
+    assert_eq!(m.counter(Masq6Counter::HostConflict), 2);
+}
+
 /// A UDP datagram `src → dst` (real checksum) cut into IPv6 fragments of `chunk` bytes (a multiple
 /// of 8) with identification `id`: the frames, first fragment first.
 #[allow(clippy::too_many_arguments)]
