@@ -940,6 +940,70 @@ fn a_broken_netpol_label_makes_its_direction_default_deny() {
     assert!(endpoint_state(&mut a, &db).contains("egress default deny"));
 }
 
+/// A shorthand label is bounded like a policy file: one of thousands of CIDRs (each an ipcache
+/// entry, and compile time growing with their square) made every compile take minutes and not
+/// fit the maps, so every other policy change was refused (db could not be closed). Over the
+/// limit it is an error: its direction default deny, and the rest applies as usual.
+#[test]
+fn a_huge_netpol_label_is_an_error_and_holds_up_no_other_change() {
+    let dirs = Dirs::new("label-huge");
+    let (db, app1) = (service(2, "db", &[]), service(3, "app1", &[]));
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TCP"));
+    let mut a = agent(&dirs);
+    let cidrs = |n: usize| -> String {
+        (0..n)
+            .map(|i| format!("10.{}.{}.0/24:{}", i / 256, i % 256, 1 + i))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let huge = cidrs(crate::policy::limits::LABEL_ITEMS + 1);
+    let evil = service(
+        5,
+        "evil",
+        &[("netpol.ingress", huge.as_str()), ("netpol.egress", "")],
+    );
+    let t = std::time::Instant::now();
+    snapshot(&mut a, &[&db, &app1, &evil]);
+    assert!(connects(&a, &app1, &db, 5432));
+    dirs.write_policy("db.yaml", &db_accepts("nobody", "TCP"));
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(
+        !connects(&a, &app1, &db, 5432),
+        "db's edit was held up: {}",
+        a.status()["last_error"]
+    );
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    let state = endpoint_state(&mut a, &evil);
+    assert!(
+        state.contains("ingress and egress default deny") || state.contains("ingress default deny"),
+        "{state}"
+    );
+    assert!(state.contains("more than a label may hold"), "{state}");
+    assert!(
+        !connects(&a, &app1, &evil, 1),
+        "the broken label's direction is default deny"
+    );
+    let long = "world:1,".repeat(crate::policy::limits::LABEL_BYTES / 8 + 1);
+    let evil = service(5, "evil", &[("netpol.ingress", long.as_str())]);
+    up(&mut a, &evil);
+    assert!(endpoint_state(&mut a, &evil).contains("bytes, more than a label may hold"));
+
+    // At the limit: applies.
+    let most = cidrs(crate::policy::limits::LABEL_ITEMS);
+    let big = service(5, "evil", &[("netpol.ingress", most.as_str())]);
+    let t = std::time::Instant::now();
+    up(&mut a, &big);
+    eprintln!("a label at the limit: {:?}", t.elapsed());
+    assert!(
+        a.status()["label_errors"]
+            .as_object()
+            .is_some_and(|e| e.is_empty()),
+        "{}",
+        a.status()
+    );
+}
+
 #[test]
 fn an_unknown_netpol_label_makes_both_directions_default_deny() {
     let dirs = Dirs::new("unknown-label");

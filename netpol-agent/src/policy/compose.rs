@@ -13,8 +13,8 @@
 //! `com.docker.compose.project` + `com.docker.compose.service`.
 
 use super::{
-    parse::match_labels, CidrRule, DefaultDeny, Entity, Peer, Peers, Policy, PortRule, Protocol,
-    Rule, Source, Spec, L4,
+    limits, parse::match_labels, CidrRule, DefaultDeny, Entity, Peer, Peers, Policy, PortRule,
+    Protocol, Rule, Source, Spec, L4,
 };
 use crate::{
     datapath::Cidr,
@@ -55,6 +55,10 @@ pub enum ComposeErrorKind {
     Port { item: String, port: String },
     #[error("{item:?}: invalid protocol {proto:?} (tcp, udp, sctp, any)")]
     Protocol { item: String, proto: String },
+    #[error("{len} bytes, more than a label may hold ({limit})")]
+    TooLong { len: usize, limit: usize },
+    #[error("{count} items, more than a label may hold ({limit})")]
+    TooMany { count: usize, limit: usize },
 }
 
 /// The policy expressed by `container`'s `netpol.*` labels (`None` if it has none). `labels` are
@@ -118,7 +122,23 @@ pub fn from_labels(container: &str, labels: &Labels) -> Result<Option<Policy>, C
     }))
 }
 
+/// Bounded like a policy file (see [`super::limits`]): a container's label must not be able to
+/// make every compile slow, or too large for the maps, which would hold up every other policy
+/// change.
 fn parse_list(project: &str, value: &str) -> Result<Vec<Rule>, ComposeErrorKind> {
+    if value.len() > limits::LABEL_BYTES {
+        return Err(ComposeErrorKind::TooLong {
+            len: value.len(),
+            limit: limits::LABEL_BYTES,
+        });
+    }
+    let count = value.split(',').filter(|i| !i.trim().is_empty()).count();
+    if count > limits::LABEL_ITEMS {
+        return Err(ComposeErrorKind::TooMany {
+            count,
+            limit: limits::LABEL_ITEMS,
+        });
+    }
     value
         .split(',')
         .map(str::trim)

@@ -85,6 +85,10 @@ pub mod limits {
     pub const PORTS_PER_RULE: usize = 40;
     /// One request on the control socket (a `policy import` of several files).
     pub const REQUEST_BYTES: usize = 8 << 20;
+    /// Bytes of one compose shorthand label (`netpol.ingress`, `netpol.egress`).
+    pub const LABEL_BYTES: usize = 16 << 10;
+    /// Items (peers) of one compose shorthand label.
+    pub const LABEL_ITEMS: usize = 256;
 }
 
 /// Local endpoints by identity: each label identity in use and its (filtered) labels. Several
