@@ -316,7 +316,8 @@ impl CtEntry {
     /// expiry becomes 0, in the past for every reader, so it is absent to every lookup as an
     /// expired entry is; it stays in its table until the reopened flow's promotion writes
     /// itself into it or the LRU evicts it. (Not a delete: that frees the LRU element, and the
-    /// promotion would allocate another one.)
+    /// promotion would allocate another one.) Only with `Config::CT_IN_PLACE` (x86); without it
+    /// the datapath deletes the entry.
     #[inline(always)]
     pub fn kill(&mut self) {
         self.expires_ns = 0;
@@ -466,8 +467,8 @@ pub struct Update {
 ///   ACK; ICMP echo is never promoted). A spray of packets that are not answered, or SYNs that
 ///   are only answered by a SYN-ACK, never reaches the established table. The entry is copied
 ///   into the established table (over the key's entry there, if any: an expired one, or one a
-///   SYN killed when it reopened the tuple, [`CtEntry::kill`], is written over in place) and
-///   deleted from the new one.
+///   SYN killed when it reopened the tuple, [`CtEntry::kill`], is written over in place where
+///   `Config::CT_IN_PLACE` allows it) and deleted from the new one.
 #[inline(always)]
 pub const fn update(
     e: &CtEntry,

@@ -250,6 +250,16 @@ pub struct Config {
 impl Config {
     /// Emit a `Flow` event for every new allowed flow (set while a monitor is connected).
     pub const TRACE_FLOWS: u32 = 1;
+    /// Conntrack may end an entry and give it to another flow in place: a TCP SYN that reopens
+    /// a tuple kills its established entry (`ct::CtEntry::kill`, expiry 0) instead of deleting
+    /// it, and the reopened flow's promotion writes itself into an expired or killed established
+    /// entry of its key (field by field, the expiry last) instead of inserting. That saves the
+    /// LRU's free and allocation, and is safe only where another CPU sees the stores in program
+    /// order (x86): on a weakly ordered CPU (arm64) a concurrent reader could see the new expiry
+    /// with the previous flow's fields (its flags, identity, remote). The agent sets it on x86
+    /// alone, as it moves the ipcache generation there alone; without it the datapath deletes
+    /// and inserts (the map update publishes a whole new element).
+    pub const CT_IN_PLACE: u32 = 2;
     /// Events per second and CPU when `event_rate` is 0.
     pub const EVENT_RATE_DEFAULT: u32 = 1000;
 

@@ -120,6 +120,9 @@ pub struct World {
     pub frag: Vec<(FragKey, FragL4)>,
     /// `CT4_NEW` and `CT6_NEW`: flows not established yet.
     pub ct_new: Vec<(CtKey, CtEntry)>,
+    /// `CONFIG`'s `Config::CT_IN_PLACE`: a reopening SYN kills the established entry instead
+    /// of deleting it. (The promotion's in-place write gives the entry an insert would.)
+    pub ct_in_place: bool,
 }
 
 /// A fragment-tracking key of either family.
@@ -1141,10 +1144,16 @@ impl World {
         if local && matches!(p.kind, Kind::Ports | Kind::EchoRequest | Kind::Other) {
             let k = key(fam, p.s, p.d, p.sport, p.dport, p.proto, dir);
             // A SYN that reopens a tuple ends the established entry it may have left, in place
-            // (`CtEntry::kill`); the flow's promotion writes itself over it.
+            // (`CtEntry::kill`) with `Config::CT_IN_PLACE`, and the flow's promotion writes
+            // itself over it; without, it is deleted (and the promotion inserts: the same
+            // entry).
             if opens {
-                if let Some(old) = self.ct_get_mut(&k, true) {
-                    old.kill();
+                if self.ct_in_place {
+                    if let Some(old) = self.ct_get_mut(&k, true) {
+                        old.kill();
+                    }
+                } else {
+                    self.ct_del(&k, true);
                 }
             }
             let mut e = CtEntry::new(

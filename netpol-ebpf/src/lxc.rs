@@ -701,7 +701,7 @@ fn ct_hit<F: Family>(
         e.expires_ns = u.expires_ns;
         match slot {
             // SAFETY: pointer from a map lookup, valid while the program runs.
-            Some(old) if unsafe { (*old).expires_ns } < now => {
+            Some(old) if unsafe { (*old).expires_ns } < now && ct_in_place() => {
                 promote_into(unsafe { &mut *old }, e)
             }
             _ => F::put(k, e, true),
@@ -871,17 +871,28 @@ fn spoof_event(ev: &mut FlowEvent, identity: u32, proto0: u8) {
     ev.dport = 0;
 }
 
+/// Whether conntrack may give an entry to another flow in place (`Config::CT_IN_PLACE`: the
+/// agent sets it on x86 alone). Read only where a SYN reopens a tuple and where a flow is
+/// promoted over an expired or killed entry, never per packet of a flow.
+#[inline(always)]
+fn ct_in_place() -> bool {
+    CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & Config::CT_IN_PLACE != 0)
+}
+
 /// Promotes new-table entry `e` into `old`, the established table's entry of the same key, which
 /// has expired or is dead (a SYN reopened its tuple: `CtEntry::kill`): the same result as
 /// inserting `e` over it, without the LRU's allocation of a new element and free of the old one
-/// (with the SYN's `kill` instead of a delete, a reopened tuple costs no LRU work at all).
+/// (with the SYN's `kill` instead of a delete, a reopened tuple costs no LRU work at all). Only
+/// with `Config::CT_IN_PLACE` ([`ct_in_place`]).
 ///
 /// A concurrent reader treats `old` as absent until its expiry is written, which comes last,
 /// after a compiler fence (volatile stores, in this order; on x86 stores become visible in
-/// program order). Whatever mix of old and new fields a reader on a weaker architecture might
-/// see, both are entries made for this same key (this endpoint's address, the same remote and
-/// ports), the new one admitted by policy just now, and `CtEntry::serves` still checks the
-/// endpoint and the remote's interfaces it reads against the packet.
+/// program order, and loads are not reordered with other loads). A weakly ordered CPU (arm64)
+/// gives neither: a reader there could see the new expiry with the previous flow's flags
+/// (`AUDIT` lost, closing bits), rule or identities, so the agent leaves the flag off there and
+/// the promotion inserts (the map update publishes a whole element).
 #[inline(always)]
 fn promote_into(old: &mut CtEntry, e: &CtEntry) {
     // SAFETY: both are 8-byte aligned 40-byte `CtEntry`s: the expiry (words 0-1), then eight
@@ -1161,13 +1172,18 @@ fn verdict<F: Family>(
     if track {
         let k = F::key(s, d, l.sport, l.dport, l.proto, dir);
         // A new flow starts in the new table; a SYN that reopens a tuple ends the established
-        // entry it may have left: killed in place (`CtEntry::kill`: expired for every reader),
-        // not deleted, so that the flow's promotion reuses it (`promote_into`) and a tuple
-        // reopened costs no LRU free and allocation.
+        // entry it may have left: where `Config::CT_IN_PLACE` allows it, killed in place
+        // (`CtEntry::kill`: expired for every reader), not deleted, so that the flow's promotion
+        // reuses it (`promote_into`) and a tuple reopened costs no LRU free and allocation;
+        // otherwise deleted (the promotion then inserts).
         if opens {
             if let Some(old) = F::get(&k, true) {
-                // SAFETY: pointer from a map lookup, valid while the program runs.
-                unsafe { (*old).kill() };
+                if ct_in_place() {
+                    // SAFETY: pointer from a map lookup, valid while the program runs.
+                    unsafe { (*old).kill() };
+                } else {
+                    F::del(&k, true);
+                }
             }
         }
         let mut e = CtEntry::new(

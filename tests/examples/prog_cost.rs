@@ -206,10 +206,31 @@ fn measure(obj: &[u8]) -> Result<[u128; CASES.len()], ProgramError> {
             LpmTrie::try_from(bpf.map_mut(netpol_common::maps::IPCACHE6).unwrap()).unwrap();
         c6.insert(&Key::new(128, B6), peer, 0).unwrap();
     }
-    // An object with an ipcache generation (netpol-common's `ipcache`) gets the agent's first.
+    // An object with an ipcache generation (netpol-common's `ipcache`) gets the agent's first
+    // after its start (`write_ends(0)`, 2: an odd one is a write in progress, current for no
+    // entry; an object from before odd generations takes any but 0).
     if let Some(m) = bpf.map_mut(netpol_common::maps::IPCACHE_GEN) {
         let mut m: aya::maps::Array<_, u32> = aya::maps::Array::try_from(m).unwrap();
-        m.set(0, 1, 0).unwrap();
+        m.set(0, netpol_common::ipcache::write_ends(0), 0).unwrap();
+    }
+    // The `CONFIG` flags the agent starts with here (`Config::CT_IN_PLACE` on x86; an object
+    // from before the flag ignores it). `NO_CT_IN_PLACE=1` clears it, to time the fallback.
+    if let Some(m) = bpf.map_mut(netpol_common::maps::CONFIG) {
+        let mut m: aya::maps::Array<_, netpol_common::Config> =
+            aya::maps::Array::try_from(m).unwrap();
+        let mut flags = netpol_agent::datapath::kernel::start_flags();
+        if std::env::var_os("NO_CT_IN_PLACE").is_some() {
+            flags &= !netpol_common::Config::CT_IN_PLACE;
+        }
+        m.set(
+            0,
+            netpol_common::Config {
+                flags,
+                event_rate: 0,
+            },
+            0,
+        )
+        .unwrap();
     }
     {
         // 10,000 entries that match nothing measured, and the allows of the measured flows, as

@@ -79,6 +79,10 @@ impl Default for Sizes {
 /// The loaded object with `from_container` and `to_container` verified and loaded.
 pub struct Datapath {
     pub bpf: Ebpf,
+    /// `CONFIG` flags kept under every [`Datapath::config`]: the agent's start flags on this
+    /// architecture (`Config::CT_IN_PLACE` on x86) unless a test changes them
+    /// ([`Datapath::set_ct_in_place`]).
+    start_flags: u32,
 }
 
 impl Datapath {
@@ -103,7 +107,10 @@ impl Datapath {
             p.load()
                 .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:?}"));
         }
-        let mut dp = Self { bpf };
+        let mut dp = Self {
+            bpf,
+            start_flags: netpol_agent::datapath::kernel::start_flags(),
+        };
         // No rate limit on events unless a test sets one: tests count every event.
         dp.config(0);
         // The agent's first generation.
@@ -358,18 +365,36 @@ impl Datapath {
         r.return_value
     }
 
-    /// Sets `CONFIG`'s flags, with no rate limit on events (tests count every event).
+    /// Sets `CONFIG`'s flags (besides the start flags), with no rate limit on events (tests
+    /// count every event).
     pub fn config(&mut self, flags: u32) {
         self.config_with_rate(flags, u32::MAX);
     }
 
-    /// `CONFIG` with an event rate limit (`Config::event_rate`, events per second and CPU; 0:
-    /// the default).
+    /// `CONFIG` with `flags` and the start flags, and an event rate limit
+    /// (`Config::event_rate`, events per second and CPU; 0: the default).
     pub fn config_with_rate(&mut self, flags: u32, event_rate: u32) {
+        let flags = flags | self.start_flags;
         let mut m: Array<_, Config> =
             Array::try_from(self.bpf.map_mut(maps::CONFIG).expect("CONFIG")).unwrap();
         m.set(0, Config { flags, event_rate }, 0)
             .expect("CONFIG set");
+    }
+
+    /// Turns conntrack's in-place reuse of entries (`Config::CT_IN_PLACE`) on or off, now and
+    /// under later [`Datapath::config`] calls.
+    pub fn set_ct_in_place(&mut self, on: bool) {
+        let mut m: Array<_, Config> =
+            Array::try_from(self.bpf.map_mut(maps::CONFIG).expect("CONFIG")).unwrap();
+        let mut c = m.get(&0, 0).expect("CONFIG get");
+        if on {
+            c.flags |= Config::CT_IN_PLACE;
+            self.start_flags |= Config::CT_IN_PLACE;
+        } else {
+            c.flags &= !Config::CT_IN_PLACE;
+            self.start_flags &= !Config::CT_IN_PLACE;
+        }
+        m.set(0, c, 0).expect("CONFIG set");
     }
 
     /// `EVENT_STATS` summed over CPUs.

@@ -709,14 +709,22 @@ fn the_event_rate_is_written_to_the_pinned_config_and_kept() {
         let a: Array<_, Config> = Array::try_from(m).expect("an array");
         a.get(&0, 0).expect("entry 0")
     };
+    // Conntrack reuses entries in place on x86 alone (`Config::CT_IN_PLACE`).
+    let start = netpol_agent::datapath::kernel::start_flags();
+    assert_eq!(
+        start & Config::CT_IN_PLACE != 0,
+        cfg!(any(target_arch = "x86_64", target_arch = "x86"))
+    );
+    assert_eq!(config().flags, start, "the flags a start sets");
     dp.set_event_rate(5).expect("set the rate");
     assert_eq!(config().events_per_sec(), 5);
     dp.set_trace_flows(true).expect("trace on");
+    assert_eq!(config().flags, start | Config::TRACE_FLOWS);
     dp.set_trace_flows(false).expect("trace off");
     assert_eq!(
         config(),
         Config {
-            flags: 0,
+            flags: start,
             event_rate: 5
         }
     );

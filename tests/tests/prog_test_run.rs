@@ -1089,6 +1089,9 @@ fn reply_passes_by_conntrack(fam: Fam) {
 /// so is a SYN over a live one: conntrack never lets a bare SYN through.
 fn syn_over_a_closing_entry_is_decided_by_policy(fam: Fam) {
     let mut dp = Dp::db(true, true);
+    // The in-place reuse of a reopened tuple's entry, as x86's agent runs it (the fallback:
+    // `promotion_over_a_stale_entry_keeps_nothing_of_it_not_in_place_*`).
+    dp.dp.set_ct_in_place(true);
     dp.allow(
         &DB,
         APP1.id,
@@ -1327,8 +1330,15 @@ fn suggest_sees_a_reopened_tuple_as_its_new_flow_v6() {
 /// endpoint's, another identity, another remote, the other direction, audit-admitted and
 /// closing), expired and then killed by the reopening SYN, keeps nothing of it: every field
 /// `CtEntry::serves`, the reply test and the audit logic read is the new flow's.
-fn promotion_over_a_stale_entry_keeps_nothing_of_it(fam: Fam) {
+///
+/// `in_place`: `Config::CT_IN_PLACE` (x86's agent): the SYN kills the old entry and the
+/// promotion writes itself into it. Without (every other architecture's), the SYN deletes it
+/// and the promotion inserts (a map update, which publishes a whole element to other CPUs), with
+/// the same result; a UDP flow promoted over an expired entry (no SYN deletes that one) replaces
+/// it through the update as well.
+fn promotion_over_a_stale_entry_keeps_nothing_of_it(fam: Fam, in_place: bool) {
     let mut dp = Dp::db(true, true);
+    dp.dp.set_ct_in_place(in_place);
     dp.allow(
         &DB,
         APP1.id,
@@ -1337,6 +1347,15 @@ fn promotion_over_a_stale_entry_keeps_nothing_of_it(fam: Fam) {
         5432,
         policy::FULL_PREFIX,
         4,
+    );
+    dp.allow(
+        &DB,
+        APP1.id,
+        Direction::Ingress,
+        proto::UDP,
+        53,
+        policy::FULL_PREFIX,
+        5,
     );
     let k = ct_key(fam, &APP1, &DB, 40002, 5432, proto::TCP, CtDir::Ingress);
     let stale = CtEntry {
@@ -1353,13 +1372,51 @@ fn promotion_over_a_stale_entry_keeps_nothing_of_it(fam: Fam) {
     };
     dp.set_ct_in(k, stale, true);
     assert_eq!(dp.run(To, &fam.tcp(&APP1, &DB, 40002, 5432, TCP_SYN)), PASS);
-    assert_eq!(dp.ct_in(k, true).map(|e| e.expires_ns), Some(0), "killed");
+    if in_place {
+        assert_eq!(dp.ct_in(k, true).map(|e| e.expires_ns), Some(0), "killed");
+    } else {
+        assert_eq!(dp.ct_in(k, true), None, "deleted, not killed in place");
+    }
     let e = dp.ct_in(k, false).expect("the new flow");
     assert_eq!(
         dp.run(From, &fam.tcp(&DB, &APP1, 5432, 40002, TCP_SYN | TCP_ACK)),
         PASS
     );
     assert_eq!(dp.run(To, &fam.tcp(&APP1, &DB, 40002, 5432, TCP_ACK)), PASS);
+    promoted(&dp, k, &e, 4);
+    // And the flow goes on as db's: its replies and app1's packets pass on the entry.
+    assert_eq!(
+        dp.run(From, &fam.tcp(&DB, &APP1, 5432, 40002, TCP_ACK)),
+        PASS
+    );
+    assert_eq!(dp.run(To, &fam.tcp(&APP1, &DB, 40002, 5432, TCP_ACK)), PASS);
+
+    // UDP: no SYN ends the stale entry; it expired, and the flow's promotion replaces it.
+    let ku = ct_key(fam, &APP1, &DB, 40003, 53, proto::UDP, CtDir::Ingress);
+    dp.set_ct_in(
+        ku,
+        CtEntry {
+            flags: CtEntry::AUDIT | CtEntry::SEEN_REPLY,
+            ..stale
+        },
+        true,
+    );
+    assert_eq!(dp.run(To, &fam.udp(&APP1, &DB, 40003, 53)), PASS);
+    let e = dp.ct_in(ku, false).expect("the new UDP flow");
+    assert_eq!(
+        dp.ct_in(ku, true).map(|e| e.expires_ns),
+        Some(stale.expires_ns),
+        "the expired entry is left until the promotion"
+    );
+    assert_eq!(dp.run(From, &fam.udp(&DB, &APP1, 53, 40003)), PASS);
+    assert_eq!(dp.run(To, &fam.udp(&APP1, &DB, 40003, 53)), PASS);
+    promoted(&dp, ku, &e, 5);
+    assert_drops(&dp, None, 0);
+}
+
+/// Asserts that new-table entry `e` (of app1's flow to db, admitted by `rule`) was promoted to
+/// the established entry of `k`, answered and live, with nothing of what `k` held before.
+fn promoted(dp: &Dp, k: AnyCtKey, e: &CtEntry, rule: u32) {
     assert!(dp.ct_in(k, false).is_none(), "promoted");
     let p = dp.ct_in(k, true).expect("the promoted flow");
     assert!(p.expires_ns > now_ns(), "live");
@@ -1368,34 +1425,41 @@ fn promotion_over_a_stale_entry_keeps_nothing_of_it(fam: Fam) {
         CtEntry {
             expires_ns: 0,
             flags: CtEntry::SEEN_REPLY,
-            ..e
+            ..*e
         },
-        "nothing of the stale entry is left"
+        "nothing of the stale entry is left (no AUDIT, no closing bits)"
     );
     assert_eq!(
         (p.ifindex, p.identity, p.remote_identity, p.dir, p.rule),
-        (LO, DB.id, APP1.id, CtDir::Ingress as u8, 4)
+        (LO, DB.id, APP1.id, CtDir::Ingress as u8, rule)
     );
-    // And the flow goes on as db's: its replies and app1's packets pass on the entry.
-    assert_eq!(
-        dp.run(From, &fam.tcp(&DB, &APP1, 5432, 40002, TCP_ACK)),
-        PASS
-    );
-    assert_eq!(dp.run(To, &fam.tcp(&APP1, &DB, 40002, 5432, TCP_ACK)), PASS);
-    assert_drops(&dp, None, 0);
 }
 
 #[test]
 fn promotion_over_a_stale_entry_keeps_nothing_of_it_v4() {
     if require_root("promotion_over_a_stale_entry_keeps_nothing_of_it_v4") {
-        promotion_over_a_stale_entry_keeps_nothing_of_it(V4);
+        promotion_over_a_stale_entry_keeps_nothing_of_it(V4, true);
     }
 }
 
 #[test]
 fn promotion_over_a_stale_entry_keeps_nothing_of_it_v6() {
     if require_root("promotion_over_a_stale_entry_keeps_nothing_of_it_v6") {
-        promotion_over_a_stale_entry_keeps_nothing_of_it(V6);
+        promotion_over_a_stale_entry_keeps_nothing_of_it(V6, true);
+    }
+}
+
+#[test]
+fn promotion_over_a_stale_entry_keeps_nothing_of_it_not_in_place_v4() {
+    if require_root("promotion_over_a_stale_entry_keeps_nothing_of_it_not_in_place_v4") {
+        promotion_over_a_stale_entry_keeps_nothing_of_it(V4, false);
+    }
+}
+
+#[test]
+fn promotion_over_a_stale_entry_keeps_nothing_of_it_not_in_place_v6() {
+    if require_root("promotion_over_a_stale_entry_keeps_nothing_of_it_not_in_place_v6") {
+        promotion_over_a_stale_entry_keeps_nothing_of_it(V6, false);
     }
 }
 

@@ -506,6 +506,8 @@ impl KernelDatapath {
         // died in the middle of a write: no conntrack entry's recorded remote is taken as
         // current before it is looked up again.
         dp.move_ipcache_gen(netpol_common::ipcache::write_ends)?;
+        // Before the new programs take over the links: they find it from their first packet.
+        dp.set_config_flag(Config::CT_IN_PLACE, STORES_IN_ORDER)?;
         dp.adopt_links()?;
         for m in &legacy {
             // The links run the new programs now: the old maps are unused.
@@ -788,6 +790,19 @@ impl KernelDatapath {
         let g = arr.get(&0, 0).map_err(map_err(name))?;
         arr.set(0, next_ipcache_gen(g, next), 0)
             .map_err(map_err(name))
+    }
+
+    /// Sets or clears `flag` in `CONFIG`, keeping the rest.
+    fn set_config_flag(&mut self, flag: u32, on: bool) -> Result<(), DatapathError> {
+        let mut arr: Array<_, Config> =
+            Array::try_from(self.map_mut(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
+        let mut cfg = arr.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+        if on {
+            cfg.flags |= flag;
+        } else {
+            cfg.flags &= !flag;
+        }
+        arr.set(0, cfg, 0).map_err(map_err(maps::CONFIG))
     }
 
     fn full(&self, e: DatapathError, map: &'static str, max: u32) -> DatapathError {
@@ -1473,15 +1488,7 @@ impl Datapath for KernelDatapath {
     }
 
     fn set_trace_flows(&mut self, on: bool) -> Result<(), DatapathError> {
-        let mut arr: Array<_, Config> =
-            Array::try_from(self.map_mut(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
-        let mut cfg = arr.get(&0, 0).map_err(map_err(maps::CONFIG))?;
-        if on {
-            cfg.flags |= Config::TRACE_FLOWS;
-        } else {
-            cfg.flags &= !Config::TRACE_FLOWS;
-        }
-        arr.set(0, cfg, 0).map_err(map_err(maps::CONFIG))
+        self.set_config_flag(Config::TRACE_FLOWS, on)
     }
 
     fn set_event_rate(&mut self, rate: u32) -> Result<(), DatapathError> {
@@ -1497,8 +1504,24 @@ impl Datapath for KernelDatapath {
 /// ordering the generation relies on (x86's) is not guaranteed: conntrack entries then never
 /// vouch for a source without a lookup.
 fn next_ipcache_gen(g: u32, next: fn(u32) -> u32) -> u32 {
-    if cfg!(any(target_arch = "x86_64", target_arch = "x86")) {
+    if STORES_IN_ORDER {
         next(g)
+    } else {
+        0
+    }
+}
+
+/// Whether this CPU makes one CPU's stores visible to the others in program order, and does not
+/// reorder loads with loads (x86's TSO), which the ipcache generation and conntrack's in-place
+/// reuse of entries (`Config::CT_IN_PLACE`) rely on. Elsewhere (arm64) both stay off: the
+/// generation stays 0 and conntrack deletes and inserts.
+pub const STORES_IN_ORDER: bool = cfg!(any(target_arch = "x86_64", target_arch = "x86"));
+
+/// The `CONFIG` flags this agent sets at start, besides the monitor's `TRACE_FLOWS`: what the
+/// program tests and benchmarks load with to run as the agent does here.
+pub const fn start_flags() -> u32 {
+    if STORES_IN_ORDER {
+        Config::CT_IN_PLACE
     } else {
         0
     }

@@ -312,7 +312,12 @@ impl Case {
     pub fn generate(seed: u64, n_veths: usize, f: Features) -> Case {
         assert!((1..=3).contains(&n_veths));
         let mut rng = Rng::new(seed);
-        let mut world = World::default();
+        // Half the cases with conntrack's in-place reuse of entries (x86's agent), half without
+        // (every other architecture's), from the seed alone: the random stream is unchanged.
+        let mut world = World {
+            ct_in_place: seed.is_multiple_of(2),
+            ..World::default()
+        };
         // Endpoints: veth i holds node i, unless it is left unmanaged.
         let n_eps = 1 + rng.below(n_veths);
         let mut ep_node = vec![None; n_veths];

@@ -122,6 +122,11 @@ impl fmt::Display for Disagreement {
              (reproduce: cargo xtask fuzz datapath --seed {:#x} --seconds 0)",
             c.seed, self.step, c.seed
         )?;
+        writeln!(
+            f,
+            "  conntrack in place (Config::CT_IN_PLACE): {}",
+            c.world.ct_in_place
+        )?;
         for (veth, ep) in &c.world.endpoints {
             writeln!(
                 f,
@@ -313,6 +318,7 @@ impl Runner {
         }
         let dp = &mut self.dp;
         dp.clear();
+        dp.set_ct_in_place(model.ct_in_place);
         for (ifindex, ep) in &model.endpoints {
             dp.endpoint(*ifindex, *ep);
         }
