@@ -13,7 +13,10 @@
 //!    new flow first tries its own port, then [`PROBES`]` - 1` ports of the configured range from a
 //!    random start, claiming the *in* key (remote, uplink, remote port, port) with `BPF_NOEXIST`
 //!    so two CPUs never hand out the same tuple. No free port: the packet is dropped and counted
-//!    (`NoPort`), as Linux drops when it finds no unique tuple.
+//!    (`NoPort`), as Linux drops when it finds no unique tuple. A flow's refresh (at most once
+//!    a second) checks its *in* entry: one the LRU evicted is written again; one another flow
+//!    claimed since (the key was free) makes the packet take a new mapping, so its replies do
+//!    not go on to that other flow's container.
 //! 3. ICMPv6 errors the container sends about a packet it received from the outside (e.g. port
 //!    unreachable): outer source, embedded destination address and port, and the embedded and
 //!    outer checksums are translated — only for an error tied to a live flow (netpol-common's
@@ -416,21 +419,28 @@ fn touch(e: &mut Snat6Entry, proto: u8, tcp_flags: u8, reply: bool, now: u64) ->
 }
 
 /// Brings the partner of a refreshed entry (key `sc.pkey`, expected value `sc.pval`) to the same
-/// state and expiry; recreates it when the LRU evicted it.
+/// state and expiry; recreates it when the LRU evicted it. `false`: the partner is another
+/// flow's (the host's, or another address or port: the LRU evicted this flow's and another
+/// flow claimed its key since), left alone.
 #[inline(always)]
-fn sync_partner(sc: &mut Scratch) {
+fn sync_partner(sc: &mut Scratch) -> bool {
     match SNAT6.get_ptr_mut(&sc.pkey) {
         Some(p) => {
             // SAFETY: pointer from a map lookup, valid while the program runs.
             let p = unsafe { &mut *p };
-            if p.flags & Snat6Entry::HOST == 0 && p.addr == sc.pval.addr {
+            if p.flags & Snat6Entry::HOST == 0
+                && p.addr == sc.pval.addr
+                && p.port() == sc.pval.port()
+            {
                 p.flags = sc.pval.flags;
                 p.expires_ns = sc.pval.expires_ns;
+                return true;
             }
+            false
         }
-        None => {
-            let _ = SNAT6.insert(&sc.pkey, &sc.pval, u64::from(BPF_NOEXIST));
-        }
+        None => SNAT6
+            .insert(&sc.pkey, &sc.pval, u64::from(BPF_NOEXIST))
+            .is_ok(),
     }
 }
 
@@ -476,7 +486,10 @@ fn try_out(ctx: &TcContext, cfg: &Masq6Config, sc: &mut Scratch) -> Result<i32, 
             if touch(e, sc.proto, sc.tcp_flags, false, now) {
                 sc.pval = Snat6Entry::new(sc.s, sc.sport, e.flags, e.expires_ns);
                 sc.pkey = Snat6Key::new(sc.d, e.addr, sc.dport, e.port(), sc.proto, SNAT6_IN);
-                sync_partner(sc);
+                // The replies of this translated tuple go to another flow now (its *in* entry
+                // was evicted and the key claimed since): sending on it would hand this flow's
+                // replies to that one (another container). A new mapping instead.
+                hit = sync_partner(sc);
             }
             sc.val = *e;
         }

@@ -348,6 +348,20 @@ impl Masq {
             .sum()
     }
 
+    /// Writes (`Some`) or removes an `SNAT6` entry, as the LRU's eviction would.
+    fn set_snat(&mut self, k: Snat6Key, v: Option<Snat6Entry>) {
+        let mut m: HashMap<&mut MapData, Snat6Key, Snat6Entry> = HashMap::try_from(
+            self.ebpf
+                .map_mut(maps::SNAT6)
+                .unwrap_or_else(|| panic!("no SNAT6")),
+        )
+        .unwrap_or_else(|e| panic!("SNAT6: {e}"));
+        match v {
+            Some(v) => m.insert(k, v, 0).unwrap_or_else(|e| panic!("SNAT6: {e}")),
+            None => m.remove(&k).unwrap_or_else(|e| panic!("SNAT6: {e}")),
+        }
+    }
+
     fn snat(&self) -> Vec<(Snat6Key, Snat6Entry)> {
         let m: HashMap<&MapData, Snat6Key, Snat6Entry> = HashMap::try_from(
             self.ebpf
@@ -732,6 +746,39 @@ fn a_host_flow_takes_its_tuple_from_a_container_flow() {
         o.assert_csum("the container flow's new mapping");
     }
     assert_eq!(m.counter(Masq6Counter::HostConflict), 2);
+}
+
+/// When the LRU evicted a flow's *in* entry and another container's flow claimed the key (its
+/// own source port, free again), the first flow's next refresh finds its partner foreign and
+/// takes a new mapping: it does not go on sending on a tuple whose replies go to the other
+/// container.
+#[test]
+fn a_flow_whose_reply_tuple_another_flow_claimed_is_mapped_anew() {
+    if !require_root("masq6_prog::a_flow_whose_reply_tuple_another_flow_claimed_is_mapped_anew") {
+        return;
+    }
+    let mut m = Masq::load(61000, 61009);
+    let q = |src: &str| frame(src, SERVER, proto::UDP, |s, d| udp(s, d, 5000, 53, b"q"));
+    assert_eq!(m.out(&q(C1)).sport(), 5000);
+    let in_key = Snat6Key::new(ip(SERVER), ip(UPLINK), 53, 5000, proto::UDP, nat::SNAT6_IN);
+    m.set_snat(in_key, None);
+    assert_eq!(m.out(&q(C2)).sport(), 5000, "c2 claims the evicted key");
+    // c1's out entry comes up for its refresh (a second has passed).
+    let out_key = Snat6Key::new(ip(C1), ip(SERVER), 5000, 53, proto::UDP, nat::SNAT6_OUT);
+    let (_, mut e) = m
+        .snat()
+        .into_iter()
+        .find(|(k, _)| *k == out_key)
+        .expect("c1's out entry");
+    e.expires_ns -= 10_000_000_000;
+    m.set_snat(out_key, Some(e));
+    let o = m.out(&q(C1));
+    assert_ne!(o.sport(), 5000, "c1 kept sending on c2's reply tuple");
+    o.assert_csum("c1's new mapping");
+    // Replies to each go to their own flow.
+    let reply = |port: u16| frame(SERVER, UPLINK, proto::UDP, |s, d| udp(s, d, 53, port, b"a"));
+    assert_eq!(m.inn(&reply(5000)).dst, ip(C2));
+    assert_eq!(m.inn(&reply(o.sport())).dst, ip(C1));
 }
 
 /// A UDP datagram `src → dst` (real checksum) cut into IPv6 fragments of `chunk` bytes (a multiple
