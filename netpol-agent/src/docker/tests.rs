@@ -708,7 +708,53 @@ async fn a_container_named_with_anothers_id_is_not_taken_for_it() {
         }
     );
     h.quiet().await;
+    // What Docker sends after the die (the dead one is no longer known): its networks'
+    // disconnects, stop, and destroy once removed. Each names the dead one by its full id,
+    // never the namesake.
+    h.docker
+        .emit(network_event("disconnect", BACKEND_ID, Some(&dead_id)));
+    h.docker.emit(container_event("stop", &dead_id));
+    h.quiet().await;
+    h.docker.with(|s| s.containers.remove(&dead_id));
+    h.docker.emit(container_event("destroy", &dead_id));
+    h.quiet().await;
     h.task.abort();
+}
+
+/// An id prefix names a container only when it names one alone: two containers whose ids
+/// share the first 12 digits are not taken for each other.
+#[test]
+fn an_id_prefix_shared_by_two_containers_names_neither() {
+    let a = "0123456789ab".to_owned() + &"a".repeat(52);
+    let b = "0123456789ab".to_owned() + &"b".repeat(52);
+    let known: Vec<(String, String)> = vec![
+        (a.clone(), "one".to_owned()),
+        (b.clone(), "two".to_owned()),
+        ("c".repeat(64), "0123456789ab".to_owned()),
+        ("d".repeat(64), a.clone()),
+        ("f".repeat(64), "e".repeat(64)),
+    ];
+    let find = |id: &str| {
+        super::watcher::find_known(known.iter().map(|(i, n)| (i.as_str(), n.as_str())), id)
+            .map(str::to_owned)
+    };
+    assert_eq!(find(&a), Some(a.clone()), "the full id");
+    assert_eq!(find(&b), Some(b.clone()));
+    // A full id nobody has (a container already down) is nobody, not the one named with it.
+    assert_eq!(find(&"e".repeat(64)), None);
+    assert_eq!(
+        find("0123456789aba"),
+        Some(a.clone()),
+        "a prefix of one id alone"
+    );
+    // Shared by two ids: the container named so, not either of them.
+    assert_eq!(find("0123456789ab"), Some("c".repeat(64)));
+    assert_eq!(
+        find("0123456789"),
+        None,
+        "shorter than 12 digits: no prefix"
+    );
+    assert_eq!(find("two"), Some(b.clone()), "a name");
 }
 
 #[tokio::test]

@@ -641,20 +641,15 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
         }
     }
 
-    /// The id of the running container `id` names (events may name it by a short id or name).
-    /// Its full id first, then an id it starts, then a name: a container may be named with
-    /// another's id (any 64 hex digits are a valid name), and the die of one must never take
-    /// the other down while leaving itself up.
+    /// The id of the running container `id` names (see [`find_known`]).
     fn known(&self, id: &str) -> Option<String> {
-        let by = |f: &dyn Fn(&Container) -> bool| {
+        find_known(
             self.containers
                 .values()
-                .find(|c| f(c))
-                .map(|c| c.id.clone())
-        };
-        by(&|c| c.id == id)
-            .or_else(|| by(&|c| id.len() >= 12 && c.id.starts_with(id)))
-            .or_else(|| by(&|c| c.name == id))
+                .map(|c| (c.id.as_str(), c.name.as_str())),
+            id,
+        )
+        .map(str::to_owned)
     }
 
     async fn down(&mut self, id: &str) -> Result<(), Closed> {
@@ -820,6 +815,30 @@ impl<A: DockerApi, V: VethResolver> DockerWatcher<A, V> {
                 fail_all(e.to_string())
             }
         }
+    }
+}
+
+/// Of the running containers `known` (id, name), the id that `id` names. Docker's events name
+/// a container by its full id (64 hex digits): such an `id` is that container or none, even
+/// when another is named with it (any 64 hex digits are a valid name). The die of one must
+/// never take the other down, neither while the dead one is known nor after (its stop,
+/// destroy and network disconnects follow its die). Anything else is an id prefix of 12 or
+/// more digits that starts one id alone, else a name.
+pub(super) fn find_known<'a>(
+    known: impl Iterator<Item = (&'a str, &'a str)> + Clone,
+    id: &str,
+) -> Option<&'a str> {
+    let ids = || known.clone().map(|(i, _)| i);
+    if let Some(full) = ids().find(|i| *i == id) {
+        return Some(full);
+    }
+    if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut prefixed = ids().filter(|i| id.len() >= 12 && i.starts_with(id));
+    match (prefixed.next(), prefixed.next()) {
+        (Some(one), None) => Some(one),
+        _ => known.clone().find(|(_, n)| *n == id).map(|(i, _)| i),
     }
 }
 
