@@ -820,6 +820,53 @@ fn policy_names_are_unique_across_files_and_imports() {
 }
 
 /// `policy delete a b` and `-f` (names): every name must exist, else nothing changes.
+/// An import of several policies is whole or nothing also when the agent dies part way through
+/// writing it (here: before each durable write or removal in turn): the restarted agent has
+/// either every old version or every new one, never the new `a` beside the old `b`.
+#[test]
+fn an_import_cut_short_by_a_crash_is_whole_or_nothing_after_a_restart() {
+    let dirs = Dirs::new("import-crash");
+    let policy = |name: &str, port: u16| {
+        db_accepts("app1", "TCP")
+            .replace("name: db", &format!("name: {name}"))
+            .replace("5432", &port.to_string())
+    };
+    let texts = |a: &Agent| -> Vec<String> {
+        ["a", "b"]
+            .iter()
+            .map(|n| a.policy_rows(Some(n)).expect("listed")[0].text.clone())
+            .collect()
+    };
+    let mut a = agent(&dirs);
+    import(&mut a, "a.yaml", &policy("a", 1)).expect("import a");
+    import(&mut a, "b.yaml", &policy("b", 1)).expect("import b");
+    let old = texts(&a);
+    let both = format!("{}---\n{}", policy("a", 2), policy("b", 2));
+    let mut crashed = 0;
+    for n in 0.. {
+        crate::store::crash::crash_after(Some(n));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            import(&mut a, "both.yaml", &both)
+        }));
+        crate::store::crash::crash_after(None);
+        if r.is_ok() {
+            break;
+        }
+        crashed += 1;
+        drop(a);
+        a = agent(&dirs);
+        let now = texts(&a);
+        assert!(
+            now == old || now == [policy("a", 2), policy("b", 2)],
+            "crash before step {n}: half an import: {now:?}"
+        );
+        // Back to the old versions for the next round.
+        import(&mut a, "a.yaml", &policy("a", 1)).expect("import a");
+        import(&mut a, "b.yaml", &policy("b", 1)).expect("import b");
+    }
+    assert!(crashed >= 3, "the import took {crashed} steps");
+}
+
 #[test]
 fn delete_several_names_whole_or_nothing() {
     use super::{Agent, AgentError, SourceFile};

@@ -39,12 +39,41 @@ fn io_err(path: &Path) -> impl Fn(io::Error) -> StoreError + '_ {
     }
 }
 
+/// Tests: a crash (a panic) before the `n`th durable write or removal from now (`crash_after`).
+#[cfg(test)]
+pub mod crash {
+    use std::cell::Cell;
+
+    thread_local!(static AFTER: Cell<Option<u32>> = const { Cell::new(None) });
+
+    /// Panics at the `n`th step from now (0: the next one); `None`: never.
+    pub fn crash_after(n: Option<u32>) {
+        AFTER.with(|a| a.set(n));
+    }
+
+    pub(super) fn step() {
+        AFTER.with(|a| match a.get() {
+            Some(0) => {
+                a.set(None);
+                panic!("simulated crash");
+            }
+            Some(n) => a.set(Some(n - 1)),
+            None => {}
+        });
+    }
+}
+
+/// The journal of a change of several imported policies (see [`Store::change_policies`]).
+const POLICY_CHANGE: &str = "policies.pending.json";
+
 /// Writes `data` to `path` atomically (temp file, fsync, rename, fsync of the directory). The
 /// file is 0600 and a directory made for it 0700, whatever the umask (`run` started by hand
 /// has the shell's, often 022): policies and identities are root's. The temporary is created
 /// new (`O_EXCL`), never through what is already at its name.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    #[cfg(test)]
+    crash::step();
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::DirBuilder::new()
         .recursive(true)
@@ -233,6 +262,64 @@ impl Store {
         remove_synced(&self.files_dir(), &self.files_dir().join(file_name))
     }
 
+    /// Changes several imported policies as one: each name to its new text, `None` deleting
+    /// it. A change of more than one file is first written whole to a journal (atomically),
+    /// and removed once every file is written: a crash part way leaves the journal, which
+    /// [`Store::finish_policy_change`] completes at the next start, so the store never holds
+    /// half of a change (an import that moves a deny rule from one policy to another must not
+    /// come back with neither).
+    pub fn change_policies(
+        &self,
+        change: &BTreeMap<String, Option<String>>,
+    ) -> Result<(), StoreError> {
+        if let Some(bad) = change.keys().find(|n| !valid_policy_name(n)) {
+            return Err(StoreError::BadName(bad.clone()));
+        }
+        let journal = self.dir.join(POLICY_CHANGE);
+        // One file is written atomically by itself; a journal left by a change whose removal
+        // failed is replaced, never replayed later over this change.
+        let journaled = change.len() > 1 || fs::symlink_metadata(&journal).is_ok();
+        if journaled {
+            self.write_json(POLICY_CHANGE, change)?;
+        }
+        self.apply_policy_change(change)?;
+        if journaled {
+            remove_synced(&self.dir, &journal)?;
+        }
+        Ok(())
+    }
+
+    fn apply_policy_change(
+        &self,
+        change: &BTreeMap<String, Option<String>>,
+    ) -> Result<(), StoreError> {
+        for (name, text) in change {
+            match text {
+                Some(t) => self.save_policy(name, t)?,
+                None => {
+                    self.delete_policy(name)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes a change of imported policies that a crash interrupted (see
+    /// [`Store::change_policies`]); whether there was one. A journal that does not parse is an
+    /// error: it was written atomically, so it is damage, and which change it held is unknown.
+    pub fn finish_policy_change(&self) -> Result<bool, StoreError> {
+        let Some(change) = self.read_json::<BTreeMap<String, Option<String>>>(POLICY_CHANGE)?
+        else {
+            return Ok(false);
+        };
+        if let Some(bad) = change.keys().find(|n| !valid_policy_name(n)) {
+            return Err(StoreError::BadName(bad.clone()));
+        }
+        self.apply_policy_change(&change)?;
+        remove_synced(&self.dir, &self.dir.join(POLICY_CHANGE))?;
+        Ok(true)
+    }
+
     pub fn save_policy(&self, name: &str, yaml: &str) -> Result<(), StoreError> {
         if !valid_policy_name(name) {
             return Err(StoreError::BadName(name.to_owned()));
@@ -303,6 +390,8 @@ fn read_texts(dir: &Path) -> Result<BTreeMap<String, Stored>, StoreError> {
 
 /// Removes `path` and fsyncs `dir`; whether the file existed.
 fn remove_synced(dir: &Path, path: &Path) -> Result<bool, StoreError> {
+    #[cfg(test)]
+    crash::step();
     match fs::remove_file(path) {
         Ok(()) => {
             File::open(dir)
@@ -459,6 +548,33 @@ mod tests {
             fs::read_to_string(d.join("identities.json.damaged-x.2")).unwrap(),
             "three"
         );
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_policy_change_journal_is_completed_and_a_damaged_one_is_an_error() {
+        let d = tmp();
+        let s = Store::new(&d);
+        s.save_policy("a", "old\n").unwrap();
+        s.save_policy("gone", "x\n").unwrap();
+        let change = BTreeMap::from([
+            ("a".to_owned(), Some("new\n".to_owned())),
+            ("b".to_owned(), Some("new\n".to_owned())),
+            ("gone".to_owned(), None),
+        ]);
+        // As a crash right after the journal was written leaves it.
+        s.write_json(POLICY_CHANGE, &change).unwrap();
+        assert!(s.finish_policy_change().unwrap());
+        let p = s.policies().unwrap();
+        assert_eq!(p.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(p["a"].as_deref(), Ok("new\n"));
+        assert!(!d.join(POLICY_CHANGE).exists());
+        assert!(!s.finish_policy_change().unwrap());
+        fs::write(d.join(POLICY_CHANGE), b"{\"a\": ").unwrap();
+        assert!(matches!(
+            s.finish_policy_change(),
+            Err(StoreError::Corrupt { .. })
+        ));
         fs::remove_dir_all(&d).unwrap();
     }
 

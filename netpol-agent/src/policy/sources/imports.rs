@@ -38,6 +38,9 @@ impl Imports {
     /// and silently open what it protected, so it does not parse either (the agent says so and
     /// fails closed).
     pub fn load(store: &Store, filter: &LabelFilter) -> Result<Self, StoreError> {
+        if store.finish_policy_change()? {
+            tracing::warn!("completed a change of imported policies that a crash interrupted");
+        }
         let mut policies = ImportSet::new();
         for (name, stored) in store.policies()? {
             let parsed = stored.as_ref().map_err(Clone::clone).and_then(|text| {
@@ -177,17 +180,18 @@ pub fn parse_import<'a>(
 /// Writes the difference between `old` and `new` to the store: new and changed documents are
 /// saved, removed ones deleted. On failure what was written is undone (best effort).
 pub fn persist(store: &Store, old: &ImportSet, new: &ImportSet) -> Result<(), StoreError> {
-    let result = (|| {
-        for (name, p) in new {
-            if old.get(name).map(|o| &o.text) != Some(&p.text) {
-                store.save_policy(name, &p.text)?;
-            }
-        }
-        for name in old.keys().filter(|n| !new.contains_key(*n)) {
-            store.delete_policy(name)?;
-        }
-        Ok(())
-    })();
+    let mut change: BTreeMap<String, Option<String>> = new
+        .iter()
+        .filter(|(name, p)| old.get(*name).map(|o| &o.text) != Some(&p.text))
+        .map(|(name, p)| (name.clone(), Some(p.text.clone())))
+        .collect();
+    change.extend(
+        old.keys()
+            .filter(|n| !new.contains_key(*n))
+            .map(|n| (n.clone(), None)),
+    );
+    // Whole or not at all, also across a crash (see `Store::change_policies`).
+    let result = store.change_policies(&change);
     if result.is_err() {
         restore(store, old, new);
     }
@@ -198,11 +202,18 @@ pub fn persist(store: &Store, old: &ImportSet, new: &ImportSet) -> Result<(), St
 pub fn restore(store: &Store, old: &ImportSet, new: &ImportSet) {
     // Only what `persist` may have written over: a damaged stored file left alone stays as it
     // is (its text here may not be what the file holds).
-    for (name, p) in old.iter().filter(|(n, p)| new.get(*n) != Some(*p)) {
-        let _ = store.save_policy(name, &p.text);
-    }
-    for name in new.keys().filter(|n| !old.contains_key(*n)) {
-        let _ = store.delete_policy(name);
+    let mut change: BTreeMap<String, Option<String>> = old
+        .iter()
+        .filter(|(n, p)| new.get(*n) != Some(*p))
+        .map(|(n, p)| (n.clone(), Some(p.text.clone())))
+        .collect();
+    change.extend(
+        new.keys()
+            .filter(|n| !old.contains_key(*n))
+            .map(|n| (n.clone(), None)),
+    );
+    if let Err(e) = store.change_policies(&change) {
+        error!(error = %e, "putting the imported policies back after a failed change");
     }
 }
 
