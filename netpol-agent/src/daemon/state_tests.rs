@@ -529,6 +529,117 @@ fn a_policy_file_another_user_can_write_is_not_read() {
     assert_eq!(a.status()["policy_files_rejected"], serde_json::json!({}));
 }
 
+/// A policy file reached through a symbolic link that lies in a directory another user can
+/// write to is not read, although the file it ends at is root's in a directory only root can
+/// write to: that user could point the link at any file root owns (an older, more open
+/// version; another policy), or at any directory. Its last valid version stays in force.
+#[test]
+fn a_policy_file_reached_through_a_link_another_user_can_replace_is_not_read() {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let dirs = Dirs::new("file-link-untrusted");
+    let (db, app1, app2) = (
+        service(2, "db", &[]),
+        service(3, "app1", &[]),
+        service(4, "app2", &[]),
+    );
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TCP"));
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    assert!(connects(&a, &app1, &db, 5432) && !connects(&a, &app2, &db, 5432));
+    // Root's: a release directory with a version that opens db to app2.
+    let release = dirs.policy_dir().join("../release");
+    std::fs::create_dir(&release).expect("mkdir");
+    std::fs::write(release.join("db.yaml"), db_accepts("app2", "TCP")).expect("write");
+    // A directory others can write to (not sticky), holding the links.
+    let open = dirs.policy_dir().join("../open");
+    std::fs::create_dir(&open).expect("mkdir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    symlink(release.join("db.yaml"), open.join("current.yaml")).expect("symlink");
+    symlink(&release, open.join("current")).expect("symlink");
+    let file = dirs.policy_dir().join("db.yaml");
+    for (what, target) in [
+        ("a link to a file", open.join("current.yaml")),
+        ("a link to a directory", open.join("current/db.yaml")),
+    ] {
+        std::fs::remove_file(&file).expect("rm");
+        symlink(&target, &file).expect("symlink");
+        a.reload_policy_dir();
+        a.sync_logged("test");
+        assert!(
+            connects(&a, &app1, &db, 5432) && !connects(&a, &app2, &db, 5432),
+            "{what} in a directory others can write to was followed"
+        );
+        let status = a.status();
+        let rejected = status["policy_files_rejected"][&file.display().to_string()]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            rejected.contains("writable by other users")
+                && rejected.contains("last valid version stays in force"),
+            "{what}: {status}"
+        );
+    }
+    // Once only root can write there, the link is followed.
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(connects(&a, &app2, &db, 5432) && !connects(&a, &app1, &db, 5432));
+}
+
+/// A policy directory that is a symbolic link to nothing (its file system not mounted yet at
+/// boot) is not an empty directory: every file's last valid version stays in force, also
+/// across a restart, as for a file that is such a link.
+#[test]
+fn a_policy_directory_that_is_a_link_to_nothing_removes_no_policy() {
+    let dirs = Dirs::new("dir-link-to-nothing");
+    let (db, app1, app2) = (
+        service(2, "db", &[]),
+        service(3, "app1", &[]),
+        service(4, "app2", &[]),
+    );
+    let root = dirs.policy_dir().parent().expect("root").to_owned();
+    let real = root.join("policies.real");
+    std::fs::rename(dirs.policy_dir(), &real).expect("mv");
+    std::os::unix::fs::symlink(&real, dirs.policy_dir()).expect("symlink");
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TCP"));
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    assert!(connects(&a, &app1, &db, 5432) && !connects(&a, &app2, &db, 5432));
+    std::fs::remove_file(dirs.policy_dir()).expect("rm");
+    std::os::unix::fs::symlink(root.join("not-mounted"), dirs.policy_dir()).expect("symlink");
+    assert!(a.policy_dir_changed());
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(
+        connects(&a, &app1, &db, 5432) && !connects(&a, &app2, &db, 5432),
+        "db's policy was dropped"
+    );
+    let status = a.status();
+    assert!(
+        status["policy_files_rejected"][&dirs.policy_dir().display().to_string()]
+            .as_str()
+            .unwrap_or_default()
+            .contains("symbolic link to nothing"),
+        "{status}"
+    );
+    drop(a);
+    let mut a = agent(&dirs);
+    snapshot(&mut a, &[&db, &app1, &app2]);
+    assert!(
+        connects(&a, &app1, &db, 5432) && !connects(&a, &app2, &db, 5432),
+        "db's policy was dropped across a restart"
+    );
+    // Mounted again: read as usual.
+    std::fs::remove_file(dirs.policy_dir()).expect("rm");
+    std::os::unix::fs::symlink(&real, dirs.policy_dir()).expect("symlink");
+    dirs.write_policy("db.yaml", &db_accepts("app2", "TCP"));
+    assert!(a.policy_dir_changed());
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(connects(&a, &app2, &db, 5432) && !connects(&a, &app1, &db, 5432));
+    assert_eq!(a.status()["policy_files_rejected"], serde_json::json!({}));
+}
+
 #[test]
 fn a_policy_file_that_was_never_valid_is_rejected_and_applies_nothing() {
     let dirs = Dirs::new("file-never-valid");

@@ -105,30 +105,97 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
 }
 
 /// `dir` with every symlink resolved, when no user but root and this process's can replace
-/// what is in it: it and every directory above it are owned by root or by us, and none is
-/// writable by group or others unless it is sticky (`/tmp`: others cannot remove or rename our
-/// entries there). Otherwise `PermissionDenied`, naming the directory and why.
+/// what is in it: [`trusted_path`] of a directory. Otherwise `PermissionDenied`, naming the
+/// directory or link and why.
 pub fn trusted_dir(dir: &Path) -> io::Result<PathBuf> {
-    use std::os::unix::fs::MetadataExt;
-    let dir = fs::canonicalize(dir)?;
+    let real = trusted_path(dir)?;
+    if !fs::metadata(&real)?.is_dir() {
+        return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+    }
+    Ok(real)
+}
+
+/// `path` with every symlink resolved, one name at a time, when no user but root and this
+/// process's can change what it names: every directory a name is looked up in (from `/` on,
+/// also those a symlink leads through) and the directory it ends at are owned by root or by
+/// us, and none is writable by group or others unless it is sticky (`/tmp`: others cannot
+/// remove or rename our entries there); every symlink followed is owned by root or by us.
+/// Checking only the resolved path would miss a link in a directory another user can write to:
+/// they could point it at any file or directory root owns. What the path ends at, when not a
+/// directory, is the caller's to check (on the file it opens). A missing name is `NotFound`.
+pub fn trusted_path(path: &Path) -> io::Result<PathBuf> {
+    use std::{ffi::OsString, os::unix::fs::MetadataExt, path::Component};
     // SAFETY: plain libc call.
     let me = unsafe { libc::geteuid() };
-    for d in dir.ancestors() {
-        let m = fs::metadata(d)?;
+    let denied = |what: &Path, why: String| -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} {why}", what.display()),
+        ))
+    };
+    let check_dir = |d: &Path, m: &fs::Metadata| {
         let mode = m.mode();
-        let why = if m.uid() != 0 && m.uid() != me {
-            format!("is owned by uid {}", m.uid())
+        if m.uid() != 0 && m.uid() != me {
+            denied(d, format!("is owned by uid {}", m.uid()))
         } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-            format!("is writable by other users (mode {:o})", mode & 0o7777)
+            denied(
+                d,
+                format!("is writable by other users (mode {:o})", mode & 0o7777),
+            )
         } else {
+            Ok(())
+        }
+    };
+    // Names still to resolve, the next one last; `None` is `..`, an empty name `/`.
+    let mut todo: Vec<Option<OsString>> = Vec::new();
+    let push = |todo: &mut Vec<Option<OsString>>, p: &Path| {
+        for c in p.components().rev() {
+            match c {
+                Component::RootDir => todo.push(Some(OsString::new())),
+                Component::ParentDir => todo.push(None),
+                Component::Normal(n) => todo.push(Some(n.to_owned())),
+                Component::CurDir | Component::Prefix(_) => {}
+            }
+        }
+    };
+    push(&mut todo, &std::env::current_dir()?.join(path));
+    let mut cur = PathBuf::from("/");
+    let mut links = 0;
+    while let Some(name) = todo.pop() {
+        let Some(name) = name else {
+            // `cur` holds no symlink: its parent is the one it was entered from.
+            cur.pop();
             continue;
         };
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("{} {why}", d.display()),
-        ));
+        if name.is_empty() {
+            cur = PathBuf::from("/");
+            check_dir(&cur, &fs::metadata(&cur)?)?;
+            continue;
+        }
+        let next = cur.join(&name);
+        let m = fs::symlink_metadata(&next)?;
+        if m.file_type().is_symlink() {
+            if m.uid() != 0 && m.uid() != me {
+                denied(
+                    &next,
+                    format!("is a symbolic link owned by uid {}", m.uid()),
+                )?;
+            }
+            links += 1;
+            if links > 40 {
+                return Err(io::Error::from_raw_os_error(libc::ELOOP));
+            }
+            push(&mut todo, &fs::read_link(&next)?);
+            continue;
+        }
+        if m.is_dir() {
+            check_dir(&next, &m)?;
+        } else if !todo.is_empty() {
+            return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+        }
+        cur = next;
     }
-    Ok(dir)
+    Ok(cur)
 }
 
 /// Whether `name` can be a file name under `policies/`.
@@ -490,6 +557,51 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
             .collect();
         assert!(leftovers.is_empty());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// trusted_path resolves links one at a time: `..` after a link is taken in the directory
+    /// the link led to; a link another user owns (they can replace it in a sticky directory)
+    /// or in a directory others can write to is refused, whatever it leads to; a loop ends.
+    #[test]
+    fn trusted_path_checks_every_link_and_directory_on_the_way() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let d = tmp();
+        fs::create_dir_all(d.join("a/b")).unwrap();
+        fs::write(d.join("a/f.yaml"), "x").unwrap();
+        symlink(d.join("a/b"), d.join("lb")).unwrap();
+        let real = fs::canonicalize(d.join("a/f.yaml")).unwrap();
+        assert_eq!(trusted_path(&d.join("lb/../f.yaml")).unwrap(), real);
+        assert_eq!(
+            trusted_dir(&d.join("lb")).unwrap(),
+            real.parent().unwrap().join("b")
+        );
+        assert!(trusted_dir(&d.join("a/f.yaml")).is_err(), "not a directory");
+        assert_eq!(
+            trusted_path(&d.join("gone")).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        symlink(d.join("loop"), d.join("loop")).unwrap();
+        assert!(trusted_path(&d.join("loop")).is_err());
+        // A sticky directory others can write to: our entries in it are trusted.
+        let sticky = d.join("sticky");
+        fs::create_dir(&sticky).unwrap();
+        fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).unwrap();
+        symlink(d.join("a/f.yaml"), sticky.join("l.yaml")).unwrap();
+        assert_eq!(trusted_path(&sticky.join("l.yaml")).unwrap(), real);
+        // SAFETY: plain libc call.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::lchown(sticky.join("l.yaml"), Some(65534), None).unwrap();
+            let e = trusted_path(&sticky.join("l.yaml")).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+            assert!(
+                e.to_string().contains("symbolic link owned by uid 65534"),
+                "{e}"
+            );
+        }
+        fs::set_permissions(&sticky, fs::Permissions::from_mode(0o777)).unwrap();
+        let e = trusted_path(&sticky.join("l.yaml")).unwrap_err();
+        assert!(e.to_string().contains("writable by other users"), "{e}");
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -12,12 +12,13 @@
 //!
 //! A file is read only when no user but root (or the agent's own user) can have written it: a
 //! file owned by another user or writable by group or others, or in a directory another user
-//! can write to (there or further up, also through a symlink), is rejected like an invalid one
-//! (its last valid version stays in force): whoever can write it could open every container. So
-//! is a name that is not a regular file (a directory, a FIFO, a symlink to nothing: a mount
-//! not there yet): only a name gone from the directory removes its policies. A policy
-//! directory another user can write to is read no more (nothing in it changes what is in
-//! force: a file removed there may be an attacker's doing).
+//! can write to (there or further up, also every directory a symlink on the way lies in, see
+//! [`crate::store::trusted_path`]), is rejected like an invalid one (its last valid version
+//! stays in force): whoever can write it could open every container. So is a name that is not
+//! a regular file (a directory, a FIFO, a symlink to nothing: a mount not there yet): only a
+//! name gone from the directory removes its policies. A policy directory another user can
+//! write to is read no more (nothing in it changes what is in force: a file removed there may
+//! be an attacker's doing), nor one behind a symlink to nothing.
 
 use std::{
     collections::BTreeMap,
@@ -158,10 +159,21 @@ impl Files {
         Some(out)
     }
 
-    /// Why the policy directory is not trusted now (`None`: it is, or does not exist).
+    /// Why the policy directory is not trusted now (`None`: it is, or does not exist). A
+    /// symlink on its path that leads nowhere (a file system not mounted yet) is no empty
+    /// directory: nothing in force changes, as for a file that is such a link.
     fn untrusted(&self) -> Option<String> {
         if !self.dir.exists() {
-            return None;
+            let link = self
+                .dir
+                .ancestors()
+                .find(|p| std::fs::symlink_metadata(p).is_ok())
+                .filter(|p| std::fs::metadata(p).is_err())?;
+            return Some(format!(
+                "{}: cannot be read: {} is a symbolic link to nothing; nothing in it changes until it leads to the directory (remove the files there to remove their policies)",
+                self.dir.display(),
+                link.display()
+            ));
         }
         crate::store::trusted_dir(&self.dir).err().map(|e| {
             format!(
@@ -440,7 +452,10 @@ impl Files {
 fn read_trusted(path: &Path) -> Result<String, String> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
     let shown = path.display();
-    let real = std::fs::canonicalize(path).map_err(|e| {
+    let real = crate::store::trusted_path(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            return format!("{shown}: not read: {e}: another user could change the file there");
+        }
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.file_type().is_symlink() => format!(
                 "{shown}: cannot be read: a symbolic link to nothing ({e}); remove the link to remove its policies"
@@ -448,9 +463,6 @@ fn read_trusted(path: &Path) -> Result<String, String> {
             _ => format!("{shown}: cannot be read: {e}"),
         }
     })?;
-    let dir = real.parent().unwrap_or(Path::new("/"));
-    crate::store::trusted_dir(dir)
-        .map_err(|e| format!("{shown}: not read: {e}: another user could change the file there"))?;
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
