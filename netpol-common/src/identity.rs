@@ -9,6 +9,13 @@ pub const HOST: u32 = 1;
 pub const WORLD: u32 = 2;
 /// A container on a managed network that the agent has not identified yet.
 pub const UNMANAGED: u32 = 3;
+/// Never in the ipcache: the remote a container's packet to a group or link-local address
+/// (IPv4 multicast or broadcast, IPv6 multicast or link-local) is decided under, as it reaches
+/// every container on the bridge and the host. Its `POLICY` entries are the denies of every
+/// other remote of the same local identity (copied by the agent's compiler), its allows those
+/// of the wildcard `ANY` (the second lookup): such a packet passes only what a rule allows
+/// towards everyone and no deny of any peer covers.
+pub const GROUP: u32 = 4;
 /// First identity handed out for a label set.
 pub const FIRST_LABEL: u32 = 256;
 /// First identity of the range the policy compiler uses for CIDR prefixes (as Cilium's local
@@ -30,6 +37,7 @@ pub const fn reserved_name(id: u32) -> Option<&'static str> {
         HOST => Some("host"),
         WORLD => Some("world"),
         UNMANAGED => Some("unmanaged"),
+        GROUP => Some("group"),
         _ => None,
     }
 }

@@ -946,13 +946,14 @@ impl World {
         match dir {
             Direction::Egress => {
                 // A group or link-local destination reaches every container on the bridge and
-                // the host: the wildcard remote, not the ipcache's `world`.
+                // the host: `GROUP` (every peer's denies, the wildcard's allows), not the
+                // ipcache's `world`.
                 let anyone = match p.fam {
                     Fam::V4 => addr::v4_group(&p.d.a4()),
                     Fam::V6 => addr::v6_for_anyone(&p.d.0),
                 };
                 let r = if anyone {
-                    RemoteInfo::new(identity::ANY)
+                    RemoteInfo::new(identity::GROUP)
                 } else {
                     self.remote(p.fam, &p.d)
                 };

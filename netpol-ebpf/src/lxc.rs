@@ -83,8 +83,10 @@
 //!    checked, looked up if step 6 did not need to). `from_container`: a group or link-local
 //!    destination (IPv4 multicast or 255.255.255.255, IPv6 multicast or link-local) names no
 //!    one receiver — the bridge delivers it to every container on it and to the host, and the
-//!    ipcache would call it `world` — so its remote is the wildcard `ANY`: only a rule that
-//!    allows everyone (`toEntities: all`, ports without a peer) lets it out.
+//!    ipcache would call it `world` — so its remote is `identity::GROUP`, under which the agent
+//!    writes every deny of the endpoint's identity: only a rule that allows everyone
+//!    (`toEntities: all`, ports without a peer: the wildcard lookup) and that no deny of any
+//!    peer covers lets it out.
 //! 8. A new flow in an enforced direction is looked up in `POLICY` (see netpol-common's
 //!    `policy` module for the order); deny or no match drops it (`PolicyDeny` with the deny
 //!    rule, `PolicyDenied` for the default deny), and is counted in `RULE_STATS` by rule, local
@@ -1236,9 +1238,10 @@ fn remote_identity<F: Family>(
         Direction::Egress => {
             // A group or link-local destination is no one receiver the ipcache can name: the
             // bridge delivers it to every container on it and the host. Only what policy allows
-            // towards everyone (remote `ANY`) may be sent there.
+            // towards everyone (remote `ANY`) and denies towards no one may be sent there
+            // (`identity::GROUP`).
             let remote = if F::for_anyone(&p.d) {
-                RemoteInfo::new(identity::ANY)
+                RemoteInfo::new(identity::GROUP)
             } else {
                 F::remote(p.d)
             };

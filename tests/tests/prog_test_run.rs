@@ -3174,9 +3174,10 @@ fn unicast_for_another_address_is_dropped() {
 }
 
 /// A group or link-local destination reaches every container on the bridge and the host, so a
-/// container sends to it only what policy allows towards everyone (remote `ANY`): a rule for
-/// `world` (or a CIDR holding the group) does not let it broadcast past its egress policy to the
-/// containers and host services that policy keeps it from.
+/// container sends to it only what policy allows towards everyone (remote `ANY`) and denies
+/// towards no one (the denies the agent copies under `GROUP`): a rule for `world` (or a CIDR
+/// holding the group) does not let it broadcast past its egress policy to the containers and
+/// host services that policy keeps it from.
 #[test]
 fn group_destinations_from_a_container_need_a_rule_for_everyone() {
     if !require_root("group_destinations_from_a_container_need_a_rule_for_everyone") {
@@ -3185,7 +3186,7 @@ fn group_destinations_from_a_container_need_a_rule_for_everyone() {
     let group = |v4: [u8; 4], v6: [u8; 16]| Host {
         v4,
         v6,
-        id: identity::ANY,
+        id: identity::GROUP,
     };
     let groups = [
         group([255, 255, 255, 255], ff02(1)),
@@ -3244,6 +3245,23 @@ fn group_destinations_from_a_container_need_a_rule_for_everyone() {
             assert_eq!(dp.run(From, &fam.udp(&DB, g, 5353, 5353)), PASS);
             assert_eq!(dp.run(From, &fam.udp(&DB, g, 5000, 53)), SHOT);
         }
+        // A deny of one peer (app1, 5353/udp), as the agent also writes it under GROUP, stops
+        // the group packet that would reach app1 too.
+        dp.events();
+        for remote in [APP1.id, identity::GROUP] {
+            dp.deny(
+                &DB,
+                remote,
+                Direction::Egress,
+                proto::UDP,
+                5353,
+                policy::FULL_PREFIX,
+                7,
+            );
+        }
+        assert_eq!(dp.run(From, &fam.udp(&DB, &groups[1], 5354, 5353)), SHOT);
+        assert_eq!(dp.events()[0].reason, DropReason::PolicyDeny as u8);
+        assert_eq!(dp.run(From, &fam.udp(&DB, &APP2, 5353, 5353)), PASS);
     }
 }
 

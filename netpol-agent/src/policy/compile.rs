@@ -33,6 +33,12 @@
 //! drop event names the deny rule that caused it). A deny under ANY against an allow under a
 //! specific remote needs no folding: the two lookups see both.
 //!
+//! # Group destinations
+//! Every egress deny of a specific remote is also written under the reserved remote `GROUP`
+//! ([`group_denies`]): the datapath decides a container's packet to a group or link-local
+//! address (every container and the host receive it) under `GROUP` and `ANY`, so only an allow
+//! for everyone lets it out, and a deny of any peer still stops it.
+//!
 //! # Final allows
 //! After folding, an allow of a specific remote that no deny under ANY of the same (local,
 //! direction) overlaps ([`overlaps`](netpol_common::policy::overlaps): some packet matches both)
@@ -73,7 +79,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use netpol_common::{
-    identity::{ANY, FIRST_LABEL, HOST, WORLD},
+    identity::{ANY, FIRST_LABEL, GROUP, HOST, WORLD},
     policy::{
         overlaps, port_range_blocks, PolicyKey, PolicyValue, FULL_PREFIX, PREFIX_ANY_PORT,
         PREFIX_ANY_PROTO,
@@ -730,6 +736,7 @@ fn compile_locals(
         enforcement.get(&k.key.local).is_some_and(|e| e.get(dir))
     });
     fold_denies(&mut c.policy);
+    group_denies(&mut c.policy);
     mark_final(&mut c.policy);
     c.rule_ids = ids.finish();
     Ok(c)
@@ -962,6 +969,42 @@ fn fold_denies(map: &mut BTreeMap<PolicyEntryKey, PolicyValue>) {
         if let Some(&(_, _, rule)) = covering {
             *v = PolicyValue::deny(rule);
         }
+    }
+}
+
+/// Copies every egress deny of a specific remote under [`GROUP`] (keeping the lower rule id
+/// where two meet). A container's packet to a group or link-local address reaches every
+/// container on the bridge and the host: the datapath decides it under `GROUP` (these denies)
+/// and the wildcard `ANY` (the allows for everyone), so a deny of any one peer still wins over
+/// an allow for everyone, as it would for a packet sent to that peer.
+fn group_denies(map: &mut BTreeMap<PolicyEntryKey, PolicyValue>) {
+    let copies: Vec<(PolicyEntryKey, PolicyValue)> = map
+        .iter()
+        .filter(|(k, v)| {
+            v.is_deny()
+                && k.key.direction == Direction::Egress as u8
+                && k.key.remote != ANY
+                && k.key.remote != GROUP
+        })
+        .map(|(k, v)| {
+            let key = PolicyKey::new(
+                k.key.local,
+                GROUP,
+                Direction::Egress,
+                k.key.proto,
+                k.key.dport(),
+            );
+            (
+                PolicyEntryKey {
+                    key,
+                    prefix_len: k.prefix_len,
+                },
+                *v,
+            )
+        })
+        .collect();
+    for (k, v) in copies {
+        merge(map, k, v);
     }
 }
 

@@ -581,13 +581,13 @@ impl World {
             },
             Resolved::Addr(a) => {
                 // A group or link-local address reaches everyone on the bridge: the datapath
-                // decides a container's packets to it under the wildcard remote (`lxc.rs`).
+                // decides a container's packets to it under `GROUP` (`lxc.rs`).
                 let anyone = match a {
                     IpAddr::V4(a) => netpol_common::addr::v4_group(&a.octets()),
                     IpAddr::V6(a) => netpol_common::addr::v6_for_anyone(&a.octets()),
                 };
                 let identity = if anyone {
-                    reserved::ANY
+                    reserved::GROUP
                 } else {
                     self.ipcache(*a).identity
                 };

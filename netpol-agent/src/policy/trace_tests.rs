@@ -263,6 +263,28 @@ spec:
         assert!(!allowed(&w, "app1", &format!("{group}:443")), "{group}");
         assert!(allowed(&w, "app1", &format!("{group}:5353")), "{group}");
     }
+    // Everything but db: a deny of one peer stops what the group would carry to it too.
+    let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: app1-egress
+spec:
+  endpointSelector:
+    matchLabels: { com.docker.compose.service: app1 }
+  enableDefaultDeny: { egress: false }
+  egressDeny:
+    - toEndpoints:
+        - matchLabels: { com.docker.compose.service: db }
+      toPorts:
+        - ports: [{ port: "5432", protocol: TCP }]
+"#;
+    let w = world(text, &shop());
+    assert!(allowed(&w, "app1", "224.0.0.1:443"));
+    assert!(allowed(&w, "app1", "app2:5432"));
+    assert!(!allowed(&w, "app1", "db:5432"));
+    let t = trace(&w, "app1", "224.0.0.1:5432");
+    assert!(!t.allowed(), "{}", t.render());
 }
 
 const RANGES: &str = r#"

@@ -50,7 +50,8 @@ pub struct Checks {
     /// From a container on an enforced egress, a new flow to a group or link-local destination
     /// (IPv4 multicast or 255.255.255.255, IPv6 multicast or link-local: every container on the
     /// bridge and the host receive it) only if policy allows it towards everyone (remote
-    /// `ANY`), not merely towards `world`.
+    /// `ANY`) and no deny under `GROUP` (every peer's, copied by the agent) covers it, not
+    /// merely because it allows `world`.
     pub group_destination: bool,
     /// A packet that passed on conntrack goes the way its kind allows: a TCP SYN-ACK and an ICMP
     /// echo reply only as a reply of their flow, an echo request only in the direction that
@@ -165,7 +166,7 @@ fn policy_allows(world: &World, ep: &Endpoint, dir: Direction, ip: &Ip, ty: Opti
         Direction::Ingress => ip.src,
     };
     let remote = if dir == Direction::Egress && for_anyone(ip) {
-        Some(identity::ANY)
+        Some(identity::GROUP)
     } else if ip.v6 {
         lpm(
             world
@@ -273,7 +274,7 @@ fn policy_port(ip: &Ip, f: &[u8]) -> Option<u16> {
 }
 
 /// A new flow from a container to a group or link-local destination that policy does not allow
-/// towards everyone.
+/// towards everyone (or denies under `GROUP`).
 fn group_destination(world: &World, ep: &Endpoint, ip: &Ip, f: &[u8]) -> Option<String> {
     if !for_anyone(ip) {
         return None;
@@ -281,7 +282,7 @@ fn group_destination(world: &World, ep: &Endpoint, ip: &Ip, f: &[u8]) -> Option<
     let port = policy_port(ip, f)?;
     let [a, b] = policy::lookup_keys(
         ep.identity,
-        identity::ANY,
+        identity::GROUP,
         Direction::Egress,
         ip.proto,
         port,
