@@ -336,6 +336,8 @@ impl Agent {
         filter: LabelFilter,
         policy_dir: PathBuf,
     ) -> Result<Self, AgentError> {
+        // Nothing is read from a store another user could have written to.
+        store.check_trusted()?;
         let (ids, ids_dirty, ids_note) = load_identities(&store, dp.as_ref())?;
         let sources = Sources::load(&store, policy_dir, &filter)?;
         let (rule_ids, rule_ids_note) = load_rule_ids(&store, dp.as_ref())?;

@@ -586,6 +586,53 @@ fn a_policy_file_reached_through_a_link_another_user_can_replace_is_not_read() {
     assert!(connects(&a, &app2, &db, 5432) && !connects(&a, &app1, &db, 5432));
 }
 
+/// A state directory another user can write to (or its `policies/` or `files/`) could hold a
+/// policy they planted, read at start as an imported policy or a file's last valid version:
+/// the agent does not start on it (the pinned maps keep enforcing what they hold), and says
+/// which directory and why.
+#[test]
+fn the_agent_does_not_start_on_a_state_directory_another_user_can_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    let dirs = Dirs::new("state-untrusted");
+    let db = service(2, "db", &[]);
+    {
+        let mut a = agent(&dirs);
+        import(&mut a, "db.yaml", &db_accepts("app1", "TCP")).expect("import");
+        snapshot(&mut a, &[&db]);
+    }
+    for sub in ["", "policies"] {
+        let d = dirs.state().join(sub);
+        chmod(&d, 0o777);
+        let e = Agent::new(
+            Box::new(FakeDatapath::new(MapSizes::default())),
+            Store::new(dirs.state()),
+            LabelFilter::default(),
+            dirs.policy_dir(),
+        )
+        .err()
+        .unwrap_or_else(|| panic!("started on a world-writable {}", d.display()))
+        .to_string();
+        assert!(e.contains("writable by other users"), "{e}");
+        chmod(&d, 0o700);
+    }
+    // A state directory that does not exist yet, under one another user can write to.
+    let open = dirs.policy_dir().join("../open");
+    std::fs::create_dir(&open).expect("mkdir");
+    chmod(&open, 0o777);
+    assert!(Agent::new(
+        Box::new(FakeDatapath::new(MapSizes::default())),
+        Store::new(open.join("state")),
+        LabelFilter::default(),
+        dirs.policy_dir(),
+    )
+    .is_err());
+    let a = agent(&dirs);
+    assert!(a.policy_rows(Some("db")).is_ok());
+}
+
 /// A policy directory that is a symbolic link to nothing (its file system not mounted yet at
 /// boot) is not an empty directory: every file's last valid version stays in force, also
 /// across a restart, as for a file that is such a link.

@@ -224,6 +224,29 @@ impl Store {
         &self.dir
     }
 
+    /// Whether only root (or the agent's own user) can change what the store holds: the state
+    /// directory (before it exists, the nearest one above it) and its `policies/` and `files/`
+    /// pass [`trusted_dir`]. Another user who could write there could plant an imported policy
+    /// or a policy file's last valid version, read at the next start: `PermissionDenied`.
+    pub fn check_trusted(&self) -> Result<(), StoreError> {
+        let existing = self
+            .dir
+            .ancestors()
+            .find(|p| !p.as_os_str().is_empty() && fs::symlink_metadata(p).is_ok())
+            .unwrap_or(Path::new("."));
+        let subs = [self.policies_dir(), self.files_dir()];
+        let present = subs.iter().filter(|d| fs::symlink_metadata(d).is_ok());
+        for d in std::iter::once(existing).chain(present.map(PathBuf::as_path)) {
+            trusted_dir(d).map_err(|e| {
+                io_err(d)(io::Error::new(
+                    e.kind(),
+                    format!("{e}: another user could plant policies in the agent's state; make it root's alone (chown root, chmod go-w)"),
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
     fn policies_dir(&self) -> PathBuf {
         self.dir.join("policies")
     }
