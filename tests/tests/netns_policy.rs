@@ -729,3 +729,87 @@ fn the_event_rate_is_written_to_the_pinned_config_and_kept() {
         }
     );
 }
+
+/// A container whose egress allows the world (here: UDP 9999) but not db cannot reach db by
+/// broadcast (IPv4 255.255.255.255) or multicast (IPv6 all-nodes), which the bridge delivers to
+/// every container, db's unpoliced ingress included; a rule for everyone (UDP 9998) lets such a
+/// datagram out.
+#[test]
+fn broadcast_reaches_only_what_egress_allows_towards_everyone() {
+    if !require_root("broadcast_reaches_only_what_egress_allows_towards_everyone") {
+        return;
+    }
+    const WORLD_ONLY: u16 = 9999;
+    const EVERYONE: u16 = 9998;
+    let t = topology("npg");
+    let pins = PinDir::unique("group");
+    let mut p = DatapathPlan::default();
+    p.container(t.container("app1"), APP1, false, true);
+    p.container(t.container("db"), DB, false, false);
+    p.policy.push(PlanPolicy::allow_out(
+        APP1,
+        identity::WORLD,
+        proto::UDP,
+        WORLD_ONLY,
+        1,
+    ));
+    p.policy.push(PlanPolicy::allow_out(
+        APP1,
+        identity::ANY,
+        proto::UDP,
+        EVERYONE,
+        2,
+    ));
+    load(&pins, &t, &p);
+    let dp = adopt(&t, pins.path());
+    let db = t.container("db").ns.clone();
+    let app1 = t.container("app1").ns.clone();
+    let eth0 = app1.ifindex("eth0");
+    // From its own global address (a link-local source is neighbour discovery's only).
+    let own6 = t.container("app1").ipv6;
+    for f in Family::BOTH {
+        for port in [WORLD_ONLY, EVERYONE] {
+            let rx = db.run_in(move || {
+                let any: IpAddr = match f {
+                    Family::V4 => "0.0.0.0".parse().unwrap(),
+                    Family::V6 => "::".parse().unwrap(),
+                };
+                UdpSocket::bind(SocketAddr::new(any, port)).expect("bind in db")
+            });
+            app1.run_in(move || {
+                let (any, group): (SocketAddr, SocketAddr) = match f {
+                    Family::V4 => (
+                        "0.0.0.0:0".parse().unwrap(),
+                        SocketAddr::new("255.255.255.255".parse().unwrap(), port),
+                    ),
+                    Family::V6 => (
+                        SocketAddr::new(IpAddr::V6(own6), 0),
+                        SocketAddr::V6(std::net::SocketAddrV6::new(
+                            "ff02::1".parse().unwrap(),
+                            port,
+                            0,
+                            eth0,
+                        )),
+                    ),
+                };
+                let s = UdpSocket::bind(any).expect("bind in app1");
+                s.set_broadcast(true).expect("SO_BROADCAST");
+                s.send_to(b"to everyone", group).expect("send");
+            });
+            let got = recv_within(&rx, DENIED_TIMEOUT).map(|(d, _)| d);
+            if port == WORLD_ONLY {
+                assert_eq!(
+                    got, None,
+                    "{f:?}: app1's world-only rule let a group datagram reach db"
+                );
+            } else {
+                assert_eq!(
+                    got.as_deref(),
+                    Some(&b"to everyone"[..]),
+                    "{f:?}: a rule for everyone should let the group datagram out"
+                );
+            }
+        }
+    }
+    assert_eq!(policy_denied(&dp), 2, "one drop per family");
+}
