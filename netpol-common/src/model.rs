@@ -902,6 +902,9 @@ impl World {
         f: &[u8],
         p: &Pkt,
     ) -> Result<(), DropReason> {
+        if !nd::complete(p.icmp_type, p.end.saturating_sub(p.l4off) as u32) {
+            return Err(DropReason::NeighbourDiscovery);
+        }
         let from_container = dir == Direction::Egress;
         let d = &p.d.0;
         let on_host = from_container

@@ -9,8 +9,9 @@
 //! the verdict can do the same. The rules, in the order [`allowed`] checks them:
 //! 1. The whole packet after the Ethernet header (IPv6 header, extension headers, message and
 //!    any trailing bytes) is at most [`MAX_LEN`] = 1280 bytes (the IPv6 minimum MTU: what
-//!    RFC 4861 sizes redirects to; NS/NA/RS are under 100 bytes in practice), and the ICMPv6
-//!    code is 0.
+//!    RFC 4861 sizes redirects to; NS/NA/RS are under 100 bytes in practice), the ICMPv6
+//!    code is 0, and the message (within the IPv6 payload length) holds at least its type's
+//!    fixed fields ([`complete`]: a shorter one is truncated).
 //! 2. ND (133–137): hop limit 255 (RFC 4861: a routed packet has a lower one). MLD (130–132,
 //!    143): hop limit 1.
 //! 3. Source. The unspecified address `::` only for a neighbour solicitation to a solicited-node
@@ -45,6 +46,32 @@ pub mod ty {
     pub const NEIGHBOUR_ADVERTISEMENT: u8 = 136;
     pub const REDIRECT: u8 = 137;
     pub const MLD2_REPORT: u8 = 143;
+}
+
+/// The shortest message of ICMPv6 type `t`: its fixed fields, before any option or record
+/// (RFC 4861 4.1–4.5: RS 8, RA 16, NS and NA 24 with the target, redirect 40 with both
+/// addresses; RFC 2710 3 and RFC 3810 5.1: MLD query, report and done 24 with the multicast
+/// address; RFC 3810 5.2: an MLDv2 report 8).
+#[inline(always)]
+pub const fn min_len(t: u8) -> u32 {
+    match t {
+        ty::ROUTER_ADVERTISEMENT => 16,
+        ty::NEIGHBOUR_SOLICITATION
+        | ty::NEIGHBOUR_ADVERTISEMENT
+        | ty::MLD_QUERY
+        | ty::MLD_REPORT
+        | ty::MLD_DONE => 24,
+        ty::REDIRECT => 40,
+        _ => 8,
+    }
+}
+
+/// Whether an ICMPv6 message of type `t` and `icmp_len` bytes (within the IPv6 payload length)
+/// holds its type's fixed fields ([`min_len`]): rule 1's last part, which callers check before
+/// [`allowed`] (a wider [`Msg`] would not fit the programs' stack).
+#[inline(always)]
+pub const fn complete(t: u8, icmp_len: u32) -> bool {
+    icmp_len >= min_len(t)
 }
 
 /// Whether an ICMPv6 type is neighbour/router discovery or MLD (these rules apply to it).
@@ -255,7 +282,26 @@ mod tests {
             assert!(allowed(&m));
             m.code = 1;
             assert!(!allowed(&m));
+            // Shorter than its type's fixed fields: truncated.
+            for t in [
+                ROUTER_SOLICITATION,
+                NEIGHBOUR_SOLICITATION,
+                NEIGHBOUR_ADVERTISEMENT,
+                MLD_REPORT,
+                MLD2_REPORT,
+            ] {
+                let hop = if t == MLD_REPORT || t == MLD2_REPORT {
+                    1
+                } else {
+                    255
+                };
+                assert!(allowed(&msg(from, t, hop, LINK_LOCAL, ALL_NODES)));
+                assert!(complete(t, min_len(t)) && !complete(t, min_len(t) - 1));
+            }
         }
+        assert!(complete(REDIRECT, 40) && !complete(REDIRECT, 39));
+        assert!(complete(ROUTER_ADVERTISEMENT, 16) && !complete(ROUTER_ADVERTISEMENT, 15));
+        assert!(complete(MLD_QUERY, 24) && !complete(MLD_QUERY, 23));
         // From a container: no router messages, no other source, no foreign target, no unicast
         // MLD.
         for t in [ROUTER_ADVERTISEMENT, REDIRECT] {

@@ -48,7 +48,8 @@
 //!    the parser cannot see and the host's stack would take (`ExtHeaders`).
 //! 4. IPv6 neighbour/router discovery and MLD (ICMPv6 130–137, 143) pass without policy when
 //!    netpol-common's `nd` rules allow them — hop limit 255 (ND) or 1 (MLD); source, destination
-//!    and advertised target the protocol allows; at most 1280 bytes; no router advertisement or
+//!    and advertised target the protocol allows; at most 1280 bytes, and at least the type's
+//!    fixed fields within the IPv6 payload length (`nd::complete`); no router advertisement or
 //!    redirect from a container — so networks keep working under deny-all. What fails them is
 //!    dropped (`NeighbourDiscovery`) on every endpoint, enforced or not, and never reaches policy;
 //!    so is one that fails to parse (step 3).
@@ -1509,6 +1510,11 @@ fn v6_rest(
     p.end = end as u32;
     ev.proto = p.l.proto;
     if p.l.kind == Kind::Neighbour {
+        // Shorter than its type's fixed fields: truncated, dropped on every endpoint as `nd_ok`
+        // drops what fails the other rules (checked here: `nd_ok`'s stack has no room left).
+        if !nd::complete(p.l.icmp_type, (end - p.l.off) as u32) {
+            return Err(DropReason::NeighbourDiscovery);
+        }
         return Ok(true);
     }
     if nd_only {

@@ -1875,7 +1875,8 @@ fn behind_dest_opts(n: usize, next: u8, payload: &[u8]) -> (u8, Vec<u8>) {
 
 /// An IPv6 parse error on an endpoint that enforces nothing passes, unless the packet is, or may
 /// be, neighbour discovery or MLD: ND/MLD that fails its checks is dropped on every endpoint
-/// (netpol-common's `nd`), a malformed one too (`NeighbourDiscovery`), and so is a packet whose
+/// (netpol-common's `nd`), a malformed one too (`NeighbourDiscovery`; also one whose lengths
+/// agree but that is shorter than its type's fixed fields), and so is a packet whose
 /// upper-layer header is out of the parser's reach behind more than four extension headers
 /// (`ExtHeaders`): the host's stack would take an ND message from behind them. The fuzz seed
 /// 0x18c2fb390510d445 found the first: a truncated router advertisement delivered.
@@ -1931,6 +1932,32 @@ fn malformed_neighbour_discovery_is_dropped_on_every_endpoint() {
             ("truncated NA", cut(&na_to, 12)),
             ("NA with its ICMPv6 header cut short", short(na_to.clone())),
             (
+                "NA without its whole target (payload length 16)",
+                eth(
+                    ETH_P_IPV6,
+                    &ipv6_raw(
+                        APP1.v6,
+                        DB.v6,
+                        proto::ICMPV6,
+                        255,
+                        &icmp(NA, 0, [0x20, 0, 0, 0], &APP1.v6[..8]),
+                    ),
+                ),
+            ),
+            (
+                "RA of 8 bytes",
+                eth(
+                    ETH_P_IPV6,
+                    &ipv6_raw(
+                        router,
+                        ff02(1),
+                        proto::ICMPV6,
+                        255,
+                        &icmp(RA, 0, [0; 4], &[]),
+                    ),
+                ),
+            ),
+            (
                 "truncated NA behind a hop-by-hop header",
                 cut(
                     &eth(
@@ -1958,6 +1985,19 @@ fn malformed_neighbour_discovery_is_dropped_on_every_endpoint() {
             (
                 "NA from db with its ICMPv6 header cut short",
                 short(na_from.clone()),
+            ),
+            (
+                "NS from db of 8 bytes",
+                eth(
+                    ETH_P_IPV6,
+                    &ipv6_raw(
+                        DB.v6,
+                        solicited_node(&APP1.v6),
+                        proto::ICMPV6,
+                        255,
+                        &icmp(135, 0, [0; 4], &[]),
+                    ),
+                ),
             ),
         ];
         for (what, pkt) in &nd_from {
