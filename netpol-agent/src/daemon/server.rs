@@ -32,8 +32,9 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     super::metrics_server::bind_unix(path)
 }
 
-/// How long a client has to send its request line: one that connects and sends nothing (a
-/// hung script) must not hold a connection, and a file descriptor, for ever.
+/// How long a client has to send its request line, and then to read its answer: one that
+/// connects and sends nothing, or never reads (a hung script), must not hold a connection, a
+/// file descriptor and its answer's memory for ever.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>, monitor: Monitor) {
@@ -154,7 +155,18 @@ async fn handle(
     };
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
     out.push(b'\n');
-    let written = w.write_all(&out).await;
+    // A client that does not read its answer is given up as one that sends nothing is.
+    let written = match tokio::time::timeout(timeout, w.write_all(&out)).await {
+        Ok(written) => written,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "the client did not read its answer within {} s",
+                timeout.as_secs_f64()
+            ),
+        )),
+    };
+    drop(out);
     super::heap::after_burst();
     written
 }
@@ -175,16 +187,7 @@ mod tests {
         use tokio::io::AsyncReadExt as _;
         let root = std::env::temp_dir().join(format!("netpol-ctl-hostile-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(root.join("policies.d")).expect("mkdir");
-        let a = Agent::new(
-            Box::new(crate::datapath::fake::FakeDatapath::new(
-                crate::datapath::MapSizes::default(),
-            )),
-            crate::store::Store::new(root.join("state")),
-            crate::identity::LabelFilter::default(),
-            root.join("policies.d"),
-        )
-        .expect("agent");
+        let a = fake_agent(&root);
         let agent = Arc::new(Mutex::new(a));
         let monitor = Monitor::new(agent.clone());
         let sock = root.join("agent.sock");
@@ -253,6 +256,76 @@ mod tests {
         assert_eq!(rows, serde_json::json!([]));
         server.abort();
         std::fs::remove_dir_all(&root).expect("clean up");
+    }
+
+    /// A client that sends its request and never reads the answer (a hung script) holds its
+    /// connection no longer than a silent one: an answer larger than the socket buffers is
+    /// given up after the timeout and the connection closed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_never_reads_its_answer_is_cut_off() {
+        let root = std::env::temp_dir().join(format!("netpol-ctl-noread-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let mut a = fake_agent(&root);
+        // A policy whose text (a long comment) makes `policy get` answer some 900 kB.
+        let text = format!(
+            "# {}\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: big\nspec:\n  endpointSelector: {{}}\n  ingress: [{{}}]\n",
+            "x".repeat(900_000)
+        );
+        a.import(&[crate::daemon::api::SourceFile {
+            path: "big.yaml".into(),
+            text,
+        }])
+        .expect("import");
+        let agent = Arc::new(Mutex::new(a));
+        let monitor = Monitor::new(agent.clone());
+        let sock = root.join("agent.sock");
+        let listener = bind(&sock).expect("bind");
+        let server = tokio::spawn(serve_with(
+            listener,
+            agent.clone(),
+            monitor,
+            Duration::from_millis(500),
+        ));
+        let mut c = UnixStream::connect(&sock).await.expect("connect");
+        c.write_all(b"{\"cmd\":\"policy_get\",\"name\":null}\n")
+            .await
+            .expect("write");
+        // Without reading: the agent's end closes (poll reports the hang-up with the answer
+        // still unread).
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&c);
+        let revents = tokio::task::spawn_blocking(move || {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLRDHUP,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; `c` outlives the call (awaited below).
+            unsafe { libc::poll(&mut p, 1, 5000) };
+            p.revents
+        })
+        .await
+        .expect("join");
+        assert!(
+            revents & (libc::POLLRDHUP | libc::POLLHUP) != 0,
+            "the connection was still open 5 s after the timeout"
+        );
+        drop(c);
+        server.abort();
+        std::fs::remove_dir_all(&root).expect("clean up");
+    }
+
+    /// An agent on a fake datapath, its state and policy directory under `root`.
+    fn fake_agent(root: &Path) -> Agent {
+        std::fs::create_dir_all(root.join("policies.d")).expect("mkdir");
+        Agent::new(
+            Box::new(crate::datapath::fake::FakeDatapath::new(
+                crate::datapath::MapSizes::default(),
+            )),
+            crate::store::Store::new(root.join("state")),
+            crate::identity::LabelFilter::default(),
+            root.join("policies.d"),
+        )
+        .expect("agent")
     }
 
     async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
