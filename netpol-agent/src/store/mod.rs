@@ -253,7 +253,7 @@ impl Store {
 
     fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StoreError> {
         let path = self.dir.join(name);
-        match fs::read(&path) {
+        match read_ours(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
                 .map_err(|source| StoreError::Corrupt { path, source }),
@@ -430,6 +430,29 @@ impl Store {
     }
 }
 
+/// The bytes of state file `path`, unless another user than root (or ours) could have written
+/// it: owned by another user, or writable by group or others (`PermissionDenied`). The state
+/// directory itself is checked at start ([`Store::check_trusted`]); a file in it with such a
+/// mode or owner (copied in, or made by hand) is not vouched for either, and is read as damaged:
+/// an imported policy or a kept copy then leaves the maps as they are, a table is set aside.
+fn read_ours(path: &Path) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path)?;
+    // SAFETY: plain libc call.
+    let me = unsafe { libc::geteuid() };
+    let why = if m.uid() != 0 && m.uid() != me {
+        format!("owned by uid {}", m.uid())
+    } else if m.mode() & 0o022 != 0 {
+        format!("writable by other users (mode {:o})", m.mode() & 0o7777)
+    } else {
+        return fs::read(path);
+    };
+    Err(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("{why}: another user could have written it"),
+    ))
+}
+
 /// A file name for `files/`: one path component, not hidden.
 fn valid_file_name(name: &str) -> bool {
     !name.is_empty() && !name.starts_with('.') && !name.contains('/') && name != ".."
@@ -463,7 +486,7 @@ fn read_texts(dir: &Path) -> Result<BTreeMap<String, Stored>, StoreError> {
         if name.starts_with('.') || !path.is_file() {
             continue;
         }
-        let text = match fs::read(&path) {
+        let text = match read_ours(&path) {
             Ok(bytes) => String::from_utf8(bytes).map_err(|e| {
                 format!(
                     "{}: not UTF-8 text (byte {}): the file is damaged",
@@ -710,6 +733,37 @@ mod tests {
             s.finish_policy_change(),
             Err(StoreError::Corrupt { .. })
         ));
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A stored file that another user could have written is read as damaged, never as a
+    /// policy or a table.
+    #[test]
+    fn a_state_file_another_user_could_write_is_damaged() {
+        use std::os::unix::fs::PermissionsExt;
+        let chmod =
+            |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
+        let d = tmp();
+        let s = Store::new(&d);
+        s.save_policy("db", "x: 1\n").unwrap();
+        s.save_file_copy("db.yaml", "x: 1\n").unwrap();
+        s.save_identities(&vec![1u32]).unwrap();
+        chmod(&d.join("policies/db.yaml"), 0o666);
+        chmod(&d.join("files/db.yaml"), 0o620);
+        chmod(&d.join("identities.json"), 0o646);
+        let e = s.policies().unwrap()["db"].clone().unwrap_err();
+        assert!(e.contains("writable by other users"), "{e}");
+        let e = s.file_copies().unwrap()["db.yaml"].clone().unwrap_err();
+        assert!(e.contains("writable by other users"), "{e}");
+        let e = s.load_identities::<Vec<u32>>().unwrap_err();
+        assert!(e.to_string().contains("writable by other users"), "{e}");
+        // SAFETY: plain libc call.
+        if unsafe { libc::geteuid() } == 0 {
+            chmod(&d.join("policies/db.yaml"), 0o600);
+            std::os::unix::fs::chown(d.join("policies/db.yaml"), Some(65534), None).unwrap();
+            let e = s.policies().unwrap()["db"].clone().unwrap_err();
+            assert!(e.contains("owned by uid 65534"), "{e}");
+        }
         fs::remove_dir_all(&d).unwrap();
     }
 
