@@ -282,6 +282,9 @@ pub struct Agent {
     containers: BTreeMap<String, Container>,
     networks: BTreeMap<String, Network>,
     host_addrs: Vec<IpAddr>,
+    /// The host's subnet-directed broadcasts and subnet-router anycasts
+    /// ([`crate::docker::host_group_addresses`]).
+    host_groups: Vec<IpAddr>,
     /// Docker has answered at least once since start: until then the maps are left alone.
     docker_synced: bool,
     docker_status: String,
@@ -359,6 +362,7 @@ impl Agent {
             containers: BTreeMap::new(),
             networks: BTreeMap::new(),
             host_addrs: Vec::new(),
+            host_groups: Vec::new(),
             docker_synced: false,
             docker_status: "connecting".into(),
             compiled: None,
@@ -715,6 +719,26 @@ impl Agent {
         }
         for a in &self.host_addrs {
             d.maps.ipcache.insert(Cidr::host(*a), RemoteInfo::host());
+        }
+        // A subnet-directed broadcast (172.17.255.255 on the default bridge, 192.0.2.255 of the
+        // host's LAN address) or IPv6 subnet-router anycast (`prefix::`, while the host forwards)
+        // is taken by the host as sent to itself (also routed to it through the gateway), and a
+        // bridge's broadcast by the containers on it that no program polices yet: a group
+        // address (`reserved::GROUP`, like 255.255.255.255), not the `world`, the CIDR or the
+        // `unmanaged` subnet its prefix would give it. A container's own address below wins
+        // (Docker hands out neither).
+        let subnet_groups = self
+            .networks
+            .values()
+            .filter(|n| n.is_bridge())
+            .flat_map(|n| &n.subnets)
+            .filter_map(|s| crate::docker::group_address(s.addr, s.prefix_len));
+        for a in self.host_groups.iter().copied().chain(subnet_groups) {
+            if !self.host_addrs.contains(&a) {
+                d.maps
+                    .ipcache
+                    .insert(Cidr::host(a), RemoteInfo::new(reserved::GROUP));
+            }
         }
         self.names.clear();
         // One lookup per network, not per container (each is a syscall).
@@ -1160,6 +1184,10 @@ impl Agent {
                     self.networks = networks.into_iter().map(|n| (n.id.clone(), n)).collect();
                     self.host_addrs = host_addresses().unwrap_or_else(|e| {
                         warn!(error = %e, "listing host addresses");
+                        Vec::new()
+                    });
+                    self.host_groups = host_group_addresses().unwrap_or_else(|e| {
+                        warn!(error = %e, "listing host broadcast addresses");
                         Vec::new()
                     });
                     self.docker_synced = true;
@@ -1659,6 +1687,21 @@ mod tests;
 #[cfg(not(test))]
 fn host_addresses() -> anyhow::Result<Vec<IpAddr>> {
     Ok(crate::docker::host_addresses()?)
+}
+
+/// The host's broadcast and subnet-router anycast addresses, read with its addresses.
+#[cfg(not(test))]
+fn host_group_addresses() -> anyhow::Result<Vec<IpAddr>> {
+    Ok(crate::docker::host_group_addresses()?)
+}
+
+/// Unit tests: those of the fixed addresses below, as 192.0.2.1/24 and 2001:db8::1/64.
+#[cfg(test)]
+fn host_group_addresses() -> anyhow::Result<Vec<IpAddr>> {
+    Ok(["192.0.2.255", "2001:db8::"]
+        .iter()
+        .map(|a| a.parse().expect("address"))
+        .collect())
 }
 
 /// Unit tests read a fixed set instead: the real host's addresses change under them (other

@@ -2822,14 +2822,9 @@ fn scale_profile() {
 // ---------------------------------------------------------------------------------------------
 // Host addresses in the ipcache.
 
-/// A bridge network's gateway is the host's (and checked as such: only the host's stack sends
-/// it); a macvlan network's gateway is a router on the LAN, not the host: `world`, or the
-/// datapath would give that router `host` rights (and drop its routed packets as forged).
-#[test]
-fn only_a_bridge_networks_gateway_is_a_host_address() {
-    let dirs = Dirs::new("host-gateways");
-    let mut a = agent(&dirs);
-    let lan = Network {
+/// A macvlan network on the host's LAN (198.18.0.0/24, router 198.18.0.1).
+fn macvlan_lan() -> Network {
+    Network {
         id: "lan".into(),
         name: "lan".into(),
         driver: "macvlan".into(),
@@ -2837,7 +2832,17 @@ fn only_a_bridge_networks_gateway_is_a_host_address() {
         subnets: vec!["198.18.0.0/24".parse().unwrap()],
         gateways: vec!["198.18.0.1".parse().unwrap()],
         ..network()
-    };
+    }
+}
+
+/// A bridge network's gateway is the host's (and checked as such: only the host's stack sends
+/// it); a macvlan network's gateway is a router on the LAN, not the host: `world`, or the
+/// datapath would give that router `host` rights (and drop its routed packets as forged).
+#[test]
+fn only_a_bridge_networks_gateway_is_a_host_address() {
+    let dirs = Dirs::new("host-gateways");
+    let mut a = agent(&dirs);
+    let lan = macvlan_lan();
     a.on_docker(DockerEvent::Snapshot {
         containers: vec![service(2, "db", &[])],
         networks: vec![network(), lan],
@@ -2854,4 +2859,45 @@ fn only_a_bridge_networks_gateway_is_a_host_address() {
         "the LAN's router is not the host"
     );
     assert_eq!(identity_of(&m, "198.18.0.1".parse().unwrap()), WORLD);
+}
+
+/// The host takes a subnet-directed broadcast of any of its addresses (also one routed to it
+/// from a container through the gateway) and, while it forwards, an IPv6 subnet-router anycast
+/// as sent to itself: those are group addresses (decided under `GROUP`: only what a rule for
+/// everyone allows and no deny of a peer, the host included, covers), not the `world`, a CIDR
+/// or the bridge subnet's `unmanaged` that their prefixes would make them.
+#[test]
+fn the_hosts_broadcast_and_anycast_addresses_are_group_addresses() {
+    let dirs = Dirs::new("host-groups");
+    let mut a = agent(&dirs);
+    let v6 = Network {
+        id: "v6".into(),
+        name: "v6".into(),
+        bridge: Some("br-v6".into()),
+        subnets: vec!["fd00:1::/64".parse().unwrap()],
+        gateways: vec!["fd00:1::1".parse().unwrap()],
+        enable_ipv6: true,
+        ..network()
+    };
+    let lan = macvlan_lan();
+    let db = service(2, "db", &[]);
+    let db_addr = addr(&db);
+    a.on_docker(DockerEvent::Snapshot {
+        containers: vec![db],
+        networks: vec![network(), v6, lan],
+    });
+    let m = maps(&a);
+    let id = |ip: &str| identity_of(&m, ip.parse().unwrap());
+    for group in ["172.20.255.255", "192.0.2.255", "2001:db8::", "fd00:1::"] {
+        assert_eq!(id(group), netpol_common::identity::GROUP, "{group}");
+    }
+    assert_eq!(
+        id("172.20.0.0"),
+        netpol_common::identity::UNMANAGED,
+        "no broadcast"
+    );
+    assert_eq!(id("172.20.0.1"), netpol_common::identity::HOST);
+    assert_eq!(id("192.0.2.1"), netpol_common::identity::HOST);
+    assert_eq!(id("198.18.0.255"), WORLD, "the host has no address there");
+    assert!(identity_of(&m, db_addr) >= netpol_common::identity::FIRST_LABEL);
 }

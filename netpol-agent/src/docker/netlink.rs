@@ -14,7 +14,7 @@
 use std::{
     fs::File,
     io,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     time::Duration,
@@ -117,15 +117,18 @@ pub struct AddrInfo {
     pub ifindex: u32,
     pub addr: IpAddr,
     pub prefix_len: u8,
+    /// IFA_BROADCAST: an IPv4 address's broadcast address when one was set explicitly.
+    pub broadcast: Option<Ipv4Addr>,
 }
 
 impl AddrInfo {
     pub(super) fn from_message(m: &AddressMessage) -> Option<Self> {
-        let (mut local, mut address) = (None, None);
+        let (mut local, mut address, mut broadcast) = (None, None, None);
         for attr in &m.attributes {
             match attr {
                 AddressAttribute::Local(a) => local = Some(*a),
                 AddressAttribute::Address(a) => address = Some(*a),
+                AddressAttribute::Broadcast(a) => broadcast = Some(*a),
                 _ => {}
             }
         }
@@ -135,6 +138,7 @@ impl AddrInfo {
             ifindex: m.header.index,
             addr,
             prefix_len: m.header.prefix_len,
+            broadcast,
         })
     }
 }
@@ -171,6 +175,36 @@ pub fn host_addresses() -> Result<Vec<IpAddr>, NetlinkError> {
     addrs.sort();
     addrs.dedup();
     Ok(addrs)
+}
+
+/// The addresses the host's stack takes as sent to itself although no interface holds them,
+/// from wherever the packet comes (a container's through its gateway included): each IPv4
+/// address's subnet-directed broadcast (computed, and IFA_BROADCAST when set) and each IPv6
+/// address's subnet-router anycast (joined while the host forwards, as it does for Docker).
+pub fn host_group_addresses() -> Result<Vec<IpAddr>, NetlinkError> {
+    let mut out = Vec::new();
+    for a in NamespaceView::dump()?.addrs {
+        out.extend(group_address(a.addr, a.prefix_len));
+        out.extend(a.broadcast.filter(|b| !b.is_unspecified()).map(IpAddr::V4));
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// The subnet-directed broadcast of an IPv4 prefix (shorter than /31: Linux adds none for /31
+/// and /32) or the subnet-router anycast of an IPv6 prefix (shorter than /127), as the kernel
+/// adds them for an address `addr/prefix_len`.
+pub fn group_address(addr: IpAddr, prefix_len: u8) -> Option<IpAddr> {
+    match addr {
+        IpAddr::V4(a) if prefix_len < 31 => Some(IpAddr::V4(Ipv4Addr::from(
+            u32::from(a) | (u32::MAX >> prefix_len),
+        ))),
+        IpAddr::V6(a) if prefix_len > 0 && prefix_len < 127 => Some(IpAddr::V6(Ipv6Addr::from(
+            u128::from(a) & (u128::MAX << (128 - u32::from(prefix_len))),
+        ))),
+        _ => None,
+    }
 }
 
 /// Dumps the links and addresses of the network namespace at `netns` (a file such as a container's
@@ -436,6 +470,23 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn group_addresses_are_the_kernels() {
+        let g = |a: &str, len| group_address(a.parse().unwrap(), len).map(|a| a.to_string());
+        assert_eq!(g("172.17.0.1", 16).as_deref(), Some("172.17.255.255"));
+        assert_eq!(g("192.0.2.2", 24).as_deref(), Some("192.0.2.255"));
+        assert_eq!(g("10.0.0.1", 30).as_deref(), Some("10.0.0.3"));
+        assert_eq!(g("10.0.0.1", 31), None);
+        assert_eq!(g("10.0.0.1", 32), None);
+        assert_eq!(
+            g("fd00:dead:beef::1", 64).as_deref(),
+            Some("fd00:dead:beef::")
+        );
+        assert_eq!(g("2001:db8::1:2", 112).as_deref(), Some("2001:db8::1:0"));
+        assert_eq!(g("fd00::1", 127), None);
+        assert_eq!(g("::1", 128), None);
+    }
+
     fn link(ifindex: u32, name: &str, mac: Option<[u8; 6]>, peer: Option<u32>) -> LinkInfo {
         LinkInfo {
             ifindex,
@@ -463,6 +514,12 @@ mod tests {
             addrs.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)),
             "{addrs:?}"
         );
+        // 127.0.0.1/8's broadcast, as the kernel's local table has it.
+        let groups = host_group_addresses().expect("dump host addresses");
+        assert!(
+            groups.contains(&IpAddr::V4(Ipv4Addr::new(127, 255, 255, 255))),
+            "{groups:?}"
+        );
         let view = NamespaceView::dump().expect("dump host links");
         assert!(
             view.links.iter().any(|l| l.name == "lo" && l.ifindex == 1),
@@ -488,6 +545,7 @@ mod tests {
                 ifindex: 42,
                 addr: "10.0.0.5".parse().unwrap(),
                 prefix_len: 24,
+                broadcast: None,
             }],
         };
         // The container's namespace is 7 to the host; veth3's peer is interface 46 of another
