@@ -977,6 +977,13 @@ fn policy_names_are_unique_across_files_and_imports() {
     assert!(a.delete(&["web".to_owned()], false).is_err());
 }
 
+/// Policy `name`: db accepting app1 on TCP `port`.
+fn named_policy(name: &str, port: u16) -> String {
+    db_accepts("app1", "TCP")
+        .replace("name: db", &format!("name: {name}"))
+        .replace("5432", &port.to_string())
+}
+
 /// `policy delete a b` and `-f` (names): every name must exist, else nothing changes.
 /// An import of several policies is whole or nothing also when the agent dies part way through
 /// writing it (here: before each durable write or removal in turn): the restarted agent has
@@ -984,11 +991,7 @@ fn policy_names_are_unique_across_files_and_imports() {
 #[test]
 fn an_import_cut_short_by_a_crash_is_whole_or_nothing_after_a_restart() {
     let dirs = Dirs::new("import-crash");
-    let policy = |name: &str, port: u16| {
-        db_accepts("app1", "TCP")
-            .replace("name: db", &format!("name: {name}"))
-            .replace("5432", &port.to_string())
-    };
+    let policy = named_policy;
     let texts = |a: &Agent| -> Vec<String> {
         ["a", "b"]
             .iter()
@@ -1023,6 +1026,35 @@ fn an_import_cut_short_by_a_crash_is_whole_or_nothing_after_a_restart() {
         import(&mut a, "b.yaml", &policy("b", 1)).expect("import b");
     }
     assert!(crashed >= 3, "the import took {crashed} steps");
+}
+
+/// A change that failed part way and whose undo failed too (here: a directory in the way of
+/// `b`'s file) leaves its journal. A later change of one policy must not replace that journal
+/// and so keep the half state for good: the restarted agent would come back with `b` gone (a
+/// protection lost) although the running one never dropped it.
+#[test]
+fn a_failed_import_that_could_not_be_undone_is_not_kept_half_by_the_next_change() {
+    let dirs = Dirs::new("import-stale-journal");
+    let policy = named_policy;
+    let mut a = agent(&dirs);
+    import(&mut a, "a.yaml", &policy("a", 1)).expect("import a");
+    import(&mut a, "b.yaml", &policy("b", 1)).expect("import b");
+    let blocker = dirs.state().join("policies/b.yaml");
+    std::fs::remove_file(&blocker).expect("b's file");
+    std::fs::create_dir(&blocker).expect("in the way");
+    let both = format!("{}---\n{}", policy("a", 2), policy("b", 2));
+    import(&mut a, "both.yaml", &both).expect_err("b cannot be written");
+    std::fs::remove_dir(&blocker).expect("out of the way again");
+    import(&mut a, "c.yaml", &policy("c", 1)).expect("import c");
+    drop(a);
+    let a = agent(&dirs);
+    for (n, port) in [("a", 1), ("b", 1), ("c", 1)] {
+        let rows = a.policy_rows(Some(n));
+        assert!(
+            rows.as_ref().is_ok_and(|r| r[0].text == policy(n, port)),
+            "{n} after a restart: {rows:?}"
+        );
+    }
 }
 
 #[test]

@@ -379,6 +379,12 @@ impl Store {
         Ok(())
     }
 
+    /// Whether the journal of a change of imported policies is there: a change that did not
+    /// complete (see [`Store::change_policies`]).
+    pub fn policy_change_pending(&self) -> bool {
+        fs::symlink_metadata(self.dir.join(POLICY_CHANGE)).is_ok()
+    }
+
     fn apply_policy_change(
         &self,
         change: &BTreeMap<String, Option<String>>,

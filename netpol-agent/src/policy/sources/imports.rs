@@ -191,11 +191,36 @@ pub fn persist(store: &Store, old: &ImportSet, new: &ImportSet) -> Result<(), St
             .map(|n| (n.clone(), None)),
     );
     // Whole or not at all, also across a crash (see `Store::change_policies`).
-    let result = store.change_policies(&change);
+    let result = whole(store, change, new).and_then(|c| store.change_policies(&c));
     if result.is_err() {
         restore(store, old, new);
     }
     result
+}
+
+/// `change`, or when the journal of an earlier change is still there (one that failed part way
+/// and whose undo failed too: the store may hold half of it, which the running agent does not
+/// have), the change that makes the store hold all of `target`: replacing that journal with
+/// `change` alone would keep the half for good, and a restart would bring it back (a policy
+/// the agent never dropped gone, or one it never took in force). Damaged stored files that
+/// `target` keeps are left as they are.
+fn whole(
+    store: &Store,
+    mut change: BTreeMap<String, Option<String>>,
+    target: &ImportSet,
+) -> Result<BTreeMap<String, Option<String>>, StoreError> {
+    if !store.policy_change_pending() {
+        return Ok(change);
+    }
+    for (name, p) in target.iter().filter(|(_, p)| p.policy.is_ok()) {
+        change.insert(name.clone(), Some(p.text.clone()));
+    }
+    for name in store.policies()?.into_keys() {
+        if !target.contains_key(&name) {
+            change.insert(name, None);
+        }
+    }
+    Ok(change)
 }
 
 /// Puts `old` back in the store after `new` was (perhaps partly) persisted.
@@ -212,7 +237,7 @@ pub fn restore(store: &Store, old: &ImportSet, new: &ImportSet) {
             .filter(|n| !old.contains_key(*n))
             .map(|n| (n.clone(), None)),
     );
-    if let Err(e) = store.change_policies(&change) {
+    if let Err(e) = whole(store, change, old).and_then(|c| store.change_policies(&c)) {
         error!(error = %e, "putting the imported policies back after a failed change");
     }
 }
