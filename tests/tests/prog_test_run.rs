@@ -1857,6 +1857,75 @@ fn neighbour_discovery_passes_only_as_the_protocol_needs() {
     }
 }
 
+/// Frames a Linux container sends as its IPv6 interface comes up, as the kernel wrote them
+/// (captured with tcpdump on a veth, addresses and MACs of DB and APP1): MLDv2 reports from `::`
+/// (before DAD) and from the link-local address, behind a hop-by-hop router alert, hop limit 1;
+/// the duplicate address detection solicitation from `::` with its nonce option (RFC 7527);
+/// a router solicitation; an address resolution solicitation from the global address. They
+/// pass from the container and, for the peer's (APP1's), to it, whatever the endpoint enforces:
+/// dropping them would cut every container's IPv6 (the ND rules and the parse-error path of
+/// 4b71f32 / 6b3c2c2 must not).
+#[test]
+fn a_kernels_own_neighbour_discovery_and_mld_pass_every_endpoint() {
+    if !require_root("a_kernels_own_neighbour_discovery_and_mld_pass_every_endpoint") {
+        return;
+    }
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+    // (what, DB's frame, APP1's frame)
+    const FRAMES: [(&str, &str, &str); 5] = [
+        (
+            "MLDv2 report from ::",
+            "33330000001602420a00000286dd600000000024000100000000000000000000000000000000ff0200000000000000000000000000163a000502000001008f006f880000000104000000ff0200000000000000000001ff000002",
+            "33330000001602420a00000386dd600000000024000100000000000000000000000000000000ff0200000000000000000000000000163a000502000001008f006f870000000104000000ff0200000000000000000001ff000003",
+        ),
+        (
+            "DAD solicitation from :: with a nonce",
+            "3333ff00000202420a00000286dd6000000000203aff00000000000000000000000000000000ff0200000000000000000001ff0000028700304f00000000fe8000000000000000420afffe0000020e016b188e403b30",
+            "3333ff00000302420a00000386dd6000000000203aff00000000000000000000000000000000ff0200000000000000000001ff0000038700ccaa00000000fe8000000000000000420afffe0000030e01584d14cf2b0f",
+        ),
+        (
+            "MLDv2 report from the link-local address",
+            "33330000001602420a00000286dd6000000000240001fe8000000000000000420afffe000002ff0200000000000000000000000000163a000502000001008f0067c30000000104000000ff0200000000000000000001ff000002",
+            "33330000001602420a00000386dd6000000000240001fe8000000000000000420afffe000003ff0200000000000000000000000000163a000502000001008f0067c10000000104000000ff0200000000000000000001ff000003",
+        ),
+        (
+            "router solicitation",
+            "33330000000202420a00000286dd6000000000103afffe8000000000000000420afffe000002ff020000000000000000000000000002850066a600000000010102420a000002",
+            "33330000000202420a00000386dd6000000000103afffe8000000000000000420afffe000003ff020000000000000000000000000002850066a400000000010102420a000003",
+        ),
+        (
+            "address resolution of the peer",
+            "3333ff00000302420a00000286dd6000000000203afffd000000000000000000000000000002ff0200000000000000000001ff0000038700735100000000fd000000000000000000000000000003010102420a000002",
+            "3333ff00000202420a00000386dd6000000000203afffd000000000000000000000000000003ff0200000000000000000001ff0000028700735100000000fd000000000000000000000000000002010102420a000003",
+        ),
+    ];
+    for (ingress, egress) in [(true, true), (false, false), (true, false), (false, true)] {
+        let dp = Dp::db(ingress, egress);
+        for (what, db, app1) in FRAMES {
+            assert_eq!(
+                dp.run(From, &unhex(db)),
+                PASS,
+                "{what} from the container (enforcing {ingress}/{egress})"
+            );
+            // Only what the container needs from its neighbours: their DAD and address
+            // resolution reach it.
+            if what.starts_with("DAD") || what.starts_with("address") {
+                assert_eq!(
+                    dp.run(To, &unhex(app1)),
+                    PASS,
+                    "{what} to the container (enforcing {ingress}/{egress})"
+                );
+            }
+        }
+        assert_drops(&dp, None, 0);
+    }
+}
+
 /// `frame` with its last `n` bytes cut off and its IPv6 payload length left as it was.
 fn cut(frame: &[u8], n: usize) -> Vec<u8> {
     frame[..frame.len() - n].to_vec()
