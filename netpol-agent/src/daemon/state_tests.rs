@@ -1177,6 +1177,19 @@ fn a_broken_netpol_label_makes_its_direction_default_deny() {
     assert!(endpoint_state(&mut a, &db).contains("egress default deny"));
 }
 
+/// db, open to app1, is closed to it by an edit of db.yaml: the edit is not held up.
+fn db_closes_to_app1(a: &mut Agent, dirs: &Dirs, app1: &Container, db: &Container) {
+    assert!(connects(a, app1, db, 5432));
+    dirs.write_policy("db.yaml", &db_accepts("nobody", "TCP"));
+    a.reload_policy_dir();
+    a.sync_logged("test");
+    assert!(
+        !connects(a, app1, db, 5432),
+        "db's edit was held up: {}",
+        a.status()["last_error"]
+    );
+}
+
 /// A shorthand label is bounded like a policy file: one of thousands of CIDRs (each an ipcache
 /// entry, and compile time growing with their square) made every compile take minutes and not
 /// fit the maps, so every other policy change was refused (db could not be closed). Over the
@@ -1201,15 +1214,7 @@ fn a_huge_netpol_label_is_an_error_and_holds_up_no_other_change() {
     );
     let t = std::time::Instant::now();
     snapshot(&mut a, &[&db, &app1, &evil]);
-    assert!(connects(&a, &app1, &db, 5432));
-    dirs.write_policy("db.yaml", &db_accepts("nobody", "TCP"));
-    a.reload_policy_dir();
-    a.sync_logged("test");
-    assert!(
-        !connects(&a, &app1, &db, 5432),
-        "db's edit was held up: {}",
-        a.status()["last_error"]
-    );
+    db_closes_to_app1(&mut a, &dirs, &app1, &db);
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
     let state = endpoint_state(&mut a, &evil);
     assert!(
@@ -2932,4 +2937,54 @@ fn the_hosts_broadcast_and_anycast_addresses_are_group_addresses() {
     assert_eq!(id("192.0.2.1"), netpol_common::identity::HOST);
     assert_eq!(id("198.18.0.255"), WORLD, "the host has no address there");
     assert!(identity_of(&m, db_addr) >= netpol_common::identity::FIRST_LABEL);
+}
+
+/// Labels each within their own limit but on many containers (here 18 of 256 CIDRs each)
+/// filled IPCACHE4, and every other policy change was refused: db could not be closed. The
+/// labels of all containers name at most `LABEL_CIDRS` CIDRs in all, taken by container name;
+/// a direction beyond is an error (default deny) and the rest applies.
+#[test]
+fn many_labels_each_within_the_limit_hold_up_no_other_change() {
+    let dirs = Dirs::new("labels-many");
+    let (db, app1) = (service(2, "db", &[]), service(3, "app1", &[]));
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TCP"));
+    let mut a = agent(&dirs);
+    let n = crate::policy::limits::LABEL_ITEMS;
+    let labels: Vec<String> = (0..18)
+        .map(|k| {
+            (0..n)
+                .map(|i| format!("10.{k}.{i}.0/24:80"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect();
+    let evils: Vec<Container> = labels
+        .iter()
+        .enumerate()
+        .map(|(k, l)| {
+            service(
+                10 + k as u8,
+                &format!("evil{k:02}"),
+                &[("netpol.ingress", l.as_str())],
+            )
+        })
+        .collect();
+    let mut all: Vec<&Container> = vec![&db, &app1];
+    all.extend(evils.iter());
+    snapshot(&mut a, &all);
+    db_closes_to_app1(&mut a, &dirs, &app1, &db);
+    let fit = crate::policy::limits::LABEL_CIDRS / n;
+    let errors = a.status()["label_errors"].clone();
+    for (k, evil) in evils.iter().enumerate() {
+        let state = endpoint_state(&mut a, evil);
+        assert_eq!(
+            state.contains("ingress default deny"),
+            k >= fit,
+            "evil{k}: {state}"
+        );
+    }
+    assert!(
+        errors.to_string().contains("more than 1024 in all"),
+        "{errors}"
+    );
 }

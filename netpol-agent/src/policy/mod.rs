@@ -89,6 +89,8 @@ pub mod limits {
     pub const LABEL_BYTES: usize = 16 << 10;
     /// Items (peers) of one compose shorthand label.
     pub const LABEL_ITEMS: usize = 256;
+    /// Distinct CIDRs named by the shorthand labels of all containers together.
+    pub const LABEL_CIDRS: usize = 1024;
 }
 
 /// Local endpoints by identity: each label identity in use and its (filtered) labels. Several

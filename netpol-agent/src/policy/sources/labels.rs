@@ -31,7 +31,7 @@ use crate::{
     },
     policy::{
         compose::{self, AUDIT_LABEL, EGRESS_LABEL, INGRESS_LABEL},
-        DefaultDeny, Operator, Policy, Requirement, Selector, Source, Spec,
+        limits, DefaultDeny, Operator, Peer, Peers, Policy, Requirement, Selector, Source, Spec,
     },
 };
 
@@ -152,20 +152,40 @@ pub struct LabelPolicies {
 
 impl LabelPolicies {
     /// Recomputes everything from the running containers.
+    ///
+    /// The labels of all containers together name at most [`limits::LABEL_CIDRS`] distinct
+    /// CIDRs (each an ipcache entry): labels each within their own limit but on many containers
+    /// would otherwise fill the ipcache, and every later policy change would be refused. Taken
+    /// by container name; a direction whose CIDRs go beyond it is an error (default deny).
     pub fn update<'a>(&mut self, containers: impl IntoIterator<Item = ContainerLabels<'a>>) {
         self.policies.clear();
         self.notes.clear();
-        for c in containers {
-            let (policy, notes) = container_policy(&c);
+        let mut computed: Vec<(&'a str, Option<Policy>, Notes)> = containers
+            .into_iter()
+            .map(|c| {
+                let (policy, notes) = container_policy(&c);
+                (c.name, policy, notes)
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..computed.len()).collect();
+        order.sort_by_key(|&i| computed[i].0);
+        let mut cidrs = std::collections::BTreeSet::new();
+        for i in order {
+            let (name, policy, notes) = &mut computed[i];
+            if let Some(p) = policy {
+                within_cidr_budget(name, p, notes, &mut cidrs);
+            }
+        }
+        for (name, policy, notes) in computed {
             for e in &notes.errors {
-                warn!(container = %c.name, error = %e, "netpol label rejected");
+                warn!(container = %name, error = %e, "netpol label rejected");
             }
             for w in &notes.warnings {
-                warn!(container = %c.name, warning = %w, "netpol label ignored");
+                warn!(container = %name, warning = %w, "netpol label ignored");
             }
             self.policies.extend(policy);
             if notes != Notes::default() {
-                self.notes.insert(c.name.to_owned(), notes);
+                self.notes.insert(name.to_owned(), notes);
             }
         }
     }
@@ -209,6 +229,64 @@ fn direction_of(label: &str) -> Option<Direction> {
         INGRESS_LABEL => Some(Direction::Ingress),
         EGRESS_LABEL => Some(Direction::Egress),
         _ => None,
+    }
+}
+
+/// Keeps each direction of `policy` (a container's labels) whose CIDRs still fit the total of
+/// [`limits::LABEL_CIDRS`] with `seen` (those of the containers before it); one beyond it
+/// allows nothing and is default deny, with an error in `notes`.
+fn within_cidr_budget(
+    name: &str,
+    policy: &mut Policy,
+    notes: &mut Notes,
+    seen: &mut std::collections::BTreeSet<crate::datapath::Cidr>,
+) {
+    for spec in &mut policy.specs {
+        for dir in [Direction::Ingress, Direction::Egress] {
+            let rules = match dir {
+                Direction::Ingress => &spec.ingress,
+                Direction::Egress => &spec.egress,
+            };
+            let mine: std::collections::BTreeSet<crate::datapath::Cidr> = rules
+                .iter()
+                .flat_map(|r| match &r.peers {
+                    Peers::Listed(ps) => ps.as_slice(),
+                    _ => &[],
+                })
+                .filter_map(|p| match p {
+                    Peer::Cidr(c) => Some(c.cidr),
+                    _ => None,
+                })
+                .collect();
+            let new = mine.difference(seen).count();
+            if seen.len() + new <= limits::LABEL_CIDRS {
+                seen.extend(mine);
+                continue;
+            }
+            let label = match dir {
+                Direction::Ingress => INGRESS_LABEL,
+                Direction::Egress => EGRESS_LABEL,
+            };
+            notes.errors.push(format!(
+                "container {name}: label {label}: its CIDRs and those of the containers' labels before it (by name) are more than {} in all: {} default deny until fewer are named",
+                limits::LABEL_CIDRS,
+                if dir == Direction::Ingress { "ingress" } else { "egress" },
+            ));
+            match dir {
+                Direction::Ingress => {
+                    notes.deny_ingress = true;
+                    spec.ingress.clear();
+                    spec.ingress_deny.clear();
+                    spec.default_deny.ingress = Some(true);
+                }
+                Direction::Egress => {
+                    notes.deny_egress = true;
+                    spec.egress.clear();
+                    spec.egress_deny.clear();
+                    spec.default_deny.egress = Some(true);
+                }
+            }
+        }
     }
 }
 
