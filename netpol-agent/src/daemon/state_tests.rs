@@ -1028,6 +1028,48 @@ fn an_import_cut_short_by_a_crash_is_whole_or_nothing_after_a_restart() {
     assert!(crashed >= 3, "the import took {crashed} steps");
 }
 
+/// `policy delete --all` cut short by a crash (before each durable step in turn): the
+/// restarted agent has every policy or none, never some of them.
+#[test]
+fn a_delete_all_cut_short_by_a_crash_is_whole_or_nothing_after_a_restart() {
+    let dirs = Dirs::new("delete-all-crash");
+    let names = |a: &Agent| -> Vec<String> {
+        a.policy_rows(None)
+            .expect("rows")
+            .into_iter()
+            .map(|r| r.name)
+            .collect()
+    };
+    let mut a = agent(&dirs);
+    for n in ["a", "b", "c"] {
+        import(&mut a, &format!("{n}.yaml"), &named_policy(n, 1)).expect("import");
+    }
+    let all = names(&a);
+    assert_eq!(all.len(), 3, "{all:?}");
+    let mut crashed = 0;
+    for n in 0.. {
+        crate::store::crash::crash_after(Some(n));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| a.delete(&[], true)));
+        crate::store::crash::crash_after(None);
+        if r.is_ok() {
+            assert!(names(&a).is_empty());
+            break;
+        }
+        crashed += 1;
+        drop(a);
+        a = agent(&dirs);
+        let now = names(&a);
+        assert!(
+            now == all || now.is_empty(),
+            "crash before step {n}: half a delete: {now:?}"
+        );
+        for n in ["a", "b", "c"] {
+            import(&mut a, &format!("{n}.yaml"), &named_policy(n, 1)).expect("import");
+        }
+    }
+    assert!(crashed >= 4, "the delete took {crashed} steps");
+}
+
 /// A change that failed part way and whose undo failed too (here: a directory in the way of
 /// `b`'s file) leaves its journal. A later change of one policy must not replace that journal
 /// and so keep the half state for good: the restarted agent would come back with `b` gone (a
