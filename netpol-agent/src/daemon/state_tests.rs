@@ -852,6 +852,11 @@ fn a_damaged_stored_policy_is_never_dropped_nor_stops_the_agent() {
         ),
         ("another policy's document", other.clone().into_bytes()),
         ("two policies", two.into_bytes()),
+        // Valid, but another user could have written it (4074fa5): not vouched for.
+        (
+            "db open to app2, writable by others",
+            db_accepts("app2", "TCP").into_bytes(),
+        ),
     ];
     for (kept, path) in [(false, "policies/db.yaml"), (true, "files/db.yaml")] {
         for (what, bytes) in &damages {
@@ -880,6 +885,11 @@ fn a_damaged_stored_policy_is_never_dropped_nor_stops_the_agent() {
             }
             let stored = dirs.state().join(path);
             std::fs::write(&stored, bytes).expect("damage");
+            if what.contains("writable by others") {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&stored, std::fs::Permissions::from_mode(0o666))
+                    .expect("chmod");
+            }
             let mut dp = FakeDatapath::new(MapSizes::default());
             dp.state = before.clone();
             dp.links = links.into_iter().collect();
@@ -2088,12 +2098,18 @@ fn a_damaged_identity_table_never_stops_the_agent_nor_hands_out_a_number_in_the_
             one(&crate::identity::FIRST_CIDR.to_string(), set("evil")),
         ),
         ("a negative number", one("-1", set("evil"))),
+        // Could have been written by another user: not vouched for (4074fa5).
+        ("a good table others can write", good.clone()),
     ]);
     for (what, bytes) in cases {
         let dirs = Dirs::new("ids-damaged");
         let (before, ids, _) = setup(&dirs);
         let file = dirs.state().join("identities.json");
         std::fs::write(&file, &bytes).expect("damage");
+        if what.contains("others can write") {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        }
         let mut dp = FakeDatapath::new(MapSizes::default());
         dp.state = before.clone();
         let mut a = started(&dirs, dp, what);
