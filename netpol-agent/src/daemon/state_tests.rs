@@ -3042,7 +3042,43 @@ fn many_labels_each_within_the_limit_hold_up_no_other_change() {
         );
     }
     assert!(
-        errors.to_string().contains("more than 1024 in all"),
+        errors.to_string().contains("more than 1024 CIDRs"),
         "{errors}"
+    );
+}
+
+/// The same with port ranges: 9 containers each with 256 `world:` items of disjoint port ranges
+/// (each several aligned blocks) needed 18,360 `POLICY` entries of 16,384, and db's edit was
+/// held up. Labels of all containers hold at most `LABEL_ENTRIES` peer-port blocks in all.
+#[test]
+fn many_labels_of_port_ranges_hold_up_no_other_change() {
+    let dirs = Dirs::new("labels-ranges");
+    let (db, app1) = (service(2, "db", &[]), service(3, "app1", &[]));
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TCP"));
+    let mut a = agent(&dirs);
+    let n = crate::policy::limits::LABEL_ITEMS as u16;
+    let label: String = (0..n)
+        .map(|i| format!("world:{}-{}", 3 + i * 255, 253 + i * 255))
+        .collect::<Vec<_>>()
+        .join(",");
+    let evils: Vec<Container> = (0..9)
+        .map(|k| {
+            service(
+                10 + k as u8,
+                &format!("evil{k:02}"),
+                &[("netpol.ingress", label.as_str())],
+            )
+        })
+        .collect();
+    let mut all: Vec<&Container> = vec![&db, &app1];
+    all.extend(evils.iter());
+    snapshot(&mut a, &all);
+    db_closes_to_app1(&mut a, &dirs, &app1, &db);
+    let first = endpoint_state(&mut a, &evils[0]);
+    assert!(!first.contains("default deny"), "{first}");
+    let last = endpoint_state(&mut a, &evils[8]);
+    assert!(
+        last.contains("ingress default deny") && last.contains("peer-port blocks"),
+        "{last}"
     );
 }

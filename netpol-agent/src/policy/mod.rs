@@ -91,6 +91,9 @@ pub mod limits {
     pub const LABEL_ITEMS: usize = 256;
     /// Distinct CIDRs named by the shorthand labels of all containers together.
     pub const LABEL_CIDRS: usize = 1024;
+    /// Peers × port blocks of the shorthand labels of all containers together (about their
+    /// `POLICY` entries: half of the map's default size).
+    pub const LABEL_ENTRIES: usize = 8192;
 }
 
 /// Local endpoints by identity: each label identity in use and its (filtered) labels. Several

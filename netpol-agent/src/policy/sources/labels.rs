@@ -31,7 +31,8 @@ use crate::{
     },
     policy::{
         compose::{self, AUDIT_LABEL, EGRESS_LABEL, INGRESS_LABEL},
-        limits, DefaultDeny, Operator, Peer, Peers, Policy, Requirement, Selector, Source, Spec,
+        limits, DefaultDeny, Operator, Peer, Peers, Policy, PortRule, Protocol, Requirement,
+        Selector, Source, Spec, L4,
     },
 };
 
@@ -169,11 +170,11 @@ impl LabelPolicies {
             .collect();
         let mut order: Vec<usize> = (0..computed.len()).collect();
         order.sort_by_key(|&i| computed[i].0);
-        let mut cidrs = std::collections::BTreeSet::new();
+        let mut budget = Budget::default();
         for i in order {
             let (name, policy, notes) = &mut computed[i];
             if let Some(p) = policy {
-                within_cidr_budget(name, p, notes, &mut cidrs);
+                within_budget(name, p, notes, &mut budget);
             }
         }
         for (name, policy, notes) in computed {
@@ -232,15 +233,52 @@ fn direction_of(label: &str) -> Option<Direction> {
     }
 }
 
-/// Keeps each direction of `policy` (a container's labels) whose CIDRs still fit the total of
-/// [`limits::LABEL_CIDRS`] with `seen` (those of the containers before it); one beyond it
-/// allows nothing and is default deny, with an error in `notes`.
-fn within_cidr_budget(
-    name: &str,
-    policy: &mut Policy,
-    notes: &mut Notes,
-    seen: &mut std::collections::BTreeSet<crate::datapath::Cidr>,
-) {
+/// What the labels of the containers taken so far use of the totals all labels may use.
+#[derive(Default)]
+struct Budget {
+    cidrs: std::collections::BTreeSet<crate::datapath::Cidr>,
+    /// Peers × port blocks of their rules: about the `POLICY` entries they compile to.
+    entries: usize,
+}
+
+/// About the `POLICY` entries of `rules`: each peer once per aligned port block of each port
+/// rule (three protocols for `any`).
+fn entry_cost(rules: &[crate::policy::Rule]) -> usize {
+    rules
+        .iter()
+        .map(|r| {
+            let peers = match &r.peers {
+                Peers::Listed(ps) => ps.len(),
+                _ => 1,
+            };
+            let ports = match &r.l4 {
+                L4::All => 1,
+                L4::Only(ps) => ps
+                    .iter()
+                    .map(|p| match p {
+                        PortRule::Ports { proto, first, last } => {
+                            let blocks = if *first == 0 {
+                                1
+                            } else {
+                                netpol_common::policy::port_range_blocks(*first, *last).count()
+                            };
+                            blocks * if *proto == Protocol::Any { 3 } else { 1 }
+                        }
+                        PortRule::Icmp { .. } => 1,
+                    })
+                    .sum(),
+            };
+            peers.max(1) * ports
+        })
+        .sum()
+}
+
+/// Keeps each direction of `policy` (a container's labels) whose CIDRs and entries still fit
+/// the totals [`limits::LABEL_CIDRS`] and [`limits::LABEL_ENTRIES`] with `budget` (those of the
+/// containers before it); one beyond allows nothing and is default deny, with an error in
+/// `notes`.
+fn within_budget(name: &str, policy: &mut Policy, notes: &mut Notes, budget: &mut Budget) {
+    let seen = &mut budget.cidrs;
     for spec in &mut policy.specs {
         for dir in [Direction::Ingress, Direction::Egress] {
             let rules = match dir {
@@ -259,8 +297,12 @@ fn within_cidr_budget(
                 })
                 .collect();
             let new = mine.difference(seen).count();
-            if seen.len() + new <= limits::LABEL_CIDRS {
+            let cost = entry_cost(rules);
+            if seen.len() + new <= limits::LABEL_CIDRS
+                && budget.entries + cost <= limits::LABEL_ENTRIES
+            {
                 seen.extend(mine);
+                budget.entries += cost;
                 continue;
             }
             let label = match dir {
@@ -268,8 +310,9 @@ fn within_cidr_budget(
                 Direction::Egress => EGRESS_LABEL,
             };
             notes.errors.push(format!(
-                "container {name}: label {label}: its CIDRs and those of the containers' labels before it (by name) are more than {} in all: {} default deny until fewer are named",
+                "container {name}: label {label}: with the containers' labels before it (by name) it names more than {} CIDRs or {} peer-port blocks in all: {} default deny until fewer are named",
                 limits::LABEL_CIDRS,
+                limits::LABEL_ENTRIES,
                 if dir == Direction::Ingress { "ingress" } else { "egress" },
             ));
             match dir {
