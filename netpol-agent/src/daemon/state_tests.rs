@@ -3082,3 +3082,37 @@ fn many_labels_of_port_ranges_hold_up_no_other_change() {
         "{last}"
     );
 }
+
+/// The same through a service peer: one label of 256 `tgt:` items (about 2,000 port blocks)
+/// compiles once per identity of tgt; 12 tgt containers with different labels needed 24,480
+/// `POLICY` entries. A peer costs once per running container it selects.
+#[test]
+fn a_label_on_a_service_of_many_identities_holds_up_no_other_change() {
+    let dirs = Dirs::new("labels-svc");
+    let (db, app1) = (service(2, "db", &[]), service(3, "app1", &[]));
+    dirs.write_policy("db.yaml", &db_accepts("app1", "TCP"));
+    let mut a = agent(&dirs);
+    let n = crate::policy::limits::LABEL_ITEMS as u16;
+    let label: String = (0..n)
+        .map(|i| format!("tgt:{}-{}", 3 + i * 255, 253 + i * 255))
+        .collect::<Vec<_>>()
+        .join(",");
+    let evil = service(9, "evil", &[("netpol.ingress", label.as_str())]);
+    let vals: Vec<String> = (0..12).map(|k| k.to_string()).collect();
+    let tgts: Vec<Container> = (0..12)
+        .map(|k| {
+            let mut c = service(20 + k as u8, "tgt", &[("x", vals[k].as_str())]);
+            c.name = format!("tgt{k}");
+            c
+        })
+        .collect();
+    let mut all: Vec<&Container> = vec![&db, &app1, &evil];
+    all.extend(tgts.iter());
+    snapshot(&mut a, &all);
+    db_closes_to_app1(&mut a, &dirs, &app1, &db);
+    let state = endpoint_state(&mut a, &evil);
+    assert!(
+        state.contains("ingress default deny") && state.contains("peer-port blocks"),
+        "{state}"
+    );
+}

@@ -161,16 +161,20 @@ impl LabelPolicies {
     pub fn update<'a>(&mut self, containers: impl IntoIterator<Item = ContainerLabels<'a>>) {
         self.policies.clear();
         self.notes.clear();
+        let containers: Vec<ContainerLabels<'a>> = containers.into_iter().collect();
         let mut computed: Vec<(&'a str, Option<Policy>, Notes)> = containers
-            .into_iter()
+            .iter()
             .map(|c| {
-                let (policy, notes) = container_policy(&c);
+                let (policy, notes) = container_policy(c);
                 (c.name, policy, notes)
             })
             .collect();
         let mut order: Vec<usize> = (0..computed.len()).collect();
         order.sort_by_key(|&i| computed[i].0);
-        let mut budget = Budget::default();
+        let mut budget = Budget {
+            containers: containers.iter().map(|c| c.labels).collect(),
+            ..Budget::default()
+        };
         for i in order {
             let (name, policy, notes) = &mut computed[i];
             if let Some(p) = policy {
@@ -235,20 +239,40 @@ fn direction_of(label: &str) -> Option<Direction> {
 
 /// What the labels of the containers taken so far use of the totals all labels may use.
 #[derive(Default)]
-struct Budget {
+struct Budget<'a> {
+    /// The running containers' labels: a peer selecting containers costs once per container it
+    /// selects (at least as many as the identities it compiles to).
+    containers: Vec<&'a Labels>,
+    /// How many of them a selector selects (by its `Debug` text: a label names few services).
+    selected: BTreeMap<String, usize>,
     cidrs: std::collections::BTreeSet<crate::datapath::Cidr>,
     /// Peers × port blocks of their rules: about the `POLICY` entries they compile to.
     entries: usize,
 }
 
-/// About the `POLICY` entries of `rules`: each peer once per aligned port block of each port
-/// rule (three protocols for `any`).
-fn entry_cost(rules: &[crate::policy::Rule]) -> usize {
+/// About the `POLICY` entries of `rules`: each peer (once per running container it selects)
+/// once per aligned port block of each port rule (three protocols for `any`).
+fn entry_cost(rules: &[crate::policy::Rule], budget: &mut Budget) -> usize {
+    let Budget {
+        containers,
+        selected,
+        ..
+    } = budget;
     rules
         .iter()
         .map(|r| {
             let peers = match &r.peers {
-                Peers::Listed(ps) => ps.len(),
+                Peers::Listed(ps) => ps
+                    .iter()
+                    .map(|p| match p {
+                        Peer::Endpoints(sel) => {
+                            *selected.entry(format!("{sel:?}")).or_insert_with(|| {
+                                containers.iter().filter(|l| sel.matches(l)).count().max(1)
+                            })
+                        }
+                        _ => 1,
+                    })
+                    .sum(),
                 _ => 1,
             };
             let ports = match &r.l4 {
@@ -278,7 +302,6 @@ fn entry_cost(rules: &[crate::policy::Rule]) -> usize {
 /// containers before it); one beyond allows nothing and is default deny, with an error in
 /// `notes`.
 fn within_budget(name: &str, policy: &mut Policy, notes: &mut Notes, budget: &mut Budget) {
-    let seen = &mut budget.cidrs;
     for spec in &mut policy.specs {
         for dir in [Direction::Ingress, Direction::Egress] {
             let rules = match dir {
@@ -296,12 +319,12 @@ fn within_budget(name: &str, policy: &mut Policy, notes: &mut Notes, budget: &mu
                     _ => None,
                 })
                 .collect();
-            let new = mine.difference(seen).count();
-            let cost = entry_cost(rules);
-            if seen.len() + new <= limits::LABEL_CIDRS
+            let new = mine.difference(&budget.cidrs).count();
+            let cost = entry_cost(rules, budget);
+            if budget.cidrs.len() + new <= limits::LABEL_CIDRS
                 && budget.entries + cost <= limits::LABEL_ENTRIES
             {
-                seen.extend(mine);
+                budget.cidrs.extend(mine);
                 budget.entries += cost;
                 continue;
             }
