@@ -104,6 +104,42 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     result.map_err(io_err(path))
 }
 
+/// Why what `m` describes is not root's (or this process's) alone: [`not_ours`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotOurs {
+    /// Owned by this other user.
+    Owner(u32),
+    /// Writable by group or others, with these permission bits.
+    Writable(u32),
+}
+
+impl std::fmt::Display for NotOurs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotOurs::Owner(uid) => write!(f, "owned by uid {uid}"),
+            NotOurs::Writable(mode) => write!(f, "writable by other users (mode {mode:o})"),
+        }
+    }
+}
+
+/// Whether another user than root (or this process's) could change what `m` describes: it is
+/// owned by another user, or writable by group or others (unless `sticky_ok` and it is sticky:
+/// a directory such as `/tmp`, where others cannot remove or rename our entries). The one check
+/// behind [`trusted_path`]'s directories, the state files and the policy files.
+pub fn not_ours(m: &fs::Metadata, sticky_ok: bool) -> Option<NotOurs> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: plain libc call.
+    let me = unsafe { libc::geteuid() };
+    let mode = m.mode();
+    if m.uid() != 0 && m.uid() != me {
+        Some(NotOurs::Owner(m.uid()))
+    } else if mode & 0o022 != 0 && !(sticky_ok && mode & 0o1000 != 0) {
+        Some(NotOurs::Writable(mode & 0o7777))
+    } else {
+        None
+    }
+}
+
 /// `dir` with every symlink resolved, when no user but root and this process's can replace
 /// what is in it: [`trusted_path`] of a directory. Otherwise `PermissionDenied`, naming the
 /// directory or link and why.
@@ -133,18 +169,9 @@ pub fn trusted_path(path: &Path) -> io::Result<PathBuf> {
             format!("{} {why}", what.display()),
         ))
     };
-    let check_dir = |d: &Path, m: &fs::Metadata| {
-        let mode = m.mode();
-        if m.uid() != 0 && m.uid() != me {
-            denied(d, format!("is owned by uid {}", m.uid()))
-        } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-            denied(
-                d,
-                format!("is writable by other users (mode {:o})", mode & 0o7777),
-            )
-        } else {
-            Ok(())
-        }
+    let check_dir = |d: &Path, m: &fs::Metadata| match not_ours(m, true) {
+        Some(why) => denied(d, format!("is {why}")),
+        None => Ok(()),
     };
     // Names still to resolve, the next one last; `None` is `..`, an empty name `/`.
     let mut todo: Vec<Option<OsString>> = Vec::new();
@@ -442,15 +469,7 @@ impl Store {
 /// mode or owner (copied in, or made by hand) is not vouched for either, and is read as damaged:
 /// an imported policy or a kept copy then leaves the maps as they are, a table is set aside.
 fn read_ours(path: &Path) -> io::Result<Vec<u8>> {
-    use std::os::unix::fs::MetadataExt;
-    let m = fs::metadata(path)?;
-    // SAFETY: plain libc call.
-    let me = unsafe { libc::geteuid() };
-    let why = if m.uid() != 0 && m.uid() != me {
-        format!("owned by uid {}", m.uid())
-    } else if m.mode() & 0o022 != 0 {
-        format!("writable by other users (mode {:o})", m.mode() & 0o7777)
-    } else {
+    let Some(why) = not_ours(&fs::metadata(path)?, false) else {
         return fs::read(path);
     };
     Err(io::Error::new(

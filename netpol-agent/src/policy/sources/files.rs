@@ -450,7 +450,7 @@ impl Files {
 /// without blocking (a FIFO put there never hangs the agent) and checked on the open file, so
 /// a swap after the check is read as what it is.
 fn read_trusted(path: &Path) -> Result<String, String> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let shown = path.display();
     let real = crate::store::trusted_path(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::PermissionDenied {
@@ -486,19 +486,18 @@ fn read_trusted(path: &Path) -> Result<String, String> {
             "{shown}: not a regular file ({kind}); remove it to remove its policies"
         ));
     }
-    // SAFETY: plain libc call.
-    let me = unsafe { libc::geteuid() };
-    if m.uid() != 0 && m.uid() != me {
-        return Err(format!(
-            "{shown}: not read: owned by uid {}, not root: that user could open every container with it (chown root)",
-            m.uid()
-        ));
-    }
-    if m.mode() & 0o022 != 0 {
-        return Err(format!(
-            "{shown}: not read: writable by other users (mode {:o}): they could open every container with it (chmod go-w)",
-            m.mode() & 0o7777
-        ));
+    match crate::store::not_ours(&m, false) {
+        Some(why @ crate::store::NotOurs::Owner(_)) => {
+            return Err(format!(
+                "{shown}: not read: {why}, not root: that user could open every container with it (chown root)"
+            ))
+        }
+        Some(why) => {
+            return Err(format!(
+                "{shown}: not read: {why}: they could open every container with it (chmod go-w)"
+            ))
+        }
+        None => {}
     }
     policy::read_from(path, f).map_err(|e| e.to_string())
 }
