@@ -445,6 +445,28 @@ pub const fn new_table_first(proto: u8, tcp_flags: u8) -> bool {
     proto == crate::proto::TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
 }
 
+/// Whether a packet that found its flow's entry may pass on it in this direction (`reply`: not
+/// the side that opened the flow). A TCP SYN-ACK and an ICMP echo reply (`echo_reply`) answer a
+/// flow: only as a reply. An echo request (`echo_request`) opens one: only in the opening
+/// direction (an echo request with identifier 0 keys onto the peer's echo request with
+/// identifier 0, as its reply would). Anything else either way.
+#[inline(always)]
+pub const fn passes_this_way(
+    proto: u8,
+    tcp_flags: u8,
+    echo_request: bool,
+    echo_reply: bool,
+    reply: bool,
+) -> bool {
+    if echo_request {
+        !reply
+    } else if echo_reply || new_table_first(proto, tcp_flags) {
+        reply
+    } else {
+        true
+    }
+}
+
 /// What a packet of a flow does to its entry ([`update`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Update {

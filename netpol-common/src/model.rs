@@ -33,9 +33,6 @@ pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
 
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-
 const SEC: u64 = 1_000_000_000;
 
 /// What the programs do with a packet.
@@ -778,16 +775,8 @@ impl World {
         let Some(e) = self.ct_get_mut(k, est) else {
             return Ok(false);
         };
-        // A SYN-ACK or an echo reply answers a flow: it never passes in the direction that
-        // opened it; an echo request opens one: it never passes as a reply.
-        let syn_ack =
-            p.proto == proto::TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
-        let wrong_way = match p.kind {
-            Kind::EchoRequest => reply,
-            Kind::EchoReply => !reply,
-            _ => syn_ack && !reply,
-        };
-        if wrong_way {
+        let (request, answer) = (p.kind == Kind::EchoRequest, p.kind == Kind::EchoReply);
+        if !ct::passes_this_way(p.proto, p.tcp_flags, request, answer, reply) {
             return Ok(false);
         }
         let u = ct::update(e, now, p.proto, p.tcp_flags, reply, est);
@@ -1191,6 +1180,7 @@ mod tests {
     use std::vec;
 
     use super::*;
+    use crate::ct::{TCP_ACK, TCP_SYN};
 
     const DB: [u8; 4] = [10, 0, 0, 2];
     const APP: [u8; 4] = [10, 0, 0, 3];

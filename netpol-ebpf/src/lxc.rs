@@ -131,7 +131,7 @@ use crate::{
     },
     parse::{
         self, Frag, Kind, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6,
-        FRAG_FIRST, FRAG_LATER, FRAG_NONE, L4, TCP_ACK, TCP_SYN,
+        FRAG_FIRST, FRAG_LATER, FRAG_NONE, L4,
     },
 };
 
@@ -685,16 +685,8 @@ fn ct_hit<F: Family>(
             });
         }
     }
-    let syn_ack = l.proto == proto::TCP && l.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
-    // A SYN-ACK and an echo reply answer a flow, an echo request opens one: none of them
-    // passes the other way (an echo request with identifier 0 keys onto the peer's echo
-    // request with identifier 0, as its reply would).
-    let wrong_way = match l.kind {
-        Kind::EchoRequest => reply,
-        Kind::EchoReply => !reply,
-        _ => syn_ack && !reply,
-    };
-    if wrong_way {
+    let (request, answer) = (l.kind == Kind::EchoRequest, l.kind == Kind::EchoReply);
+    if !ct::passes_this_way(l.proto, l.tcp_flags, request, answer, reply) {
         return Ok(false);
     }
     let u = ct::update(e, now, l.proto, l.tcp_flags, reply, est);

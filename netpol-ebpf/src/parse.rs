@@ -91,9 +91,6 @@ pub struct L4 {
     pub icmp_code: u8,
 }
 
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_ACK: u8 = 0x10;
-
 /// The last offset read straight from the packet (headers end well before: IPv4 options, IPv6
 /// extension headers, an ICMP error's quoted packet); a bound the verifier can see on offsets
 /// computed from packet bytes. Later ones go through `bpf_skb_load_bytes`.
