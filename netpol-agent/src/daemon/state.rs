@@ -283,7 +283,7 @@ pub struct Agent {
     networks: BTreeMap<String, Network>,
     host_addrs: Vec<IpAddr>,
     /// The host's subnet-directed broadcasts and subnet-router anycasts
-    /// ([`crate::docker::host_group_addresses`]).
+    /// ([`crate::docker::host_address_sets`]).
     host_groups: Vec<IpAddr>,
     /// Docker has answered at least once since start: until then the maps are left alone.
     docker_synced: bool,
@@ -1182,13 +1182,9 @@ impl Agent {
                 } => {
                     self.containers = containers.into_iter().map(|c| (c.id.clone(), c)).collect();
                     self.networks = networks.into_iter().map(|n| (n.id.clone(), n)).collect();
-                    self.host_addrs = host_addresses().unwrap_or_else(|e| {
+                    (self.host_addrs, self.host_groups) = host_address_sets().unwrap_or_else(|e| {
                         warn!(error = %e, "listing host addresses");
-                        Vec::new()
-                    });
-                    self.host_groups = host_group_addresses().unwrap_or_else(|e| {
-                        warn!(error = %e, "listing host broadcast addresses");
-                        Vec::new()
+                        (Vec::new(), Vec::new())
                     });
                     self.docker_synced = true;
                     self.docker_status =
@@ -1683,34 +1679,23 @@ impl super::monitor_filter::Lookup for Agent {
 #[path = "state_tests.rs"]
 mod tests;
 
-/// The host's own addresses, read at each Docker snapshot.
+/// The host's own addresses, and its broadcast and subnet-router anycast addresses, read at
+/// each Docker snapshot ([`crate::docker::host_address_sets`]).
 #[cfg(not(test))]
-fn host_addresses() -> anyhow::Result<Vec<IpAddr>> {
-    Ok(crate::docker::host_addresses()?)
-}
-
-/// The host's broadcast and subnet-router anycast addresses, read with its addresses.
-#[cfg(not(test))]
-fn host_group_addresses() -> anyhow::Result<Vec<IpAddr>> {
-    Ok(crate::docker::host_group_addresses()?)
-}
-
-/// Unit tests: those of the fixed addresses below, as 192.0.2.1/24 and 2001:db8::1/64.
-#[cfg(test)]
-fn host_group_addresses() -> anyhow::Result<Vec<IpAddr>> {
-    Ok(["192.0.2.255", "2001:db8::"]
-        .iter()
-        .map(|a| a.parse().expect("address"))
-        .collect())
+fn host_address_sets() -> anyhow::Result<(Vec<IpAddr>, Vec<IpAddr>)> {
+    Ok(crate::docker::host_address_sets()?)
 }
 
 /// Unit tests read a fixed set instead: the real host's addresses change under them (other
 /// tests' and processes' veths come and go with their fe80:: addresses), so two agents compared
-/// map by map could see different ones.
+/// map by map could see different ones. The group addresses are those of 192.0.2.1/24 and
+/// 2001:db8::1/64.
 #[cfg(test)]
-fn host_addresses() -> anyhow::Result<Vec<IpAddr>> {
-    Ok(["127.0.0.1", "::1", "192.0.2.1", "2001:db8::1", "fe80::1"]
-        .iter()
-        .map(|a| a.parse().expect("address"))
-        .collect())
+fn host_address_sets() -> anyhow::Result<(Vec<IpAddr>, Vec<IpAddr>)> {
+    let parse =
+        |a: &[&str]| -> Vec<IpAddr> { a.iter().map(|a| a.parse().expect("address")).collect() };
+    Ok((
+        parse(&["127.0.0.1", "::1", "192.0.2.1", "2001:db8::1", "fe80::1"]),
+        parse(&["192.0.2.255", "2001:db8::"]),
+    ))
 }

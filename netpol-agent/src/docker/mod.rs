@@ -22,8 +22,8 @@ mod tests;
 
 pub use model::{Attachment, Container, MacAddr, Network, NetworkMode, NotEnforceable, VethLookup};
 pub use netlink::{
-    discover_host_veths, group_address, host_addresses, host_group_addresses, watch_links,
-    LinkEvent, LinkInfo, NetlinkError, WantedInterface,
+    discover_host_veths, group_address, host_address_sets, host_addresses, watch_links, LinkEvent,
+    LinkInfo, NetlinkError, WantedInterface,
 };
 pub use watcher::{
     BollardApi, DaemonInfo, DockerApi, DockerConfig, DockerError, DockerEvent, DockerWatcher,

@@ -167,29 +167,26 @@ pub struct WantedInterface {
 
 /// Every address of the host's own namespace (the caller's), loopback included.
 pub fn host_addresses() -> Result<Vec<IpAddr>, NetlinkError> {
-    let mut addrs: Vec<IpAddr> = NamespaceView::dump()?
-        .addrs
-        .into_iter()
-        .map(|a| a.addr)
-        .collect();
-    addrs.sort();
-    addrs.dedup();
-    Ok(addrs)
+    Ok(host_address_sets()?.0)
 }
 
-/// The addresses the host's stack takes as sent to itself although no interface holds them,
-/// from wherever the packet comes (a container's through its gateway included): each IPv4
-/// address's subnet-directed broadcast (computed, and IFA_BROADCAST when set) and each IPv6
-/// address's subnet-router anycast (joined while the host forwards, as it does for Docker).
-pub fn host_group_addresses() -> Result<Vec<IpAddr>, NetlinkError> {
-    let mut out = Vec::new();
+/// From one dump of the host's namespace: its addresses ([`host_addresses`]), and the
+/// addresses its stack takes as sent to itself although no interface holds them, from wherever
+/// the packet comes (a container's through its gateway included): each IPv4 address's
+/// subnet-directed broadcast (computed, and IFA_BROADCAST when set) and each IPv6 address's
+/// subnet-router anycast (joined while the host forwards, as it does for Docker).
+pub fn host_address_sets() -> Result<(Vec<IpAddr>, Vec<IpAddr>), NetlinkError> {
+    let (mut own, mut groups) = (Vec::new(), Vec::new());
     for a in NamespaceView::dump()?.addrs {
-        out.extend(group_address(a.addr, a.prefix_len));
-        out.extend(a.broadcast.filter(|b| !b.is_unspecified()).map(IpAddr::V4));
+        own.push(a.addr);
+        groups.extend(group_address(a.addr, a.prefix_len));
+        groups.extend(a.broadcast.filter(|b| !b.is_unspecified()).map(IpAddr::V4));
     }
-    out.sort();
-    out.dedup();
-    Ok(out)
+    for v in [&mut own, &mut groups] {
+        v.sort();
+        v.dedup();
+    }
+    Ok((own, groups))
 }
 
 /// The subnet-directed broadcast of an IPv4 prefix (shorter than /31: Linux adds none for /31
@@ -515,7 +512,7 @@ mod tests {
             "{addrs:?}"
         );
         // 127.0.0.1/8's broadcast, as the kernel's local table has it.
-        let groups = host_group_addresses().expect("dump host addresses");
+        let groups = host_address_sets().expect("dump host addresses").1;
         assert!(
             groups.contains(&IpAddr::V4(Ipv4Addr::new(127, 255, 255, 255))),
             "{groups:?}"
